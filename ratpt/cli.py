@@ -1,0 +1,40 @@
+"""`ratpt train | eval | export | generate | convert` — the command line.
+
+Each subcommand lives beside the code it drives and registers itself with `add_subcommand`;
+this module only collects them and sets up logging.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional
+
+from ratpt import generate
+from ratpt.model import convert
+from ratpt.train import commands
+
+SUBCOMMAND_MODULES = (commands, generate, convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ratpt", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("RATPT_LOG_LEVEL", "INFO"),
+                        help="logging level (DEBUG, INFO, WARNING); also RATPT_LOG_LEVEL")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMAND_MODULES:
+        module.add_subcommand(subparsers)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=args.log_level.upper() if rank == "0" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    return args.func(args)

@@ -1,0 +1,168 @@
+"""The typed configuration of a ratpt run: schema, YAML + dotlist loading, and validation.
+
+Defaults are the paper's RAT-1.3B recipe (100B tokens, AdamW 8e-4, cosine, 5% warmup, global
+batch 512 × 4096, clip 1.0, bf16). YAML files under configs/ state only what differs.
+Loading goes through omegaconf's structured configs, so an unknown key or a value of the wrong
+type is rejected before anything runs; nothing in a config string is ever evaluated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ratpt.data.config import DataConfig
+from ratpt.model.config import ModelConfig, validate_model_config
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 47684  # optimizer steps (47684 × 512 × 4096 ≈ 100B tokens)
+    global_batch: int = 512  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = 4  # sequences per forward/backward on one rank; the rest is accumulation
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # parameter init and any sampling; the data order has its own seed
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (each is skipped)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 8e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled decay, applied to matrices only (not norms, gates, biases)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant (after warmup)
+    warmup_fraction: float = 0.05  # share of steps with linear warmup from 0
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine, wsd)
+    decay_fraction: float = 0.2  # wsd: share of steps at the end spent decaying
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 1000  # steps between validation passes; 0 disables
+    max_samples: int = 512  # validation sequences per pass (over all ranks)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000  # steps between checkpoints (one is always written at the end); 0 = end only
+    keep: int = 3  # newest complete checkpoints kept on disk
+    resume: str = "auto"  # auto (newest complete checkpoint in the run, if any) | never | a checkpoint path
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # steps between console lines / TensorBoard points
+    tensorboard: bool = True  # write TensorBoard events under <out_dir>/tensorboard
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the GPU (H100/H200/A100), none on CPU
+
+
+@dataclass
+class Config:
+    name: str = "rat_1p3b"  # run name
+    out_dir: str = "runs/${name}"  # checkpoints, TensorBoard events and the resolved config go here
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Schema defaults ← YAML file ← `key=value` overrides, then type- and combination-checked."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist (configs/ lists the shipped ones)")
+            layers.append(OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(*layers)
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, path)) from None
+    validate_config(cfg)
+    return cfg
+
+
+def _explain(err: OmegaConfBaseException, path: Optional[Path]) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    source = f" in {path}" if path is not None else ""
+    reason = str(err).splitlines()[0]
+    return f"config key '{key}'{source}: {reason}. Check the key's spelling and type in ratpt/config.py"
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_config(cfg: Config, dp_size: int = 1) -> None:
+    """Reject combinations that cannot run, naming the keys involved and how to fix them."""
+    try:
+        validate_model_config(cfg.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    t, d, o, s = cfg.train, cfg.data, cfg.optimizer, cfg.schedule
+    _require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    _require(t.micro_batch > 0, f"train.micro_batch must be positive, got {t.micro_batch}")
+    per_step = t.micro_batch * dp_size
+    _require(
+        t.global_batch > 0 and t.global_batch % per_step == 0,
+        f"train.global_batch ({t.global_batch}) must be a positive multiple of train.micro_batch "
+        f"({t.micro_batch}) × data-parallel size ({dp_size}) = {per_step}",
+    )
+    _require(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto|bf16|fp32, got {t.precision!r}")
+    _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got {t.device!r}")
+    _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+    _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
+    if "rat" in cfg.model.mixers:
+        _require(
+            d.seq_len % cfg.model.chunk_size == 0,
+            f"data.seq_len ({d.seq_len}) must be a multiple of model.chunk_size ({cfg.model.chunk_size}) "
+            "so training sequences hold whole chunks",
+        )
+    _require(len(d.streams) > 0, "data.streams is empty: list at least one data_prep output folder, "
+             "e.g. data.streams=[{path: data/pydoc}]")
+    for i, stream in enumerate(d.streams):
+        _require(stream.weight > 0, f"data.streams[{i}].weight must be positive, got {stream.weight}")
+    _require(o.lr > 0, f"optimizer.lr must be positive, got {o.lr}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optimizer.betas must be two numbers in [0, 1), got {o.betas}")
+    _require(o.grad_clip >= 0, f"optimizer.grad_clip must be >= 0, got {o.grad_clip}")
+    _require(s.kind in ("cosine", "wsd", "constant"), f"schedule.kind must be cosine|wsd|constant, got {s.kind!r}")
+    _require(0 <= s.warmup_fraction < 1, f"schedule.warmup_fraction must be in [0, 1), got {s.warmup_fraction}")
+    _require(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    _require(0 < s.decay_fraction <= 1 - s.warmup_fraction or s.kind != "wsd",
+             f"schedule.decay_fraction ({s.decay_fraction}) must be in (0, 1 - warmup_fraction]")
+    _require(cfg.eval.interval >= 0, f"eval.interval must be >= 0, got {cfg.eval.interval}")
+    _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
+    _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    _require(cfg.logging.interval >= 1, f"logging.interval must be >= 1, got {cfg.logging.interval}")

@@ -1,0 +1,108 @@
+"""Training checkpoints: atomic directories, newest-complete discovery, safe loading.
+
+A checkpoint is a directory `step_XXXXXXXX/` holding `state.pt` (model, optimizer, scheduler,
+data-loader position, RNG states, step), `config.yaml` (the resolved run config) and a copy of
+the tokenizer folder, so that it alone is enough to resume, evaluate, export or generate.
+It is written under a temporary name and renamed into place: a crash mid-save leaves at most a
+`*.tmp` directory, which discovery ignores and the next save removes, and the previous
+checkpoint stays loadable. Loading uses `torch.load(weights_only=True)`: no arbitrary pickle.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or unreadable; the message names the path."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints in `directory`, oldest first (temporary directories excluded)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(directory: Path) -> Optional[Path]:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    state: dict[str, Any],
+    config_yaml: str,
+    tokenizer_dir: Optional[Path],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = directory / checkpoint_name(step)
+    tmp = directory / f"{final.name}.tmp"
+    tmp.mkdir()
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / CONFIG_FILE).write_text(config_yaml)
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """Accept a checkpoint directory, its state file, or a folder of checkpoints (newest wins)."""
+    if path.is_file() and path.name == STATE_FILE:
+        return path.parent
+    if (path / STATE_FILE).is_file():
+        return path
+    for candidate in (path, path / "checkpoints"):
+        newest = latest_checkpoint(candidate)
+        if newest is not None:
+            return newest
+    raise CheckpointError(
+        f"no complete checkpoint at {path}: expected a step_XXXXXXXX directory holding {STATE_FILE}, "
+        "or a run/checkpoints folder containing one"
+    )
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load `state.pt` without executing pickled code."""
+    checkpoint = resolve_checkpoint(path)
+    try:
+        return torch.load(checkpoint / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: name it rather than dump a traceback
+        raise CheckpointError(f"cannot read {checkpoint / STATE_FILE}: {err}") from err

@@ -1,0 +1,94 @@
+"""`ratpt train`, `ratpt eval` and `ratpt export`: thin command-line shells over the library."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+from pathlib import Path
+
+from ratpt.config import Config, load_config
+from ratpt.train.checkpoint import CONFIG_FILE, TOKENIZER_DIR, load_checkpoint, resolve_checkpoint
+
+log = logging.getLogger("ratpt")
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    train_parser = subparsers.add_parser(
+        "train", help="pretrain a model from a YAML config",
+        description="Pretrain from CONFIG (a YAML file under configs/) with key=value overrides, "
+                    "e.g. `ratpt train configs/tiny.yaml train.steps=100`. Resumes automatically "
+                    "from the newest checkpoint in <out_dir>/checkpoints.",
+    )
+    train_parser.add_argument("config", help="YAML config file")
+    train_parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    train_parser.set_defaults(func=run_train)
+
+    eval_parser = subparsers.add_parser(
+        "eval", help="validation loss and perplexity of a checkpoint",
+        description="Evaluate a training checkpoint on the validation split of its data "
+                    "(overridable with key=value, e.g. eval.max_samples=64).",
+    )
+    eval_parser.add_argument("checkpoint", help="a step_XXXXXXXX directory, or a run folder (newest checkpoint)")
+    eval_parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config")
+    eval_parser.set_defaults(func=run_eval)
+
+    export_parser = subparsers.add_parser(
+        "export", help="consolidate a checkpoint into safetensors + config for generation",
+        description="Write one model.safetensors, config.yaml and the tokenizer into OUT, "
+                    "loadable by ratpt.load_pretrained and `ratpt generate OUT`.",
+    )
+    export_parser.add_argument("checkpoint", help="a step_XXXXXXXX directory, or a run folder (newest checkpoint)")
+    export_parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    export_parser.set_defaults(func=run_export)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ratpt.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if result.stopped_early:
+        log.info("stopped at step %d on request; resume with the same command", result.step)
+    return 0
+
+
+def checkpoint_config(checkpoint: Path, overrides: list[str] | None = None) -> Config:
+    """The run config saved in a checkpoint, with optional overrides."""
+    return load_config(resolve_checkpoint(checkpoint) / CONFIG_FILE, overrides)
+
+
+def load_trained_model(checkpoint: Path, cfg: Config):
+    from ratpt.model import build_model
+
+    model = build_model(cfg.model)
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    return model
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ratpt.parallel.data_parallel import init_distributed
+    from ratpt.train.trainer import evaluate
+
+    checkpoint = Path(args.checkpoint)
+    cfg = checkpoint_config(checkpoint, args.overrides)
+    ctx = init_distributed(cfg.train.device)
+    model = load_trained_model(checkpoint, cfg).to(ctx.device)
+    loss = evaluate(model, cfg, ctx)
+    print(f"val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | {cfg.eval.max_samples} sequences")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ratpt.model.pretrained import save_pretrained
+
+    checkpoint = resolve_checkpoint(Path(args.checkpoint))
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export folder {out} is not empty: choose a new --out or remove it")
+    cfg = checkpoint_config(checkpoint)
+    save_pretrained(load_trained_model(checkpoint, cfg), cfg.model, out)
+    if (checkpoint / TOKENIZER_DIR).is_dir():
+        shutil.copytree(checkpoint / TOKENIZER_DIR, out / TOKENIZER_DIR)
+    log.info("exported %s to %s", checkpoint, out)
+    return 0

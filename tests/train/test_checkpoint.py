@@ -1,0 +1,53 @@
+"""Checkpoints are atomic, pruned to the newest K, and never unpickle code."""
+import pytest
+import torch
+
+from ratpt.train import checkpoint as ckpt
+
+
+def _save(directory, step, keep=3):
+    return ckpt.save_checkpoint(directory, step, {"step": step, "w": torch.full((2,), float(step))},
+                                "name: t\n", None, keep)
+
+
+def test_newest_complete_checkpoint_is_found_and_old_ones_pruned(tmp_path):
+    for step in (10, 20, 30, 40):
+        _save(tmp_path, step, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000030", "step_00000040"]
+    assert ckpt.load_checkpoint(tmp_path)["step"] == 40
+
+
+def test_a_save_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    _save(tmp_path, 10)
+
+    def crash(obj, path):
+        with open(path, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 20)
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000010"
+    assert ckpt.load_checkpoint(tmp_path)["w"].tolist() == [10.0, 10.0]
+    _save(tmp_path, 30)
+    assert not list(tmp_path.glob("*.tmp")), "the next save cleans the interrupted one"
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_loading_refuses_pickled_code(tmp_path):
+    target = tmp_path / "step_00000001"
+    target.mkdir()
+    torch.save({"evil": _Payload()}, target / ckpt.STATE_FILE)
+    with pytest.raises(ckpt.CheckpointError, match="state.pt"):
+        ckpt.load_checkpoint(target)
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match=str(tmp_path)):
+        ckpt.load_checkpoint(tmp_path / "nothing")
