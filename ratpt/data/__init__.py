@@ -1,0 +1,1 @@
+"""ratpt.data: tokenizers, and MDS shards -> packed, mixed, resumable training batches."""

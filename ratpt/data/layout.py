@@ -1,0 +1,31 @@
+"""The on-disk contract between data_prep (writer) and ratpt.data (reader).
+
+A prepared dataset DIR (local folder or object-store URL) holds:
+
+    DIR/train/index.json, DIR/train/part-NNNNN/shard.*.mds   one MDS dataset, one sample per document
+    DIR/train/doc_tokens.npy      uint32 token count of each document (EOS included), in MDS order
+    DIR/val/...                   the same for the validation split
+    DIR/tokenizer/meta.json       the tokenizer's identity (name, kind, vocab_size, eos_id, sha256, dtype)
+    DIR/tokenizer/<file>          a copy of the tokenizer file, when it has one
+    DIR/stats.json                documents, tokens, bytes, seconds, bad records
+
+Each MDS sample has one column, `tokens`: the document's ids followed by EOS, as uint16 when
+the vocabulary fits (<= 65536 ids) else uint32. `doc_tokens.npy` lets the loader map a token
+offset to a document without opening every shard at start-up.
+"""
+import numpy as np
+
+TRAIN = "train"
+VAL = "val"
+SPLITS = (TRAIN, VAL)
+TOKENIZER_DIR = "tokenizer"
+META_FILE = "meta.json"
+STATS_FILE = "stats.json"
+DOC_TOKENS_FILE = "doc_tokens.npy"
+INDEX_FILE = "index.json"
+TOKENS_COLUMN = "tokens"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id: halves the shards for vocabularies <= 65536."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
