@@ -1,0 +1,78 @@
+"""Softmax attention mixer: causal (full) or sliding window (DESIGN §1).
+
+As the reference code: pre-norm `input_norm`, `in_proj` rows v, q, k (all H heads, no output
+gate), RoPE over token positions, `out_proj`, residual. With a window W a token sees itself and
+the W previous tokens; its cache is then a ring of the last W (k, v).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ratpt import ops
+from ratpt.model.cache import KVCache, ensure_slots, write_slots
+from ratpt.model.config import ModelConfig, n_heads
+from ratpt.model.norm import RMSNorm
+
+
+class AttentionMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
+        super().__init__()
+        D = cfg.d_model
+        self.d_model, self.head_dim, self.n_heads = D, cfg.head_dim, n_heads(cfg)
+        self.window = window
+        self.rope_base = cfg.rope_base
+        self.input_norm = RMSNorm(D, cfg.norm_eps)
+        self.in_proj = nn.Linear(D, 3 * D, bias=False)
+        self.out_proj = nn.Linear(D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mix(x)[0]
+
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        out, k, v = self._mix(x)
+        if self.window is None:
+            return out, KVCache(k=k.clone(), v=v.clone())
+        # Ring slot s holds the latest position p < length with p = s (mod W), if any.
+        W = self.window
+        slots = torch.arange(W, device=x.device)
+        held = slots + W * torch.div(lengths.unsqueeze(-1) - 1 - slots, W, rounding_mode="floor")
+        held = held.clamp(0, x.shape[1] - 1)  # slots never written (s >= length) stay masked
+        index = held[:, None, :, None].expand(-1, self.n_heads, -1, self.head_dim)
+        return out, KVCache(k=k.gather(2, index), v=v.gather(2, index))
+
+    def decode(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place."""
+        q, k, v = self._qkv(x, positions.unsqueeze(-1))
+        slot = positions if self.window is None else positions % self.window
+        # attention: slot j holds position j; ring: slot s was written iff s < position
+        valid = torch.arange(cache.k.shape[2], device=x.device) < positions.unsqueeze(-1)
+        keys = torch.cat((cache.k, k), dim=2)
+        values = torch.cat((cache.v, v), dim=2)
+        mask = F.pad(valid, (0, 1), value=True)[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if self.window is None:
+            cache.k = ensure_slots(cache.k, int(positions.max()) + 1)
+            cache.v = ensure_slots(cache.v, int(positions.max()) + 1)
+        write_slots(cache.k, slot, k[:, :, 0])
+        write_slots(cache.v, slot, v[:, :, 0])
+        return x + self.out_proj(self._merge(y))
+
+    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        positions = torch.arange(x.shape[1], device=x.device)
+        q, k, v = self._qkv(x, positions)
+        y = ops.causal_attention(q, k, v, window=self.window)
+        return x + self.out_proj(self._merge(y)), k, v
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """Rotated q, k and v as [B, H, T, d]; positions broadcastable to [B, T]."""
+        B, T, _ = x.shape
+        v, q, k = (t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+                   for t in self.in_proj(self.input_norm(x)).split(self.d_model, dim=-1))
+        cos, sin = ops.rope_cos_sin(positions, self.head_dim, self.rope_base, x.dtype)
+        if cos.dim() == 3:  # per-sequence positions [B, T, d] -> [B, 1, T, d]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin), v
+
+    def _merge(self, t: torch.Tensor) -> torch.Tensor:
+        B, H, T, d = t.shape
+        return t.transpose(1, 2).reshape(B, T, H * d)

@@ -1,0 +1,24 @@
+"""Forget-gate helpers shared by the RAT and RNN mixers."""
+import torch
+from torch import nn
+
+
+def chrono_init_(gate_bias: nn.Parameter, horizon: int) -> None:
+    """gate_bias ~ log U(1, horizon - 1) (reference init; horizon = L for RAT, seq_len for RNN).
+
+    sigmoid(log u) = u / (1 + u): initial memory spans of 1 .. horizon-1 tokens. For horizon <= 2
+    the range is empty and the bias is log 1 = 0.
+    """
+    with torch.no_grad():
+        if horizon <= 2:
+            gate_bias.zero_()
+        else:
+            gate_bias.uniform_(1.0, horizon - 1.0).log_()
+
+
+def forget_gate(f: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
+    """sigmoid(f + gate_bias) in at least fp32 (DESIGN: the gate is fp32 even under bf16)."""
+    dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
+    return torch.sigmoid(f.to(dtype) + gate_bias.to(dtype))
+
+

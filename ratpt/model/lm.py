@@ -1,0 +1,120 @@
+"""The RAT-family language model (DESIGN §1, as the paper's code).
+
+    x = E[tokens]                       (no scaling)
+    per block i:  x = Mixer_i(x)        (the mixer owns its pre-norm and residual)
+                  x = x + FFN(RMSNorm(x))
+    logits = RMSNorm(x) · Eᵀ            (head tied to the embedding)
+
+Mixer i is `cfg.mixers[i % len(cfg.mixers)]`, so ["rat", "swa"] is the paper's hybrid.
+Plain PyTorch, no distributed code: parallelism is applied to this module from outside.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ratpt.model.attention import AttentionMixer
+from ratpt.model.cache import ModelCache
+from ratpt.model.config import ModelConfig, mixer_of_layer, validate_model_config
+from ratpt.model.ffn import FFN
+from ratpt.model.norm import RMSNorm
+from ratpt.model.rat import RATMixer
+from ratpt.model.rnn import RNNMixer
+
+Mixer = RATMixer | AttentionMixer | RNNMixer
+
+
+def build_mixer(kind: str, cfg: ModelConfig) -> Mixer:
+    """The sequence mixer named `kind` (one of config.MIXERS)."""
+    if kind == "rat":
+        return RATMixer(cfg)
+    if kind == "attention":
+        return AttentionMixer(cfg)
+    if kind == "swa":
+        return AttentionMixer(cfg, window=cfg.window)
+    if kind == "rnn":
+        return RNNMixer(cfg)
+    raise ValueError(f"unknown mixer {kind!r}")
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.mixer = build_mixer(kind, cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FFN(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mixer(x)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class RATLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, mixer_of_layer(cfg, i)) for i in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for embedding and linear weights, ones for norms, chrono gates."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, (RATMixer, RNNMixer)):
+                module.reset_gate_bias()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T], in the dtype of the computation."""
+        return self.logits(self.hidden_states(tokens))
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, T, D]: a loss can be fused with `logits` from here."""
+        x = self.embedding(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied head: hidden · Eᵀ."""
+        return F.linear(hidden, self.embedding.weight.to(hidden.dtype))
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, ModelCache]:
+        """Run right-padded prompts [B, T] of `lengths` [B]; return each one's next-token logits
+        [B, vocab] and the cache to continue with `decode_step`."""
+        B, T = tokens.shape
+        if lengths is None:
+            lengths = torch.full((B,), T, device=tokens.device)
+        if int(lengths.min()) < 1 or int(lengths.max()) > T:
+            raise ValueError(f"prompt lengths must be in [1, {T}], got {lengths.tolist()}")
+        cache = ModelCache(lengths=lengths.clone())
+        x = self.embedding(tokens)
+        for layer in self.layers:
+            x, layer_cache = layer.mixer.prefill(x, lengths)
+            x = x + layer.ffn(layer.ffn_norm(x))
+            cache.layers.append(layer_cache)
+        last = x[torch.arange(B, device=x.device), lengths - 1]
+        return self.logits(self.final_norm(last)), cache
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """Feed one token per sequence [B]; return next-token logits [B, vocab]; updates cache."""
+        positions = cache.lengths
+        x = self.embedding(tokens).unsqueeze(1)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer.mixer.decode(x, layer_cache, positions)
+            x = x + layer.ffn(layer.ffn_norm(x))
+        cache.lengths = positions + 1
+        return self.logits(self.final_norm(x[:, 0]))
+
+
+def build_model(cfg: ModelConfig) -> RATLM:
+    """A freshly initialised model for `cfg` (validated; raises ValueError naming a bad field)."""
+    return RATLM(cfg)

@@ -1,0 +1,84 @@
+"""A pretrained model folder: model.safetensors + config.yaml (`model:` section).
+
+No pickle anywhere: weights are safetensors and the config is YAML checked against the typed
+schema, so loading a downloaded folder cannot execute code. Writes are atomic (a temporary
+folder renamed into place), so a crash never leaves a half-written model behind.
+"""
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import load_file, save_file
+
+from ratpt.model.config import ModelConfig, validate_model_config
+from ratpt.model.lm import RATLM, build_model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+
+
+def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike) -> Path:
+    """Write `out_dir/{model.safetensors, config.yaml}` atomically; replaces an existing folder."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS))
+        OmegaConf.save(OmegaConf.create({"model": asdict(cfg)}), tmp / CONFIG)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a pretrained folder (unknown or mistyped keys are errors)."""
+    config_file = Path(path) / CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: a pretrained folder holds {CONFIG} and {WEIGHTS}")
+    loaded = OmegaConf.load(config_file)
+    if "model" not in loaded:
+        raise ValueError(f"{config_file} has no 'model:' section")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded.model)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{config_file}: {err}") from err
+    cfg = OmegaConf.to_object(merged)
+    validate_model_config(cfg)
+    return cfg
+
+
+def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[RATLM, ModelConfig]:
+    """Load (model, cfg) from a folder written by `save_pretrained` (or `ratpt convert`)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pretrained folder {folder} does not exist")
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: a pretrained folder holds {CONFIG} and {WEIGHTS}")
+    cfg = load_config(folder)
+    model = build_model(cfg)
+    state = load_file(str(weights), device=str(device))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{weights} does not match {folder / CONFIG}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
+    model.load_state_dict(state)
+    return model.to(device), cfg

@@ -1,0 +1,104 @@
+"""The RAT layer (arXiv 2507.04416; DESIGN §1), pre-norm and residual included.
+
+    h = RMSNorm(x);  z, v, f, q, k = split(W_in h, [D, D, D, G·d, G·d])
+    g = sigmoid(f + gate_bias)                               (fp32)
+    q, k tiled from G groups to H heads (head h uses group h mod G)
+    ṽ, k̃ = gated recurrences of v, k inside each chunk of L tokens (reset at chunk start)
+    q, k̃ rotated by the chunk index; each token attends with one softmax over the earlier
+    chunks' final (k̃, ṽ) and its own (k̃, ṽ)
+    out = x + W_out (sigmoid(z) ⊙ y)
+
+Parameter names follow the reference code (in_proj rows z, v, g, q, k; gate_bias; input_norm;
+out_proj) so that its checkpoints load without renaming.
+"""
+import torch
+from torch import nn
+
+from ratpt import ops
+from ratpt.model.cache import RATCache, ensure_slots, gather_positions, write_slots
+from ratpt.model.config import ModelConfig, n_heads
+from ratpt.model.gates import chrono_init_, forget_gate
+from ratpt.model.norm import RMSNorm
+
+
+class RATMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.d_model, self.head_dim, self.ngroups = cfg.d_model, cfg.head_dim, cfg.ngroups
+        self.n_heads = n_heads(cfg)
+        self.chunk_size = cfg.chunk_size
+        self.rope_base = cfg.rope_base
+        D, qk = cfg.d_model, cfg.ngroups * cfg.head_dim
+        self.input_norm = RMSNorm(D, cfg.norm_eps)
+        self.in_proj = nn.Linear(D, 3 * D + 2 * qk, bias=False)
+        self.gate_bias = nn.Parameter(torch.zeros(D))
+        self.out_proj = nn.Linear(D, D, bias=False)
+
+    def reset_gate_bias(self) -> None:
+        chrono_init_(self.gate_bias, self.chunk_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mix(x)[0]
+
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, RATCache]:
+        """Forward over a right-padded batch; cache the chunk summaries and running state."""
+        out, (k_rot, v_heads, k_state, v_state) = self._mix(x)
+        L = self.chunk_size
+        last = lengths - 1
+        cache = RATCache(summary_k=k_rot[:, :, L - 1::L].clone(), summary_v=v_heads[:, :, L - 1::L].clone(),
+                         running_k=gather_positions(k_state, last), running_v=gather_positions(v_state, last))
+        return out, cache
+
+    def decode(self, x: torch.Tensor, cache: RATCache, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place."""
+        B = x.shape[0]
+        z, v, g, q, k = self._project(x)
+        v, g, q, k = v[:, 0], g[:, 0], q[:, 0], k[:, 0]
+        carry = (positions % self.chunk_size != 0).unsqueeze(-1)  # no carry at a chunk start
+        cache.running_v = torch.where(carry, g * cache.running_v, 0) + (1 - g) * v.to(g.dtype)
+        cache.running_k = torch.where(carry, g * cache.running_k, 0) + (1 - g) * k.to(g.dtype)
+        chunk = positions // self.chunk_size
+        cos, sin = ops.rope_cos_sin(chunk.view(B, 1, 1), self.head_dim, self.rope_base, x.dtype)
+        q_rot = ops.apply_rope(self._heads(q.unsqueeze(1)), cos, sin)
+        k_rot = ops.apply_rope(self._heads(cache.running_k.to(x.dtype).unsqueeze(1)), cos, sin)
+        v_heads = self._heads(cache.running_v.to(x.dtype).unsqueeze(1))
+        y = ops.attend_summaries(q_rot, k_rot, v_heads, cache.summary_k, cache.summary_v, chunk.unsqueeze(-1))
+        # The slot of the current chunk always holds its latest state; it becomes visible (j < c)
+        # only once the chunk is complete, when it holds the chunk summary.
+        cache.summary_k = ensure_slots(cache.summary_k, int(chunk.max()) + 1)
+        cache.summary_v = ensure_slots(cache.summary_v, int(chunk.max()) + 1)
+        write_slots(cache.summary_k, chunk, k_rot[:, :, 0])
+        write_slots(cache.summary_v, chunk, v_heads[:, :, 0])
+        return x + self.out_proj(z * self._merge(y))
+
+    def _mix(self, x: torch.Tensor):
+        """Full-sequence forward; also returns the tensors a cache is built from."""
+        B, T, _ = x.shape
+        z, v, g, q, k = self._project(x)
+        v_state = ops.chunk_scan(v, g, self.chunk_size)
+        k_state = ops.chunk_scan(k, g, self.chunk_size)
+        chunk = torch.arange(T, device=x.device) // self.chunk_size
+        cos, sin = ops.rope_cos_sin(chunk, self.head_dim, self.rope_base, x.dtype)
+        q_rot = ops.apply_rope(self._heads(q), cos, sin)
+        k_rot = ops.apply_rope(self._heads(k_state), cos, sin)
+        v_heads = self._heads(v_state)
+        y = ops.inter_chunk_attention(q_rot, k_rot, v_heads, self.chunk_size)
+        out = x + self.out_proj(z * self._merge(y))
+        return out, (k_rot, v_heads, k_state, v_state)
+
+    def _project(self, x: torch.Tensor):
+        """sigmoid(z), v, fp32 gate g, q and k tiled to width D: each [B, T, D]."""
+        D, qk = self.d_model, self.ngroups * self.head_dim
+        z, v, f, q, k = self.in_proj(self.input_norm(x)).split([D, D, D, qk, qk], dim=-1)
+        tiles = self.n_heads // self.ngroups
+        return torch.sigmoid(z), v, forget_gate(f, self.gate_bias), q.repeat(1, 1, tiles), k.repeat(1, 1, tiles)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> [B, H, T, d]."""
+        B, T, _ = t.shape
+        return t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H, T, d] -> [B, T, D]."""
+        B, H, T, d = t.shape
+        return t.transpose(1, 2).reshape(B, T, H * d)

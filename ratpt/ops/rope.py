@@ -1,0 +1,27 @@
+"""Rotary position embedding, half-split layout (as the RAT reference code).
+
+The first and second halves of a head vector form the (real, imaginary) pairs:
+rotate_half(x) = [-x2, x1], x' = x*cos + rotate_half(x)*sin, with frequencies
+base^(-2i/d). RAT rotates by the chunk index (token // L); attention by the token index.
+"""
+import torch
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [*positions.shape, head_dim] for integer positions.
+
+    Angles are formed in float32 (float64 if dtype is float64) and then cast to dtype.
+    """
+    angle_dtype = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                            dtype=angle_dtype) / head_dim))
+    angles = positions.to(angle_dtype).unsqueeze(-1) * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., T, d] by cos/sin broadcastable to it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
