@@ -123,16 +123,17 @@ def _layer_of(key: str) -> int | None:
 
 def _shape_hint(key: str, got: tuple, want: tuple, cfg: ModelConfig) -> str:
     msg = f"{key}: checkpoint shape {got}, but the flags imply {want}"
-    if key.endswith("mixer.in_proj.weight"):
-        D = cfg.d_model
-        kind = mixer_of_layer(cfg, _layer_of(key))
-        if got[0] == 3 * D:
-            msg += f"; 3·D rows is an attention/rnn layer but --mixers makes layer {_layer_of(key)} '{kind}'"
-        elif (got[0] - 3 * D) % 2 == 0:
-            qk = (got[0] - 3 * D) // 2
-            msg += (f"; a RAT in_proj with {got[0]} rows has G·d = {qk}: with --head-dim {cfg.head_dim}"
-                    f" that is --ngroups {qk / cfg.head_dim:g}")
-    return msg
+    if not key.endswith("mixer.in_proj.weight"):
+        return msg
+    D, layer = cfg.d_model, _layer_of(key)
+    kind = mixer_of_layer(cfg, layer)
+    if got[0] == 3 * D:
+        return msg + f"; 3·D rows is an attention/rnn layer, but --mixers makes layer {layer} '{kind}'"
+    qk = (got[0] - 3 * D) / 2
+    if kind != "rat":
+        return msg + f"; {got[0]} rows is a RAT layer (G·d = {qk:g}), but --mixers makes layer {layer} '{kind}'"
+    return msg + f"; a RAT in_proj with {got[0]} rows has G·d = {qk:g}: with --head-dim {cfg.head_dim} " \
+                 f"that is --ngroups {qk / cfg.head_dim:g}"
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:

@@ -1,0 +1,70 @@
+"""generate(): greedy equals repeated full forwards; batching, EOS, sampling controls, CLI."""
+import argparse
+
+import pytest
+import torch
+
+from ratpt.generate import generate, run, sample_next
+from ratpt.model import ModelConfig, build_model
+from ratpt.model.pretrained import save_pretrained
+
+
+def tiny_model(mixers=("rat", "swa"), vocab=37):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, d_model=16, n_layers=2, head_dim=4, chunk_size=4,
+                      mixers=list(mixers), window=3, init_std=0.5)
+    return build_model(cfg).eval(), cfg
+
+
+def greedy_by_full_forward(model, prompt, n):
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("mixers", [("rat",), ("attention",), ("rnn",), ("rat", "swa")], ids="+".join)
+def test_greedy_batch_equals_one_prompt_at_a_time_full_forward(mixers):
+    model, _ = tiny_model(mixers)
+    prompts = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]]
+    out = generate(model, prompts, max_new_tokens=9)
+    assert out == [greedy_by_full_forward(model, p, 9) for p in prompts]
+
+
+def test_generation_stops_at_eos_and_keeps_it():
+    model, _ = tiny_model()
+    free = generate(model, [[1, 2, 3], [4]], max_new_tokens=8)
+    eos = free[0][2]
+    stopped = generate(model, [[1, 2, 3], [4]], max_new_tokens=8, eos_id=eos)
+    assert stopped[0] == free[0][:free[0].index(eos) + 1]
+    assert len(stopped[1]) <= 8
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model, _ = tiny_model()
+    prompts = [[1, 2, 3], [4, 5]]
+    a = generate(model, prompts, 10, temperature=1.0, seed=3)
+    assert a == generate(model, prompts, 10, temperature=1.0, seed=3)
+    assert generate(model, prompts, 10, temperature=1.0, top_k=1, seed=7) == generate(model, prompts, 10)
+    assert generate(model, prompts, 10, temperature=1.0, top_p=1e-6, seed=7) == generate(model, prompts, 10)
+
+
+def test_top_k_and_top_p_only_sample_allowed_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, -1.0, -2.0]]).repeat(500, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # 0.66, 0.24, 0.09, ...: top_p 0.8 keeps tokens 0 and 1
+    assert probs[0] < 0.8 < probs[:2].sum()
+    assert set(sample_next(logits, 1.0, top_p=0.8, generator=gen).tolist()) == {0, 1}
+
+
+def test_cli_generates_text_and_reports_tokens_per_second(tmp_path, capsys):
+    pytest.importorskip("ratpt.data.tokenizer")
+    model, cfg = tiny_model(vocab=257)
+    save_pretrained(model, cfg, tmp_path / "m")
+    args = argparse.Namespace(model_dir=str(tmp_path / "m"), prompt=["hello", "a"], max_new_tokens=5,
+                              temperature=0.0, top_k=0, top_p=1.0, seed=0, device="cpu", dtype="float32",
+                              tokenizer="byte")
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hello") and "tokens/s" in out

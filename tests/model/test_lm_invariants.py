@@ -1,0 +1,119 @@
+"""DESIGN §1 invariants of the whole LM, for every mixer and the hybrid."""
+import pytest
+import torch
+
+from ratpt.model import ModelConfig, build_model, validate_model_config
+
+MIXER_PATTERNS = [["rat"], ["attention"], ["swa"], ["rnn"], ["rat", "swa"]]
+PATTERN_IDS = ["rat", "attention", "swa", "rnn", "rat+swa"]
+
+
+def tiny(mixers, L=4, G=2, window=3, ffn="gelu", seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=37, d_model=16, n_layers=2, head_dim=4, ngroups=G, chunk_size=L,
+                      mixers=mixers, window=window, ffn=ffn, init_std=0.3)
+    return build_model(cfg).double(), cfg
+
+
+@pytest.mark.parametrize("T", [8, 11], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("L,G", [(1, 1), (3, 2), (4, 4)], ids=lambda v: str(v))
+@pytest.mark.parametrize("mixers", MIXER_PATTERNS, ids=PATTERN_IDS)
+def test_perturbing_a_later_token_changes_no_earlier_output(mixers, L, G, T):
+    model, _ = tiny(mixers, L=L, G=G)
+    tokens = torch.randint(0, 37, (2, T))
+    base = model(tokens)
+    for t in (0, T // 2, T - 1):
+        changed = tokens.clone()
+        changed[:, t] = (changed[:, t] + 1) % 37
+        out = model(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-12)
+        assert (out[:, t] - base[:, t]).abs().max() > 1e-9
+
+
+@pytest.mark.parametrize("L", [1, 3, 4], ids=lambda l: f"L{l}")
+@pytest.mark.parametrize("mixers", MIXER_PATTERNS, ids=PATTERN_IDS)
+def test_prefill_then_decode_equals_full_forward_on_a_ragged_batch(mixers, L):
+    """Prompts of lengths 1, 5 and 9 in one batch, then 8 decode steps each (crossing chunk
+    boundaries and wrapping the sliding-window ring)."""
+    model, _ = tiny(mixers, L=L)
+    lengths, steps = [1, 5, 9], 8
+    seqs = [torch.randint(0, 37, (n + steps,)) for n in lengths]
+    prompts = torch.zeros(3, max(lengths), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        prompts[b, :n] = seqs[b][:n]
+    logits, cache = model.prefill(prompts, torch.tensor(lengths))
+    stepwise = [logits]
+    for s in range(steps - 1):
+        stepwise.append(model.decode_step(torch.stack([seq[n + s] for seq, n in zip(seqs, lengths)]), cache))
+    for b, n in enumerate(lengths):
+        full = model(seqs[b][None])[0]
+        for s in range(steps):
+            torch.testing.assert_close(stepwise[s][b], full[n - 1 + s], rtol=1e-9, atol=1e-9)
+
+
+def test_rat_cache_holds_one_summary_per_completed_chunk_and_one_running_state():
+    model, cfg = tiny(["rat"], L=4)
+    _, cache = model.prefill(torch.randint(0, 37, (1, 13)))
+    layer = cache.layers[0]
+    assert layer.summary_k.shape == (1, 4, 13 // 4, 4)  # [B, H, C, d]
+    assert layer.running_k.shape == layer.running_v.shape == (1, 16)
+
+
+def test_sliding_window_cache_keeps_only_w_entries():
+    model, cfg = tiny(["swa"], window=3)
+    _, cache = model.prefill(torch.randint(0, 37, (2, 20)))
+    for _ in range(5):
+        model.decode_step(torch.zeros(2, dtype=torch.long), cache)
+    assert cache.layers[0].k.shape[2] == 3
+
+
+@pytest.mark.parametrize("ffn", ["gelu", "swiglu"])
+@pytest.mark.parametrize("mixers", MIXER_PATTERNS, ids=PATTERN_IDS)
+def test_gradients_reach_every_parameter(mixers, ffn):
+    model, _ = tiny(mixers, ffn=ffn)
+    tokens = torch.randint(0, 37, (2, 10))
+    torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_forward_under_bf16_autocast_gives_bf16_logits():
+    cfg = ModelConfig(vocab_size=37, d_model=16, n_layers=2, head_dim=4, chunk_size=4, mixers=["rat", "swa"], window=3)
+    model = build_model(cfg)
+    tokens = torch.randint(0, 37, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (2, 10, 37)
+    torch.testing.assert_close(logits.float(), model(tokens), rtol=0.1, atol=0.1)
+
+
+def test_hidden_states_then_logits_equals_forward():
+    model, _ = tiny(["rat", "swa"])
+    tokens = torch.randint(0, 37, (2, 7))
+    torch.testing.assert_close(model.logits(model.hidden_states(tokens)), model(tokens))
+
+
+def test_parameter_names_are_the_stable_public_layout():
+    model, _ = tiny(["rat", "swa"])
+    names = set(dict(model.named_parameters()))
+    assert {"embedding.weight", "final_norm.weight", "layers.0.mixer.input_norm.weight",
+            "layers.0.mixer.in_proj.weight", "layers.0.mixer.gate_bias", "layers.0.mixer.out_proj.weight",
+            "layers.1.mixer.in_proj.weight", "layers.0.ffn_norm.weight", "layers.0.ffn.fc1.weight",
+            "layers.0.ffn.fc2.weight"} <= names
+    assert "layers.1.mixer.gate_bias" not in names
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"d_model": 30}, "head_dim"),
+    ({"ngroups": 3}, "ngroups"),
+    ({"mixers": ["rat", "mamba"]}, "mixers"),
+    ({"mixers": []}, "mixers"),
+    ({"chunk_size": 0}, "chunk_size"),
+    ({"window": 0}, "window"),
+    ({"ffn": "relu"}, "ffn"),
+    ({"head_dim": 5, "d_model": 20}, "head_dim"),
+], ids=["d_model%head_dim", "heads%ngroups", "unknown-mixer", "no-mixer", "chunk_size", "window", "ffn", "odd-head_dim"])
+def test_invalid_config_names_the_field(change, field):
+    cfg = ModelConfig(**{"d_model": 32, "head_dim": 8, "ngroups": 2, **change})
+    with pytest.raises(ValueError, match=field):
+        validate_model_config(cfg)

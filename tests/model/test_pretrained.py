@@ -1,0 +1,61 @@
+"""save_pretrained / load_pretrained: round trip, atomic replace, clear errors."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import ratpt
+from ratpt.model import ModelConfig, build_model
+from ratpt.model.pretrained import save_pretrained
+
+
+def tiny_cfg():
+    return ModelConfig(vocab_size=37, d_model=16, n_layers=2, head_dim=4, chunk_size=4, mixers=["rat", "swa"], window=3)
+
+
+def test_round_trip_gives_the_same_logits(tmp_path):
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    save_pretrained(model, cfg, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.yaml", "model.safetensors"]
+    loaded, loaded_cfg = ratpt.load_pretrained(tmp_path / "m")
+    assert loaded_cfg == cfg
+    tokens = torch.randint(0, 37, (2, 9))
+    torch.testing.assert_close(loaded(tokens), model(tokens))
+
+
+def test_saving_over_an_existing_folder_replaces_it(tmp_path):
+    cfg = tiny_cfg()
+    save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    model = build_model(cfg)
+    save_pretrained(model, cfg, tmp_path / "m")
+    loaded, _ = ratpt.load_pretrained(tmp_path / "m")
+    torch.testing.assert_close(loaded.embedding.weight, model.embedding.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_missing_folder_and_missing_weights_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ratpt.load_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        ratpt.load_pretrained(tmp_path / "empty")
+
+
+def test_config_that_disagrees_with_the_weights_is_an_error(tmp_path):
+    cfg = tiny_cfg()
+    save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    conf = OmegaConf.load(tmp_path / "m" / "config.yaml")
+    conf.model.ngroups = 4
+    OmegaConf.save(conf, tmp_path / "m" / "config.yaml")
+    with pytest.raises(ValueError, match="in_proj"):
+        ratpt.load_pretrained(tmp_path / "m")
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    cfg = tiny_cfg()
+    save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    conf = OmegaConf.load(tmp_path / "m" / "config.yaml")
+    conf.model.n_heads = 4
+    OmegaConf.save(conf, tmp_path / "m" / "config.yaml")
+    with pytest.raises(ValueError, match="n_heads"):
+        ratpt.load_pretrained(tmp_path / "m")
