@@ -6,7 +6,7 @@ from typing import Optional
 @dataclass
 class StreamConfig:
     path: str = "???"  # a data_prep output folder (local path or remote URL such as s3://...); holds train/ and val/
-    local: Optional[str] = None  # local cache folder for a remote path (ignored for local paths)
+    local: Optional[str] = None  # local cache folder; required for a remote URL, and for a local path it makes shards be copied in as from a remote
     weight: float = 1.0  # relative share of training samples drawn from this stream
 
 
@@ -17,3 +17,6 @@ class DataConfig:
     mask_document_boundary: bool = True  # labels whose input token is EOS get ignore_index (paper)
     seed: int = 1234  # order of samples; same seed -> same global order on any number of ranks
     num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle: bool = True  # False: documents and samples in on-disk order (debugging); True: seeded per-epoch order
+    shuffle_window: int = 65536  # samples shuffled together; larger mixes more, smaller keeps a remote cache small
+    verify_shards: bool = True  # check each shard's size and xxh64 hash on first use; a corrupt one is an error naming it

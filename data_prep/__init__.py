@@ -1,0 +1,1 @@
+"""data_prep: raw text -> tokens -> mosaicml-streaming MDS shards (`python -m data_prep --help`)."""

@@ -1,0 +1,240 @@
+"""`data_prep tokenize`: many sources, many processes -> one prepared dataset DIR.
+
+Steps: claim DIR (never silently overwritten; --resume continues, --overwrite restarts),
+tokenize each source into its own part (skipping parts a previous attempt finished), merge
+the parts' MDS indexes with streaming's `merge_index`, concatenate their per-document token
+counts, record the tokenizer and write stats.json. See ratpt/data/layout.py for the layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.part_writer import PARTS_DIR, PartResult, WriterSettings, load_done, part_name, write_part
+from ratpt.data.layout import (
+    DOC_TOKENS_FILE,
+    INDEX_FILE,
+    META_FILE,
+    SPLITS,
+    STATS_FILE,
+    TOKENIZER_DIR,
+    token_dtype,
+)
+from ratpt.data.streaming_import import streaming  # noqa: F401  (merge_index lives in streaming.base.util)
+from ratpt.data.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"  # the settings of the run that owns DIR; --resume must match them
+MAX_LOGGED_BAD = 50  # bad records logged one by one; all of them go to stats.json
+
+
+class OutputExistsError(Exception):
+    """DIR exists and neither --resume nor --overwrite was given, or it is not ours to delete."""
+
+
+def tokenize_to_shards(
+    sources: list[str],
+    out: str | Path,
+    tokenizer_spec: str,
+    settings: WriterSettings,
+    workers: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the prepared dataset and return its stats (also written to DIR/stats.json)."""
+    start = time.perf_counter()
+    out = Path(out)
+    tokenizer = load_tokenizer(tokenizer_spec)
+    run = {
+        "sources": sources,
+        "tokenizer": tokenizer.identity(),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "strict"},
+    }
+    _claim_output(out, json.loads(json.dumps(run)), resume, overwrite)
+
+    done = {i: load_done(out, part_name(i)) for i in range(len(sources))}
+    todo = [i for i, result in done.items() if result is None]
+    if len(todo) < len(sources):
+        log.info("resuming: %d of %d parts already done", len(sources) - len(todo), len(sources))
+    results = {i: r for i, r in done.items() if r is not None}
+    results.update(_run_parts(out, sources, todo, tokenizer_spec, settings, workers))
+
+    ordered = [results[i] for i in range(len(sources))]
+    for split in SPLITS:
+        _merge_split(out / split, [r.part for r in ordered])
+    _record_tokenizer(out / TOKENIZER_DIR, tokenizer)
+    stats = _stats(ordered, tokenizer, time.perf_counter() - start)
+    (out / STATS_FILE).write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def _claim_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    run_file = out / RUN_FILE
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            if not run_file.is_file():
+                raise OutputExistsError(f"{out} is not a data_prep output (no {RUN_FILE}); refusing to delete it")
+            log.info("--overwrite: removing %s", out)
+            shutil.rmtree(out)
+        elif resume:
+            if not run_file.is_file():
+                raise OutputExistsError(f"{out} has no {RUN_FILE}: nothing to resume")
+            previous = json.loads(run_file.read_text())
+            if previous != run:
+                changed = sorted(k for k in run if previous.get(k) != run[k])
+                raise OutputExistsError(
+                    f"{out} was started with different {', '.join(changed)}; "
+                    "resume with the same inputs and options, or pass --overwrite"
+                )
+            return
+        else:
+            raise OutputExistsError(
+                f"{out} already exists; pass --resume to continue an interrupted run or --overwrite to start again"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(run, indent=2))
+
+
+def _run_parts(
+    out: Path, sources: list[str], todo: list[int], tokenizer_spec: str, settings: WriterSettings, workers: int
+) -> dict[int, PartResult]:
+    """Tokenize the parts in `todo`, in this process (workers == 1) or a process pool."""
+    results: dict[int, PartResult] = {}
+    bar = tqdm(unit="doc", desc="tokenize", dynamic_ncols=True, smoothing=0.1)
+    tokens_seen = [0]
+    bar_start = time.perf_counter()
+
+    def progress(docs: int, tokens: int) -> None:
+        tokens_seen[0] += tokens
+        bar.update(docs)
+        bar.set_postfix_str(f"{tokens_seen[0] / max(time.perf_counter() - bar_start, 1e-9):,.0f} tok/s", refresh=False)
+
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            tokenizer = load_tokenizer(tokenizer_spec)
+            for i in todo:
+                results[i] = write_part(out, i, sources[i], tokenizer, settings, progress)
+                _log_bad(results[i])
+        else:
+            results = _run_pool(out, sources, todo, tokenizer_spec, settings, min(workers, len(todo)), progress)
+    finally:
+        bar.close()
+    return results
+
+
+_worker_state: dict[str, Any] = {}
+
+
+def _init_worker(progress_queue: Any, tokenizer_spec: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _worker_state["queue"] = progress_queue
+    _worker_state["tokenizer"] = load_tokenizer(tokenizer_spec)
+
+
+def _worker_part(out: Path, index: int, source: str, settings: WriterSettings) -> PartResult:
+    q = _worker_state["queue"]
+    return write_part(out, index, source, _worker_state["tokenizer"], settings, lambda d, t: q.put((d, t)))
+
+
+def _run_pool(out, sources, todo, tokenizer_spec, settings, workers, progress) -> dict[int, PartResult]:
+    ctx = mp.get_context("fork")  # fork: workers start in milliseconds instead of re-importing torch
+    progress_queue = ctx.Queue()
+    results: dict[int, PartResult] = {}
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(progress_queue, tokenizer_spec)) as pool:
+        pending: dict[Future, int] = {pool.submit(_worker_part, out, i, sources[i], settings): i for i in todo}
+        try:
+            while pending:
+                finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(progress_queue, progress)
+                for future in finished:
+                    i = pending.pop(future)
+                    results[i] = future.result()  # re-raises a worker's BadInputError
+                    _log_bad(results[i])
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+        _drain(progress_queue, progress)
+    return results
+
+
+def _drain(progress_queue: Any, progress) -> None:
+    while True:
+        try:
+            progress(*progress_queue.get_nowait())
+        except queue.Empty:
+            return
+
+
+_bad_logged = [0]
+
+
+def _log_bad(result: PartResult) -> None:
+    for bad in result.bad_records:
+        if _bad_logged[0] < MAX_LOGGED_BAD:
+            log.warning("bad record %s: %s: %s", bad["location"], bad["kind"], bad["detail"])
+        elif _bad_logged[0] == MAX_LOGGED_BAD:
+            log.warning("more bad records: not logged one by one; all are listed in %s", STATS_FILE)
+        _bad_logged[0] += 1
+
+
+def _merge_split(folder: Path, parts: list[str]) -> None:
+    """One MDS index over all parts (streaming's merge_index) and one doc_tokens.npy in the same order."""
+    from streaming.base.util import merge_index
+
+    (folder / INDEX_FILE).unlink(missing_ok=True)  # merge_index will not replace it (a resumed run)
+    logging.disable(logging.WARNING)  # merge_index warns about its temp folder and the existing out dir
+    try:
+        merge_index([str(folder / p / INDEX_FILE) for p in parts], str(folder), keep_local=True)
+    finally:
+        logging.disable(logging.NOTSET)
+    counts = [np.load(folder / p / DOC_TOKENS_FILE) for p in parts]
+    merged = np.concatenate(counts) if counts else np.zeros(0, np.uint32)
+    index = json.loads((folder / INDEX_FILE).read_text())
+    samples = sum(shard["samples"] for shard in index["shards"])
+    if samples != len(merged):
+        raise RuntimeError(f"{folder}: {samples} samples in {INDEX_FILE} but {len(merged)} document lengths")
+    np.save(folder / DOC_TOKENS_FILE, merged.astype(np.uint32))
+
+
+def _record_tokenizer(folder: Path, tokenizer: Tokenizer) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = tokenizer.identity() | {"dtype": token_dtype(tokenizer.vocab_size).name}
+    if tokenizer.path is not None:
+        shutil.copyfile(tokenizer.path, folder / tokenizer.path.name)
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _stats(results: list[PartResult], tokenizer: Tokenizer, seconds: float) -> dict[str, Any]:
+    bad = [b for r in results for b in r.bad_records]
+    by_kind: dict[str, int] = {}
+    for b in bad:
+        by_kind[b["kind"]] = by_kind.get(b["kind"], 0) + 1
+    documents = {s: sum(r.documents[s] for r in results) for s in SPLITS}
+    tokens = {s: sum(r.tokens[s] for r in results) for s in SPLITS}
+    worker_seconds = sum(r.seconds for r in results)
+    return {
+        "sources": len(results),
+        "documents": documents,
+        "tokens": tokens,
+        "bytes": sum(r.bytes for r in results),
+        "seconds": round(seconds, 3),
+        "worker_seconds": round(worker_seconds, 3),
+        "tokens_per_worker_second": round(sum(tokens.values()) / max(worker_seconds, 1e-9)),
+        "bad_records": {"total": len(bad), "by_kind": by_kind, "records": bad},
+        "tokenizer": tokenizer.identity(),
+    }

@@ -1,0 +1,114 @@
+"""Global sample index -> packed token tensor, over one or more opened streams; and collation.
+
+`PackedTokenDataset` is a map-style dataset, so any DataLoader worker can produce any sample:
+which samples a rank reads is decided by the batch sampler in batches.py, not here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ratpt.data.config import DataConfig, StreamConfig
+from ratpt.data.packing import PackedStream
+from ratpt.data.shards import ShardedDocuments, read_meta
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips
+
+
+class Schedule(Protocol):
+    def locate(self, i: int) -> tuple[int, int]: ...
+
+
+@dataclass
+class OpenStream:
+    config: StreamConfig
+    docs: ShardedDocuments
+    packed: PackedStream
+
+
+def check_tokenizers(streams: list[StreamConfig], vocab_size: int) -> dict[str, Any]:
+    """The one tokenizer all streams share; a `ValueError` naming the stream and the fix otherwise."""
+    first: dict[str, Any] | None = None
+    keys = ("kind", "vocab_size", "eos_id", "sha256")
+    for s in streams:
+        try:
+            meta = read_meta(s.path, s.local)
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            raise ValueError(f"stream {s.path}: cannot read its tokenizer record: {e}") from e
+        if meta["vocab_size"] > vocab_size:
+            raise ValueError(
+                f"stream {s.path} was tokenized with {meta['name']!r} (vocab {meta['vocab_size']}) but the model's "
+                f"vocab_size is {vocab_size}: set model.vocab_size >= {meta['vocab_size']}, or re-run data_prep "
+                "with the model's tokenizer"
+            )
+        if first is None:
+            first = meta | {"stream": s.path}
+        elif any(meta.get(k) != first.get(k) for k in keys):
+            raise ValueError(
+                f"streams {first['stream']} ({first['name']!r}) and {s.path} ({meta['name']!r}) were tokenized with "
+                "different tokenizers: re-run data_prep on one of them with the other's --tokenizer "
+                f"({first['stream']}/tokenizer)"
+            )
+    assert first is not None, "no streams"
+    return first
+
+
+def open_streams(cfg: DataConfig, split: str, *, shuffle: bool, skip_empty: bool = False) -> list[OpenStream]:
+    """Open `split` of every stream and index its packed samples (see packing.py for the cost).
+
+    With `skip_empty`, a stream whose split cannot fill one sample is left out with a warning
+    (a small val/ split), instead of being an error."""
+    opened = []
+    for k, s in enumerate(cfg.streams):
+        docs = ShardedDocuments(s.path, split, s.local, verify=cfg.verify_shards)
+        try:
+            packed = PackedStream(
+                docs.doc_tokens, cfg.seq_len + 1, cfg.seed, stream_id=k, shuffle=shuffle, window=cfg.shuffle_window
+            )
+        except ValueError as e:
+            if not skip_empty:
+                raise ValueError(f"stream {s.path}/{split}: {e}") from e
+            log.warning("stream %s/%s skipped: %s", s.path, split, e)
+            continue
+        opened.append(OpenStream(s, docs, packed))
+    return opened
+
+
+class PackedTokenDataset(Dataset):
+    """Sample i of the global order: seq_len + 1 token ids (int64), documents packed with EOS."""
+
+    def __init__(self, streams: list[OpenStream], schedule: Schedule) -> None:
+        self.streams = streams
+        self.schedule = schedule
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        k, n = self.schedule.locate(i)
+        stream = self.streams[k]
+        pieces = [stream.docs.tokens(doc)[start:stop] for doc, start, stop in stream.packed.locate(n)]
+        return torch.from_numpy(np.concatenate(pieces).astype(np.int64))
+
+
+class Collate:
+    """Stacks samples into {"input_ids", "labels"}: labels are the next tokens, and with
+    `mask_eos` a label whose input token is EOS (the first token of the next document,
+    unpredictable from the previous one) is IGNORE_INDEX, as in the paper."""
+
+    def __init__(self, eos_id: int, mask_eos: bool) -> None:
+        self.eos_id = eos_id
+        self.mask_eos = mask_eos
+
+    def __call__(self, samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = torch.stack(samples)
+        input_ids = x[:, :-1]
+        labels = x[:, 1:].clone()
+        if self.mask_eos:
+            labels[input_ids == self.eos_id] = IGNORE_INDEX
+        return {"input_ids": input_ids.contiguous(), "labels": labels}

@@ -1,0 +1,177 @@
+"""data_prep tokenize: inputs, layout, split, bad records, strictness, overwrite and resume."""
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import make_documents, prepare, write_jsonl
+
+from data_prep.__main__ import main as data_prep_main
+from data_prep.part_writer import PARTS_DIR, is_val
+from ratpt.data.layout import token_dtype
+from ratpt.data.shards import ShardedDocuments
+from ratpt.data.tokenizer import load_tokenizer
+
+
+def read_split(out: Path, split: str) -> list[str]:
+    """Every document of a split, decoded, in MDS order (EOS stripped)."""
+    docs = ShardedDocuments(str(out), split)
+    tok = load_tokenizer(out / "tokenizer")
+    texts = []
+    for i in range(len(docs)):
+        ids = docs.tokens(i).tolist()
+        assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
+        texts.append(tok.decode(ids[:-1]))
+    return texts
+
+
+def test_output_layout_meta_and_stats(corpus):
+    docs, out = corpus
+    for sub in ("train/index.json", "val/index.json", "train/doc_tokens.npy", "tokenizer/meta.json", "stats.json"):
+        assert (out / sub).is_file(), sub
+    meta = json.loads((out / "tokenizer/meta.json").read_text())
+    assert meta == {"name": "byte", "kind": "byte", "vocab_size": 257, "eos_id": 256, "sha256": None,
+                    "file": None, "dtype": "uint16"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["documents"]["train"] + stats["documents"]["val"] == len(docs)
+    assert stats["tokens"]["train"] + stats["tokens"]["val"] == sum(len(d.encode()) + 1 for d in docs)
+    assert stats["bytes"] == sum(len(d.encode()) for d in docs)
+    assert stats["bad_records"]["total"] == 0 and stats["seconds"] > 0
+
+
+def test_split_is_by_document_hash_and_keeps_input_order(corpus):
+    docs, out = corpus
+    assert read_split(out, "train") == [d for d in docs if not is_val(d, 0.2)]
+    assert read_split(out, "val") == [d for d in docs if is_val(d, 0.2)]
+    counts = np.load(out / "train/doc_tokens.npy")
+    assert counts.tolist() == [len(d.encode()) + 1 for d in docs if not is_val(d, 0.2)]
+
+
+def test_token_dtype_follows_vocab_size():
+    assert token_dtype(257) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def test_all_input_kinds_and_a_selectable_text_field(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = make_documents(12, seed=3)
+    src = tmp_path / "in"
+    (src / "nested").mkdir(parents=True)
+    lines = "".join(json.dumps({"body": d}) + "\n" for d in docs[0:2]).encode()
+    (src / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    lines = "".join(json.dumps({"body": d}) + "\n" for d in docs[2:4]).encode()
+    (src / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.table({"body": docs[4:7]}), src / "c.parquet")
+    (src / "nested" / "d.txt").write_text(docs[7])
+    write_jsonl(tmp_path / "e.jsonl", docs[8:12], field="body")
+    out = prepare([str(src), str(tmp_path / "e.*"), "pydoc"], tmp_path / "out", "--text-field", "body",
+                  "--val-fraction", "0")
+    texts = read_split(out, "train")
+    from pydoc_data.topics import topics
+
+    assert texts == docs + [topics[k] for k in sorted(topics)]
+
+
+BAD_CASES = {
+    "invalid_json": (b'{"text": "ok one"}\n{"text": broken\n', 2),
+    "missing_field": (b'{"text": "ok one"}\n{"body": "wrong key"}\n', 2),
+    "not_utf8": (b'{"text": "ok one"}\n{"text": "caf\xe9"}\n', 2),
+    "empty_document": (b'{"text": "ok one"}\n{"text": "  \\n "}\n', 2),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CASES))
+def test_bad_record_is_counted_with_file_and_line_and_skipped(tmp_path, kind):
+    content, line = BAD_CASES[kind]
+    (tmp_path / "x.jsonl").write_bytes(content + b'{"text": "ok two"}\n')
+    out = prepare([str(tmp_path / "x.jsonl")], tmp_path / "out", "--val-fraction", "0")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["bad_records"]["by_kind"] == {kind: 1}
+    assert stats["bad_records"]["records"][0]["location"] == f"{tmp_path / 'x.jsonl'}:{line}"
+    assert read_split(out, "train") == ["ok one", "ok two"]
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CASES))
+def test_strict_stops_at_the_first_bad_record(tmp_path, kind, caplog):
+    content, line = BAD_CASES[kind]
+    (tmp_path / "x.jsonl").write_bytes(content)
+    assert data_prep_main(["tokenize", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "out"), "--strict"]) == 1
+    assert f"x.jsonl:{line}: {kind}" in caplog.text
+
+
+def test_unreadable_file_is_reported_and_the_run_goes_on(tmp_path):
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"this is not gzip")
+    write_jsonl(tmp_path / "good.jsonl", ["fine text"])
+    out = prepare([str(tmp_path / "bad.jsonl.gz"), str(tmp_path / "good.jsonl")], tmp_path / "out", "--val-fraction", "0")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["bad_records"]["by_kind"] == {"unreadable_file": 1}
+    assert stats["bad_records"]["records"][0]["location"] == str(tmp_path / "bad.jsonl.gz")
+    assert read_split(out, "train") == ["fine text"]
+
+
+def test_existing_output_is_never_silently_overwritten(corpus, tmp_path, caplog):
+    docs, out = corpus
+    before = (out / "train/index.json").read_bytes()
+    assert data_prep_main(["tokenize", "pydoc", "--out", str(out)]) == 1
+    assert "already exists" in caplog.text and (out / "train/index.json").read_bytes() == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    assert data_prep_main(["tokenize", "pydoc", "--out", str(tmp_path / "mine"), "--overwrite"]) == 1
+    assert (tmp_path / "mine" / "precious.txt").is_file()
+
+
+def test_overwrite_restarts_and_resume_checks_settings(tmp_path, caplog):
+    write_jsonl(tmp_path / "a.jsonl", ["one", "two"])
+    out = prepare([str(tmp_path / "a.jsonl")], tmp_path / "out")
+    prepare([str(tmp_path / "a.jsonl")], out, "--overwrite", "--val-fraction", "0.5")
+    assert data_prep_main(["tokenize", str(tmp_path / "a.jsonl"), "--out", str(out), "--resume"]) == 1
+    assert "different settings" in caplog.text
+
+
+def test_interrupted_run_resumes_to_the_same_output(tmp_path):
+    inputs = []
+    for i in range(3):
+        inputs.append(str(write_jsonl(tmp_path / f"{i}.jsonl", make_documents(40, seed=10 + i))))
+    reference = prepare(inputs, tmp_path / "ref", "--val-fraction", "0.3")
+    # An interruption: part 1 half-written (no completion marker), nothing merged yet.
+    out = prepare(inputs, tmp_path / "out", "--val-fraction", "0.3")
+    (out / PARTS_DIR / "part-00001.json").unlink()
+    for path in [out / "stats.json", out / "train/index.json", *(out / "train/part-00001").glob("*.mds")]:
+        path.unlink()
+    prepare(inputs, out, "--val-fraction", "0.3", "--resume")
+    for split in ("train", "val"):
+        assert read_split(out, split) == read_split(reference, split)
+        assert (out / split / "index.json").read_text() == (reference / split / "index.json").read_text()
+
+
+def test_worker_count_does_not_change_the_output(tmp_path):
+    inputs = [str(write_jsonl(tmp_path / f"{i}.jsonl", make_documents(30, seed=20 + i))) for i in range(3)]
+    one = prepare(inputs, tmp_path / "one", "--workers", "1")
+    two = prepare(inputs, tmp_path / "two", "--workers", "2", "--compression", "zstd", "--shard-size-limit", "4kb")
+    assert read_split(one, "train") == read_split(two, "train")
+    index = json.loads((two / "train/index.json").read_text())
+    assert len(index["shards"]) > 3 and all(s["zip_data"] for s in index["shards"])
+
+
+def test_train_tokenizer_cli_output_tokenizes(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", make_documents(50, seed=5))
+    assert data_prep_main(["train-tokenizer", str(tmp_path / "a.jsonl"), "--vocab-size", "300",
+                           "--out", str(tmp_path / "tok")]) == 0
+    out = prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", "--tokenizer", str(tmp_path / "tok/tokenizer.json"),
+                  "--val-fraction", "0")
+    meta = json.loads((out / "tokenizer/meta.json").read_text())
+    assert meta["kind"] == "hf" and meta["vocab_size"] == 300 and meta["eos_id"] == 0
+    assert (out / "tokenizer/tokenizer.json").is_file()
+    assert read_split(out, "train") == make_documents(50, seed=5)
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        data_prep_main(["tokenize", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--out", "--tokenizer", "--text-field", "--workers", "--val-fraction", "--shard-size-limit",
+                   "--compression", "--strict", "--resume", "--overwrite", "pydoc"):
+        assert option in text
