@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ratpt.model.attention import AttentionMixer
-from ratpt.model.cache import ModelCache
+from ratpt.model.cache import LayerCache, ModelCache
 from ratpt.model.config import ModelConfig, mixer_of_layer, validate_model_config
 from ratpt.model.ffn import FFN
 from ratpt.model.norm import RMSNorm
@@ -45,7 +45,16 @@ class Block(nn.Module):
         self.ffn = FFN(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mixer(x)
+        return self._ffn_residual(self.mixer(x))
+
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, LayerCache]:
+        x, cache = self.mixer.prefill(x, lengths)
+        return self._ffn_residual(x), cache
+
+    def decode(self, x: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> torch.Tensor:
+        return self._ffn_residual(self.mixer.decode(x, cache, positions))
+
+    def _ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -97,8 +106,7 @@ class RATLM(nn.Module):
         cache = ModelCache(lengths=lengths.clone())
         x = self.embedding(tokens)
         for layer in self.layers:
-            x, layer_cache = layer.mixer.prefill(x, lengths)
-            x = x + layer.ffn(layer.ffn_norm(x))
+            x, layer_cache = layer.prefill(x, lengths)
             cache.layers.append(layer_cache)
         last = x[torch.arange(B, device=x.device), lengths - 1]
         return self.logits(self.final_norm(last)), cache
@@ -109,8 +117,7 @@ class RATLM(nn.Module):
         positions = cache.lengths
         x = self.embedding(tokens).unsqueeze(1)
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer.mixer.decode(x, layer_cache, positions)
-            x = x + layer.ffn(layer.ffn_norm(x))
+            x = layer.decode(x, layer_cache, positions)
         cache.lengths = positions + 1
         return self.logits(self.final_norm(x[:, 0]))
 

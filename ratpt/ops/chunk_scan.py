@@ -40,12 +40,13 @@ def linear_scan(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """y[t] = a[t] * y[t-1] + u[t] along dim 1 of [B, T, D] tensors, y[-1] = 0."""
     B, T, D = u.shape
     if T <= BLOCK:
-        return _scan_blocks(a, u)[0]
+        return _scan_rows(a, u)
     pad = -T % BLOCK
     a, u = (F.pad(t, (0, 0, 0, pad)) for t in (a, u))
     n_blocks = (T + pad) // BLOCK
-    local, decay = _scan_blocks(a.reshape(B * n_blocks, BLOCK, D), u.reshape(B * n_blocks, BLOCK, D))
-    local, decay = local.view(B, n_blocks, BLOCK, D), decay.view(B, n_blocks, BLOCK, D)
+    a, u = a.reshape(B, n_blocks, BLOCK, D), u.reshape(B, n_blocks, BLOCK, D)
+    local = _scan_rows(a.flatten(0, 1), u.flatten(0, 1)).view(B, n_blocks, BLOCK, D)
+    decay = torch.cumprod(a, dim=2)  # product of the gates from the block start
     # state at the end of each block, then the state entering each block (shifted by one)
     ends = linear_scan(decay[:, :, -1], local[:, :, -1])
     carry_in = F.pad(ends[:, :-1], (0, 0, 1, 0))
@@ -53,10 +54,9 @@ def linear_scan(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return y.reshape(B, T + pad, D)[:, :T]
 
 
-def _scan_blocks(a: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scan each row of [N, S, D] from a zero state; also return the running product of a."""
-    y, decay = [u[:, 0]], [a[:, 0]]
+def _scan_rows(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Scan each row of [N, S, D] from a zero state with a loop over the S positions."""
+    y = [u[:, 0]]
     for s in range(1, u.shape[1]):
         y.append(a[:, s] * y[-1] + u[:, s])
-        decay.append(a[:, s] * decay[-1])
-    return torch.stack(y, 1), torch.stack(decay, 1)
+    return torch.stack(y, 1)
