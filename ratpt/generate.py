@@ -96,5 +96,5 @@ def run(args: argparse.Namespace) -> int:
         print(text + tokenizer.decode(new))
         print("-" * 40)
     n_new = sum(len(new) for new in outputs)
-    print(f"{n_new} tokens in {seconds:.2f}s: {n_new / max(seconds, 1e-9):.1f} tokens/s")
+    print(f"{n_new} new tokens in {seconds:.2f}s (prefill included): {n_new / max(seconds, 1e-9):.1f} tokens/s")
     return 0
