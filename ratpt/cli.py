@@ -12,10 +12,16 @@ import sys
 from typing import Optional
 
 from ratpt import generate
+from ratpt.config import ConfigError
 from ratpt.model import convert
 from ratpt.train import commands
+from ratpt.train.checkpoint import CheckpointError
+from ratpt.train.trainer import TrainingDiverged
 
 SUBCOMMAND_MODULES = (commands, generate, convert)
+# Errors whose message already tells the user what to fix: printed without a traceback
+# (unless --log-level DEBUG).
+USER_ERRORS = (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,4 +43,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if args.log_level.upper() == "DEBUG":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -110,9 +110,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 def _explain(err: OmegaConfBaseException, path: Optional[Path]) -> str:
     key = getattr(err, "full_key", None) or "?"
-    source = f" in {path}" if path is not None else ""
+    source = f"{path} or the overrides" if path is not None else "the overrides"
     reason = str(err).splitlines()[0]
-    return f"config key '{key}'{source}: {reason}. Check the key's spelling and type in ratpt/config.py"
+    return f"config key '{key}' (from {source}): {reason} (every key is listed in ratpt/config.py)"
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,0 +1,166 @@
+"""End-to-end training through the real CLI: falling loss, exact resume, preemption, NaN guard."""
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ratpt.config import load_config
+from ratpt.train import trainer
+from ratpt.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+LOSS_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+|nan)")
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "pydoc"
+    subprocess.run([sys.executable, "-m", "data_prep", "tokenize", "pydoc", "--out", str(out),
+                    "--tokenizer", "byte", "--val-fraction", "0.05"], check=True, cwd=REPO, capture_output=True)
+    return out
+
+
+def small_run(data: Path, out_dir: Path, *extra: str) -> list[str]:
+    """A seconds-long variant of configs/tiny.yaml on the byte tokenizer."""
+    return [
+        str(REPO / "configs" / "tiny.yaml"), f"out_dir={out_dir}", f"data.streams=[{{path: {data}}}]",
+        "model.vocab_size=257", "model.d_model=64", "model.n_layers=2", "data.seq_len=64",
+        "train.global_batch=8", "train.micro_batch=4", "eval.interval=0", "logging.interval=1",
+        "logging.tensorboard=false", *extra,
+    ]
+
+
+def ratpt(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ratpt", *args], cwd=REPO, env=env, text=True,
+                          capture_output=True, **kwargs)
+
+
+def losses_of(output: str) -> dict[int, float]:
+    return {int(step): float(loss) for step, loss in LOSS_LINE.findall(output)}
+
+
+def final_state(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints")
+
+
+def assert_same_model(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_loss_falls_and_checkpoints_and_tensorboard_are_written(byte_data, tmp_path):
+    done = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=60", "checkpoint.interval=30",
+                                     "logging.tensorboard=true", "eval.interval=30", "eval.max_samples=16"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    losses = losses_of(done.stdout)
+    assert len(losses) == 60
+    first, last = losses[1], sum(losses[s] for s in range(51, 61)) / 10
+    assert first > math.log(257) - 0.5, "a fresh model predicts close to uniform"
+    assert last < first - 1.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000030", "step_00000060"]
+    assert "val loss" in done.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 61))
+
+
+INTERRUPTIBLE = ("train.steps=16", "checkpoint.interval=4")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(byte_data, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    run_dir = tmp_path_factory.mktemp("whole")
+    done = ratpt("train", *small_run(byte_data, run_dir, *INTERRUPTIBLE))
+    assert done.returncode == 0, done.stderr
+    return run_dir, losses_of(done.stdout)
+
+
+def start_training(data: Path, run_dir: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "ratpt", "train", *small_run(data, run_dir, *INTERRUPTIBLE)]
+    return subprocess.Popen(args, cwd=REPO, env=env, text=True, **kwargs)
+
+
+def test_killed_run_resumes_to_the_bit_identical_result(byte_data, uninterrupted, tmp_path):
+    proc = start_training(byte_data, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while latest_checkpoint(tmp_path / "checkpoints") is None and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    killed_at = load_checkpoint(tmp_path / "checkpoints")["step"]
+    assert killed_at < 16, "the run was killed before it finished"
+
+    resumed = ratpt("train", *small_run(byte_data, tmp_path, *INTERRUPTIBLE))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    whole_dir, whole_losses = uninterrupted
+    assert_same_model(final_state(whole_dir), final_state(tmp_path))
+    resumed_losses = losses_of(resumed.stdout)
+    assert min(resumed_losses) == killed_at + 1
+    assert resumed_losses == {s: whole_losses[s] for s in resumed_losses}
+
+
+def test_sigusr1_checkpoints_stops_and_resumes_identically(byte_data, uninterrupted, tmp_path):
+    proc = start_training(byte_data, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:
+        if LOSS_LINE.search(line):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    out = line + proc.stdout.read()
+    assert proc.wait() == 0, out
+    stopped_at = load_checkpoint(tmp_path / "checkpoints")["step"]
+    assert stopped_at < 16 and "stopped at step" in out
+
+    resumed = ratpt("train", *small_run(byte_data, tmp_path, *INTERRUPTIBLE))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_model(final_state(uninterrupted[0]), final_state(tmp_path))
+
+
+def test_two_data_parallel_ranks_match_one_process(byte_data, tmp_path):
+    steps = ["train.steps=3", "checkpoint.interval=0"]
+    single = ratpt("train", *small_run(byte_data, tmp_path / "one", *steps))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ratpt",
+         "train", *small_run(byte_data, tmp_path / "two", *steps)],
+        cwd=REPO, env=env, text=True, capture_output=True,
+    )
+    assert two.returncode == 0, two.stdout + two.stderr
+    one_losses, two_losses = losses_of(single.stdout), losses_of(two.stdout)
+    assert two_losses.keys() == one_losses.keys() == {1, 2, 3}
+    for step in one_losses:
+        assert two_losses[step] == pytest.approx(one_losses[step], abs=2e-4)
+    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, monkeypatch):
+    cfg = load_config(small_run(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")[0],
+                      small_run(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")[1:])
+    real = trainer.sum_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        # micro-batches 3-4 (step 2) are poisoned once, then every step from step 4 on
+        return loss * float("nan") if calls["n"] in (3, 4) or calls["n"] > 6 else loss
+
+    monkeypatch.setattr(trainer, "sum_cross_entropy", poisoned)
+    with pytest.raises(trainer.TrainingDiverged, match="3 consecutive non-finite steps at step 6"):
+        trainer.train(cfg)
