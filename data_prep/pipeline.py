@@ -17,12 +17,12 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.part_writer import PARTS_DIR, PartResult, WriterSettings, load_done, part_name, write_part
+from data_prep.part_writer import PartResult, WriterSettings, load_done, part_name, write_part
 from ratpt.data.layout import (
     DOC_TOKENS_FILE,
     INDEX_FILE,
@@ -32,7 +32,7 @@ from ratpt.data.layout import (
     TOKENIZER_DIR,
     token_dtype,
 )
-from ratpt.data.streaming_import import streaming  # noqa: F401  (merge_index lives in streaming.base.util)
+from ratpt.data.streaming_import import streaming
 from ratpt.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ def _run_parts(
 ) -> dict[int, PartResult]:
     """Tokenize the parts in `todo`, in this process (workers == 1) or a process pool."""
     results: dict[int, PartResult] = {}
+    log_bad = _BadRecordLog()
     bar = tqdm(unit="doc", desc="tokenize", dynamic_ncols=True, smoothing=0.1)
     tokens_seen = [0]
     bar_start = time.perf_counter()
@@ -127,9 +128,11 @@ def _run_parts(
             tokenizer = load_tokenizer(tokenizer_spec)
             for i in todo:
                 results[i] = write_part(out, i, sources[i], tokenizer, settings, progress)
-                _log_bad(results[i])
+                log_bad(results[i])
         else:
-            results = _run_pool(out, sources, todo, tokenizer_spec, settings, min(workers, len(todo)), progress)
+            results = _run_pool(
+                out, sources, todo, tokenizer_spec, settings, min(workers, len(todo)), progress, log_bad
+            )
     finally:
         bar.close()
     return results
@@ -149,7 +152,16 @@ def _worker_part(out: Path, index: int, source: str, settings: WriterSettings) -
     return write_part(out, index, source, _worker_state["tokenizer"], settings, lambda d, t: q.put((d, t)))
 
 
-def _run_pool(out, sources, todo, tokenizer_spec, settings, workers, progress) -> dict[int, PartResult]:
+def _run_pool(
+    out: Path,
+    sources: list[str],
+    todo: list[int],
+    tokenizer_spec: str,
+    settings: WriterSettings,
+    workers: int,
+    progress: Callable[[int, int], None],
+    log_bad: Callable[[PartResult], None],
+) -> dict[int, PartResult]:
     ctx = mp.get_context("fork")  # fork: workers start in milliseconds instead of re-importing torch
     progress_queue = ctx.Queue()
     results: dict[int, PartResult] = {}
@@ -163,7 +175,7 @@ def _run_pool(out, sources, todo, tokenizer_spec, settings, workers, progress) -
                 for future in finished:
                     i = pending.pop(future)
                     results[i] = future.result()  # re-raises a worker's BadInputError
-                    _log_bad(results[i])
+                    log_bad(results[i])
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -172,7 +184,7 @@ def _run_pool(out, sources, todo, tokenizer_spec, settings, workers, progress) -
     return results
 
 
-def _drain(progress_queue: Any, progress) -> None:
+def _drain(progress_queue: Any, progress: Callable[[int, int], None]) -> None:
     while True:
         try:
             progress(*progress_queue.get_nowait())
@@ -180,26 +192,27 @@ def _drain(progress_queue: Any, progress) -> None:
             return
 
 
-_bad_logged = [0]
+class _BadRecordLog:
+    """Logs bad records one by one up to MAX_LOGGED_BAD, then once that the rest are in stats.json."""
 
+    def __init__(self) -> None:
+        self.count = 0
 
-def _log_bad(result: PartResult) -> None:
-    for bad in result.bad_records:
-        if _bad_logged[0] < MAX_LOGGED_BAD:
-            log.warning("bad record %s: %s: %s", bad["location"], bad["kind"], bad["detail"])
-        elif _bad_logged[0] == MAX_LOGGED_BAD:
-            log.warning("more bad records: not logged one by one; all are listed in %s", STATS_FILE)
-        _bad_logged[0] += 1
+    def __call__(self, result: PartResult) -> None:
+        for bad in result.bad_records:
+            if self.count < MAX_LOGGED_BAD:
+                log.warning("bad record %s: %s: %s", bad["location"], bad["kind"], bad["detail"])
+            elif self.count == MAX_LOGGED_BAD:
+                log.warning("more bad records: not logged one by one; all are listed in %s", STATS_FILE)
+            self.count += 1
 
 
 def _merge_split(folder: Path, parts: list[str]) -> None:
     """One MDS index over all parts (streaming's merge_index) and one doc_tokens.npy in the same order."""
-    from streaming.base.util import merge_index
-
     (folder / INDEX_FILE).unlink(missing_ok=True)  # merge_index will not replace it (a resumed run)
     logging.disable(logging.WARNING)  # merge_index warns about its temp folder and the existing out dir
     try:
-        merge_index([str(folder / p / INDEX_FILE) for p in parts], str(folder), keep_local=True)
+        streaming.base.util.merge_index([str(folder / p / INDEX_FILE) for p in parts], str(folder), keep_local=True)
     finally:
         logging.disable(logging.NOTSET)
     counts = [np.load(folder / p / DOC_TOKENS_FILE) for p in parts]

@@ -64,6 +64,8 @@ class PackedStream:
                 f"{self.total_tokens} tokens cannot fill one sample of {sample_len} tokens; "
                 "use more data or a shorter seq_len"
             )
+        if window < 1:
+            raise ValueError(f"shuffle window must be >= 1 sample, got {window}")
         self.window = min(window, self.samples_per_epoch)
         self._make_caches()
 
