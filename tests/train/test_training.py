@@ -15,37 +15,7 @@ from ratpt.config import load_config
 from ratpt.train import trainer
 from ratpt.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
-LOSS_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+|nan)")
-
-
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "pydoc"
-    subprocess.run([sys.executable, "-m", "data_prep", "tokenize", "pydoc", "--out", str(out),
-                    "--tokenizer", "byte", "--val-fraction", "0.05"], check=True, cwd=REPO, capture_output=True)
-    return out
-
-
-def small_run(data: Path, out_dir: Path, *extra: str) -> list[str]:
-    """A seconds-long variant of configs/tiny.yaml on the byte tokenizer."""
-    return [
-        str(REPO / "configs" / "tiny.yaml"), f"out_dir={out_dir}", f"data.streams=[{{path: {data}}}]",
-        "model.vocab_size=257", "model.d_model=64", "model.n_layers=2", "data.seq_len=64",
-        "train.global_batch=8", "train.micro_batch=4", "eval.interval=0", "logging.interval=1",
-        "logging.tensorboard=false", *extra,
-    ]
-
-
-def ratpt(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ratpt", *args], cwd=REPO, env=env, text=True,
-                          capture_output=True, **kwargs)
-
-
-def losses_of(output: str) -> dict[int, float]:
-    return {int(step): float(loss) for step, loss in LOSS_LINE.findall(output)}
-
+from train_helpers import LOSS_LINE, REPO, losses_of, ratpt, small_run
 
 def final_state(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "checkpoints")

@@ -1,0 +1,56 @@
+"""A trained checkpoint evaluates, exports to safetensors and generates through the CLI."""
+import re
+
+import pytest
+import torch
+
+import ratpt
+from ratpt.config import load_config
+from ratpt.model import build_model
+from ratpt.train.checkpoint import load_checkpoint
+
+from train_helpers import ratpt as run_ratpt, small_run
+
+
+@pytest.fixture(scope="module")
+def trained(byte_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    done = run_ratpt("train", *small_run(byte_data, run_dir, "train.steps=6", "eval.interval=6",
+                                         "eval.max_samples=8", "model.mixers=[rat, swa]", "model.window=8"))
+    assert done.returncode == 0, done.stderr
+    val = float(re.search(r"val loss ([0-9.]+)", done.stdout).group(1))
+    return run_dir, val
+
+
+def test_eval_of_the_final_checkpoint_matches_the_trainers_validation(trained):
+    run_dir, trainer_val = trained
+    done = run_ratpt("eval", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    assert float(re.search(r"val loss ([0-9.]+)", done.stdout).group(1)) == pytest.approx(trainer_val, abs=1e-4)
+
+
+def test_export_gives_the_checkpoints_logits_and_generates(trained, tmp_path):
+    run_dir, _ = trained
+    out = tmp_path / "export"
+    done = run_ratpt("export", str(run_dir), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer" / "meta.json").is_file()
+
+    cfg = load_config(run_dir / "config.yaml")
+    reference = build_model(cfg.model)
+    reference.load_state_dict(load_checkpoint(run_dir)["model"])
+    exported, exported_cfg = ratpt.load_pretrained(out)
+    assert exported_cfg == cfg.model
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 40))
+    torch.testing.assert_close(exported(tokens), reference(tokens), rtol=0, atol=0)
+
+    sample = run_ratpt("generate", str(out), "--prompt", "The for statement", "--max-new-tokens", "12")
+    assert sample.returncode == 0, sample.stderr
+    assert "The for statement" in sample.stdout and "tokens/s" in sample.stdout
+
+
+def test_export_refuses_a_non_empty_folder(trained, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    done = run_ratpt("export", str(trained[0]), "--out", str(tmp_path))
+    assert done.returncode == 2 and "not empty" in done.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"

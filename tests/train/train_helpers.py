@@ -1,0 +1,31 @@
+"""Helpers of the end-to-end tests: a seconds-long run config and running the real CLI."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+LOSS_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+|nan)")
+
+
+def small_run(data: Path, out_dir: Path, *extra: str) -> list[str]:
+    """A seconds-long variant of configs/tiny.yaml on the byte tokenizer."""
+    return [
+        str(REPO / "configs" / "tiny.yaml"), f"out_dir={out_dir}", f"data.streams=[{{path: {data}}}]",
+        "model.vocab_size=257", "model.d_model=64", "model.n_layers=2", "data.seq_len=64",
+        "train.global_batch=8", "train.micro_batch=4", "eval.interval=0", "logging.interval=1",
+        "logging.tensorboard=false", *extra,
+    ]
+
+
+def ratpt(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ratpt", *args], cwd=REPO, env=env, text=True,
+                          capture_output=True, **kwargs)
+
+
+def losses_of(output: str) -> dict[int, float]:
+    return {int(step): float(loss) for step, loss in LOSS_LINE.findall(output)}
+
+
