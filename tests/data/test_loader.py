@@ -125,6 +125,21 @@ def test_ranks_split_the_same_global_order_without_duplicates(corpus, dp_size):
     assert len(set(single)) == len(single)
 
 
+def test_resume_on_a_different_number_of_ranks_continues_the_global_order(corpus):
+    cfg = data_config(corpus[1])
+    reference = sample_rows(take(train(cfg, micro_batch=1), 8 * 5))
+    first = train(cfg, micro_batch=1)
+    take(first, 8 * 3)
+    state = first.state_dict()
+    ranks = []
+    for r in range(4):
+        resumed = train(cfg, micro_batch=1, dp_rank=r, dp_size=4)
+        resumed.load_state_dict(state)
+        ranks.append(sample_rows(take(resumed, 2 * 2)))
+    got = [row for step in range(2) for r in range(4) for row in ranks[r][step * 2 : (step + 1) * 2]]
+    assert got == reference[8 * 3 :]
+
+
 def _rank_worker(rank: int, world: int, path: str, cache: str, result_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_MASTER_PORT"])
