@@ -55,8 +55,13 @@ def linear_scan(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _scan_rows(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Scan each row of [N, S, D] from a zero state with a loop over the S positions."""
-    y = [u[:, 0]]
-    for s in range(1, u.shape[1]):
-        y.append(a[:, s] * y[-1] + u[:, s])
+    """Scan each row of [N, S, D] from a zero state with a loop over the S positions.
+
+    unbind rather than indexing: its backward is one stack, where S index ops would each
+    materialise a zero-filled full-size gradient.
+    """
+    a_rows, u_rows = a.unbind(1), u.unbind(1)
+    y = [u_rows[0]]
+    for s in range(1, len(u_rows)):
+        y.append(a_rows[s] * y[-1] + u_rows[s])
     return torch.stack(y, 1)
