@@ -5,6 +5,7 @@ Defaults are the paper's RAT-1.3B; YAML files under configs/ state only what dif
 from dataclasses import dataclass, field
 
 MIXERS = ("rat", "attention", "swa", "rnn")
+KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -23,6 +24,7 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE base (over chunk index for RAT, token index for attention)
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
     rnn_gate_horizon: int = 4096  # RNN layer: gate_bias init log U(1, horizon-1) (reference: training seq_len)
+    kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton: implementation of RAT's sequence mixing
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -55,6 +57,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.ffn_mult must be > 0, got {cfg.ffn_mult}")
     if cfg.norm_eps <= 0:
         raise ValueError(f"model.norm_eps must be > 0, got {cfg.norm_eps}")
+    if cfg.kernels not in KERNELS:
+        raise ValueError(f"model.kernels must be one of {KERNELS}, got {cfg.kernels!r}")
     if cfg.rope_base <= 1:
         raise ValueError(f"model.rope_base must be > 1, got {cfg.rope_base}")
 

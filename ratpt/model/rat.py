@@ -22,12 +22,17 @@ from ratpt.model.norm import RMSNorm
 
 
 class RATMixer(nn.Module):
+    # Context-parallel seam (DESIGN §3): None here; ratpt.parallel.context_parallel sets it to an
+    # object whose rat_mixing() stands in for ops.rat_mixing on one rank's run of whole chunks.
+    context_shard = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.d_model, self.head_dim, self.ngroups = cfg.d_model, cfg.head_dim, cfg.ngroups
         self.n_heads = n_heads(cfg)
         self.chunk_size = cfg.chunk_size
         self.rope_base = cfg.rope_base
+        self.kernels = cfg.kernels
         D, qk = cfg.d_model, cfg.ngroups * cfg.head_dim
         self.input_norm = RMSNorm(D, cfg.norm_eps)
         self.in_proj = nn.Linear(D, 3 * D + 2 * qk, bias=False)
@@ -38,14 +43,23 @@ class RATMixer(nn.Module):
         chrono_init_(self.gate_bias, self.chunk_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mix(x)[0]
+        return self._mix(x)
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, RATCache]:
         """Forward over a right-padded batch; cache the chunk summaries and running state."""
-        out, (k_rot, v_heads, k_state, v_state) = self._mix(x)
+        z, v, f, q, k = self._split(x)
+        out = x + self.out_proj(z * self._mixing(q, k, v, f))
+        # the cache comes from the reference ops: k̃, ṽ at every position, rotated at chunk ends
+        g = forget_gate(f, self.gate_bias)
+        tiles = self.n_heads // self.ngroups
+        k_state = ops.chunk_scan(k.repeat(1, 1, tiles), g, self.chunk_size)
+        v_state = ops.chunk_scan(v, g, self.chunk_size)
         L = self.chunk_size
+        ends = torch.arange(L - 1, x.shape[1], L, device=x.device)
+        cos, sin = ops.rope_cos_sin(ends // L, self.head_dim, self.rope_base, x.dtype)
         last = lengths - 1
-        cache = RATCache(summary_k=k_rot[:, :, L - 1::L].clone(), summary_v=v_heads[:, :, L - 1::L].clone(),
+        cache = RATCache(summary_k=ops.apply_rope(self._heads(k_state[:, ends]), cos, sin),
+                         summary_v=self._heads(v_state[:, ends]).clone(),
                          running_k=gather_positions(k_state, last), running_v=gather_positions(v_state, last))
         return out, cache
 
@@ -71,27 +85,33 @@ class RATMixer(nn.Module):
         write_slots(cache.summary_v, chunk, v_heads[:, :, 0])
         return x + self.out_proj(z * self._merge(y))
 
-    def _mix(self, x: torch.Tensor):
-        """Full-sequence forward; also returns the tensors a cache is built from."""
-        B, T, _ = x.shape
-        z, v, g, q, k = self._project(x)
-        v_state = ops.chunk_scan(v, g, self.chunk_size)
-        k_state = ops.chunk_scan(k, g, self.chunk_size)
-        chunk = torch.arange(T, device=x.device) // self.chunk_size
-        cos, sin = ops.rope_cos_sin(chunk, self.head_dim, self.rope_base, x.dtype)
-        q_rot = ops.apply_rope(self._heads(q), cos, sin)
-        k_rot = ops.apply_rope(self._heads(k_state), cos, sin)
-        v_heads = self._heads(v_state)
-        y = ops.inter_chunk_attention(q_rot, k_rot, v_heads, self.chunk_size)
-        out = x + self.out_proj(z * self._merge(y))
-        return out, (k_rot, v_heads, k_state, v_state)
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-sequence forward."""
+        z, v, f, q, k = self._split(x)
+        return x + self.out_proj(z * self._mixing(q, k, v, f))
+
+    def _mixing(self, q, k, v, f) -> torch.Tensor:
+        """Recurrences, chunk RoPE and the softmax over summaries + own state: y [B, T, D].
+
+        One op (ratpt.ops.rat_mixing) so that the fused Triton kernels can take all of it.
+        """
+        if self.context_shard is not None:
+            return self.context_shard.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim,
+                                                 self.rope_base)
+        return ops.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim, self.rope_base,
+                              kernels=self.kernels)
+
+    def _split(self, x: torch.Tensor):
+        """sigmoid(z), v, f (gate pre-activation), and q, k of the G groups, from one projection."""
+        D, qk = self.d_model, self.ngroups * self.head_dim
+        z, v, f, q, k = self.in_proj(self.input_norm(x)).split([D, D, D, qk, qk], dim=-1)
+        return torch.sigmoid(z), v, f, q, k
 
     def _project(self, x: torch.Tensor):
         """sigmoid(z), v, fp32 gate g, q and k tiled to width D: each [B, T, D]."""
-        D, qk = self.d_model, self.ngroups * self.head_dim
-        z, v, f, q, k = self.in_proj(self.input_norm(x)).split([D, D, D, qk, qk], dim=-1)
+        z, v, f, q, k = self._split(x)
         tiles = self.n_heads // self.ngroups
-        return torch.sigmoid(z), v, forget_gate(f, self.gate_bias), q.repeat(1, 1, tiles), k.repeat(1, 1, tiles)
+        return z, v, forget_gate(f, self.gate_bias), q.repeat(1, 1, tiles), k.repeat(1, 1, tiles)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, H, T, d]."""

@@ -1,0 +1,14 @@
+"""Triton kernels for RAT's sequence mixing (forward, backward, decode) and their autograd wrappers.
+
+The pure-PyTorch ground truth lives in ratpt/ops; ratpt.ops.rat_mixing chooses between the two.
+See NOTES.md for the data movement and roofline of each kernel.
+"""
+from kernels.autograd import rat_mixing, rat_mixing_with_summaries
+
+
+def supports(chunk_size: int, head_dim: int) -> bool:
+    """Shapes the kernels handle: L a power of two up to 128 (blocks hold whole chunks), d in {32, 64, 128}."""
+    return chunk_size & (chunk_size - 1) == 0 and 1 <= chunk_size <= 128 and head_dim in (32, 64, 128)
+
+
+__all__ = ["rat_mixing", "rat_mixing_with_summaries", "supports"]

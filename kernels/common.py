@@ -1,0 +1,71 @@
+"""Pieces shared by the RAT kernels: the gated chunk recurrence, RoPE over the chunk index, dots.
+
+Every per-token tile of a head is handled as two halves of width d/2, the (real, imaginary)
+pairs of the half-split RoPE: rotating a pair is then elementwise, with no register shuffle.
+
+Tolerances and precision: gates, recurrences, scores, softmax statistics and accumulators are
+fp32; tensor-core dots take their operands in the input dtype (bf16/fp16), or fp32 with IEEE
+products when the inputs are fp32 or when running in the Triton interpreter (whose bf16 dot is
+broken).
+"""
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def dot(a, b, DT: tl.constexpr, F32: tl.constexpr):
+    """a @ b with fp32 accumulation; operands cast to DT, or fp32 (IEEE) when F32."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _scan_combine(a1, k1, v1, a2, k2, v2):
+    # (a1, k1, v1) is the earlier segment: y = a2 * y_earlier + k2
+    return a1 * a2, a2 * k1 + k2, a2 * v1 + v2
+
+
+@triton.jit
+def chunk_states(f_ptrs, k_ptrs, v_ptrs, bias, first, mask):
+    """Gate and in-chunk recurrences of one half tile [BQ, HALF].
+
+    g = sigmoid(f + bias); k̃ = g k̃_prev + (1-g) k, ṽ likewise, reset where `first` (chunk start).
+    Returns g, k, v, k̃, ṽ in fp32; masked rows are zero inputs.
+    """
+    f = tl.load(f_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.sigmoid(f + bias[None, :])
+    k = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    a = tl.where(first[:, None], 0.0, g)
+    _, ks, vs = tl.associative_scan((a, (1 - g) * k, (1 - g) * v), 0, _scan_combine)
+    return g, k, v, ks, vs
+
+
+@triton.jit
+def reverse_chunk_states(fnext_ptrs, bias, last_or_out, mask, dks, dvs):
+    """λ[t] = dY[t] + g[t+1] λ[t+1] inside each chunk (λ = 0 past a chunk end), for k̃ and ṽ.
+
+    fnext_ptrs point at f of the next row; `last_or_out` marks rows whose next row is another
+    chunk or past T.
+    """
+    fn = tl.load(fnext_ptrs, mask=mask & ~last_or_out[:, None], other=0.0).to(tl.float32)
+    an = tl.where(last_or_out[:, None], 0.0, tl.sigmoid(fn + bias[None, :]))
+    _, lk, lv = tl.associative_scan((an, dks, dvs), 0, _scan_combine, reverse=True)
+    return lk, lv
+
+
+@triton.jit
+def rope_cos_sin(chunk, inv_freq):
+    """cos, sin [BQ, HALF] of chunk index x inverse frequency, in fp32 (as ratpt.ops.rope)."""
+    angle = chunk.to(tl.float32)[:, None] * inv_freq[None, :]
+    return tl.cos(angle), tl.sin(angle)

@@ -1,0 +1,166 @@
+"""RAT sequence mixing, forward (DESIGN §1): two passes over the per-token tensors.
+
+1. `_summary_kernel`: per (block of whole chunks, batch, head) the in-chunk recurrences of k and
+   v; writes only each full chunk's final state, k̃ rotated by its chunk index, into the
+   chunk-summary tensors Ks, Vs [B, H, T//L, d] (1/L of the tokens).
+2. `_attention_kernel`: per (block of whole chunks, batch, head) the recurrences again (cheaper
+   than storing k̃, ṽ: they would be 2 extra [B, T, D] round trips), then one online softmax over
+   the summaries j < c. The own-state score q·k̃ (RoPE cancels: q and k̃ share the angle) seeds
+   the running max, sum and accumulator, so there is no merge pass. Writes y [B, T, H·d] and the
+   log-sum-exp (base 2) [B, H, T] for the backward.
+
+Inputs are the strided column slices of the input projection: q, k [B, T, G·d] (head h uses
+group h mod G), v, f [B, T, H·d] (f before the sigmoid; the gate bias is added in the kernel).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import LOG2E, chunk_states, dot, interpreting, rope_cos_sin
+
+
+@triton.jit
+def _summary_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, ks_ptr, vs_ptr,
+                    sk_b, sk_t, sv_b, sv_t, sf_b, sf_t,
+                    T, C, H: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
+                    HALF: tl.constexpr, BQ: tl.constexpr):
+    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    D_HEAD: tl.constexpr = 2 * HALF
+    rows = pid_t * BQ + tl.arange(0, BQ)
+    cols = tl.arange(0, HALF)
+    rmask = rows < T
+    mask = rmask[:, None]
+    chunk = rows // L
+    first = rows % L == 0
+    b64 = b.to(tl.int64)
+    kc = (h % G) * D_HEAD + cols
+    vc = h * D_HEAD + cols
+    k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t
+    v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t
+    f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t
+    bias1 = tl.load(bias_ptr + vc).to(tl.float32)
+    bias2 = tl.load(bias_ptr + vc + HALF).to(tl.float32)
+    _, _, _, ks1, vs1 = chunk_states(f_rows + vc[None, :], k_rows + kc[None, :], v_rows + vc[None, :],
+                                     bias1, first, mask)
+    _, _, _, ks2, vs2 = chunk_states(f_rows + vc[None, :] + HALF, k_rows + kc[None, :] + HALF,
+                                     v_rows + vc[None, :] + HALF, bias2, first, mask)
+    cos, sin = rope_cos_sin(chunk, tl.load(inv_freq_ptr + cols))
+    end = (rows % L == L - 1) & rmask
+    out = ((pid_bh.to(tl.int64) * C + chunk) * D_HEAD)[:, None] + cols[None, :]
+    smask = end[:, None]
+    DT = ks_ptr.dtype.element_ty
+    tl.store(ks_ptr + out, (ks1 * cos - ks2 * sin).to(DT), mask=smask)
+    tl.store(ks_ptr + out + HALF, (ks2 * cos + ks1 * sin).to(DT), mask=smask)
+    tl.store(vs_ptr + out, vs1.to(DT), mask=smask)
+    tl.store(vs_ptr + out + HALF, vs2.to(DT), mask=smask)
+
+
+@triton.jit
+def _attention_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, ks_ptr, vs_ptr, y_ptr, lse_ptr,
+                      sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t,
+                      T, C, qk_scale,
+                      H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
+                      BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
+    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
+    pid_bh = tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    D_HEAD: tl.constexpr = 2 * HALF
+    DT = ks_ptr.dtype.element_ty
+    t0 = pid_t * BQ
+    rows = t0 + tl.arange(0, BQ)
+    cols = tl.arange(0, HALF)
+    rmask = rows < T
+    mask = rmask[:, None]
+    chunk = rows // L
+    first = rows % L == 0
+    b64 = b.to(tl.int64)
+    kc = (h % G) * D_HEAD + cols
+    vc = h * D_HEAD + cols
+    q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t
+    k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t
+    v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t
+    f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t
+    bias1 = tl.load(bias_ptr + vc).to(tl.float32)
+    bias2 = tl.load(bias_ptr + vc + HALF).to(tl.float32)
+    _, _, _, ks1, acc1 = chunk_states(f_rows + vc[None, :], k_rows + kc[None, :], v_rows + vc[None, :],
+                                      bias1, first, mask)
+    _, _, _, ks2, acc2 = chunk_states(f_rows + vc[None, :] + HALF, k_rows + kc[None, :] + HALF,
+                                      v_rows + vc[None, :] + HALF, bias2, first, mask)
+    q1 = tl.load(q_rows + kc[None, :], mask=mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_rows + kc[None, :] + HALF, mask=mask, other=0.0).to(tl.float32)
+    # own state: softmax seeded with its score (max), weight 1 (sum) and value ṽ (accumulator)
+    m = (tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale
+    l_sum = tl.full([BQ], 1.0, tl.float32)
+    cos, sin = rope_cos_sin(chunk, tl.load(inv_freq_ptr + cols))
+    qr1 = ((q1 * cos - q2 * sin) * qk_scale).to(DT)
+    qr2 = ((q2 * cos + q1 * sin) * qk_scale).to(DT)
+    c_first = t0 // L  # every row of the block sees summaries j < c_first
+    n_visible = tl.minimum(t0 + BQ - 1, T - 1) // L
+    summary = pid_bh.to(tl.int64) * C * D_HEAD
+    jr = tl.arange(0, BC)
+    for j0 in range(0, n_visible, BC):
+        j = j0 + jr
+        jmask = (j < n_visible)[:, None]
+        sp = summary + j[:, None] * D_HEAD + cols[None, :]
+        kb1 = tl.load(ks_ptr + sp, mask=jmask, other=0.0)
+        kb2 = tl.load(ks_ptr + sp + HALF, mask=jmask, other=0.0)
+        s = dot(qr1, tl.trans(kb1), DT, F32) + dot(qr2, tl.trans(kb2), DT, F32)
+        if j0 + BC > c_first:
+            s = tl.where(j[None, :] < chunk[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        vb1 = tl.load(vs_ptr + sp, mask=jmask, other=0.0)
+        vb2 = tl.load(vs_ptr + sp + HALF, mask=jmask, other=0.0)
+        acc1 = acc1 * alpha[:, None] + dot(p, vb1, DT, F32)
+        acc2 = acc2 * alpha[:, None] + dot(p, vb2, DT, F32)
+        m = m_new
+    y_rows = y_ptr + (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]
+    YT = y_ptr.dtype.element_ty
+    tl.store(y_rows, (acc1 / l_sum[:, None]).to(YT), mask=mask)
+    tl.store(y_rows + HALF, (acc2 / l_sum[:, None]).to(YT), mask=mask)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * T + rows, m + tl.log2(l_sum), mask=rmask)
+
+
+def block_sizes(chunk_size: int) -> tuple[int, int]:
+    """(BQ rows per program, a multiple of L; BC summaries per step of the softmax loops).
+
+    The interpreter gets small blocks so that short test sequences cross several of them.
+    """
+    if interpreting():
+        return max(chunk_size, 16), 16
+    return max(chunk_size, 64), 64
+
+
+def inverse_frequencies(head_dim: int, base: float, device) -> torch.Tensor:
+    """base^(-2i/d), computed exactly as ratpt.ops.rope_cos_sin does (fp32)."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
+def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float):
+    """y [B, T, H·d], lse [B, H, T] (base 2, fp32), summaries Ks, Vs [B, H, T//L, d]."""
+    B, T, D = v.shape
+    H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
+    C = T // L
+    y = torch.empty(B, T, D, device=v.device, dtype=v.dtype)
+    lse = torch.empty(B, H, T, device=v.device, dtype=torch.float32)
+    ks = torch.empty(B, H, C, d, device=v.device, dtype=v.dtype)
+    vs = torch.empty_like(ks)
+    inv_freq = inverse_frequencies(d, rope_base, v.device)
+    bq, bc = block_sizes(L)
+    f32 = v.dtype == torch.float32 or interpreting()
+    grid = (triton.cdiv(T, bq), B * H)
+    warps = 4 if d <= 64 else 8
+    if C:
+        _summary_kernel[grid](k, v, f, gate_bias, inv_freq, ks, vs, k.stride(0), k.stride(1), v.stride(0),
+                              v.stride(1), f.stride(0), f.stride(1), T, C, H=H, G=G, L=L, HALF=d // 2,
+                              BQ=bq, num_warps=warps)
+    _attention_kernel[grid](q, k, v, f, gate_bias, inv_freq, ks, vs, y, lse,
+                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                            f.stride(0), f.stride(1), T, max(C, 1), LOG2E / math.sqrt(d),
+                            H=H, G=G, L=L, HALF=d // 2, BQ=bq, BC=bc, F32=f32, num_warps=warps)
+    return y, lse, ks, vs

@@ -1,0 +1,62 @@
+"""RAT's whole sequence mixing as one op, and the dispatch between its implementations.
+
+    g = sigmoid(f + gate_bias) (fp32);  q, k tiled from G groups to H heads (head h: group h mod G)
+    k̃, ṽ = chunk_scan(k, g), chunk_scan(v, g);  q, k̃ rotated by the chunk index
+    y = inter_chunk_attention(q, k̃, ṽ)                     -> [B, T, H·d]
+
+Inputs are the input projection's column slices: q, k [B, T, G·d]; v, f [B, T, H·d]. The
+reference composes the readable ops of this package; the Triton kernels (kernels/) fuse all of
+it (see kernels/NOTES.md). `kernels`: "auto" = Triton on CUDA where the shape is supported,
+the reference elsewhere; "torch" = always the reference; "triton" = always the kernels.
+"""
+import torch
+
+from ratpt.ops.chunk_scan import chunk_scan
+from ratpt.ops.inter_chunk_attention import inter_chunk_attention
+from ratpt.ops.rope import apply_rope, rope_cos_sin
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def rat_mixing(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
+               kernels: str = "auto") -> torch.Tensor:
+    """The RAT layer's sequence mixing y [B, T, H·d], by the implementation `kernels` picks."""
+    if use_triton(kernels, v, chunk_size, head_dim):
+        from kernels import rat_mixing as triton_rat_mixing
+        return triton_rat_mixing(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
+    return rat_mixing_reference(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
+
+
+def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) -> bool:
+    """Whether `kernels` selects the Triton path for this tensor and shape."""
+    if kernels not in BACKENDS:
+        raise ValueError(f"kernels must be one of {BACKENDS}, got {kernels!r}")
+    if kernels == "torch":
+        return False
+    from kernels import supports
+    if kernels == "triton":
+        if not supports(chunk_size, head_dim):
+            raise ValueError(f"the Triton kernels need chunk_size a power of two <= 128 and head_dim in "
+                             f"(32, 64, 128); got chunk_size={chunk_size}, head_dim={head_dim}")
+        return True
+    return x.is_cuda and x.dtype != torch.float64 and supports(chunk_size, head_dim)
+
+
+def rat_mixing_reference(q, k, v, f, gate_bias, chunk_size: int, head_dim: int,
+                         rope_base: float) -> torch.Tensor:
+    """Pure-PyTorch ground truth of rat_mixing (the composition of DESIGN §1's steps)."""
+    B, T, D = v.shape
+    H, G = D // head_dim, q.shape[-1] // head_dim
+    dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
+    g = torch.sigmoid(f.to(dtype) + gate_bias.to(dtype))
+    q, k = q.repeat(1, 1, H // G), k.repeat(1, 1, H // G)
+    k_state, v_state = chunk_scan(k, g, chunk_size), chunk_scan(v, g, chunk_size)
+    chunk = torch.arange(T, device=v.device) // chunk_size
+    cos, sin = rope_cos_sin(chunk, head_dim, rope_base, v.dtype)
+
+    def heads(t):
+        return t.reshape(B, T, H, head_dim).transpose(1, 2)
+
+    y = inter_chunk_attention(apply_rope(heads(q), cos, sin), apply_rope(heads(k_state), cos, sin),
+                              heads(v_state), chunk_size)
+    return y.transpose(1, 2).reshape(B, T, D)
