@@ -9,7 +9,7 @@ bash launch/setup_env.sh
 set -x
 rm -rf data/pydoc data/pydoc_bpe.json runs/tiny
 python -m data_prep train-tokenizer pydoc --vocab-size 2048 --out data/pydoc_bpe.json
-python -m data_prep tokenize pydoc --tokenizer data/pydoc_bpe.json --out data/pydoc --val-fraction 0.05
+python -m data_prep tokenize pydoc --tokenizer data/pydoc_bpe.json --out data/pydoc --val-fraction 0.15
 ratpt train configs/tiny.yaml
 ratpt export runs/tiny --out runs/tiny/export
 ratpt generate runs/tiny/export --prompt "The for statement" --max-new-tokens 80 --temperature 0.8 --top-k 40
