@@ -2,6 +2,9 @@
 
 A plain `python -m ratpt train` is one process with no process group; under torchrun every
 rank is a data-parallel replica (gloo on CPU, NCCL on CUDA).
+
+A collective that waits longer than RATPT_COLLECTIVE_TIMEOUT seconds (default 30 minutes) raises
+instead of hanging, so a lost rank fails the job; the SLURM launcher sets it.
 """
 from __future__ import annotations
 
@@ -26,7 +29,11 @@ class DistributedContext:
         return self.rank == 0
 
 
-def init_distributed(device_kind: str, timeout_minutes: int = 30) -> DistributedContext:
+def collective_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get("RATPT_COLLECTIVE_TIMEOUT", 30 * 60)))
+
+
+def init_distributed(device_kind: str) -> DistributedContext:
     """Join torchrun's process group if launched by it; pick this rank's device."""
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     if device_kind == "cuda" and not torch.cuda.is_available():
@@ -40,7 +47,7 @@ def init_distributed(device_kind: str, timeout_minutes: int = 30) -> Distributed
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=collective_timeout(),
         )
     return DistributedContext(rank, world_size, local_rank, device)
 
