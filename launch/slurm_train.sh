@@ -13,11 +13,14 @@
 # (default: the node's allocated GPUs, else 1); torchrun's c10d rendezvous is hosted on the first
 # node of the allocation, at a port free there.
 #
-# Preemption: SLURM signals this script (USR1 from `--signal=B:USR1@300` before the time limit, or
-# SIGTERM). It sends USR1 to every training process; they agree to stop, finish the current step,
-# write a checkpoint and exit 0 (ratpt/train/signals.py). Then the job requeues itself and the
-# requeued job resumes from that checkpoint (checkpoint.resume=auto). torchrun itself ignores
-# USR1, whose default action would kill it.
+# Preemption: SLURM signals this script with USR1 (`--signal=B:USR1@300`: 5 minutes before the
+# time limit, or at preemption where the cluster sets PreemptParameters=send_user_signal), or a
+# user does (`scancel --signal=USR1 --batch JOBID`). It sends USR1 to every training process;
+# they agree to stop, finish the current step, write a checkpoint and exit 0
+# (ratpt/train/signals.py). Then the job requeues itself and the requeued job resumes from that checkpoint (checkpoint.resume=auto). SLURM signals every process
+# of a job step, so torchrun ignores USR1, whose default action would kill it. SIGTERM (scancel,
+# the time limit itself, preemption without a signal) cannot take this path: srun answers it by
+# killing the step, and the run resumes from its last periodic checkpoint.
 #
 # Failure: srun --kill-on-bad-exit stops every node as soon as one rank fails; rendezvous and
 # collectives time out (RATPT_RDZV_TIMEOUT, RATPT_COLLECTIVE_TIMEOUT, in seconds) so a lost node
@@ -59,12 +62,11 @@ say "ratpt train $CONFIG ${OVERRIDES[*]}"
 
 stop_requested=0
 request_stop() {
-    say "$1 received: every rank checkpoints after its current step, then the job requeues"
+    say "USR1 received: every rank checkpoints after its current step, then the job requeues"
     stop_requested=1
     scancel --signal=USR1 "$SLURM_JOB_ID"  # every job step, not this script
 }
-trap 'request_stop USR1' USR1
-trap 'request_stop TERM' TERM
+trap request_stop USR1
 
 srun --ntasks="$NNODES" --kill-on-bad-exit=1 \
     bash -c 'trap "" USR1; exec "$@"' torchrun "$PYTHON" -m torch.distributed.run \
@@ -79,7 +81,7 @@ while true; do
     wait "$srun_pid" || status=$?
     kill -0 "$srun_pid" 2>/dev/null || break
 done
-trap - USR1 TERM
+trap - USR1
 
 if [[ $status -ne 0 ]]; then
     say "training failed (srun exit status $status); the failing rank's error is above" >&2
