@@ -55,7 +55,7 @@ class RATMixer(nn.Module):
         k_state = ops.chunk_scan(k.repeat(1, 1, tiles), g, self.chunk_size)
         v_state = ops.chunk_scan(v, g, self.chunk_size)
         L = self.chunk_size
-        ends = torch.arange(L - 1, x.shape[1], L, device=x.device)
+        ends = torch.arange(x.shape[1] // L, device=x.device) * L + L - 1  # complete chunks only
         cos, sin = ops.rope_cos_sin(ends // L, self.head_dim, self.rope_base, x.dtype)
         last = lengths - 1
         cache = RATCache(summary_k=ops.apply_rope(self._heads(k_state[:, ends]), cos, sin),

@@ -30,7 +30,7 @@ def test_perturbing_a_later_token_changes_no_earlier_output(mixers, L, G, T):
         assert (out[:, t] - base[:, t]).abs().max() > 1e-9
 
 
-@pytest.mark.parametrize("L", [1, 3, 4], ids=lambda l: f"L{l}")
+@pytest.mark.parametrize("L", [1, 3, 4, 16], ids=lambda l: f"L{l}")  # 16: prompts shorter than a chunk
 @pytest.mark.parametrize("mixers", MIXER_PATTERNS, ids=PATTERN_IDS)
 def test_prefill_then_decode_equals_full_forward_on_a_ragged_batch(mixers, L):
     """Prompts of lengths 1, 5 and 9 in one batch, then 8 decode steps each (crossing chunk
