@@ -73,6 +73,16 @@ class LoggingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor: int = 1  # tensor-parallel ranks (Megatron TP + sequence parallelism); divide the heads, FFN width and vocab
+    pipeline: int = 1  # pipeline stages (layers split by FLOPs; 1F1B schedule)
+    virtual_stages: int = 1  # model chunks per pipeline rank; > 1 selects the interleaved 1F1B schedule
+    context: int = 1  # context-parallel ranks: each holds a contiguous run of whole chunks of every sequence
+    distributed_optimizer: bool = True  # shard the optimizer state over data-parallel ranks (ZeRO-1)
+    # data parallelism takes the remaining ranks: world size / (tensor × pipeline × context)
+
+
+@dataclass
 class Config:
     name: str = "rat_1p3b"  # run name
     out_dir: str = "runs/${name}"  # checkpoints, TensorBoard events and the resolved config go here
@@ -84,6 +94,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -166,3 +177,40 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     _require(cfg.logging.interval >= 1, f"logging.interval must be >= 1, got {cfg.logging.interval}")
+    validate_parallel_shape(cfg)
+
+
+def validate_parallel_shape(cfg: Config) -> None:
+    """The checks on `parallel` that do not depend on the number of processes."""
+    p, m = cfg.parallel, cfg.model
+    for key in ("tensor", "pipeline", "virtual_stages", "context"):
+        _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    heads = m.d_model // m.head_dim
+    _require(heads % p.tensor == 0, f"parallel.tensor ({p.tensor}) must divide the number of heads "
+             f"model.d_model/model.head_dim = {heads}")
+    _require(m.vocab_size % p.tensor == 0, f"parallel.tensor ({p.tensor}) must divide model.vocab_size "
+             f"({m.vocab_size}) for the vocab-parallel embedding; round the vocab up")
+    hidden = round(m.ffn_mult * m.d_model)
+    _require(hidden % p.tensor == 0, f"parallel.tensor ({p.tensor}) must divide the FFN width ({hidden})")
+    chunks = p.pipeline * p.virtual_stages
+    _require(m.n_layers >= chunks, f"model.n_layers ({m.n_layers}) must be >= parallel.pipeline × "
+             f"parallel.virtual_stages = {chunks} (every stage holds at least one layer)")
+    seq = cfg.data.seq_len
+    unit = m.chunk_size if "rat" in m.mixers else 1
+    _require(seq % (p.context * unit) == 0, f"data.seq_len ({seq}) must be a multiple of parallel.context "
+             f"({p.context}) × model.chunk_size ({unit}) so every context-parallel rank holds whole chunks"
+             if unit > 1 else f"data.seq_len ({seq}) must be a multiple of parallel.context ({p.context})")
+    if p.context > 1 and "swa" in m.mixers:
+        _require(seq // p.context >= m.window, f"sliding-window layers need data.seq_len / parallel.context "
+                 f"({seq // p.context}) >= model.window ({m.window}): a rank exchanges one window with the previous")
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """World size / (tensor × pipeline × context), or a ConfigError saying why it does not divide."""
+    p = cfg.parallel
+    model_ranks = p.tensor * p.pipeline * p.context
+    _require(world_size % model_ranks == 0,
+             f"the world size ({world_size} processes) must be a multiple of parallel.tensor × parallel.pipeline "
+             f"× parallel.context = {p.tensor} × {p.pipeline} × {p.context} = {model_ranks}; the remaining "
+             "factor is the data-parallel size")
+    return world_size // model_ranks

@@ -15,6 +15,10 @@ from ratpt.model.norm import RMSNorm
 
 
 class AttentionMixer(nn.Module):
+    # Context-parallel seam (DESIGN §3): None here; ratpt.parallel.context_parallel sets it to an
+    # object giving this rank's first position and a causal_attention() over all ranks' keys.
+    context_shard = None
+
     def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
         D = cfg.d_model
@@ -59,8 +63,11 @@ class AttentionMixer(nn.Module):
 
     def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         positions = torch.arange(x.shape[1], device=x.device)
+        attend = ops.causal_attention
+        if self.context_shard is not None:
+            positions, attend = positions + self.context_shard.first_token(x.shape[1]), self.context_shard.causal_attention
         q, k, v = self._qkv(x, positions)
-        y = ops.causal_attention(q, k, v, window=self.window)
+        y = attend(q, k, v, window=self.window)
         return x + self.out_proj(self._merge(y)), k, v
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):

@@ -1,7 +1,8 @@
-"""Process-group setup from torchrun's environment, and data-parallel wrapping.
+"""Joining torchrun's process group: this rank, the world size and the device.
 
-A plain `python -m ratpt train` is one process with no process group; under torchrun every
-rank is a data-parallel replica (gloo on CPU, NCCL on CUDA).
+A plain `python -m ratpt train` is one process with no process group; under torchrun the
+processes form the mesh of `parallel` (ratpt.parallel.mesh; gloo on CPU, NCCL on CUDA) and the
+ranks left over after TP × PP × CP are data-parallel replicas (megatron DDP, ratpt.parallel.megatron_engine).
 
 A collective that waits longer than RATPT_COLLECTIVE_TIMEOUT seconds (default 30 minutes) raises
 instead of hanging, so a lost rank fails the job; the SLURM launcher sets it.
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,6 @@ def init_distributed(device_kind: str) -> DistributedContext:
             timeout=collective_timeout(),
         )
     return DistributedContext(rank, world_size, local_rank, device)
-
-
-def wrap_data_parallel(model: nn.Module, ctx: DistributedContext) -> nn.Module:
-    if ctx.world_size == 1:
-        return model
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

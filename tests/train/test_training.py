@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ratpt.config import load_config
-from ratpt.train import trainer
+from ratpt.train import engine, trainer
 from ratpt.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 from train_helpers import LOSS_LINE, REPO, losses_of, ratpt, small_run
@@ -122,7 +122,7 @@ def test_two_data_parallel_ranks_match_one_process(byte_data, tmp_path):
 def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, monkeypatch):
     cfg = load_config(small_run(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")[0],
                       small_run(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")[1:])
-    real = trainer.sum_cross_entropy
+    real = engine.sum_cross_entropy
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -131,6 +131,6 @@ def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, m
         # micro-batches 3-4 (step 2) are poisoned once, then every step from step 4 on
         return loss * float("nan") if calls["n"] in (3, 4) or calls["n"] > 6 else loss
 
-    monkeypatch.setattr(trainer, "sum_cross_entropy", poisoned)
+    monkeypatch.setattr(engine, "sum_cross_entropy", poisoned)
     with pytest.raises(trainer.TrainingDiverged, match="3 consecutive non-finite steps at step 6"):
         trainer.train(cfg)

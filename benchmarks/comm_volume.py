@@ -1,0 +1,153 @@
+"""Bytes each parallel axis communicates in one training step, measured by counting every
+collective megatron-core and ratpt issue (not derived from formulas).
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/comm_volume.py --out benchmarks/results/comm_volume.json
+
+Runs one step (forward, backward, grad reduction, optimizer step with its parameter all-gather)
+of each (mixer, sequence length, layout) listed below on a small model, and sums, per process
+group (tp / cp / dp / dp×cp / pp / world), the bytes of the tensors handed to each collective on
+rank 0: the input of all_reduce, the output of all_gather, the input of reduce_scatter, the
+tensors of point-to-point send/recv. The model is small (d_model, layers below) so that it runs on
+CPU; the volumes scale exactly with d_model × layers for the per-token tensors (CP) and with the
+parameter count for DP, and the JSON records the shapes they were measured at.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+COUNTED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "_reduce_scatter_base",
+           "_all_gather_base", "all_gather", "broadcast", "isend", "irecv", "send", "recv")
+
+
+class CommCounter:
+    """Wraps torch.distributed's collectives; bytes per group name while `active`."""
+
+    def __init__(self, group_names) -> None:
+        self.group_names = group_names
+        self.bytes = defaultdict(int)
+        self.active = False
+        self._originals = {}
+        for name in COUNTED:
+            if hasattr(dist, name):
+                self._originals[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(name, self._originals[name]))
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            if self.active:
+                tensor = _payload(name, args, kwargs)
+                group = kwargs.get("group", None)
+                if group is None and name in ("all_reduce", "broadcast") and len(args) > 2:
+                    group = args[2]
+                if group is None and name in ("all_gather_into_tensor", "reduce_scatter_tensor",
+                                              "_reduce_scatter_base", "_all_gather_base") and len(args) > 2:
+                    group = args[2]
+                if group is None and name in ("isend", "irecv", "send", "recv") and len(args) > 2:
+                    group = args[2]
+                self.bytes[self.group_names(group)] += tensor
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+def _payload(name: str, args, kwargs) -> int:
+    def size(t):
+        if isinstance(t, torch.Tensor):
+            return t.numel() * t.element_size()
+        if isinstance(t, (list, tuple)):
+            return sum(size(x) for x in t)
+        return 0
+
+    if name in ("all_gather_into_tensor", "_all_gather_base", "all_gather"):
+        return size(args[0])  # the gathered output: what every rank receives (own part included)
+    return size(args[0] if args else kwargs.get("tensor"))
+
+
+def group_namer():
+    from megatron.core import parallel_state as ps
+
+    groups = {}
+    for name, get in (("tp", ps.get_tensor_model_parallel_group), ("pp", ps.get_pipeline_model_parallel_group),
+                      ("cp", ps.get_context_parallel_group), ("dp", ps.get_data_parallel_group)):
+        groups[get()] = name
+    groups[ps.get_data_parallel_group(with_context_parallel=True)] = "dp" if ps.get_context_parallel_world_size() == 1 \
+        else "dp×cp"
+
+    def name_of(group):
+        if group is None:
+            return "world"
+        return groups.get(group, "other")
+
+    return name_of
+
+
+def measure(mixer: str, seq_len: int, layout: dict, d_model: int, n_layers: int) -> dict:
+    from ratpt.config import load_config
+    from ratpt.model import build_model
+    from ratpt.parallel.data_parallel import init_distributed
+    from ratpt.parallel.megatron_engine import MegatronEngine
+    from ratpt.parallel.mesh import destroy_mesh
+
+    ctx = init_distributed("cpu")
+    world = dist.get_world_size()
+    cp = layout.get("context", 1)
+    dp = world // cp
+    cfg = load_config(None, [
+        "model.vocab_size=32000", f"model.d_model={d_model}", "model.head_dim=64", "model.ngroups=2",
+        f"model.n_layers={n_layers}", "model.chunk_size=16", "model.window=1024", f"model.mixers=[{mixer}]",
+        "model.kernels=torch", f"data.seq_len={seq_len}", f"train.global_batch={dp}", "train.micro_batch=1",
+        "train.precision=fp32", "data.streams=[{path: unused}]", f"parallel.context={cp}",
+    ])
+    torch.manual_seed(0)
+    engine = MegatronEngine(cfg, ctx, build_model(cfg.model))
+    counter = COUNTER
+    counter.group_names = group_namer()
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1))
+    batch = [{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}]
+    counter.bytes.clear()
+    counter.active = True
+    start = time.perf_counter()
+    engine.forward_backward(batch)
+    engine.clip_grad_norm(1.0)
+    engine.step()
+    counter.active = False
+    seconds = time.perf_counter() - start
+    result = {"mixer": mixer, "seq_len": seq_len, "world": world, "dp": dp, "cp": cp, "d_model": d_model,
+              "n_layers": n_layers, "parameters": sum(p.numel() for p in engine.model.parameters()),
+              "bytes_per_step_rank0": dict(counter.bytes), "step_seconds_cpu": round(seconds, 2)}
+    destroy_mesh()
+    return result
+
+
+COUNTER = CommCounter(lambda g: "world")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/comm_volume.json")
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--cases", nargs="*", default=["rat:4096", "attention:4096", "rat:102400"])
+    args = parser.parse_args()
+    results = []
+    for case in args.cases:
+        mixer, seq = case.split(":")
+        for layout in ({"context": 1}, {"context": dist.get_world_size() if dist.is_initialized() else 2}):
+            results.append(measure(mixer, int(seq), layout, args.d_model, args.layers))
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(json.dumps(results[-1]), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Every parallel layout equals one process on the same batch: loss, gradients, grad norm and the
+parameters after one optimizer step (tests/parallel/layouts.py states the checks and tolerances).
+Each test is one torchrun launch that runs several layouts, to keep the CPU time small."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_layouts(nproc: int, *cases: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+         str(REPO / "tests" / "parallel" / "layouts.py"), *cases],
+        cwd=REPO, env=env, text=True, capture_output=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    for case in cases:
+        assert f"OK {case.split(':')[0]} " in done.stdout, done.stdout
+    return done.stdout
+
+
+def test_two_ranks_data_and_context_parallel_equal_one_process():
+    run_layouts(
+        2,
+        "dp2:",  # megatron DDP + distributed optimizer, 2 micro-batches per rank (accumulation)
+        "cp2-rat:context=2",  # chunk summaries all-gathered / reduce-scattered
+        "cp2-rat+swa:context=2,mixers=rat+swa",  # sliding window: previous rank's last window
+        "cp2-attention:context=2,mixers=attention",  # all-gather of K and V
+        "resume-dp2-to-cp2:>context=2",  # state gathered in one layout, loaded into another
+    )
+
+
+def test_four_ranks_combined_layouts_equal_one_process():
+    run_layouts(
+        4,
+        "dp2xcp2-rat+swa:context=2,mixers=rat+swa",
+        "cp4-rat:context=4",
+        "resume-dp4-to-dp2xcp2:mixers=rat+attention>context=2,mixers=rat+attention",
+        "dp4-replicated-optimizer:distributed_optimizer=false",
+    )
+
+
+@pytest.mark.gpu
+def test_two_gpus_nccl_equal_one_process():  # pragma: no cover - needs 2 GPUs
+    pytest.skip("GPU/NCCL validation of the layouts is pending (see the issue 5 report)")

@@ -1,0 +1,35 @@
+"""`parallel` is validated before anything runs, with messages that name the keys and the fix."""
+import pytest
+
+from ratpt.config import ConfigError, data_parallel_size, load_config
+
+BASE = ["model.d_model=64", "model.head_dim=16", "model.n_layers=4", "model.vocab_size=96", "data.seq_len=128",
+        "model.chunk_size=16", "train.global_batch=8", "train.micro_batch=1", "data.streams=[{path: unused}]"]
+
+
+def test_data_parallel_takes_the_ranks_left_after_tensor_pipeline_and_context():
+    cfg = load_config(None, BASE + ["parallel.tensor=2", "parallel.context=2"])
+    assert data_parallel_size(cfg, 8) == 2
+    assert data_parallel_size(load_config(None, BASE), 4) == 4
+
+
+def test_a_world_size_that_does_not_divide_is_refused_by_name():
+    cfg = load_config(None, BASE + ["parallel.context=2", "parallel.pipeline=2"])
+    with pytest.raises(ConfigError, match=r"world size \(6 processes\).*parallel.tensor × parallel.pipeline"):
+        data_parallel_size(cfg, 6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.tensor=3", "parallel.tensor .3. must divide the number of heads"),
+    ("parallel.context=3", r"data.seq_len \(128\) must be a multiple of parallel.context \(3\) × model.chunk_size"),
+    ("parallel.pipeline=5", r"model.n_layers \(4\) must be >= parallel.pipeline"),
+    ("parallel.context=0", "parallel.context must be >= 1"),
+])
+def test_impossible_layouts_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, BASE + [override])
+
+
+def test_sliding_window_context_parallelism_needs_a_window_per_rank():
+    with pytest.raises(ConfigError, match=r"data.seq_len / parallel.context \(32\) >= model.window \(64\)"):
+        load_config(None, BASE + ["model.mixers=[rat,swa]", "model.window=64", "parallel.context=4"])
