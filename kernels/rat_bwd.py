@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import LOG2E, chunk_states, dot, interpreting, reverse_chunk_states, rope_cos_sin
-from kernels.rat_fwd import block_sizes, inverse_frequencies
+from kernels.rat_fwd import block_sizes, inverse_frequencies, num_warps
 
 
 @triton.jit
@@ -213,8 +213,8 @@ def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, hea
     f32 = v.dtype == torch.float32 or interpreting()
     inv_freq = inverse_frequencies(d, rope_base, v.device)
     scale = 1.0 / math.sqrt(d)
-    warps = 4 if d <= 64 else 8
-    bq, bc = block_sizes(L)
+    warps = num_warps(d)
+    bq, bc = block_sizes(L, v.dtype)
     delta = torch.empty(B, H, T, device=v.device, dtype=torch.float32)
     _delta_kernel[(triton.cdiv(T, bq), B * H)](y, dy, delta, T, H=H, D_HEAD=d, BQ=bq, num_warps=warps)
     dks = torch.zeros(B, H, C, d, device=v.device, dtype=torch.float32)

@@ -13,6 +13,7 @@ Inputs are the strided column slices of the input projection: q, k [B, T, G·d] 
 group h mod G), v, f [B, T, H·d] (f before the sigmoid; the gate bias is added in the kernel).
 """
 import math
+import os
 
 import torch
 import triton
@@ -126,14 +127,22 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, ks_ptr
     tl.store(lse_ptr + pid_bh.to(tl.int64) * T + rows, m + tl.log2(l_sum), mask=rmask)
 
 
-def block_sizes(chunk_size: int) -> tuple[int, int]:
+def block_sizes(chunk_size: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BQ rows per program, a multiple of L; BC summaries per step of the softmax loops).
 
-    The interpreter gets small blocks so that short test sequences cross several of them.
+    The interpreter gets small blocks so that short test sequences cross several of them; fp32
+    tiles (and L = 128 rows) take half-size blocks to fit in shared memory.
     """
     if interpreting():
         return max(chunk_size, 16), 16
-    return max(chunk_size, 64), 64
+    if dtype == torch.float32:
+        return max(chunk_size, 32), 32
+    return max(chunk_size, 64), 64 if chunk_size < 128 else 32
+
+
+def num_warps(head_dim: int) -> int:
+    """Warps per program (RATPT_KERNEL_WARPS overrides it, for tuning)."""
+    return int(os.environ.get("RATPT_KERNEL_WARPS", 4 if head_dim <= 64 else 8))
 
 
 def inverse_frequencies(head_dim: int, base: float, device) -> torch.Tensor:
@@ -151,10 +160,10 @@ def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base
     ks = torch.empty(B, H, C, d, device=v.device, dtype=v.dtype)
     vs = torch.empty_like(ks)
     inv_freq = inverse_frequencies(d, rope_base, v.device)
-    bq, bc = block_sizes(L)
+    bq, bc = block_sizes(L, v.dtype)
     f32 = v.dtype == torch.float32 or interpreting()
     grid = (triton.cdiv(T, bq), B * H)
-    warps = 4 if d <= 64 else 8
+    warps = num_warps(d)
     if C:
         _summary_kernel[grid](k, v, f, gate_bias, inv_freq, ks, vs, k.stride(0), k.stride(1), v.stride(0),
                               v.stride(1), f.stride(0), f.stride(1), T, C, H=H, G=G, L=L, HALF=d // 2,

@@ -28,6 +28,7 @@ class RATMixer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        # Tensor-parallel seam: ratpt.parallel.tensor_parallel sets d_model, n_heads to one rank's share.
         self.d_model, self.head_dim, self.ngroups = cfg.d_model, cfg.head_dim, cfg.ngroups
         self.n_heads = n_heads(cfg)
         self.chunk_size = cfg.chunk_size

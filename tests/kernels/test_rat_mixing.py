@@ -16,9 +16,10 @@ from kernels import rat_mixing
 from ratpt.ops.rat_mixing import rat_mixing_reference, use_triton
 
 ROPE_BASE = 10000.0
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine the same tests run compiled
 
 
-def make_inputs(B, T, H, G, d, dtype=torch.float32, device="cpu", seed=0):
+def make_inputs(B, T, H, G, d, dtype=torch.float32, device=DEVICE, seed=0):
     torch.manual_seed(seed)
     q = torch.randn(B, T, G * d, dtype=dtype, device=device)
     k = torch.randn(B, T, G * d, dtype=dtype, device=device)
@@ -49,7 +50,7 @@ CASES = {  # name: (B, T, H, G, d, L)
 def test_triton_mixing_equals_reference_output_and_gradients(shape):
     B, T, H, G, d, L = shape
     inputs = make_inputs(B, T, H, G, d)
-    w = torch.randn(B, T, H * d)
+    w = torch.randn(B, T, H * d, device=DEVICE)
     got = output_and_grads(rat_mixing, inputs, w, L, d)
     wide = [t.detach().double().requires_grad_() for t in inputs]
     want = output_and_grads(rat_mixing_reference, wide, w.double(), L, d)
@@ -78,7 +79,8 @@ def test_rat_layer_with_triton_kernels_equals_torch_reference():
         torch.manual_seed(0)
         layers[kernels] = RATMixer(ModelConfig(d_model=64, head_dim=32, ngroups=2, chunk_size=4, kernels=kernels))
         layers[kernels].reset_gate_bias()
-    x = torch.randn(1, 13, 64, requires_grad=True)
+        layers[kernels].to(DEVICE)
+    x = torch.randn(1, 13, 64, requires_grad=True, device=DEVICE)
     outs = {name: layer(x) for name, layer in layers.items()}
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-5)
     w = torch.randn_like(x)

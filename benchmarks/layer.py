@@ -1,0 +1,347 @@
+"""Single-layer benchmark (DESIGN §5; the paper's Figure 3): one mixer layer with its projections.
+
+D 2048, 16 heads x 128, G 2, L 16 (and 64), bf16 weights and activations, B·T = 131072 tokens,
+T in {4K, 16K, 32K, 128K}. For each layer: fwd+bwd and prefill (forward, no grad) time, and one
+decode step at B 32 after 4096 tokens (eager, and CUDA-graphed where the step is static).
+
+Layers:
+  rat-triton      ratpt's RATMixer, model.kernels = triton (kernels/)
+  rat-reference   ratpt's RATMixer, model.kernels = torch (pure-PyTorch ops, eager)
+  rat-public      the public code's formulation, written here: fp32 scan inside chunks (an L-step
+                  loop that torch.compile fuses), flex_attention over the chunk summaries with a block-causal mask
+                  (returning its log-sum-exp) merged with the own-state score, all torch.compile'd
+  attn-flash / attn-cudnn   ratpt's causal AttentionMixer with SDPA forced to one backend
+  rnn             ratpt's RNN layer (RAT's projections minus q, k; one scan over T), eager: a
+                  compiled 128K-step associative scan did not finish compiling within minutes
+  rat-triton-L16-w4   the same Triton layer with 4 warps per program (tuning point)
+
+    python benchmarks/layer.py --out benchmarks/results/layer.json     # on one GPU
+    python benchmarks/layer.py --plot benchmarks/results/layer.json     # PNG beside it
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+from torch import nn
+
+D, HEAD_DIM, G, TOKENS = 2048, 128, 2, 131072
+LENGTHS = (4096, 16384, 32768, 131072)
+DTYPE = torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- layers
+def rat_layer(L: int, kernels: str) -> nn.Module:
+    from ratpt.model.config import ModelConfig
+    from ratpt.model.rat import RATMixer
+
+    layer = RATMixer(ModelConfig(d_model=D, head_dim=HEAD_DIM, ngroups=G, chunk_size=L, kernels=kernels))
+    layer.reset_gate_bias()
+    return layer
+
+
+def chunk_scan_loop(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """y[l] = a[l] y[l-1] + u[l] along dim 2 of [B, C, L, D] (fp32): L steps, fused by torch.compile."""
+    states = [u[:, :, 0]]
+    for step in range(1, u.shape[2]):
+        states.append(a[:, :, step] * states[-1] + u[:, :, step])
+    return torch.stack(states, 2)
+
+
+class PublicRAT(nn.Module):
+    """The public RAT code's formulation around a ratpt RATMixer's weights."""
+
+    def __init__(self, mixer: nn.Module):
+        super().__init__()
+        self.mixer = mixer
+        self._masks = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        m, (B, T, _) = self.mixer, x.shape
+        L, H, d = m.chunk_size, m.n_heads, m.head_dim
+        C = T // L
+        z, v, f, q, k = m._split(x)
+        g = torch.sigmoid(f.float() + m.gate_bias.float()).view(B, C, L, D)
+        k = k.repeat(1, 1, H // G)
+        v_state = chunk_scan_loop(g, (1 - g) * v.float().reshape(B, C, L, D)).view(B, T, D).to(x.dtype)
+        k_state = chunk_scan_loop(g, (1 - g) * k.float().reshape(B, C, L, D)).view(B, T, D).to(x.dtype)
+        from ratpt import ops
+        cos, sin = ops.rope_cos_sin(torch.arange(T, device=x.device) // L, d, m.rope_base, x.dtype)
+        q_rot = ops.apply_rope(m._heads(q.repeat(1, 1, H // G)), cos, sin)
+        k_rot = ops.apply_rope(m._heads(k_state), cos, sin)
+        v_heads = m._heads(v_state)
+        o, lse = flex_attention(q_rot, k_rot[:, :, L - 1::L], v_heads[:, :, L - 1::L],
+                                block_mask=self._masks[(T, L)], return_lse=True)
+        own = torch.einsum("bhtd,bhtd->bht", q_rot.float(), k_rot.float()) / math.sqrt(d)
+        top = torch.maximum(lse, own)
+        w_sum, w_own = torch.exp(lse - top), torch.exp(own - top)
+        y = (w_sum.unsqueeze(-1) * o.float() + w_own.unsqueeze(-1) * v_heads.float()) / (w_sum + w_own).unsqueeze(-1)
+        return x + m.out_proj(z * m._merge(y.to(x.dtype)))
+
+    def prepare(self, T: int) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        L = self.mixer.chunk_size
+        if (T, L) not in self._masks:
+            self._masks[(T, L)] = create_block_mask(lambda b, h, q, kv: kv < q // L, None, None, T, T // L,
+                                                    device="cuda")
+
+
+class RNNLayer(nn.Module):
+    """ratpt's RNN layer (eager; its scan is ratpt.ops.chunk_scan over the whole sequence)."""
+
+    def __init__(self):
+        super().__init__()
+        from ratpt.model.config import ModelConfig
+        from ratpt.model.rnn import RNNMixer
+
+        self.rnn = RNNMixer(ModelConfig(d_model=D, head_dim=HEAD_DIM))
+        self.rnn.reset_gate_bias()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)  # eager: ratpt's hierarchical scan (compiling a 128K-step scan took minutes)
+
+
+def attention_layer() -> nn.Module:
+    from ratpt.model.attention import AttentionMixer
+    from ratpt.model.config import ModelConfig
+
+    return AttentionMixer(ModelConfig(d_model=D, head_dim=HEAD_DIM))
+
+
+def sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name])
+
+
+# ----------------------------------------------------------------------------- timing
+def time_ms(fn, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_sequence(name: str, layer: nn.Module, T: int, context, iters: int) -> dict:
+    B = TOKENS // T
+    x = torch.randn(B, T, D, device="cuda", dtype=DTYPE, requires_grad=True)
+    dy = torch.randn_like(x)
+    forward = layer
+    if isinstance(layer, PublicRAT):
+        layer.prepare(T)
+    if name.startswith("rat-public"):
+        forward = torch.compile(layer, dynamic=False)
+
+    def train_step():
+        with context():
+            out = forward(x)
+            out.backward(dy)
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+
+    def prefill():
+        with torch.no_grad(), context():
+            forward(x)
+
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd = time_ms(train_step, iters)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return {"fwd_bwd_ms": fwd_bwd, "prefill_ms": time_ms(prefill, iters), "peak_gib": peak, "B": B}
+
+
+# ----------------------------------------------------------------------------- decode
+def rat_static_decode(layer, x, summary_k, summary_v, running_k, running_v, pos):
+    """One RAT decode step with static shapes (CUDA-graph safe): pure tensor ops, no host sync.
+
+    summary_k/v [B, H, capacity, d]; running_k/v [B, D] fp32; pos [B] (updated in place).
+    """
+    from ratpt import ops
+
+    B, L = x.shape[0], layer.chunk_size
+    z, v, g, q, k = layer._project(x)
+    v, g, q, k = v[:, 0], g[:, 0], q[:, 0], k[:, 0]
+    carry = (pos % L != 0).unsqueeze(-1)
+    running_v.copy_(torch.where(carry, g * running_v, 0) + (1 - g) * v.float())
+    running_k.copy_(torch.where(carry, g * running_k, 0) + (1 - g) * k.float())
+    chunk = pos // L
+    cos, sin = ops.rope_cos_sin(chunk.view(B, 1, 1), layer.head_dim, layer.rope_base, x.dtype)
+    q_rot = ops.apply_rope(layer._heads(q.unsqueeze(1)), cos, sin)
+    k_rot = ops.apply_rope(layer._heads(running_k.to(x.dtype).unsqueeze(1)), cos, sin)
+    v_heads = layer._heads(running_v.to(x.dtype).unsqueeze(1))
+    y = ops.attend_summaries(q_rot, k_rot, v_heads, summary_k, summary_v, chunk.unsqueeze(-1))
+    index = chunk.view(B, 1, 1, 1).expand(B, layer.n_heads, 1, layer.head_dim)
+    summary_k.scatter_(2, index, k_rot)
+    summary_v.scatter_(2, index, v_heads)
+    return x + layer.out_proj(z * layer._merge(y))
+
+
+def graphed(fn, iters: int) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, iters, warmup=5)
+
+
+def measure_decode(name: str, layer: nn.Module, iters: int, B: int = 32, T: int = 4096) -> dict:
+    from ratpt.model.cache import KVCache, RATCache, RNNCache
+
+    x = torch.randn(B, 1, D, device="cuda", dtype=DTYPE)
+    positions = torch.full((B,), T, device="cuda", dtype=torch.long)
+    H = D // HEAD_DIM
+    result = {}
+    with torch.no_grad():
+        if name.startswith("rat"):
+            L = layer.chunk_size
+            cap = T // L + 1
+            cache = RATCache(torch.randn(B, H, cap, HEAD_DIM, device="cuda", dtype=DTYPE),
+                             torch.randn(B, H, cap, HEAD_DIM, device="cuda", dtype=DTYPE),
+                             torch.randn(B, D, device="cuda"), torch.randn(B, D, device="cuda"))
+            result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters)
+            pos = positions.clone()
+
+            def step():
+                pos.fill_(T)
+                return rat_static_decode(layer, x, cache.summary_k, cache.summary_v, cache.running_k,
+                                         cache.running_v, pos)
+            result["decode_graph_ms"] = graphed(step, iters)
+        elif name.startswith("attn"):
+            cache = KVCache(torch.randn(B, H, T + 1, HEAD_DIM, device="cuda", dtype=DTYPE),
+                            torch.randn(B, H, T + 1, HEAD_DIM, device="cuda", dtype=DTYPE))
+            with sdpa_backend("flash" if name == "attn-flash" else "cudnn"):
+                try:
+                    result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters)
+                except RuntimeError:  # a backend without masks: let SDPA choose
+                    pass
+            if "decode_ms" not in result:
+                result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters)
+                result["decode_note"] = "SDPA default backend (forced backend has no mask support)"
+        elif name == "rnn":
+            cache = RNNCache(torch.randn(B, D, device="cuda"))
+            result["decode_ms"] = time_ms(lambda: layer.rnn.decode(x, cache, positions), iters)
+            result["decode_graph_ms"] = graphed(lambda: layer.rnn.decode(x, cache, positions), iters)
+    return result
+
+
+# ----------------------------------------------------------------------------- driver
+def build(name: str) -> tuple[nn.Module, object]:
+    from contextlib import nullcontext
+
+    L = int(name.split("-L")[1].split("-")[0]) if "-L" in name else 0
+    if name.startswith("rat-triton"):
+        if "-w" in name:
+            os.environ["RATPT_KERNEL_WARPS"] = name.split("-w")[-1]
+        return rat_layer(L, "triton"), nullcontext
+    if name.startswith("rat-reference"):
+        return rat_layer(L, "torch"), nullcontext
+    if name.startswith("rat-public"):
+        return PublicRAT(rat_layer(L, "torch")), nullcontext
+    if name.startswith("attn"):
+        return attention_layer(), lambda: sdpa_backend(name.split("-")[1])
+    if name == "rnn":
+        return RNNLayer(), nullcontext
+    raise ValueError(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/layer.json")
+    parser.add_argument("--layers", default="rat-triton-L16,rat-triton-L64,rat-public-L16,rnn,attn-cudnn,"
+                                            "attn-flash,rat-reference-L16")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--budget-s", type=float, default=480, help="skip what would start after this")
+    parser.add_argument("--plot", help="only draw the PNG of an existing JSON")
+    args = parser.parse_args()
+    if args.plot:
+        plot(args.plot)
+        return
+    start = time.time()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "config": {"D": D, "heads": D // HEAD_DIM, "head_dim": HEAD_DIM, "G": G, "tokens": TOKENS,
+                          "dtype": "bf16", "iters": args.iters, "timing": "median of CUDA-event times"},
+               "layers": {}}
+    import triton
+    results["triton"] = triton.__version__
+    for name in args.layers.split(","):
+        entry = results["layers"].setdefault(name, {})
+        layer, context = build(name)
+        layer = layer.to("cuda", DTYPE)
+        for T in map(int, args.lengths.split(",")):
+            if name.startswith(("rat-triton-L64", "rat-triton-L16-w", "rat-public", "attn", "rnn")) and T in (16384, 32768):
+                continue  # baselines and tuning points at the two ends only (device time)
+            if time.time() - start > args.budget_s:
+                entry[str(T)] = {"skipped": "time budget"}
+                continue
+            if name.startswith("rat-reference") and T > 4096:
+                entry[str(T)] = {"skipped": "eager reference: minutes per step"}
+                continue
+            try:
+                entry[str(T)] = measure_sequence(name, layer, T, context, args.iters)
+            except Exception as error:  # record and go on: one failing baseline must not stop the run
+                entry[str(T)] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+                traceback.print_exc()
+            print(name, T, entry[str(T)], f"{time.time() - start:.0f}s", flush=True)
+            torch.cuda.empty_cache()
+        if not name.startswith("rat-public") and time.time() - start < args.budget_s:
+            try:
+                entry["decode"] = measure_decode(name, layer, 50)
+            except Exception as error:
+                entry["decode"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+                traceback.print_exc()
+            print(name, "decode", entry["decode"], flush=True)
+        del layer
+        os.environ.pop("RATPT_KERNEL_WARPS", None)
+        torch.cuda.empty_cache()
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+    print(json.dumps(results, indent=1))
+
+
+def plot(path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.load(open(path))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("fwd_bwd_ms", "prefill_ms"), ("training step (fwd+bwd)", "prefill (fwd)")):
+        for name, entry in results["layers"].items():
+            points = [(int(T), e[key]) for T, e in entry.items() if T.isdigit() and key in e]
+            if points:
+                ax.plot(*zip(*sorted(points)), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T (B·T = 131072)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"one layer, D {D}, {title}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path.replace(".json", ".png"), dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

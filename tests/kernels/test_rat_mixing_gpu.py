@@ -1,0 +1,69 @@
+"""The Triton RAT mixing on the GPU in bf16 (and fp32), against the reference ops, up to T = 32K.
+
+Tolerance, justified: the ground truth is the reference evaluated in fp32 on the same bf16
+inputs. The bf16 reference itself rounds k̃, ṽ, the RoPE tables and the rotated keys to bf16,
+so its own norm-wise relative error against that truth is a few 2^-8 (bf16 epsilon, 3.9e-3).
+The kernel keeps recurrences, RoPE, scores and softmax in fp32 and rounds only the dot operands
+and the outputs, so it must be at least as close: we require kernel error <= 2 x the bf16
+reference's error + 2e-3, for the output and for every input gradient. fp32 inputs must match
+the fp32 reference to 1e-4 relative (IEEE dots, fp32 everywhere: only summation order differs).
+"""
+import pytest
+import torch
+
+from kernels import rat_mixing
+from ratpt.ops.rat_mixing import rat_mixing_reference
+
+pytestmark = pytest.mark.gpu
+NAMES = ["y", "dq", "dk", "dv", "df", "dgate_bias"]
+
+
+def inputs(B, T, H, G, d, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, device="cuda", generator=gen).to(dt).requires_grad_()
+
+    return [rand(B, T, G * d), rand(B, T, G * d), rand(B, T, H * d), rand(B, T, H * d),
+            rand(H * d, dt=torch.float32)]
+
+
+def run(fn, xs, w, L, d):
+    y = fn(*xs, L, d, 10000.0)
+    return [y.float(), *(g.float() for g in torch.autograd.grad((y.float() * w).sum(), xs))]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+GRID = {  # name: (B, T, H, G, d, L)
+    "T32K-L16-d128-G2": (1, 32768, 4, 2, 128, 16),
+    "T4K-L64-d64-G1": (2, 4096, 4, 1, 64, 64),
+    "T1000-L8-d128-G2-partial": (2, 1000, 4, 2, 128, 8),
+    "T8191-L128-d128-G4-partial": (1, 8191, 8, 4, 128, 128),
+    "T2048-L32-d64-G2": (2, 2048, 4, 2, 64, 32),
+}
+
+
+@pytest.mark.parametrize("shape", GRID.values(), ids=GRID.keys())
+def test_bf16_kernel_is_as_close_to_fp32_truth_as_the_bf16_reference(shape):
+    B, T, H, G, d, L = shape
+    xs = inputs(B, T, H, G, d, torch.bfloat16)
+    w = torch.randn(B, T, H * d, device="cuda")
+    truth = run(rat_mixing_reference, [x.detach().float().requires_grad_() for x in xs], w, L, d)
+    ref = run(rat_mixing_reference, xs, w, L, d)
+    got = run(rat_mixing, xs, w, L, d)
+    for name, a, r, t in zip(NAMES, got, ref, truth):
+        err, ref_err = rel(a, t), rel(r, t)
+        print(f"{name}: kernel {err:.2e}  bf16 reference {ref_err:.2e}")
+        assert err <= 2 * ref_err + 2e-3, f"{name}: kernel error {err:.2e}, bf16 reference {ref_err:.2e}"
+
+
+@pytest.mark.parametrize("L", [16, 128])
+def test_fp32_kernel_matches_fp32_reference(L):
+    B, T, H, G, d = 2, 777, 4, 2, 64
+    xs = inputs(B, T, H, G, d, torch.float32)
+    w = torch.randn(B, T, H * d, device="cuda")
+    for name, a, b in zip(NAMES, run(rat_mixing, xs, w, L, d), run(rat_mixing_reference, xs, w, L, d)):
+        assert rel(a, b) < 1e-4, f"{name}: {rel(a, b):.2e}"
