@@ -188,6 +188,9 @@ def validate_parallel_shape(cfg: Config) -> None:
     heads = m.d_model // m.head_dim
     _require(heads % p.tensor == 0, f"parallel.tensor ({p.tensor}) must divide the number of heads "
              f"model.d_model/model.head_dim = {heads}")
+    _require("rat" not in m.mixers or (heads // p.tensor) % m.ngroups == 0,
+             f"parallel.tensor ({p.tensor}) must leave a multiple of model.ngroups ({m.ngroups}) heads per rank "
+             f"({heads} heads): RAT's q/k groups are replicated on every tensor-parallel rank and tiled over its heads")
     _require(m.vocab_size % p.tensor == 0, f"parallel.tensor ({p.tensor}) must divide model.vocab_size "
              f"({m.vocab_size}) for the vocab-parallel embedding; round the vocab up")
     hidden = round(m.ffn_mult * m.d_model)

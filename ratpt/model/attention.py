@@ -22,6 +22,7 @@ class AttentionMixer(nn.Module):
     def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
         D = cfg.d_model
+        # Tensor-parallel seam: ratpt.parallel.tensor_parallel sets d_model, n_heads to one rank's share.
         self.d_model, self.head_dim, self.n_heads = D, cfg.head_dim, n_heads(cfg)
         self.window = window
         self.rope_base = cfg.rope_base
@@ -46,7 +47,7 @@ class AttentionMixer(nn.Module):
 
     def decode(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place."""
-        q, k, v = self._qkv(x, positions.unsqueeze(-1))
+        q, k, v = self._qkv(self.in_proj(self.input_norm(x)), positions.unsqueeze(-1), x.dtype)
         slot = positions if self.window is None else positions % self.window
         # attention: slot j holds position j; ring: slot s was written iff s < position
         valid = torch.arange(cache.k.shape[2], device=x.device) < positions.unsqueeze(-1)
@@ -62,20 +63,25 @@ class AttentionMixer(nn.Module):
         return x + self.out_proj(self._merge(y))
 
     def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        positions = torch.arange(x.shape[1], device=x.device)
+        # T from the projection: under tensor parallelism x is this rank's sequence slice and
+        # in_proj returns the whole sequence for this rank's heads (ratpt.parallel.tensor_parallel)
+        h = self.in_proj(self.input_norm(x))
+        T = h.shape[1]
+        positions = torch.arange(T, device=x.device)
         attend = ops.causal_attention
         if self.context_shard is not None:
-            positions, attend = positions + self.context_shard.first_token(x.shape[1]), self.context_shard.causal_attention
-        q, k, v = self._qkv(x, positions)
+            positions, attend = positions + self.context_shard.first_token(T), self.context_shard.causal_attention
+        q, k, v = self._qkv(h, positions, x.dtype)
         y = attend(q, k, v, window=self.window)
         return x + self.out_proj(self._merge(y)), k, v
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """Rotated q, k and v as [B, H, T, d]; positions broadcastable to [B, T]."""
-        B, T, _ = x.shape
+    def _qkv(self, h: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+        """Rotated q, k and v as [B, H, T, d] from h = in_proj(input_norm(x)); positions broadcastable
+        to [B, T]; RoPE tables in the dtype of x."""
+        B, T, _ = h.shape
         v, q, k = (t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-                   for t in self.in_proj(self.input_norm(x)).split(self.d_model, dim=-1))
-        cos, sin = ops.rope_cos_sin(positions, self.head_dim, self.rope_base, x.dtype)
+                   for t in h.split(self.d_model, dim=-1))
+        cos, sin = ops.rope_cos_sin(positions, self.head_dim, self.rope_base, dtype)
         if cos.dim() == 3:  # per-sequence positions [B, T, d] -> [B, 1, T, d]
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin), v

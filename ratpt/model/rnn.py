@@ -20,7 +20,7 @@ class RNNMixer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D = cfg.d_model
-        self.d_model = D
+        self.d_model = D  # tensor-parallel seam: one rank's share under ratpt.parallel.tensor_parallel
         self.gate_horizon = cfg.rnn_gate_horizon
         self.input_norm = RMSNorm(D, cfg.norm_eps)
         self.in_proj = nn.Linear(D, 3 * D, bias=False)

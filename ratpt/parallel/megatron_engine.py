@@ -1,6 +1,7 @@
-"""One training step of a parallel layout through megatron-core.
+"""One training step of a parallel layout (PP × DP × CP × TP) through megatron-core.
 
-    forward/backward  megatron's schedule (no pipelining, or 1F1B / interleaved for PP) over the
+    forward/backward  megatron's schedule (no pipelining, or 1F1B / interleaved 1F1B for PP; one
+                      DDP-wrapped model chunk per virtual stage) over the
                       step's micro-batches; the loss is summed per token and megatron's
                       `finalize_model_grads` reduces gradients over DP × CP and divides them by the
                       global number of labelled tokens (`calculate_per_token_loss`), so the step's
@@ -27,8 +28,9 @@ from ratpt.config import Config
 from ratpt.parallel.context_parallel import sequence_slice
 from ratpt.parallel.data_parallel import DistributedContext
 from ratpt.parallel.mesh import Mesh, init_mesh
-from ratpt.parallel.optimizer_state import gather_adam_state, scatter_adam_state
+from ratpt.parallel.optimizer_state import ADAM_KEYS, gather_adam_state, scatter_adam_state
 from ratpt.parallel.parallelize import parallelize
+from ratpt.parallel.tensor_parallel import from_plain, to_plain
 
 IGNORE_INDEX = -100
 
@@ -62,8 +64,10 @@ class MegatronEngine:
         self.cfg, self.ctx = cfg, ctx
         self.mesh = mesh = init_mesh(cfg.parallel, ctx)
         self.dp_rank, self.dp_size = mesh.dp_rank, mesh.dp
-        self.model = model = parallelize(model, cfg, mesh)
         self.config = transformer_config(cfg, mesh, ctx.device)
+        parallel = parallelize(model, cfg, mesh, self.config)
+        self.chunks, self.placements = parallel.chunks, parallel.placements
+        self.model = nn.ModuleList(self.chunks)  # this rank's parameters (names prefixed by the chunk index)
         on_gpu = ctx.device.type == "cuda"
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -71,18 +75,23 @@ class MegatronEngine:
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
             bucket_size=None if on_gpu else 2**62,
         )
-        self.ddp = DistributedDataParallel(self.config, ddp_config, module=model)
-        self.ddp.broadcast_params()
+        # One DDP per model chunk; as in Megatron-LM, only the first chunk's gradients are bucketed.
+        self.ddps = [DistributedDataParallel(self.config, ddp_config, module=chunk, disable_bucketing=i > 0)
+                     for i, chunk in enumerate(self.chunks)]
+        for ddp in self.ddps:
+            ddp.broadcast_params()
         o = cfg.optimizer
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
                             adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.grad_clip,
                             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
                             params_dtype=torch.float32),
-            [self.ddp], use_gloo_process_groups=on_gpu,
+            self.ddps, use_gloo_process_groups=on_gpu,
         )
-        self.config.no_sync_func = self.ddp.no_sync
-        self.config.grad_sync_func = self.ddp.start_grad_sync if on_gpu else None
+        one = len(self.ddps) == 1
+        self.config.no_sync_func = self.ddps[0].no_sync if one else [d.no_sync for d in self.ddps]
+        if on_gpu:
+            self.config.grad_sync_func = self.ddps[0].start_grad_sync if one else [d.start_grad_sync for d in self.ddps]
 
     # ----- the step -------------------------------------------------------------------------
     def forward_backward(self, micro_batches: list[dict], forward_only: bool = False) -> tuple[float, float]:
@@ -90,19 +99,21 @@ class MegatronEngine:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if not forward_only:
-            self.ddp.zero_grad_buffer()
+            for ddp in self.ddps:
+                ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
         micro_batches = list(micro_batches)
-        seq = self.cfg.data.seq_len // self.mesh.cp
+        # every model chunk consumes the micro-batches in order (a pipeline stage reads its inputs/labels)
+        data = [iter(micro_batches) for _ in self.ddps]
         outputs = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iter(micro_batches), model=[self.ddp],
-            num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=self.cfg.train.micro_batch,
-            forward_only=forward_only,
+            forward_step_func=self._forward_step, data_iterator=data if len(data) > 1 else data[0], model=self.ddps,
+            num_microbatches=len(micro_batches), seq_length=self.cfg.data.seq_len,  # the schedule divides by CP, TP
+            micro_batch_size=self.cfg.train.micro_batch, forward_only=forward_only,
         )
         totals = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
-        for out in outputs:  # only the last pipeline stage has outputs
-            totals += out["lm loss"].to(totals)
-        # Every TP rank of the last stage counts the same tokens: the ratio is unaffected.
+        if self.mesh.tp_rank == 0:  # only the last pipeline stage has outputs; TP ranks hold the same ones
+            for out in outputs:
+                totals += out["lm loss"].to(totals)
         dist.all_reduce(totals)
         return totals[0].item(), totals[1].item()
 
@@ -114,9 +125,16 @@ class MegatronEngine:
             logits = model(input_ids)
 
         def loss_func(output: torch.Tensor):
-            loss = F.cross_entropy(output.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
-            tokens = (labels != IGNORE_INDEX).sum()
+            labelled = labels != IGNORE_INDEX
+            if self.mesh.tp > 1:  # logits [B, T, V/TP]: megatron's vocab-parallel softmax
+                from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+                per_token = vocab_parallel_cross_entropy(output.float(), labels.masked_fill(~labelled, 0))
+                loss = (per_token * labelled).sum()
+            else:
+                loss = F.cross_entropy(output.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum")
+            tokens = labelled.sum()
             report = torch.stack((loss.detach().double(), tokens.double()))
             return loss, tokens.to(torch.int), {"lm loss": report}
 
@@ -147,25 +165,64 @@ class MegatronEngine:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict]) -> tuple[float, float]:
-        self.ddp.eval()
+        for ddp in self.ddps:
+            ddp.eval()
         try:
             return self.forward_backward(list(batches), forward_only=True)
         finally:
-            self.ddp.train()
+            for ddp in self.ddps:
+                ddp.train()
+
+    # ----- layout-independent state ---------------------------------------------------------
+    def named_parameters(self):
+        """(name, parameter) of this rank's part: plain-model names, TP-local shapes."""
+        for chunk in self.chunks:
+            yield from chunk.named_parameters()
 
     def state_dict(self) -> dict:
-        """Full model and AdamW moments by name (collective: every rank calls it)."""
+        """Full model and AdamW moments by plain parameter name (collective: every rank calls it):
+        DP × CP shards of the optimizer gathered, TP shards assembled, pipeline stages merged."""
         from megatron.core import parallel_state as ps
 
-        group = ps.get_data_parallel_group(with_context_parallel=True)
-        adam = gather_adam_state(self.model, self.optimizer, group)
-        return {"model": self.model.state_dict(), "optimizer": {"adam": adam}}
+        tp_group = ps.get_tensor_model_parallel_group()
+        adam_local = gather_adam_state(self.named_parameters(), self.optimizer,
+                                       ps.get_data_parallel_group(with_context_parallel=True))
+        model = to_plain({n: p.detach() for n, p in self.named_parameters()}, self.placements, tp_group)
+        moments = {key: to_plain({n: s[key] for n, s in adam_local.items()}, self.placements, tp_group)
+                   for key in ADAM_KEYS}
+        steps = {self._plain_name(n): s["step"] for n, s in adam_local.items() if not self._duplicate(n)}
+        adam = {name: {"step": steps[name], **{key: moments[key][name] for key in ADAM_KEYS}} for name in model}
+        model = {n: t.cpu() for n, t in model.items()}
+        if self.mesh.pp > 1:  # every stage contributes its parameters
+            parts = [None] * self.mesh.pp
+            dist.all_gather_object(parts, (model, adam), group=ps.get_pipeline_model_parallel_group())
+            model = {n: t for part in parts for n, t in part[0].items()}
+            adam = {n: s for part in parts for n, s in part[1].items()}
+        return {"model": model, "optimizer": {"adam": adam}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a full state (any layout's, or one process's) into this rank's shards."""
+        full_model, full_adam = state["model"], state["optimizer"]["adam"]
+        rank = self.mesh.tp_rank
+        local_adam = {}
+        for name, _ in self.named_parameters():
+            plain = self._plain_name(name)
+            local_adam[name] = {"step": full_adam[plain]["step"],
+                                **{key: from_plain({plain: full_adam[plain][key]}, name, self.placements, rank)
+                                   for key in ADAM_KEYS}}
         # Optimizer first: megatron initialises its state with a dummy step that moves parameters.
-        scatter_adam_state(self.model, self.optimizer, state["optimizer"]["adam"])
+        scatter_adam_state(self.named_parameters(), self.optimizer, local_adam)
         with torch.no_grad():
-            self.model.load_state_dict(state["model"])
+            for name, param in self.named_parameters():
+                param.copy_(from_plain(full_model, name, self.placements, rank))
+
+    def _plain_name(self, name: str) -> str:
+        p = self.placements.get(name)
+        return p.plain if p is not None else ("embedding.weight" if name == "output_weight" else name)
+
+    def _duplicate(self, name: str) -> bool:
+        p = self.placements.get(name)
+        return p is not None and p.duplicate
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

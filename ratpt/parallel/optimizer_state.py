@@ -1,7 +1,9 @@
 """Layout-independent AdamW state of megatron's (distributed) optimizer, by parameter name.
 
-`gather_adam_state` returns {parameter name: {"step", "exp_avg", "exp_avg_sq"}} with full-size
-tensors, whatever the data/context-parallel sharding of the distributed optimizer (ZeRO-1);
+`gather_adam_state` returns {parameter name: {"step", "exp_avg", "exp_avg_sq"}} with tensors of
+the parameter's size on this rank, whatever the data/context-parallel sharding of the
+distributed optimizer (ZeRO-1); tensor-parallel shards are then assembled by
+`tensor_parallel.to_plain` and pipeline stages merged by the engine;
 `scatter_adam_state` loads such a dict into any other sharding, so a checkpoint written by
 one DP × CP layout resumes in another.
 
@@ -11,6 +13,8 @@ checkpoints of moderate models, but O(parameters) memory on every rank. Megatron
 dist_checkpointing (sharded, asynchronous) is the path for large models (issue 5, step 5).
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -42,11 +46,12 @@ def _local_state(opt, distributed: bool, param: nn.Parameter):
     return opt.optimizer.state.get(param), slice(0, param.numel())
 
 
-def gather_adam_state(model: nn.Module, optimizer, group) -> dict[str, dict[str, torch.Tensor]]:
-    """Full AdamW moments of every parameter of `model`, identical on every rank of `group`
-    (the optimizer's data-parallel group). Collective: every rank of `group` must call it."""
+def gather_adam_state(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer, group
+                      ) -> dict[str, dict[str, torch.Tensor]]:
+    """Full AdamW moments of every (name, parameter) of this rank's model part, identical on every
+    rank of `group` (the optimizer's data-parallel group). Collective: every rank of `group` calls it."""
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, param in model.named_parameters():
+    for name, param in named_parameters:
         opt, distributed = _owner(optimizer, param)
         state, where = _local_state(opt, distributed, param)
         moments = torch.zeros(2, param.numel(), dtype=torch.float32, device=param.device)
@@ -63,14 +68,16 @@ def gather_adam_state(model: nn.Module, optimizer, group) -> dict[str, dict[str,
     return out
 
 
-def scatter_adam_state(model: nn.Module, optimizer, state: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Load full moments (from `gather_adam_state` or a single-process run) into this rank's shards."""
+def scatter_adam_state(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer,
+                       state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load full moments (from `gather_adam_state` or a single-process run) into this rank's shards,
+    for every (name, parameter) of this rank's model part (all its pipeline chunks at once)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for opt in optimizer.chained_optimizers:
         if isinstance(opt, DistributedOptimizer):
             opt._init_optimizer_states_with_dummy_values()
-    for name, param in model.named_parameters():
+    for name, param in named_parameters:
         saved = state[name]
         opt, distributed = _owner(optimizer, param)
         if not distributed:

@@ -1,10 +1,18 @@
-"""A pipeline stage of the RAT LM: the module megatron's schedules run on one rank.
+"""Pipeline stages of the RAT LM: the modules megatron's schedules run on one rank (DESIGN §3).
 
-Stage s of a pipeline holds a contiguous run of blocks; the first stage also holds the
-embedding, the last the final norm and the tied head (DESIGN §3). Parameter names are those of
-the plain model (`layers.<global index>...`), so a stage's state dict is a slice of the
-model's. `set_input_tensor` is how megatron's schedules hand a stage the activations received
-from the previous one. With one stage (no pipeline parallelism) the stage is the whole model.
+The layers are cut into PP × virtual_stages contiguous runs (`balanced_stages`) that minimise
+the largest forward FLOP count of a run (ratpt.model.flops: mixer + FFN per layer, the head on
+the last run), so a RAT/attention hybrid or a large vocabulary does not leave one stage the
+bottleneck. Run c goes to pipeline rank c mod PP as its model chunk c // PP (megatron's
+interleaved order; one chunk per rank without virtual stages).
+
+A stage holds its blocks; the first also the embedding, the last the final norm and the tied
+head. Parameter names are those of the plain model (`layers.<global index>...`). With more than
+one stage the last stage keeps its own copy of the embedding weight (`output_weight`, marked
+`shared` as in megatron: counted once in the grad norm); megatron's finalize_model_grads
+all-reduces its gradient with the first stage's embedding over the embedding group, so both stay
+equal. `set_input_tensor` is how the schedules hand a stage the received activations, which
+travel sequence-first [T, B, D] (megatron's p2p shape) and are batch-first inside the stage.
 """
 from __future__ import annotations
 
@@ -13,34 +21,108 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class TiedHead(nn.Module):
+    """logits = hidden · Eᵀ (one process, or no tensor parallelism)."""
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, weight.to(hidden.dtype))
+
+
 class ModelStage(nn.Module):
-    def __init__(self, model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> None:
+    share_embeddings_and_output_weights = True  # read by megatron's finalize_model_grads
+
+    def __init__(self, model: nn.Module, layer_ids: list[int], first: bool, last: bool,
+                 head: nn.Module | None = None) -> None:
         super().__init__()
         from megatron.core.enums import ModelType
 
         self.model_type = ModelType.encoder_or_decoder
         self.first, self.last = first, last
+        self.pre_process, self.post_process = first, last  # megatron's names
         self.layer_ids = layer_ids
-        if first or last:  # the head is tied to the embedding
+        if first:
             self.embedding = model.embedding
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
         if last:
             self.final_norm = model.final_norm
+            self.head = head if head is not None else TiedHead()
+            if not first:
+                source = model.embedding.weight
+                self.output_weight = nn.Parameter(source.detach().clone())
+                for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                    if hasattr(source, attr):
+                        setattr(self.output_weight, attr, getattr(source, attr))
+                self.output_weight.shared = True
+                self.output_weight.shared_embedding = True
         self.input_tensor = None
+
+    def shared_embedding_or_output_weight(self):
+        if self.first:
+            return self.embedding.weight
+        return self.output_weight if self.last else None
 
     def set_input_tensor(self, tensor) -> None:
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab] on the last stage, hidden states [B, T, D] elsewhere."""
-        x = self.embedding(tokens) if self.first else self.input_tensor
+        """Logits [B, T, vocab (/TP)] on the last stage, hidden states [T, B, D] for the next stage."""
+        x = self.embedding(tokens) if self.first else self.input_tensor.transpose(0, 1)
         for layer in self.layers.values():
             x = layer(x)
         if not self.last:
-            return x
-        hidden = self.final_norm(x)
-        return F.linear(hidden, self.embedding.weight.to(hidden.dtype))
+            return x.transpose(0, 1).contiguous()
+        return self.head(self.final_norm(x), self.shared_embedding_or_output_weight())
 
 
-def whole_model_stage(model: nn.Module) -> ModelStage:
-    return ModelStage(model, list(range(len(model.layers))), first=True, last=True)
+def layer_costs(model_cfg, seq_len: int) -> list[float]:
+    """Forward FLOPs per token of each block (mixer + FFN)."""
+    from ratpt.model.config import mixer_of_layer
+    from ratpt.model.flops import ffn_flops_per_token, mixer_flops_per_token
+
+    return [mixer_flops_per_token(mixer_of_layer(model_cfg, i), model_cfg, seq_len) + ffn_flops_per_token(model_cfg)
+            for i in range(model_cfg.n_layers)]
+
+
+def balanced_stages(costs: list[float], n_stages: int, last_extra: float = 0.0) -> list[list[int]]:
+    """Contiguous runs of layers, one per stage (each non-empty), minimising the largest run cost;
+    `last_extra` (the head) is added to the last run. Exact dynamic programme, O(layers² · stages)."""
+    n = len(costs)
+    if not 1 <= n_stages <= n:
+        raise ValueError(f"cannot cut {n} layers into {n_stages} non-empty stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: smallest max cost cutting the first i layers into s runs; cut[s][i]: start of the last run
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, n_stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                run = prefix[i] - prefix[j] + (last_extra if s == n_stages and i == n else 0.0)
+                value = max(best[s - 1][j], run)
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    runs, i = [], n
+    for s in range(n_stages, 0, -1):
+        j = cut[s][i]
+        runs.append(list(range(j, i)))
+        i = j
+    return runs[::-1]
+
+
+def pipeline_chunks(model: nn.Module, seq_len: int, pp: int, pp_rank: int, virtual: int,
+                    head: nn.Module | None = None) -> list[ModelStage]:
+    """This pipeline rank's model chunks (one per virtual stage), from the FLOP-balanced cut."""
+    from ratpt.model.flops import head_flops_per_token
+
+    cfg = model.cfg
+    runs = balanced_stages(layer_costs(cfg, seq_len), pp * virtual, last_extra=head_flops_per_token(cfg))
+    n = len(runs)
+    return [ModelStage(model, runs[c], first=c == 0, last=c == n - 1, head=head if c == n - 1 else None)
+            for c in range(pp_rank, n, pp)]
+
+
+def whole_model_stage(model: nn.Module, head: nn.Module | None = None) -> ModelStage:
+    return ModelStage(model, list(range(len(model.layers))), first=True, last=True, head=head)

@@ -4,12 +4,14 @@
 
 A case is `name:key=value,key=value` over parallel.* and model.* keys, e.g.
 `cp2-hybrid:context=2,mixers=rat+swa`, or `resume:A>B` (train one step in layout A, carry the
-gathered state into layout B, train a second step there). For each case, every rank also runs
+gathered state into layout B, train a second step there; B = `local` is one process,
+`LocalEngine`, on every rank). For each case, every rank also runs
 the single-process reference (ratpt.train.engine.LocalEngine) on the whole global batch and
 checks, after one optimizer step:
     loss              |parallel - single| <= 1e-5 · loss
-    gradients         each rank's shard of every parameter's reduced gradient (the part its
-                      distributed optimizer owns; all of it without): rtol 1e-4, atol 1e-6
+    gradients         each rank's shard of every parameter's reduced gradient (its tensor-parallel
+                      part, of which the part its distributed optimizer owns; all of it without):
+                      rtol 1e-4, atol 1e-6
     grad norm         rtol 1e-5
     parameters        after clip + AdamW + all-gather, all of them: rtol 1e-4, atol 1e-5 (0.1% of
                       the lr; Adam eps 1e-4 keeps the first step from amplifying round-off in tiny gradients)
@@ -33,7 +35,7 @@ BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.n
         "train.global_batch=4", "train.micro_batch=1", "train.precision=fp32", "train.steps=10",
         "schedule.warmup_fraction=0", "schedule.kind=constant", "optimizer.lr=1e-2", "optimizer.grad_clip=0.5", "optimizer.eps=1e-4",
         "data.streams=[{path: unused}]"]
-MODEL_KEYS = {"mixers", "chunk_size", "window", "n_layers"}
+MODEL_KEYS = {"mixers", "chunk_size", "window", "n_layers", "ffn", "ngroups"}
 
 
 def config(spec: str):
@@ -67,19 +69,32 @@ def train_step(engine, cfg, batches):
 
 
 def grad_shards(engine):
-    """(name, this rank's slice of the flat gradient, the slice) for every parameter."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    """(name, this rank's slice of the flat gradient, the slice) for every parameter of its part."""
+    from ratpt.parallel.optimizer_state import _owner
 
-    opt = engine.optimizer.chained_optimizers[0]
-    for name, param in engine.model.named_parameters():
+    if isinstance(engine, LocalEngine):
+        yield from ((name, p.grad.reshape(-1), slice(None)) for name, p in engine.model.named_parameters())
+        return
+
+    for name, param in engine.named_parameters():
         flat = param.main_grad.view(-1)
-        if isinstance(opt, DistributedOptimizer):
+        opt, distributed = _owner(engine.optimizer, param)
+        if distributed:
             if param not in opt.model_param_gbuf_map:
                 continue
             rng = opt._get_model_param_range_map(param)["param"]
             yield name, flat[rng.start:rng.end], slice(rng.start, rng.end)
         else:
             yield name, flat, slice(None)
+
+
+def reference_part(engine, tensors: dict, name: str) -> torch.Tensor:
+    """The single-process tensor (by plain name) cut to this rank's shard of parameter `name`."""
+    from ratpt.parallel.tensor_parallel import from_plain
+
+    if isinstance(engine, LocalEngine):
+        return tensors[name]
+    return from_plain(tensors, name, engine.placements, engine.mesh.tp_rank)
 
 
 def check(name: str, spec_a: str, spec_b: str | None, ctx) -> None:
@@ -101,9 +116,12 @@ def check(name: str, spec_a: str, spec_b: str | None, ctx) -> None:
         reference.step()
         assert abs(loss - ref_loss) <= 1e-5 * ref_loss, (name, "step 1", loss, ref_loss)
         destroy_mesh()
-        cfg_b = config(spec_b)
+        cfg_b = config("" if spec_b == "local" else spec_b)
         torch.manual_seed(1)  # different init: everything must come from the state
-        engine = MegatronEngine(cfg_b, ctx, build_model(cfg_b.model))
+        if spec_b == "local":  # one process, plain PyTorch (what `ratpt train` runs without torchrun)
+            engine = LocalEngine(cfg_b, ctx, build_model(cfg_b.model))
+        else:
+            engine = MegatronEngine(cfg_b, ctx, build_model(cfg_b.model))
         engine.load_state_dict(state)
         steps = [(engine, cfg_b)]
     engine, cfg_run = steps[0]
@@ -112,18 +130,20 @@ def check(name: str, spec_a: str, spec_b: str | None, ctx) -> None:
                                                               engine.dp_size))
     ref_loss, ref_norm = train_step(reference, cfg, global_batches(cfg, step))
     assert abs(loss - ref_loss) <= 1e-5 * ref_loss, (name, "loss", loss, ref_loss)
-    assert abs(grad_norm - ref_norm) <= 1e-5 * ref_norm, (name, "grad norm", grad_norm, ref_norm)
     ref_params = dict(reference.model.named_parameters())
+    ref_grads = {n: p.grad for n, p in ref_params.items()}
     # the reference's gradients are clipped already; compare with the parallel ones clipped the same way
     for pname, shard, where in grad_shards(engine):
-        expected = ref_params[pname].grad.reshape(-1)[where]
+        expected = reference_part(engine, ref_grads, pname).reshape(-1)[where]
         torch.testing.assert_close(shard, expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} grad {pname}: {m}")
+    assert abs(grad_norm - ref_norm) <= 1e-5 * ref_norm, (name, "grad norm", grad_norm, ref_norm)
     engine.set_lr(cfg.optimizer.lr)
     engine.step()
     reference.set_lr(cfg.optimizer.lr)
     reference.step()
-    for pname, param in engine.model.named_parameters():
-        torch.testing.assert_close(param, ref_params[pname], rtol=1e-4, atol=1e-5,
+    parameters = engine.model.named_parameters() if isinstance(engine, LocalEngine) else engine.named_parameters()
+    for pname, param in parameters:
+        torch.testing.assert_close(param, reference_part(engine, ref_params, pname), rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{name} parameter {pname} after the step: {m}")
     destroy_mesh()
     if ctx.rank == 0:

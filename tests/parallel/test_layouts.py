@@ -24,7 +24,7 @@ def run_layouts(nproc: int, *cases: str) -> str:
     return done.stdout
 
 
-def test_two_ranks_data_and_context_parallel_equal_one_process():
+def test_two_ranks_data_context_and_tensor_parallel_equal_one_process():
     run_layouts(
         2,
         "dp2:",  # megatron DDP + distributed optimizer, 2 micro-batches per rank (accumulation)
@@ -32,6 +32,10 @@ def test_two_ranks_data_and_context_parallel_equal_one_process():
         "cp2-rat+swa:context=2,mixers=rat+swa",  # sliding window: previous rank's last window
         "cp2-attention:context=2,mixers=attention",  # all-gather of K and V
         "resume-dp2-to-cp2:>context=2",  # state gathered in one layout, loaded into another
+        # TP + SP: every mixer and the SwiGLU FFN as column/row-parallel linears, vocab-parallel
+        # embedding, head and cross-entropy, norms' gradients all-reduced over TP
+        "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu",
+        "resume-tp2-to-one-process:tensor=2>local",  # TP shards gathered into the plain checkpoint
     )
 
 
@@ -42,6 +46,9 @@ def test_four_ranks_combined_layouts_equal_one_process():
         "cp4-rat:context=4",
         "resume-dp4-to-dp2xcp2:mixers=rat+attention>context=2,mixers=rat+attention",
         "dp4-replicated-optimizer:distributed_optimizer=false",
+        "tp2xdp2:tensor=2",
+        "tp2xcp2-rat+swa:tensor=2,context=2,mixers=rat+swa",
+        "resume-dp4-to-tp2xcp2:mixers=rat+attention>tensor=2,context=2,mixers=rat+attention",
     )
 
 

@@ -33,3 +33,11 @@ def test_impossible_layouts_are_rejected(override, message):
 def test_sliding_window_context_parallelism_needs_a_window_per_rank():
     with pytest.raises(ConfigError, match=r"data.seq_len / parallel.context \(32\) >= model.window \(64\)"):
         load_config(None, BASE + ["model.mixers=[rat,swa]", "model.window=64", "parallel.context=4"])
+
+
+def test_tensor_parallel_must_leave_whole_query_key_groups_per_rank():
+    # 4 heads, 2 groups: TP 2 leaves 2 heads (one per group) per rank; TP 4 one head, which cannot tile 2 groups
+    load_config(None, BASE + ["parallel.tensor=2"])
+    with pytest.raises(ConfigError, match=r"parallel.tensor \(4\) must leave a multiple of model.ngroups \(2\)"):
+        load_config(None, BASE + ["parallel.tensor=4"])
+    load_config(None, BASE + ["parallel.tensor=4", "model.mixers=[attention]"])
