@@ -1,6 +1,16 @@
-"""Shared pytest setup: GPU tests skip cleanly on machines without CUDA."""
+"""Shared pytest setup: GPU tests skip cleanly on machines without CUDA, and Triton kernels run
+in its interpreter there.
+
+TRITON_INTERPRET must be set before any `@triton.jit` function is defined, i.e. before the first
+test module imports ratpt (whose ops import the kernels): this root conftest is loaded first.
+"""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

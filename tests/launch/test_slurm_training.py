@@ -67,7 +67,7 @@ def test_tokenize_job_array_writes_one_dataset_part_per_task(tokenized):
 def test_two_task_job_trains_with_falling_loss_and_writes_a_checkpoint(uninterrupted):
     record, log, run_dir = uninterrupted
     assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log
-    assert "2 rank(s) on cpu" in log
+    assert "2 process(es) on cpu" in log
     losses = losses_of(log)
     assert sorted(losses) == list(range(1, STEPS + 1))
     first, last = losses[1], sum(losses[s] for s in range(STEPS - 9, STEPS + 1)) / 10
