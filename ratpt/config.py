@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -33,6 +33,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 0  # parameter init and any sampling; the data order has its own seed
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (each is skipped)
+    engine: str = "megatron"  # megatron (one process: plain PyTorch) | deepspeed (ZeRO, see `deepspeed`)
 
 
 @dataclass
@@ -83,6 +84,14 @@ class ParallelConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1  # ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters
+    offload_optimizer: bool = False  # keep optimizer state in CPU memory and step it there (CPU Adam on GPU)
+    offload_params: bool = False  # stage 3 only: keep parameters in CPU memory between uses
+    extra: dict[str, Any] = field(default_factory=dict)  # more DeepSpeed JSON keys, merged over the generated ones
+
+
+@dataclass
 class Config:
     name: str = "rat_1p3b"  # run name
     out_dir: str = "runs/${name}"  # checkpoints, TensorBoard events and the resolved config go here
@@ -95,6 +104,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # used when train.engine=deepspeed
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -178,6 +188,15 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     _require(cfg.logging.interval >= 1, f"logging.interval must be >= 1, got {cfg.logging.interval}")
     validate_parallel_shape(cfg)
+    _require(t.engine in ("megatron", "deepspeed"), f"train.engine must be megatron|deepspeed, got {t.engine!r}")
+    if t.engine == "deepspeed":
+        z, p = cfg.deepspeed, cfg.parallel
+        _require(z.zero_stage in (1, 2, 3), f"deepspeed.zero_stage must be 1, 2 or 3, got {z.zero_stage}")
+        _require(not z.offload_params or z.zero_stage == 3,
+                 f"deepspeed.offload_params needs deepspeed.zero_stage=3 (got {z.zero_stage})")
+        _require(p.tensor == 1 and p.pipeline == 1, "train.engine=deepspeed scales by data and context parallelism "
+                 f"only: set parallel.tensor=1 and parallel.pipeline=1 (got {p.tensor}, {p.pipeline}), "
+                 "or use train.engine=megatron")
 
 
 def validate_parallel_shape(cfg: Config) -> None:

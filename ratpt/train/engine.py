@@ -110,7 +110,12 @@ class LocalEngine:
 
 
 def build_engine(cfg: Config, ctx: DistributedContext, model: nn.Module):
-    """LocalEngine for one process, else megatron-core over the `parallel` layout."""
+    """DeepSpeed ZeRO if `train.engine` says so; else LocalEngine for one process, megatron-core over the
+    `parallel` layout for several."""
+    if cfg.train.engine == "deepspeed":
+        from ratpt.parallel.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, ctx, model)
     if ctx.world_size == 1:
         return LocalEngine(cfg, ctx, model)
     from ratpt.parallel.megatron_engine import MegatronEngine

@@ -123,9 +123,13 @@ def train(cfg: Config) -> TrainResult:
     step, bad_in_a_row, data_state = 0, 0, None
 
     resume_from = _resume_path(cfg, ckpt_dir)
+    own_checkpoints = hasattr(engine, "save_checkpoint")  # DeepSpeed saves and loads through its own engine
     if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=ctx.device)
-        engine.load_state_dict(state)
+        if own_checkpoints:
+            state = engine.load_checkpoint(resume_from)  # model and optimizer loaded; the rest returned
+        else:
+            state = load_checkpoint(resume_from, map_location=ctx.device)
+            engine.load_state_dict(state)
         _set_rng_state(state["rng"], ctx.device)
         step, bad_in_a_row, data_state = state["step"], state["bad_in_a_row"], state["data"]
         log.info("resumed from %s at step %d", resume_from, step)
@@ -153,12 +157,15 @@ def train(cfg: Config) -> TrainResult:
 
     def save(at_step: int) -> Path:
         state = {
-            **engine.state_dict(),  # model and optimizer, gathered into one layout-independent form
             "step": at_step,
             "data": batches_source.state_dict(),
             "rng": _rng_state(ctx.device),
             "bad_in_a_row": bad_in_a_row,
         }
+        if own_checkpoints:
+            return engine.save_checkpoint(ckpt_dir, at_step, state, config_yaml, tokenizer_folder(cfg),
+                                          cfg.checkpoint.keep)
+        state.update(engine.state_dict())  # model and optimizer, gathered into one layout-independent form
         path = ckpt_dir / f"step_{at_step:08d}"
         if ctx.is_main:
             path = save_checkpoint(ckpt_dir, at_step, state, config_yaml, tokenizer_folder(cfg), cfg.checkpoint.keep)

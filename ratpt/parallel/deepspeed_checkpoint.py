@@ -1,0 +1,126 @@
+"""Checkpoints of the DeepSpeed engine: DeepSpeed's own save/load inside ratpt's checkpoint
+directories, and consolidation into a plain ratpt checkpoint.
+
+    step_XXXXXXXX/
+        deepspeed/     DeepSpeed's save_checkpoint (tag "deepspeed"): every rank's ZeRO partitions
+                       of the fp32 weights and AdamW state, and the client state (step, data-loader
+                       position, RNG, bad-step count) that the trainer resumes from
+        state.pt       {"engine": "deepspeed", "step"}: written last, it marks the checkpoint complete
+        config.yaml, tokenizer/   as for every ratpt checkpoint
+        zero_to_fp32.py           DeepSpeed's own consolidation script, which it copies in
+
+As ratpt.train.checkpoint, the directory is written under a temporary name and renamed into
+place, so `checkpoint.resume: auto` finds only complete checkpoints, and only the newest
+`checkpoint.keep` are kept. `consolidate` turns one (any ZeRO stage) into a plain ratpt checkpoint
+(`state.pt` with the full fp32 "model") for `ratpt eval`, `ratpt generate` and `ratpt export`:
+
+    python -m ratpt.parallel.deepspeed_checkpoint runs/NAME/checkpoints/step_00001000 OUT_FOLDER
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ratpt.train.checkpoint import (CONFIG_FILE, STATE_FILE, TOKENIZER_DIR, CheckpointError, checkpoint_name,
+                                    list_checkpoints, resolve_checkpoint)
+
+log = logging.getLogger(__name__)
+
+TAG = "deepspeed"  # DeepSpeed's checkpoint tag: its files live in step_XXXXXXXX/deepspeed/
+
+
+def save_deepspeed_checkpoint(ds_engine, directory: Path, step: int, client_state: dict[str, Any],
+                              config_yaml: str, tokenizer_dir: Optional[Path], keep: int) -> Path:
+    """Write checkpoint `step` through DeepSpeed's save_checkpoint, atomically (every rank calls it)."""
+    main = dist.get_rank() == 0
+    final = directory / checkpoint_name(step)
+    tmp = directory / f"{final.name}.tmp"
+    if main:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    ds_engine.save_checkpoint(str(tmp), tag=TAG, client_state=client_state, save_latest=False)
+    _fsync_files(tmp / TAG, str(dist.get_rank()))  # each rank its own files (DeepSpeed names them by rank)
+    dist.barrier()
+    if main:
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        if tokenizer_dir is not None and tokenizer_dir.is_dir():
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        torch.save({"engine": "deepspeed", "step": step}, tmp / STATE_FILE)
+        _fsync_files(tmp, "")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("saved DeepSpeed checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+def _fsync_files(root: Path, contains: str) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and contains in path.name:
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def deepspeed_checkpoint_dir(path: Path) -> Path:
+    """The step directory of a DeepSpeed checkpoint at `path` (a step, run or checkpoints folder)."""
+    checkpoint = resolve_checkpoint(path)
+    if not (checkpoint / TAG).is_dir():
+        raise CheckpointError(f"{checkpoint} was not written by train.engine=deepspeed (no {TAG}/ folder): "
+                              "the DeepSpeed engine resumes its own checkpoints only")
+    return checkpoint
+
+
+def load_deepspeed_checkpoint(ds_engine, path: Path) -> dict[str, Any]:
+    """Load model and optimizer through DeepSpeed's load_checkpoint; return the client state."""
+    checkpoint = deepspeed_checkpoint_dir(path)
+    loaded, client_state = ds_engine.load_checkpoint(str(checkpoint), tag=TAG, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed could not load {checkpoint / TAG}")
+    return client_state
+
+
+def consolidate(path: Path, out: Path) -> Path:
+    """A plain ratpt checkpoint `out/step_XXXXXXXX` (full fp32 model from the ZeRO partitions,
+    via DeepSpeed's zero_to_fp32; config and tokenizer copied) from a DeepSpeed one."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint = deepspeed_checkpoint_dir(path)
+    step = torch.load(checkpoint / STATE_FILE, weights_only=True)["step"]
+    model = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    final = out / checkpoint_name(step)
+    if final.exists():
+        raise FileExistsError(f"{final} exists: choose another output folder")
+    final.mkdir(parents=True)
+    torch.save({"model": {k: v.contiguous() for k, v in model.items()}, "step": step}, final / STATE_FILE)
+    shutil.copy(checkpoint / CONFIG_FILE, final / CONFIG_FILE)
+    if (checkpoint / TOKENIZER_DIR).is_dir():
+        shutil.copytree(checkpoint / TOKENIZER_DIR, final / TOKENIZER_DIR)
+    return final
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Consolidate a DeepSpeed (ZeRO) ratpt checkpoint into a "
+                                     "plain one for eval, generate and export.")
+    parser.add_argument("checkpoint", help="a step_XXXXXXXX directory, or a run folder (newest checkpoint)")
+    parser.add_argument("out", help="folder to write the plain step_XXXXXXXX checkpoint into")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    print(consolidate(Path(args.checkpoint), Path(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""The DeepSpeed ZeRO engine (train.engine=deepspeed): its generated JSON, equality with one process
+of torch AdamW for ZeRO 1-3 (with offload, with context parallelism), DeepSpeed checkpoints (resume,
+consolidation), and end-to-end training through the real CLI under torchrun.
+
+The equality checks run in one torchrun launch (tests/deepspeed/ds_cases.py lists the tolerances);
+each test here reads its case's verdict. DeepSpeed runs on its CPU accelerator over gloo, with no
+JIT-built extension (torch AdamW; the shared-memory comm op is skipped), so a cold cache costs nothing.
+"""
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ratpt.config import ConfigError, load_config
+from ratpt.parallel.deepspeed_config import deepspeed_json
+from ratpt.train.checkpoint import latest_checkpoint, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+LOSS_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+|nan)")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+CASES = {
+    "stage1": "stage=1", "stage2": "stage=2", "stage3": "stage=3",
+    "stage2-offload": "stage=2,offload=true", "stage3-offload": "stage=3,offload=true,offload_params=true",
+    "cp2-stage1": "stage=1,cp=2", "cp2-stage2": "stage=2,cp=2", "cp2-stage3": "stage=3,cp=2",
+    "bf16-stage2": "stage=2,precision=bf16",
+    "resume-stage3": "stage=3", "resume-stage2-cp2": "stage=2,cp=2",
+    "consolidate-stage1": "stage=1", "consolidate-stage3": "stage=3",
+}
+
+
+def base_config(*overrides: str):
+    return load_config(None, ["data.streams=[{path: unused}]", "train.engine=deepspeed", "train.global_batch=64",
+                              "train.micro_batch=4", *overrides])
+
+
+def test_generated_json_carries_batch_optimizer_clipping_and_zero_settings():
+    cfg = base_config("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true",
+                      "optimizer.grad_clip=0.7", "optimizer.betas=[0.9,0.99]", "train.precision=bf16")
+    ds = deepspeed_json(cfg, dp_size=4, device_type="cuda")
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 4, 4)
+    assert ds["gradient_clipping"] == 0.7
+    adam = ds["optimizer"]["params"]
+    assert ds["optimizer"]["type"] == "AdamW" and adam["betas"] == [0.9, 0.99] and adam["weight_decay"] == 0.1
+    assert adam["torch_adam"] is False, "offload on a GPU machine steps with DeepSpeed's CPU Adam"
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_cpu_json_needs_no_jit_built_optimizer_and_auto_precision_is_fp32():
+    ds = deepspeed_json(base_config("deepspeed.offload_optimizer=true"), dp_size=2, device_type="cpu")
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["bf16"]["enabled"] is False and "offload_param" not in ds["zero_optimization"]
+
+
+def test_extra_keys_merge_over_the_generated_json():
+    cfg = base_config("deepspeed.extra={zero_optimization: {reduce_bucket_size: 1000}, gradient_clipping: 2.0}")
+    ds = deepspeed_json(cfg, dp_size=2, device_type="cpu")
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
+    assert ds["gradient_clipping"] == 2.0
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["deepspeed.offload_params=true"], "deepspeed.offload_params"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+    (["parallel.tensor=2"], "parallel.tensor=1"),
+    (["train.engine=fsdp"], "train.engine"),
+])
+def test_config_rejects_what_the_deepspeed_engine_cannot_run(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        base_config(*overrides)
+
+
+@pytest.fixture(scope="module")
+def two_rank_cases(tmp_path_factory) -> str:
+    """Every case of ds_cases.py in one 2-process torchrun launch; its stdout."""
+    env = {**ENV, "RATPT_TEST_TMP": str(tmp_path_factory.mktemp("ds_cases"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(REPO / "tests" / "deepspeed" / "ds_cases.py"), *(f"{name}:{spec}" for name, spec in CASES.items())],
+        cwd=REPO, env=env, text=True, capture_output=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    return done.stdout
+
+
+def passed(output: str, case: str) -> bool:
+    return re.search(rf"^OK {re.escape(case)} ", output, re.MULTILINE) is not None
+
+
+@pytest.mark.parametrize("case", ["stage1", "stage2", "stage3"])
+def test_zero_stage_equals_one_process_adamw_after_several_steps(two_rank_cases, case):
+    assert passed(two_rank_cases, case)
+
+
+@pytest.mark.parametrize("case", ["stage2-offload", "stage3-offload"])
+def test_cpu_offload_equals_one_process_adamw(two_rank_cases, case):
+    assert passed(two_rank_cases, case)
+
+
+@pytest.mark.parametrize("case", ["cp2-stage1", "cp2-stage2", "cp2-stage3"])
+def test_context_parallel_ranks_under_zero_equal_one_process(two_rank_cases, case):
+    assert passed(two_rank_cases, case)
+
+
+def test_bf16_trains_close_to_fp32(two_rank_cases):
+    assert passed(two_rank_cases, "bf16-stage2")
+
+
+@pytest.mark.parametrize("case", ["resume-stage3", "resume-stage2-cp2"])
+def test_deepspeed_checkpoint_resumes_to_bit_identical_losses(two_rank_cases, case):
+    assert passed(two_rank_cases, case)
+
+
+@pytest.mark.parametrize("case", ["consolidate-stage1", "consolidate-stage3"])
+def test_consolidation_gives_exactly_the_engine_weights(two_rank_cases, case):
+    assert passed(two_rank_cases, case)
+
+
+# ----- end to end: the trainer under torchrun -------------------------------------------------
+
+RUN = ("train.engine=deepspeed", "deepspeed.zero_stage=3", "train.steps=8", "checkpoint.interval=2")
+
+
+def train_command(data: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ratpt",
+            "train", str(REPO / "configs" / "tiny.yaml"), f"out_dir={out_dir}", f"data.streams=[{{path: {data}}}]",
+            "model.vocab_size=257", "model.d_model=64", "model.n_layers=2", "data.seq_len=64",
+            "train.global_batch=8", "train.micro_batch=2", "eval.interval=0", "logging.interval=1",
+            "logging.tensorboard=false", *RUN, *extra]
+
+
+def losses_of(output: str) -> dict[int, float]:
+    return {int(step): float(loss) for step, loss in LOSS_LINE.findall(output)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ds_byte_data, tmp_path_factory) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("ds_whole")
+    done = subprocess.run(train_command(ds_byte_data, run_dir, "logging.tensorboard=true", "eval.interval=4",
+                                        "eval.max_samples=8"),
+                          cwd=REPO, env=ENV, text=True, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    return run_dir, done.stdout + done.stderr
+
+
+def test_trainer_runs_deepspeed_with_tensorboard_metrics_and_evaluation(uninterrupted):
+    run_dir, output = uninterrupted
+    assert len(losses_of(output)) == 8 and "val loss" in output
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"} <= set(events.Tags()["scalars"])
+    assert load_checkpoint(run_dir / "checkpoints") == {"engine": "deepspeed", "step": 8}
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in map(int, (task / "children").read_text().split()):
+                found += [child, *descendants(child)]
+    return found
+
+
+def test_killed_deepspeed_run_resumes_to_the_same_losses(ds_byte_data, uninterrupted, tmp_path):
+    proc = subprocess.Popen(train_command(ds_byte_data, tmp_path), cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while latest_checkpoint(tmp_path / "checkpoints") is None and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        for pid in [*descendants(proc.pid), proc.pid]:  # both ranks (torchrun gives them their own session), torchrun
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = load_checkpoint(tmp_path / "checkpoints")["step"]
+    assert killed_at < 8, "the run was killed before it finished"
+
+    resumed = subprocess.run(train_command(ds_byte_data, tmp_path), cwd=REPO, env=ENV, text=True,
+                             capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-5000:]
+    output = resumed.stdout + resumed.stderr
+    assert "resumed from" in output
+    whole = losses_of(uninterrupted[1])
+    again = losses_of(output)
+    assert min(again) == killed_at + 1 and max(again) == 8
+    assert again == {s: whole[s] for s in again}
+
+
+def test_final_checkpoint_consolidates_into_an_exportable_plain_checkpoint(uninterrupted, tmp_path):
+    run_dir, _ = uninterrupted
+    done = subprocess.run([sys.executable, "-m", "ratpt.parallel.deepspeed_checkpoint", str(run_dir),
+                           str(tmp_path / "plain")], cwd=REPO, env=ENV, text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr[-5000:]
+    plain = tmp_path / "plain" / "step_00000008"
+    assert set(load_checkpoint(plain)) == {"model", "step"}
+    export = subprocess.run([sys.executable, "-m", "ratpt", "export", str(plain), "--out", str(tmp_path / "hf")],
+                            cwd=REPO, env=ENV, text=True, capture_output=True)
+    assert export.returncode == 0, export.stderr[-5000:]
+    assert any((tmp_path / "hf").iterdir())
