@@ -119,9 +119,20 @@ def test_two_data_parallel_ranks_match_one_process(byte_data, tmp_path):
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
 
 
+def in_process_config(data: Path, out_dir: Path, *extra: str):
+    config, *overrides = small_run(data, out_dir, *extra)
+    return load_config(config, overrides)
+
+
+def test_activation_checkpointing_changes_no_loss(byte_data, tmp_path):
+    plain = trainer.train(in_process_config(byte_data, tmp_path / "plain", "train.steps=3"))
+    recomputed = trainer.train(in_process_config(byte_data, tmp_path / "ckpt", "train.steps=3",
+                                                 "train.activation_checkpointing=true"))
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
 def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, monkeypatch):
-    cfg = load_config(small_run(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")[0],
-                      small_run(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")[1:])
+    cfg = in_process_config(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")
     real = engine.sum_cross_entropy
     calls = {"n": 0}
 
