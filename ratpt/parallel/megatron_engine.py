@@ -29,7 +29,7 @@ from ratpt.parallel.context_parallel import sequence_slice
 from ratpt.parallel.data_parallel import DistributedContext
 from ratpt.parallel.mesh import Mesh, init_mesh
 from ratpt.parallel.optimizer_state import ADAM_KEYS, gather_adam_state, scatter_adam_state
-from ratpt.parallel.parallelize import parallelize
+from ratpt.parallel.parallelize import LayoutNotSupported, parallelize
 from ratpt.parallel.tensor_parallel import from_plain, to_plain
 
 IGNORE_INDEX = -100
@@ -51,6 +51,10 @@ def transformer_config(cfg: Config, mesh: Mesh, device: torch.device):
         calculate_per_token_loss=True, finalize_model_grads_func=finalize_model_grads,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        # NOTE: batched p2p puts both directions' sends to the same peer in one batch when PP = 2 (prev
+        # = next), and the interleaved schedule then receives them swapped (seen on gloo). Unbatched
+        # p2p, as Megatron-LM runs the interleaved schedule, sends the two directions on two groups.
+        batch_p2p_comm=False,
     )
 
 
@@ -65,6 +69,12 @@ class MegatronEngine:
         self.mesh = mesh = init_mesh(cfg.parallel, ctx)
         self.dp_rank, self.dp_size = mesh.dp_rank, mesh.dp
         self.config = transformer_config(cfg, mesh, ctx.device)
+        micro_batches = cfg.train.global_batch // (cfg.train.micro_batch * mesh.dp)
+        if mesh.virtual_stages > 1 and micro_batches % mesh.pp:
+            raise LayoutNotSupported(
+                f"the interleaved schedule runs micro-batches in groups of parallel.pipeline ({mesh.pp}): "
+                f"train.global_batch / (train.micro_batch × data-parallel size) = {micro_batches} must be a "
+                "multiple of it (or use parallel.virtual_stages=1)")
         parallel = parallelize(model, cfg, mesh, self.config)
         self.chunks, self.placements = parallel.chunks, parallel.placements
         self.model = nn.ModuleList(self.chunks)  # this rank's parameters (names prefixed by the chunk index)

@@ -11,7 +11,9 @@ head. Parameter names are those of the plain model (`layers.<global index>...`).
 one stage the last stage keeps its own copy of the embedding weight (`output_weight`, marked
 `shared` as in megatron: counted once in the grad norm); megatron's finalize_model_grads
 all-reduces its gradient with the first stage's embedding over the embedding group, so both stay
-equal. `set_input_tensor` is how the schedules hand a stage the received activations, which
+equal. Both copies are marked `shared_embedding`: megatron's DDP then gives each its own bucket,
+so that the distributed optimizer shards them alike on the two stages (the DP reduce-scatter
+runs before the embedding all-reduce). `set_input_tensor` is how the schedules hand a stage the received activations, which
 travel sequence-first [T, B, D] (megatron's p2p shape) and are batch-first inside the stage.
 """
 from __future__ import annotations
@@ -42,6 +44,8 @@ class ModelStage(nn.Module):
         self.layer_ids = layer_ids
         if first:
             self.embedding = model.embedding
+            if not last:  # megatron's mark: own DDP bucket, so both stages shard its optimizer state alike
+                self.embedding.weight.shared_embedding = True
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
         if last:
             self.final_norm = model.final_norm

@@ -36,10 +36,13 @@ def test_two_ranks_data_context_and_tensor_parallel_equal_one_process():
         # embedding, head and cross-entropy, norms' gradients all-reduced over TP
         "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu",
         "resume-tp2-to-one-process:tensor=2>local",  # TP shards gathered into the plain checkpoint
+        # PP, interleaved 1F1B (2 virtual stages per rank; p2p across the two ranks both ways)
+        "pp2-interleaved-rat+swa:pipeline=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
+        "resume-pp2-to-tp2:pipeline=2>tensor=2",  # stages merged, then TP shards scattered
     )
 
 
-def test_four_ranks_combined_layouts_equal_one_process():
+def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():
     run_layouts(
         4,
         "dp2xcp2-rat+swa:context=2,mixers=rat+swa",
@@ -48,7 +51,10 @@ def test_four_ranks_combined_layouts_equal_one_process():
         "dp4-replicated-optimizer:distributed_optimizer=false",
         "tp2xdp2:tensor=2",
         "tp2xcp2-rat+swa:tensor=2,context=2,mixers=rat+swa",
-        "resume-dp4-to-tp2xcp2:mixers=rat+attention>tensor=2,context=2,mixers=rat+attention",
+        "pp2xdp2:pipeline=2",  # 1F1B; tied embedding/head all-reduced over the first and last stage
+        "pp2xcp2-rat+attention:pipeline=2,context=2,mixers=rat+attention",
+        "pp2xtp2-interleaved-rat+swa:pipeline=2,tensor=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
+        "resume-pp2xtp2-to-dp2xcp2:pipeline=2,tensor=2,mixers=rat+attention>context=2,mixers=rat+attention",
     )
 
 
