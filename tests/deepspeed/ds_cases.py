@@ -2,19 +2,22 @@
 
     torchrun --standalone --nproc-per-node N tests/deepspeed/ds_cases.py CASE [CASE ...]
 
-A case is `name:key=value,...` over deepspeed.* and parallel.context (`stage=3,offload=1,cp=2`),
-or `resume:...` / `consolidate:...` for the checkpoint checks. For each equality case, every rank
-also runs the single-process reference (ratpt.train.engine.LocalEngine, torch AdamW) on the whole
-global batch, for STEPS steps of a warmup + cosine schedule with clipping active, and checks:
+A case is `name:key=value,...` over deepspeed.* and parallel.context (`stage=3,offload=true,cp=2`);
+a name starting `resume` or `consolidate` selects a checkpoint check, `skip` a non-finite step.
+For each equality case, every rank also runs the single-process reference (ratpt.train.engine.
+LocalEngine, torch AdamW) on the whole global batch, for STEPS steps of a warmup + cosine schedule
+with clipping active, and checks:
     loss, grad norm   every step: relative difference <= 1e-5
     parameters        after the last step, the full fp32 weights DeepSpeed holds (gathered from its
                       ZeRO partitions): rtol 1e-4, atol 1e-6 (the lr is 1e-2: 1e-4 of one step)
+`skip` makes step 2 non-finite (NaN activations): both skip it, and the rest must still match.
 `resume` trains 2 steps, saves through DeepSpeed, trains 2 more; a fresh engine (other init) loads
 the checkpoint and must repeat those 2 losses bit for bit. `consolidate` checks that zero_to_fp32
 gives exactly the weights the engine holds. Prints `OK name` per case on rank 0; a mismatch raises.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -64,10 +67,12 @@ def rank_batches(batches: list[dict], dp_rank: int, dp_size: int) -> list[dict]:
 
 
 def train_step(engine, cfg, step: int, batches) -> tuple[float, float]:
+    """As the trainer: a step with a non-finite loss or gradient norm is skipped."""
     loss_sum, tokens = engine.forward_backward(batches)
     grad_norm = engine.clip_grad_norm(cfg.optimizer.grad_clip)
-    engine.set_lr(cfg.optimizer.lr * LRMultiplier(cfg.schedule, cfg.train.steps)(step))
-    engine.step()
+    if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+        engine.set_lr(cfg.optimizer.lr * LRMultiplier(cfg.schedule, cfg.train.steps)(step))
+        engine.step()
     return loss_sum / tokens, grad_norm
 
 
@@ -86,6 +91,12 @@ def close(a: float, b: float, rel: float = 1e-5) -> bool:
     return abs(a - b) <= rel * abs(b)
 
 
+def poison_output(model, module_name: str, when: list) -> None:
+    """Make `module_name`'s output NaN while when[0] is true (a non-finite step)."""
+    dict(model.named_modules())[module_name].register_forward_hook(
+        lambda module, args, out: out * float("nan") if when[0] else None)
+
+
 def check_equal(name: str, spec: str, ctx) -> None:
     cfg = config(spec)
     torch.manual_seed(0)
@@ -93,10 +104,19 @@ def check_equal(name: str, spec: str, ctx) -> None:
     torch.manual_seed(0)
     engine = DeepSpeedEngine(cfg, ctx, build_model(cfg.model))
     bf16 = cfg.train.precision == "bf16"
+    nan_step = 1 if name.startswith("skip") else None  # that step is non-finite: skipped by both
+    poisoned = [False]
+    if nan_step is not None:
+        poison_output(reference.model, "final_norm", poisoned)
+        poison_output(engine.model, "final_norm", poisoned)
     clipped = 0
     for step in range(STEPS):
+        poisoned[0] = step == nan_step
         loss, norm = ds_step(engine, cfg, step)
         ref_loss, ref_norm = train_step(reference, cfg, step, global_batches(cfg, step))
+        if step == nan_step:
+            assert not math.isfinite(loss) and not math.isfinite(norm), (name, loss, norm)
+            continue
         clipped += ref_norm > cfg.optimizer.grad_clip
         if bf16:  # bf16 weights and compute: close, not equal
             assert close(loss, ref_loss, 2e-2), (name, step, "loss", loss, ref_loss)

@@ -25,14 +25,14 @@ REPO = Path(__file__).resolve().parents[2]
 LOSS_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+|nan)")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
-CASES = {
+TWO_RANK_CASES = {
     "stage1": "stage=1", "stage2": "stage=2", "stage3": "stage=3",
     "stage2-offload": "stage=2,offload=true", "stage3-offload": "stage=3,offload=true,offload_params=true",
-    "cp2-stage1": "stage=1,cp=2", "cp2-stage2": "stage=2,cp=2", "cp2-stage3": "stage=3,cp=2",
-    "bf16-stage2": "stage=2,precision=bf16",
+    "bf16-stage2": "stage=2,precision=bf16", "skip-stage1": "stage=1", "skip-stage3": "stage=3",
     "resume-stage3": "stage=3", "resume-stage2-cp2": "stage=2,cp=2",
     "consolidate-stage1": "stage=1", "consolidate-stage3": "stage=3",
 }
+FOUR_RANK_CASES = {"cp2dp2-stage1": "stage=1,cp=2", "cp2dp2-stage2": "stage=2,cp=2", "cp2dp2-stage3": "stage=3,cp=2"}
 
 
 def base_config(*overrides: str):
@@ -78,17 +78,25 @@ def test_config_rejects_what_the_deepspeed_engine_cannot_run(overrides, key):
         base_config(*overrides)
 
 
-@pytest.fixture(scope="module")
-def two_rank_cases(tmp_path_factory) -> str:
-    """Every case of ds_cases.py in one 2-process torchrun launch; its stdout."""
-    env = {**ENV, "RATPT_TEST_TMP": str(tmp_path_factory.mktemp("ds_cases"))}
+def run_cases(nproc: int, cases: dict[str, str], tmp: Path) -> str:
+    """The cases of ds_cases.py in one torchrun launch of `nproc` processes; its stdout."""
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "tests" / "deepspeed" / "ds_cases.py"), *(f"{name}:{spec}" for name, spec in CASES.items())],
-        cwd=REPO, env=env, text=True, capture_output=True, timeout=600,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+         str(REPO / "tests" / "deepspeed" / "ds_cases.py"), *(f"{name}:{spec}" for name, spec in cases.items())],
+        cwd=REPO, env={**ENV, "RATPT_TEST_TMP": str(tmp)}, text=True, capture_output=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     return done.stdout
+
+
+@pytest.fixture(scope="module")
+def two_rank_cases(tmp_path_factory) -> str:
+    return run_cases(2, TWO_RANK_CASES, tmp_path_factory.mktemp("ds_cases"))
+
+
+@pytest.fixture(scope="module")
+def four_rank_cases(tmp_path_factory) -> str:
+    return run_cases(4, FOUR_RANK_CASES, tmp_path_factory.mktemp("ds_cases4"))
 
 
 def passed(output: str, case: str) -> bool:
@@ -105,13 +113,18 @@ def test_cpu_offload_equals_one_process_adamw(two_rank_cases, case):
     assert passed(two_rank_cases, case)
 
 
-@pytest.mark.parametrize("case", ["cp2-stage1", "cp2-stage2", "cp2-stage3"])
-def test_context_parallel_ranks_under_zero_equal_one_process(two_rank_cases, case):
-    assert passed(two_rank_cases, case)
+@pytest.mark.parametrize("case", ["cp2dp2-stage1", "cp2dp2-stage2", "cp2dp2-stage3"])
+def test_context_parallel_times_zero_data_parallel_equals_one_process(four_rank_cases, case):
+    assert passed(four_rank_cases, case)
 
 
 def test_bf16_trains_close_to_fp32(two_rank_cases):
     assert passed(two_rank_cases, "bf16-stage2")
+
+
+@pytest.mark.parametrize("case", ["skip-stage1", "skip-stage3"])
+def test_non_finite_step_is_skipped_leaving_weights_and_adam_state_untouched(two_rank_cases, case):
+    assert passed(two_rank_cases, case)
 
 
 @pytest.mark.parametrize("case", ["resume-stage3", "resume-stage2-cp2"])
@@ -124,7 +137,7 @@ def test_consolidation_gives_exactly_the_engine_weights(two_rank_cases, case):
     assert passed(two_rank_cases, case)
 
 
-# ----- end to end: the trainer under torchrun -------------------------------------------------
+# ----- end to end: the trainer under torchrun (tens of seconds each) ---------------------------
 
 RUN = ("train.engine=deepspeed", "deepspeed.zero_stage=3", "train.steps=8", "checkpoint.interval=2")
 
@@ -151,6 +164,7 @@ def uninterrupted(ds_byte_data, tmp_path_factory) -> tuple[Path, str]:
     return run_dir, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_trainer_runs_deepspeed_with_tensorboard_metrics_and_evaluation(uninterrupted):
     run_dir, output = uninterrupted
     assert len(losses_of(output)) == 8 and "val loss" in output
@@ -171,6 +185,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_killed_deepspeed_run_resumes_to_the_same_losses(ds_byte_data, uninterrupted, tmp_path):
     proc = subprocess.Popen(train_command(ds_byte_data, tmp_path), cwd=REPO, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -196,6 +211,7 @@ def test_killed_deepspeed_run_resumes_to_the_same_losses(ds_byte_data, uninterru
     assert again == {s: whole[s] for s in again}
 
 
+@pytest.mark.slow
 def test_final_checkpoint_consolidates_into_an_exportable_plain_checkpoint(uninterrupted, tmp_path):
     run_dir, _ = uninterrupted
     done = subprocess.run([sys.executable, "-m", "ratpt.parallel.deepspeed_checkpoint", str(run_dir),
