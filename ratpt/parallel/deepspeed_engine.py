@@ -110,6 +110,8 @@ def import_deepspeed(device: torch.device):
 def _join_single_process_group(device: torch.device) -> None:
     """DeepSpeed needs a process group even for one process (e.g. ZeRO offload on one GPU)."""
     if not dist.is_initialized():
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)  # what DeepSpeed reads from a launcher
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1, timeout=collective_timeout())
 

@@ -14,6 +14,7 @@ with clipping active, and checks:
 `resume` trains 2 steps, saves through DeepSpeed, trains 2 more; a fresh engine (other init) loads
 the checkpoint and must repeat those 2 losses bit for bit. `consolidate` checks that zero_to_fp32
 gives exactly the weights the engine holds. Prints `OK name` per case on rank 0; a mismatch raises.
+RATPT_TEST_DEVICE=cuda runs it on GPUs through NCCL (one process per GPU).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def full_params(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
     """The fp32 master weights, gathered from the ZeRO partitions (collective)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return {name: safe_get_full_fp32_param(p).detach().clone() for name, p in engine.model.named_parameters()}
+    return {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in engine.model.named_parameters()}
 
 
 def close(a: float, b: float, rel: float = 1e-5) -> bool:
@@ -100,9 +101,9 @@ def poison_output(model, module_name: str, when: list) -> None:
 def check_equal(name: str, spec: str, ctx) -> None:
     cfg = config(spec)
     torch.manual_seed(0)
-    reference = LocalEngine(cfg, ctx, build_model(cfg.model))
+    reference = LocalEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
     torch.manual_seed(0)
-    engine = DeepSpeedEngine(cfg, ctx, build_model(cfg.model))
+    engine = DeepSpeedEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
     bf16 = cfg.train.precision == "bf16"
     nan_step = 1 if name.startswith("skip") else None  # that step is non-finite: skipped by both
     poisoned = [False]
@@ -127,7 +128,7 @@ def check_equal(name: str, spec: str, ctx) -> None:
     if not bf16:
         ref = dict(reference.model.named_parameters())
         for pname, value in full_params(engine).items():
-            torch.testing.assert_close(value, ref[pname].detach(), rtol=1e-4, atol=1e-6,
+            torch.testing.assert_close(value, ref[pname].detach().cpu(), rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"{name} parameter {pname} after {STEPS} steps: {m}")
     if ctx.rank == 0:
         print(f"OK {name} loss {loss:.6f} (single {ref_loss:.6f}) grad norm {norm:.6f} (single {ref_norm:.6f})",
@@ -144,14 +145,14 @@ def check_resume(name: str, spec: str, ctx) -> None:
     cfg = config(spec)
     ckpt_dir = shared_tmp(ctx) / "checkpoints"
     torch.manual_seed(0)
-    engine = DeepSpeedEngine(cfg, ctx, build_model(cfg.model))
+    engine = DeepSpeedEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
     for step in range(2):
         ds_step(engine, cfg, step)
     client = {"step": 2, "data": {"epoch": 0, "sample": 123}, "rng": {"torch": torch.get_rng_state()}}
     path = engine.save_checkpoint(ckpt_dir, 2, client, "name: test\n", None, keep=1)
     continued = [ds_step(engine, cfg, step)[0] for step in (2, 3)]
     torch.manual_seed(1)  # another init: everything must come from the checkpoint
-    fresh = DeepSpeedEngine(cfg, ctx, build_model(cfg.model))
+    fresh = DeepSpeedEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
     restored = fresh.load_checkpoint(ckpt_dir)
     assert restored["step"] == 2 and restored["data"] == client["data"], restored
     assert torch.equal(restored["rng"]["torch"], client["rng"]["torch"])
@@ -168,7 +169,7 @@ def check_consolidate(name: str, spec: str, ctx) -> None:
     cfg = config(spec)
     root = shared_tmp(ctx)
     torch.manual_seed(0)
-    engine = DeepSpeedEngine(cfg, ctx, build_model(cfg.model))
+    engine = DeepSpeedEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
     for step in range(2):
         ds_step(engine, cfg, step)
     engine.save_checkpoint(root / "checkpoints", 2, {"step": 2}, "name: test\n", None, keep=1)
@@ -185,7 +186,7 @@ def check_consolidate(name: str, spec: str, ctx) -> None:
 
 
 def main(cases: list[str]) -> None:
-    ctx = init_distributed("cpu")
+    ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"))  # cuda: NCCL on GPUs
     for case in cases:
         name, _, spec = case.partition(":")
         kind = name.split("-")[0]

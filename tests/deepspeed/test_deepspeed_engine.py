@@ -23,7 +23,7 @@ from ratpt.train.checkpoint import latest_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+|nan)")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 TWO_RANK_CASES = {
     "stage1": "stage=1", "stage2": "stage=2", "stage3": "stage=3",
@@ -78,12 +78,12 @@ def test_config_rejects_what_the_deepspeed_engine_cannot_run(overrides, key):
         base_config(*overrides)
 
 
-def run_cases(nproc: int, cases: dict[str, str], tmp: Path) -> str:
+def run_cases(nproc: int, cases: dict[str, str], tmp: Path, **env: str) -> str:
     """The cases of ds_cases.py in one torchrun launch of `nproc` processes; its stdout."""
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
          str(REPO / "tests" / "deepspeed" / "ds_cases.py"), *(f"{name}:{spec}" for name, spec in cases.items())],
-        cwd=REPO, env={**ENV, "RATPT_TEST_TMP": str(tmp)}, text=True, capture_output=True, timeout=600,
+        cwd=REPO, env={**ENV, "RATPT_TEST_TMP": str(tmp), **env}, text=True, capture_output=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     return done.stdout
@@ -116,6 +116,19 @@ def test_cpu_offload_equals_one_process_adamw(two_rank_cases, case):
 @pytest.mark.parametrize("case", ["cp2dp2-stage1", "cp2dp2-stage2", "cp2dp2-stage3"])
 def test_context_parallel_times_zero_data_parallel_equals_one_process(four_rank_cases, case):
     assert passed(four_rank_cases, case)
+
+
+@pytest.mark.gpu
+def test_two_gpus_nccl_equal_one_process(tmp_path):  # pragma: no cover - needs 2 GPUs
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    cases = {name: TWO_RANK_CASES[name] for name in ("stage1", "stage2", "stage3", "bf16-stage2", "resume-stage3",
+                                                     "consolidate-stage3")}
+    cases["cp2-stage3"] = "stage=3,cp=2"
+    output = run_cases(2, cases, tmp_path, RATPT_TEST_DEVICE="cuda")
+    assert all(passed(output, case) for case in cases), output
 
 
 def test_bf16_trains_close_to_fp32(two_rank_cases):
