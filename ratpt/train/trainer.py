@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 from torch.utils.checkpoint import checkpoint
 
 from ratpt.config import Config, data_parallel_size, to_yaml, validate_config
@@ -29,8 +30,6 @@ from ratpt.train.schedule import LRMultiplier
 from ratpt.train.signals import StopRequest
 
 log = logging.getLogger("ratpt.train")
-
-IGNORE_INDEX = -100
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,8 +78,10 @@ def evaluate(model: nn.Module, cfg: Config, ctx: DistributedContext) -> float:
 
 
 def _val_batches(cfg: Config, dp_rank: int, dp_size: int):
-    return build_val_batches(cfg.data, vocab_size=cfg.model.vocab_size, micro_batch=cfg.train.micro_batch,
-                             dp_rank=dp_rank, dp_size=dp_size, max_samples=cfg.eval.max_samples)
+    """The validation micro-batches of this rank, with a progress bar on rank 0 (a person waits)."""
+    batches = build_val_batches(cfg.data, vocab_size=cfg.model.vocab_size, micro_batch=cfg.train.micro_batch,
+                                dp_rank=dp_rank, dp_size=dp_size, max_samples=cfg.eval.max_samples)
+    return tqdm(batches, desc="validation", unit="batch", leave=False, disable=dp_rank != 0)
 
 
 def _rng_state(device: torch.device) -> dict:
