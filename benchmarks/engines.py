@@ -1,0 +1,101 @@
+"""Training throughput of the two parallel engines at equal batch: megatron-core vs DeepSpeed ZeRO.
+
+One engine per launch (each owns its process groups); every launch appends one JSON line. The
+step is the trainer's (ratpt.train.engine.build_engine, forward_backward / clip / set_lr / step)
+on random tokens, so the numbers compare the engines and nothing else.
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine megatron
+    torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine deepspeed --zero-stage 1
+    torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine deepspeed --zero-stage 3
+    (options: --config rat_1p3b --global-batch 32 --micro-batch 4 --seq-len 4096 --steps 10 --warmup 3
+     --out benchmarks/results/engines.jsonl; --set key=value for any other ratpt config key)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ratpt.config import load_config
+from ratpt.model import build_model
+from ratpt.model.flops import training_flops_per_token
+from ratpt.parallel.data_parallel import init_distributed
+from ratpt.train.engine import build_engine
+from ratpt.train.metrics import device_peak_tflops
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=["megatron", "deepspeed"], required=True)
+    parser.add_argument("--zero-stage", type=int, default=1)
+    parser.add_argument("--config", default="rat_1p3b")
+    parser.add_argument("--global-batch", type=int, default=32)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], help="extra ratpt config overrides, key=value")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "engines.jsonl"))
+    args = parser.parse_args()
+
+    cfg = load_config(REPO / "configs" / f"{args.config}.yaml", [
+        f"train.engine={args.engine}", f"deepspeed.zero_stage={args.zero_stage}",
+        f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}",
+        f"data.seq_len={args.seq_len}", *args.set])
+    ctx = init_distributed(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    engine = build_engine(cfg, ctx, build_model(cfg.model).to(ctx.device))
+    accum = cfg.train.global_batch // (cfg.train.micro_batch * engine.dp_size)
+    g = torch.Generator().manual_seed(engine.dp_rank)  # CP ranks of one DP rank read the same sequences
+    tokens = torch.randint(0, cfg.model.vocab_size, (accum, cfg.train.micro_batch, cfg.data.seq_len + 1), generator=g)
+    batches = [{"input_ids": t[:, :-1], "labels": t[:, 1:]} for t in tokens]
+
+    def step() -> None:
+        engine.forward_backward(batches)
+        engine.clip_grad_norm(cfg.optimizer.grad_clip)
+        engine.set_lr(cfg.optimizer.lr)
+        engine.step()
+
+    for _ in range(args.warmup):
+        step()
+    sync(ctx.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(ctx.device)
+    seconds = (time.perf_counter() - start) / args.steps
+    tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / seconds
+    peak = device_peak_tflops(ctx.device, cfg.logging.peak_tflops)
+    flops = training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_s
+    memory = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else 0.0
+    result = {
+        "engine": args.engine if args.engine == "megatron" else f"deepspeed-zero{args.zero_stage}",
+        "config": args.config, "processes": ctx.world_size, "global_batch": cfg.train.global_batch,
+        "micro_batch": cfg.train.micro_batch, "seq_len": cfg.data.seq_len, "overrides": args.set,
+        "step_s": round(seconds, 4), "tokens_per_s": round(tokens_per_s), "tokens_per_s_per_gpu": round(
+            tokens_per_s / ctx.world_size), "mfu": round(flops / (peak * 1e12 * ctx.world_size), 4) if peak else None,
+        "max_memory_gib": round(memory, 2),
+    }
+    if ctx.is_main:
+        print(json.dumps(result))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as handle:
+            handle.write(json.dumps(result) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    main()
