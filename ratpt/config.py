@@ -194,6 +194,9 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
         _require(z.zero_stage in (1, 2, 3), f"deepspeed.zero_stage must be 1, 2 or 3, got {z.zero_stage}")
         _require(not z.offload_params or z.zero_stage == 3,
                  f"deepspeed.offload_params needs deepspeed.zero_stage=3 (got {z.zero_stage})")
+        from ratpt.parallel.deepspeed_config import check_extra  # imports this module: not at the top
+
+        check_extra(z.extra)
         _require(p.tensor == 1 and p.pipeline == 1, "train.engine=deepspeed scales by data and context parallelism "
                  f"only: set parallel.tensor=1 and parallel.pipeline=1 (got {p.tensor}, {p.pipeline}), "
                  "or use train.engine=megatron")

@@ -11,15 +11,34 @@
                   state and gradient accumulation) when train.precision says so, else fp32
 
 `deepspeed.extra` is merged over the result key by key (nested dicts merge, anything else
-replaces), so any DeepSpeed option can be set from the ratpt config.
+replaces), so any DeepSpeed option can be set from the ratpt config, except those the ratpt
+config owns (OWNED): the trainer's loop, schedule and logging follow those, so a second value
+in the DeepSpeed JSON would silently disagree with them.
 """
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from ratpt.config import Config
+from ratpt.config import Config, ConfigError
 
+OWNED = {  # DeepSpeed key -> the ratpt key that sets it
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch and train.micro_batch",
+    "gradient_clipping": "optimizer.grad_clip",
+    "optimizer.type": "(AdamW, as every ratpt engine)",
+    "optimizer.params.lr": "optimizer.lr (and schedule.*)",
+    "optimizer.params.betas": "optimizer.betas",
+    "optimizer.params.eps": "optimizer.eps",
+    "optimizer.params.weight_decay": "optimizer.weight_decay",
+    "scheduler": "schedule.*",
+    "fp16": "train.precision",
+    "bf16.enabled": "train.precision",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param.device": "deepspeed.offload_params",
+}
 QUIET_STEPS = 2**31 - 1  # steps_per_print: ratpt's metrics logger reports, DeepSpeed stays quiet
 
 
@@ -56,7 +75,18 @@ def deepspeed_json(cfg: Config, dp_size: int, device_type: str) -> dict[str, Any
     }
     if generated["bf16"]["enabled"]:
         generated["data_types"] = {"grad_accum_dtype": "fp32"}
+    check_extra(z.extra)
     return merged(generated, z.extra)
+
+
+def check_extra(extra: dict[str, Any], prefix: str = "") -> None:
+    """Reject `deepspeed.extra` keys that the ratpt config owns, naming the ratpt key to use."""
+    for key, value in extra.items():
+        path = f"{prefix}{key}"
+        if path in OWNED:
+            raise ConfigError(f"deepspeed.extra.{path} is set from the ratpt config: use {OWNED[path]}")
+        if isinstance(value, dict):
+            check_extra(value, f"{path}.")
 
 
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -179,11 +179,8 @@ class DeepSpeedEngine:
         return self.mesh.dp
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """The global gradient norm before clipping (inf if non-finite). DeepSpeed clips to
-        `optimizer.grad_clip` (its gradient_clipping) inside the step."""
-        if max_norm != self.config["gradient_clipping"]:
-            raise ValueError(f"DeepSpeed clips to gradient_clipping={self.config['gradient_clipping']} "
-                             f"from its config, not {max_norm}: set optimizer.grad_clip")
+        """The global gradient norm before clipping (inf if non-finite). DeepSpeed clips inside
+        its step, to its gradient_clipping: `optimizer.grad_clip`, the `max_norm` the trainer passes."""
         opt = self.ds.optimizer
         if hasattr(opt, "scaled_global_norm"):  # ZeRO-1/2
             norm = opt.scaled_global_norm()

@@ -61,10 +61,23 @@ def test_cpu_json_needs_no_jit_built_optimizer_and_auto_precision_is_fp32():
 
 
 def test_extra_keys_merge_over_the_generated_json():
-    cfg = base_config("deepspeed.extra={zero_optimization: {reduce_bucket_size: 1000}, gradient_clipping: 2.0}")
+    cfg = base_config("deepspeed.extra={zero_optimization: {reduce_bucket_size: 1000}, "
+                      "optimizer: {params: {torch_adam: false}}, communication_data_type: fp32}")
     ds = deepspeed_json(cfg, dp_size=2, device_type="cpu")
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
-    assert ds["gradient_clipping"] == 2.0
+    assert ds["optimizer"]["params"]["torch_adam"] is False and ds["optimizer"]["params"]["lr"] == cfg.optimizer.lr
+    assert ds["communication_data_type"] == "fp32"
+
+
+@pytest.mark.parametrize("extra, ratpt_key", [
+    ("{gradient_clipping: 2.0}", "optimizer.grad_clip"),
+    ("{train_micro_batch_size_per_gpu: 8}", "train.micro_batch"),
+    ("{optimizer: {params: {lr: 0.1}}}", "optimizer.lr"),
+    ("{zero_optimization: {stage: 3}}", "deepspeed.zero_stage"),
+])
+def test_extra_keys_that_the_ratpt_config_owns_are_rejected(extra, ratpt_key):
+    with pytest.raises(ConfigError, match=re.escape(ratpt_key)):
+        base_config(f"deepspeed.extra={extra}")  # when the config is loaded, before anything runs
 
 
 @pytest.mark.parametrize("overrides, key", [
