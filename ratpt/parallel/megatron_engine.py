@@ -136,11 +136,12 @@ class MegatronEngine:
 
         def loss_func(output: torch.Tensor):
             labelled = labels != IGNORE_INDEX
-            if self.mesh.tp > 1:  # logits [B, T, V/TP]: megatron's vocab-parallel softmax
+            if self.mesh.tp > 1:  # logits [T, B, V/TP]: megatron's vocab-parallel softmax
                 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-                per_token = vocab_parallel_cross_entropy(output.float(), labels.masked_fill(~labelled, 0))
-                loss = (per_token * labelled).sum()
+                target = labels.masked_fill(~labelled, 0).transpose(0, 1).contiguous()
+                per_token = vocab_parallel_cross_entropy(output.float(), target)
+                loss = (per_token * labelled.transpose(0, 1)).sum()
             else:
                 loss = F.cross_entropy(output.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum")

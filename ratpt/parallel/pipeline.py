@@ -69,7 +69,8 @@ class ModelStage(nn.Module):
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab (/TP)] on the last stage, hidden states [T, B, D] for the next stage."""
+        """Logits on the last stage ([B, T, vocab], or [T, B, vocab/TP] under TP), hidden states
+        [T, B, D] for the next stage."""
         x = self.embedding(tokens) if self.first else self.input_tensor.transpose(0, 1)
         for layer in self.layers.values():
             x = layer(x)

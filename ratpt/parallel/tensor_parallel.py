@@ -22,7 +22,9 @@ Sequence parallelism (Megatron): between the column- and row-parallel layers eve
 [B, T/TP, D], the TP rank's contiguous slice of the sequence (of its CP slice). Norms and
 residuals run on that slice; a column-parallel layer all-gathers it (and reduce-scatters the
 gradient), a row-parallel layer reduce-scatters its partial sums back to it. Megatron's layers
-take [T, B, ·] (sequence first); the wrappers transpose views, the model stays batch-first.
+take [T, B, ·] (sequence first); the wrappers transpose, the model stays batch-first (the
+column-parallel outputs are made contiguous for the mixers: one copy per projection when the
+micro-batch holds more than one sequence).
 
 The model's seam: a mixer's `d_model` / `n_heads` are set to this rank's width and heads (the
 model derives every local shape from them and from the projection's output).
@@ -79,7 +81,8 @@ class ColumnParallel(nn.Module):
         _mark_sharded(self.linear.weight, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.transpose(0, 1))[0].transpose(0, 1)
+        # NOTE: contiguous: the mixers' ops view [B, T, ·] (a copy when B > 1; none when B = 1)
+        return self.linear(x.transpose(0, 1))[0].transpose(0, 1).contiguous()
 
 
 class RowParallel(nn.Module):
@@ -132,7 +135,7 @@ class GroupedColumnParallel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = torch.cat((self.weight, self.group_weight))
-        return self.linear(x.transpose(0, 1), weight=weight)[0].transpose(0, 1)
+        return self.linear(x.transpose(0, 1), weight=weight)[0].transpose(0, 1).contiguous()
 
 
 def _vocab_parallel_embedding(weight: torch.Tensor, config) -> nn.Module:
@@ -154,7 +157,8 @@ def _vocab_parallel_embedding(weight: torch.Tensor, config) -> nn.Module:
 
 
 class VocabParallelHead(nn.Module):
-    """The tied head under TP: hidden [B, T/TP, D] and this rank's embedding rows -> logits [B, T, V/TP]."""
+    """The tied head under TP: hidden [B, T/TP, D] and this rank's embedding rows -> logits [T, B, V/TP],
+    sequence first as megatron's `vocab_parallel_cross_entropy` takes them (no copy of the logits)."""
 
     def __init__(self, vocab_size: int, d_model: int, config) -> None:
         super().__init__()
@@ -164,7 +168,7 @@ class VocabParallelHead(nn.Module):
                                            gather_output=False, skip_bias_add=True, skip_weight_param_allocation=True)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.transpose(0, 1), weight=weight.to(hidden.dtype))[0].transpose(0, 1)
+        return self.linear(hidden.transpose(0, 1), weight=weight.to(hidden.dtype))[0]
 
 
 def _mark_sharded(param: nn.Parameter, dim: int) -> None:

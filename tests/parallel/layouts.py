@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc-per-node N tests/parallel/layouts.py CASE [CASE ...]
 
-A case is `name:key=value,key=value` over parallel.* and model.* keys, e.g.
+A case is `name:key=value,key=value` over parallel.*, model.* keys and train.micro_batch, e.g.
 `cp2-hybrid:context=2,mixers=rat+swa`, or `resume:A>B` (train one step in layout A, carry the
 gathered state into layout B, train a second step there; B = `local` is one process,
 `LocalEngine`, on every rank). For each case, every rank also runs
@@ -44,7 +44,8 @@ def config(spec: str):
         key, value = item.split("=")
         if key == "mixers":
             value = "[" + ",".join(value.split("+")) + "]"
-        overrides.append(f"{'model' if key in MODEL_KEYS else 'parallel'}.{key}={value}")
+        section = "model" if key in MODEL_KEYS else "train" if key == "micro_batch" else "parallel"
+        overrides.append(f"{section}.{key}={value}")
     return load_config(None, overrides)
 
 

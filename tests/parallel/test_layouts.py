@@ -34,7 +34,7 @@ def test_two_ranks_data_context_and_tensor_parallel_equal_one_process():
         "resume-dp2-to-cp2:>context=2",  # state gathered in one layout, loaded into another
         # TP + SP: every mixer and the SwiGLU FFN as column/row-parallel linears, vocab-parallel
         # embedding, head and cross-entropy, norms' gradients all-reduced over TP
-        "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu",
+        "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu,micro_batch=2",
         "resume-tp2-to-one-process:tensor=2>local",  # TP shards gathered into the plain checkpoint
         # PP, interleaved 1F1B (2 virtual stages per rank; p2p across the two ranks both ways)
         "pp2-interleaved-rat+swa:pipeline=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
@@ -53,7 +53,7 @@ def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():
         "tp2xcp2-rat+swa:tensor=2,context=2,mixers=rat+swa",
         "pp2xdp2:pipeline=2",  # 1F1B; tied embedding/head all-reduced over the first and last stage
         "pp2xcp2-rat+attention:pipeline=2,context=2,mixers=rat+attention",
-        "pp2xtp2-interleaved-rat+swa:pipeline=2,tensor=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
+        "pp2xtp2-interleaved-rat+swa:pipeline=2,tensor=2,virtual_stages=2,n_layers=4,mixers=rat+swa,micro_batch=2",
         "resume-pp2xtp2-to-dp2xcp2:pipeline=2,tensor=2,mixers=rat+attention>context=2,mixers=rat+attention",
     )
 

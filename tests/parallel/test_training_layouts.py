@@ -1,0 +1,55 @@
+"""`ratpt train` under torchrun with tensor parallelism: the same losses as one process, and its
+checkpoint (TP shards gathered into the plain form) resumes in one process to the same losses."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "train"))
+from train_helpers import losses_of, ratpt, small_run  # noqa: E402
+
+VAL_LINE = re.compile(r"step (\d+) \| val loss ([0-9.]+)")
+# vocab 258: the byte tokenizer's 257 rounded up to a multiple of TP = 2 (vocab-parallel embedding);
+# head_dim 16: 4 heads, so each TP rank holds one head of each of the 2 query/key groups
+# constant lr: a 2-step run and a 4-step run take the same steps (the cosine schedule depends on train.steps)
+RUN = ["model.vocab_size=258", "model.head_dim=16", "eval.interval=2", "eval.max_samples=8", "checkpoint.interval=0",
+       "schedule.kind=constant", "schedule.warmup_fraction=0"]
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "pydoc"
+    subprocess.run([sys.executable, "-m", "data_prep", "tokenize", "pydoc", "--out", str(out),
+                    "--tokenizer", "byte", "--val-fraction", "0.05"], check=True, cwd=REPO, capture_output=True)
+    return out
+
+
+def test_tensor_parallel_training_matches_one_process_and_resumes_in_one_process(byte_data, tmp_path):
+    single = ratpt("train", *small_run(byte_data, tmp_path / "one", *RUN, "train.steps=4"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tp2 = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ratpt",
+         "train", *small_run(byte_data, tmp_path / "tp2", *RUN, "train.steps=2", "parallel.tensor=2")],
+        cwd=REPO, env=env, text=True, capture_output=True, timeout=600,
+    )
+    assert tp2.returncode == 0, tp2.stdout[-3000:] + tp2.stderr[-3000:]
+    one_losses, tp2_losses = losses_of(single.stdout), losses_of(tp2.stdout)
+    assert tp2_losses.keys() == {1, 2}
+    for step in tp2_losses:
+        assert tp2_losses[step] == pytest.approx(one_losses[step], abs=2e-4)
+    one_val, tp2_val = dict(VAL_LINE.findall(single.stderr + single.stdout)), dict(VAL_LINE.findall(tp2.stderr + tp2.stdout))
+    assert tp2_val.get("2") is not None and float(tp2_val["2"]) == pytest.approx(float(one_val["2"]), abs=2e-4)
+
+    # the TP2 run's last checkpoint, continued by one process, to step 4
+    resumed = ratpt("train", *small_run(byte_data, tmp_path / "tp2", *RUN, "train.steps=4"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    resumed_losses = losses_of(resumed.stdout)
+    assert resumed_losses.keys() == {3, 4}
+    for step in resumed_losses:
+        assert resumed_losses[step] == pytest.approx(one_losses[step], abs=2e-4)
