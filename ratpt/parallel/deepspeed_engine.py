@@ -158,14 +158,14 @@ class DeepSpeedEngine:
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         total = self._all_ranks_sum(torch.tensor([float(local_tokens)], dtype=torch.float64))[0].item()
         scale = self._gradient_divisor() / max(total, 1.0)  # undo DeepSpeed's average: a plain sum
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        totals = torch.tensor([0.0, float(local_tokens)], dtype=torch.float64, device=self.ctx.device)
         for i, batch in enumerate(micro_batches):
             self.ds.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss = sum_cross_entropy(self.ds, batch, self.ctx.device, "fp32")  # bf16 is DeepSpeed's
             self.ds.backward(loss * scale, scale_wrt_gas=False)
-            loss_sum += loss.detach().double().cpu()
+            totals[0] += loss.detach().double()
         self._pending_step = True
-        totals = self._all_ranks_sum(torch.stack((loss_sum, torch.tensor(float(local_tokens), dtype=torch.float64))))
+        totals = self._all_ranks_sum(totals)
         return totals[0].item(), totals[1].item()
 
     def _gradient_divisor(self) -> int:
