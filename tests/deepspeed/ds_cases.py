@@ -3,7 +3,8 @@
     torchrun --standalone --nproc-per-node N tests/deepspeed/ds_cases.py CASE [CASE ...]
 
 A case is `name:key=value,...` over deepspeed.* and parallel.context (`stage=3,offload=true,cp=2`);
-a name starting `resume` or `consolidate` selects a checkpoint check, `skip` a non-finite step.
+a name starting `resume` or `consolidate` selects a checkpoint check, `skip` a non-finite step,
+`recompute` activation checkpointing.
 For each equality case, every rank also runs the single-process reference (ratpt.train.engine.
 LocalEngine, torch AdamW) on the whole global batch, for STEPS steps of a warmup + cosine schedule
 with clipping active, and checks:
@@ -33,6 +34,7 @@ from ratpt.parallel.data_parallel import init_distributed
 from ratpt.parallel.deepspeed_engine import DeepSpeedEngine
 from ratpt.train.engine import LocalEngine
 from ratpt.train.schedule import LRMultiplier
+from ratpt.train.trainer import apply_activation_checkpointing
 
 BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.ngroups=2", "model.n_layers=2",
         "model.chunk_size=8", "model.window=8", "model.kernels=torch", "model.mixers=[rat,swa]", "data.seq_len=64",
@@ -103,7 +105,10 @@ def check_equal(name: str, spec: str, ctx) -> None:
     torch.manual_seed(0)
     reference = LocalEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
     torch.manual_seed(0)
-    engine = DeepSpeedEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
+    model = build_model(cfg.model).to(ctx.device)
+    if name.startswith("recompute"):  # the trainer's activation checkpointing, under ZeRO's hooks
+        apply_activation_checkpointing(model)
+    engine = DeepSpeedEngine(cfg, ctx, model)
     bf16 = cfg.train.precision == "bf16"
     nan_step = 1 if name.startswith("skip") else None  # that step is non-finite: skipped by both
     poisoned = [False]

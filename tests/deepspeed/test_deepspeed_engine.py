@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ratpt.config import ConfigError, load_config
+from ratpt.parallel.deepspeed_checkpoint import deepspeed_checkpoint_dir
 from ratpt.parallel.deepspeed_config import deepspeed_json
-from ratpt.train.checkpoint import latest_checkpoint, load_checkpoint
+from ratpt.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+|nan)")
@@ -29,6 +31,7 @@ TWO_RANK_CASES = {
     "stage1": "stage=1", "stage2": "stage=2", "stage3": "stage=3",
     "stage2-offload": "stage=2,offload=true", "stage3-offload": "stage=3,offload=true,offload_params=true",
     "bf16-stage2": "stage=2,precision=bf16", "skip-stage1": "stage=1", "skip-stage3": "stage=3",
+    "recompute-stage3": "stage=3",
     "resume-stage3": "stage=3", "resume-stage2-cp2": "stage=2,cp=2",
     "consolidate-stage1": "stage=1", "consolidate-stage3": "stage=3",
 }
@@ -133,8 +136,6 @@ def test_context_parallel_times_zero_data_parallel_equals_one_process(four_rank_
 
 @pytest.mark.gpu
 def test_two_gpus_nccl_equal_one_process(tmp_path):  # pragma: no cover - needs 2 GPUs
-    import torch
-
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     cases = {name: TWO_RANK_CASES[name] for name in ("stage1", "stage2", "stage3", "bf16-stage2", "resume-stage3",
@@ -153,6 +154,10 @@ def test_non_finite_step_is_skipped_leaving_weights_and_adam_state_untouched(two
     assert passed(two_rank_cases, case)
 
 
+def test_activation_checkpointing_under_zero3_equals_one_process(two_rank_cases):
+    assert passed(two_rank_cases, "recompute-stage3")
+
+
 @pytest.mark.parametrize("case", ["resume-stage3", "resume-stage2-cp2"])
 def test_deepspeed_checkpoint_resumes_to_bit_identical_losses(two_rank_cases, case):
     assert passed(two_rank_cases, case)
@@ -161,6 +166,14 @@ def test_deepspeed_checkpoint_resumes_to_bit_identical_losses(two_rank_cases, ca
 @pytest.mark.parametrize("case", ["consolidate-stage1", "consolidate-stage3"])
 def test_consolidation_gives_exactly_the_engine_weights(two_rank_cases, case):
     assert passed(two_rank_cases, case)
+
+
+def test_deepspeed_engine_refuses_a_checkpoint_of_another_engine(tmp_path):
+    step = tmp_path / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    torch.save({"model": {}, "optimizer": {}, "step": 4}, step / "state.pt")
+    with pytest.raises(CheckpointError, match="train.engine=deepspeed"):
+        deepspeed_checkpoint_dir(tmp_path)
 
 
 # ----- end to end: the trainer under torchrun (tens of seconds each) ---------------------------
