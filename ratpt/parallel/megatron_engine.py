@@ -16,6 +16,7 @@ buffers, bucketed reduce-scatter overlapped with backward on GPU).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Iterable, Optional
 
@@ -30,7 +31,10 @@ from ratpt.parallel.data_parallel import DistributedContext
 from ratpt.parallel.mesh import Mesh, init_mesh
 from ratpt.parallel.optimizer_state import ADAM_KEYS, gather_adam_state, scatter_adam_state
 from ratpt.parallel.parallelize import LayoutNotSupported, parallelize
+from ratpt.parallel.pipeline import stage_layers
 from ratpt.parallel.tensor_parallel import from_plain, to_plain
+
+log = logging.getLogger("ratpt.train")
 
 IGNORE_INDEX = -100
 
@@ -77,6 +81,10 @@ class MegatronEngine:
                 "multiple of it (or use parallel.virtual_stages=1)")
         parallel = parallelize(model, cfg, mesh, self.config)
         self.chunks, self.placements = parallel.chunks, parallel.placements
+        if ctx.is_main:
+            stages = stage_layers(cfg.model, cfg.data.seq_len, mesh.pp * mesh.virtual_stages) if mesh.pp > 1 else None
+            log.info("layout %s%s", mesh.describe(),
+                     f"; layers of the pipeline stages (FLOP-balanced): {[[r[0], r[-1]] for r in stages]}" if stages else "")
         self.model = nn.ModuleList(self.chunks)  # this rank's parameters (names prefixed by the chunk index)
         on_gpu = ctx.device.type == "cuda"
         ddp_config = DistributedDataParallelConfig(

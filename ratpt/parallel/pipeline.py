@@ -117,13 +117,17 @@ def balanced_stages(costs: list[float], n_stages: int, last_extra: float = 0.0) 
     return runs[::-1]
 
 
+def stage_layers(model_cfg, seq_len: int, n_stages: int) -> list[list[int]]:
+    """The layers of each of `n_stages` pipeline stages (in pipeline order), balanced by forward FLOPs."""
+    from ratpt.model.flops import head_flops_per_token
+
+    return balanced_stages(layer_costs(model_cfg, seq_len), n_stages, last_extra=head_flops_per_token(model_cfg))
+
+
 def pipeline_chunks(model: nn.Module, seq_len: int, pp: int, pp_rank: int, virtual: int,
                     head: nn.Module | None = None) -> list[ModelStage]:
     """This pipeline rank's model chunks (one per virtual stage), from the FLOP-balanced cut."""
-    from ratpt.model.flops import head_flops_per_token
-
-    cfg = model.cfg
-    runs = balanced_stages(layer_costs(cfg, seq_len), pp * virtual, last_extra=head_flops_per_token(cfg))
+    runs = stage_layers(model.cfg, seq_len, pp * virtual)
     n = len(runs)
     return [ModelStage(model, runs[c], first=c == 0, last=c == n - 1, head=head if c == n - 1 else None)
             for c in range(pp_rank, n, pp)]
