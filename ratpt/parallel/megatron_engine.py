@@ -206,12 +206,12 @@ class MegatronEngine:
         tp_group = ps.get_tensor_model_parallel_group()
         adam_local = gather_adam_state(self.named_parameters(), self.optimizer,
                                        ps.get_data_parallel_group(with_context_parallel=True))
-        model = to_plain({n: p.detach() for n, p in self.named_parameters()}, self.placements, tp_group)
-        moments = {key: to_plain({n: s[key] for n, s in adam_local.items()}, self.placements, tp_group)
+        device = self.ctx.device
+        model = to_plain({n: p.detach() for n, p in self.named_parameters()}, self.placements, tp_group, device)
+        moments = {key: to_plain({n: s[key] for n, s in adam_local.items()}, self.placements, tp_group, device)
                    for key in ADAM_KEYS}
-        steps = {self._plain_name(n): s["step"] for n, s in adam_local.items() if not self._duplicate(n)}
+        steps = {self._plain_name(n): s["step"].cpu() for n, s in adam_local.items() if not self._duplicate(n)}
         adam = {name: {"step": steps[name], **{key: moments[key][name] for key in ADAM_KEYS}} for name in model}
-        model = {n: t.cpu() for n, t in model.items()}
         if self.mesh.pp > 1:  # every stage contributes its parameters
             parts = [None] * self.mesh.pp
             dist.all_gather_object(parts, (model, adam), group=ps.get_pipeline_model_parallel_group())

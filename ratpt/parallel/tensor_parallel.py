@@ -251,30 +251,34 @@ def apply_tensor_parallel(model: nn.Module, config, tp_rank: int, tp: int) -> di
 
 # ----- the layout-independent form: full tensors by plain parameter name ------------------------
 
-def to_plain(tensors: dict[str, torch.Tensor], placements: dict[str, Placement], group) -> dict[str, torch.Tensor]:
-    """{local name: local tensor} of this TP rank -> {plain name: full tensor}, identical on every TP
-    rank. Collective over the TP `group` (every rank passes the same names in the same order)."""
+def to_plain(tensors: dict[str, torch.Tensor], placements: dict[str, Placement], group,
+             device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """{local name: local tensor} of this TP rank -> {plain name: full tensor on the CPU}, identical on
+    every TP rank. Collective over the TP `group` (every rank passes the same names in the same
+    order); the shards travel on `device` (the rank's GPU under NCCL; default: where they are)."""
     out: dict[str, torch.Tensor] = {}
     size = dist.get_world_size(group) if group is not None else 1
     for name, tensor in tensors.items():
         p = placements.get(name)
+        tensor = tensor.detach()
         if p is None:
-            out[name] = tensor.detach().clone()
+            out[name] = tensor.cpu().clone()
             continue
         if p.duplicate:
             continue
         if p.plain not in out:
             shape = list(tensor.shape)
             shape[p.dim] = p.size
-            out[p.plain] = tensor.new_zeros(shape)
+            out[p.plain] = torch.zeros(shape, dtype=tensor.dtype)
         full = out[p.plain]
         if p.replicated or size == 1:
-            full.index_copy_(p.dim, p.index[0], tensor.detach())
+            full.index_copy_(p.dim, p.index[0], tensor.cpu())
             continue
-        pieces = [torch.empty_like(tensor) for _ in range(size)]
-        dist.all_gather(pieces, tensor.detach().contiguous(), group=group)
+        local = tensor.to(device or tensor.device).contiguous()
+        pieces = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(pieces, local, group=group)
         for j, piece in enumerate(pieces):
-            full.index_copy_(p.dim, p.index[j], piece)
+            full.index_copy_(p.dim, p.index[j], piece.cpu())
     return out
 
 
