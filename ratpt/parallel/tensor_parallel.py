@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ratpt.model.norm import RMSNorm
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -209,7 +211,8 @@ def apply_tensor_parallel(model: nn.Module, config, tp_rank: int, tp: int) -> di
         name = prefix + "mixer.in_proj.weight"
         if kind == "rat":
             heads = _sharded(name, 0, D, 3, tp, size=3 * D + 2 * qk)
-            groups = Placement(name, 0, 3 * D + 2 * qk, tuple(torch.arange(3 * D, 3 * D + 2 * qk) for _ in range(tp)), replicated=True)
+            group_rows = torch.arange(3 * D, 3 * D + 2 * qk)  # q, k of all G groups, on every rank
+            groups = Placement(name, 0, 3 * D + 2 * qk, (group_rows,) * tp, replicated=True)
             full = mixer.in_proj.weight
             mixer.in_proj = GroupedColumnParallel(take(full, heads), take(full, groups), config)
             placements[name] = heads
@@ -243,8 +246,8 @@ def apply_tensor_parallel(model: nn.Module, config, tp_rank: int, tp: int) -> di
     p = _sharded("embedding.weight", 0, cfg.vocab_size, 1, tp)
     model.embedding = _vocab_parallel_embedding(take(model.embedding.weight, p), config)
     placements["embedding.weight"] = p
-    for module_name, module in model.named_modules():  # norms: replicated, per-token inputs differ by rank
-        if type(module).__name__ == "RMSNorm":
+    for module in model.modules():  # norms: replicated; each rank's gradient covers its sequence slice
+        if isinstance(module, RMSNorm):
             module.weight.sequence_parallel = True
     return placements
 
