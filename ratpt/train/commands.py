@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from ratpt.config import Config, load_config
-from ratpt.train.checkpoint import CONFIG_FILE, TOKENIZER_DIR, load_checkpoint, resolve_checkpoint
+from ratpt.train.checkpoint import CONFIG_FILE, TOKENIZER_DIR, CheckpointError, load_checkpoint, resolve_checkpoint
 
 log = logging.getLogger("ratpt")
 
@@ -61,8 +61,14 @@ def checkpoint_config(checkpoint: Path, overrides: list[str] | None = None) -> C
 def load_trained_model(checkpoint: Path, cfg: Config):
     from ratpt.model import build_model
 
+    state = load_checkpoint(checkpoint)
+    if state.get("engine") == "deepspeed":
+        raise CheckpointError(
+            f"{checkpoint} is a DeepSpeed checkpoint: consolidate it first with "
+            f"`python -m ratpt.parallel.deepspeed_checkpoint {checkpoint} OUT_DIR`, then use OUT_DIR/step_*"
+        )
     model = build_model(cfg.model)
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    model.load_state_dict(state["model"])
     return model
 
 

@@ -54,3 +54,12 @@ def test_export_refuses_a_non_empty_folder(trained, tmp_path):
     done = run_ratpt("export", str(trained[0]), "--out", str(tmp_path))
     assert done.returncode == 2 and "not empty" in done.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_an_unconsolidated_deepspeed_checkpoint_is_refused_with_the_command_to_fix_it(trained, tmp_path):
+    fake = tmp_path / "step_00000001"
+    fake.mkdir()
+    torch.save({"engine": "deepspeed", "step": 1}, fake / "state.pt")
+    (fake / "config.yaml").write_text((trained[0] / "config.yaml").read_text())
+    done = run_ratpt("export", str(fake), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "python -m ratpt.parallel.deepspeed_checkpoint" in done.stderr
