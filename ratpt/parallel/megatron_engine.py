@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.distributed as dist

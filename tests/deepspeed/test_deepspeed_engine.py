@@ -194,9 +194,9 @@ def losses_of(output: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ds_byte_data, tmp_path_factory) -> tuple[Path, str]:
+def uninterrupted(byte_data, tmp_path_factory) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("ds_whole")
-    done = subprocess.run(train_command(ds_byte_data, run_dir, "logging.tensorboard=true", "eval.interval=4",
+    done = subprocess.run(train_command(byte_data, run_dir, "logging.tensorboard=true", "eval.interval=4",
                                         "eval.max_samples=8"),
                           cwd=REPO, env=ENV, text=True, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
@@ -225,8 +225,8 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_deepspeed_run_resumes_to_the_same_losses(ds_byte_data, uninterrupted, tmp_path):
-    proc = subprocess.Popen(train_command(ds_byte_data, tmp_path), cwd=REPO, env=ENV,
+def test_killed_deepspeed_run_resumes_to_the_same_losses(byte_data, uninterrupted, tmp_path):
+    proc = subprocess.Popen(train_command(byte_data, tmp_path), cwd=REPO, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while latest_checkpoint(tmp_path / "checkpoints") is None and proc.poll() is None:
@@ -239,7 +239,7 @@ def test_killed_deepspeed_run_resumes_to_the_same_losses(ds_byte_data, uninterru
     killed_at = load_checkpoint(tmp_path / "checkpoints")["step"]
     assert killed_at < 8, "the run was killed before it finished"
 
-    resumed = subprocess.run(train_command(ds_byte_data, tmp_path), cwd=REPO, env=ENV, text=True,
+    resumed = subprocess.run(train_command(byte_data, tmp_path), cwd=REPO, env=ENV, text=True,
                              capture_output=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-5000:]
     output = resumed.stdout + resumed.stderr

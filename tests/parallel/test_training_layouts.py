@@ -4,13 +4,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "train"))
-from train_helpers import losses_of, ratpt, small_run  # noqa: E402
+from run_helpers import REPO, losses_of, ratpt, small_run
 
 VAL_LINE = re.compile(r"step (\d+) \| val loss ([0-9.]+)")
 # vocab 258: the byte tokenizer's 257 rounded up to a multiple of TP = 2 (vocab-parallel embedding);
@@ -18,14 +15,6 @@ VAL_LINE = re.compile(r"step (\d+) \| val loss ([0-9.]+)")
 # constant lr: a 2-step run and a 4-step run take the same steps (the cosine schedule depends on train.steps)
 RUN = ["model.vocab_size=258", "model.head_dim=16", "eval.interval=2", "eval.max_samples=8", "checkpoint.interval=0",
        "schedule.kind=constant", "schedule.warmup_fraction=0"]
-
-
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "pydoc"
-    subprocess.run([sys.executable, "-m", "data_prep", "tokenize", "pydoc", "--out", str(out),
-                    "--tokenizer", "byte", "--val-fraction", "0.05"], check=True, cwd=REPO, capture_output=True)
-    return out
 
 
 def test_tensor_parallel_training_matches_one_process_and_resumes_in_one_process(byte_data, tmp_path):

@@ -9,7 +9,7 @@ from ratpt.config import load_config
 from ratpt.model import build_model
 from ratpt.train.checkpoint import load_checkpoint
 
-from train_helpers import ratpt as run_ratpt, small_run
+from run_helpers import ratpt as run_ratpt, small_run
 
 
 @pytest.fixture(scope="module")

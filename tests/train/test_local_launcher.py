@@ -5,7 +5,7 @@ import sys
 
 from ratpt.train.checkpoint import load_checkpoint
 
-from train_helpers import REPO, losses_of, small_run
+from run_helpers import REPO, losses_of, small_run
 
 
 def test_local_launcher_trains_with_two_ranks_and_checkpoints(byte_data, tmp_path):

@@ -1,7 +1,6 @@
 """End-to-end training through the real CLI: falling loss, exact resume, preemption, NaN guard."""
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from ratpt.config import load_config
 from ratpt.train import engine, trainer
 from ratpt.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
-from train_helpers import LOSS_LINE, REPO, losses_of, ratpt, small_run
+from run_helpers import LOSS_LINE, REPO, losses_of, ratpt, small_run
 
 def final_state(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "checkpoints")
