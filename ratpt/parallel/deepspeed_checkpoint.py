@@ -5,13 +5,14 @@ directories, and consolidation into a plain ratpt checkpoint.
         deepspeed/     DeepSpeed's save_checkpoint (tag "deepspeed"): every rank's ZeRO partitions
                        of the fp32 weights and AdamW state, and the client state (step, data-loader
                        position, RNG, bad-step count) that the trainer resumes from
-        state.pt       {"engine": "deepspeed", "step"}: written last, it marks the checkpoint complete
+        state.pt       {"engine": "deepspeed", "step"}: tells ratpt which engine wrote it
         config.yaml, tokenizer/   as for every ratpt checkpoint
         zero_to_fp32.py           DeepSpeed's own consolidation script, which it copies in
 
-As ratpt.train.checkpoint, the directory is written under a temporary name and renamed into
-place, so `checkpoint.resume: auto` finds only complete checkpoints, and only the newest
-`checkpoint.keep` are kept. `consolidate` turns one (any ZeRO stage) into a plain ratpt checkpoint
+Through ratpt.train.checkpoint (start_checkpoint / finish_checkpoint) the directory is written
+under a temporary name and renamed into place, so `checkpoint.resume: auto` finds only complete
+checkpoints, and only the newest `checkpoint.keep` are kept. `consolidate` turns one (any ZeRO
+stage) into a plain ratpt checkpoint
 (`state.pt` with the full fp32 "model") for `ratpt eval`, `ratpt generate` and `ratpt export`:
 
     python -m ratpt.parallel.deepspeed_checkpoint runs/NAME/checkpoints/step_00001000 OUT_FOLDER
@@ -19,7 +20,6 @@ place, so `checkpoint.resume: auto` finds only complete checkpoints, and only th
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -29,9 +29,8 @@ import torch
 import torch.distributed as dist
 
 from ratpt.train.checkpoint import (CONFIG_FILE, STATE_FILE, TOKENIZER_DIR, CheckpointError, checkpoint_name,
-                                    list_checkpoints, resolve_checkpoint)
+                                    finish_checkpoint, resolve_checkpoint, start_checkpoint, temporary_dir)
 
-log = logging.getLogger(__name__)
 
 TAG = "deepspeed"  # DeepSpeed's checkpoint tag: its files live in step_XXXXXXXX/deepspeed/
 
@@ -40,29 +39,14 @@ def save_deepspeed_checkpoint(ds_engine, directory: Path, step: int, client_stat
                               config_yaml: str, tokenizer_dir: Optional[Path], keep: int) -> Path:
     """Write checkpoint `step` through DeepSpeed's save_checkpoint, atomically (every rank calls it)."""
     main = dist.get_rank() == 0
-    final = directory / checkpoint_name(step)
-    tmp = directory / f"{final.name}.tmp"
-    if main:
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob("*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+    tmp = start_checkpoint(directory, step) if main else temporary_dir(directory, step)
     dist.barrier()
     ds_engine.save_checkpoint(str(tmp), tag=TAG, client_state=client_state, save_latest=False)
     _fsync_files(tmp / TAG, str(dist.get_rank()))  # each rank its own files (DeepSpeed names them by rank)
     dist.barrier()
+    final = directory / checkpoint_name(step)
     if main:
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        if tokenizer_dir is not None and tokenizer_dir.is_dir():
-            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-        torch.save({"engine": "deepspeed", "step": step}, tmp / STATE_FILE)
-        _fsync_files(tmp, "")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(directory)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("saved DeepSpeed checkpoint %s", final)
+        finish_checkpoint(tmp, {"engine": "deepspeed", "step": step}, config_yaml, tokenizer_dir, keep)
     dist.barrier()
     return final
 

@@ -54,6 +54,41 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def temporary_dir(directory: Path, step: int) -> Path:
+    """Where checkpoint `step` is assembled before it is renamed into place."""
+    return directory / f"{checkpoint_name(step)}.tmp"
+
+
+def start_checkpoint(directory: Path, step: int) -> Path:
+    """Create the temporary directory of checkpoint `step`, removing any an interrupted save left."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = temporary_dir(directory, step)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_checkpoint(
+    tmp: Path, state: dict[str, Any], config_yaml: str, tokenizer_dir: Optional[Path], keep: int
+) -> Path:
+    """Add state, config and tokenizer to `tmp`, flush it to disk, rename it into place, and delete
+    all but the newest `keep` checkpoints."""
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / CONFIG_FILE).write_text(config_yaml)
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+    _fsync_tree(tmp)
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(tmp.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("saved checkpoint %s", final)
+    return final
+
+
 def save_checkpoint(
     directory: Path,
     step: int,
@@ -63,24 +98,7 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    final = directory / checkpoint_name(step)
-    tmp = directory / f"{final.name}.tmp"
-    tmp.mkdir()
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / CONFIG_FILE).write_text(config_yaml)
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    log.info("saved checkpoint %s", final)
-    return final
+    return finish_checkpoint(start_checkpoint(directory, step), state, config_yaml, tokenizer_dir, keep)
 
 
 def resolve_checkpoint(path: Path) -> Path:
