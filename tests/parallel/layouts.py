@@ -16,9 +16,12 @@ checks, after one optimizer step:
     parameters        after clip + AdamW + all-gather, all of them: rtol 1e-4, atol 1e-5 (0.1% of
                       the lr; Adam eps 1e-4 keeps the first step from amplifying round-off in tiny gradients)
 Prints `OK name` per case on rank 0; any mismatch raises (non-zero exit).
+RATPT_TEST_DEVICE=cuda runs it on GPUs through NCCL (one process per GPU, fp32 with TF32 off, so
+the same tolerances hold).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -103,9 +106,9 @@ def check(name: str, spec_a: str, spec_b: str | None, ctx) -> None:
 
     cfg = config(spec_a)
     torch.manual_seed(0)
-    reference = LocalEngine(cfg, ctx, build_model(cfg.model))
+    reference = LocalEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
     torch.manual_seed(0)
-    engine = MegatronEngine(cfg, ctx, build_model(cfg.model))
+    engine = MegatronEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
     steps = [(engine, cfg)]
     if spec_b is not None:  # one step in layout A, then the state moves to layout B
         loss, _ = train_step(engine, cfg, rank_batches(global_batches(cfg, 0), engine.dp_rank, engine.dp_size))
@@ -120,9 +123,9 @@ def check(name: str, spec_a: str, spec_b: str | None, ctx) -> None:
         cfg_b = config("" if spec_b == "local" else spec_b)
         torch.manual_seed(1)  # different init: everything must come from the state
         if spec_b == "local":  # one process, plain PyTorch (what `ratpt train` runs without torchrun)
-            engine = LocalEngine(cfg_b, ctx, build_model(cfg_b.model))
+            engine = LocalEngine(cfg_b, ctx, build_model(cfg_b.model).to(ctx.device))
         else:
-            engine = MegatronEngine(cfg_b, ctx, build_model(cfg_b.model))
+            engine = MegatronEngine(cfg_b, ctx, build_model(cfg_b.model).to(ctx.device))
         engine.load_state_dict(state)
         steps = [(engine, cfg_b)]
     engine, cfg_run = steps[0]
@@ -152,7 +155,8 @@ def check(name: str, spec_a: str, spec_b: str | None, ctx) -> None:
 
 
 def main(cases: list[str]) -> None:
-    ctx = init_distributed("cpu")
+    ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"))  # cuda: NCCL on GPUs
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for case in cases:
         name, _, spec = case.partition(":")
         a, _, b = spec.partition(">")

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_layouts(nproc: int, *cases: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def run_layouts(nproc: int, *cases: str, **env_vars: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env_vars}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
          str(REPO / "tests" / "parallel" / "layouts.py"), *cases],
@@ -60,4 +61,16 @@ def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():
 
 @pytest.mark.gpu
 def test_two_gpus_nccl_equal_one_process():  # pragma: no cover - needs 2 GPUs
-    pytest.skip("GPU/NCCL validation of the layouts is pending (see the issue 5 report)")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    run_layouts(
+        2,
+        "dp2:",
+        "cp2-rat+swa:context=2,mixers=rat+swa",
+        "cp2-attention:context=2,mixers=attention",
+        "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu,micro_batch=2",
+        "pp2-interleaved-rat+swa:pipeline=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
+        "resume-pp2-to-tp2:pipeline=2>tensor=2",
+        "resume-tp2-to-one-process:tensor=2>local",
+        RATPT_TEST_DEVICE="cuda",
+    )
