@@ -2,9 +2,10 @@
 collective megatron-core and ratpt issue (not derived from formulas).
 
     torchrun --standalone --nproc-per-node 2 benchmarks/comm_volume.py --out benchmarks/results/comm_volume.json
+    (on GPUs, NCCL: --device cuda --cases rat:4096 attention:4096 rat:102400 attention:102400)
 
 Runs one step (forward, backward, grad reduction, optimizer step with its parameter all-gather)
-of each (mixer, sequence length, layout) listed below on a small model, and sums, per process
+of each (mixer, sequence length) in each 2-rank-or-more layout (DP, CP, TP, PP) on a small model, and sums, per process
 group (tp / cp / dp / dp×cp / pp / world), the bytes of the tensors handed to each collective on
 rank 0: the tensor of all_reduce, the gathered output of all_gather, the per-rank output shard of
 reduce_scatter (the first argument; megatron and ratpt pass (output, input)), the tensors of
@@ -37,8 +38,10 @@ class CommCounter:
         self.by_op = defaultdict(int)
         self.active = False
         self._originals = {}
-        # megatron's gradient buffers bind their collectives at import: import first, count those too
+        # megatron's gradient buffers and TP/SP mappings bind their collectives at import: import
+        # first, count those too
         from megatron.core.distributed import param_and_grad_buffer as buffers
+        from megatron.core.tensor_parallel import mappings
 
         for name in COUNTED:
             if hasattr(dist, name):
@@ -46,6 +49,8 @@ class CommCounter:
                 setattr(dist, name, self._wrap(name, self._originals[name]))
         buffers.dist_all_gather_func = self._wrap("all_gather_into_tensor", buffers.dist_all_gather_func)
         buffers.dist_reduce_scatter_func = self._wrap("reduce_scatter_tensor", buffers.dist_reduce_scatter_func)
+        mappings.dist_all_gather_func = self._wrap("all_gather_into_tensor", mappings.dist_all_gather_func)
+        mappings.dist_reduce_scatter_func = self._wrap("reduce_scatter_tensor", mappings.dist_reduce_scatter_func)
 
     def _wrap(self, name, fn):
         def counted(*args, **kwargs):
@@ -97,25 +102,26 @@ def group_namer():
     return name_of
 
 
-def measure(mixer: str, seq_len: int, layout: dict, d_model: int, n_layers: int) -> dict:
+def measure(mixer: str, seq_len: int, layout: dict, d_model: int, n_layers: int, device: str) -> dict:
     from ratpt.config import load_config
     from ratpt.model import build_model
     from ratpt.parallel.data_parallel import init_distributed
     from ratpt.parallel.megatron_engine import MegatronEngine
     from ratpt.parallel.mesh import destroy_mesh
 
-    ctx = init_distributed("cpu")
+    ctx = init_distributed(device)
     world = dist.get_world_size()
     cp = layout.get("context", 1)
-    dp = world // cp
+    dp = world // (cp * layout.get("tensor", 1) * layout.get("pipeline", 1))
     cfg = load_config(None, [
         "model.vocab_size=32000", f"model.d_model={d_model}", "model.head_dim=64", "model.ngroups=2",
         f"model.n_layers={n_layers}", "model.chunk_size=16", "model.window=1024", f"model.mixers=[{mixer}]",
         "model.kernels=torch", f"data.seq_len={seq_len}", f"train.global_batch={dp}", "train.micro_batch=1",
-        "train.precision=fp32", "data.streams=[{path: unused}]", f"parallel.context={cp}",
+        "train.precision=fp32", "data.streams=[{path: unused}]",
+        *(f"parallel.{axis}={size}" for axis, size in layout.items()),
     ])
     torch.manual_seed(0)
-    engine = MegatronEngine(cfg, ctx, build_model(cfg.model))
+    engine = MegatronEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
     counter = COUNTER
     counter.group_names = group_namer()
     tokens = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1))
@@ -129,9 +135,10 @@ def measure(mixer: str, seq_len: int, layout: dict, d_model: int, n_layers: int)
     engine.step()
     counter.active = False
     seconds = time.perf_counter() - start
-    result = {"mixer": mixer, "seq_len": seq_len, "world": world, "dp": dp, "cp": cp, "d_model": d_model,
+    result = {"mixer": mixer, "seq_len": seq_len, "world": world, "layout": layout, "dp": dp, "cp": cp,
+              "device": ctx.device.type, "d_model": d_model,
               "n_layers": n_layers, "parameters": sum(p.numel() for p in engine.model.parameters()),
-              "bytes_per_step_rank0": dict(counter.bytes), "bytes_by_collective": dict(counter.by_op), "step_seconds_cpu": round(seconds, 2)}
+              "bytes_per_step_rank0": dict(counter.bytes), "bytes_by_collective": dict(counter.by_op), "step_seconds": round(seconds, 2)}
     destroy_mesh()
     return result
 
@@ -142,15 +149,20 @@ COUNTER = CommCounter(lambda g: "world")
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results/comm_volume.json")
-    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--cases", nargs="*", default=["rat:4096", "attention:4096"])  # 100K: GPU only
+    parser.add_argument("--layouts", nargs="*", default=["data", "context", "tensor", "pipeline"],
+                        help="parallel axes, each measured alone over all the ranks")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     results = []
     for case in args.cases:
         mixer, seq = case.split(":")
-        for layout in ({"context": 1}, {"context": dist.get_world_size() if dist.is_initialized() else 2}):
-            results.append(measure(mixer, int(seq), layout, args.d_model, args.layers))
+        for axis in args.layouts:
+            layout = {} if axis == "data" else {axis: world}
+            results.append(measure(mixer, int(seq), layout, args.d_model, args.layers, args.device))
             if int(os.environ.get("RANK", "0")) == 0:
                 print(json.dumps(results[-1]), flush=True)
     if int(os.environ.get("RANK", "0")) == 0:
