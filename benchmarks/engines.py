@@ -9,6 +9,10 @@ on random tokens, so the numbers compare the engines and nothing else.
     torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine deepspeed --zero-stage 3
     (options: --config rat_1p3b --global-batch 32 --micro-batch 4 --seq-len 4096 --steps 10 --warmup 3
      --out benchmarks/results/engines.jsonl; --set key=value for any other ratpt config key)
+
+The same harness measures long context, e.g. one 131072-token sequence per step over CP = 2:
+    torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine megatron --global-batch 1 \
+        --micro-batch 1 --seq-len 131072 --set parallel.context=2 --set train.activation_checkpointing=true
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from ratpt.model.flops import training_flops_per_token
 from ratpt.parallel.data_parallel import init_distributed
 from ratpt.train.engine import build_engine
 from ratpt.train.metrics import device_peak_tflops
+from ratpt.train.trainer import apply_activation_checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +55,10 @@ def main() -> None:
         f"data.seq_len={args.seq_len}", *args.set])
     ctx = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    engine = build_engine(cfg, ctx, build_model(cfg.model).to(ctx.device))
+    model = build_model(cfg.model).to(ctx.device)
+    if cfg.train.activation_checkpointing:  # as the trainer does, before the engine wraps the model
+        apply_activation_checkpointing(model)
+    engine = build_engine(cfg, ctx, model)
     accum = cfg.train.global_batch // (cfg.train.micro_batch * engine.dp_size)
     g = torch.Generator().manual_seed(engine.dp_rank)  # CP ranks of one DP rank read the same sequences
     tokens = torch.randint(0, cfg.model.vocab_size, (accum, cfg.train.micro_batch, cfg.data.seq_len + 1), generator=g)

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_layouts(nproc: int, *cases: str, **env_vars: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env_vars}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))), **env_vars}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
          str(REPO / "tests" / "parallel" / "layouts.py"), *cases],
