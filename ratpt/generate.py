@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from ratpt.model.cache import ModelCache
 from ratpt.model.lm import RATLM
 
 
@@ -31,12 +32,62 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class GraphedDecodeStep:
+    """`model.decode_step(tokens, cache)` captured once in a CUDA graph and replayed per token.
+
+    A decode step is hundreds of small kernels; launching them from Python costs more than
+    running them at small batches. The first `warmup` calls are real decode steps run eagerly on
+    a side stream (they compile the Triton kernels and set up cuBLAS, which a capture cannot
+    do); the next call captures one step and replays it, and every later call copies the tokens
+    into the graph's input and replays. The cache must be static (prefilled with a capacity).
+    The returned logits are the graph's output buffer: the next call overwrites them.
+    """
+
+    def __init__(self, model: RATLM, cache: ModelCache, warmup: int = 2):
+        if not cache.static:
+            raise ValueError("a CUDA-graphed decode step needs a cache prefilled with a capacity")
+        if not cache.lengths.is_cuda:
+            raise ValueError("CUDA graphs need the model and cache on a CUDA device")
+        self.model, self.cache, self.warmup = model, cache, warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.tokens: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.graph is not None:
+            self.cache.reserve_next()  # the host-side count that the graph does not replay
+            self.tokens.copy_(tokens)
+        elif self.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.model.decode_step(tokens, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        else:
+            self.tokens = tokens.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.model.decode_step(self.tokens, self.cache)
+        self.graph.replay()
+        return self.logits
+
+
+STOP_CHECK_EVERY = 16  # decode steps between host checks of "every sequence has emitted EOS"
+
+
 @torch.inference_mode()
 def generate(model: RATLM, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0) -> list[list[int]]:
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
+             cuda_graph: bool = False) -> list[list[int]]:
     """Continue each prompt (token ids) by up to max_new_tokens; return the new tokens only.
 
-    A sequence stops after emitting eos_id (which is included in its output).
+    A sequence stops after emitting eos_id (which is included in its output). The cache is
+    preallocated for the longest prompt plus max_new_tokens; `cuda_graph` replays the decode
+    step as one CUDA graph (CUDA only). New tokens stay on the device: the host looks at them
+    only every STOP_CHECK_EVERY steps (to stop early) and at the end.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs >= 1 token")
@@ -45,23 +96,27 @@ def generate(model: RATLM, prompts: list[list[int]], max_new_tokens: int, temper
     tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(prompt, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    outputs: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens <= 0:
-        return outputs
-    logits, cache = model.prefill(tokens, lengths)
+        return [[] for _ in prompts]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    logits, cache = model.prefill(tokens, lengths, capacity=tokens.shape[1] + max_new_tokens)
+    decode = GraphedDecodeStep(model, cache) if cuda_graph else (lambda t: model.decode_step(t, cache))
+    new = torch.zeros(len(prompts), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
-        for row, (token, finished) in enumerate(zip(next_tokens.tolist(), done.tolist())):
-            if not finished:
-                outputs[row].append(token)
+        new[:, step] = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
-            done |= next_tokens == eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
+            done |= new[:, step] == eos_id
+        last = step == max_new_tokens - 1
+        if last or (eos_id is not None and step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and bool(done.all())):
             break
-        logits = model.decode_step(next_tokens, cache)
-    return outputs
+        logits = decode(new[:, step])
+    return [_until_eos(row, eos_id) for row in new[:, :step + 1].tolist()]
+
+
+def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """The tokens up to and including the first eos_id."""
+    return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -77,6 +132,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--tokenizer", default=None, help="tokenizer spec (default: MODEL_DIR/tokenizer)")
+    parser.add_argument("--cuda-graph", action="store_true", help="replay each decode step as one CUDA graph (GPU)")
     parser.set_defaults(func=run)
 
 
@@ -90,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = [tokenizer.encode(text) for text in args.prompt]
     start = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k,
-                       args.top_p, eos_id=tokenizer.eos_id, seed=args.seed)
+                       args.top_p, eos_id=tokenizer.eos_id, seed=args.seed,
+                       cuda_graph=args.cuda_graph)
     seconds = time.perf_counter() - start
     for text, new in zip(args.prompt, outputs):
         print(text + tokenizer.decode(new))

@@ -2,7 +2,7 @@
 
 As the reference code: pre-norm `input_norm`, `in_proj` rows v, q, k (all H heads, no output
 gate), RoPE over token positions, `out_proj`, residual. With a window W a token sees itself and
-the W previous tokens; its cache is then a ring of the last W (k, v).
+the W previous tokens; its cache is then a ring of the last W + 1 (k, v).
 """
 import torch
 import torch.nn.functional as F
@@ -33,33 +33,34 @@ class AttentionMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._mix(x)[0]
 
-    def prefill(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVCache]:
+        """Forward over a right-padded batch; cache (k, v) in slots for `capacity` tokens (attention)
+        or in the ring of W + 1 slots (sliding window)."""
         out, k, v = self._mix(x)
         if self.window is None:
-            return out, KVCache(k=k.clone(), v=v.clone())
-        # Ring slot s holds the latest position p < length with p = s (mod W), if any.
-        W = self.window
-        slots = torch.arange(W, device=x.device)
-        held = slots + W * torch.div(lengths.unsqueeze(-1) - 1 - slots, W, rounding_mode="floor")
+            return out, KVCache(k=ensure_slots(k, capacity), v=ensure_slots(v.contiguous(), capacity))
+        # Ring slot s holds the latest position p < length with p = s (mod W + 1), if any.
+        slots = torch.arange(self.window + 1, device=x.device)
+        held = slots + (self.window + 1) * torch.div(lengths.unsqueeze(-1) - 1 - slots, self.window + 1,
+                                                     rounding_mode="floor")
         held = held.clamp(0, x.shape[1] - 1)  # slots never written (s >= length) stay masked
         index = held[:, None, :, None].expand(-1, self.n_heads, -1, self.head_dim)
-        return out, KVCache(k=k.gather(2, index), v=v.gather(2, index))
+        return out, KVCache(k=k.gather(2, index), v=v.gather(2, index), window=self.window)
 
     def decode(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
-        """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place."""
+        """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place.
+
+        The token's (k, v) is written to its slot first, then the query attends over every slot
+        written so far: slot s <= position, in the full cache (slot = position) and in the ring
+        (slot = position mod (W + 1); once full, all W + 1 slots are the window). Static shapes.
+        """
         q, k, v = self._qkv(self.in_proj(self.input_norm(x)), positions.unsqueeze(-1), x.dtype)
-        slot = positions if self.window is None else positions % self.window
-        # attention: slot j holds position j; ring: slot s was written iff s < position
-        valid = torch.arange(cache.k.shape[2], device=x.device) < positions.unsqueeze(-1)
-        keys = torch.cat((cache.k, k), dim=2)
-        values = torch.cat((cache.v, v), dim=2)
-        mask = F.pad(valid, (0, 1), value=True)[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        if self.window is None:
-            cache.k = ensure_slots(cache.k, int(positions.max()) + 1)
-            cache.v = ensure_slots(cache.v, int(positions.max()) + 1)
+        slots = cache.k.shape[2]
+        slot = positions if self.window is None else positions % slots
         write_slots(cache.k, slot, k[:, :, 0])
         write_slots(cache.v, slot, v[:, :, 0])
+        visible = torch.arange(slots, device=x.device) <= positions.unsqueeze(-1)
+        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=visible[:, None, None, :])
         return x + self.out_proj(self._merge(y))
 
     def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

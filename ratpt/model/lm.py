@@ -47,8 +47,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._ffn_residual(self.mixer(x))
 
-    def prefill(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, LayerCache]:
-        x, cache = self.mixer.prefill(x, lengths)
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, LayerCache]:
+        x, cache = self.mixer.prefill(x, lengths, capacity)
         return self._ffn_residual(x), cache
 
     def decode(self, x: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> torch.Tensor:
@@ -94,31 +94,40 @@ class RATLM(nn.Module):
         return F.linear(hidden, self.embedding.weight.to(hidden.dtype))
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None, capacity: int | None = None
                 ) -> tuple[torch.Tensor, ModelCache]:
         """Run right-padded prompts [B, T] of `lengths` [B]; return each one's next-token logits
-        [B, vocab] and the cache to continue with `decode_step`."""
+        [B, vocab] and the cache to continue with `decode_step`.
+
+        `capacity` (>= T): tokens per sequence, prompt included, the cache is preallocated for.
+        With it every decode step has static shapes and no host sync (CUDA-graph safe) and
+        decoding past it is refused; without it the cache grows as decoding goes on.
+        """
         B, T = tokens.shape
         if lengths is None:
             lengths = torch.full((B,), T, device=tokens.device)
         if int(lengths.min()) < 1 or int(lengths.max()) > T:
             raise ValueError(f"prompt lengths must be in [1, {T}], got {lengths.tolist()}")
-        cache = ModelCache(lengths=lengths.clone())
+        if capacity is not None and capacity < T:
+            raise ValueError(f"capacity ({capacity}) must hold the prompts ({T} tokens)")
+        cache = ModelCache(lengths=lengths.clone(), capacity=capacity or T, static=capacity is not None, bound=T)
         x = self.embedding(tokens)
         for layer in self.layers:
-            x, layer_cache = layer.prefill(x, lengths)
+            x, layer_cache = layer.prefill(x, lengths, cache.capacity)
             cache.layers.append(layer_cache)
         last = x[torch.arange(B, device=x.device), lengths - 1]
         return self.logits(self.final_norm(last)), cache
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
-        """Feed one token per sequence [B]; return next-token logits [B, vocab]; updates cache."""
+        """Feed one token per sequence [B]; return next-token logits [B, vocab]; updates cache in
+        place (a static cache: same tensors, no host sync, so the step can be CUDA-graphed)."""
+        cache.reserve_next()
         positions = cache.lengths
         x = self.embedding(tokens).unsqueeze(1)
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer.decode(x, layer_cache, positions)
-        cache.lengths = positions + 1
+        cache.lengths.add_(1)
         return self.logits(self.final_norm(x[:, 0]))
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ratpt import ops
-from ratpt.model.cache import RATCache, ensure_slots, gather_positions, write_slots
+from ratpt.model.cache import RATCache, ensure_slots, gather_positions, summary_slots, write_slots
 from ratpt.model.config import ModelConfig, n_heads
 from ratpt.model.gates import chrono_init_, forget_gate
 from ratpt.model.norm import RMSNorm
@@ -46,8 +46,9 @@ class RATMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._mix(x)
 
-    def prefill(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, RATCache]:
-        """Forward over a right-padded batch; cache the chunk summaries and running state."""
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, RATCache]:
+        """Forward over a right-padded batch; cache the chunk summaries (slots for `capacity` tokens)
+        and the running state."""
         z, v, f, q, k = self._split(x)
         out = x + self.out_proj(z * self._mixing(q, k, v, f))
         # the cache comes from the reference ops: k̃, ṽ at every position, rotated at chunk ends
@@ -59,19 +60,25 @@ class RATMixer(nn.Module):
         ends = torch.arange(x.shape[1] // L, device=x.device) * L + L - 1  # complete chunks only
         cos, sin = ops.rope_cos_sin(ends // L, self.head_dim, self.rope_base, x.dtype)
         last = lengths - 1
-        cache = RATCache(summary_k=ops.apply_rope(self._heads(k_state[:, ends]), cos, sin),
-                         summary_v=self._heads(v_state[:, ends]).clone(),
-                         running_k=gather_positions(k_state, last), running_v=gather_positions(v_state, last))
+        slots = summary_slots(capacity, L)
+        cache = RATCache(summary_k=ensure_slots(ops.apply_rope(self._heads(k_state[:, ends]), cos, sin), slots),
+                         summary_v=ensure_slots(self._heads(v_state[:, ends]).contiguous(), slots),
+                         running_k=gather_positions(k_state, last).to(g.dtype),
+                         running_v=gather_positions(v_state, last).to(g.dtype),
+                         chunk_size=L)
         return out, cache
 
     def decode(self, x: torch.Tensor, cache: RATCache, positions: torch.Tensor) -> torch.Tensor:
-        """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place."""
+        """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place.
+
+        Static shapes, no host sync: the cache has a slot for every chunk up to its capacity.
+        """
         B = x.shape[0]
         z, v, g, q, k = self._project(x)
         v, g, q, k = v[:, 0], g[:, 0], q[:, 0], k[:, 0]
         carry = (positions % self.chunk_size != 0).unsqueeze(-1)  # no carry at a chunk start
-        cache.running_v = torch.where(carry, g * cache.running_v, 0) + (1 - g) * v.to(g.dtype)
-        cache.running_k = torch.where(carry, g * cache.running_k, 0) + (1 - g) * k.to(g.dtype)
+        cache.running_v.copy_(torch.where(carry, g * cache.running_v, 0) + (1 - g) * v.to(g.dtype))
+        cache.running_k.copy_(torch.where(carry, g * cache.running_k, 0) + (1 - g) * k.to(g.dtype))
         chunk = positions // self.chunk_size
         cos, sin = ops.rope_cos_sin(chunk.view(B, 1, 1), self.head_dim, self.rope_base, x.dtype)
         q_rot = ops.apply_rope(self._heads(q.unsqueeze(1)), cos, sin)
@@ -80,8 +87,6 @@ class RATMixer(nn.Module):
         y = ops.attend_summaries(q_rot, k_rot, v_heads, cache.summary_k, cache.summary_v, chunk.unsqueeze(-1))
         # The slot of the current chunk always holds its latest state; it becomes visible (j < c)
         # only once the chunk is complete, when it holds the chunk summary.
-        cache.summary_k = ensure_slots(cache.summary_k, int(chunk.max()) + 1)
-        cache.summary_v = ensure_slots(cache.summary_v, int(chunk.max()) + 1)
         write_slots(cache.summary_k, chunk, k_rot[:, :, 0])
         write_slots(cache.summary_v, chunk, v_heads[:, :, 0])
         return x + self.out_proj(z * self._merge(y))

@@ -34,14 +34,15 @@ class RNNMixer(nn.Module):
         z, v, g = self._project(x)
         return x + self.out_proj(z * ops.chunk_scan(v, g, chunk_size=None))
 
-    def prefill(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, RNNCache]:
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, RNNCache]:
+        """Forward over a right-padded batch; cache each sequence's state (whatever the capacity)."""
         z, v, g = self._project(x)
         state = ops.chunk_scan(v, g, chunk_size=None)
-        return x + self.out_proj(z * state), RNNCache(state=gather_positions(state, lengths - 1))
+        return x + self.out_proj(z * state), RNNCache(state=gather_positions(state, lengths - 1).to(g.dtype))
 
     def decode(self, x: torch.Tensor, cache: RNNCache, positions: torch.Tensor) -> torch.Tensor:
         z, v, g = self._project(x)
-        cache.state = g[:, 0] * cache.state + (1 - g[:, 0]) * v[:, 0].to(g.dtype)
+        cache.state.copy_(g[:, 0] * cache.state + (1 - g[:, 0]) * v[:, 0].to(g.dtype))
         return x + self.out_proj(z * cache.state.to(x.dtype).unsqueeze(1))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from ratpt.generate import generate, run, sample_next
+from ratpt.generate import GraphedDecodeStep, generate, run, sample_next
 from ratpt.model import ModelConfig, build_model
 from ratpt.model.pretrained import save_pretrained
 
@@ -64,7 +64,25 @@ def test_cli_generates_text_and_reports_tokens_per_second(tmp_path, capsys):
     save_pretrained(model, cfg, tmp_path / "m")
     args = argparse.Namespace(model_dir=str(tmp_path / "m"), prompt=["hello", "a"], max_new_tokens=5,
                               temperature=0.0, top_k=0, top_p=1.0, seed=0, device="cpu", dtype="float32",
-                              tokenizer="byte")
+                              tokenizer="byte", cuda_graph=False)
     assert run(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("hello") and "tokens/s" in out
+
+
+def test_cuda_graph_decode_needs_a_static_cache():
+    model, _ = tiny_model()
+    _, growing = model.prefill(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="capacity"):
+        GraphedDecodeStep(model, growing)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixers", [("rat",), ("attention",), ("rnn",), ("rat", "swa")], ids="+".join)
+def test_cuda_graph_generation_equals_eager_generation(mixers):
+    """Replaying the captured decode step gives the eager step's tokens, past warmup and capture."""
+    model, _ = tiny_model(mixers)
+    model = model.cuda()
+    prompts = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]]
+    eager = generate(model, prompts, max_new_tokens=12)
+    assert generate(model, prompts, max_new_tokens=12, cuda_graph=True) == eager

@@ -30,41 +30,87 @@ def test_perturbing_a_later_token_changes_no_earlier_output(mixers, L, G, T):
         assert (out[:, t] - base[:, t]).abs().max() > 1e-9
 
 
-@pytest.mark.parametrize("L", [1, 3, 4, 16], ids=lambda l: f"L{l}")  # 16: prompts shorter than a chunk
-@pytest.mark.parametrize("mixers", MIXER_PATTERNS, ids=PATTERN_IDS)
-def test_prefill_then_decode_equals_full_forward_on_a_ragged_batch(mixers, L):
-    """Prompts of lengths 1, 5 and 9 in one batch, then 8 decode steps each (crossing chunk
-    boundaries and wrapping the sliding-window ring)."""
-    model, _ = tiny(mixers, L=L)
-    lengths, steps = [1, 5, 9], 8
+def decode_ragged(model, lengths, steps, capacity=None, seed=0):
+    """Prefill prompts of `lengths` in one right-padded batch, then decode `steps` - 1 tokens each;
+    return the sequences, the logits of every step [steps][B, vocab] and the cache."""
+    torch.manual_seed(seed)
     seqs = [torch.randint(0, 37, (n + steps,)) for n in lengths]
-    prompts = torch.zeros(3, max(lengths), dtype=torch.long)
+    prompts = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
     for b, n in enumerate(lengths):
         prompts[b, :n] = seqs[b][:n]
-    logits, cache = model.prefill(prompts, torch.tensor(lengths))
+    logits, cache = model.prefill(prompts, torch.tensor(lengths), capacity=capacity)
     stepwise = [logits]
     for s in range(steps - 1):
         stepwise.append(model.decode_step(torch.stack([seq[n + s] for seq, n in zip(seqs, lengths)]), cache))
+    return seqs, stepwise, cache
+
+
+def cache_tensors(cache):
+    return [t for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)] + [cache.lengths]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
+@pytest.mark.parametrize("L", [1, 3, 4, 16], ids=lambda l: f"L{l}")  # 16: prompts shorter than a chunk
+@pytest.mark.parametrize("mixers", MIXER_PATTERNS, ids=PATTERN_IDS)
+def test_prefill_then_decode_equals_full_forward_on_a_ragged_batch(mixers, L, static):
+    """Prompts of lengths 1, 5 and 9 in one batch, then 8 decode steps each (crossing chunk
+    boundaries and wrapping the sliding-window ring); static: a cache of exactly the final length."""
+    model, _ = tiny(mixers, L=L)
+    lengths, steps = [1, 5, 9], 8
+    seqs, stepwise, _ = decode_ragged(model, lengths, steps, capacity=max(lengths) + steps - 1 if static else None)
     for b, n in enumerate(lengths):
         full = model(seqs[b][None])[0]
         for s in range(steps):
             torch.testing.assert_close(stepwise[s][b], full[n - 1 + s], rtol=1e-9, atol=1e-9)
 
 
-def test_rat_cache_holds_one_summary_per_completed_chunk_and_one_running_state():
+@pytest.mark.parametrize("mixers", MIXER_PATTERNS, ids=PATTERN_IDS)
+def test_static_cache_decodes_in_place_in_the_tensors_of_the_prefill(mixers):
+    """What a CUDA graph needs: every decode step reads and writes the same storage."""
+    model, _ = tiny(mixers, L=4)
+    logits, cache = model.prefill(torch.randint(0, 37, (2, 6)), capacity=12)
+    before = [(t.data_ptr(), t.shape) for t in cache_tensors(cache)]
+    for _ in range(6):
+        model.decode_step(torch.zeros(2, dtype=torch.long), cache)
+    assert [(t.data_ptr(), t.shape) for t in cache_tensors(cache)] == before
+    assert cache.lengths.tolist() == [12, 12]
+
+
+def test_static_cache_refuses_to_decode_past_its_capacity():
+    model, _ = tiny(["rat", "swa"])
+    _, cache = model.prefill(torch.randint(0, 37, (1, 5)), capacity=6)
+    model.decode_step(torch.zeros(1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="capacity"):
+        model.decode_step(torch.zeros(1, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("mixers", MIXER_PATTERNS, ids=PATTERN_IDS)
+def test_repeated_cache_decodes_every_copy_like_its_source(mixers):
+    model, _ = tiny(mixers, L=4)
+    prompts = torch.randint(0, 37, (2, 7))
+    logits, cache = model.prefill(prompts, torch.tensor([7, 3]), capacity=12)
+    copies = cache.repeat_interleave(3)
+    tokens = torch.tensor([5, 9])
+    torch.testing.assert_close(model.decode_step(tokens.repeat_interleave(3), copies),
+                               model.decode_step(tokens, cache).repeat_interleave(3, 0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("T,capacity,slots", [(12, None, 3), (13, 21, 6)], ids=["exact", "capacity"])
+def test_rat_cache_holds_one_summary_slot_per_chunk_and_one_running_state(T, capacity, slots):
+    """T / L summaries (DESIGN §1), or one slot per chunk of the capacity, the last maybe partial."""
     model, cfg = tiny(["rat"], L=4)
-    _, cache = model.prefill(torch.randint(0, 37, (1, 13)))
+    _, cache = model.prefill(torch.randint(0, 37, (1, T)), capacity=capacity)
     layer = cache.layers[0]
-    assert layer.summary_k.shape == (1, 4, 13 // 4, 4)  # [B, H, C, d]
+    assert layer.summary_k.shape == layer.summary_v.shape == (1, 4, slots, 4)  # [B, H, slots, d]
     assert layer.running_k.shape == layer.running_v.shape == (1, 16)
 
 
-def test_sliding_window_cache_keeps_only_w_entries():
+def test_sliding_window_cache_keeps_only_the_window_and_the_token():
     model, cfg = tiny(["swa"], window=3)
     _, cache = model.prefill(torch.randint(0, 37, (2, 20)))
     for _ in range(5):
         model.decode_step(torch.zeros(2, dtype=torch.long), cache)
-    assert cache.layers[0].k.shape[2] == 3
+    assert cache.layers[0].k.shape[2] == 3 + 1
 
 
 @pytest.mark.parametrize("ffn", ["gelu", "swiglu"])
