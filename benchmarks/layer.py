@@ -218,7 +218,7 @@ def measure_decode(name: str, layer: nn.Module, iters: int, B: int = 32, T: int 
             cap = T // L + 1
             cache = RATCache(torch.randn(B, H, cap, HEAD_DIM, device="cuda", dtype=DTYPE),
                              torch.randn(B, H, cap, HEAD_DIM, device="cuda", dtype=DTYPE),
-                             torch.randn(B, D, device="cuda"), torch.randn(B, D, device="cuda"))
+                             torch.randn(B, D, device="cuda"), torch.randn(B, D, device="cuda"), L)
             result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters)
             pos = positions.clone()
 
