@@ -1,7 +1,9 @@
 """Pieces shared by the RAT kernels: the gated chunk recurrence, RoPE over the chunk index, dots.
 
-Every per-token tile of a head is handled as two halves of width d/2, the (real, imaginary)
-pairs of the half-split RoPE: rotating a pair is then elementwise, with no register shuffle.
+Elementwise work on a head's per-token tile (recurrences, RoPE) runs on two halves of width
+d/2, the (real, imaginary) pairs of the half-split RoPE: rotating a pair is then elementwise.
+Dots take full-width tiles (one K = d product instead of two K = d/2 ones): the halves are
+joined once per program, never inside a loop.
 
 Tolerances and precision: gates, recurrences, scores, softmax statistics and accumulators are
 fp32; tensor-core dots take their operands in the input dtype (bf16/fp16), or fp32 with IEEE
@@ -69,3 +71,15 @@ def rope_cos_sin(chunk, inv_freq):
     """cos, sin [BQ, HALF] of chunk index x inverse frequency, in fp32 (as ratpt.ops.rope)."""
     angle = chunk.to(tl.float32)[:, None] * inv_freq[None, :]
     return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def join_halves(a, b, ROWS: tl.constexpr, HALF: tl.constexpr):
+    """[ROWS, HALF] x 2 -> [ROWS, 2·HALF]: the full-width tile that one dot can take."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (ROWS, 2 * HALF))
+
+
+@triton.jit
+def split_halves(x, ROWS: tl.constexpr, HALF: tl.constexpr):
+    """Inverse of join_halves: the (real, imaginary) halves of a full-width tile."""
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, HALF)), (0, 2, 1)))

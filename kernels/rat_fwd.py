@@ -13,13 +13,13 @@ Inputs are the strided column slices of the input projection: q, k [B, T, G·d] 
 group h mod G), v, f [B, T, H·d] (f before the sigmoid; the gate bias is added in the kernel).
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import LOG2E, chunk_states, dot, interpreting, rope_cos_sin
+from kernels.blocks import Blocks, blocks
+from kernels.common import LOG2E, chunk_states, dot, interpreting, join_halves, rope_cos_sin
 
 
 @triton.jit
@@ -60,6 +60,34 @@ def _summary_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, ks_ptr, vs_ptr,
 
 
 @triton.jit
+def _softmax_steps(acc, m, l_sum, qr, ks_head, vs_head, chunk, j_lo, j_hi, n_visible,
+                   D_HEAD: tl.constexpr, BC: tl.constexpr, MASKED: tl.constexpr, F32: tl.constexpr):
+    """Online-softmax steps over summaries [j_lo, j_hi); MASKED: the blocks where j < c differs by row."""
+    DT = ks_head.dtype.element_ty
+    dcols = tl.arange(0, D_HEAD)
+    for j0 in range(j_lo, j_hi, BC):
+        j = j0 + tl.arange(0, BC)
+        kt_ptrs = ks_head + j[None, :] * D_HEAD + dcols[:, None]  # [d, BC]: loaded transposed
+        v_ptrs = vs_head + j[:, None] * D_HEAD + dcols[None, :]
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=(j < n_visible)[None, :], other=0.0)
+            vb = tl.load(v_ptrs, mask=(j < n_visible)[:, None], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            vb = tl.load(v_ptrs)
+        s = dot(qr, kt, DT, F32)
+        if MASKED:
+            s = tl.where(j[None, :] < chunk[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p, vb, DT, F32)
+        m = m_new
+    return acc, m, l_sum
+
+
+@triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, ks_ptr, vs_ptr, y_ptr, lse_ptr,
                       sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t,
                       T, C, qk_scale,
@@ -86,63 +114,31 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, ks_ptr
     f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t
     bias1 = tl.load(bias_ptr + vc).to(tl.float32)
     bias2 = tl.load(bias_ptr + vc + HALF).to(tl.float32)
-    _, _, _, ks1, acc1 = chunk_states(f_rows + vc[None, :], k_rows + kc[None, :], v_rows + vc[None, :],
-                                      bias1, first, mask)
-    _, _, _, ks2, acc2 = chunk_states(f_rows + vc[None, :] + HALF, k_rows + kc[None, :] + HALF,
-                                      v_rows + vc[None, :] + HALF, bias2, first, mask)
+    _, _, _, ks1, vs1 = chunk_states(f_rows + vc[None, :], k_rows + kc[None, :], v_rows + vc[None, :],
+                                     bias1, first, mask)
+    _, _, _, ks2, vs2 = chunk_states(f_rows + vc[None, :] + HALF, k_rows + kc[None, :] + HALF,
+                                     v_rows + vc[None, :] + HALF, bias2, first, mask)
     q1 = tl.load(q_rows + kc[None, :], mask=mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_rows + kc[None, :] + HALF, mask=mask, other=0.0).to(tl.float32)
     # own state: softmax seeded with its score (max), weight 1 (sum) and value ṽ (accumulator)
     m = (tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale
     l_sum = tl.full([BQ], 1.0, tl.float32)
+    acc = join_halves(vs1, vs2, BQ, HALF)
     cos, sin = rope_cos_sin(chunk, tl.load(inv_freq_ptr + cols))
-    qr1 = ((q1 * cos - q2 * sin) * qk_scale).to(DT)
-    qr2 = ((q2 * cos + q1 * sin) * qk_scale).to(DT)
-    c_first = t0 // L  # every row of the block sees summaries j < c_first
+    qr = join_halves((q1 * cos - q2 * sin) * qk_scale, (q2 * cos + q1 * sin) * qk_scale, BQ, HALF).to(DT)
+    # summaries j < c_first are visible to every row of the block; the rest up to n_visible to some
     n_visible = tl.minimum(t0 + BQ - 1, T - 1) // L
-    summary = pid_bh.to(tl.int64) * C * D_HEAD
-    jr = tl.arange(0, BC)
-    for j0 in range(0, n_visible, BC):
-        j = j0 + jr
-        jmask = (j < n_visible)[:, None]
-        sp = summary + j[:, None] * D_HEAD + cols[None, :]
-        kb1 = tl.load(ks_ptr + sp, mask=jmask, other=0.0)
-        kb2 = tl.load(ks_ptr + sp + HALF, mask=jmask, other=0.0)
-        s = dot(qr1, tl.trans(kb1), DT, F32) + dot(qr2, tl.trans(kb2), DT, F32)
-        if j0 + BC > c_first:
-            s = tl.where(j[None, :] < chunk[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        vb1 = tl.load(vs_ptr + sp, mask=jmask, other=0.0)
-        vb2 = tl.load(vs_ptr + sp + HALF, mask=jmask, other=0.0)
-        acc1 = acc1 * alpha[:, None] + dot(p, vb1, DT, F32)
-        acc2 = acc2 * alpha[:, None] + dot(p, vb2, DT, F32)
-        m = m_new
-    y_rows = y_ptr + (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]
-    YT = y_ptr.dtype.element_ty
-    tl.store(y_rows, (acc1 / l_sum[:, None]).to(YT), mask=mask)
-    tl.store(y_rows + HALF, (acc2 / l_sum[:, None]).to(YT), mask=mask)
+    j_full = (t0 // L) // BC * BC
+    ks_head = ks_ptr + pid_bh.to(tl.int64) * C * D_HEAD
+    vs_head = vs_ptr + pid_bh.to(tl.int64) * C * D_HEAD
+    acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_head, vs_head, chunk, 0, j_full, n_visible,
+                                   D_HEAD, BC, False, F32)
+    acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_head, vs_head, chunk, j_full, n_visible, n_visible,
+                                   D_HEAD, BC, True, F32)
+    dcols = tl.arange(0, D_HEAD)
+    y_rows = y_ptr + (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :]
+    tl.store(y_rows, (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_ptr + pid_bh.to(tl.int64) * T + rows, m + tl.log2(l_sum), mask=rmask)
-
-
-def block_sizes(chunk_size: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BQ rows per program, a multiple of L; BC summaries per step of the softmax loops).
-
-    The interpreter gets small blocks so that short test sequences cross several of them; fp32
-    tiles (and L = 128 rows) take half-size blocks to fit in shared memory.
-    """
-    if interpreting():
-        return max(chunk_size, 16), 16
-    if dtype == torch.float32:
-        return max(chunk_size, 32), 32
-    return max(chunk_size, 64), 64 if chunk_size < 128 else 32
-
-
-def num_warps(head_dim: int) -> int:
-    """Warps per program (RATPT_KERNEL_WARPS overrides it, for tuning)."""
-    return int(os.environ.get("RATPT_KERNEL_WARPS", 4 if head_dim <= 64 else 8))
 
 
 def inverse_frequencies(head_dim: int, base: float, device) -> torch.Tensor:
@@ -150,8 +146,12 @@ def inverse_frequencies(head_dim: int, base: float, device) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
-def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float):
-    """y [B, T, H·d], lse [B, H, T] (base 2, fp32), summaries Ks, Vs [B, H, T//L, d]."""
+def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
+                config: Blocks | None = None):
+    """y [B, T, H·d], lse [B, H, T] (base 2, fp32), summaries Ks, Vs [B, H, T//L, d].
+
+    `config` overrides kernels/blocks.py's launch configuration (kernels/tune.py).
+    """
     B, T, D = v.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
     C = T // L
@@ -160,16 +160,16 @@ def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base
     ks = torch.empty(B, H, C, d, device=v.device, dtype=v.dtype)
     vs = torch.empty_like(ks)
     inv_freq = inverse_frequencies(d, rope_base, v.device)
-    bq, bc = block_sizes(L, v.dtype)
+    cfg = config or blocks("forward", L, d, v.dtype)
     f32 = v.dtype == torch.float32 or interpreting()
-    grid = (triton.cdiv(T, bq), B * H)
-    warps = num_warps(d)
+    grid = (triton.cdiv(T, cfg.bq), B * H)
     if C:
         _summary_kernel[grid](k, v, f, gate_bias, inv_freq, ks, vs, k.stride(0), k.stride(1), v.stride(0),
                               v.stride(1), f.stride(0), f.stride(1), T, C, H=H, G=G, L=L, HALF=d // 2,
-                              BQ=bq, num_warps=warps)
+                              BQ=cfg.bq, num_warps=cfg.warps)
     _attention_kernel[grid](q, k, v, f, gate_bias, inv_freq, ks, vs, y, lse,
                             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                             f.stride(0), f.stride(1), T, max(C, 1), LOG2E / math.sqrt(d),
-                            H=H, G=G, L=L, HALF=d // 2, BQ=bq, BC=bc, F32=f32, num_warps=warps)
+                            H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq, BC=cfg.bc, F32=f32,
+                            num_warps=cfg.warps, num_stages=cfg.stages)
     return y, lse, ks, vs
