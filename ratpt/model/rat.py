@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ratpt import ops
-from ratpt.model.cache import RATCache, ensure_slots, gather_positions, summary_slots, write_slots
+from ratpt.model.cache import RATCache, ensure_slots, gather_positions, summary_slots
 from ratpt.model.config import ModelConfig, n_heads
 from ratpt.model.gates import chrono_init_, forget_gate
 from ratpt.model.norm import RMSNorm
@@ -71,25 +71,14 @@ class RATMixer(nn.Module):
     def decode(self, x: torch.Tensor, cache: RATCache, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place.
 
-        Static shapes, no host sync: the cache has a slot for every chunk up to its capacity.
+        Static shapes, no host sync (ops.rat_decode_mixing): the cache has a slot for every chunk
+        up to its capacity.
         """
-        B = x.shape[0]
-        z, v, g, q, k = self._project(x)
-        v, g, q, k = v[:, 0], g[:, 0], q[:, 0], k[:, 0]
-        carry = (positions % self.chunk_size != 0).unsqueeze(-1)  # no carry at a chunk start
-        cache.running_v.copy_(torch.where(carry, g * cache.running_v, 0) + (1 - g) * v.to(g.dtype))
-        cache.running_k.copy_(torch.where(carry, g * cache.running_k, 0) + (1 - g) * k.to(g.dtype))
-        chunk = positions // self.chunk_size
-        cos, sin = ops.rope_cos_sin(chunk.view(B, 1, 1), self.head_dim, self.rope_base, x.dtype)
-        q_rot = ops.apply_rope(self._heads(q.unsqueeze(1)), cos, sin)
-        k_rot = ops.apply_rope(self._heads(cache.running_k.to(x.dtype).unsqueeze(1)), cos, sin)
-        v_heads = self._heads(cache.running_v.to(x.dtype).unsqueeze(1))
-        y = ops.attend_summaries(q_rot, k_rot, v_heads, cache.summary_k, cache.summary_v, chunk.unsqueeze(-1))
-        # The slot of the current chunk always holds its latest state; it becomes visible (j < c)
-        # only once the chunk is complete, when it holds the chunk summary.
-        write_slots(cache.summary_k, chunk, k_rot[:, :, 0])
-        write_slots(cache.summary_v, chunk, v_heads[:, :, 0])
-        return x + self.out_proj(z * self._merge(y))
+        z, v, f, q, k = (t[:, 0] for t in self._split(x))
+        y = ops.rat_decode_mixing(q, k, v, f, self.gate_bias, cache.summary_k, cache.summary_v, cache.running_k,
+                                  cache.running_v, positions, self.chunk_size, self.head_dim, self.rope_base,
+                                  kernels=self.kernels)
+        return x + self.out_proj(z * y).unsqueeze(1)
 
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
         """Full-sequence forward."""
@@ -112,12 +101,6 @@ class RATMixer(nn.Module):
         D, qk = self.d_model, self.ngroups * self.head_dim
         z, v, f, q, k = self.in_proj(self.input_norm(x)).split([D, D, D, qk, qk], dim=-1)
         return torch.sigmoid(z), v, f, q, k
-
-    def _project(self, x: torch.Tensor):
-        """sigmoid(z), v, fp32 gate g, q and k tiled to width D: each [B, T, D]."""
-        z, v, f, q, k = self._split(x)
-        tiles = self.n_heads // self.ngroups
-        return z, v, forget_gate(f, self.gate_bias), q.repeat(1, 1, tiles), k.repeat(1, 1, tiles)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, H, T, d]."""

@@ -1,0 +1,44 @@
+"""benchmarks/generate.py: runs end to end on CPU with a tiny config; the ratio it reports."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "generate.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("generate_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_measures_every_batch_and_writes_json(tmp_path):
+    out = tmp_path / "generate.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--models", "tiny", "--prompt", "16", "--new", "8",
+                    "--min-batch", "1", "--max-batch", "2", "--prefill-batch", "1", "--device", "cpu",
+                    "--out", str(out)], check=True, cwd=REPO, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    (model,) = result["models"]
+    assert [row["batch"] for row in model["batches"]] == [1, 2]
+    assert model["largest_batch"] == 2
+    for row in model["batches"]:
+        assert row["timed_steps"] == 8 - 1 - 3  # the first token comes from the prefill; 3 untimed steps
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_ms"] > 0
+    assert result["ratio_to_attention"] == {}  # no attention model in this run
+
+
+def test_ratio_compares_each_models_best_batch_with_attentions():
+    bench = load_benchmark()
+
+    def model(name, mixers, *rates):
+        batches = [{"batch": 2 ** i, "decode_tokens_per_s": r, "end_to_end_tokens_per_s": r / 2}
+                   for i, r in enumerate(rates)]
+        return {"model": name, "mixers": mixers, "batches": batches, "best": max(batches, key=lambda b: b["decode_tokens_per_s"])}
+
+    ratios = bench.ratios([model("rat", ["rat"], 10.0, 60.0, 50.0), model("attn", ["attention"], 4.0, 5.0)])
+    assert ratios["rat"] == {"decode_tokens_per_s": 12.0, "end_to_end_tokens_per_s": 12.0}
+    assert ratios["attn"]["decode_tokens_per_s"] == 1.0
