@@ -182,12 +182,17 @@ class DeepSpeedEngine:
         """The global gradient norm before clipping (inf if non-finite). DeepSpeed clips inside
         its step, to its gradient_clipping: `optimizer.grad_clip`, the `max_norm` the trainer passes."""
         opt = self.ds.optimizer
-        if hasattr(opt, "scaled_global_norm"):  # ZeRO-1/2
+        if hasattr(opt, "scaled_global_norm"):  # ZeRO-1/2 optimizer
             norm = opt.scaled_global_norm()
-        else:  # ZeRO-3
+        elif hasattr(opt, "_get_norm_groups"):  # ZeRO-3
             from deepspeed.runtime.utils import combine_grad_norm_groups
 
             norm = combine_grad_norm_groups(opt._get_norm_groups())
+        else:  # BF16_Optimizer (bf16 at stage 1 on GPU): full fp32 gradients, already all-reduced
+            from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+            grads, _ = opt.get_grads_for_norm()
+            norm = get_global_norm_of_tensors(grads, norm_type=opt.norm_type, mpu=opt.mpu)
         return float(norm) / float(getattr(opt, "loss_scale", 1.0))
 
     def set_lr(self, lr: float) -> None:

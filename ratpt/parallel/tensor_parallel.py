@@ -203,7 +203,7 @@ def apply_tensor_parallel(model: nn.Module, config, tp_rank: int, tp: int) -> di
         return p.index[tp_rank]
 
     def take(param: torch.Tensor, p: Placement) -> torch.Tensor:
-        return param.detach().index_select(p.dim, local(p))
+        return param.detach().index_select(p.dim, local(p).to(param.device))
 
     for i, block in enumerate(model.layers):
         mixer, prefix = block.mixer, f"layers.{i}."

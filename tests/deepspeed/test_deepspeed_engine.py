@@ -30,7 +30,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TWO_RANK_CASES = {
     "stage1": "stage=1", "stage2": "stage=2", "stage3": "stage=3",
     "stage2-offload": "stage=2,offload=true", "stage3-offload": "stage=3,offload=true,offload_params=true",
-    "bf16-stage2": "stage=2,precision=bf16", "skip-stage1": "stage=1", "skip-stage3": "stage=3",
+    "bf16-stage1": "stage=1,precision=bf16", "bf16-stage2": "stage=2,precision=bf16",
+    "skip-stage1": "stage=1", "skip-stage3": "stage=3",
     "recompute-stage3": "stage=3",
     "resume-stage3": "stage=3", "resume-stage2-cp2": "stage=2,cp=2",
     "consolidate-stage1": "stage=1", "consolidate-stage3": "stage=3",
@@ -138,15 +139,17 @@ def test_context_parallel_times_zero_data_parallel_equals_one_process(four_rank_
 def test_two_gpus_nccl_equal_one_process(tmp_path):  # pragma: no cover - needs 2 GPUs
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    cases = {name: TWO_RANK_CASES[name] for name in ("stage1", "stage2", "stage3", "bf16-stage2", "resume-stage3",
+    cases = {name: TWO_RANK_CASES[name] for name in ("stage1", "stage2", "stage3", "bf16-stage1", "bf16-stage2",
+                                                     "resume-stage3",
                                                      "consolidate-stage3")}
     cases["cp2-stage3"] = "stage=3,cp=2"
     output = run_cases(2, cases, tmp_path, RATPT_TEST_DEVICE="cuda")
     assert all(passed(output, case) for case in cases), output
 
 
-def test_bf16_trains_close_to_fp32(two_rank_cases):
-    assert passed(two_rank_cases, "bf16-stage2")
+@pytest.mark.parametrize("case", ["bf16-stage1", "bf16-stage2"])  # stage 1: DeepSpeed's BF16_Optimizer
+def test_bf16_trains_close_to_fp32(two_rank_cases, case):
+    assert passed(two_rank_cases, case)
 
 
 @pytest.mark.parametrize("case", ["skip-stage1", "skip-stage3"])
