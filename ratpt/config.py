@@ -78,7 +78,8 @@ class ParallelConfig:
     tensor: int = 1  # tensor-parallel ranks (Megatron TP + sequence parallelism); divide the heads, FFN width and vocab
     pipeline: int = 1  # pipeline stages (layers split by FLOPs; 1F1B schedule)
     virtual_stages: int = 1  # model chunks per pipeline rank; > 1 selects the interleaved 1F1B schedule
-    context: int = 1  # context-parallel ranks: each holds a contiguous run of whole chunks of every sequence
+    context: int = 1  # context-parallel ranks: each holds whole chunks of every sequence, cut by context_layout
+    context_layout: str = "zigzag"  # zigzag (2·CP blocks, rank r holds r and 2·CP−1−r: equal work) | contiguous
     distributed_optimizer: bool = True  # shard the optimizer state over data-parallel ranks (ZeRO-1)
     # data parallelism takes the remaining ranks: world size / (tensor × pipeline × context)
 
@@ -220,14 +221,23 @@ def validate_parallel_shape(cfg: Config) -> None:
     chunks = p.pipeline * p.virtual_stages
     _require(m.n_layers >= chunks, f"model.n_layers ({m.n_layers}) must be >= parallel.pipeline × "
              f"parallel.virtual_stages = {chunks} (every stage holds at least one layer)")
+    _require(p.context_layout in ("contiguous", "zigzag"),
+             f"parallel.context_layout must be contiguous|zigzag, got {p.context_layout!r}")
     seq = cfg.data.seq_len
     unit = m.chunk_size if "rat" in m.mixers else 1
-    _require(seq % (p.context * unit) == 0, f"data.seq_len ({seq}) must be a multiple of parallel.context "
-             f"({p.context}) × model.chunk_size ({unit}) so every context-parallel rank holds whole chunks"
-             if unit > 1 else f"data.seq_len ({seq}) must be a multiple of parallel.context ({p.context})")
+    zigzag = p.context > 1 and p.context_layout == "zigzag"
+    blocks = 2 * p.context if zigzag else p.context  # equal blocks of whole chunks per sequence
+    factors = ["2"] * zigzag + [f"parallel.context ({p.context})"] + [f"model.chunk_size ({unit})"] * (unit > 1)
+    fix = ("; parallel.context_layout=zigzag cuts every sequence into 2 × parallel.context blocks: change "
+           "data.seq_len or parallel.context, or set parallel.context_layout=contiguous" if zigzag else "")
+    held = "whole chunks" if unit > 1 else "equal blocks"
+    _require(seq % (blocks * unit) == 0, f"data.seq_len ({seq}) must be a multiple of {' × '.join(factors)} = "
+             f"{blocks * unit} so every context-parallel rank holds {held}{fix}")
     if p.context > 1 and "swa" in m.mixers:
-        _require(seq // p.context >= m.window, f"sliding-window layers need data.seq_len / parallel.context "
-                 f"({seq // p.context}) >= model.window ({m.window}): a rank exchanges one window with the previous")
+        per_block = "(2 × parallel.context)" if zigzag else "parallel.context"
+        _require(seq // blocks >= m.window, f"sliding-window layers need data.seq_len / {per_block} "
+                 f"({seq // blocks}) >= model.window ({m.window}): a block exchanges one window with the block "
+                 f"before it{fix}")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

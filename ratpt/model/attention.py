@@ -16,7 +16,7 @@ from ratpt.model.norm import RMSNorm
 
 class AttentionMixer(nn.Module):
     # Context-parallel seam (DESIGN §3): None here; ratpt.parallel.context_parallel sets it to an
-    # object giving this rank's first position and a causal_attention() over all ranks' keys.
+    # object giving the global positions of this rank's tokens and a causal_attention() over all ranks' keys.
     context_shard = None
 
     def __init__(self, cfg: ModelConfig, window: int | None = None):
@@ -71,7 +71,7 @@ class AttentionMixer(nn.Module):
         positions = torch.arange(T, device=x.device)
         attend = ops.causal_attention
         if self.context_shard is not None:
-            positions, attend = positions + self.context_shard.first_token(T), self.context_shard.causal_attention
+            positions, attend = self.context_shard.positions(T, x.device), self.context_shard.causal_attention
         q, k, v = self._qkv(h, positions, x.dtype)
         y = attend(q, k, v, window=self.window)
         return x + self.out_proj(self._merge(y)), k, v

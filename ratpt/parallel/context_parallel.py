@@ -1,29 +1,43 @@
 """Context parallelism for RAT: sequence-parallel chunk partitioning (DESIGN §3).
 
-Each of the CP ranks holds one contiguous run of whole chunks of every sequence (tokens
-[r·T/CP, (r+1)·T/CP)), so the chunk recurrence never crosses ranks. What does cross:
+Every sequence is cut into equal blocks of whole chunks and each of the CP ranks holds some of
+them (`ContextLayout`, `parallel.context_layout`), so the chunk recurrence never crosses ranks:
+
+    contiguous      CP blocks; rank r holds block r (tokens [r·T/CP, (r+1)·T/CP)).
+    zigzag          2·CP blocks; rank r holds blocks r and 2·CP−1−r, in that order (the usual
+                    load-balanced causal assignment): an early and a late block each, so every
+                    rank attends over the same number of keys.
+
+What crosses ranks:
 
     RAT             the chunk summaries k̃[c, L-1], ṽ[c, L-1] (1/L of the tokens) are all-gathered
-                    in forward (`ChunkSummaryAllGather`) and their gradients reduce-scattered in
-                    backward; a token attends to every earlier rank's summaries, then to its own
-                    rank's as in one process. RoPE uses the global chunk index.
-    sliding window  the previous rank's last W keys and values (`PreviousWindowExchange`,
-                    point-to-point; gradients go back the same way).
-    attention       all-gather of K and V (gradients reduce-scattered); queries see the
-                    keys of earlier ranks and their own causal block.
-    everything else (embedding, norms, FFN, head, loss) is per token and needs nothing.
+                    in forward (`ChunkSummaryAllGather`, then put in sequence order) and their
+                    gradients reduce-scattered in backward; a token attends to the summaries of
+                    every earlier chunk, wherever it lives, with RoPE over the global chunk index.
+    sliding window  each block receives the last W keys and values of the block before it from
+                    the rank that holds it (`PreviousWindowExchange`, point-to-point or a local
+                    copy; gradients go back the same way).
+    attention       all-gather of K and V (gradients reduce-scattered), put in sequence order;
+                    each block's queries see the keys up to their own positions.
+    everything else (embedding, norms, FFN, head, loss) is per token and needs nothing; the
+                    batch is cut by the same layout (`sequence_slice`), labels with the tokens.
 
 The model knows none of this: `apply_context_parallel` sets each mixer's `context_shard`
 attribute (the model's documented seam, default None) to a `ContextShard`, whose methods take
-the place of `ops.inter_chunk_attention` / `ops.causal_attention` and give the rank's first
-token position.
+the place of `ops.rat_mixing` / `ops.causal_attention` and give the global positions of the
+rank's tokens.
 
-Causal imbalance: with equal contiguous slices a later rank attends to more summaries. Per
-token this costs 4·D·(keys) FLOPs against ~2·D·(3D + 2Gd + D) + 4·D·F for the projections and FFN,
-and `imbalance()` computes the ratio of the busiest to the average rank from the model's FLOP
-model (ratpt.model.flops); the benchmark reports it (e.g. RAT-1.3B at 128K tokens on CP 2).
+Causal imbalance: a later token attends to more keys (summaries, or tokens for attention). Per
+token this costs 4·D·(keys) FLOPs against ~2·D·(3D + 2Gd + D) + 4·D·F for the projections and
+FFN; `imbalance()` gives the busiest rank's FLOPs over the mean for both layouts from the model's
+FLOP model (ratpt.model.flops). With contiguous halves (CP 2) rank 1 does 3/4 of the causal
+triangle, and the summary attention is most of a RAT layer's time at long contexts
+(kernels/NOTES.md): RAT-1.3B at 128K on CP 2 is 1.12× by FLOPs contiguous, 1.00× zigzag
+(benchmarks/cp_balance.py measures the time).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,14 +47,67 @@ from torch.utils.checkpoint import checkpoint
 from ratpt import ops
 
 QUERY_BLOCK = 512  # queries per block: memory O(block × keys), as the single-process ops
+LAYOUTS = ("contiguous", "zigzag")
 
 
-def sequence_slice(t: torch.Tensor, mesh) -> torch.Tensor:
-    """This CP rank's contiguous slice of [B, T, ...] (the whole tensor without CP)."""
+@dataclass(frozen=True)
+class ContextLayout:
+    """Which blocks of every sequence CP rank `rank` of `size` holds, in its local order."""
+    kind: str
+    rank: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYOUTS:
+            raise ValueError(f"parallel.context_layout must be one of {'|'.join(LAYOUTS)}, got {self.kind!r}")
+
+    @property
+    def blocks_per_rank(self) -> int:
+        return 2 if self.kind == "zigzag" else 1
+
+    @property
+    def n_blocks(self) -> int:
+        return self.size * self.blocks_per_rank
+
+    def blocks(self, rank: int | None = None) -> tuple[int, ...]:
+        r = self.rank if rank is None else rank
+        return (r, 2 * self.size - 1 - r) if self.kind == "zigzag" else (r,)
+
+    def holder(self, block: int) -> tuple[int, int]:
+        """(rank, local slot) of a block."""
+        if self.kind == "zigzag" and block >= self.size:
+            return 2 * self.size - 1 - block, 1
+        return block, 0
+
+    def segments(self, local_len: int) -> list[tuple[int, int, int]]:
+        """(local start, local stop, global start) of each of this rank's blocks."""
+        n = local_len // self.blocks_per_rank
+        return [(slot * n, (slot + 1) * n, block * n) for slot, block in enumerate(self.blocks())]
+
+    def positions(self, local_len: int, device=None) -> torch.Tensor:
+        """Global positions of this rank's `local_len` tokens."""
+        return torch.cat([torch.arange(start, start + hi - lo, device=device)
+                          for lo, hi, start in self.segments(local_len)])
+
+    def local(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's part of whole sequences along `dim`."""
+        n = t.shape[dim] // self.n_blocks
+        return torch.cat([t.narrow(dim, block * n, n) for block in self.blocks()], dim=dim)
+
+    def to_sequence_order(self, gathered: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's local part, concatenated in rank order along `dim`, put in sequence order."""
+        if self.kind == "contiguous":
+            return gathered
+        order = [r * self.blocks_per_rank + slot for r, slot in map(self.holder, range(self.n_blocks))]
+        blocks = gathered.unflatten(dim, (self.n_blocks, -1))
+        return blocks.index_select(dim, torch.tensor(order, device=gathered.device)).flatten(dim, dim + 1)
+
+
+def sequence_slice(t: torch.Tensor, mesh, layout: str) -> torch.Tensor:
+    """This CP rank's part of [B, T, ...] under `layout` (parallel.context_layout); the whole tensor without CP."""
     if mesh.cp == 1:
         return t
-    local = t.shape[1] // mesh.cp
-    return t[:, mesh.cp_rank * local:(mesh.cp_rank + 1) * local]
+    return ContextLayout(layout, mesh.cp_rank, mesh.cp).local(t)
 
 
 class _GatherAlongSequence(torch.autograd.Function):
@@ -63,7 +130,7 @@ class _GatherAlongSequence(torch.autograd.Function):
 
 
 class ChunkSummaryAllGather:
-    """All ranks' chunk summaries [B, H, CP·C, d] from this rank's [B, H, C, d]."""
+    """All ranks' chunk summaries [B, H, CP·C, d] (rank order) from this rank's [B, H, C, d]."""
 
     @staticmethod
     def apply(summaries: torch.Tensor, group) -> torch.Tensor:
@@ -72,57 +139,63 @@ class ChunkSummaryAllGather:
 
 
 class PreviousWindowExchange(torch.autograd.Function):
-    """Receive the previous rank's last W positions of [B, H, W, d] (zeros on rank 0) while
-    sending ours to the next rank; backward returns the gradients the same way, reversed."""
+    """For each local block, the last W positions of the block before it in the sequence (zeros
+    for block 0), from tails [blocks per rank, B, H, W, d]; backward returns the gradients the
+    same way, reversed."""
 
     @staticmethod
-    def forward(ctx, tail: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        received = torch.zeros_like(tail)
-        _shift(tail.contiguous(), received, group, forward=True)
-        return received
+    def forward(ctx, tails: torch.Tensor, layout: ContextLayout, group) -> torch.Tensor:
+        ctx.layout, ctx.group = layout, group
+        return _route(tails.contiguous(), layout, group, step=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_tail = torch.zeros_like(grad)
-        _shift(grad.contiguous(), grad_tail, ctx.group, forward=False)
-        return grad_tail, None
+        return _route(grad.contiguous(), ctx.layout, ctx.group, step=-1), None, None
 
 
-def _shift(send: torch.Tensor, recv: torch.Tensor, group, forward: bool) -> None:
-    """forward: rank r sends to r+1 and receives from r-1; backward the reverse."""
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    to, frm = (rank + 1, rank - 1) if forward else (rank - 1, rank + 1)
-    ops_ = []
-    if 0 <= to < size:
-        ops_.append(dist.P2POp(dist.isend, send, dist.get_global_rank(group, to), group))
-    if 0 <= frm < size:
-        ops_.append(dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, frm), group))
-    if ops_:
-        for req in dist.batch_isend_irecv(ops_):
+def _route(send: torch.Tensor, layout: ContextLayout, group, step: int) -> torch.Tensor:
+    """out[slot of block b + step] = send[slot of block b] for every block, across the ranks (a copy
+    where one rank holds both). Messages are posted in the order of their source block on both
+    ends, so two messages between the same ranks would still match."""
+    out = torch.zeros_like(send)
+    posted = []
+    for slot, block in enumerate(layout.blocks()):
+        if 0 <= block + step < layout.n_blocks:
+            rank, to_slot = layout.holder(block + step)
+            if rank == layout.rank:
+                out[to_slot] = send[slot]
+            else:
+                posted.append((block, dist.P2POp(dist.isend, send[slot], dist.get_global_rank(group, rank), group)))
+        if 0 <= block - step < layout.n_blocks:
+            rank, _ = layout.holder(block - step)
+            if rank != layout.rank:
+                posted.append((block - step, dist.P2POp(dist.irecv, out[slot], dist.get_global_rank(group, rank),
+                                                        group)))
+    if posted:
+        for req in dist.batch_isend_irecv([op for _, op in sorted(posted, key=lambda p: p[0])]):
             req.wait()
+    return out
 
 
 class ContextShard:
-    """What a mixer of this CP rank needs: its first position and cross-rank attention."""
+    """What a mixer of this CP rank needs: its tokens' positions and cross-rank attention."""
 
-    def __init__(self, group, rank: int, size: int) -> None:
-        self.group, self.rank, self.size = group, rank, size
+    def __init__(self, group, layout: ContextLayout) -> None:
+        self.group, self.layout = group, layout
 
-    def first_token(self, local_len: int) -> int:
-        return self.rank * local_len
+    def positions(self, local_len: int, device=None) -> torch.Tensor:
+        return self.layout.positions(local_len, device)
 
     def rat_mixing(self, q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float) -> torch.Tensor:
         """`ops.rat_mixing` (its reference composition) for this rank's chunks: the recurrences are
-        local, RoPE uses the global chunk index, the softmax sees every earlier rank's summaries."""
+        local, RoPE uses the global chunk index, the softmax sees the summaries of every earlier chunk."""
         B, T, D = v.shape
         H, G = D // head_dim, q.shape[-1] // head_dim
         dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
         g = torch.sigmoid(f.to(dtype) + gate_bias.to(dtype))
         q, k = q.repeat(1, 1, H // G), k.repeat(1, 1, H // G)
         k_state, v_state = ops.chunk_scan(k, g, chunk_size), ops.chunk_scan(v, g, chunk_size)
-        chunk = (self.first_token(T) + torch.arange(T, device=v.device)) // chunk_size
-        cos, sin = ops.rope_cos_sin(chunk, head_dim, rope_base, v.dtype)
+        cos, sin = ops.rope_cos_sin(self.positions(T, v.device) // chunk_size, head_dim, rope_base, v.dtype)
 
         def heads(t):
             return t.reshape(B, T, H, head_dim).transpose(1, 2)
@@ -133,47 +206,47 @@ class ContextShard:
 
     def inter_chunk_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
                               query_block: int = QUERY_BLOCK) -> torch.Tensor:
-        """`ops.inter_chunk_attention` on this rank's chunks, seeing every earlier rank's summaries."""
+        """`ops.inter_chunk_attention` on this rank's chunks, seeing the summaries of every earlier chunk."""
         T, L = q.shape[2], chunk_size
-        own_k, own_v = k[:, :, L - 1::L], v[:, :, L - 1::L]
-        gathered = ChunkSummaryAllGather.apply(torch.cat((own_k, own_v), dim=-1), self.group)
-        before = self.rank * (T // L)  # summaries of earlier ranks: visible to every local query
-        prior_k, prior_v = gathered[:, :, :before].split(k.shape[-1], dim=-1)
+        own = torch.cat((k[:, :, L - 1::L], v[:, :, L - 1::L]), dim=-1)
+        summaries = self.layout.to_sequence_order(ChunkSummaryAllGather.apply(own, self.group), dim=2)
+        summary_k, summary_v = summaries.split(k.shape[-1], dim=-1)
+        chunk = self.positions(T, q.device) // L
         block = L * max(1, query_block // L)
-        local_chunk = torch.arange(T, device=q.device) // L
         outputs = []
-        for start in range(0, T, block):
-            stop = min(start + block, T)
-            n_local = int(local_chunk[stop - 1])
-            args = (q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
-                    torch.cat((prior_k, own_k[:, :, :n_local]), dim=2),
-                    torch.cat((prior_v, own_v[:, :, :n_local]), dim=2),
-                    (local_chunk[start:stop] + before).unsqueeze(0))
-            if torch.is_grad_enabled():
-                outputs.append(checkpoint(ops.attend_summaries, *args, use_reentrant=False))
-            else:
-                outputs.append(ops.attend_summaries(*args))
+        for lo, hi, _ in self.layout.segments(T):
+            for start in range(lo, hi, block):
+                stop = min(start + block, hi)
+                visible = int(chunk[stop - 1])  # the block's queries see at most the chunks before its last
+                args = (q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
+                        summary_k[:, :, :visible], summary_v[:, :, :visible], chunk[start:stop].unsqueeze(0))
+                if torch.is_grad_enabled():
+                    outputs.append(checkpoint(ops.attend_summaries, *args, use_reentrant=False))
+                else:
+                    outputs.append(ops.attend_summaries(*args))
         return torch.cat(outputs, dim=2)
 
     def causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
                          query_block: int = QUERY_BLOCK) -> torch.Tensor:
         """`ops.causal_attention` for this rank's queries: full attention all-gathers K and V,
-        a sliding window receives the previous rank's last W keys and values."""
-        T = q.shape[2]
-        start = self.first_token(T)
+        a sliding window receives the last W keys and values before each of the rank's blocks."""
+        segments = self.layout.segments(q.shape[2])
+        kv = torch.cat((k, v), dim=-1)
         if window is None:
-            kv = _GatherAlongSequence.apply(torch.cat((k, v), dim=-1).permute(2, 0, 1, 3), self.group)
-            kv = kv[: start + T].permute(1, 2, 0, 3)
-            key_start = 0
-        else:
-            tail = torch.cat((k, v), dim=-1)[:, :, T - window:]
-            # NOTE: rank 0 receives zeros at positions < 0 (masked), but keeps them in its graph
-            # so that its backward takes part in the exchange of gradients.
-            previous = PreviousWindowExchange.apply(tail, self.group)
-            kv = torch.cat((previous, torch.cat((k, v), dim=-1)), dim=2)
-            key_start = start - window
-        keys, values = kv.split(k.shape[-1], dim=-1)
-        return _masked_attention(q, keys, values, start, key_start, window, query_block)
+            gathered = _GatherAlongSequence.apply(kv.permute(2, 0, 1, 3), self.group)
+            keys, values = self.layout.to_sequence_order(gathered, dim=0).permute(1, 2, 0, 3).split(k.shape[-1], -1)
+            outputs = [_masked_attention(q[:, :, lo:hi], keys, values, start, 0, None, query_block)
+                       for lo, hi, start in segments]
+            return torch.cat(outputs, dim=2)
+        # NOTE: block 0 receives zeros at positions < 0 (masked), but keeps them in its graph so
+        # that its rank's backward takes part in the exchange of gradients.
+        tails = torch.stack([kv[:, :, hi - window:hi] for _, hi, _ in segments])
+        previous = PreviousWindowExchange.apply(tails, self.layout, self.group)
+        outputs = []
+        for slot, (lo, hi, start) in enumerate(segments):
+            keys, values = torch.cat((previous[slot], kv[:, :, lo:hi]), dim=2).split(k.shape[-1], dim=-1)
+            outputs.append(_masked_attention(q[:, :, lo:hi], keys, values, start, start - window, window, query_block))
+        return torch.cat(outputs, dim=2)
 
 
 def _masked_attention(q, k, v, q_start: int, k_start: int, window: int | None, query_block: int):
@@ -195,38 +268,42 @@ def _masked_attention(q, k, v, q_start: int, k_start: int, window: int | None, q
     return torch.cat(outputs, dim=2)
 
 
-def apply_context_parallel(model: torch.nn.Module, group, rank: int, size: int) -> None:
-    """Give every sequence mixer of `model` this rank's `ContextShard` (the model's CP seam)."""
-    shard = ContextShard(group, rank, size)
-    for module in model.modules():
-        if hasattr(module, "context_shard"):
-            module.context_shard = shard
+def apply_context_parallel(model: torch.nn.Module, group, rank: int, size: int, layout: str) -> None:
+    """Give every sequence mixer of `model` this rank's `ContextShard` under `layout`
+    (parallel.context_layout; the batch must be cut by `sequence_slice` with the same one)."""
     unsupported = [type(m).__name__ for m in model.modules() if type(m).__name__ == "RNNMixer"]
     if unsupported:
         raise NotImplementedError("context parallelism of the RNN layer (a recurrence over the whole sequence) "
                                   "needs a cross-rank scan; use parallel.context=1 for models with rnn layers")
+    shard = ContextShard(group, ContextLayout(layout, rank, size))
+    for module in model.modules():
+        if hasattr(module, "context_shard"):
+            module.context_shard = shard
 
 
-def imbalance(cfg, seq_len: int, cp: int) -> float:
-    """Busiest CP rank's forward FLOPs over the mean, for equal contiguous slices (1.0 = balanced)."""
+def imbalance(cfg, seq_len: int, cp: int) -> dict[str, float]:
+    """Busiest CP rank's forward FLOPs over the mean, per layout (1.0 = balanced)."""
+    return {layout: _busiest_over_mean(cfg, seq_len, cp, layout) for layout in LAYOUTS}
+
+
+def _busiest_over_mean(cfg, seq_len: int, cp: int, layout: str) -> float:
     from ratpt.model.config import mixer_of_layer
     from ratpt.model.flops import ffn_flops_per_token, head_flops_per_token, projection_flops_per_token
 
-    local = seq_len // cp
     per_rank = []
     for r in range(cp):
+        positions = ContextLayout(layout, r, cp).positions(seq_len // cp).to(torch.float64)
         total = 0.0
         for layer in range(cfg.n_layers):
             kind = mixer_of_layer(cfg, layer)
-            keys = _mean_keys(kind, cfg, r * local, local)
+            keys = _mean_keys(kind, cfg, positions)
             total += projection_flops_per_token(kind, cfg) + 4.0 * cfg.d_model * keys + ffn_flops_per_token(cfg)
         per_rank.append(total + head_flops_per_token(cfg))
     return max(per_rank) / (sum(per_rank) / cp)
 
 
-def _mean_keys(kind: str, cfg, start: int, n: int) -> float:
-    """Mean softmax keys per query over positions [start, start + n) (as ratpt.model.flops counts)."""
-    t = torch.arange(start, start + n, dtype=torch.float64)
+def _mean_keys(kind: str, cfg, t: torch.Tensor) -> float:
+    """Mean softmax keys per query over positions `t` (as ratpt.model.flops counts)."""
     if kind == "rnn":
         return 0.0
     if kind == "attention":
@@ -238,5 +315,5 @@ def _mean_keys(kind: str, cfg, start: int, n: int) -> float:
     raise ValueError(f"unknown mixer {kind!r}")
 
 
-__all__ = ["ChunkSummaryAllGather", "ContextShard", "PreviousWindowExchange", "apply_context_parallel",
-           "imbalance", "sequence_slice"]
+__all__ = ["LAYOUTS", "ChunkSummaryAllGather", "ContextLayout", "ContextShard", "PreviousWindowExchange",
+           "apply_context_parallel", "imbalance", "sequence_slice"]

@@ -128,7 +128,8 @@ class DeepSpeedEngine:
         self.mesh = groups.mesh
         self.dp_rank, self.dp_size = self.mesh.dp_rank, self.mesh.dp
         if self.mesh.cp > 1:
-            apply_context_parallel(model, groups.cp_group, self.mesh.cp_rank, self.mesh.cp)
+            apply_context_parallel(model, groups.cp_group, self.mesh.cp_rank, self.mesh.cp,
+                                   cfg.parallel.context_layout)
         self.config = deepspeed_json(cfg, self.dp_size, ctx.device.type)
         groups_by_decay = parameter_groups(model, cfg.optimizer.weight_decay)  # before ZeRO-3 empties the tensors
         if self.config["zero_optimization"]["stage"] == 3:
@@ -231,8 +232,9 @@ class DeepSpeedEngine:
         return totals[0].item(), totals[1].item()
 
     def _local(self, batch: dict) -> dict:
-        """This CP rank's slice of a batch (the batch itself without CP)."""
-        return {k: sequence_slice(batch[k], self.mesh) for k in ("input_ids", "labels")}
+        """This CP rank's part of a batch, cut by parallel.context_layout (the batch itself without CP)."""
+        layout = self.cfg.parallel.context_layout
+        return {k: sequence_slice(batch[k], self.mesh, layout) for k in ("input_ids", "labels")}
 
     def _all_ranks_sum(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.ctx.device)

@@ -137,8 +137,9 @@ class MegatronEngine:
 
     def _forward_step(self, data_iterator: Iterable[dict], model: nn.Module):
         batch = next(data_iterator)
-        input_ids = sequence_slice(batch["input_ids"], self.mesh).to(self.ctx.device, non_blocking=True)
-        labels = sequence_slice(batch["labels"], self.mesh).to(self.ctx.device, non_blocking=True)
+        layout = self.cfg.parallel.context_layout
+        input_ids = sequence_slice(batch["input_ids"], self.mesh, layout).to(self.ctx.device, non_blocking=True)
+        labels = sequence_slice(batch["labels"], self.mesh, layout).to(self.ctx.device, non_blocking=True)
         with _autocast(self.ctx.device, self.cfg.train.precision):
             logits = model(input_ids)
 

@@ -48,7 +48,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh, megatron_config) -> P
         head = VocabParallelHead(cfg.model.vocab_size, cfg.model.d_model, megatron_config)
     if mesh.cp > 1:
         # NOTE: after TP (which replaces the projections) and before PP (which splits the layers).
-        apply_context_parallel(model, ps.get_context_parallel_group(), mesh.cp_rank, mesh.cp)
+        apply_context_parallel(model, ps.get_context_parallel_group(), mesh.cp_rank, mesh.cp,
+                               cfg.parallel.context_layout)
     chunks = pipeline_chunks(model, cfg.data.seq_len, mesh.pp, mesh.pp_rank, mesh.virtual_stages, head=head)
     if mesh.pp > 1:
         for chunk in chunks:

@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc-per-node N tests/deepspeed/ds_cases.py CASE [CASE ...]
 
-A case is `name:key=value,...` over deepspeed.* and parallel.context (`stage=3,offload=true,cp=2`);
+A case is `name:key=value,...` over deepspeed.*, parallel.context and parallel.context_layout
+(`stage=3,offload=true,cp=2,layout=zigzag`);
 a name starting `resume` or `consolidate` selects a checkpoint check, `skip` a non-finite step,
 `recompute` activation checkpointing.
 For each equality case, every rank also runs the single-process reference (ratpt.train.engine.
@@ -42,7 +43,8 @@ BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.n
         "train.engine=deepspeed", "schedule.warmup_fraction=0.25", "optimizer.lr=1e-2", "optimizer.grad_clip=0.5",
         "optimizer.eps=1e-4", "data.streams=[{path: unused}]"]
 KEYS = {"stage": "deepspeed.zero_stage", "offload": "deepspeed.offload_optimizer",
-        "offload_params": "deepspeed.offload_params", "cp": "parallel.context", "precision": "train.precision"}
+        "offload_params": "deepspeed.offload_params", "cp": "parallel.context", "layout": "parallel.context_layout",
+        "precision": "train.precision"}
 STEPS = 4
 
 

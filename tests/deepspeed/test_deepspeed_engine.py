@@ -33,10 +33,11 @@ TWO_RANK_CASES = {
     "bf16-stage1": "stage=1,precision=bf16", "bf16-stage2": "stage=2,precision=bf16",
     "skip-stage1": "stage=1", "skip-stage3": "stage=3",
     "recompute-stage3": "stage=3",
+    "cp2-zigzag-stage3": "stage=3,cp=2,layout=zigzag",  # each rank holds blocks r and 3 - r of every sequence
     "resume-stage3": "stage=3", "resume-stage2-cp2": "stage=2,cp=2",
     "consolidate-stage1": "stage=1", "consolidate-stage3": "stage=3",
 }
-FOUR_RANK_CASES = {"cp2dp2-stage1": "stage=1,cp=2", "cp2dp2-stage2": "stage=2,cp=2", "cp2dp2-stage3": "stage=3,cp=2"}
+FOUR_RANK_CASES = {f"cp2dp2-stage{stage}": f"stage={stage},cp=2,layout=contiguous" for stage in (1, 2, 3)}
 
 
 def base_config(*overrides: str):
@@ -135,6 +136,10 @@ def test_context_parallel_times_zero_data_parallel_equals_one_process(four_rank_
     assert passed(four_rank_cases, case)
 
 
+def test_zigzag_context_parallel_under_zero3_equals_one_process(two_rank_cases):
+    assert passed(two_rank_cases, "cp2-zigzag-stage3")
+
+
 @pytest.mark.gpu
 def test_two_gpus_nccl_equal_one_process(tmp_path):  # pragma: no cover - needs 2 GPUs
     if torch.cuda.device_count() < 2:
@@ -142,7 +147,8 @@ def test_two_gpus_nccl_equal_one_process(tmp_path):  # pragma: no cover - needs 
     cases = {name: TWO_RANK_CASES[name] for name in ("stage1", "stage2", "stage3", "bf16-stage1", "bf16-stage2",
                                                      "resume-stage3",
                                                      "consolidate-stage3")}
-    cases["cp2-stage3"] = "stage=3,cp=2"
+    cases["cp2-stage3"] = "stage=3,cp=2,layout=contiguous"
+    cases["cp2-zigzag-stage3"] = TWO_RANK_CASES["cp2-zigzag-stage3"]
     output = run_cases(2, cases, tmp_path, RATPT_TEST_DEVICE="cuda")
     assert all(passed(output, case) for case in cases), output
 

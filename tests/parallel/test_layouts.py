@@ -1,6 +1,7 @@
 """Every parallel layout equals one process on the same batch: loss, gradients, grad norm and the
 parameters after one optimizer step (tests/parallel/layouts.py states the checks and tolerances).
-Each test is one torchrun launch that runs several layouts, to keep the CPU time small."""
+Each such test is one torchrun launch that runs several layouts, to keep the CPU time small; the
+first two tests pin the zigzag context layout itself (which blocks a rank holds, the balance)."""
 import os
 import subprocess
 import sys
@@ -9,7 +10,34 @@ from pathlib import Path
 import pytest
 import torch
 
+from ratpt.config import load_config
+from ratpt.parallel.context_parallel import ContextLayout, imbalance
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("cp, held", [(2, [[0, 3], [1, 2]]), (4, [[0, 7], [1, 6], [2, 5], [3, 4]])])
+def test_zigzag_rank_holds_an_early_and_a_late_block_and_gathering_restores_the_sequence(cp, held):
+    sequence = torch.arange(2 * cp * 3).view(1, -1) * 10  # 2·CP blocks of 3 tokens
+    layouts = [ContextLayout("zigzag", r, cp) for r in range(cp)]
+    for layout, blocks in zip(layouts, held):
+        expected = torch.cat([torch.arange(3 * b, 3 * b + 3) for b in blocks])
+        assert torch.equal(layout.positions(6), expected)
+        assert torch.equal(layout.local(sequence), sequence[:, expected])
+    gathered = torch.cat([layout.local(sequence) for layout in layouts], dim=1)  # an all-gather's rank order
+    assert torch.equal(layouts[0].to_sequence_order(gathered, dim=1), sequence)
+
+
+def test_zigzag_balances_the_causal_work_that_contiguous_slices_do_not():
+    rat_1p3b = REPO / "configs" / "rat_1p3b.yaml"
+    cfg = load_config(rat_1p3b, ["data.streams=[{path: unused}]"]).model
+    rat = imbalance(cfg, 131072, 2)
+    attention = imbalance(load_config(rat_1p3b, ["data.streams=[{path: unused}]", "model.mixers=[attention]"]).model,
+                          131072, 2)
+    # rank 1 of 2 contiguous halves attends over 3/4 of the causal triangle
+    assert rat["contiguous"] == pytest.approx(1.118, abs=1e-3) and rat["zigzag"] == pytest.approx(1.0, abs=1e-12)
+    assert attention["contiguous"] > 1.4 and attention["zigzag"] == pytest.approx(1.0, abs=1e-12)
+    assert imbalance(cfg, 131072, 4)["zigzag"] == pytest.approx(1.0, abs=1e-12)
 
 
 def run_layouts(nproc: int, *cases: str, **env_vars: str) -> str:
@@ -29,9 +57,13 @@ def test_two_ranks_data_context_and_tensor_parallel_equal_one_process():
     run_layouts(
         2,
         "dp2:",  # megatron DDP + distributed optimizer, 2 micro-batches per rank (accumulation)
-        "cp2-rat:context=2",  # chunk summaries all-gathered / reduce-scattered
-        "cp2-rat+swa:context=2,mixers=rat+swa",  # sliding window: previous rank's last window
-        "cp2-attention:context=2,mixers=attention",  # all-gather of K and V
+        "cp2-rat:context=2,context_layout=contiguous",  # chunk summaries all-gathered / reduce-scattered
+        "cp2-rat+swa:context=2,mixers=rat+swa,context_layout=contiguous",  # sliding window: previous rank's last window
+        "cp2-attention:context=2,mixers=attention,context_layout=contiguous",  # all-gather of K and V
+        # zigzag: rank 0 holds blocks 0 and 3, rank 1 blocks 1 and 2 (block 2's window is its own block 1)
+        "cp2-zigzag-rat:context=2,context_layout=zigzag",
+        "cp2-zigzag-rat+swa:context=2,mixers=rat+swa,context_layout=zigzag",
+        "cp2-zigzag-rat+attention:context=2,mixers=rat+attention,context_layout=zigzag",
         "resume-dp2-to-cp2:>context=2",  # state gathered in one layout, loaded into another
         # TP + SP: every mixer and the SwiGLU FFN as column/row-parallel linears, vocab-parallel
         # embedding, head and cross-entropy, norms' gradients all-reduced over TP
@@ -47,13 +79,18 @@ def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():
     run_layouts(
         4,
         "dp2xcp2-rat+swa:context=2,mixers=rat+swa",
-        "cp4-rat:context=4",
+        "cp4-rat:context=4,context_layout=contiguous",
+        # zigzag over 8 blocks of one chunk (= one window): windows cross ranks both ways, rank 3's second
+        # block takes its own first block's tail
+        "cp4-zigzag-rat:context=4,context_layout=zigzag",
+        "cp4-zigzag-rat+swa:context=4,mixers=rat+swa,context_layout=zigzag",
+        "cp4-zigzag-rat+attention:context=4,mixers=rat+attention,context_layout=zigzag",
         "resume-dp4-to-dp2xcp2:mixers=rat+attention>context=2,mixers=rat+attention",
         "dp4-replicated-optimizer:distributed_optimizer=false",
         "tp2xdp2:tensor=2",
-        "tp2xcp2-rat+swa:tensor=2,context=2,mixers=rat+swa",
+        "tp2xcp2-rat+swa:tensor=2,context=2,mixers=rat+swa,context_layout=contiguous",
         "pp2xdp2:pipeline=2",  # 1F1B; tied embedding/head all-reduced over the first and last stage
-        "pp2xcp2-rat+attention:pipeline=2,context=2,mixers=rat+attention",
+        "pp2xcp2-zigzag-rat+attention:pipeline=2,context=2,mixers=rat+attention,context_layout=zigzag",
         "pp2xtp2-interleaved-rat+swa:pipeline=2,tensor=2,virtual_stages=2,n_layers=4,mixers=rat+swa,micro_batch=2",
         "resume-pp2xtp2-to-dp2xcp2:pipeline=2,tensor=2,mixers=rat+attention>context=2,mixers=rat+attention",
     )
@@ -66,8 +103,10 @@ def test_two_gpus_nccl_equal_one_process():  # pragma: no cover - needs 2 GPUs
     run_layouts(
         2,
         "dp2:",
-        "cp2-rat+swa:context=2,mixers=rat+swa",
-        "cp2-attention:context=2,mixers=attention",
+        "cp2-rat+swa:context=2,mixers=rat+swa,context_layout=contiguous",
+        "cp2-attention:context=2,mixers=attention,context_layout=contiguous",
+        "cp2-zigzag-rat+swa:context=2,mixers=rat+swa,context_layout=zigzag",
+        "cp2-zigzag-rat+attention:context=2,mixers=rat+attention,context_layout=zigzag",
         "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu,micro_batch=2",
         "pp2-interleaved-rat+swa:pipeline=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
         "resume-pp2-to-tp2:pipeline=2>tensor=2",

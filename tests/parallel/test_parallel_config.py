@@ -21,7 +21,9 @@ def test_a_world_size_that_does_not_divide_is_refused_by_name():
 
 @pytest.mark.parametrize("override, message", [
     ("parallel.tensor=3", "parallel.tensor .3. must divide the number of heads"),
-    ("parallel.context=3", r"data.seq_len \(128\) must be a multiple of parallel.context \(3\) × model.chunk_size"),
+    ("parallel.context=3", r"data.seq_len \(128\) must be a multiple of 2 × parallel.context \(3\) × "
+                           r"model.chunk_size \(16\) = 96 .*or set parallel.context_layout=contiguous"),
+    ("parallel.context_layout=ring", r"parallel.context_layout must be contiguous\|zigzag, got 'ring'"),
     ("parallel.pipeline=5", r"model.n_layers \(4\) must be >= parallel.pipeline"),
     ("parallel.context=0", "parallel.context must be >= 1"),
 ])
@@ -30,9 +32,26 @@ def test_impossible_layouts_are_rejected(override, message):
         load_config(None, BASE + [override])
 
 
-def test_sliding_window_context_parallelism_needs_a_window_per_rank():
-    with pytest.raises(ConfigError, match=r"data.seq_len / parallel.context \(32\) >= model.window \(64\)"):
-        load_config(None, BASE + ["model.mixers=[rat,swa]", "model.window=64", "parallel.context=4"])
+def test_zigzag_needs_two_blocks_of_whole_chunks_per_rank_contiguous_one():
+    # 128 tokens = 8 chunks: CP 8 holds one chunk per rank contiguously, but cannot cut 16 zigzag blocks
+    load_config(None, BASE + ["parallel.context=8", "parallel.context_layout=contiguous"])
+    with pytest.raises(ConfigError, match=r"2 × parallel.context \(8\) × model.chunk_size \(16\) = 256"):
+        load_config(None, BASE + ["parallel.context=8", "parallel.context_layout=zigzag"])
+    with pytest.raises(ConfigError, match=r"data.seq_len \(128\) must be a multiple of parallel.context \(3\) × "
+                                          r"model.chunk_size \(16\) = 48 so every context-parallel rank holds"):
+        load_config(None, BASE + ["parallel.context=3", "parallel.context_layout=contiguous"])
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("contiguous", r"data.seq_len / parallel.context \(32\) >= model.window \(64\)"),
+    ("zigzag", r"data.seq_len / \(2 × parallel.context\) \(16\) >= model.window \(64\)"),
+])
+def test_sliding_window_context_parallelism_needs_a_window_per_block(layout, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, BASE + ["model.mixers=[rat,swa]", "model.window=64", "parallel.context=4",
+                                  f"parallel.context_layout={layout}"])
+    load_config(None, BASE + ["model.mixers=[rat,swa]", "model.window=16", "parallel.context=4",
+                              f"parallel.context_layout={layout}"])
 
 
 def test_tensor_parallel_must_leave_whole_query_key_groups_per_rank():
