@@ -2,7 +2,8 @@
 
 D 2048, 16 heads x 128, G 2, L 16 (and 64), bf16 weights and activations, B·T = 131072 tokens,
 T in {4K, 16K, 32K, 128K}. For each layer: fwd+bwd and prefill (forward, no grad) time, and one
-decode step at B 32 after 4096 tokens (eager, and CUDA-graphed where the step is static).
+decode step at B 32 after 4096 tokens: RAT's eager model step (RATMixer.decode), and the static step
+around ratpt.ops.rat_decode_mixing (the Triton decode kernel for rat-triton) eager and CUDA-graphed.
 
 Layers:
   rat-triton      ratpt's RATMixer, model.kernels = triton (kernels/)
@@ -13,10 +14,11 @@ Layers:
   attn-flash / attn-cudnn   ratpt's causal AttentionMixer with SDPA forced to one backend
   rnn             ratpt's RNN layer (RAT's projections minus q, k; one scan over T), eager: a
                   compiled 128K-step associative scan did not finish compiling within minutes
-  rat-triton-L16-w4   the same Triton layer with 4 warps per program (tuning point)
 
     python benchmarks/layer.py --out benchmarks/results/layer.json     # on one GPU
     python benchmarks/layer.py --plot benchmarks/results/layer.json     # PNG beside it
+    python benchmarks/layer.py --layers rat-triton-L16 --update benchmarks/results/layer.json
+                                                    # re-measure some layers, keep the others' entries
 """
 import argparse
 import json
@@ -167,29 +169,16 @@ def measure_sequence(name: str, layer: nn.Module, T: int, context, iters: int) -
 
 
 # ----------------------------------------------------------------------------- decode
-def rat_static_decode(layer, x, summary_k, summary_v, running_k, running_v, pos):
-    """One RAT decode step with static shapes (CUDA-graph safe): pure tensor ops, no host sync.
-
-    summary_k/v [B, H, capacity, d]; running_k/v [B, D] fp32; pos [B] (updated in place).
-    """
+def rat_static_decode(layer, x, cache, positions):
+    """One RAT decode step with static shapes (CUDA-graph safe): ratpt.ops.rat_decode_mixing between
+    the layer's projections, the caches updated in place, no host sync. positions [B] is read only."""
     from ratpt import ops
 
-    B, L = x.shape[0], layer.chunk_size
-    z, v, g, q, k = layer._project(x)
-    v, g, q, k = v[:, 0], g[:, 0], q[:, 0], k[:, 0]
-    carry = (pos % L != 0).unsqueeze(-1)
-    running_v.copy_(torch.where(carry, g * running_v, 0) + (1 - g) * v.float())
-    running_k.copy_(torch.where(carry, g * running_k, 0) + (1 - g) * k.float())
-    chunk = pos // L
-    cos, sin = ops.rope_cos_sin(chunk.view(B, 1, 1), layer.head_dim, layer.rope_base, x.dtype)
-    q_rot = ops.apply_rope(layer._heads(q.unsqueeze(1)), cos, sin)
-    k_rot = ops.apply_rope(layer._heads(running_k.to(x.dtype).unsqueeze(1)), cos, sin)
-    v_heads = layer._heads(running_v.to(x.dtype).unsqueeze(1))
-    y = ops.attend_summaries(q_rot, k_rot, v_heads, summary_k, summary_v, chunk.unsqueeze(-1))
-    index = chunk.view(B, 1, 1, 1).expand(B, layer.n_heads, 1, layer.head_dim)
-    summary_k.scatter_(2, index, k_rot)
-    summary_v.scatter_(2, index, v_heads)
-    return x + layer.out_proj(z * layer._merge(y))
+    z, v, f, q, k = (t[:, 0] for t in layer._split(x))
+    y = ops.rat_decode_mixing(q, k, v, f, layer.gate_bias, cache.summary_k, cache.summary_v, cache.running_k,
+                              cache.running_v, positions, layer.chunk_size, layer.head_dim, layer.rope_base,
+                              kernels=layer.kernels)
+    return x + layer.out_proj((z * y).unsqueeze(1))
 
 
 def graphed(fn, iters: int) -> float:
@@ -220,13 +209,8 @@ def measure_decode(name: str, layer: nn.Module, iters: int, B: int = 32, T: int 
                              torch.randn(B, H, cap, HEAD_DIM, device="cuda", dtype=DTYPE),
                              torch.randn(B, D, device="cuda"), torch.randn(B, D, device="cuda"), L)
             result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters)
-            pos = positions.clone()
-
-            def step():
-                pos.fill_(T)
-                return rat_static_decode(layer, x, cache.summary_k, cache.summary_v, cache.running_k,
-                                         cache.running_v, pos)
-            result["decode_graph_ms"] = graphed(step, iters)
+            result["decode_static_ms"] = time_ms(lambda: rat_static_decode(layer, x, cache, positions), iters)
+            result["decode_graph_ms"] = graphed(lambda: rat_static_decode(layer, x, cache, positions), iters)
         elif name.startswith("attn"):
             cache = KVCache(torch.randn(B, H, T + 1, HEAD_DIM, device="cuda", dtype=DTYPE),
                             torch.randn(B, H, T + 1, HEAD_DIM, device="cuda", dtype=DTYPE))
@@ -251,8 +235,6 @@ def build(name: str) -> tuple[nn.Module, object]:
 
     L = int(name.split("-L")[1].split("-")[0]) if "-L" in name else 0
     if name.startswith("rat-triton"):
-        if "-w" in name:
-            os.environ["RATPT_KERNEL_WARPS"] = name.split("-w")[-1]
         return rat_layer(L, "triton"), nullcontext
     if name.startswith("rat-reference"):
         return rat_layer(L, "torch"), nullcontext
@@ -274,24 +256,29 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=480, help="skip what would start after this")
     parser.add_argument("--plot", help="only draw the PNG of an existing JSON")
+    parser.add_argument("--update", help="an existing JSON: replace the measured layers' entries, keep the others")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot)
         return
     start = time.time()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "config": {"D": D, "heads": D // HEAD_DIM, "head_dim": HEAD_DIM, "G": G, "tokens": TOKENS,
-                          "dtype": "bf16", "iters": args.iters, "timing": "median of CUDA-event times"},
-               "layers": {}}
     import triton
-    results["triton"] = triton.__version__
+    results = {"layers": {}}
+    if args.update:
+        with open(args.update) as fh:
+            results = json.load(fh)
+        for name in args.layers.split(","):
+            results["layers"].pop(name, None)
+    results.update({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                    "config": {"D": D, "heads": D // HEAD_DIM, "head_dim": HEAD_DIM, "G": G, "tokens": TOKENS,
+                               "dtype": "bf16", "iters": args.iters, "timing": "median of CUDA-event times"}})
     for name in args.layers.split(","):
         entry = results["layers"].setdefault(name, {})
         layer, context = build(name)
         layer = layer.to("cuda", DTYPE)
         for T in map(int, args.lengths.split(",")):
-            if name.startswith(("rat-triton-L64", "rat-triton-L16-w", "rat-public", "attn", "rnn")) and T in (16384, 32768):
-                continue  # baselines and tuning points at the two ends only (device time)
+            if name.startswith(("rat-triton-L64", "rat-public", "attn", "rnn")) and T in (16384, 32768):
+                continue  # baselines at the two ends only (device time)
             if time.time() - start > args.budget_s:
                 entry[str(T)] = {"skipped": "time budget"}
                 continue
@@ -313,7 +300,6 @@ def main() -> None:
                 traceback.print_exc()
             print(name, "decode", entry["decode"], flush=True)
         del layer
-        os.environ.pop("RATPT_KERNEL_WARPS", None)
         torch.cuda.empty_cache()
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -32,7 +32,7 @@ def blocks(kernel: str, chunk_size: int, head_dim: int, dtype: torch.dtype) -> B
     if interpreting():
         return Blocks(max(L, 16), 16, 4, 1)
     if dtype == torch.float32:
-        return Blocks(max(L, 32), 32, 4, 2)
+        return Blocks(max(L, 32), 32, 4, 1)
     wide = head_dim > 64
     if kernel == "forward":
         return Blocks(max(L, 64 if wide else 128), 64, 8 if wide else 4, 3)

@@ -1,0 +1,133 @@
+"""Sweep the launch configurations of the RAT kernels on one GPU (the source of kernels/blocks.py).
+
+    python -m kernels.tune --out sweep.json                       # all kernels, T 4K and 128K, L 16
+    python -m kernels.tune --kernels summary_grad --chunk-sizes 16,64 --budget-s 120 --out s.json
+    python -m kernels.tune --warm --shard 0/4 & ...   # compile in parallel processes first (Triton's
+                                                      # on-disk cache), then time in one process
+
+Each configuration of one kernel is timed inside the pass that launches it (forward: the whole
+forward; summary_grad, query_grad: the whole backward), the other kernels at their blocks.py
+configuration, at the layer benchmark's shape: D 2048, 16 heads x 128, G 2, bf16,
+B·T = 131072, q, k, v, f strided column slices of one projection output. A configuration that
+does not compile or fit (shared memory) is recorded with its error. Results are written after
+every measurement, so a run cut short by its budget keeps what it measured.
+"""
+import argparse
+import itertools
+import json
+import logging
+import statistics
+import time
+
+import torch
+
+from kernels.blocks import KERNELS, Blocks, blocks
+from kernels.rat_bwd import rat_backward
+from kernels.rat_fwd import rat_forward
+
+log = logging.getLogger(__name__)
+D, HEAD_DIM, GROUPS, TOKENS, ROPE_BASE = 2048, 128, 2, 131072, 10000.0
+
+TILES = {  # (bq, bc) pairs per kernel; each is tried with 4 and 8 warps, 2 and 3 stages
+    "forward": [(64, 64), (128, 64), (64, 128), (128, 32)],
+    "summary_grad": [(64, 64), (128, 64), (32, 128), (64, 128)],
+    "query_grad": [(64, 64), (64, 128), (128, 32), (128, 64)],
+}
+
+
+def candidates(kernel: str, chunk_size: int) -> list[Blocks]:
+    """Configurations to try; row blocks of the forward and query side must hold whole chunks."""
+    whole_chunks = kernel in ("forward", "query_grad")
+    return [Blocks(bq, bc, warps, stages)
+            for (bq, bc), warps, stages in itertools.product(TILES[kernel], (4, 8), (2, 3))
+            if not whole_chunks or (bq >= chunk_size and bq % chunk_size == 0)]
+
+
+def time_ms(fn, iters: int) -> float:
+    """Median CUDA-event time of fn after one untimed call (which compiles)."""
+    fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times) if times else float("nan")
+
+
+def layer_inputs(T: int, chunk_size: int, batch: int | None = None, seed: int = 0) -> tuple:
+    """q, k, v, f (strided slices of one bf16 projection output), gate bias, and dy; B·T = TOKENS."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    B, qk = batch or TOKENS // T, GROUPS * HEAD_DIM
+    proj = torch.randn(B, T, 3 * D + 2 * qk, device="cuda", generator=gen).bfloat16()
+    _, v, f, q, k = proj.split([D, D, D, qk, qk], dim=-1)
+    bias = torch.empty(D, device="cuda").uniform_(1.0, max(chunk_size - 1.0, 1.0)).log_().bfloat16()
+    dy = torch.randn(B, T, D, device="cuda", generator=gen).bfloat16()
+    return q, k, v, f, bias, dy
+
+
+def measure(kernel: str, cfg: Blocks, inputs: tuple, chunk_size: int, iters: int) -> float:
+    q, k, v, f, bias, dy = inputs
+    args = (q, k, v, f, bias, chunk_size, HEAD_DIM, ROPE_BASE)
+    if kernel == "forward":
+        return time_ms(lambda: rat_forward(*args, config=cfg), iters)
+    y, lse, ks, vs = rat_forward(*args)
+    return time_ms(lambda: rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, chunk_size, HEAD_DIM, ROPE_BASE,
+                                        configs={kernel: cfg}), iters)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--lengths", default="4096,131072")
+    parser.add_argument("--chunk-sizes", default="16")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=300, help="skip what would start after this")
+    parser.add_argument("--shard", default="0/1", help="i/n: only every n-th configuration, from the i-th")
+    parser.add_argument("--warm", action="store_true",
+                        help="only compile: run each configuration once at T 4096 with B 1 and B 16, which "
+                             "share Triton's integer specialisations with the timed shapes")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    index, n_shards = map(int, args.shard.split("/"))
+    if args.warm:
+        warm(args.kernels.split(","), list(map(int, args.chunk_sizes.split(","))), index, n_shards)
+        return
+    start, results = time.time(), {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    for L, T in itertools.product(map(int, args.chunk_sizes.split(",")), map(int, args.lengths.split(","))):
+        inputs = layer_inputs(T, L)
+        for kernel in args.kernels.split(","):
+            default = blocks(kernel, L, HEAD_DIM, torch.bfloat16)
+            for cfg in ([default] + [c for c in candidates(kernel, L) if c != default])[index::n_shards]:
+                if time.time() - start > args.budget_s:
+                    break
+                run = {"kernel": kernel, "L": L, "T": T, "B": TOKENS // T, **cfg.__dict__, "default": cfg == default}
+                try:
+                    run["ms"] = measure(kernel, cfg, inputs, L, args.iters)
+                except Exception as error:  # a configuration that does not fit: record it, go on
+                    run["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+                log.info("%s", run)
+                results["runs"].append(run)
+                with open(args.out, "w") as fh:
+                    json.dump(results, fh, indent=1)
+        del inputs
+        torch.cuda.empty_cache()
+
+
+
+def warm(kernels: list[str], chunk_sizes: list[int], index: int, n_shards: int) -> None:
+    for L, batch in itertools.product(chunk_sizes, (1, 16)):
+        inputs = layer_inputs(4096, L, batch=batch)
+        for kernel in kernels:
+            for cfg in candidates(kernel, L)[index::n_shards]:
+                try:
+                    measure(kernel, cfg, inputs, L, iters=0)
+                except Exception as error:
+                    log.info("%s %s: %s", kernel, cfg, str(error)[:100])
+
+
+if __name__ == "__main__":
+    main()
