@@ -214,10 +214,10 @@ class ContextShard:
         chunk = self.positions(T, q.device) // L
         block = L * max(1, query_block // L)
         outputs = []
-        for lo, hi, _ in self.layout.segments(T):
+        for lo, hi, first in self.layout.segments(T):
             for start in range(lo, hi, block):
                 stop = min(start + block, hi)
-                visible = int(chunk[stop - 1])  # the block's queries see at most the chunks before its last
+                visible = (first + stop - 1 - lo) // L  # the chunks before the query block's last token's
                 args = (q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
                         summary_k[:, :, :visible], summary_v[:, :, :visible], chunk[start:stop].unsqueeze(0))
                 if torch.is_grad_enabled():
