@@ -89,6 +89,7 @@ def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():
         "dp4-replicated-optimizer:distributed_optimizer=false",
         "tp2xdp2:tensor=2",
         "tp2xcp2-rat+swa:tensor=2,context=2,mixers=rat+swa,context_layout=contiguous",
+        "tp2xcp2-zigzag-rat+swa:tensor=2,context=2,mixers=rat+swa,context_layout=zigzag",
         "pp2xdp2:pipeline=2",  # 1F1B; tied embedding/head all-reduced over the first and last stage
         "pp2xcp2-zigzag-rat+attention:pipeline=2,context=2,mixers=rat+attention,context_layout=zigzag",
         "pp2xtp2-interleaved-rat+swa:pipeline=2,tensor=2,virtual_stages=2,n_layers=4,mixers=rat+swa,micro_batch=2",
