@@ -2,6 +2,9 @@
 
 Elementwise work on a head's per-token tile (recurrences, RoPE) runs on two halves of width
 d/2, the (real, imaginary) pairs of the half-split RoPE: rotating a pair is then elementwise.
+The recurrences run sequentially over the L positions of a tile of chunks (one row per chunk),
+with no cross-thread communication: a tile-wide associative scan along the rows measured ~10x
+slower than the memory traffic it replaces.
 Dots take full-width tiles (one K = d product instead of two K = d/2 ones): the halves are
 joined once per program, never inside a loop.
 
@@ -32,38 +35,16 @@ def dot(a, b, DT: tl.constexpr, F32: tl.constexpr):
 
 
 @triton.jit
-def _scan_combine(a1, k1, v1, a2, k2, v2):
-    # (a1, k1, v1) is the earlier segment: y = a2 * y_earlier + k2
-    return a1 * a2, a2 * k1 + k2, a2 * v1 + v2
+def state_step(ks, vs, f_ptrs, k_ptrs, v_ptrs, bias, mask):
+    """One position of the in-chunk recurrences for a tile of chunks [chunks, HALF] (fp32).
 
-
-@triton.jit
-def chunk_states(f_ptrs, k_ptrs, v_ptrs, bias, first, mask):
-    """Gate and in-chunk recurrences of one half tile [BQ, HALF].
-
-    g = sigmoid(f + bias); k̃ = g k̃_prev + (1-g) k, ṽ likewise, reset where `first` (chunk start).
-    Returns g, k, v, k̃, ṽ in fp32; masked rows are zero inputs.
+    g = sigmoid(f + bias); k̃ = g k̃_prev + (1-g) k, ṽ likewise. Starting from zero states at
+    l = 0 is the reset. Returns g, k, v, k̃, ṽ; masked rows are zero inputs.
     """
-    f = tl.load(f_ptrs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.sigmoid(f + bias[None, :])
+    g = tl.sigmoid(tl.load(f_ptrs, mask=mask, other=0.0).to(tl.float32) + bias[None, :])
     k = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.where(first[:, None], 0.0, g)
-    _, ks, vs = tl.associative_scan((a, (1 - g) * k, (1 - g) * v), 0, _scan_combine)
-    return g, k, v, ks, vs
-
-
-@triton.jit
-def reverse_chunk_states(fnext_ptrs, bias, last_or_out, mask, dks, dvs):
-    """λ[t] = dY[t] + g[t+1] λ[t+1] inside each chunk (λ = 0 past a chunk end), for k̃ and ṽ.
-
-    fnext_ptrs point at f of the next row; `last_or_out` marks rows whose next row is another
-    chunk or past T.
-    """
-    fn = tl.load(fnext_ptrs, mask=mask & ~last_or_out[:, None], other=0.0).to(tl.float32)
-    an = tl.where(last_or_out[:, None], 0.0, tl.sigmoid(fn + bias[None, :]))
-    _, lk, lv = tl.associative_scan((an, dks, dvs), 0, _scan_combine, reverse=True)
-    return lk, lv
+    return g, k, v, g * ks + (1 - g) * k, g * vs + (1 - g) * v
 
 
 @triton.jit

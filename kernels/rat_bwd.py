@@ -12,10 +12,13 @@ dS = P ⊙ (dP − Δ), dP = dy·values:
 3. `_query_grad_kernel`: per (block of whole chunks, batch, head): dq through the summaries
    (again a full and a masked loop) and the own score; the direct gradients of k̃, ṽ (own score
    and own value) plus, at each chunk end, the summary gradients rotated back by the chunk
-   index; the reverse recurrence inside chunks, λ[t] = dY[t] + g[t+1] λ[t+1]; then
-   dk, dv = (1 − g) λ and the gate gradient df = (1 − g) Σ λ ⊙ (state − input) (this is
-   ∂/∂g · g(1−g) without a division by g). dq, dk are written per head [B, T, H·d] and summed
-   over each group's heads afterwards; the gate-bias gradient as per-program partial sums.
+   index, written to fp32 scratch [B, T, H·d]. The states k̃, ṽ come from rat_fwd's sequential
+   `_states_kernel`, run again (cheaper than keeping them from the forward: 2 fp32 [B, T, D]).
+4. `_recurrence_grad_kernel`: per (tile of chunks, batch, head), backwards over the L positions:
+   λ[t] = dY[t] + g[t+1] λ[t+1] inside each chunk; then dk, dv = (1 − g) λ and the gate gradient
+   df = (1 − g) Σ λ ⊙ (state − input) (this is ∂/∂g · g(1−g) without a division by g).
+   dq, dk are written per head [B, T, H·d] and summed over each group's heads afterwards; the
+   gate-bias gradient as per-program partial sums.
 """
 
 import math
@@ -25,9 +28,8 @@ import triton
 import triton.language as tl
 
 from kernels.blocks import Blocks, blocks
-from kernels.common import (LOG2E, chunk_states, dot, interpreting, reverse_chunk_states, rope_cos_sin,
-                            split_halves)
-from kernels.rat_fwd import inverse_frequencies
+from kernels.common import LOG2E, dot, interpreting, rope_cos_sin, split_halves
+from kernels.rat_fwd import CHUNKS_PER_PROGRAM, inverse_frequencies, recurrent_states
 
 
 @triton.jit
@@ -138,10 +140,8 @@ def _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_lo, j_
 
 
 @triton.jit
-def _query_grad_kernel(q_ptr, qr_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, ks_ptr, vs_ptr, dy_ptr,
-                       lse_ptr, delta_ptr, dks_ptr, dvs_ptr, dq_ptr, dk_ptr, dv_ptr, df_ptr, dbias_ptr,
-                       sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t,
-                       B, T, C, qk_scale, scale,
+def _query_grad_kernel(q_ptr, qr_ptr, kst_ptr, vst_ptr, inv_freq_ptr, ks_ptr, vs_ptr, dy_ptr, lse_ptr, delta_ptr,
+                       dks_ptr, dvs_ptr, dq_ptr, dkd_ptr, dvd_ptr, sq_b, sq_t, T, C, qk_scale, scale,
                        H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                        BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -177,23 +177,17 @@ def _query_grad_kernel(q_ptr, qr_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_pt
     dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_full, n_visible, n_visible,
                             D_HEAD, BC, True, F32)
     dqr1, dqr2 = split_halves(dqr, BQ, HALF)
-    # --- the own state: recompute the recurrences, then its score's and value's gradients
+    # --- the own state (k̃, ṽ from the states kernel): its score's and value's gradients
     q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t
     q1 = tl.load(q_rows + kc[None, :], mask=mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_rows + kc[None, :] + HALF, mask=mask, other=0.0).to(tl.float32)
     dy1 = tl.load(dy_ptr + out_rows, mask=mask, other=0.0).to(tl.float32)
     dy2 = tl.load(dy_ptr + out_rows + HALF, mask=mask, other=0.0).to(tl.float32)
     cos, sin = rope_cos_sin(chunk, tl.load(inv_freq_ptr + cols))
-    first = rows % L == 0
-    f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t
-    k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t
-    v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t
-    bias1 = tl.load(bias_ptr + vc).to(tl.float32)
-    bias2 = tl.load(bias_ptr + vc + HALF).to(tl.float32)
-    g1, k1, v1, ks1, vs1 = chunk_states(f_rows + vc[None, :], k_rows + kc[None, :], v_rows + vc[None, :],
-                                        bias1, first, mask)
-    g2, k2, v2, ks2, vs2 = chunk_states(f_rows + vc[None, :] + HALF, k_rows + kc[None, :] + HALF,
-                                        v_rows + vc[None, :] + HALF, bias2, first, mask)
+    ks1 = tl.load(kst_ptr + out_rows, mask=mask, other=0.0)
+    ks2 = tl.load(kst_ptr + out_rows + HALF, mask=mask, other=0.0)
+    vs1 = tl.load(vst_ptr + out_rows, mask=mask, other=0.0)
+    vs2 = tl.load(vst_ptr + out_rows + HALF, mask=mask, other=0.0)
     p_own = tl.exp2((tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale - lse)
     ds_own = p_own * (tl.sum(dy1 * vs1, 1) + tl.sum(dy2 * vs2, 1) - delta) * scale
     p_own = tl.where(rmask, p_own, 0.0)
@@ -213,31 +207,84 @@ def _query_grad_kernel(q_ptr, qr_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_pt
     dks2 = ds_own[:, None] * q2 + dsk2 * cos - dsk1 * sin
     dvs1 = p_own[:, None] * dy1 + tl.load(dvs_ptr + sp, mask=emask, other=0.0)
     dvs2 = p_own[:, None] * dy2 + tl.load(dvs_ptr + sp + HALF, mask=emask, other=0.0)
-    # --- reverse recurrence inside chunks
-    last_or_out = (rows % L == L - 1) | (rows + 1 >= T)
-    lk1, lv1 = reverse_chunk_states(f_rows + sf_t + vc[None, :], bias1, last_or_out, mask, dks1, dvs1)
-    lk2, lv2 = reverse_chunk_states(f_rows + sf_t + vc[None, :] + HALF, bias2, last_or_out, mask, dks2, dvs2)
-    df1 = (1 - g1) * (lk1 * (ks1 - k1) + lv1 * (vs1 - v1))
-    df2 = (1 - g2) * (lk2 * (ks2 - k2) + lv2 * (vs2 - v2))
-    DKT = dk_ptr.dtype.element_ty
-    tl.store(dk_ptr + out_rows, ((1 - g1) * lk1).to(DKT), mask=mask)
-    tl.store(dk_ptr + out_rows + HALF, ((1 - g2) * lk2).to(DKT), mask=mask)
-    DVT = dv_ptr.dtype.element_ty
-    tl.store(dv_ptr + out_rows, ((1 - g1) * lv1).to(DVT), mask=mask)
-    tl.store(dv_ptr + out_rows + HALF, ((1 - g2) * lv2).to(DVT), mask=mask)
-    DFT = df_ptr.dtype.element_ty
-    tl.store(df_ptr + out_rows, df1.to(DFT), mask=mask)
-    tl.store(df_ptr + out_rows + HALF, df2.to(DFT), mask=mask)
-    part = (pid_t.to(tl.int64) * B + b) * (H * D_HEAD) + vc
-    tl.store(dbias_ptr + part, tl.sum(tl.where(mask, df1, 0.0), 0))
-    tl.store(dbias_ptr + part + HALF, tl.sum(tl.where(mask, df2, 0.0), 0))
+    tl.store(dkd_ptr + out_rows, dks1, mask=mask)
+    tl.store(dkd_ptr + out_rows + HALF, dks2, mask=mask)
+    tl.store(dvd_ptr + out_rows, dvs1, mask=mask)
+    tl.store(dvd_ptr + out_rows + HALF, dvs2, mask=mask)
+
+
+@triton.jit
+def _reverse_step(lk, lv, g_next, f_ptrs, k_ptrs, v_ptrs, bias, st, kst_ptr, vst_ptr, dkd_ptr, dvd_ptr,
+                  dk_ptrs, dv_ptrs, df_ptrs, mask):
+    """One position (backwards) of the reverse recurrence for a [chunks, HALF] tile.
+
+    Returns λ_k, λ_v, this row's gate (the next step's g[t+1]) and the gate-bias partial sum.
+    """
+    g = tl.sigmoid(tl.load(f_ptrs, mask=mask, other=0.0).to(tl.float32) + bias[None, :])
+    lk = tl.load(dkd_ptr + st, mask=mask, other=0.0) + g_next * lk
+    lv = tl.load(dvd_ptr + st, mask=mask, other=0.0) + g_next * lv
+    k = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    ks = tl.load(kst_ptr + st, mask=mask, other=0.0)
+    vs = tl.load(vst_ptr + st, mask=mask, other=0.0)
+    df = (1 - g) * (lk * (ks - k) + lv * (vs - v))
+    tl.store(dk_ptrs, ((1 - g) * lk).to(dk_ptrs.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, ((1 - g) * lv).to(dv_ptrs.dtype.element_ty), mask=mask)
+    tl.store(df_ptrs, df.to(df_ptrs.dtype.element_ty), mask=mask)
+    return lk, lv, g, tl.sum(tl.where(mask, df, 0.0), 0)
+
+
+@triton.jit
+def _recurrence_grad_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, kst_ptr, vst_ptr, dkd_ptr, dvd_ptr,
+                            dk_ptr, dv_ptr, df_ptr, dbias_ptr, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, B, T,
+                            H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
+                            NCH: tl.constexpr):
+    pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    D_HEAD: tl.constexpr = 2 * HALF
+    chunks = pid_c * NCH + tl.arange(0, NCH)
+    cols = tl.arange(0, HALF)
+    b64 = b.to(tl.int64)
+    kc = (h % G) * D_HEAD + cols
+    vc = h * D_HEAD + cols
+    bias1 = tl.load(bias_ptr + vc).to(tl.float32)
+    bias2 = tl.load(bias_ptr + vc + HALF).to(tl.float32)
+    lk1 = tl.zeros([NCH, HALF], tl.float32)
+    lk2 = tl.zeros([NCH, HALF], tl.float32)
+    lv1 = tl.zeros([NCH, HALF], tl.float32)
+    lv2 = tl.zeros([NCH, HALF], tl.float32)
+    g1 = tl.zeros([NCH, HALF], tl.float32)  # g[t+1]: none past a chunk end
+    g2 = tl.zeros([NCH, HALF], tl.float32)
+    db1 = tl.zeros([HALF], tl.float32)
+    db2 = tl.zeros([HALF], tl.float32)
+    for i in range(L):
+        rows = chunks * L + (L - 1 - i)
+        mask = (rows < T)[:, None]  # rows past T: zero direct gradients, so λ stays 0 there
+        k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t + kc[None, :]
+        v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t + vc[None, :]
+        f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t + vc[None, :]
+        st = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]
+        lk1, lv1, g1, part1 = _reverse_step(lk1, lv1, g1, f_rows, k_rows, v_rows, bias1, st, kst_ptr, vst_ptr,
+                                            dkd_ptr, dvd_ptr, dk_ptr + st, dv_ptr + st, df_ptr + st, mask)
+        lk2, lv2, g2, part2 = _reverse_step(lk2, lv2, g2, f_rows + HALF, k_rows + HALF, v_rows + HALF, bias2,
+                                            st + HALF, kst_ptr, vst_ptr, dkd_ptr, dvd_ptr, dk_ptr + st + HALF,
+                                            dv_ptr + st + HALF, df_ptr + st + HALF, mask)
+        db1 += part1
+        db2 += part2
+    part = (pid_c.to(tl.int64) * B + b) * (H * D_HEAD) + vc
+    tl.store(dbias_ptr + part, db1)
+    tl.store(dbias_ptr + part + HALF, db2)
 
 
 def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
-                 configs: dict[str, Blocks] | None = None):
+                 configs: dict[str, Blocks] | None = None, dlse=None, dks_extra=None, dvs_extra=None):
     """Gradients (dq, dk, dv, df, dgate_bias) of rat_forward's y.
 
     `configs` ("summary_grad", "query_grad") override kernels/blocks.py's (kernels/tune.py).
+    When y, its (natural) lse and the summaries also feed other computations (context parallelism
+    merges y with the attention over other ranks' summaries), their gradients enter here: dlse
+    [B, H, T] shifts Δ (∂lse/∂s = P, so dS = P ⊙ (dP − (Δ − dlse))), and dks_extra / dvs_extra
+    [B, H, T//L, d] add to the summary gradients before the reverse recurrence takes them in.
     """
     B, T, D = v.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
@@ -255,23 +302,35 @@ def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, hea
     _prepare_kernel[(triton.cdiv(T, prep_rows), B * H)](
         q, y, dy, inv_freq, delta, qr, q.stride(0), q.stride(1), T, LOG2E * scale,
         H=H, G=G, L=L, HALF=d // 2, BQ=prep_rows, num_warps=4)
+    if dlse is not None:
+        delta.sub_(dlse)
     dks = torch.zeros(B, H, C, d, device=v.device, dtype=torch.float32)
     dvs = torch.zeros_like(dks)
     if C:
         _summary_grad_kernel[(triton.cdiv(C, s_cfg.bc), B * H)](
             qr, dy, lse, delta, ks, vs, dks, dvs, T, C, 1.0 / LOG2E, H=H, G=G, L=L, D_HEAD=d,
             BQ=s_cfg.bq, BC=s_cfg.bc, F32=f32, num_warps=s_cfg.warps, num_stages=s_cfg.stages)
+        if dks_extra is not None:
+            dks.add_(dks_extra)
+        if dvs_extra is not None:
+            dvs.add_(dvs_extra)
+    kst, vst = recurrent_states(k, v, f, gate_bias, L, d, inv_freq)
     dq_heads = torch.empty(B, T, D, device=v.device, dtype=q.dtype)
+    dkd = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
+    dvd = torch.empty_like(dkd)
+    _query_grad_kernel[(triton.cdiv(T, q_cfg.bq), B * H)](
+        q, qr, kst, vst, inv_freq, ks, vs, dy, lse, delta, dks, dvs, dq_heads, dkd, dvd, q.stride(0), q.stride(1),
+        T, max(C, 1), LOG2E * scale, scale, H=H, G=G, L=L, HALF=d // 2, BQ=q_cfg.bq, BC=q_cfg.bc, F32=f32,
+        num_warps=q_cfg.warps, num_stages=q_cfg.stages)
     dk_heads = torch.empty(B, T, D, device=v.device, dtype=k.dtype)
     dv = torch.empty(B, T, D, device=v.device, dtype=v.dtype)
     df = torch.empty(B, T, D, device=v.device, dtype=f.dtype)
-    n_blocks = triton.cdiv(T, q_cfg.bq)
-    dbias = torch.empty(n_blocks * B, D, device=v.device, dtype=torch.float32)
-    _query_grad_kernel[(n_blocks, B * H)](
-        q, qr, k, v, f, gate_bias, inv_freq, ks, vs, dy, lse, delta, dks, dvs, dq_heads, dk_heads, dv, df, dbias,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), f.stride(0), f.stride(1),
-        B, T, max(C, 1), LOG2E * scale, scale, H=H, G=G, L=L, HALF=d // 2, BQ=q_cfg.bq, BC=q_cfg.bc, F32=f32,
-        num_warps=q_cfg.warps, num_stages=q_cfg.stages)
+    n_programs = triton.cdiv(triton.cdiv(T, L), CHUNKS_PER_PROGRAM)
+    dbias = torch.empty(n_programs * B, D, device=v.device, dtype=torch.float32)
+    _recurrence_grad_kernel[(n_programs, B * H)](
+        k, v, f, gate_bias, kst, vst, dkd, dvd, dk_heads, dv, df, dbias, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), f.stride(0), f.stride(1), B, T, H=H, G=G, L=L, HALF=d // 2, NCH=CHUNKS_PER_PROGRAM,
+        num_warps=4)
     dq = dq_heads.view(B, T, H // G, G * d).sum(2, dtype=torch.float32).to(q.dtype)
     dk = dk_heads.view(B, T, H // G, G * d).sum(2, dtype=torch.float32).to(k.dtype)
     return dq, dk, dv, df, dbias.sum(0).to(gate_bias.dtype)

@@ -1,12 +1,12 @@
 """RAT sequence mixing, forward (DESIGN §1): two passes over the per-token tensors.
 
-1. `_summary_kernel`: per (block of whole chunks, batch, head) the in-chunk recurrences of k and
-   v; writes only each full chunk's final state, k̃ rotated by its chunk index, into the
-   chunk-summary tensors Ks, Vs [B, H, T//L, d] (1/L of the tokens).
-2. `_attention_kernel`: per (block of whole chunks, batch, head) the recurrences again (cheaper
-   than storing k̃, ṽ: they would be 2 extra [B, T, D] round trips), then one online softmax over
-   the summaries j < c. The own-state score q·k̃ (RoPE cancels: q and k̃ share the angle) seeds
-   the running max, sum and accumulator, so there is no merge pass. Writes y [B, T, H·d] and the
+1. `_states_kernel`: per (tile of chunks, batch, head) the in-chunk recurrences of k and v, one
+   position at a time over the L positions of all the tile's chunks (elementwise, in fp32).
+   Writes the states k̃, ṽ [B, T, H·d] (fp32, a scratch for the next pass) and each full chunk's
+   final state, k̃ rotated by its chunk index, into the chunk summaries Ks, Vs [B, H, T//L, d].
+2. `_attention_kernel`: per (block of whole chunks, batch, head) one online softmax over the
+   summaries j < c. The own-state score q·k̃ (RoPE cancels: q and k̃ share the angle) seeds the
+   running max, sum and accumulator, so there is no merge pass. Writes y [B, T, H·d] and the
    log-sum-exp (base 2) [B, H, T] for the backward.
 
 Inputs are the strided column slices of the input projection: q, k [B, T, G·d] (head h uses
@@ -19,44 +19,52 @@ import triton
 import triton.language as tl
 
 from kernels.blocks import Blocks, blocks
-from kernels.common import LOG2E, chunk_states, dot, interpreting, join_halves, rope_cos_sin
+from kernels.common import LOG2E, dot, interpreting, join_halves, rope_cos_sin, state_step
+
+CHUNKS_PER_PROGRAM = 16  # rows of the [chunks, d/2] tiles of the sequential recurrence kernels
 
 
 @triton.jit
-def _summary_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, ks_ptr, vs_ptr,
-                    sk_b, sk_t, sv_b, sv_t, sf_b, sf_t,
-                    T, C, H: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
-                    HALF: tl.constexpr, BQ: tl.constexpr):
-    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
+def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, kst_ptr, vst_ptr, ks_ptr, vs_ptr,
+                   sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, T, C,
+                   H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
+                   NCH: tl.constexpr, SUMMARIES: tl.constexpr):
+    pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     D_HEAD: tl.constexpr = 2 * HALF
-    rows = pid_t * BQ + tl.arange(0, BQ)
+    chunks = pid_c * NCH + tl.arange(0, NCH)
     cols = tl.arange(0, HALF)
-    rmask = rows < T
-    mask = rmask[:, None]
-    chunk = rows // L
-    first = rows % L == 0
     b64 = b.to(tl.int64)
     kc = (h % G) * D_HEAD + cols
     vc = h * D_HEAD + cols
-    k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t
-    v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t
-    f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t
     bias1 = tl.load(bias_ptr + vc).to(tl.float32)
     bias2 = tl.load(bias_ptr + vc + HALF).to(tl.float32)
-    _, _, _, ks1, vs1 = chunk_states(f_rows + vc[None, :], k_rows + kc[None, :], v_rows + vc[None, :],
-                                     bias1, first, mask)
-    _, _, _, ks2, vs2 = chunk_states(f_rows + vc[None, :] + HALF, k_rows + kc[None, :] + HALF,
-                                     v_rows + vc[None, :] + HALF, bias2, first, mask)
-    cos, sin = rope_cos_sin(chunk, tl.load(inv_freq_ptr + cols))
-    end = (rows % L == L - 1) & rmask
-    out = ((pid_bh.to(tl.int64) * C + chunk) * D_HEAD)[:, None] + cols[None, :]
-    smask = end[:, None]
-    DT = ks_ptr.dtype.element_ty
-    tl.store(ks_ptr + out, (ks1 * cos - ks2 * sin).to(DT), mask=smask)
-    tl.store(ks_ptr + out + HALF, (ks2 * cos + ks1 * sin).to(DT), mask=smask)
-    tl.store(vs_ptr + out, vs1.to(DT), mask=smask)
-    tl.store(vs_ptr + out + HALF, vs2.to(DT), mask=smask)
+    ks1 = tl.zeros([NCH, HALF], tl.float32)
+    ks2 = tl.zeros([NCH, HALF], tl.float32)
+    vs1 = tl.zeros([NCH, HALF], tl.float32)
+    vs2 = tl.zeros([NCH, HALF], tl.float32)
+    for l in range(L):
+        rows = chunks * L + l
+        mask = (rows < T)[:, None]
+        k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t + kc[None, :]
+        v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t + vc[None, :]
+        f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t + vc[None, :]
+        _, _, _, ks1, vs1 = state_step(ks1, vs1, f_rows, k_rows, v_rows, bias1, mask)
+        _, _, _, ks2, vs2 = state_step(ks2, vs2, f_rows + HALF, k_rows + HALF, v_rows + HALF, bias2, mask)
+        st = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]
+        tl.store(kst_ptr + st, ks1, mask=mask)
+        tl.store(kst_ptr + st + HALF, ks2, mask=mask)
+        tl.store(vst_ptr + st, vs1, mask=mask)
+        tl.store(vst_ptr + st + HALF, vs2, mask=mask)
+    if SUMMARIES:  # the states after the loop are the chunk ends; only full chunks are summaries
+        cos, sin = rope_cos_sin(chunks, tl.load(inv_freq_ptr + cols))
+        out = ((pid_bh.to(tl.int64) * C + chunks) * D_HEAD)[:, None] + cols[None, :]
+        smask = (chunks < C)[:, None]
+        DT = ks_ptr.dtype.element_ty
+        tl.store(ks_ptr + out, (ks1 * cos - ks2 * sin).to(DT), mask=smask)
+        tl.store(ks_ptr + out + HALF, (ks2 * cos + ks1 * sin).to(DT), mask=smask)
+        tl.store(vs_ptr + out, vs1.to(DT), mask=smask)
+        tl.store(vs_ptr + out + HALF, vs2.to(DT), mask=smask)
 
 
 @triton.jit
@@ -88,8 +96,7 @@ def _softmax_steps(acc, m, l_sum, qr, ks_head, vs_head, chunk, j_lo, j_hi, n_vis
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, ks_ptr, vs_ptr, y_ptr, lse_ptr,
-                      sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t,
+def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, ks_ptr, vs_ptr, y_ptr, lse_ptr, sq_b, sq_t,
                       T, C, qk_scale,
                       H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                       BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
@@ -104,20 +111,15 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, ks_ptr
     rmask = rows < T
     mask = rmask[:, None]
     chunk = rows // L
-    first = rows % L == 0
     b64 = b.to(tl.int64)
     kc = (h % G) * D_HEAD + cols
     vc = h * D_HEAD + cols
     q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t
-    k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t
-    v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t
-    f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t
-    bias1 = tl.load(bias_ptr + vc).to(tl.float32)
-    bias2 = tl.load(bias_ptr + vc + HALF).to(tl.float32)
-    _, _, _, ks1, vs1 = chunk_states(f_rows + vc[None, :], k_rows + kc[None, :], v_rows + vc[None, :],
-                                     bias1, first, mask)
-    _, _, _, ks2, vs2 = chunk_states(f_rows + vc[None, :] + HALF, k_rows + kc[None, :] + HALF,
-                                     v_rows + vc[None, :] + HALF, bias2, first, mask)
+    st = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]
+    ks1 = tl.load(kst_ptr + st, mask=mask, other=0.0)
+    ks2 = tl.load(kst_ptr + st + HALF, mask=mask, other=0.0)
+    vs1 = tl.load(vst_ptr + st, mask=mask, other=0.0)
+    vs2 = tl.load(vst_ptr + st + HALF, mask=mask, other=0.0)
     q1 = tl.load(q_rows + kc[None, :], mask=mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_rows + kc[None, :] + HALF, mask=mask, other=0.0).to(tl.float32)
     # own state: softmax seeded with its score (max), weight 1 (sum) and value ṽ (accumulator)
@@ -146,6 +148,21 @@ def inverse_frequencies(head_dim: int, base: float, device) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
+def recurrent_states(k, v, f, gate_bias, chunk_size: int, head_dim: int, inv_freq: torch.Tensor,
+                     summaries: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """k̃, ṽ [B, T, H·d] (fp32); also writes the rotated chunk summaries into `summaries` if given."""
+    B, T, D = v.shape
+    H, G, L = D // head_dim, k.shape[-1] // head_dim, chunk_size
+    kst = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
+    vst = torch.empty_like(kst)
+    ks, vs = summaries if summaries is not None else (kst, vst)
+    _states_kernel[(triton.cdiv(triton.cdiv(T, L), CHUNKS_PER_PROGRAM), B * H)](
+        k, v, f, gate_bias, inv_freq, kst, vst, ks, vs, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        f.stride(0), f.stride(1), T, max(T // L, 1), H=H, G=G, L=L, HALF=head_dim // 2, NCH=CHUNKS_PER_PROGRAM,
+        SUMMARIES=summaries is not None and T >= L, num_warps=4)
+    return kst, vst
+
+
 def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
                 config: Blocks | None = None):
     """y [B, T, H·d], lse [B, H, T] (base 2, fp32), summaries Ks, Vs [B, H, T//L, d].
@@ -160,16 +177,10 @@ def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base
     ks = torch.empty(B, H, C, d, device=v.device, dtype=v.dtype)
     vs = torch.empty_like(ks)
     inv_freq = inverse_frequencies(d, rope_base, v.device)
+    kst, vst = recurrent_states(k, v, f, gate_bias, L, d, inv_freq, summaries=(ks, vs))
     cfg = config or blocks("forward", L, d, v.dtype)
     f32 = v.dtype == torch.float32 or interpreting()
-    grid = (triton.cdiv(T, cfg.bq), B * H)
-    if C:
-        _summary_kernel[grid](k, v, f, gate_bias, inv_freq, ks, vs, k.stride(0), k.stride(1), v.stride(0),
-                              v.stride(1), f.stride(0), f.stride(1), T, C, H=H, G=G, L=L, HALF=d // 2,
-                              BQ=cfg.bq, num_warps=cfg.warps)
-    _attention_kernel[grid](q, k, v, f, gate_bias, inv_freq, ks, vs, y, lse,
-                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                            f.stride(0), f.stride(1), T, max(C, 1), LOG2E / math.sqrt(d),
-                            H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq, BC=cfg.bc, F32=f32,
-                            num_warps=cfg.warps, num_stages=cfg.stages)
+    _attention_kernel[(triton.cdiv(T, cfg.bq), B * H)](
+        q, kst, vst, inv_freq, ks, vs, y, lse, q.stride(0), q.stride(1), T, max(C, 1), LOG2E / math.sqrt(d),
+        H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq, BC=cfg.bc, F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
     return y, lse, ks, vs
