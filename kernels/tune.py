@@ -1,6 +1,7 @@
 """Sweep the launch configurations of the RAT kernels on one GPU (the source of kernels/blocks.py).
 
     python -m kernels.tune --out sweep.json                       # all kernels, T 4K and 128K, L 16
+    python -m kernels.tune --out sweep.json --write-table kernels/blocks.json   # and adopt the best
     python -m kernels.tune --kernels summary_grad --chunk-sizes 16,64 --budget-s 120 --out s.json
     python -m kernels.tune --warm --shard 0/4 & ...   # compile in parallel processes first (Triton's
                                                       # on-disk cache), then time in one process
@@ -10,18 +11,21 @@ forward; summary_grad, query_grad: the whole backward), the other kernels at the
 configuration, at the layer benchmark's shape: D 2048, 16 heads x 128, G 2, bf16,
 B·T = 131072, q, k, v, f strided column slices of one projection output. A configuration that
 does not compile or fit (shared memory) is recorded with its error. Results are written after
-every measurement, so a run cut short by its budget keeps what it measured.
+every measurement, so a run cut short by its budget keeps what it measured. --write-table
+records, per (kernel, L), the configuration with the least total time over the lengths (among
+those measured at every length) in the table kernels/blocks.py reads.
 """
 import argparse
 import itertools
 import json
 import logging
+import os
 import statistics
 import time
 
 import torch
 
-from kernels.blocks import KERNELS, Blocks, blocks
+from kernels.blocks import KERNELS, TABLE, Blocks, blocks
 from kernels.rat_bwd import rat_backward
 from kernels.rat_fwd import rat_forward
 
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--chunk-sizes", default="16")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=300, help="skip what would start after this")
+    parser.add_argument("--write-table", nargs="?", const=str(TABLE), help="adopt the best (default: %(const)s)")
     parser.add_argument("--shard", default="0/1", help="i/n: only every n-th configuration, from the i-th")
     parser.add_argument("--warm", action="store_true",
                         help="only compile: run each configuration once at T 4096 with B 1 and B 16, which "
@@ -115,6 +120,34 @@ def main() -> None:
                     json.dump(results, fh, indent=1)
         del inputs
         torch.cuda.empty_cache()
+    if args.write_table:
+        write_table(results["runs"], args.write_table)
+
+
+def write_table(runs: list[dict], path: str) -> None:
+    """Per (kernel, L): the configuration with the least summed time over all measured lengths."""
+    lengths = {r["T"] for r in runs}
+    totals: dict[tuple, dict[int, float]] = {}
+    for r in runs:
+        if "ms" in r:
+            key = (r["kernel"], r["L"], r["bq"], r["bc"], r["warps"], r["stages"])
+            totals.setdefault(key, {})[r["T"]] = r["ms"]
+    best: dict[tuple[str, int], tuple[float, tuple]] = {}
+    for key, by_length in totals.items():
+        if set(by_length) == lengths:
+            total = sum(by_length.values())
+            if key[:2] not in best or total < best[key[:2]][0]:
+                best[key[:2]] = (total, key)
+    table = json.loads(open(path).read()) if os.path.exists(path) else {"bf16": []}
+    chosen = {(kernel, L) for kernel, L in best}
+    table["bf16"] = [e for e in table["bf16"] if (e["kernel"], e["L"]) not in chosen or e["d"] != HEAD_DIM]
+    for (kernel, L), (total, key) in sorted(best.items()):
+        bq, bc, warps, stages = key[2:]
+        table["bf16"].append({"kernel": kernel, "L": L, "d": HEAD_DIM, "bq": bq, "bc": bc, "warps": warps,
+                              "stages": stages, "ms_summed_over_lengths": round(total, 3)})
+        log.info("adopted %s L %d: %s (%.2f ms over T %s)", kernel, L, key[2:], total, sorted(lengths))
+    with open(path, "w") as fh:
+        json.dump(table, fh, indent=1)
 
 
 
