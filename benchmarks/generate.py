@@ -15,6 +15,7 @@ The RAT/attention ratio compares each model's best decode tokens/s (its best bat
 On CPU (smoke test) the decode runs eagerly.
 
     python benchmarks/generate.py --out benchmarks/results/generate.json        # one GPU
+    python benchmarks/generate.py --models rat_1p3b --min-batch 1024 --update   # re-measure some batches
     python benchmarks/generate.py --plot benchmarks/results/generate.json       # PNG beside it
     python benchmarks/generate.py --models tiny --prompt 16 --new 8 --batches 1,2 --device cpu
 """
@@ -100,8 +101,8 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device, s
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(cfg.model).to(device, dtype).eval()
-    with torch.inference_mode():  # compile the kernels and set up cuBLAS outside the timings
-        model.prefill(torch.zeros(1, min(args.prompt, 256), dtype=torch.long, device=device))
+    with torch.inference_mode():  # kernels compiled, cuBLAS and SDPA set up for the prompt's shapes, untimed
+        model.prefill(torch.zeros(1, args.prompt, dtype=torch.long, device=device))
     result = {"model": name, "mixers": list(cfg.model.mixers), "chunk_size": cfg.model.chunk_size,
               "window": cfg.model.window, "largest_batch": None, "best": None, "batches": []}
     batch = args.min_batch
@@ -138,13 +139,31 @@ def ratios(models: list[dict]) -> dict:
             for m in models if m.get("best")}
 
 
+def merge_batches(old: dict | None, new: dict) -> dict:
+    """`new` (one model's run) with the batch rows of `old` it did not measure (--update)."""
+    if not old or "batches" not in old or "batches" not in new:
+        return new
+    rows = {r["batch"]: r for r in old["batches"]}
+    rows |= {r["batch"]: r for r in new["batches"] if "skipped" not in r or r["batch"] not in rows}
+    merged = dict(new, batches=[rows[b] for b in sorted(rows)])
+    fits = [r for r in merged["batches"] if "decode_tokens_per_s" in r]
+    merged["largest_batch"] = max((r["batch"] for r in fits), default=None)
+    merged["best"] = max(fits, key=lambda r: r["decode_tokens_per_s"], default=None)
+    return merged
+
+
 def benchmark(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "prompt": args.prompt, "new_tokens": args.new,
               "prefill_batch": args.prefill_batch, "models": [], "ratio_to_attention": {}}
+    earlier = {}
+    if args.update and args.out.exists():
+        result["models"] = json.loads(args.out.read_text())["models"]
+        earlier = {m["model"]: m for m in result["models"]}
 
     def save(model_result: dict) -> None:
+        model_result = merge_batches(earlier.get(model_result["model"]), model_result)
         models = [m for m in result["models"] if m["model"] != model_result["model"]] + [model_result]
         result["models"] = models
         result["ratio_to_attention"] = ratios(models)
@@ -196,6 +215,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=300, help="per model: start no batch after this many seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "generate.json")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other models and batch sizes already in --out (re-measure some)")
     parser.add_argument("--plot", type=Path, help="only plot an existing JSON file")
     args = parser.parse_args()
     if args.plot:

@@ -1,12 +1,17 @@
 """Whole-model training throughput on one GPU: RAT, attention and the hybrid, side by side.
 
 Each model from configs/ runs a few optimizer steps (bf16 autocast over fp32 master weights,
-fused AdamW, clipping — the trainer's single-process path) on random tokens at each micro-batch
-size, with and without activation checkpointing, in one process so the ratios are comparable.
-MFU uses the model's own FLOP count (ratpt.model.flops, mask-aware) over the device's dense bf16
-peak. Writes JSON (and a PNG with --plot).
+fused AdamW, clipping — the trainer's single-process path) on random tokens, for each case
+"config:micro_batch:flags", flags a "+"-joined subset of
+  ckpt     activation checkpointing of every block (ratpt.train.trainer's)
+  compile  torch.compile of every block (nn.Module.compile, static shapes): identical blocks
+           share one compiled graph, so compiling costs one block, not 24
+all in one process so the ratios are comparable. MFU uses the model's own FLOP count
+(ratpt.model.flops, mask-aware) over the device's dense bf16 peak. Writes JSON after every case
+(the PNG with --plot, where matplotlib is).
 
     python benchmarks/train.py --out benchmarks/results/train.json
+    python benchmarks/train.py --cases rat_1p3b:8:compile,attention_1p3b:8:compile
     python benchmarks/train.py --plot benchmarks/results/train.json
 """
 from __future__ import annotations
@@ -27,21 +32,33 @@ from ratpt.train.optim import build_optimizer
 from ratpt.train.trainer import apply_activation_checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
+FLAGS = ("ckpt", "compile")
 
 
-def run_case(config: str, micro_batch: int, seq_len: int, checkpointing: bool, steps: int, warmup: int) -> dict:
+def parse_case(case: str) -> tuple[str, int, set[str]]:
+    """"rat_1p3b:8:compile+ckpt" -> ("rat_1p3b", 8, {"compile", "ckpt"})."""
+    config, micro_batch, *flags = case.split(":")
+    flags = set(flags[0].split("+")) - {""} if flags else set()
+    if flags - set(FLAGS):
+        raise ValueError(f"unknown flags {flags - set(FLAGS)} in {case!r}; choose from {FLAGS}")
+    return config, int(micro_batch), flags
+
+
+def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], device: torch.device):
+    """The model config and one training step (forward, backward, clip, AdamW) on random tokens."""
     cfg = load_config(REPO / "configs" / f"{config}.yaml")
-    device = torch.device("cuda")
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
-    if checkpointing:
+    if "ckpt" in flags:
         apply_activation_checkpointing(model)
+    if "compile" in flags:
+        for layer in model.layers:
+            layer.compile(dynamic=False)
     optimizer, _ = build_optimizer(model, cfg.optimizer, cfg.schedule, total_steps=1000)
     tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch, seq_len + 1), device=device)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-    torch.cuda.reset_peak_memory_stats(device)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         loss = sum_cross_entropy(model, batch, device, "bf16") / batch["labels"].numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
@@ -49,9 +66,19 @@ def run_case(config: str, micro_batch: int, seq_len: int, checkpointing: bool, s
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    return cfg, step
+
+
+def run_case(case: str, seq_len: int, steps: int, warmup: int) -> dict:
+    config, micro_batch, flags = parse_case(case)
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    cfg, step = build_step(config, micro_batch, seq_len, flags, device)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - started
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
@@ -61,27 +88,51 @@ def run_case(config: str, micro_batch: int, seq_len: int, checkpointing: bool, s
     flops = training_flops_per_token(cfg.model, seq_len)
     peak = device_peak_tflops(device, 0.0)
     return {
-        "model": config, "micro_batch": micro_batch, "seq_len": seq_len, "activation_checkpointing": checkpointing,
-        "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops / 1e12,
-        "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
+        "model": config, "micro_batch": micro_batch, "seq_len": seq_len, "activation_checkpointing": "ckpt" in flags,
+        "compile": "compile" in flags, "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
+        "tflops": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30, "final_loss": float(loss),
+        "build_and_warmup_s": warmup_s,
     }
 
 
+def default_cases(models: str, micro_batches: str) -> list[str]:
+    return [f"{model}:{mb}:{flags}" for model in models.split(",") for flags in ("", "ckpt", "compile", "compile+ckpt")
+            for mb in micro_batches.split(",")]
+
+
+def row_key(row: dict) -> tuple:
+    return row["model"], row["micro_batch"], row["activation_checkpointing"], row.get("compile", False)
+
+
 def benchmark(args: argparse.Namespace) -> dict:
-    results = []
-    for config in args.models.split(","):
-        for checkpointing in (False, True):
-            for micro_batch in (int(m) for m in args.micro_batches.split(",")):
-                try:
-                    row = run_case(config, micro_batch, args.seq_len, checkpointing, args.steps, args.warmup)
-                except torch.OutOfMemoryError:
-                    row = {"model": config, "micro_batch": micro_batch, "activation_checkpointing": checkpointing,
-                           "oom": True}
-                torch.cuda.empty_cache()
-                print(json.dumps(row), flush=True)
-                results.append(row)
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}
+    cases = args.cases.split(",") if args.cases else default_cases(args.models, args.micro_batches)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
+    if args.update and args.out.exists():
+        result["results"] = json.loads(args.out.read_text())["results"]
+    deadline = time.time() + args.budget_s
+    torch._dynamo.config.cache_size_limit = 64  # one entry per model kind and micro-batch in this process
+    for case in cases:
+        config, micro_batch, flags = parse_case(case)
+        row = {"model": config, "micro_batch": micro_batch, "activation_checkpointing": "ckpt" in flags,
+               "compile": "compile" in flags}
+        if time.time() > deadline:
+            row["skipped"] = "time budget"
+        else:
+            try:
+                row = run_case(case, args.seq_len, args.steps, args.warmup)
+            except torch.OutOfMemoryError:
+                row["oom"] = True
+            except Exception as error:  # record and go on: one failing case must not lose the others
+                row["error"] = f"{type(error).__name__}: {str(error)[:400]}"
+        row["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        if "skipped" in row and any(row_key(r) == row_key(row) for r in result["results"]):
+            continue  # a case not run keeps its earlier row
+        result["results"] = [r for r in result["results"] if row_key(r) != row_key(row)] + [row]
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def plot(path: Path) -> None:
@@ -90,8 +141,9 @@ def plot(path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in json.loads(path.read_text())["results"] if not r.get("oom")]
-    labels = [f"{r['model']}\nmb {r['micro_batch']}{' ckpt' if r['activation_checkpointing'] else ''}" for r in rows]
+    rows = [r for r in json.loads(path.read_text())["results"] if "tokens_per_s" in r]
+    labels = [f"{r['model']}\nmb {r['micro_batch']}{' ckpt' if r['activation_checkpointing'] else ''}"
+              f"{' compile' if r.get('compile') else ''}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows])
     ax.set_xticks(range(len(rows)), labels, rotation=60, fontsize=7)
@@ -105,18 +157,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="rat_1p3b,attention_1p3b,rat_swa_1p3b")
     parser.add_argument("--micro-batches", default="4,8")
+    parser.add_argument("--cases", help="config:micro_batch[:flags] list (default: every model x micro-batch x flags)")
+    parser.add_argument("--budget-s", type=float, default=3600, help="start no case after this many seconds")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train.json")
+    parser.add_argument("--update", action="store_true", help="keep the rows of --out that this run does not measure")
     parser.add_argument("--plot", type=Path, help="only plot an existing JSON file")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot)
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(benchmark(args), indent=1))
-    plot(args.out)
+    benchmark(args)
 
 
 if __name__ == "__main__":

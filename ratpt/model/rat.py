@@ -85,6 +85,9 @@ class RATMixer(nn.Module):
         z, v, f, q, k = self._split(x)
         return x + self.out_proj(z * self._mixing(q, k, v, f))
 
+    # torch.compile fuses the glue around this op but does not trace into it: its Triton kernels
+    # gain nothing from inductor, which also fails to recompile them (float arguments retyped fp64).
+    @torch.compiler.disable
     def _mixing(self, q, k, v, f) -> torch.Tensor:
         """Recurrences, chunk RoPE and the softmax over summaries + own state: y [B, T, D].
 

@@ -9,9 +9,9 @@ from ratpt.model import ModelConfig, build_model
 from ratpt.model.pretrained import save_pretrained
 
 
-def tiny_model(mixers=("rat", "swa"), vocab=37):
+def tiny_model(mixers=("rat", "swa"), vocab=37, head_dim=4):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab, d_model=16, n_layers=2, head_dim=4, chunk_size=4,
+    cfg = ModelConfig(vocab_size=vocab, d_model=4 * head_dim, n_layers=2, head_dim=head_dim, chunk_size=4,
                       mixers=list(mixers), window=3, init_std=0.5)
     return build_model(cfg).eval(), cfg
 
@@ -80,8 +80,9 @@ def test_cuda_graph_decode_needs_a_static_cache():
 @pytest.mark.gpu
 @pytest.mark.parametrize("mixers", [("rat",), ("attention",), ("rnn",), ("rat", "swa")], ids="+".join)
 def test_cuda_graph_generation_equals_eager_generation(mixers):
-    """Replaying the captured decode step gives the eager step's tokens, past warmup and capture."""
-    model, _ = tiny_model(mixers)
+    """Replaying the captured decode step gives the eager step's tokens, past warmup and capture
+    (head_dim 32: RAT decodes with the Triton kernel)."""
+    model, _ = tiny_model(mixers, head_dim=32)
     model = model.cuda()
     prompts = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]]
     eager = generate(model, prompts, max_new_tokens=12)

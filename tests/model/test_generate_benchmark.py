@@ -42,3 +42,16 @@ def test_ratio_compares_each_models_best_batch_with_attentions():
     ratios = bench.ratios([model("rat", ["rat"], 10.0, 60.0, 50.0), model("attn", ["attention"], 4.0, 5.0)])
     assert ratios["rat"] == {"decode_tokens_per_s": 12.0, "end_to_end_tokens_per_s": 12.0}
     assert ratios["attn"]["decode_tokens_per_s"] == 1.0
+
+
+def test_update_keeps_the_batches_a_run_did_not_measure():
+    bench = load_benchmark()
+    old = {"model": "rat", "batches": [{"batch": 32, "decode_tokens_per_s": 5.0}, {"batch": 64, "decode_tokens_per_s": 9.0},
+                                       {"batch": 128, "skipped": "time budget"}]}
+    new = {"model": "rat", "batches": [{"batch": 64, "decode_tokens_per_s": 8.0}, {"batch": 128, "decode_tokens_per_s": 7.0},
+                                       {"batch": 256, "oom": True}]}
+    merged = bench.merge_batches(old, new)
+    assert [(r["batch"], r.get("decode_tokens_per_s")) for r in merged["batches"]] == [(32, 5.0), (64, 8.0), (128, 7.0), (256, None)]
+    assert merged["largest_batch"] == 128 and merged["best"]["batch"] == 64
+    skipped = bench.merge_batches(old, {"model": "rat", "batches": [{"batch": 32, "skipped": "time budget"}]})
+    assert skipped["batches"][0] == {"batch": 32, "decode_tokens_per_s": 5.0}  # a batch not run keeps its row
