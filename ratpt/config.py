@@ -64,6 +64,8 @@ class CheckpointConfig:
     interval: int = 1000  # steps between checkpoints (one is always written at the end); 0 = end only
     keep: int = 3  # newest complete checkpoints kept on disk
     resume: str = "auto"  # auto (newest complete checkpoint in the run, if any) | never | a checkpoint path
+    format: str = "gathered"  # gathered (rank 0 writes all) | distributed (every rank its own shards; megatron engine)
+    async_save: bool = False  # distributed only: shards are written in the background while training goes on
 
 
 @dataclass
@@ -187,6 +189,7 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     _require(cfg.eval.interval >= 0, f"eval.interval must be >= 0, got {cfg.eval.interval}")
     _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    validate_checkpoint_format(cfg)
     _require(cfg.logging.interval >= 1, f"logging.interval must be >= 1, got {cfg.logging.interval}")
     validate_parallel_shape(cfg)
     _require(t.engine in ("megatron", "deepspeed"), f"train.engine must be megatron|deepspeed, got {t.engine!r}")
@@ -201,6 +204,17 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
         _require(p.tensor == 1 and p.pipeline == 1, "train.engine=deepspeed scales by data and context parallelism "
                  f"only: set parallel.tensor=1 and parallel.pipeline=1 (got {p.tensor}, {p.pipeline}), "
                  "or use train.engine=megatron")
+
+
+def validate_checkpoint_format(cfg: Config) -> None:
+    c = cfg.checkpoint
+    _require(c.format in ("gathered", "distributed"), f"checkpoint.format must be gathered|distributed, got {c.format!r}")
+    _require(not c.async_save or c.format == "distributed",
+             "checkpoint.async_save=true needs checkpoint.format=distributed (a gathered checkpoint is written by rank 0 "
+             "in one piece)")
+    _require(c.format == "gathered" or cfg.train.engine == "megatron",
+             f"checkpoint.format=distributed is megatron's sharded format; train.engine={cfg.train.engine} writes its "
+             "own sharded checkpoints: leave checkpoint.format=gathered")
 
 
 def validate_parallel_shape(cfg: Config) -> None:

@@ -211,7 +211,7 @@ class MegatronEngine:
         model = to_plain({n: p.detach() for n, p in self.named_parameters()}, self.placements, tp_group, device)
         moments = {key: to_plain({n: s[key] for n, s in adam_local.items()}, self.placements, tp_group, device)
                    for key in ADAM_KEYS}
-        steps = {self._plain_name(n): s["step"].cpu() for n, s in adam_local.items() if not self._duplicate(n)}
+        steps = {self.plain_name(n): s["step"].cpu() for n, s in adam_local.items() if not self._duplicate(n)}
         adam = {name: {"step": steps[name], **{key: moments[key][name] for key in ADAM_KEYS}} for name in model}
         if self.mesh.pp > 1:  # every stage contributes its parameters
             parts = [None] * self.mesh.pp
@@ -226,7 +226,7 @@ class MegatronEngine:
         rank = self.mesh.tp_rank
         local_adam = {}
         for name, _ in self.named_parameters():
-            plain = self._plain_name(name)
+            plain = self.plain_name(name)
             local_adam[name] = {"step": full_adam[plain]["step"],
                                 **{key: from_plain({plain: full_adam[plain][key]}, name, self.placements, rank)
                                    for key in ADAM_KEYS}}
@@ -236,7 +236,8 @@ class MegatronEngine:
             for name, param in self.named_parameters():
                 param.copy_(from_plain(full_model, name, self.placements, rank))
 
-    def _plain_name(self, name: str) -> str:
+    def plain_name(self, name: str) -> str:
+        """The plain-model parameter that local parameter `name` is (a shard or copy of)."""
         p = self.placements.get(name)
         return p.plain if p is not None else ("embedding.weight" if name == "output_weight" else name)
 

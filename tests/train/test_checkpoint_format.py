@@ -1,0 +1,58 @@
+"""`checkpoint.format` / `checkpoint.async_save` are validated, and the pieces a rank writes of a
+distributed checkpoint cover exactly its part of every plain parameter (the multi-process behaviour
+is tested in tests/parallel/test_dist_checkpoint.py)."""
+import itertools
+
+import pytest
+import torch
+
+from ratpt.config import ConfigError, load_config
+from ratpt.parallel.dist_checkpoint import _Layout, _pieces, _rectangles
+
+VALID = ["data.streams=[{path: data}]"]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["checkpoint.format=sharded"], "checkpoint.format"),
+    (["checkpoint.async_save=true"], "checkpoint.async_save"),
+    (["checkpoint.format=distributed", "train.engine=deepspeed"], "train.engine=deepspeed"),
+])
+def test_impossible_checkpoint_formats_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, VALID + overrides)
+
+
+def test_a_distributed_background_save_is_a_valid_config():
+    cfg = load_config(None, VALID + ["checkpoint.format=distributed", "checkpoint.async_save=true"])
+    assert cfg.checkpoint.format == "distributed" and cfg.checkpoint.async_save
+
+
+@pytest.mark.parametrize("shape", [(7,), (1, 5), (5, 3), (4, 6)], ids=str)
+def test_every_flat_range_is_tiled_exactly_by_its_rectangles(shape):
+    numel = torch.Size(shape).numel()
+    index = torch.arange(numel).view(shape)
+    for start, end in itertools.combinations(range(numel + 1), 2):
+        covered = []
+        for offset, size, first in _rectangles(shape, start, end):
+            block = index[tuple(slice(o, o + s) for o, s in zip(offset, size))]
+            assert block.numel() == torch.Size(size).numel()  # inside the tensor
+            assert block.flatten().tolist() == list(range(first, first + block.numel()))  # contiguous from `first`
+            covered += block.flatten().tolist()
+        assert covered == list(range(start, end)), (shape, start, end)
+
+
+def test_pieces_put_a_tensor_parallel_shard_back_where_it_lies_in_the_plain_parameter():
+    # RAT's fused in_proj under TP 2 (D = 4, q/k rows 2): rank 1 holds z, v, f rows 2-3, 6-7, 10-11, then q/k 12-13
+    plain = torch.randn(14, 3)
+    rows = torch.tensor([2, 3, 6, 7, 10, 11, 12, 13])
+    local = plain.index_select(0, rows)
+    layout = _Layout("in_proj", (14, 3), 0, ((0, 2, 2), (2, 6, 2), (4, 10, 2), (6, 12, 2)), False, False)
+    for start, end in [(0, local.numel()), (4, 17), (7, 8)]:  # the whole shard, ranges ending mid-row
+        rebuilt = torch.full_like(plain, float("nan"))
+        for piece, offset in _pieces(local.view(-1)[start:], start, start, end, tuple(local.shape), layout):
+            rebuilt[offset[0]:offset[0] + piece.shape[0], offset[1]:offset[1] + piece.shape[1]] = piece
+        expected = torch.full_like(plain, float("nan"))
+        flat = expected.index_select(0, rows).view(-1)
+        flat[start:end] = local.view(-1)[start:end]
+        expected[rows] = flat.view(-1, 3)
+        torch.testing.assert_close(rebuilt, expected, equal_nan=True, rtol=0, atol=0)
