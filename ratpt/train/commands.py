@@ -59,7 +59,9 @@ def checkpoint_config(checkpoint: Path, overrides: list[str] | None = None) -> C
 
 
 def load_trained_model(checkpoint: Path, cfg: Config):
+    """The plain model of a gathered or distributed checkpoint (a DeepSpeed one must be consolidated first)."""
     from ratpt.model import build_model
+    from ratpt.parallel.dist_checkpoint import is_distributed, read_plain_state
 
     state = load_checkpoint(checkpoint)
     if state.get("engine") == "deepspeed":
@@ -67,8 +69,12 @@ def load_trained_model(checkpoint: Path, cfg: Config):
             f"{checkpoint} is a DeepSpeed checkpoint: consolidate it first with "
             f"`python -m ratpt.parallel.deepspeed_checkpoint {checkpoint} OUT_DIR`, then use OUT_DIR/step_*"
         )
+    if is_distributed(state):  # every rank's shards: read the full tensors here
+        weights = read_plain_state(resolve_checkpoint(checkpoint), optimizer=False)["model"]
+    else:
+        weights = state["model"]
     model = build_model(cfg.model)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(weights)
     return model
 
 

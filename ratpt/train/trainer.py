@@ -23,8 +23,9 @@ from ratpt.data import build_train_batches, build_val_batches
 from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
 from ratpt.parallel.data_parallel import DistributedContext, all_reduce_sum, init_distributed
-from ratpt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ratpt.train.engine import IGNORE_INDEX, build_engine, sum_cross_entropy
+from ratpt.parallel.dist_checkpoint import DistributedCheckpointer, is_distributed, load_distributed
+from ratpt.train.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ratpt.train.engine import IGNORE_INDEX, LocalEngine, build_engine, sum_cross_entropy
 from ratpt.train.metrics import MetricsLogger, device_peak_tflops
 from ratpt.train.schedule import LRMultiplier
 from ratpt.train.signals import StopRequest
@@ -92,9 +93,10 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
+    # NOTE: .cpu(): a checkpoint loaded onto the GPU (map_location) holds the states there; torch wants CPU bytes
+    torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _step_batches(batches: Iterator[dict], n: int) -> list[dict]:
@@ -125,12 +127,12 @@ def train(cfg: Config) -> TrainResult:
 
     resume_from = _resume_path(cfg, ckpt_dir)
     own_checkpoints = hasattr(engine, "save_checkpoint")  # DeepSpeed saves and loads through its own engine
+    sharded = None if own_checkpoints else _distributed_checkpointer(cfg, engine)  # None: gathered checkpoints
     if resume_from is not None:
         if own_checkpoints:
             state = engine.load_checkpoint(resume_from)  # model and optimizer loaded; the rest returned
         else:
-            state = load_checkpoint(resume_from, map_location=ctx.device)
-            engine.load_state_dict(state)
+            state = _restore(engine, resume_from, ctx.device)
         _set_rng_state(state["rng"], ctx.device)
         step, bad_in_a_row, data_state = state["step"], state["bad_in_a_row"], state["data"]
         log.info("resumed from %s at step %d", resume_from, step)
@@ -166,6 +168,9 @@ def train(cfg: Config) -> TrainResult:
         if own_checkpoints:
             return engine.save_checkpoint(ckpt_dir, at_step, state, config_yaml, tokenizer_folder(cfg),
                                           cfg.checkpoint.keep)
+        if sharded is not None:  # every rank writes its own shards (in the background with async_save)
+            return sharded.save(engine, ckpt_dir, at_step, state, config_yaml, tokenizer_folder(cfg),
+                                cfg.checkpoint.keep)
         state.update(engine.state_dict())  # model and optimizer, gathered into one layout-independent form
         path = ckpt_dir / f"step_{at_step:08d}"
         if ctx.is_main:
@@ -211,6 +216,8 @@ def train(cfg: Config) -> TrainResult:
             metrics.scalars(step, {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
             if ctx.is_main:
                 log.info("step %d | val loss %.4f | val ppl %.2f", step, val_loss, math.exp(min(val_loss, 50)))
+        if sharded is not None:
+            sharded.poll()  # a background save that every rank has written becomes visible
         if stop.agreed(ctx.device):
             last_checkpoint = save(step)
             stopped_early = step < cfg.train.steps
@@ -218,9 +225,32 @@ def train(cfg: Config) -> TrainResult:
         if step == cfg.train.steps or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
             last_checkpoint = save(step)
 
+    if sharded is not None:
+        sharded.wait()  # the last checkpoint is complete when training returns
     stop.restore()
     metrics.close()
     return TrainResult(step, losses, val_loss, last_checkpoint, stopped_early)
+
+
+def _distributed_checkpointer(cfg: Config, engine):
+    """megatron's sharded writer for `checkpoint.format: distributed`, or None (gathered checkpoints):
+    one process (LocalEngine) has nothing to shard and always writes the gathered form."""
+    if cfg.checkpoint.format != "distributed":
+        return None
+    if isinstance(engine, LocalEngine):
+        log.info("one process: checkpoints are written gathered (checkpoint.format=distributed needs several)")
+        return None
+    return DistributedCheckpointer(cfg.checkpoint.async_save)
+
+
+def _restore(engine, path: Path, device: torch.device) -> dict:
+    """Load a gathered or distributed checkpoint into `engine` (any layout); return its state.pt."""
+    state = load_checkpoint(path, map_location=device)
+    if is_distributed(state):
+        load_distributed(engine, resolve_checkpoint(path), state)
+    else:
+        engine.load_state_dict(state)
+    return state
 
 
 def _resume_path(cfg: Config, ckpt_dir: Path) -> Optional[Path]:
