@@ -269,6 +269,7 @@ def main() -> None:
             results = json.load(fh)
         for name in args.layers.split(","):
             results["layers"].pop(name, None)
+        results.pop("notes", None)  # provenance notes of hand-merged entries no longer hold
     results.update({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "config": {"D": D, "heads": D // HEAD_DIM, "head_dim": HEAD_DIM, "G": G, "tokens": TOKENS,
                                "dtype": "bf16", "iters": args.iters, "timing": "median of CUDA-event times"}})
