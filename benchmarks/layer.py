@@ -23,7 +23,6 @@ Layers:
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
