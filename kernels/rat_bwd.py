@@ -13,7 +13,8 @@ dS = P ⊙ (dP − Δ), dP = dy·values:
    (again a full and a masked loop) and the own score; the direct gradients of k̃, ṽ (own score
    and own value) plus, at each chunk end, the summary gradients rotated back by the chunk
    index, written to fp32 scratch [B, T, H·d]. The states k̃, ṽ come from rat_fwd's sequential
-   `_states_kernel`, run again (cheaper than keeping them from the forward: 2 fp32 [B, T, D]).
+   `_states_kernel`, run again rather than kept from the forward (that would be 2 fp32
+   [B, T, D] of activation memory per layer).
 4. `_recurrence_grad_kernel`: per (tile of chunks, batch, head), backwards over the L positions:
    λ[t] = dY[t] + g[t+1] λ[t+1] inside each chunk; then dk, dv = (1 − g) λ and the gate gradient
    df = (1 − g) Σ λ ⊙ (state − input) (this is ∂/∂g · g(1−g) without a division by g).
