@@ -38,11 +38,17 @@ from the GPU; on the CPU, views are cloned), then a forked process per rank writ
 training goes on; `poll` (every step) finalizes once all ranks are done, `wait` blocks. One save is in
 flight at a time: a new save, and the end of training, wait for the previous one.
 
-NOTE: DCP's `.metadata` is a pickle (PyTorch's format): load distributed checkpoints you trust only.
+Loading unpickles no code: the shard files are read with `torch.load(weights_only=True)` (DCP),
+`common.pt` too (megatron, torch >= 2.6), and DCP's `.metadata` pickle is first checked to hold only
+DCP's record types (`_check_metadata`), as ratpt's `state.pt` is read with weights_only.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
+import importlib
 import logging
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +59,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ratpt.parallel.optimizer_state import ADAM_KEYS, _local_state, _owner, scatter_adam_state
-from ratpt.train.checkpoint import (checkpoint_name, finish_checkpoint, load_checkpoint, start_checkpoint,
-                                    temporary_dir)
+from ratpt.train.checkpoint import (CheckpointError, checkpoint_name, finish_checkpoint, load_checkpoint,
+                                    start_checkpoint, temporary_dir)
 from ratpt.train.engine import LocalEngine
 
 log = logging.getLogger(__name__)
@@ -87,6 +93,33 @@ def load_distributed(engine, checkpoint: Path, state: dict[str, Any]) -> None:
         engine.load_state_dict(read_plain_state(checkpoint))
     else:
         load_sharded(engine, checkpoint, state["adam_step"])
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` allowing only its record types (dataclasses and enums of
+    torch.distributed.checkpoint), torch.Size, dtypes and layouts: what weights_only is for tensors."""
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch.distributed.checkpoint."):
+            found = getattr(importlib.import_module(module), name, None)
+            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+                return found
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        elif (module, name) == ("torch.serialization", "_get_layout"):
+            return torch.serialization._get_layout
+        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
+
+
+def _check_metadata(checkpoint: Path) -> None:
+    """Refuse a distributed checkpoint whose `.metadata` would run code when unpickled (DCP and megatron
+    then read it with plain pickle)."""
+    path = checkpoint / DIST_DIR / ".metadata"
+    try:
+        with open(path, "rb") as handle:
+            _MetadataUnpickler(handle).load()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as err:
+        raise CheckpointError(f"cannot read {path} as DCP metadata: {err}") from err
 
 
 def _layout(engine, name: str, param: torch.Tensor) -> _Layout:
@@ -208,6 +241,7 @@ def load_sharded(engine, checkpoint: Path, adam_step: int) -> None:
     CPU buffers of its parameters' shapes, then loads them as `MegatronEngine.load_state_dict` does."""
     from megatron.core import dist_checkpointing
 
+    _check_metadata(checkpoint)
     requests, targets = {}, []
     buffers: dict[str, dict[str, torch.Tensor]] = {}
     for name, param in engine.named_parameters():
@@ -242,6 +276,7 @@ def read_plain_state(checkpoint: Path, optimizer: bool = True) -> dict[str, Any]
     read by this process alone (no process group): one process's resume, `ratpt eval`, `ratpt export`."""
     from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata, load
 
+    _check_metadata(checkpoint)
     reader = FileSystemReader(str(checkpoint / DIST_DIR))
     stored = reader.read_metadata().state_dict_metadata
     tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in stored.items()

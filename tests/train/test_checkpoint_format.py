@@ -2,12 +2,14 @@
 distributed checkpoint cover exactly its part of every plain parameter (the multi-process behaviour
 is tested in tests/parallel/test_dist_checkpoint.py)."""
 import itertools
+import pickle
 
 import pytest
 import torch
 
 from ratpt.config import ConfigError, load_config
-from ratpt.parallel.dist_checkpoint import _Layout, _pieces, _rectangles
+from ratpt.parallel.dist_checkpoint import DIST_DIR, _Layout, _pieces, _rectangles, read_plain_state
+from ratpt.train.checkpoint import CheckpointError
 
 VALID = ["data.streams=[{path: data}]"]
 
@@ -56,3 +58,16 @@ def test_pieces_put_a_tensor_parallel_shard_back_where_it_lies_in_the_plain_para
         flat[start:end] = local.view(-1)[start:end]
         expected[rows] = flat.view(-1, 3)
         torch.testing.assert_close(rebuilt, expected, equal_nan=True, rtol=0, atol=0)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_shard_metadata_that_would_run_code_is_refused(tmp_path, capsys):
+    (tmp_path / DIST_DIR).mkdir()
+    (tmp_path / DIST_DIR / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": _Payload()}))
+    with pytest.raises(CheckpointError, match=".metadata"):
+        read_plain_state(tmp_path)
+    assert "arbitrary code ran" not in capsys.readouterr().out
