@@ -40,7 +40,8 @@ flight at a time: a new save, and the end of training, wait for the previous one
 
 Loading unpickles no code: the shard files are read with `torch.load(weights_only=True)` (DCP),
 `common.pt` too (megatron, torch >= 2.6), and DCP's `.metadata` pickle is first checked to hold only
-DCP's record types (`_check_metadata`), as ratpt's `state.pt` is read with weights_only.
+DCP's record types (`_stored_metadata`, which also refuses a checkpoint missing pieces of a tensor),
+as ratpt's `state.pt` is read with weights_only.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ import dataclasses
 import enum
 import importlib
 import logging
+import math
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata, load
 
 from ratpt.parallel.optimizer_state import ADAM_KEYS, _local_state, _owner, scatter_adam_state
 from ratpt.train.checkpoint import (CheckpointError, checkpoint_name, finish_checkpoint, load_checkpoint,
@@ -111,15 +114,23 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
 
 
-def _check_metadata(checkpoint: Path) -> None:
-    """Refuse a distributed checkpoint whose `.metadata` would run code when unpickled (DCP and megatron
-    then read it with plain pickle)."""
+def _stored_metadata(checkpoint: Path):
+    """DCP's metadata of `checkpoint`, unpickled without running code (DCP and megatron then read the
+    same file with plain pickle), after checking that every tensor is stored whole: its pieces hold
+    as many elements as it has (they are disjoint by construction: each is written by its owner)."""
     path = checkpoint / DIST_DIR / ".metadata"
     try:
         with open(path, "rb") as handle:
-            _MetadataUnpickler(handle).load()
+            metadata = _MetadataUnpickler(handle).load()
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as err:
         raise CheckpointError(f"cannot read {path} as DCP metadata: {err}") from err
+    for key, meta in metadata.state_dict_metadata.items():
+        if isinstance(meta, TensorStorageMetadata):
+            stored = sum(math.prod(chunk.sizes) for chunk in meta.chunks)
+            if stored != math.prod(meta.size):
+                raise CheckpointError(f"{path}: {key} has {stored} of its {math.prod(meta.size)} elements stored; "
+                                      "the checkpoint is incomplete")
+    return metadata
 
 
 def _layout(engine, name: str, param: torch.Tensor) -> _Layout:
@@ -178,7 +189,7 @@ def _pieces(flat: torch.Tensor, base: int, start: int, end: int, local_shape: tu
 def _sharded(key: str, data: torch.Tensor, offset: tuple[int, ...], shape: tuple[int, ...], replica: int):
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    # axis_fragmentations=None: megatron's irregular sharding (pieces of any shape; DCP checks the reads)
+    # axis_fragmentations=None: megatron's irregular sharding (pieces of any shape, left to DCP)
     return ShardedTensor(key, data, data.dtype, tuple(data.shape), shape, offset, None, replica)
 
 
@@ -187,8 +198,8 @@ def _key(kind: str, plain: str) -> str:
 
 
 def _owned(engine, param: nn.Parameter):
-    """(optimizer state of `param` on this rank, first and last+1 flat index it covers), or None if this
-    rank writes nothing of it; the state's flat tensors start at the first index when distributed."""
+    """(this rank's optimizer state of `param`, the first and last+1 flat index of the part this rank
+    writes, the flat index the state's tensors start at), or None if it writes nothing of `param`."""
     from megatron.core import parallel_state as ps
 
     opt, distributed = _owner(engine.optimizer, param)
@@ -241,7 +252,7 @@ def load_sharded(engine, checkpoint: Path, adam_step: int) -> None:
     CPU buffers of its parameters' shapes, then loads them as `MegatronEngine.load_state_dict` does."""
     from megatron.core import dist_checkpointing
 
-    _check_metadata(checkpoint)
+    _stored_metadata(checkpoint)
     requests, targets = {}, []
     buffers: dict[str, dict[str, torch.Tensor]] = {}
     for name, param in engine.named_parameters():
@@ -274,16 +285,12 @@ def read_plain_state(checkpoint: Path, optimizer: bool = True) -> dict[str, Any]
     """The full tensors of distributed checkpoint `checkpoint`, in the gathered checkpoints' form
     ({"model": {name: tensor}, "optimizer": {"adam": {name: {"step", "exp_avg", "exp_avg_sq"}}}}),
     read by this process alone (no process group): one process's resume, `ratpt eval`, `ratpt export`."""
-    from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata, load
-
-    _check_metadata(checkpoint)
-    reader = FileSystemReader(str(checkpoint / DIST_DIR))
-    stored = reader.read_metadata().state_dict_metadata
+    stored = _stored_metadata(checkpoint).state_dict_metadata
     tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in stored.items()
                if isinstance(meta, TensorStorageMetadata) and (optimizer or key.startswith("model."))}
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load(tensors, storage_reader=reader, no_dist=True)
+        load(tensors, storage_reader=FileSystemReader(str(checkpoint / DIST_DIR)), no_dist=True)
     model = {key.removeprefix("model."): t for key, t in tensors.items() if key.startswith("model.")}
     state: dict[str, Any] = {"model": model}
     if optimizer:

@@ -23,19 +23,23 @@ CASES = (
 )
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    """One torchrun launch of every case of tests/parallel/dist_checkpoints.py (which checks them)."""
-    out = tmp_path_factory.mktemp("dist_checkpoints")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def run_cases(nproc: int, out: Path, *cases: str, **env_vars: str) -> None:
+    """One torchrun launch of tests/parallel/dist_checkpoints.py (which checks every case)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env_vars}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-         str(REPO / "tests" / "parallel" / "dist_checkpoints.py"), str(out), *CASES],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+         str(REPO / "tests" / "parallel" / "dist_checkpoints.py"), str(out), *cases],
         cwd=REPO, env=env, text=True, capture_output=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    for case in CASES:
+    for case in cases:
         assert f"OK {case.split(':')[0]}" in done.stdout, done.stdout
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist_checkpoints")
+    run_cases(4, out, *CASES)
     return out
 
 
@@ -84,3 +88,12 @@ def test_ratpt_train_resumes_a_distributed_checkpoint_in_one_process_with_the_un
     assert losses.keys() == {3, 4}
     for step, loss in losses.items():
         assert loss == pytest.approx(uninterrupted[step], abs=2e-4)
+
+
+@pytest.mark.gpu
+def test_two_gpus_nccl_save_in_the_background_and_reshard(tmp_path):  # pragma: no cover - needs 2 GPUs
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    run_cases(2, tmp_path, "tp2-to-cp2:tensor=2,mixers=rat+swa>context=2,mixers=rat+swa",
+              "pp2-to-tp2:pipeline=2>tensor=2", "dp2-to-one-process:>local", "interrupted-tp2:tensor=2!",
+              RATPT_TEST_DEVICE="cuda")

@@ -71,3 +71,15 @@ def test_shard_metadata_that_would_run_code_is_refused(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=".metadata"):
         read_plain_state(tmp_path)
     assert "arbitrary code ran" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_missing_pieces_of_a_tensor_is_refused(tmp_path):
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, TensorProperties,
+                                                       TensorStorageMetadata)
+
+    half = ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([2, 3]))
+    stored = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([4, 3]), [half])
+    (tmp_path / DIST_DIR).mkdir()
+    (tmp_path / DIST_DIR / ".metadata").write_bytes(pickle.dumps(Metadata({"model.w": stored})))
+    with pytest.raises(CheckpointError, match="model.w has 6 of its 12 elements"):
+        read_plain_state(tmp_path)
