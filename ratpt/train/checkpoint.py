@@ -6,6 +6,8 @@ the tokenizer folder, so that it alone is enough to resume, evaluate, export or 
 It is written under a temporary name and renamed into place: a crash mid-save leaves at most a
 `*.tmp` directory, which discovery ignores and the next save removes, and the previous
 checkpoint stays loadable. Loading uses `torch.load(weights_only=True)`: no arbitrary pickle.
+A distributed checkpoint (ratpt.parallel.dist_checkpoint) keeps the model and optimizer in every
+rank's shard files under `dist/`; its `state.pt` holds the rest (step, data position, RNG).
 """
 from __future__ import annotations
 
