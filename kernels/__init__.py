@@ -3,7 +3,7 @@
 The pure-PyTorch ground truth lives in ratpt/ops; ratpt.ops.rat_mixing chooses between the two.
 See NOTES.md for the data movement and roofline of each kernel.
 """
-from kernels.autograd import rat_mixing, rat_mixing_with_summaries
+from kernels.autograd import rat_mixing, rat_mixing_parts, rat_mixing_with_summaries
 from kernels.rat_decode import rat_decode
 
 

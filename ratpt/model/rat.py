@@ -95,7 +95,7 @@ class RATMixer(nn.Module):
         """
         if self.context_shard is not None:
             return self.context_shard.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim,
-                                                 self.rope_base)
+                                                 self.rope_base, kernels=self.kernels)
         return ops.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim, self.rope_base,
                               kernels=self.kernels)
 

@@ -37,6 +37,7 @@ triangle, and the summary attention is most of a RAT layer's time at long contex
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ratpt import ops
+from ratpt.ops.rat_mixing import use_triton
 
 QUERY_BLOCK = 512  # queries per block: memory O(block × keys), as the single-process ops
+PRIOR_QUERY_BLOCK = 4096  # the kernels' path: queries per block of the attention over earlier blocks' summaries
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -129,6 +132,22 @@ class _GatherAlongSequence(torch.autograd.Function):
         return piece, None
 
 
+class _JoinGraph(torch.autograd.Function):
+    """Identity on x that puts `other` in its graph (with a zero gradient): a rank whose blocks attend
+    to no earlier summaries (rank 0, contiguous) must still run the summaries gather's backward, a
+    reduce-scatter every rank joins, which also brings it the gradients of its own summaries."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        ctx.other = (other.shape, other.dtype, other.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.other
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
 class ChunkSummaryAllGather:
     """All ranks' chunk summaries [B, H, CP·C, d] (rank order) from this rank's [B, H, C, d]."""
 
@@ -186,9 +205,13 @@ class ContextShard:
     def positions(self, local_len: int, device=None) -> torch.Tensor:
         return self.layout.positions(local_len, device)
 
-    def rat_mixing(self, q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float) -> torch.Tensor:
-        """`ops.rat_mixing` (its reference composition) for this rank's chunks: the recurrences are
-        local, RoPE uses the global chunk index, the softmax sees the summaries of every earlier chunk."""
+    def rat_mixing(self, q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
+                   kernels: str = "auto") -> torch.Tensor:
+        """`ops.rat_mixing` for this rank's chunks: the recurrences are local, RoPE uses the global
+        chunk index, the softmax sees the summaries of every earlier chunk. `kernels` as ops.rat_mixing:
+        the fused kernels (`_rat_mixing_kernels`) or the reference composition."""
+        if use_triton(kernels, v, chunk_size, head_dim):
+            return self._rat_mixing_kernels(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
         B, T, D = v.shape
         H, G = D // head_dim, q.shape[-1] // head_dim
         dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
@@ -203,6 +226,47 @@ class ContextShard:
         y = self.inter_chunk_attention(ops.apply_rope(heads(q), cos, sin), ops.apply_rope(heads(k_state), cos, sin),
                                        heads(v_state), chunk_size)
         return y.transpose(1, 2).reshape(B, T, D)
+
+    def _rat_mixing_kernels(self, q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float):
+        """The fused kernels run each of this rank's blocks as a sequence of its own (y, its softmax
+        normaliser, its chunk summaries); the summaries of all ranks are gathered, and each block's y
+        is merged with an attention over the summaries of every earlier block by the two
+        normalisers. Exact: one softmax over a union of keys is the normaliser-weighted mean of the
+        softmaxes over the parts. RoPE needs no care inside a block (scores depend on chunk index
+        differences only); gathered summaries are rotated on by their block's first chunk index."""
+        from kernels import rat_mixing_parts
+
+        B, T, D = v.shape
+        H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
+        n_local = self.layout.blocks_per_rank
+
+        def blocks_as_batch(t):  # [B, T, ...] -> [B · blocks, T / blocks, ...], a view of the column slices
+            return t.unflatten(1, (n_local, T // n_local)).flatten(0, 1)
+
+        y, lse, ks, vs = rat_mixing_parts(*(blocks_as_batch(t) for t in (q, k, v, f)), gate_bias, L, d, rope_base)
+        block_chunks = ks.shape[2]
+        own = torch.cat((ks, vs), dim=-1).unflatten(0, (B, n_local)).transpose(1, 2).flatten(2, 3)
+        summaries = self.layout.to_sequence_order(ChunkSummaryAllGather.apply(own, self.group), dim=2)
+        first_chunk = torch.arange(summaries.shape[2], device=v.device) // block_chunks * block_chunks
+        summary_k = ops.apply_rope(summaries[..., :d], *ops.rope_cos_sin(first_chunk, d, rope_base, v.dtype))
+        summary_v = summaries[..., d:]
+        cos, sin = ops.rope_cos_sin(self.positions(T, v.device) // L, d, rope_base, v.dtype)
+        q_rot = ops.apply_rope(q.repeat(1, 1, H // G).unflatten(-1, (H, d)).transpose(1, 2), cos, sin)
+        y, lse = y.unflatten(0, (B, n_local)), lse.unflatten(0, (B, n_local))
+        outputs = []
+        for slot, (lo, hi, start) in enumerate(self.layout.segments(T)):
+            visible = start // L  # every chunk of the earlier blocks
+            if visible == 0:  # the first block: its own summaries only (the kernels saw them)
+                outputs.append(_JoinGraph.apply(y[:, slot], summaries))
+                continue
+            y_prior, lse_prior = _attention_with_normaliser(q_rot[:, :, lo:hi], summary_k[:, :, :visible],
+                                                            summary_v[:, :, :visible])
+            total = torch.logaddexp(lse[:, slot], lse_prior)
+            own_weight = torch.exp(lse[:, slot] - total).transpose(1, 2).unsqueeze(-1)  # [B, n, H, 1]
+            prior_weight = torch.exp(lse_prior - total).transpose(1, 2).unsqueeze(-1)
+            merged = y[:, slot].unflatten(-1, (H, d)) * own_weight + y_prior.transpose(1, 2) * prior_weight
+            outputs.append(merged.flatten(2).to(v.dtype))
+        return torch.cat(outputs, dim=1)
 
     def inter_chunk_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
                               query_block: int = QUERY_BLOCK) -> torch.Tensor:
@@ -247,6 +311,19 @@ class ContextShard:
             keys, values = torch.cat((previous[slot], kv[:, :, lo:hi]), dim=2).split(k.shape[-1], dim=-1)
             outputs.append(_masked_attention(q[:, :, lo:hi], keys, values, start, start - window, window, query_block))
         return torch.cat(outputs, dim=2)
+
+
+def _attention_with_normaliser(q, k, v, query_block: int = PRIOR_QUERY_BLOCK):
+    """Unmasked softmax attention of q [B, H, Q, d] over k, v [B, H, N, d]: y [B, H, Q, d] (fp32) and the
+    natural-log normaliser [B, H, Q], in query blocks recomputed in backward (memory O(block × N))."""
+    def block(qb, kb, vb):
+        scores = torch.matmul(qb, kb.transpose(-1, -2)).float() / math.sqrt(qb.shape[-1])
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(vb.dtype), vb).float(), lse
+
+    parts = [checkpoint(block, q[:, :, lo:lo + query_block], k, v, use_reentrant=False) if torch.is_grad_enabled()
+             else block(q[:, :, lo:lo + query_block], k, v) for lo in range(0, q.shape[2], query_block)]
+    return torch.cat([y for y, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
 
 
 def _masked_attention(q, k, v, q_start: int, k_start: int, window: int | None, query_block: int):

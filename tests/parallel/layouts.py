@@ -38,7 +38,7 @@ BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.n
         "train.global_batch=4", "train.micro_batch=1", "train.precision=fp32", "train.steps=10",
         "schedule.warmup_fraction=0", "schedule.kind=constant", "optimizer.lr=1e-2", "optimizer.grad_clip=0.5", "optimizer.eps=1e-4",
         "data.streams=[{path: unused}]"]
-MODEL_KEYS = {"mixers", "chunk_size", "window", "n_layers", "ffn", "ngroups"}
+MODEL_KEYS = {"mixers", "chunk_size", "window", "n_layers", "ffn", "ngroups", "head_dim", "kernels"}
 
 
 def config(spec: str):

@@ -41,7 +41,8 @@ def test_zigzag_balances_the_causal_work_that_contiguous_slices_do_not():
 
 
 def run_layouts(nproc: int, *cases: str, **env_vars: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))), **env_vars}
+    python_path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **env_vars}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
          str(REPO / "tests" / "parallel" / "layouts.py"), *cases],
@@ -51,6 +52,16 @@ def run_layouts(nproc: int, *cases: str, **env_vars: str) -> str:
     for case in cases:
         assert f"OK {case.split(':')[0]} " in done.stdout, done.stdout
     return done.stdout
+
+
+def test_context_parallel_with_the_fused_kernels_equals_one_process():
+    # each block through the kernels (Triton interpreter here), merged with the attention over the
+    # earlier blocks' summaries; contiguous rank 0 attends to none, yet joins the gradients' reduce-scatter
+    run_layouts(
+        2,
+        "cp2-zigzag-rat-kernels:context=2,kernels=triton,head_dim=32",
+        "cp2-contiguous-rat+swa-kernels:context=2,context_layout=contiguous,kernels=triton,head_dim=32,mixers=rat+swa",
+    )
 
 
 def test_two_ranks_data_context_and_tensor_parallel_equal_one_process():
@@ -108,6 +119,9 @@ def test_two_gpus_nccl_equal_one_process():  # pragma: no cover - needs 2 GPUs
         "cp2-attention:context=2,mixers=attention,context_layout=contiguous",
         "cp2-zigzag-rat+swa:context=2,mixers=rat+swa,context_layout=zigzag",
         "cp2-zigzag-rat+attention:context=2,mixers=rat+attention,context_layout=zigzag",
+        # the fused kernels per block, merged with the attention over earlier blocks' summaries
+        "cp2-zigzag-rat-kernels:context=2,kernels=triton,head_dim=32",
+        "cp2-contiguous-rat+swa-kernels:context=2,context_layout=contiguous,kernels=triton,head_dim=32,mixers=rat+swa",
         "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu,micro_batch=2",
         "pp2-interleaved-rat+swa:pipeline=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
         "resume-pp2-to-tp2:pipeline=2>tensor=2",
