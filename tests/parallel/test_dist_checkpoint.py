@@ -17,7 +17,8 @@ CASES = (
     # TP × PP shards (fused in_proj rows, stages) into the distributed optimizer's DP × CP ranges, and back
     "tp2xpp2-to-dp2xcp2:pipeline=2,tensor=2,mixers=rat+swa>context=2,mixers=rat+swa",
     "dp2xcp2-to-tp2xdp2:context=2,mixers=rat+attention>tensor=2,mixers=rat+attention",
-    "dp4-replicated-optimizer-to-pp2xtp2:distributed_optimizer=false>pipeline=2,tensor=2",
+    "dp4-replicated-optimizer-to-pp2xtp2-interleaved:distributed_optimizer=false,n_layers=4>pipeline=2,tensor=2,"
+    "virtual_stages=2,n_layers=4",
     "tp2xpp2-to-one-process:pipeline=2,tensor=2>local",
     "interrupted-tp2xdp2:tensor=2!",
 )
