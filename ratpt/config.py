@@ -208,10 +208,10 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
 
 def validate_checkpoint_format(cfg: Config) -> None:
     c = cfg.checkpoint
-    _require(c.format in ("gathered", "distributed"), f"checkpoint.format must be gathered|distributed, got {c.format!r}")
-    _require(not c.async_save or c.format == "distributed",
-             "checkpoint.async_save=true needs checkpoint.format=distributed (a gathered checkpoint is written by rank 0 "
-             "in one piece)")
+    _require(c.format in ("gathered", "distributed"),
+             f"checkpoint.format must be gathered|distributed, got {c.format!r}")
+    _require(not c.async_save or c.format == "distributed", "checkpoint.async_save=true needs "
+             "checkpoint.format=distributed (a gathered checkpoint is written by rank 0 in one piece)")
     _require(c.format == "gathered" or cfg.train.engine == "megatron",
              f"checkpoint.format=distributed is megatron's sharded format; train.engine={cfg.train.engine} writes its "
              "own sharded checkpoints: leave checkpoint.format=gathered")
