@@ -17,7 +17,7 @@ of both AdamW moments —, without it, the whole shard from the first DP × CP r
 gathered and every element is written once, by its owner, in parallel over all ranks. A flat range
 is at most three rectangles (end of a row, whole rows, start of a row); each is placed into the
 plain tensor through the parameter's TP placement, one ShardedTensor per contiguous run of plain
-rows (RAT's fused in_proj: the z, v, f rows of this rank's heads are three runs, the replicated q, k
+rows (columns of row-parallel weights; RAT's fused in_proj: the z, v, f rows of this rank's heads are three runs, the replicated q, k
 rows another, written by TP rank 0 only). Pieces of any shape are megatron's "irregular" sharding,
 which its torch_dist backend hands to DCP as several local shards of one key. The last pipeline
 stage's copy of the tied embedding is not written.
@@ -249,7 +249,8 @@ def _adam_step(engine) -> int:
 def load_sharded(engine, checkpoint: Path, adam_step: int) -> None:
     """Load a distributed checkpoint (written by any layout) into this rank's model part and optimizer
     shard (collective: every rank calls it). Reads the rank's TP shards and its own optimizer range into
-    CPU buffers of its parameters' shapes, then loads them as `MegatronEngine.load_state_dict` does."""
+    CPU buffers of its parameters' shapes (weight and two moments: 3x its model part, for the duration
+    of the load), then loads them as `MegatronEngine.load_state_dict` does."""
     from megatron.core import dist_checkpointing
 
     _stored_metadata(checkpoint)
