@@ -108,6 +108,16 @@ def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():
     )
 
 
+def test_eight_ranks_the_composite_layouts_of_a_multi_gpu_node_equal_one_process():
+    # the 8-GPU layouts of the RAT-1.3B runs (launch/rat_1p3b.sh), at toy size on gloo
+    run_layouts(
+        8,
+        "tp2xpp2xdp2-rat+swa:tensor=2,pipeline=2,mixers=rat+swa",
+        "cp4xdp2-zigzag-rat+swa:context=4,mixers=rat+swa",
+        "resume-tp2xpp2xdp2-to-cp4xdp2:tensor=2,pipeline=2>context=4",
+    )
+
+
 @pytest.mark.gpu
 def test_two_gpus_nccl_equal_one_process():  # pragma: no cover - needs 2 GPUs
     if torch.cuda.device_count() < 2:
