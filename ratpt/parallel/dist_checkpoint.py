@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata, load
 
-from ratpt.parallel.optimizer_state import ADAM_KEYS, _local_state, _owner, scatter_adam_state
+from ratpt.parallel.optimizer_state import ADAM_KEYS, local_adam_state, owning_optimizer, scatter_adam_state
 from ratpt.train.checkpoint import (CheckpointError, checkpoint_name, finish_checkpoint, load_checkpoint,
                                     start_checkpoint, temporary_dir)
 from ratpt.train.engine import LocalEngine
@@ -202,8 +202,8 @@ def _owned(engine, param: nn.Parameter):
     writes, the flat index the state's tensors start at), or None if it writes nothing of `param`."""
     from megatron.core import parallel_state as ps
 
-    opt, distributed = _owner(engine.optimizer, param)
-    state, where = _local_state(opt, distributed, param)
+    opt, distributed = owning_optimizer(engine.optimizer, param)
+    state, where = local_adam_state(opt, distributed, param)
     if distributed:
         return None if state is None else (state, where.start, where.stop, where.start)
     if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
@@ -238,8 +238,8 @@ def _adam_step(engine) -> int:
     """AdamW's step count (the same for every parameter), agreed on by all ranks."""
     step = torch.zeros(1, dtype=torch.float64, device=engine.ctx.device)
     for _, param in engine.named_parameters():
-        opt, distributed = _owner(engine.optimizer, param)
-        state, _ = _local_state(opt, distributed, param)
+        opt, distributed = owning_optimizer(engine.optimizer, param)
+        state, _ = local_adam_state(opt, distributed, param)
         if state is not None and "step" in state:
             step.fill_(max(step.item(), float(state["step"])))
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
@@ -258,8 +258,8 @@ def load_sharded(engine, checkpoint: Path, adam_step: int) -> None:
     buffers: dict[str, dict[str, torch.Tensor]] = {}
     for name, param in engine.named_parameters():
         layout = _layout(engine, name, param)
-        opt, distributed = _owner(engine.optimizer, param)
-        _, where = _local_state(opt, distributed, param)
+        opt, distributed = owning_optimizer(engine.optimizer, param)
+        _, where = local_adam_state(opt, distributed, param)
         buffers[name] = {kind: torch.zeros(param.shape, dtype=torch.float32) for kind in ("param", *ADAM_KEYS)}
         ranges = {"param": (0, param.numel())}
         if where is not None:

@@ -9,8 +9,9 @@ one DP × CP layout resumes in another.
 
 NOTE: the shards are assembled with one all-reduce per parameter over the optimizer's
 data-parallel group: simple and exact, fine for the tiny models of the tests and for
-checkpoints of moderate models, but O(parameters) memory on every rank. Megatron's
-dist_checkpointing (sharded, asynchronous) is the path for large models (issue 5, step 5).
+checkpoints of moderate models, but O(parameters) memory on every rank. Large models write
+`checkpoint.format=distributed` instead (ratpt/parallel/dist_checkpoint.py), where every rank
+saves only what `local_adam_state` gives it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import nn
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _owner(optimizer, param: nn.Parameter):
+def owning_optimizer(optimizer, param: nn.Parameter):
     """(the megatron optimizer of the chain that updates `param`, whether it is distributed)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -36,7 +37,7 @@ def _owner(optimizer, param: nn.Parameter):
     raise KeyError("a model parameter is not in the optimizer")
 
 
-def _local_state(opt, distributed: bool, param: nn.Parameter):
+def local_adam_state(opt, distributed: bool, param: nn.Parameter):
     """(this rank's state of its shard of `param`, or None; the slice of the flat parameter it covers)."""
     if distributed:
         if param not in opt.model_param_group_index_map:
@@ -52,8 +53,8 @@ def gather_adam_state(named_parameters: Iterable[tuple[str, nn.Parameter]], opti
     rank of `group` (the optimizer's data-parallel group). Collective: every rank of `group` calls it."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, param in named_parameters:
-        opt, distributed = _owner(optimizer, param)
-        state, where = _local_state(opt, distributed, param)
+        opt, distributed = owning_optimizer(optimizer, param)
+        state, where = local_adam_state(opt, distributed, param)
         moments = torch.zeros(2, param.numel(), dtype=torch.float32, device=param.device)
         step = torch.zeros(1, dtype=torch.float32, device=param.device)
         if state is not None and "exp_avg" in state:
@@ -79,12 +80,12 @@ def scatter_adam_state(named_parameters: Iterable[tuple[str, nn.Parameter]], opt
             opt._init_optimizer_states_with_dummy_values()
     for name, param in named_parameters:
         saved = state[name]
-        opt, distributed = _owner(optimizer, param)
+        opt, distributed = owning_optimizer(optimizer, param)
         if not distributed:
             opt.optimizer.state[param] = {"step": saved["step"].clone().float().reshape(()),
                                           **{k: saved[k].clone().to(param.device) for k in ADAM_KEYS}}
             continue
-        tensors, where = _local_state(opt, True, param)
+        tensors, where = local_adam_state(opt, True, param)
         if tensors is None:
             continue
         for key in ADAM_KEYS:

@@ -74,7 +74,7 @@ def train_step(engine, cfg, batches):
 
 def grad_shards(engine):
     """(name, this rank's slice of the flat gradient, the slice) for every parameter of its part."""
-    from ratpt.parallel.optimizer_state import _owner
+    from ratpt.parallel.optimizer_state import owning_optimizer
 
     if isinstance(engine, LocalEngine):
         yield from ((name, p.grad.reshape(-1), slice(None)) for name, p in engine.model.named_parameters())
@@ -82,7 +82,7 @@ def grad_shards(engine):
 
     for name, param in engine.named_parameters():
         flat = param.main_grad.view(-1)
-        opt, distributed = _owner(engine.optimizer, param)
+        opt, distributed = owning_optimizer(engine.optimizer, param)
         if distributed:
             if param not in opt.model_param_gbuf_map:
                 continue
