@@ -102,7 +102,7 @@ def group_namer():
     return name_of
 
 
-def measure(mixer: str, seq_len: int, layout: dict, d_model: int, n_layers: int, device: str) -> dict:
+def measure(mixer: str, seq_len: int, layout: dict, d_model: int, n_layers: int, vocab: int, device: str) -> dict:
     from ratpt.config import load_config
     from ratpt.model import build_model
     from ratpt.parallel.data_parallel import init_distributed
@@ -114,7 +114,7 @@ def measure(mixer: str, seq_len: int, layout: dict, d_model: int, n_layers: int,
     cp = layout.get("context", 1)
     dp = world // (cp * layout.get("tensor", 1) * layout.get("pipeline", 1))
     cfg = load_config(None, [
-        "model.vocab_size=32000", f"model.d_model={d_model}", "model.head_dim=64", "model.ngroups=2",
+        f"model.vocab_size={vocab}", f"model.d_model={d_model}", "model.head_dim=64", "model.ngroups=2",
         f"model.n_layers={n_layers}", "model.chunk_size=16", "model.window=1024", f"model.mixers=[{mixer}]",
         "model.kernels=torch", f"data.seq_len={seq_len}", f"train.global_batch={dp}", "train.micro_batch=1",
         "train.precision=fp32", "data.streams=[{path: unused}]",
@@ -136,7 +136,7 @@ def measure(mixer: str, seq_len: int, layout: dict, d_model: int, n_layers: int,
     counter.active = False
     seconds = time.perf_counter() - start
     result = {"mixer": mixer, "seq_len": seq_len, "world": world, "layout": layout, "dp": dp, "cp": cp,
-              "device": ctx.device.type, "d_model": d_model,
+              "device": ctx.device.type, "vocab_size": vocab, "d_model": d_model,
               "n_layers": n_layers, "parameters": sum(p.numel() for p in engine.model.parameters()),
               "bytes_per_step_rank0": dict(counter.bytes), "bytes_by_collective": dict(counter.by_op), "step_seconds": round(seconds, 2)}
     destroy_mesh()
@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="*", default=["data", "context", "tensor", "pipeline"],
                         help="parallel axes, each measured alone over all the ranks")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--vocab", type=int, default=32000,
+                        help="a small vocabulary lets 100K tokens of fp32 logits fit a CPU process; it changes "
+                             "only the parameter count (DP bytes), not the per-token CP/TP/PP traffic")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     results = []
@@ -162,7 +165,7 @@ def main() -> None:
         mixer, seq = case.split(":")
         for axis in args.layouts:
             layout = {} if axis == "data" else {axis: world}
-            results.append(measure(mixer, int(seq), layout, args.d_model, args.layers, args.device))
+            results.append(measure(mixer, int(seq), layout, args.d_model, args.layers, args.vocab, args.device))
             if int(os.environ.get("RANK", "0")) == 0:
                 print(json.dumps(results[-1]), flush=True)
     if int(os.environ.get("RANK", "0")) == 0:
