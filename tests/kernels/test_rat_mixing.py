@@ -88,3 +88,51 @@ def test_rat_layer_with_triton_kernels_equals_torch_reference():
              for name, out in outs.items()}
     for a, b in zip(grads["triton"], grads["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def parts_reference(q, k, v, f, gate_bias, L, d, rope_base):
+    """What rat_mixing_parts returns, from the reference ops: y, the natural-log softmax normaliser
+    over [summaries j < c, own state], and the rotated summaries at each complete chunk's end."""
+    from ratpt import ops
+
+    B, T, D = v.shape
+    H, G = D // d, q.shape[-1] // d
+    g = torch.sigmoid(f + gate_bias)
+    k_state = ops.chunk_scan(k.repeat(1, 1, H // G), g, L)
+    v_state = ops.chunk_scan(v, g, L)
+    chunk = torch.arange(T, device=v.device) // L
+    cos, sin = ops.rope_cos_sin(chunk, d, rope_base, v.dtype)
+
+    def heads(t):
+        return t.reshape(B, T, H, d).transpose(1, 2)
+
+    q_rot = ops.apply_rope(heads(q.repeat(1, 1, H // G)), cos, sin)
+    k_rot, v_heads = ops.apply_rope(heads(k_state), cos, sin), heads(v_state)
+    ends = torch.arange(T // L, device=v.device) * L + L - 1
+    ks, vs = k_rot[:, :, ends], v_heads[:, :, ends]
+    visible = torch.arange(len(ends), device=v.device) < chunk.unsqueeze(-1)
+    inter = torch.matmul(q_rot, ks.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+    scores = torch.cat((inter, (q_rot * k_rot).sum(-1, keepdim=True)), dim=-1) / d ** 0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - lse.unsqueeze(-1))
+    y = torch.matmul(p[..., :-1], vs) + p[..., -1:] * v_heads
+    return y.transpose(1, 2).reshape(B, T, D), lse, ks, vs
+
+
+@pytest.mark.parametrize("name", ["partial-last-chunk", "groups2-L8", "T-below-L"])
+def test_parts_with_gradients_into_normaliser_and_summaries_equal_reference(name):
+    # context parallelism merges y with other attention through lse and reuses the summaries:
+    # every output carries a gradient back into the kernels' backward
+    from kernels import rat_mixing_parts
+
+    B, T, H, G, d, L = CASES[name]
+    inputs = make_inputs(B, T, H, G, d)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    got = rat_mixing_parts(*inputs, L, d, ROPE_BASE)
+    want = parts_reference(*wide, L, d, ROPE_BASE)
+    cotangents = [torch.randn_like(w) for w in want]
+    got_grads = torch.autograd.grad(sum((a * c.to(a)).sum() for a, c in zip(got, cotangents)), inputs)
+    want_grads = torch.autograd.grad(sum((a * c).sum() for a, c in zip(want, cotangents)), wide)
+    names = ["y", "lse", "ks", "vs", "dq", "dk", "dv", "df", "dgate_bias"]
+    for label, a, b in zip(names, [*got, *got_grads], [*want, *want_grads]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{label}: {m}")
