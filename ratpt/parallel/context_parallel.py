@@ -328,7 +328,10 @@ def _attention_with_normaliser(q, k, v, query_block: int = PRIOR_QUERY_BLOCK):
 
 def _masked_attention(q, k, v, q_start: int, k_start: int, window: int | None, query_block: int):
     """Causal (optionally windowed) attention of queries at positions q_start + i over keys at
-    k_start + j, in query blocks against only the keys a block can reach."""
+    k_start + j, in query blocks against only the keys a block can reach. Without a window each
+    block is recomputed in backward: what SDPA saves per block (its keys and values made contiguous,
+    the mask) would otherwise grow as T²/block; attention-1.3B at 131072 tokens on CP 2 ran out of
+    139 GiB without this."""
     T = q.shape[2]
     outputs = []
     for lo in range(0, T, query_block):
@@ -340,8 +343,11 @@ def _masked_attention(q, k, v, q_start: int, k_start: int, window: int | None, q
         allowed = (k_pos <= q_pos) & (k_pos >= 0)
         if window is not None:
             allowed &= q_pos - k_pos <= window
-        outputs.append(F.scaled_dot_product_attention(
-            q[:, :, lo:hi], k[:, :, first:last], v[:, :, first:last], attn_mask=allowed))
+        args = (q[:, :, lo:hi], k[:, :, first:last], v[:, :, first:last])
+        if window is None and torch.is_grad_enabled():
+            outputs.append(checkpoint(F.scaled_dot_product_attention, *args, attn_mask=allowed, use_reentrant=False))
+        else:
+            outputs.append(F.scaled_dot_product_attention(*args, attn_mask=allowed))
     return torch.cat(outputs, dim=2)
 
 
