@@ -29,7 +29,7 @@ from ratpt.model.flops import training_flops_per_token
 from ratpt.train.engine import sum_cross_entropy
 from ratpt.train.metrics import device_peak_tflops
 from ratpt.train.optim import build_optimizer
-from ratpt.train.trainer import apply_activation_checkpointing
+from ratpt.train.trainer import apply_activation_checkpointing, apply_compile
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ("ckpt", "compile")
@@ -52,8 +52,7 @@ def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], dev
     if "ckpt" in flags:
         apply_activation_checkpointing(model)
     if "compile" in flags:
-        for layer in model.layers:
-            layer.compile(dynamic=False)
+        apply_compile(model)
     optimizer, _ = build_optimizer(model, cfg.optimizer, cfg.schedule, total_steps=1000)
     tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch, seq_len + 1), device=device)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ratpt.config import Config
+from ratpt.config import Config, ConfigError
 from ratpt.parallel.data_parallel import DistributedContext
 from ratpt.train.optim import parameter_groups
 
@@ -61,14 +61,13 @@ class LocalEngine:
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                            eps=o.eps, fused=ctx.device.type == "cuda")
-        self.runnable = torch.compile(model) if cfg.train.compile else model
 
     def forward_backward(self, micro_batches: list[dict]) -> tuple[float, float]:
         self.optimizer.zero_grad(set_to_none=True)
         total = max(1, labelled_tokens(micro_batches))
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            micro_loss = sum_cross_entropy(self.runnable, batch, self.device, self.cfg.train.precision) / total
+            micro_loss = sum_cross_entropy(self.model, batch, self.device, self.cfg.train.precision) / total
             micro_loss.backward()
             loss_sum += micro_loss.detach()
         return loss_sum.item() * total, float(total)
@@ -88,7 +87,7 @@ class LocalEngine:
         self.model.eval()
         loss, tokens = 0.0, 0.0
         for batch in batches:
-            loss += sum_cross_entropy(self.runnable, batch, self.device, self.cfg.train.precision).double().item()
+            loss += sum_cross_entropy(self.model, batch, self.device, self.cfg.train.precision).double().item()
             tokens += float((batch["labels"] != IGNORE_INDEX).sum())
         self.model.train()
         return loss, tokens
@@ -112,6 +111,9 @@ class LocalEngine:
 def build_engine(cfg: Config, ctx: DistributedContext, model: nn.Module):
     """DeepSpeed ZeRO if `train.engine` says so; else LocalEngine for one process, megatron-core over the
     `parallel` layout for several."""
+    if cfg.train.compile and (cfg.train.engine == "deepspeed" or ctx.world_size > 1):
+        raise ConfigError("train.compile is supported for single-process training only (the megatron-core and "
+                          "DeepSpeed engines would run the model uncompiled): set train.compile=false")
     if cfg.train.engine == "deepspeed":
         from ratpt.parallel.deepspeed_engine import DeepSpeedEngine
 

@@ -52,6 +52,14 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = _checkpointed(layer.forward)
 
 
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block with static shapes (after activation checkpointing, as torchtitan
+    orders them): identical blocks share one compiled graph, so compiling costs one block, not all of
+    them; the RAT op stays outside the graph (ratpt/model/rat.py)."""
+    for layer in model.layers:
+        layer.compile(dynamic=False)
+
+
 def _checkpointed(forward):
     def run(*args, **kwargs):
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
@@ -121,6 +129,8 @@ def train(cfg: Config) -> TrainResult:
     model = build_model(cfg.model).to(ctx.device)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        apply_compile(model)
     engine = build_engine(cfg, ctx, model)
     lr_multiplier = LRMultiplier(cfg.schedule, cfg.train.steps)
     step, bad_in_a_row, data_state = 0, 0, None

@@ -130,6 +130,28 @@ def test_activation_checkpointing_changes_no_loss(byte_data, tmp_path):
     assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
 
 
+def test_compiled_blocks_change_no_loss(byte_data, tmp_path):
+    from torch._dynamo.utils import counters
+
+    plain = trainer.train(in_process_config(byte_data, tmp_path / "plain", "train.steps=2"))
+    counters.clear()
+    compiled = trainer.train(in_process_config(byte_data, tmp_path / "compiled", "train.steps=2",
+                                               "train.compile=true"))
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks did run compiled
+    assert compiled.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("engine, world_size", [("megatron", 2), ("deepspeed", 1)])
+def test_compile_is_refused_where_the_engine_would_ignore_it(byte_data, tmp_path, engine, world_size):
+    from ratpt.config import ConfigError
+    from ratpt.parallel.data_parallel import DistributedContext
+    from ratpt.train.engine import build_engine
+
+    cfg = in_process_config(byte_data, tmp_path, "train.compile=true", f"train.engine={engine}")
+    with pytest.raises(ConfigError, match="train.compile is supported for single-process training only"):
+        build_engine(cfg, DistributedContext(0, world_size, 0, torch.device("cpu")), torch.nn.Linear(1, 1))
+
+
 def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, monkeypatch):
     cfg = in_process_config(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")
     real = engine.sum_cross_entropy
