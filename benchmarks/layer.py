@@ -23,13 +23,14 @@ Layers:
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 import traceback
 
 import torch
 from torch import nn
+
+from kernels.tune import time_ms
 
 D, HEAD_DIM, G, TOKENS = 2048, 128, 2, 131072
 LENGTHS = (4096, 16384, 32768, 131072)
@@ -124,21 +125,6 @@ def sdpa_backend(name: str):
 
 
 # ----------------------------------------------------------------------------- timing
-def time_ms(fn, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def measure_sequence(name: str, layer: nn.Module, T: int, context, iters: int) -> dict:
     B = TOKENS // T
     x = torch.randn(B, T, D, device="cuda", dtype=DTYPE, requires_grad=True)
@@ -162,9 +148,9 @@ def measure_sequence(name: str, layer: nn.Module, T: int, context, iters: int) -
             forward(x)
 
     torch.cuda.reset_peak_memory_stats()
-    fwd_bwd = time_ms(train_step, iters)
+    fwd_bwd = time_ms(train_step, iters, warmup=2)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    return {"fwd_bwd_ms": fwd_bwd, "prefill_ms": time_ms(prefill, iters), "peak_gib": peak, "B": B}
+    return {"fwd_bwd_ms": fwd_bwd, "prefill_ms": time_ms(prefill, iters, warmup=2), "peak_gib": peak, "B": B}
 
 
 # ----------------------------------------------------------------------------- decode
@@ -207,23 +193,23 @@ def measure_decode(name: str, layer: nn.Module, iters: int, B: int = 32, T: int 
             cache = RATCache(torch.randn(B, H, cap, HEAD_DIM, device="cuda", dtype=DTYPE),
                              torch.randn(B, H, cap, HEAD_DIM, device="cuda", dtype=DTYPE),
                              torch.randn(B, D, device="cuda"), torch.randn(B, D, device="cuda"), L)
-            result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters)
-            result["decode_static_ms"] = time_ms(lambda: rat_static_decode(layer, x, cache, positions), iters)
+            result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters, warmup=2)
+            result["decode_static_ms"] = time_ms(lambda: rat_static_decode(layer, x, cache, positions), iters, warmup=2)
             result["decode_graph_ms"] = graphed(lambda: rat_static_decode(layer, x, cache, positions), iters)
         elif name.startswith("attn"):
             cache = KVCache(torch.randn(B, H, T + 1, HEAD_DIM, device="cuda", dtype=DTYPE),
                             torch.randn(B, H, T + 1, HEAD_DIM, device="cuda", dtype=DTYPE))
             with sdpa_backend("flash" if name == "attn-flash" else "cudnn"):
                 try:
-                    result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters)
+                    result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters, warmup=2)
                 except RuntimeError:  # a backend without masks: let SDPA choose
                     pass
             if "decode_ms" not in result:
-                result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters)
+                result["decode_ms"] = time_ms(lambda: layer.decode(x, cache, positions), iters, warmup=2)
                 result["decode_note"] = "SDPA default backend (forced backend has no mask support)"
         elif name == "rnn":
             cache = RNNCache(torch.randn(B, D, device="cuda"))
-            result["decode_ms"] = time_ms(lambda: layer.rnn.decode(x, cache, positions), iters)
+            result["decode_ms"] = time_ms(lambda: layer.rnn.decode(x, cache, positions), iters, warmup=2)
             result["decode_graph_ms"] = graphed(lambda: layer.rnn.decode(x, cache, positions), iters)
     return result
 

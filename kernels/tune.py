@@ -47,9 +47,11 @@ def candidates(kernel: str, chunk_size: int) -> list[Blocks]:
             if not whole_chunks or (bq >= chunk_size and bq % chunk_size == 0)]
 
 
-def time_ms(fn, iters: int) -> float:
-    """Median CUDA-event time of fn after one untimed call (which compiles)."""
-    fn()
+def time_ms(fn, iters: int, warmup: int = 1) -> float:
+    """Median CUDA-event time of fn after `warmup` untimed calls (the first compiles)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
