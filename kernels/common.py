@@ -26,6 +26,21 @@ def interpreting() -> bool:
 
 
 @triton.jit
+def chunk_tile(pid_c, pid_bh, bias_ptr, H: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
+               NCH: tl.constexpr):
+    """Where one program of the sequential recurrence kernels works: (batch (int64), its NCH chunks,
+    half-columns, k's columns (head h reads group h mod G), v/f's columns, the gate bias halves)."""
+    b, h = pid_bh // H, pid_bh % H
+    chunks = pid_c * NCH + tl.arange(0, NCH)
+    cols = tl.arange(0, HALF)
+    kc = (h % G) * (2 * HALF) + cols
+    vc = h * (2 * HALF) + cols
+    bias1 = tl.load(bias_ptr + vc).to(tl.float32)
+    bias2 = tl.load(bias_ptr + vc + HALF).to(tl.float32)
+    return b.to(tl.int64), chunks, cols, kc, vc, bias1, bias2
+
+
+@triton.jit
 def dot(a, b, DT: tl.constexpr, F32: tl.constexpr):
     """a @ b with fp32 accumulation; operands cast to DT, or fp32 (IEEE) when F32."""
     if F32:

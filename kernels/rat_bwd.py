@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.blocks import Blocks, blocks
-from kernels.common import LOG2E, dot, interpreting, rope_cos_sin, split_halves
+from kernels.common import LOG2E, chunk_tile, dot, interpreting, rope_cos_sin, split_halves
 from kernels.rat_fwd import CHUNKS_PER_PROGRAM, inverse_frequencies, recurrent_states
 
 
@@ -241,15 +241,8 @@ def _recurrence_grad_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, kst_ptr, vst_ptr, dkd
                             H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                             NCH: tl.constexpr):
     pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
     D_HEAD: tl.constexpr = 2 * HALF
-    chunks = pid_c * NCH + tl.arange(0, NCH)
-    cols = tl.arange(0, HALF)
-    b64 = b.to(tl.int64)
-    kc = (h % G) * D_HEAD + cols
-    vc = h * D_HEAD + cols
-    bias1 = tl.load(bias_ptr + vc).to(tl.float32)
-    bias2 = tl.load(bias_ptr + vc + HALF).to(tl.float32)
+    b64, chunks, cols, kc, vc, bias1, bias2 = chunk_tile(pid_c, pid_bh, bias_ptr, H, G, HALF, NCH)
     lk1 = tl.zeros([NCH, HALF], tl.float32)
     lk2 = tl.zeros([NCH, HALF], tl.float32)
     lv1 = tl.zeros([NCH, HALF], tl.float32)
@@ -272,7 +265,7 @@ def _recurrence_grad_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, kst_ptr, vst_ptr, dkd
                                             dv_ptr + st + HALF, df_ptr + st + HALF, mask)
         db1 += part1
         db2 += part2
-    part = (pid_c.to(tl.int64) * B + b) * (H * D_HEAD) + vc
+    part = (pid_c.to(tl.int64) * B + b64) * (H * D_HEAD) + vc
     tl.store(dbias_ptr + part, db1)
     tl.store(dbias_ptr + part + HALF, db2)
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels.blocks import Blocks, blocks
-from kernels.common import LOG2E, dot, interpreting, join_halves, rope_cos_sin, state_step
+from kernels.common import LOG2E, chunk_tile, dot, interpreting, join_halves, rope_cos_sin, state_step
 
 CHUNKS_PER_PROGRAM = 16  # rows of the [chunks, d/2] tiles of the sequential recurrence kernels
 
@@ -30,15 +30,8 @@ def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, kst_ptr, vst_ptr
                    H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                    NCH: tl.constexpr, SUMMARIES: tl.constexpr):
     pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
     D_HEAD: tl.constexpr = 2 * HALF
-    chunks = pid_c * NCH + tl.arange(0, NCH)
-    cols = tl.arange(0, HALF)
-    b64 = b.to(tl.int64)
-    kc = (h % G) * D_HEAD + cols
-    vc = h * D_HEAD + cols
-    bias1 = tl.load(bias_ptr + vc).to(tl.float32)
-    bias2 = tl.load(bias_ptr + vc + HALF).to(tl.float32)
+    b64, chunks, cols, kc, vc, bias1, bias2 = chunk_tile(pid_c, pid_bh, bias_ptr, H, G, HALF, NCH)
     ks1 = tl.zeros([NCH, HALF], tl.float32)
     ks2 = tl.zeros([NCH, HALF], tl.float32)
     vs1 = tl.zeros([NCH, HALF], tl.float32)
