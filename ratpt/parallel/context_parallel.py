@@ -250,8 +250,7 @@ class ContextShard:
         first_chunk = torch.arange(summaries.shape[2], device=v.device) // block_chunks * block_chunks
         summary_k = ops.apply_rope(summaries[..., :d], *ops.rope_cos_sin(first_chunk, d, rope_base, v.dtype))
         summary_v = summaries[..., d:]
-        cos, sin = ops.rope_cos_sin(self.positions(T, v.device) // L, d, rope_base, v.dtype)
-        q_rot = ops.apply_rope(q.repeat(1, 1, H // G).unflatten(-1, (H, d)).transpose(1, 2), cos, sin)
+        q_heads = q.repeat(1, 1, H // G).unflatten(-1, (H, d)).transpose(1, 2)
         y, lse = y.unflatten(0, (B, n_local)), lse.unflatten(0, (B, n_local))
         outputs = []
         for slot, (lo, hi, start) in enumerate(self.layout.segments(T)):
@@ -259,7 +258,9 @@ class ContextShard:
             if visible == 0:  # the first block: its own summaries only (the kernels saw them)
                 outputs.append(_JoinGraph.apply(y[:, slot], summaries))
                 continue
-            y_prior, lse_prior = _attention_with_normaliser(q_rot[:, :, lo:hi], summary_k[:, :, :visible],
+            chunk = torch.arange(start, start + hi - lo, device=v.device) // L  # global chunk index
+            q_rot = ops.apply_rope(q_heads[:, :, lo:hi], *ops.rope_cos_sin(chunk, d, rope_base, v.dtype))
+            y_prior, lse_prior = _attention_with_normaliser(q_rot, summary_k[:, :, :visible],
                                                             summary_v[:, :, :visible])
             total = torch.logaddexp(lse[:, slot], lse_prior)
             own_weight = torch.exp(lse[:, slot] - total).transpose(1, 2).unsqueeze(-1)  # [B, n, H, 1]
