@@ -56,14 +56,8 @@ class CommCounter:
         def counted(*args, **kwargs):
             if self.active:
                 tensor = _payload(name, args, kwargs)
-                group = kwargs.get("group", None)
-                if group is None and name in ("all_reduce", "broadcast") and len(args) > 2:
-                    group = args[2]
-                if group is None and name in ("all_gather_into_tensor", "reduce_scatter_tensor",
-                                              "_reduce_scatter_base", "_all_gather_base") and len(args) > 2:
-                    group = args[2]
-                if group is None and name in ("isend", "irecv", "send", "recv") and len(args) > 2:
-                    group = args[2]
+                # every counted call takes the group third: (tensor(s), op/src/dst/input, group)
+                group = kwargs.get("group", args[2] if len(args) > 2 else None)
                 self.bytes[self.group_names(group)] += tensor
                 self.by_op[f"{self.group_names(group)}:{name}"] += tensor
             return fn(*args, **kwargs)

@@ -36,13 +36,6 @@ def rat_mixing(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base:
     return rat_mixing_parts(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)[0]
 
 
-def rat_mixing_with_summaries(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float):
-    """Forward only (no autograd): y and the chunk summaries (rotated k̃, ṽ) [B, H, T//L, d]."""
-    q, k, v, f = (_last_dim_contiguous(t) for t in (q, k, v, f))
-    y, _, ks, vs = rat_forward(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
-    return y, ks, vs
-
-
 def rat_mixing_parts(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float):
     """y [B, T, H·d], its natural-log softmax normaliser lse [B, H, T] (fp32) and the chunk summaries
     Ks, Vs [B, H, T//L, d] (rotated by the chunk index), all differentiable."""
