@@ -5,6 +5,8 @@ T in {4K, 16K, 32K, 128K}. For each layer: fwd+bwd and prefill (forward, no grad
 decode step at B 32 after 4096 tokens: RAT's eager model step (RATMixer.decode), and the static step
 around ratpt.ops.rat_decode_mixing (the Triton decode kernel for rat-triton) eager and CUDA-graphed.
 
+Every layer runs eager unless its name ends in -compiled (rat-public is always compiled).
+
 Layers:
   rat-triton      ratpt's RATMixer, model.kernels = triton (kernels/)
   rat-reference   ratpt's RATMixer, model.kernels = torch (pure-PyTorch ops, eager)
@@ -12,8 +14,9 @@ Layers:
                   loop that torch.compile fuses), flex_attention over the chunk summaries with a block-causal mask
                   (returning its log-sum-exp) merged with the own-state score, all torch.compile'd
   attn-flash / attn-cudnn   ratpt's causal AttentionMixer with SDPA forced to one backend
-  rnn             ratpt's RNN layer (RAT's projections minus q, k; one scan over T), eager: a
-                  compiled 128K-step associative scan did not finish compiling within minutes
+  rnn             ratpt's RNN layer (RAT's projections minus q, k; one scan over T), eager
+  NAME-compiled   any of the above with the whole layer torch.compile'd (norm, projections, gates,
+                  residual fused by inductor; the RAT kernels stay opaque custom ops inside the graph)
 
     python benchmarks/layer.py --out benchmarks/results/layer.json     # on one GPU
     python benchmarks/layer.py --plot benchmarks/results/layer.json     # PNG beside it
@@ -33,6 +36,7 @@ from torch import nn
 from kernels.tune import time_ms
 
 D, HEAD_DIM, G, TOKENS = 2048, 128, 2, 131072
+COMPILED = "-compiled"  # suffix of a layer name: the whole layer torch.compile'd (static shapes)
 LENGTHS = (4096, 16384, 32768, 131072)
 DTYPE = torch.bfloat16
 
@@ -97,7 +101,7 @@ class PublicRAT(nn.Module):
 
 
 class RNNLayer(nn.Module):
-    """ratpt's RNN layer (eager; its scan is ratpt.ops.chunk_scan over the whole sequence)."""
+    """ratpt's RNN layer (its scan is ratpt.ops.chunk_scan over the whole sequence)."""
 
     def __init__(self):
         super().__init__()
@@ -108,7 +112,7 @@ class RNNLayer(nn.Module):
         self.rnn.reset_gate_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rnn(x)  # eager: ratpt's hierarchical scan (compiling a 128K-step scan took minutes)
+        return self.rnn(x)
 
 
 def attention_layer() -> nn.Module:
@@ -132,7 +136,7 @@ def measure_sequence(name: str, layer: nn.Module, T: int, context, iters: int) -
     forward = layer
     if isinstance(layer, PublicRAT):
         layer.prepare(T)
-    if name.startswith("rat-public"):
+    if name.startswith("rat-public") or name.endswith(COMPILED):
         forward = torch.compile(layer, dynamic=False)
 
     def train_step():
@@ -227,7 +231,7 @@ def build(name: str) -> tuple[nn.Module, object]:
         return PublicRAT(rat_layer(L, "torch")), nullcontext
     if name.startswith("attn"):
         return attention_layer(), lambda: sdpa_backend(name.split("-")[1])
-    if name == "rnn":
+    if name.startswith("rnn"):
         return RNNLayer(), nullcontext
     raise ValueError(name)
 
@@ -263,7 +267,7 @@ def main() -> None:
         layer, context = build(name)
         layer = layer.to("cuda", DTYPE)
         for T in map(int, args.lengths.split(",")):
-            if name.startswith(("rat-triton-L64", "rat-public", "attn", "rnn")) and T in (16384, 32768):
+            if not name.startswith("rat-triton-L16") and T in (16384, 32768):
                 continue  # baselines at the two ends only (device time)
             if time.time() - start > args.budget_s:
                 entry[str(T)] = {"skipped": "time budget"}
@@ -278,7 +282,7 @@ def main() -> None:
                 traceback.print_exc()
             print(name, T, entry[str(T)], f"{time.time() - start:.0f}s", flush=True)
             torch.cuda.empty_cache()
-        if not name.startswith("rat-public") and time.time() - start < args.budget_s:
+        if not name.startswith("rat-public") and not name.endswith(COMPILED) and time.time() - start < args.budget_s:
             try:
                 entry["decode"] = measure_decode(name, layer, 50)
             except Exception as error:

@@ -85,19 +85,21 @@ class RATMixer(nn.Module):
         z, v, f, q, k = self._split(x)
         return x + self.out_proj(z * self._mixing(q, k, v, f))
 
-    # torch.compile fuses the glue around this op but does not trace into it: its Triton kernels
-    # gain nothing from inductor, which also fails to recompile them (float arguments retyped fp64).
-    @torch.compiler.disable
     def _mixing(self, q, k, v, f) -> torch.Tensor:
         """Recurrences, chunk RoPE and the softmax over summaries + own state: y [B, T, D].
 
-        One op (ratpt.ops.rat_mixing) so that the fused Triton kernels can take all of it.
+        One op (ratpt.ops.rat_mixing) so that the fused Triton kernels can take all of it; they are
+        torch.library custom ops, so a compiled block keeps them whole, with no graph break.
         """
         if self.context_shard is not None:
-            return self.context_shard.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim,
-                                                 self.rope_base, kernels=self.kernels)
+            return self._context_mixing(q, k, v, f)
         return ops.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim, self.rope_base,
                               kernels=self.kernels)
+
+    @torch.compiler.disable  # collectives over the CP group; CP runs under the megatron engine, never compiled
+    def _context_mixing(self, q, k, v, f) -> torch.Tensor:
+        return self.context_shard.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim,
+                                             self.rope_base, kernels=self.kernels)
 
     def _split(self, x: torch.Tensor):
         """sigmoid(z), v, f (gate pre-activation), and q, k of the G groups, from one projection."""

@@ -136,3 +136,26 @@ def test_parts_with_gradients_into_normaliser_and_summaries_equal_reference(name
     names = ["y", "lse", "ks", "vs", "dq", "dk", "dv", "df", "dgate_bias"]
     for label, a, b in zip(names, [*got, *got_grads], [*want, *want_grads]):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{label}: {m}")
+
+
+def test_compiled_rat_layer_keeps_the_kernels_whole_and_equals_eager_reference():
+    # the kernels are torch.library custom ops: the whole layer compiles as one graph (fullgraph
+    # raises on a graph break) and its output and gradients stay those of the reference ops
+    from ratpt.model.config import ModelConfig
+    from ratpt.model.rat import RATMixer
+
+    layers = {}
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        layers[kernels] = RATMixer(ModelConfig(d_model=64, head_dim=32, ngroups=2, chunk_size=4, kernels=kernels))
+        layers[kernels].reset_gate_bias()
+        layers[kernels].to(DEVICE)
+    compiled = torch.compile(layers["triton"], fullgraph=True)
+    x = torch.randn(2, 14, 64, requires_grad=True, device=DEVICE)
+    w = torch.randn_like(x)
+    got, want = compiled(x), layers["torch"](x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got_grads = torch.autograd.grad((got * w).sum(), [x, *layers["triton"].parameters()])
+    want_grads = torch.autograd.grad((want * w).sum(), [x, *layers["torch"].parameters()])
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

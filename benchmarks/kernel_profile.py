@@ -1,0 +1,66 @@
+"""GPU time of every kernel in one RAT mixing forward and backward (torch.profiler), per length.
+
+At the layer benchmark's shape (kernels.tune.layer_inputs: D 2048, 16 heads x 128, G 2, bf16,
+B·T = 131072, q, k, v, f strided slices of one projection output): which of the fused kernels,
+and which torch ops between them (group sums, zero fills, casts), take the time, next to the
+bytes and FLOPs of kernels/NOTES.md. Kernel time summed by name over `--iters` calls, divided.
+
+    python benchmarks/kernel_profile.py --out benchmarks/results/kernel_profile.json
+"""
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from kernels.rat_bwd import rat_backward
+from kernels.rat_fwd import rat_forward
+from kernels.tune import HEAD_DIM, ROPE_BASE, TOKENS, layer_inputs
+
+
+def kernel_times(fn, iters: int) -> dict[str, float]:
+    """Mean GPU milliseconds per call of fn, by kernel name, longest first."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            totals[event.name] += event.device_time / 1000 / iters
+    return dict(sorted(((name, round(ms, 3)) for name, ms in totals.items()), key=lambda item: -item[1]))
+
+
+def profile_length(T: int, chunk_size: int, iters: int) -> dict:
+    q, k, v, f, bias, dy = layer_inputs(T, chunk_size)
+    args = (q, k, v, f, bias, chunk_size, HEAD_DIM, ROPE_BASE)
+    y, lse, ks, vs = rat_forward(*args)
+    forward = kernel_times(lambda: rat_forward(*args), iters)
+    backward = kernel_times(lambda: rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, chunk_size, HEAD_DIM,
+                                                 ROPE_BASE), iters)
+    return {"T": T, "B": TOKENS // T, "L": chunk_size, "forward_ms": forward, "backward_ms": backward,
+            "forward_total_ms": round(sum(forward.values()), 3), "backward_total_ms": round(sum(backward.values()), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/kernel_profile.json")
+    parser.add_argument("--lengths", default="4096,131072")
+    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+    runs = []
+    for T in map(int, args.lengths.split(",")):
+        runs.append(profile_length(T, args.chunk_size, args.iters))
+        print(json.dumps(runs[-1], indent=1), flush=True)
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as fh:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": runs}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
