@@ -4,14 +4,17 @@ Each model from configs/ runs a few optimizer steps (bf16 autocast over fp32 mas
 fused AdamW, clipping — the trainer's single-process path) on random tokens, for each case
 "config:micro_batch:flags", flags a "+"-joined subset of
   ckpt     activation checkpointing of every block (ratpt.train.trainer's)
-  compile  torch.compile of every block (nn.Module.compile, static shapes): identical blocks
-           share one compiled graph, so compiling costs one block, not 24
-all in one process so the ratios are comparable. MFU uses the model's own FLOP count
-(ratpt.model.flops, mask-aware) over the device's dense bf16 peak. Writes JSON after every case
-(the PNG with --plot, where matplotlib is).
+  compile  torch.compile of every block (nn.Module.compile, static shapes) and of the loss, as
+           train.compile does: identical blocks share one compiled graph, so compiling costs one
+           block, not 24
+all in one process so the ratios are comparable. --accumulation N runs N micro-batches per
+optimizer step, as the trainer does when train.global_batch exceeds the micro-batch. MFU uses the
+model's own FLOP count (ratpt.model.flops, mask-aware) over the device's dense bf16 peak. Writes
+JSON after every case (the PNG with --plot, where matplotlib is).
 
     python benchmarks/train.py --out benchmarks/results/train.json
     python benchmarks/train.py --cases rat_1p3b:8:compile,attention_1p3b:8:compile
+    python benchmarks/train.py --cases rat_1p3b:8:compile --accumulation 8 --update
     python benchmarks/train.py --plot benchmarks/results/train.json
 """
 from __future__ import annotations
@@ -44,8 +47,10 @@ def parse_case(case: str) -> tuple[str, int, set[str]]:
     return config, int(micro_batch), flags
 
 
-def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], device: torch.device):
-    """The model config and one training step (forward, backward, clip, AdamW) on random tokens."""
+def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], device: torch.device,
+               accumulation: int = 1):
+    """The model config and one training step (`accumulation` micro-batches of forward and backward,
+    then clip and AdamW) on random tokens."""
     cfg = load_config(REPO / "configs" / f"{config}.yaml")
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
@@ -58,8 +63,9 @@ def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], dev
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
     def step() -> torch.Tensor:
-        loss = sum_cross_entropy(model, batch, device, "bf16") / batch["labels"].numel()
-        loss.backward()
+        for _ in range(accumulation):
+            loss = sum_cross_entropy(model, batch, device, "bf16", "compile" in flags) / batch["labels"].numel()
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -68,12 +74,12 @@ def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], dev
     return cfg, step
 
 
-def run_case(case: str, seq_len: int, steps: int, warmup: int) -> dict:
+def run_case(case: str, seq_len: int, steps: int, warmup: int, accumulation: int = 1) -> dict:
     config, micro_batch, flags = parse_case(case)
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    cfg, step = build_step(config, micro_batch, seq_len, flags, device)
+    cfg, step = build_step(config, micro_batch, seq_len, flags, device, accumulation)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize(device)
@@ -83,12 +89,12 @@ def run_case(case: str, seq_len: int, steps: int, warmup: int) -> dict:
         loss = step()
     torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / steps
-    tokens_per_s = micro_batch * seq_len / seconds
+    tokens_per_s = accumulation * micro_batch * seq_len / seconds
     flops = training_flops_per_token(cfg.model, seq_len)
     peak = device_peak_tflops(device, 0.0)
     return {
         "model": config, "micro_batch": micro_batch, "seq_len": seq_len, "activation_checkpointing": "ckpt" in flags,
-        "compile": "compile" in flags, "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
+        "compile": "compile" in flags, "accumulation": accumulation, "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
         "tflops": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30, "final_loss": float(loss),
         "build_and_warmup_s": warmup_s,
@@ -101,7 +107,8 @@ def default_cases(models: str, micro_batches: str) -> list[str]:
 
 
 def row_key(row: dict) -> tuple:
-    return row["model"], row["micro_batch"], row["activation_checkpointing"], row.get("compile", False)
+    return (row["model"], row["micro_batch"], row["activation_checkpointing"], row.get("compile", False),
+            row.get("accumulation", 1))
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -114,12 +121,12 @@ def benchmark(args: argparse.Namespace) -> dict:
     for case in cases:
         config, micro_batch, flags = parse_case(case)
         row = {"model": config, "micro_batch": micro_batch, "activation_checkpointing": "ckpt" in flags,
-               "compile": "compile" in flags}
+               "compile": "compile" in flags, "accumulation": args.accumulation}
         if time.time() > deadline:
             row["skipped"] = "time budget"
         else:
             try:
-                row = run_case(case, args.seq_len, args.steps, args.warmup)
+                row = run_case(case, args.seq_len, args.steps, args.warmup, args.accumulation)
             except torch.OutOfMemoryError:
                 row["oom"] = True
             except Exception as error:  # record and go on: one failing case must not lose the others
@@ -142,7 +149,8 @@ def plot(path: Path) -> None:
 
     rows = [r for r in json.loads(path.read_text())["results"] if "tokens_per_s" in r]
     labels = [f"{r['model']}\nmb {r['micro_batch']}{' ckpt' if r['activation_checkpointing'] else ''}"
-              f"{' compile' if r.get('compile') else ''}" for r in rows]
+              f"{' compile' if r.get('compile') else ''}"
+              f"{' acc ' + str(r['accumulation']) if r.get('accumulation', 1) > 1 else ''}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows])
     ax.set_xticks(range(len(rows)), labels, rotation=60, fontsize=7)
@@ -159,6 +167,8 @@ def main() -> None:
     parser.add_argument("--cases", help="config:micro_batch[:flags] list (default: every model x micro-batch x flags)")
     parser.add_argument("--budget-s", type=float, default=3600, help="start no case after this many seconds")
     parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro-batches per optimizer step (the 1.3B recipe's 512-sequence batch is 64 at 8)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train.json")

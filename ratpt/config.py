@@ -30,7 +30,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
-    compile: bool = False  # torch.compile each block (single-process training)
+    compile: bool = False  # torch.compile each block and the loss (single-process training)
     seed: int = 0  # parameter init and any sampling; the data order has its own seed
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (each is skipped)
     engine: str = "megatron"  # megatron (one process: plain PyTorch) | deepspeed (ZeRO, see `deepspeed`)

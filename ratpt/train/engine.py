@@ -14,6 +14,7 @@ name, so a checkpoint of one layout resumes in any other.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterable
 
 import torch
@@ -36,14 +37,25 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def sum_cross_entropy(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
-                      precision: str) -> torch.Tensor:
+                      precision: str, compiled: bool = False) -> torch.Tensor:
+    """Summed token loss of a micro-batch; `compiled` (train.compile) compiles the loss over the logits."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     with autocast_context(device, precision):
         logits = model(input_ids)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    return (compiled_cross_entropy_sum() if compiled else cross_entropy_sum)(logits, labels)
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed fp32 cross-entropy of logits [B, T, V] against labels [B, T] (IGNORE_INDEX skipped)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@functools.cache
+def compiled_cross_entropy_sum():
+    """cross_entropy_sum through inductor: the fp32 upcast, log-softmax and their backward become
+    passes over the bf16 logits, the largest tensors of a step, instead of fp32 copies of them."""
+    return torch.compile(cross_entropy_sum, dynamic=False)
 
 
 def labelled_tokens(micro_batches: Iterable[dict]) -> int:
@@ -67,7 +79,8 @@ class LocalEngine:
         total = max(1, labelled_tokens(micro_batches))
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            micro_loss = sum_cross_entropy(self.model, batch, self.device, self.cfg.train.precision) / total
+            micro_loss = sum_cross_entropy(self.model, batch, self.device, self.cfg.train.precision,
+                                           self.cfg.train.compile) / total
             micro_loss.backward()
             loss_sum += micro_loss.detach()
         return loss_sum.item() * total, float(total)
