@@ -325,6 +325,6 @@ def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, hea
         k, v, f, gate_bias, kst, vst, dkd, dvd, dk_heads, dv, df, dbias, k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), f.stride(0), f.stride(1), B, T, H=H, G=G, L=L, HALF=d // 2, NCH=CHUNKS_PER_PROGRAM,
         num_warps=4)
-    dq = dq_heads.view(B, T, H // G, G * d).sum(2, dtype=torch.float32).to(q.dtype)
-    dk = dk_heads.view(B, T, H // G, G * d).sum(2, dtype=torch.float32).to(k.dtype)
+    dq = dq_heads.view(B, T, H // G, G * d).sum(2)  # accumulated in fp32, rounded once (no separate cast pass)
+    dk = dk_heads.view(B, T, H // G, G * d).sum(2)
     return dq, dk, dv, df, dbias.sum(0).to(gate_bias.dtype)
