@@ -41,6 +41,16 @@ def chunk_tile(pid_c, pid_bh, bias_ptr, H: tl.constexpr, G: tl.constexpr, HALF: 
 
 
 @triton.jit
+def first_chunk(offset_ptr, b):
+    """Global index of sequence b's first chunk: 0, or read from offset_ptr [B] (int32) when the
+    sequence is one block of a longer one (context parallelism)."""
+    if offset_ptr is None:
+        return 0
+    else:
+        return tl.load(offset_ptr + b)
+
+
+@triton.jit
 def dot(a, b, DT: tl.constexpr, F32: tl.constexpr):
     """a @ b with fp32 accumulation; operands cast to DT, or fp32 (IEEE) when F32."""
     if F32:

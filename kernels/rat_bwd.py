@@ -20,6 +20,10 @@ dS = P ⊙ (dP − Δ), dP = dy·values:
    df = (1 − g) Σ λ ⊙ (state − input) (this is ∂/∂g · g(1−g) without a division by g).
    dq, dk are written per head [B, T, H·d] and summed over each group's heads afterwards; the
    gate-bias gradient as per-program partial sums.
+
+Steps 1–2 (`summary_gradients`) and 3–4 (`input_gradients`) are callable apart, with the forward's
+chunk offsets: under context parallelism a block's tokens attend to summaries of other ranks, whose
+gradients are reduce-scattered between the two parts.
 """
 
 import math
@@ -29,12 +33,12 @@ import triton
 import triton.language as tl
 
 from kernels.blocks import Blocks, blocks
-from kernels.common import LOG2E, chunk_tile, dot, interpreting, rope_cos_sin, split_halves
+from kernels.common import LOG2E, chunk_tile, dot, first_chunk, interpreting, rope_cos_sin, split_halves
 from kernels.rat_fwd import CHUNKS_PER_PROGRAM, inverse_frequencies, recurrent_states
 
 
 @triton.jit
-def _prepare_kernel(q_ptr, y_ptr, dy_ptr, inv_freq_ptr, delta_ptr, qr_ptr, sq_b, sq_t, T, qk_scale,
+def _prepare_kernel(q_ptr, y_ptr, dy_ptr, inv_freq_ptr, offset_ptr, delta_ptr, qr_ptr, sq_b, sq_t, T, qk_scale,
                     H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr, BQ: tl.constexpr):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -53,7 +57,7 @@ def _prepare_kernel(q_ptr, y_ptr, dy_ptr, inv_freq_ptr, delta_ptr, qr_ptr, sq_b,
         q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t + h * D_HEAD + cols[None, :]
         q1 = tl.load(q_rows, mask=mask, other=0.0).to(tl.float32)
         q2 = tl.load(q_rows + HALF, mask=mask, other=0.0).to(tl.float32)
-        cos, sin = rope_cos_sin(rows // L, tl.load(inv_freq_ptr + cols))
+        cos, sin = rope_cos_sin(first_chunk(offset_ptr, b64) + rows // L, tl.load(inv_freq_ptr + cols))
         out = qr_ptr + (b64 * T + rows[:, None]) * (G * D_HEAD) + h * D_HEAD + cols[None, :]
         QT = qr_ptr.dtype.element_ty
         tl.store(out, ((q1 * cos - q2 * sin) * qk_scale).to(QT), mask=mask)
@@ -61,12 +65,13 @@ def _prepare_kernel(q_ptr, y_ptr, dy_ptr, inv_freq_ptr, delta_ptr, qr_ptr, sq_b,
 
 
 @triton.jit
-def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, t_lo, t_hi, T,
+def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, first, t_lo, t_hi, T,
                         G: tl.constexpr, H: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
                         BQ: tl.constexpr, MASKED: tl.constexpr, F32: tl.constexpr):
     """Accumulate dKs, dVs of one summary block over query rows [t_lo, t_hi).
 
-    Rows past T get lse = +inf, hence P = 0; MASKED adds the visibility j < c of each row.
+    Rows past T get lse = +inf, hence P = 0; MASKED adds the visibility j < c of each row (c: its
+    global chunk index, `first` + row // L).
     """
     DT = kb.dtype
     dcols = tl.arange(0, D_HEAD)
@@ -77,7 +82,7 @@ def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_hea
         lse = tl.load(lse_head + rows, mask=rmask, other=float("inf"))
         pt = tl.exp2(dot(kb, qt, DT, F32) - lse[None, :])  # [BC, BQ]
         if MASKED:
-            pt = tl.where(j[:, None] < (rows // L)[None, :], pt, 0.0)
+            pt = tl.where(j[:, None] < (first + rows // L)[None, :], pt, 0.0)
         dy = tl.load(dy_head + rows[:, None] * (H * D_HEAD) + dcols[None, :], mask=rmask[:, None], other=0.0)
         delta = tl.load(delta_head + rows, mask=rmask, other=0.0)
         dst = pt * (dot(vb, tl.trans(dy), DT, F32) - delta[None, :])
@@ -87,7 +92,8 @@ def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_hea
 
 
 @triton.jit
-def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, ks_ptr, vs_ptr, dks_ptr, dvs_ptr, T, C, dk_scale,
+def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, ks_ptr, vs_ptr, dks_ptr, dvs_ptr, T, CS,
+                         dk_scale,
                          H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
                          BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
     pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -95,8 +101,8 @@ def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, ks_ptr, vs_ptr, dks
     j0 = pid_c * BC
     j = j0 + tl.arange(0, BC)
     dcols = tl.arange(0, D_HEAD)
-    jmask = (j < C)[:, None]
-    sp = pid_bh.to(tl.int64) * C * D_HEAD + j[:, None] * D_HEAD + dcols[None, :]
+    jmask = (j < CS)[:, None]
+    sp = pid_bh.to(tl.int64) * CS * D_HEAD + j[:, None] * D_HEAD + dcols[None, :]
     kb = tl.load(ks_ptr + sp, mask=jmask, other=0.0)
     vb = tl.load(vs_ptr + sp, mask=jmask, other=0.0)
     dk = tl.zeros([BC, D_HEAD], tl.float32)
@@ -106,13 +112,15 @@ def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, ks_ptr, vs_ptr, dks
     dy_head = dy_ptr + b64 * T * (H * D_HEAD) + h * D_HEAD
     lse_head = lse_ptr + pid_bh.to(tl.int64) * T
     delta_head = delta_ptr + pid_bh.to(tl.int64) * T
-    # row t sees summary j iff t >= (j + 1)·L: none of the block before (j0 + 1)·L, all from (j0 + BC)·L
-    t_lo = (j0 + 1) * L // BQ * BQ
-    t_mid = tl.minimum(tl.cdiv((j0 + BC) * L, BQ) * BQ, T)
-    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, t_lo, t_mid, T,
+    # row t (global chunk first + t // L) sees summary j iff t >= (j - first + 1)·L: none of the block
+    # before (j0 - first + 1)·L, all of it from (j0 + BC - first)·L
+    first = first_chunk(offset_ptr, b64)
+    t_lo = tl.maximum(j0 - first + 1, 0) * L // BQ * BQ
+    t_mid = tl.minimum(tl.cdiv(tl.maximum(j0 + BC - first, 0) * L, BQ) * BQ, T)
+    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, first, t_lo, t_mid, T,
                                  G, H, L, D_HEAD, BQ, True, F32)
-    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, t_mid, T, T,
-                                 G, H, L, D_HEAD, BQ, False, F32)
+    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, first,
+                                 tl.maximum(t_mid, t_lo), T, T, G, H, L, D_HEAD, BQ, False, F32)
     tl.store(dks_ptr + sp, dk * dk_scale, mask=jmask)
     tl.store(dvs_ptr + sp, dv, mask=jmask)
 
@@ -141,8 +149,8 @@ def _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_lo, j_
 
 
 @triton.jit
-def _query_grad_kernel(q_ptr, qr_ptr, kst_ptr, vst_ptr, inv_freq_ptr, ks_ptr, vs_ptr, dy_ptr, lse_ptr, delta_ptr,
-                       dks_ptr, dvs_ptr, dq_ptr, dkd_ptr, dvd_ptr, sq_b, sq_t, T, C, qk_scale, scale,
+def _query_grad_kernel(q_ptr, qr_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_ptr, vs_ptr, dy_ptr, lse_ptr,
+                       delta_ptr, dks_ptr, dvs_ptr, dq_ptr, dkd_ptr, dvd_ptr, sq_b, sq_t, T, C, CS, qk_scale, scale,
                        H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                        BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -155,8 +163,9 @@ def _query_grad_kernel(q_ptr, qr_ptr, kst_ptr, vst_ptr, inv_freq_ptr, ks_ptr, vs
     dcols = tl.arange(0, D_HEAD)
     rmask = rows < T
     mask = rmask[:, None]
-    chunk = rows // L
     b64 = b.to(tl.int64)
+    first = first_chunk(offset_ptr, b64)
+    chunk = first + rows // L  # global chunk index
     kc = (h % G) * D_HEAD + cols
     vc = h * D_HEAD + cols
     out_rows = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]  # [B, T, H·d] tensors
@@ -168,11 +177,10 @@ def _query_grad_kernel(q_ptr, qr_ptr, kst_ptr, vst_ptr, inv_freq_ptr, ks_ptr, vs
     dy = tl.load(dy_ptr + (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :],
                  mask=mask, other=0.0)
     dqr = tl.zeros([BQ, D_HEAD], tl.float32)
-    n_visible = tl.minimum(t0 + BQ - 1, T - 1) // L
-    j_full = (t0 // L) // BC * BC  # summaries below are visible to every row of the block
-    summary = pid_bh.to(tl.int64) * C * D_HEAD
-    ks_head = ks_ptr + summary
-    vs_head = vs_ptr + summary
+    n_visible = first + tl.minimum(t0 + BQ - 1, T - 1) // L
+    j_full = (first + t0 // L) // BC * BC  # summaries below are visible to every row of the block
+    ks_head = ks_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
+    vs_head = vs_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
     dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, 0, j_full, n_visible,
                             D_HEAD, BC, False, F32)
     dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_full, n_visible, n_visible,
@@ -198,9 +206,9 @@ def _query_grad_kernel(q_ptr, qr_ptr, kst_ptr, vst_ptr, inv_freq_ptr, ks_ptr, vs
     DQT = dq_ptr.dtype.element_ty
     tl.store(dq_ptr + out_rows, dq1.to(DQT), mask=mask)
     tl.store(dq_ptr + out_rows + HALF, dq2.to(DQT), mask=mask)
-    # --- direct gradients of k̃, ṽ; the summary gradients enter at chunk ends
+    # --- direct gradients of k̃, ṽ; the gradients of this sequence's own summaries enter at chunk ends
     end = (rows % L == L - 1) & rmask
-    sp = summary + chunk[:, None] * D_HEAD + cols[None, :]
+    sp = (pid_bh.to(tl.int64) * C + rows // L)[:, None] * D_HEAD + cols[None, :]
     emask = end[:, None]
     dsk1 = tl.load(dks_ptr + sp, mask=emask, other=0.0)
     dsk2 = tl.load(dks_ptr + sp + HALF, mask=emask, other=0.0)
@@ -270,52 +278,52 @@ def _recurrence_grad_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, kst_ptr, vst_ptr, dkd
     tl.store(dbias_ptr + part + HALF, db2)
 
 
-def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
-                 configs: dict[str, Blocks] | None = None, dlse=None, dks_extra=None, dvs_extra=None):
-    """Gradients (dq, dk, dv, df, dgate_bias) of rat_forward's y.
-
-    `configs` ("summary_grad", "query_grad") override kernels/blocks.py's (kernels/tune.py).
-    When y, its (natural) lse and the summaries also feed other computations (context parallelism
-    merges y with the attention over other ranks' summaries), their gradients enter here: dlse
-    [B, H, T] shifts Δ (∂lse/∂s = P, so dS = P ⊙ (dP − (Δ − dlse))), and dks_extra / dvs_extra
-    [B, H, T//L, d] add to the summary gradients before the reverse recurrence takes them in.
-    """
-    B, T, D = v.shape
+def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
+                      chunk_offset: torch.Tensor | None = None, config: Blocks | None = None):
+    """The backward's first part: the gradients dKs, dVs (fp32) of every summary in Ks, Vs
+    [B, H, CS, d] that this sequence's tokens attend to, and what the second part reuses (Δ, q̂).
+    Under context parallelism the summary gradients are reduced across ranks between the parts."""
+    B, T, D = dy.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
-    C = ks.shape[2]
-    configs = configs or {}
-    s_cfg = configs.get("summary_grad") or blocks("summary_grad", L, d, v.dtype)
-    q_cfg = configs.get("query_grad") or blocks("query_grad", L, d, v.dtype)
+    cfg = config or blocks("summary_grad", L, d, ks.dtype)
     dy = dy.contiguous()
-    f32 = v.dtype == torch.float32 or interpreting()
-    inv_freq = inverse_frequencies(d, rope_base, v.device)
-    scale = 1.0 / math.sqrt(d)
-    delta = torch.empty(B, H, T, device=v.device, dtype=torch.float32)
-    qr = torch.empty(B, T, G * d, device=v.device, dtype=ks.dtype)
+    delta = torch.empty(B, H, T, device=dy.device, dtype=torch.float32)
+    qr = torch.empty(B, T, G * d, device=dy.device, dtype=ks.dtype)
     prep_rows = 16 if interpreting() else 64
     _prepare_kernel[(triton.cdiv(T, prep_rows), B * H)](
-        q, y, dy, inv_freq, delta, qr, q.stride(0), q.stride(1), T, LOG2E * scale,
-        H=H, G=G, L=L, HALF=d // 2, BQ=prep_rows, num_warps=4)
-    if dlse is not None:
-        delta.sub_(dlse)
-    dks = torch.zeros(B, H, C, d, device=v.device, dtype=torch.float32)
+        q, y, dy, inverse_frequencies(d, rope_base, dy.device), chunk_offset, delta, qr, q.stride(0), q.stride(1), T,
+        LOG2E / math.sqrt(d), H=H, G=G, L=L, HALF=d // 2, BQ=prep_rows, num_warps=4)
+    CS = ks.shape[2]
+    dks = torch.zeros(B, H, CS, d, device=dy.device, dtype=torch.float32)
     dvs = torch.zeros_like(dks)
-    if C:
-        _summary_grad_kernel[(triton.cdiv(C, s_cfg.bc), B * H)](
-            qr, dy, lse, delta, ks, vs, dks, dvs, T, C, 1.0 / LOG2E, H=H, G=G, L=L, D_HEAD=d,
-            BQ=s_cfg.bq, BC=s_cfg.bc, F32=f32, num_warps=s_cfg.warps, num_stages=s_cfg.stages)
-        if dks_extra is not None:
-            dks.add_(dks_extra)
-        if dvs_extra is not None:
-            dvs.add_(dvs_extra)
+    if CS:
+        _summary_grad_kernel[(triton.cdiv(CS, cfg.bc), B * H)](
+            qr, dy, lse, delta, chunk_offset, ks, vs, dks, dvs, T, CS, 1.0 / LOG2E, H=H, G=G, L=L, D_HEAD=d,
+            BQ=cfg.bq, BC=cfg.bc, F32=ks.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
+            num_stages=cfg.stages)
+    return dks, dvs, (dy, delta, qr)
+
+
+def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own, chunk_size: int, head_dim: int,
+                    rope_base: float, chunk_offset: torch.Tensor | None = None, config: Blocks | None = None):
+    """The backward's second part: (dq, dk, dv, df, dgate_bias), given the total gradients dKs_own, dVs_own
+    [B, H, T//L, d] of this sequence's own summaries and `reused` from summary_gradients."""
+    dy, delta, qr = reused
+    dks_own, dvs_own = dks_own.contiguous(), dvs_own.contiguous()
+    B, T, D = v.shape
+    H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
+    cfg = config or blocks("query_grad", L, d, v.dtype)
+    inv_freq = inverse_frequencies(d, rope_base, v.device)
+    scale = 1.0 / math.sqrt(d)
     kst, vst = recurrent_states(k, v, f, gate_bias, L, d, inv_freq)
     dq_heads = torch.empty(B, T, D, device=v.device, dtype=q.dtype)
     dkd = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
     dvd = torch.empty_like(dkd)
-    _query_grad_kernel[(triton.cdiv(T, q_cfg.bq), B * H)](
-        q, qr, kst, vst, inv_freq, ks, vs, dy, lse, delta, dks, dvs, dq_heads, dkd, dvd, q.stride(0), q.stride(1),
-        T, max(C, 1), LOG2E * scale, scale, H=H, G=G, L=L, HALF=d // 2, BQ=q_cfg.bq, BC=q_cfg.bc, F32=f32,
-        num_warps=q_cfg.warps, num_stages=q_cfg.stages)
+    _query_grad_kernel[(triton.cdiv(T, cfg.bq), B * H)](
+        q, qr, kst, vst, inv_freq, chunk_offset, ks, vs, dy, lse, delta, dks_own, dvs_own, dq_heads, dkd, dvd,
+        q.stride(0), q.stride(1), T, max(T // L, 1), max(ks.shape[2], 1), LOG2E * scale, scale, H=H, G=G, L=L,
+        HALF=d // 2, BQ=cfg.bq, BC=cfg.bc, F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
+        num_stages=cfg.stages)
     dk_heads = torch.empty(B, T, D, device=v.device, dtype=k.dtype)
     dv = torch.empty(B, T, D, device=v.device, dtype=v.dtype)
     df = torch.empty(B, T, D, device=v.device, dtype=f.dtype)
@@ -328,3 +336,16 @@ def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, hea
     dq = dq_heads.view(B, T, H // G, G * d).sum(2)  # accumulated in fp32, rounded once (no separate cast pass)
     dk = dk_heads.view(B, T, H // G, G * d).sum(2)
     return dq, dk, dv, df, dbias.sum(0).to(gate_bias.dtype)
+
+
+def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
+                 configs: dict[str, Blocks] | None = None):
+    """Gradients (dq, dk, dv, df, dgate_bias) of rat_forward's y: both parts, the summaries its own.
+
+    `configs` ("summary_grad", "query_grad") override kernels/blocks.py's (kernels/tune.py).
+    """
+    configs = configs or {}
+    dks, dvs, reused = summary_gradients(dy, q, y, lse, ks, vs, chunk_size, head_dim, rope_base,
+                                         config=configs.get("summary_grad"))
+    return input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks, dvs, chunk_size, head_dim, rope_base,
+                           config=configs.get("query_grad"))

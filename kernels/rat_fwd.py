@@ -11,6 +11,11 @@
 
 Inputs are the strided column slices of the input projection: q, k [B, T, G·d] (head h uses
 group h mod G), v, f [B, T, H·d] (f before the sigmoid; the gate bias is added in the kernel).
+
+The passes are also callable one by one (`rat_states`, `summary_attention`) with a chunk offset per
+sequence: a sequence may be one block of a longer one, its chunks numbered from the offset and its
+tokens attending to the longer sequence's summaries. Context parallelism gathers every rank's
+summaries between the two passes (ratpt/parallel/context_parallel.py).
 """
 import math
 
@@ -19,13 +24,13 @@ import triton
 import triton.language as tl
 
 from kernels.blocks import Blocks, blocks
-from kernels.common import LOG2E, chunk_tile, dot, interpreting, join_halves, rope_cos_sin, state_step
+from kernels.common import LOG2E, chunk_tile, dot, first_chunk, interpreting, join_halves, rope_cos_sin, state_step
 
 CHUNKS_PER_PROGRAM = 16  # rows of the [chunks, d/2] tiles of the sequential recurrence kernels
 
 
 @triton.jit
-def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, kst_ptr, vst_ptr, ks_ptr, vs_ptr,
+def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, kst_ptr, vst_ptr, ks_ptr, vs_ptr,
                    sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, T, C,
                    H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                    NCH: tl.constexpr, SUMMARIES: tl.constexpr):
@@ -50,7 +55,7 @@ def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, kst_ptr, vst_ptr
         tl.store(vst_ptr + st, vs1, mask=mask)
         tl.store(vst_ptr + st + HALF, vs2, mask=mask)
     if SUMMARIES:  # the states after the loop are the chunk ends; only full chunks are summaries
-        cos, sin = rope_cos_sin(chunks, tl.load(inv_freq_ptr + cols))
+        cos, sin = rope_cos_sin(first_chunk(offset_ptr, b64) + chunks, tl.load(inv_freq_ptr + cols))
         out = ((pid_bh.to(tl.int64) * C + chunks) * D_HEAD)[:, None] + cols[None, :]
         smask = (chunks < C)[:, None]
         DT = ks_ptr.dtype.element_ty
@@ -89,8 +94,8 @@ def _softmax_steps(acc, m, l_sum, qr, ks_head, vs_head, chunk, j_lo, j_hi, n_vis
 
 
 @triton.jit
-def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, ks_ptr, vs_ptr, y_ptr, lse_ptr, sq_b, sq_t,
-                      T, C, qk_scale,
+def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_ptr, vs_ptr, y_ptr, lse_ptr, sq_b, sq_t,
+                      T, CS, qk_scale,
                       H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                       BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
@@ -103,8 +108,9 @@ def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, ks_ptr, vs_ptr, y_p
     cols = tl.arange(0, HALF)
     rmask = rows < T
     mask = rmask[:, None]
-    chunk = rows // L
     b64 = b.to(tl.int64)
+    first = first_chunk(offset_ptr, b64)
+    chunk = first + rows // L  # global chunk index: RoPE angle, and summaries j < chunk are visible
     kc = (h % G) * D_HEAD + cols
     vc = h * D_HEAD + cols
     q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t
@@ -122,10 +128,10 @@ def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, ks_ptr, vs_ptr, y_p
     cos, sin = rope_cos_sin(chunk, tl.load(inv_freq_ptr + cols))
     qr = join_halves((q1 * cos - q2 * sin) * qk_scale, (q2 * cos + q1 * sin) * qk_scale, BQ, HALF).to(DT)
     # summaries j < c_first are visible to every row of the block; the rest up to n_visible to some
-    n_visible = tl.minimum(t0 + BQ - 1, T - 1) // L
-    j_full = (t0 // L) // BC * BC
-    ks_head = ks_ptr + pid_bh.to(tl.int64) * C * D_HEAD
-    vs_head = vs_ptr + pid_bh.to(tl.int64) * C * D_HEAD
+    n_visible = first + tl.minimum(t0 + BQ - 1, T - 1) // L
+    j_full = (first + t0 // L) // BC * BC
+    ks_head = ks_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
+    vs_head = vs_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
     acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_head, vs_head, chunk, 0, j_full, n_visible,
                                    D_HEAD, BC, False, F32)
     acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_head, vs_head, chunk, j_full, n_visible, n_visible,
@@ -142,38 +148,58 @@ def inverse_frequencies(head_dim: int, base: float, device) -> torch.Tensor:
 
 
 def recurrent_states(k, v, f, gate_bias, chunk_size: int, head_dim: int, inv_freq: torch.Tensor,
-                     summaries: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """k̃, ṽ [B, T, H·d] (fp32); also writes the rotated chunk summaries into `summaries` if given."""
+                     summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     chunk_offset: torch.Tensor | None = None):
+    """k̃, ṽ [B, T, H·d] (fp32); also writes the chunk summaries into `summaries` if given, rotated by
+    their global chunk index (chunk_offset [B] int32 + local index; None: 0)."""
     B, T, D = v.shape
     H, G, L = D // head_dim, k.shape[-1] // head_dim, chunk_size
     kst = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
     vst = torch.empty_like(kst)
     ks, vs = summaries if summaries is not None else (kst, vst)
     _states_kernel[(triton.cdiv(triton.cdiv(T, L), CHUNKS_PER_PROGRAM), B * H)](
-        k, v, f, gate_bias, inv_freq, kst, vst, ks, vs, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        f.stride(0), f.stride(1), T, max(T // L, 1), H=H, G=G, L=L, HALF=head_dim // 2, NCH=CHUNKS_PER_PROGRAM,
-        SUMMARIES=summaries is not None and T >= L, num_warps=4)
+        k, v, f, gate_bias, inv_freq, chunk_offset, kst, vst, ks, vs, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), f.stride(0), f.stride(1), T, max(T // L, 1), H=H, G=G, L=L, HALF=head_dim // 2,
+        NCH=CHUNKS_PER_PROGRAM, SUMMARIES=summaries is not None and T >= L, num_warps=4)
     return kst, vst
+
+
+def rat_states(k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
+               chunk_offset: torch.Tensor | None = None):
+    """The forward's first pass: k̃, ṽ [B, T, H·d] (fp32 scratch) and the summaries Ks, Vs
+    [B, H, T//L, d] of the full chunks, rotated by their global chunk index."""
+    B, T, D = v.shape
+    ks = torch.empty(B, D // head_dim, T // chunk_size, head_dim, device=v.device, dtype=v.dtype)
+    vs = torch.empty_like(ks)
+    kst, vst = recurrent_states(k, v, f, gate_bias, chunk_size, head_dim,
+                                inverse_frequencies(head_dim, rope_base, v.device), (ks, vs), chunk_offset)
+    return kst, vst, ks, vs
+
+
+def summary_attention(q, kst, vst, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
+                      chunk_offset: torch.Tensor | None = None, config: Blocks | None = None):
+    """The forward's second pass: y [B, T, H·d] and lse [B, H, T] (base 2, fp32) of each token's softmax
+    over its own state and the summaries j < its global chunk index in Ks, Vs [B, H, CS, d] (the
+    sequence's own, or, under context parallelism, those of the whole sequence it is a block of)."""
+    B, T, D = kst.shape
+    H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
+    y = torch.empty(B, T, D, device=q.device, dtype=ks.dtype)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    cfg = config or blocks("forward", L, d, ks.dtype)
+    f32 = ks.dtype == torch.float32 or interpreting()
+    _attention_kernel[(triton.cdiv(T, cfg.bq), B * H)](
+        q, kst, vst, inverse_frequencies(d, rope_base, q.device), chunk_offset, ks, vs, y, lse, q.stride(0),
+        q.stride(1), T, max(ks.shape[2], 1), LOG2E / math.sqrt(d), H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq,
+        BC=cfg.bc, F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
+    return y, lse
 
 
 def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
                 config: Blocks | None = None):
-    """y [B, T, H·d], lse [B, H, T] (base 2, fp32), summaries Ks, Vs [B, H, T//L, d].
+    """y [B, T, H·d], lse [B, H, T] (base 2, fp32), summaries Ks, Vs [B, H, T//L, d]: both passes.
 
     `config` overrides kernels/blocks.py's launch configuration (kernels/tune.py).
     """
-    B, T, D = v.shape
-    H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
-    C = T // L
-    y = torch.empty(B, T, D, device=v.device, dtype=v.dtype)
-    lse = torch.empty(B, H, T, device=v.device, dtype=torch.float32)
-    ks = torch.empty(B, H, C, d, device=v.device, dtype=v.dtype)
-    vs = torch.empty_like(ks)
-    inv_freq = inverse_frequencies(d, rope_base, v.device)
-    kst, vst = recurrent_states(k, v, f, gate_bias, L, d, inv_freq, summaries=(ks, vs))
-    cfg = config or blocks("forward", L, d, v.dtype)
-    f32 = v.dtype == torch.float32 or interpreting()
-    _attention_kernel[(triton.cdiv(T, cfg.bq), B * H)](
-        q, kst, vst, inv_freq, ks, vs, y, lse, q.stride(0), q.stride(1), T, max(C, 1), LOG2E / math.sqrt(d),
-        H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq, BC=cfg.bc, F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
+    kst, vst, ks, vs = rat_states(k, v, f, gate_bias, chunk_size, head_dim, rope_base)
+    y, lse = summary_attention(q, kst, vst, ks, vs, chunk_size, head_dim, rope_base, config=config)
     return y, lse, ks, vs

@@ -11,9 +11,11 @@ them (`ContextLayout`, `parallel.context_layout`), so the chunk recurrence never
 What crosses ranks:
 
     RAT             the chunk summaries k̃[c, L-1], ṽ[c, L-1] (1/L of the tokens) are all-gathered
-                    in forward (`ChunkSummaryAllGather`, then put in sequence order) and their
-                    gradients reduce-scattered in backward; a token attends to the summaries of
-                    every earlier chunk, wherever it lives, with RoPE over the global chunk index.
+                    in forward (then put in sequence order) and their gradients reduce-scattered in
+                    backward; a token attends to the summaries of every earlier chunk, wherever it
+                    lives, with RoPE over the global chunk index. With the Triton kernels the
+                    exchange sits between the kernels' passes (`_RATMixingKernels`); the reference
+                    ops use `ChunkSummaryAllGather`.
     sliding window  each block receives the last W keys and values of the block before it from
                     the rank that holds it (`PreviousWindowExchange`, point-to-point or a local
                     copy; gradients go back the same way).
@@ -37,7 +39,6 @@ triangle, and the summary attention is most of a RAT layer's time at long contex
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,6 @@ from ratpt import ops
 from ratpt.ops.rat_mixing import use_triton
 
 QUERY_BLOCK = 512  # queries per block: memory O(block × keys), as the single-process ops
-PRIOR_QUERY_BLOCK = 4096  # the kernels' path: queries per block of the attention over earlier blocks' summaries
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -105,6 +105,15 @@ class ContextLayout:
         blocks = gathered.unflatten(dim, (self.n_blocks, -1))
         return blocks.index_select(dim, torch.tensor(order, device=gathered.device)).flatten(dim, dim + 1)
 
+    def to_rank_order(self, sequence: torch.Tensor, dim: int) -> torch.Tensor:
+        """The inverse of to_sequence_order: blocks in sequence order along `dim`, put in rank order."""
+        if self.kind == "contiguous":
+            return sequence
+        ranked = [block for _, block in sorted((r * self.blocks_per_rank + slot, block)
+                                               for block, (r, slot) in enumerate(map(self.holder, range(self.n_blocks))))]
+        blocks = sequence.unflatten(dim, (self.n_blocks, -1))
+        return blocks.index_select(dim, torch.tensor(ranked, device=sequence.device)).flatten(dim, dim + 1)
+
 
 def sequence_slice(t: torch.Tensor, mesh, layout: str) -> torch.Tensor:
     """This CP rank's part of [B, T, ...] under `layout` (parallel.context_layout); the whole tensor without CP."""
@@ -130,22 +139,6 @@ class _GatherAlongSequence(torch.autograd.Function):
         piece = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
         dist.reduce_scatter_tensor(piece, grad.contiguous(), group=ctx.group)
         return piece, None
-
-
-class _JoinGraph(torch.autograd.Function):
-    """Identity on x that puts `other` in its graph (with a zero gradient): a rank whose blocks attend
-    to no earlier summaries (rank 0, contiguous) must still run the summaries gather's backward, a
-    reduce-scatter every rank joins, which also brings it the gradients of its own summaries."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        ctx.other = (other.shape, other.dtype, other.device)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        shape, dtype, device = ctx.other
-        return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
 class ChunkSummaryAllGather:
@@ -196,6 +189,79 @@ def _route(send: torch.Tensor, layout: ContextLayout, group, step: int) -> torch
     return out
 
 
+class _RATMixingKernels(torch.autograd.Function):
+    """RAT mixing of this rank's blocks through the fused kernels' phases, with the chunk summaries
+    exchanged between them. Forward: every block's states and summaries (rotated by their global
+    chunk index), an all-gather of all ranks' summaries, then every block's softmax over its own
+    state and the sequence's summaries j < its chunk. Backward: every block's summary gradients,
+    summed over the blocks and reduce-scattered to the ranks that own the summaries, then every
+    block's input gradients. One softmax per token, as in one process: nothing to merge."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, f, gate_bias, layout: ContextLayout, group, chunk_size: int, head_dim: int,
+                rope_base: float):
+        from kernels.rat_fwd import rat_states, summary_attention
+
+        B, T, D = v.shape
+        n = layout.blocks_per_rank
+        starts = [start // chunk_size for _, _, start in layout.segments(T)]
+        offset = torch.tensor(starts * B, dtype=torch.int32, device=v.device)  # entry b·n + slot
+        q_, k_, v_, f_ = (_blocks_as_batch(t, n) for t in (q, k, v, f))
+        kst, vst, ks_own, vs_own = rat_states(k_, v_, f_, gate_bias, chunk_size, head_dim, rope_base, offset)
+        ks, vs = _gather_summaries(ks_own, vs_own, B, layout, group)
+        y, lse = summary_attention(q_, kst, vst, ks, vs, chunk_size, head_dim, rope_base, offset)
+        ctx.save_for_backward(q, k, v, f, gate_bias, y, lse, ks, vs, offset)
+        ctx.setup = (layout, group, chunk_size, head_dim, rope_base)
+        return y.view(B, T, D)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from kernels.rat_bwd import input_gradients, summary_gradients
+
+        q, k, v, f, gate_bias, y, lse, ks, vs, offset = ctx.saved_tensors
+        layout, group, L, d, rope_base = ctx.setup
+        B, T, D = v.shape
+        n = layout.blocks_per_rank
+        q_, k_, v_, f_ = (_blocks_as_batch(t, n) for t in (q, k, v, f))
+        dks, dvs, reused = summary_gradients(dy.contiguous().view(y.shape), q_, y, lse, ks, vs, L, d, rope_base,
+                                             offset)
+        dks_own, dvs_own = _reduce_summary_gradients(dks, dvs, B, layout, group)
+        dq, dk, dv, df, dbias = input_gradients(q_, k_, v_, f_, gate_bias, lse, ks, vs, reused, dks_own, dvs_own,
+                                                L, d, rope_base, offset)
+        return (*(g.view(B, T, -1) for g in (dq, dk, dv, df)), dbias, None, None, None, None, None)
+
+
+def _blocks_as_batch(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, T, ...] -> [B·n, T/n, ...]: each of a rank's n blocks as a sequence of its own (a view of the
+    projection's column slices, entry b·n + slot)."""
+    return t.unflatten(1, (n, t.shape[1] // n)).flatten(0, 1)
+
+
+def _gather_summaries(ks_own: torch.Tensor, vs_own: torch.Tensor, batch: int, layout: ContextLayout, group):
+    """Every entry's Ks, Vs [B·n, H, CS, d]: the whole sequence's summaries, in sequence order, from
+    each rank's own [B·n, H, C, d] (C per block)."""
+    n, d = layout.blocks_per_rank, ks_own.shape[-1]
+    own = torch.cat((ks_own, vs_own), dim=-1).unflatten(0, (batch, n))  # [B, n, H, C, 2d]
+    piece = own.permute(1, 3, 0, 2, 4).flatten(0, 1).contiguous()  # [n·C, B, H, 2d]: local sequence order
+    gathered = piece.new_empty((dist.get_world_size(group) * piece.shape[0], *piece.shape[1:]))
+    dist.all_gather_into_tensor(gathered, piece, group=group)
+    sequence = layout.to_sequence_order(gathered, dim=0).permute(1, 2, 0, 3)  # [B, H, CS, 2d]
+    both = sequence.repeat_interleave(n, dim=0)
+    return both[..., :d].contiguous(), both[..., d:].contiguous()
+
+
+def _reduce_summary_gradients(dks: torch.Tensor, dvs: torch.Tensor, batch: int, layout: ContextLayout, group):
+    """The inverse of _gather_summaries for gradients: every entry's [B·n, H, CS, d] summed over the
+    blocks of a sequence and over the ranks, this rank's own [B·n, H, C, d] returned."""
+    n, d = layout.blocks_per_rank, dks.shape[-1]
+    both = torch.cat((dks, dvs), dim=-1).unflatten(0, (batch, n)).sum(1)  # [B, H, CS, 2d]
+    ranked = layout.to_rank_order(both.permute(2, 0, 1, 3), dim=0).contiguous()  # [CS, B, H, 2d]
+    piece = ranked.new_empty((ranked.shape[0] // dist.get_world_size(group), *ranked.shape[1:]))
+    dist.reduce_scatter_tensor(piece, ranked, group=group)
+    own = piece.unflatten(0, (n, -1)).permute(2, 0, 3, 1, 4).flatten(0, 1)  # [B·n, H, C, 2d]
+    return own[..., :d], own[..., d:]
+
+
 class ContextShard:
     """What a mixer of this CP rank needs: its tokens' positions and cross-rank attention."""
 
@@ -209,9 +275,10 @@ class ContextShard:
                    kernels: str = "auto") -> torch.Tensor:
         """`ops.rat_mixing` for this rank's chunks: the recurrences are local, RoPE uses the global
         chunk index, the softmax sees the summaries of every earlier chunk. `kernels` as ops.rat_mixing:
-        the fused kernels (`_rat_mixing_kernels`) or the reference composition."""
+        the fused kernels' phases (`_RATMixingKernels`) or the reference composition."""
         if use_triton(kernels, v, chunk_size, head_dim):
-            return self._rat_mixing_kernels(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
+            return _RATMixingKernels.apply(q, k, v, f, gate_bias, self.layout, self.group, chunk_size, head_dim,
+                                           rope_base)
         B, T, D = v.shape
         H, G = D // head_dim, q.shape[-1] // head_dim
         dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
@@ -227,47 +294,6 @@ class ContextShard:
                                        heads(v_state), chunk_size)
         return y.transpose(1, 2).reshape(B, T, D)
 
-    def _rat_mixing_kernels(self, q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float):
-        """The fused kernels run each of this rank's blocks as a sequence of its own (y, its softmax
-        normaliser, its chunk summaries); the summaries of all ranks are gathered, and each block's y
-        is merged with an attention over the summaries of every earlier block by the two
-        normalisers. Exact: one softmax over a union of keys is the normaliser-weighted mean of the
-        softmaxes over the parts. RoPE needs no care inside a block (scores depend on chunk index
-        differences only); gathered summaries are rotated on by their block's first chunk index."""
-        from kernels import rat_mixing_parts
-
-        B, T, D = v.shape
-        H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
-        n_local = self.layout.blocks_per_rank
-
-        def blocks_as_batch(t):  # [B, T, ...] -> [B · blocks, T / blocks, ...], a view of the column slices
-            return t.unflatten(1, (n_local, T // n_local)).flatten(0, 1)
-
-        y, lse, ks, vs = rat_mixing_parts(*(blocks_as_batch(t) for t in (q, k, v, f)), gate_bias, L, d, rope_base)
-        block_chunks = ks.shape[2]
-        own = torch.cat((ks, vs), dim=-1).unflatten(0, (B, n_local)).transpose(1, 2).flatten(2, 3)
-        summaries = self.layout.to_sequence_order(ChunkSummaryAllGather.apply(own, self.group), dim=2)
-        first_chunk = torch.arange(summaries.shape[2], device=v.device) // block_chunks * block_chunks
-        summary_k = ops.apply_rope(summaries[..., :d], *ops.rope_cos_sin(first_chunk, d, rope_base, v.dtype))
-        summary_v = summaries[..., d:]
-        q_heads = q.repeat(1, 1, H // G).unflatten(-1, (H, d)).transpose(1, 2)
-        y, lse = y.unflatten(0, (B, n_local)), lse.unflatten(0, (B, n_local))
-        outputs = []
-        for slot, (lo, hi, start) in enumerate(self.layout.segments(T)):
-            visible = start // L  # every chunk of the earlier blocks
-            if visible == 0:  # the first block: its own summaries only (the kernels saw them)
-                outputs.append(_JoinGraph.apply(y[:, slot], summaries))
-                continue
-            chunk = torch.arange(start, start + hi - lo, device=v.device) // L  # global chunk index
-            q_rot = ops.apply_rope(q_heads[:, :, lo:hi], *ops.rope_cos_sin(chunk, d, rope_base, v.dtype))
-            y_prior, lse_prior = _attention_with_normaliser(q_rot, summary_k[:, :, :visible],
-                                                            summary_v[:, :, :visible])
-            total = torch.logaddexp(lse[:, slot], lse_prior)
-            own_weight = torch.exp(lse[:, slot] - total).transpose(1, 2).unsqueeze(-1)  # [B, n, H, 1]
-            prior_weight = torch.exp(lse_prior - total).transpose(1, 2).unsqueeze(-1)
-            merged = y[:, slot].unflatten(-1, (H, d)) * own_weight + y_prior.transpose(1, 2) * prior_weight
-            outputs.append(merged.flatten(2).to(v.dtype))
-        return torch.cat(outputs, dim=1)
 
     def inter_chunk_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
                               query_block: int = QUERY_BLOCK) -> torch.Tensor:
@@ -312,19 +338,6 @@ class ContextShard:
             keys, values = torch.cat((previous[slot], kv[:, :, lo:hi]), dim=2).split(k.shape[-1], dim=-1)
             outputs.append(_masked_attention(q[:, :, lo:hi], keys, values, start, start - window, window, query_block))
         return torch.cat(outputs, dim=2)
-
-
-def _attention_with_normaliser(q, k, v, query_block: int = PRIOR_QUERY_BLOCK):
-    """Unmasked softmax attention of q [B, H, Q, d] over k, v [B, H, N, d]: y [B, H, Q, d] (fp32) and the
-    natural-log normaliser [B, H, Q], in query blocks recomputed in backward (memory O(block × N))."""
-    def block(qb, kb, vb):
-        scores = torch.matmul(qb, kb.transpose(-1, -2)).float() / math.sqrt(qb.shape[-1])
-        lse = torch.logsumexp(scores, dim=-1)
-        return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(vb.dtype), vb).float(), lse
-
-    parts = [checkpoint(block, q[:, :, lo:lo + query_block], k, v, use_reentrant=False) if torch.is_grad_enabled()
-             else block(q[:, :, lo:lo + query_block], k, v) for lo in range(0, q.shape[2], query_block)]
-    return torch.cat([y for y, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
 
 
 def _masked_attention(q, k, v, q_start: int, k_start: int, window: int | None, query_block: int):

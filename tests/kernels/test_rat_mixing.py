@@ -90,9 +90,10 @@ def test_rat_layer_with_triton_kernels_equals_torch_reference():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def parts_reference(q, k, v, f, gate_bias, L, d, rope_base):
-    """What rat_mixing_parts returns, from the reference ops: y, the natural-log softmax normaliser
-    over [summaries j < c, own state], and the rotated summaries at each complete chunk's end."""
+def block_reference(q, k, v, f, gate_bias, prior, later, first_chunk, L, d, rope_base):
+    """One block of a longer sequence, from the reference ops: its chunks are first_chunk, first_chunk + 1, ...
+    of the sequence; `prior` / `later` (Ks, Vs of the chunks before / after it, rotated) are leaves.
+    Returns y, the block's own summaries Ks, Vs, and the whole sequence's summary buffer it attends to."""
     from ratpt import ops
 
     B, T, D = v.shape
@@ -100,7 +101,7 @@ def parts_reference(q, k, v, f, gate_bias, L, d, rope_base):
     g = torch.sigmoid(f + gate_bias)
     k_state = ops.chunk_scan(k.repeat(1, 1, H // G), g, L)
     v_state = ops.chunk_scan(v, g, L)
-    chunk = torch.arange(T, device=v.device) // L
+    chunk = first_chunk + torch.arange(T, device=v.device) // L
     cos, sin = ops.rope_cos_sin(chunk, d, rope_base, v.dtype)
 
     def heads(t):
@@ -109,33 +110,52 @@ def parts_reference(q, k, v, f, gate_bias, L, d, rope_base):
     q_rot = ops.apply_rope(heads(q.repeat(1, 1, H // G)), cos, sin)
     k_rot, v_heads = ops.apply_rope(heads(k_state), cos, sin), heads(v_state)
     ends = torch.arange(T // L, device=v.device) * L + L - 1
-    ks, vs = k_rot[:, :, ends], v_heads[:, :, ends]
-    visible = torch.arange(len(ends), device=v.device) < chunk.unsqueeze(-1)
+    own_k, own_v = k_rot[:, :, ends], v_heads[:, :, ends]
+    ks = torch.cat((prior[0], own_k, later[0]), dim=2)
+    vs = torch.cat((prior[1], own_v, later[1]), dim=2)
+    visible = torch.arange(ks.shape[2], device=v.device) < chunk.unsqueeze(-1)
     inter = torch.matmul(q_rot, ks.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
     scores = torch.cat((inter, (q_rot * k_rot).sum(-1, keepdim=True)), dim=-1) / d ** 0.5
-    lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse.unsqueeze(-1))
+    p = torch.softmax(scores, dim=-1)
     y = torch.matmul(p[..., :-1], vs) + p[..., -1:] * v_heads
-    return y.transpose(1, 2).reshape(B, T, D), lse, ks, vs
+    return y.transpose(1, 2).reshape(B, T, D), own_k, own_v, (ks, vs)
 
 
-@pytest.mark.parametrize("name", ["partial-last-chunk", "groups2-L8", "T-below-L"])
-def test_parts_with_gradients_into_normaliser_and_summaries_equal_reference(name):
-    # context parallelism merges y with other attention through lse and reuses the summaries:
-    # every output carries a gradient back into the kernels' backward
-    from kernels import rat_mixing_parts
+@pytest.mark.parametrize("first_chunk", [0, 3, 5])
+def test_a_block_with_the_sequences_summaries_and_its_chunk_offset_equals_reference(first_chunk):
+    # context parallelism runs the kernels' phases on one block of a sequence: its states, then the
+    # attention over the whole sequence's summaries, then the summary gradients (reduced across ranks
+    # in between) and the input gradients; each phase equals the float64 reference of that block
+    from kernels.rat_bwd import input_gradients, summary_gradients
+    from kernels.rat_fwd import rat_states, summary_attention
 
-    B, T, H, G, d, L = CASES[name]
+    B, H, G, d, L, T = 2, 2, 2, 32, 4, 20  # 5 chunks in the block; 2 later chunks in the sequence
     inputs = make_inputs(B, T, H, G, d)
-    wide = [t.detach().double().requires_grad_() for t in inputs]
-    got = rat_mixing_parts(*inputs, L, d, ROPE_BASE)
-    want = parts_reference(*wide, L, d, ROPE_BASE)
-    cotangents = [torch.randn_like(w) for w in want]
-    got_grads = torch.autograd.grad(sum((a * c.to(a)).sum() for a, c in zip(got, cotangents)), inputs)
-    want_grads = torch.autograd.grad(sum((a * c).sum() for a, c in zip(want, cotangents)), wide)
-    names = ["y", "lse", "ks", "vs", "dq", "dk", "dv", "df", "dgate_bias"]
-    for label, a, b in zip(names, [*got, *got_grads], [*want, *want_grads]):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{label}: {m}")
+    offset = torch.full((B,), first_chunk, dtype=torch.int32, device=DEVICE)
+    torch.manual_seed(1)
+    prior = [torch.randn(B, H, first_chunk, d, device=DEVICE) for _ in range(2)]
+    later = [torch.randn(B, H, 2, d, device=DEVICE) for _ in range(2)]
+    wide = [t.detach().double().requires_grad_() for t in (*inputs, *prior)]
+    y_ref, own_k, own_v, buffer = block_reference(*wide[:5], wide[5:], [t.double() for t in later], first_chunk,
+                                                  L, d, ROPE_BASE)
+    w = torch.randn(B, T, H * d, device=DEVICE)
+    q, k, v, f, bias = inputs
+    kst, vst, ks_own, vs_own = rat_states(k, v, f, bias, L, d, ROPE_BASE, chunk_offset=offset)
+    torch.testing.assert_close(ks_own.double(), own_k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(vs_own.double(), own_v, rtol=1e-4, atol=1e-4)
+    ks, vs = (torch.cat((p, o, t), dim=2) for p, o, t in zip(prior, (ks_own, vs_own), later))
+    y, lse = summary_attention(q, kst, vst, ks, vs, L, d, ROPE_BASE, chunk_offset=offset)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+
+    want = torch.autograd.grad((y_ref * w.double()).sum(), wide)
+    dks, dvs, reused = summary_gradients(w, q, y, lse, ks, vs, L, d, ROPE_BASE, chunk_offset=offset)
+    own = slice(first_chunk, first_chunk + T // L)
+    got = input_gradients(q, k, v, f, bias, lse, ks, vs, reused, dks[:, :, own], dvs[:, :, own], L, d, ROPE_BASE,
+                          chunk_offset=offset)
+    names = ["dq", "dk", "dv", "df", "dgate_bias", "d prior Ks", "d prior Vs"]
+    for name, a, b in zip(names, [*got, dks[:, :, :first_chunk], dvs[:, :, :first_chunk]], want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert not dks[:, :, own.stop:].any() and not dvs[:, :, own.stop:].any()  # later chunks are invisible
 
 
 def test_compiled_rat_layer_keeps_the_kernels_whole_and_equals_eager_reference():

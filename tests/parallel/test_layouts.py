@@ -55,8 +55,9 @@ def run_layouts(nproc: int, *cases: str, **env_vars: str) -> str:
 
 
 def test_context_parallel_with_the_fused_kernels_equals_one_process():
-    # each block through the kernels (Triton interpreter here), merged with the attention over the
-    # earlier blocks' summaries; contiguous rank 0 attends to none, yet joins the gradients' reduce-scatter
+    # the kernels' phases per block (Triton interpreter here), the summaries all-gathered between the
+    # states and the attention and their gradients reduce-scattered between the two backward parts;
+    # contiguous rank 0 attends to no other rank's summaries, yet joins both collectives
     run_layouts(
         2,
         "cp2-zigzag-rat-kernels:context=2,kernels=triton,head_dim=32",
@@ -129,7 +130,7 @@ def test_two_gpus_nccl_equal_one_process():  # pragma: no cover - needs 2 GPUs
         "cp2-attention:context=2,mixers=attention,context_layout=contiguous",
         "cp2-zigzag-rat+swa:context=2,mixers=rat+swa,context_layout=zigzag",
         "cp2-zigzag-rat+attention:context=2,mixers=rat+attention,context_layout=zigzag",
-        # the fused kernels per block, merged with the attention over earlier blocks' summaries
+        # the kernels' phases per block, the summaries exchanged between them
         "cp2-zigzag-rat-kernels:context=2,kernels=triton,head_dim=32",
         "cp2-contiguous-rat+swa-kernels:context=2,context_layout=contiguous,kernels=triton,head_dim=32,mixers=rat+swa",
         "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu,micro_batch=2",
