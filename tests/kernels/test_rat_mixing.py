@@ -69,24 +69,33 @@ def test_dispatch_picks_reference_on_cpu_and_rejects_unknown_backends():
         use_triton("cuda", v, 16, 64)
 
 
-def test_rat_layer_with_triton_kernels_equals_torch_reference():
+def twin_rat_layers() -> dict:
+    """A RAT layer on the reference ops ("torch") and one on the kernels ("triton"), same weights."""
     from ratpt.model.config import ModelConfig
     from ratpt.model.rat import RATMixer
 
-    torch.manual_seed(0)
     layers = {}
     for kernels in ("torch", "triton"):
         torch.manual_seed(0)
         layers[kernels] = RATMixer(ModelConfig(d_model=64, head_dim=32, ngroups=2, chunk_size=4, kernels=kernels))
         layers[kernels].reset_gate_bias()
         layers[kernels].to(DEVICE)
-    x = torch.randn(1, 13, 64, requires_grad=True, device=DEVICE)
-    outs = {name: layer(x) for name, layer in layers.items()}
-    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-5)
+    return layers
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_rat_layer_with_triton_kernels_equals_torch_reference(compiled):
+    # compiled: the kernels are torch.library custom ops, so the whole layer compiles as one graph
+    # (fullgraph raises on a graph break) and its output and gradients stay the reference's
+    layers = twin_rat_layers()
+    kernel_layer = torch.compile(layers["triton"], fullgraph=True) if compiled else layers["triton"]
+    x = torch.randn(2, 13, 64, requires_grad=True, device=DEVICE)
     w = torch.randn_like(x)
-    grads = {name: torch.autograd.grad((out * w).sum(), [x, *layers[name].parameters()])
-             for name, out in outs.items()}
-    for a, b in zip(grads["triton"], grads["torch"]):
+    got, want = kernel_layer(x), layers["torch"](x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got_grads = torch.autograd.grad((got * w).sum(), [x, *layers["triton"].parameters()])
+    want_grads = torch.autograd.grad((want * w).sum(), [x, *layers["torch"].parameters()])
+    for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -156,26 +165,3 @@ def test_a_block_with_the_sequences_summaries_and_its_chunk_offset_equals_refere
     for name, a, b in zip(names, [*got, dks[:, :, :first_chunk], dvs[:, :, :first_chunk]], want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
     assert not dks[:, :, own.stop:].any() and not dvs[:, :, own.stop:].any()  # later chunks are invisible
-
-
-def test_compiled_rat_layer_keeps_the_kernels_whole_and_equals_eager_reference():
-    # the kernels are torch.library custom ops: the whole layer compiles as one graph (fullgraph
-    # raises on a graph break) and its output and gradients stay those of the reference ops
-    from ratpt.model.config import ModelConfig
-    from ratpt.model.rat import RATMixer
-
-    layers = {}
-    for kernels in ("torch", "triton"):
-        torch.manual_seed(0)
-        layers[kernels] = RATMixer(ModelConfig(d_model=64, head_dim=32, ngroups=2, chunk_size=4, kernels=kernels))
-        layers[kernels].reset_gate_bias()
-        layers[kernels].to(DEVICE)
-    compiled = torch.compile(layers["triton"], fullgraph=True)
-    x = torch.randn(2, 14, 64, requires_grad=True, device=DEVICE)
-    w = torch.randn_like(x)
-    got, want = compiled(x), layers["torch"](x)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    got_grads = torch.autograd.grad((got * w).sum(), [x, *layers["triton"].parameters()])
-    want_grads = torch.autograd.grad((want * w).sum(), [x, *layers["torch"].parameters()])
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
