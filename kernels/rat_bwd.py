@@ -119,8 +119,8 @@ def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, ks_ptr,
     t_mid = tl.minimum(tl.cdiv(tl.maximum(j0 + BC - first, 0) * L, BQ) * BQ, T)
     dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, first, t_lo, t_mid, T,
                                  G, H, L, D_HEAD, BQ, True, F32)
-    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, first,
-                                 tl.maximum(t_mid, t_lo), T, T, G, H, L, D_HEAD, BQ, False, F32)
+    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, first, t_mid, T, T,
+                                 G, H, L, D_HEAD, BQ, False, F32)
     tl.store(dks_ptr + sp, dk * dk_scale, mask=jmask)
     tl.store(dvs_ptr + sp, dv, mask=jmask)
 

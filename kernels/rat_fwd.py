@@ -17,6 +17,7 @@ sequence: a sequence may be one block of a longer one, its chunks numbered from 
 tokens attending to the longer sequence's summaries. Context parallelism gathers every rank's
 summaries between the two passes (ratpt/parallel/context_parallel.py).
 """
+import functools
 import math
 
 import torch
@@ -142,8 +143,10 @@ def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_ptr,
     tl.store(lse_ptr + pid_bh.to(tl.int64) * T + rows, m + tl.log2(l_sum), mask=rmask)
 
 
+@functools.lru_cache(maxsize=None)
 def inverse_frequencies(head_dim: int, base: float, device) -> torch.Tensor:
-    """base^(-2i/d), computed exactly as ratpt.ops.rope_cos_sin does (fp32)."""
+    """base^(-2i/d), computed exactly as ratpt.ops.rope_cos_sin does (fp32); once per (d, base, device),
+    not in every pass and decode step (read-only)."""
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 

@@ -99,20 +99,23 @@ class ContextLayout:
 
     def to_sequence_order(self, gathered: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's local part, concatenated in rank order along `dim`, put in sequence order."""
-        if self.kind == "contiguous":
-            return gathered
-        order = [r * self.blocks_per_rank + slot for r, slot in map(self.holder, range(self.n_blocks))]
-        blocks = gathered.unflatten(dim, (self.n_blocks, -1))
-        return blocks.index_select(dim, torch.tensor(order, device=gathered.device)).flatten(dim, dim + 1)
+        return self._reorder(gathered, dim, self._rank_positions())
 
     def to_rank_order(self, sequence: torch.Tensor, dim: int) -> torch.Tensor:
         """The inverse of to_sequence_order: blocks in sequence order along `dim`, put in rank order."""
+        positions = self._rank_positions()
+        return self._reorder(sequence, dim, sorted(range(self.n_blocks), key=positions.__getitem__))
+
+    def _rank_positions(self) -> list[int]:
+        """Where each block of the sequence sits in rank order (rank · blocks per rank + slot)."""
+        return [r * self.blocks_per_rank + slot for r, slot in map(self.holder, range(self.n_blocks))]
+
+    def _reorder(self, t: torch.Tensor, dim: int, blocks: list[int]) -> torch.Tensor:
+        """The blocks of t along `dim`, in the order `blocks` lists them."""
         if self.kind == "contiguous":
-            return sequence
-        ranked = [block for _, block in sorted((r * self.blocks_per_rank + slot, block)
-                                               for block, (r, slot) in enumerate(map(self.holder, range(self.n_blocks))))]
-        blocks = sequence.unflatten(dim, (self.n_blocks, -1))
-        return blocks.index_select(dim, torch.tensor(ranked, device=sequence.device)).flatten(dim, dim + 1)
+            return t
+        index = torch.tensor(blocks, device=t.device)
+        return t.unflatten(dim, (self.n_blocks, -1)).index_select(dim, index).flatten(dim, dim + 1)
 
 
 def sequence_slice(t: torch.Tensor, mesh, layout: str) -> torch.Tensor:
@@ -128,17 +131,25 @@ class _GatherAlongSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, piece: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        size = dist.get_world_size(group)
-        out = piece.new_empty((size * piece.shape[0], *piece.shape[1:]))
-        dist.all_gather_into_tensor(out, piece.contiguous(), group=group)
-        return out
+        return _all_gather(piece, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        size = dist.get_world_size(ctx.group)
-        piece = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(piece, grad.contiguous(), group=ctx.group)
-        return piece, None
+        return _reduce_scatter(grad, ctx.group), None
+
+
+def _all_gather(piece: torch.Tensor, group) -> torch.Tensor:
+    """[N, ...] of every rank -> [CP·N, ...] in rank order."""
+    out = piece.new_empty((dist.get_world_size(group) * piece.shape[0], *piece.shape[1:]))
+    dist.all_gather_into_tensor(out, piece.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter(full: torch.Tensor, group) -> torch.Tensor:
+    """[CP·N, ...] of every rank, summed over the ranks -> this rank's [N, ...]."""
+    piece = full.new_empty((full.shape[0] // dist.get_world_size(group), *full.shape[1:]))
+    dist.reduce_scatter_tensor(piece, full.contiguous(), group=group)
+    return piece
 
 
 class ChunkSummaryAllGather:
@@ -242,10 +253,8 @@ def _gather_summaries(ks_own: torch.Tensor, vs_own: torch.Tensor, batch: int, la
     each rank's own [B·n, H, C, d] (C per block)."""
     n, d = layout.blocks_per_rank, ks_own.shape[-1]
     own = torch.cat((ks_own, vs_own), dim=-1).unflatten(0, (batch, n))  # [B, n, H, C, 2d]
-    piece = own.permute(1, 3, 0, 2, 4).flatten(0, 1).contiguous()  # [n·C, B, H, 2d]: local sequence order
-    gathered = piece.new_empty((dist.get_world_size(group) * piece.shape[0], *piece.shape[1:]))
-    dist.all_gather_into_tensor(gathered, piece, group=group)
-    sequence = layout.to_sequence_order(gathered, dim=0).permute(1, 2, 0, 3)  # [B, H, CS, 2d]
+    piece = own.permute(1, 3, 0, 2, 4).flatten(0, 1)  # [n·C, B, H, 2d]: local sequence order
+    sequence = layout.to_sequence_order(_all_gather(piece, group), dim=0).permute(1, 2, 0, 3)  # [B, H, CS, 2d]
     both = sequence.repeat_interleave(n, dim=0)
     return both[..., :d].contiguous(), both[..., d:].contiguous()
 
@@ -255,9 +264,7 @@ def _reduce_summary_gradients(dks: torch.Tensor, dvs: torch.Tensor, batch: int, 
     blocks of a sequence and over the ranks, this rank's own [B·n, H, C, d] returned."""
     n, d = layout.blocks_per_rank, dks.shape[-1]
     both = torch.cat((dks, dvs), dim=-1).unflatten(0, (batch, n)).sum(1)  # [B, H, CS, 2d]
-    ranked = layout.to_rank_order(both.permute(2, 0, 1, 3), dim=0).contiguous()  # [CS, B, H, 2d]
-    piece = ranked.new_empty((ranked.shape[0] // dist.get_world_size(group), *ranked.shape[1:]))
-    dist.reduce_scatter_tensor(piece, ranked, group=group)
+    piece = _reduce_scatter(layout.to_rank_order(both.permute(2, 0, 1, 3), dim=0), group)  # [n·C, B, H, 2d]
     own = piece.unflatten(0, (n, -1)).permute(2, 0, 3, 1, 4).flatten(0, 1)  # [B·n, H, C, 2d]
     return own[..., :d], own[..., d:]
 
