@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import LOG2E, interpreting
+from kernels.common import LOG2E, interpreting, join_halves
 from kernels.rat_fwd import inverse_frequencies
 
 
@@ -54,40 +54,32 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
     tl.store(rk + HALF, ks2.to(RT))
     tl.store(rv, vs1.to(rv_ptr.dtype.element_ty))
     tl.store(rv + HALF, vs2.to(rv_ptr.dtype.element_ty))
-    # --- online softmax seeded with the own state, over the visible summary slots
+    # --- online softmax seeded with the own state, over the visible summary slots (full-width rows)
     m = (tl.sum(q1 * ks1, 0) + tl.sum(q2 * ks2, 0)) * qk_scale
     l_sum = m * 0.0 + 1.0
-    acc1 = vs1
-    acc2 = vs2
+    acc = tl.reshape(join_halves(vs1[None, :], vs2[None, :], 1, HALF), (D_HEAD,))
     angle = chunk.to(tl.float32) * tl.load(inv_freq_ptr + cols)
     cos, sin = tl.cos(angle), tl.sin(angle)
-    qr1 = (q1 * cos - q2 * sin) * qk_scale
-    qr2 = (q2 * cos + q1 * sin) * qk_scale
+    qr = join_halves(((q1 * cos - q2 * sin) * qk_scale)[None, :], ((q2 * cos + q1 * sin) * qk_scale)[None, :],
+                     1, HALF)
     sk_head = sk_ptr + b64 * ssk_b + h * ssk_h
     sv_head = sv_ptr + b64 * ssv_b + h * ssv_h
     n_visible = tl.minimum(chunk, capacity)
     jr = tl.arange(0, BC)
+    full = tl.arange(0, D_HEAD)
     for j0 in range(0, n_visible, BC):
         j = j0 + jr
         jmask = j < n_visible
-        kp = sk_head + j[:, None] * ssk_c + cols[None, :]
-        vp = sv_head + j[:, None] * ssv_c + cols[None, :]
-        kb1 = tl.load(kp, mask=jmask[:, None], other=0.0).to(tl.float32)
-        kb2 = tl.load(kp + HALF, mask=jmask[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(kb1 * qr1[None, :], 1) + tl.sum(kb2 * qr2[None, :], 1)
-        s = tl.where(jmask, s, float("-inf"))
+        kb = tl.load(sk_head + j[:, None] * ssk_c + full[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
+        s = tl.where(jmask, tl.sum(kb * qr, 1), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 0))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new)
         l_sum = l_sum * alpha + tl.sum(p, 0)
-        vb1 = tl.load(vp, mask=jmask[:, None], other=0.0).to(tl.float32)
-        vb2 = tl.load(vp + HALF, mask=jmask[:, None], other=0.0).to(tl.float32)
-        acc1 = acc1 * alpha + tl.sum(p[:, None] * vb1, 0)
-        acc2 = acc2 * alpha + tl.sum(p[:, None] * vb2, 0)
+        vb = tl.load(sv_head + j[:, None] * ssv_c + full[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * vb, 0)
         m = m_new
-    YT = y_ptr.dtype.element_ty
-    tl.store(y_ptr + b64 * sy_b + vc, (acc1 / l_sum).to(YT))
-    tl.store(y_ptr + b64 * sy_b + vc + HALF, (acc2 / l_sum).to(YT))
+    tl.store(y_ptr + b64 * sy_b + h * D_HEAD + full, (acc / l_sum).to(y_ptr.dtype.element_ty))
     # --- slot c := the rotated running state (visible to later chunks once c is complete)
     ST = sk_ptr.dtype.element_ty
     writable = (cols * 0 + chunk) < capacity
@@ -100,8 +92,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
 
 
 def rat_decode(q, k, v, f, gate_bias, summary_k, summary_v, running_k, running_v, positions,
-               chunk_size: int, head_dim: int, rope_base: float) -> torch.Tensor:
-    """Same contract as ratpt.ops.rat_decode_mixing (caches updated in place, y returned)."""
+               chunk_size: int, head_dim: int, rope_base: float, slots: int = 32, warps: int = 2,
+               stages: int = 2) -> torch.Tensor:
+    """Same contract as ratpt.ops.rat_decode_mixing (caches updated in place, y returned).
+
+    slots, warps, stages: the launch (summary slots per loop step; benchmarks/profile_decode.py
+    --sweep measures them)."""
     B, D = v.shape
     H, G, d = D // head_dim, q.shape[-1] // head_dim, head_dim
     for name, t in {"q": q, "k": k, "v": v, "f": f, "summary_k": summary_k, "summary_v": summary_v,
@@ -115,5 +111,6 @@ def rat_decode(q, k, v, f, gate_bias, summary_k, summary_v, running_k, running_v
         q.stride(0), k.stride(0), v.stride(0), f.stride(0), y.stride(0), running_k.stride(0), running_v.stride(0),
         *summary_k.stride()[:3], *summary_v.stride()[:3],
         summary_k.shape[2], LOG2E / math.sqrt(d),
-        H=H, G=G, L=chunk_size, HALF=d // 2, BC=16 if interpreting() else 64, num_warps=4)
+        H=H, G=G, L=chunk_size, HALF=d // 2, BC=16 if interpreting() else slots, num_warps=warps,
+        num_stages=stages)
     return y

@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 D, HEAD_DIM, GROUPS, TOKENS, ROPE_BASE = 2048, 128, 2, 131072, 10000.0
 
 TILES = {  # (bq, bc) pairs per kernel; each is tried with 4 and 8 warps, 2 and 3 stages
-    "forward": [(64, 64), (128, 64), (64, 128), (128, 32)],
-    "summary_grad": [(64, 64), (128, 64), (32, 128), (64, 128)],
-    "query_grad": [(64, 64), (64, 128), (128, 32), (128, 64)],
+    "forward": [(64, 64), (128, 64), (64, 128), (128, 32), (128, 128)],
+    "summary_grad": [(64, 64), (128, 64), (32, 128), (64, 128), (128, 128)],
+    "query_grad": [(64, 64), (64, 128), (128, 32), (128, 64), (128, 128)],
 }
 
 

@@ -55,3 +55,24 @@ def test_update_keeps_the_batches_a_run_did_not_measure():
     assert merged["largest_batch"] == 128 and merged["best"]["batch"] == 64
     skipped = bench.merge_batches(old, {"model": "rat", "batches": [{"batch": 32, "skipped": "time budget"}]})
     assert skipped["batches"][0] == {"batch": 32, "decode_tokens_per_s": 5.0}  # a batch not run keeps its row
+
+
+def test_decode_profile_counts_the_cache_slots_each_mixer_reads():
+    """benchmarks/profile_decode.py's bandwidth denominator, against hand counts at 1.3B (D 2048,
+    24 layers, bf16): RAT reads the position // 16 complete summaries, attention every key up to and
+    including the token's own, the hybrid's sliding-window layers the window and the token."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import profile_decode
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from ratpt.config import load_config
+
+    def read(name, batch, position):
+        return profile_decode.cache_bytes_read(load_config(REPO / "configs" / f"{name}.yaml").model, batch, position, 2)
+
+    row = 2 * 2048 * 2  # k and v of one slot, bf16
+    assert read("rat_1p3b", 2048, 3584) == 2048 * 24 * 224 * row
+    assert read("attention_1p3b", 128, 3584) == 128 * 24 * 3585 * row
+    assert read("rat_swa_1p3b", 1, 3584) == 12 * (224 + 1025) * row
+    assert read("rat_swa_1p3b", 1, 100) == 12 * (6 + 101) * row

@@ -1,0 +1,149 @@
+"""Where one decode step's time goes, per model: GPU kernels of a CUDA-graphed step (torch.profiler).
+
+The step is benchmarks/generate.py's: a cache preallocated for prompt + new tokens, prefilled
+from `--prefill-batch` prompts and repeated to the batch, one token per sequence, replayed as one
+CUDA graph. After warmup replays, `--steps` replays run under the profiler; each GPU kernel's time
+is averaged per step and summed into benchmarks/profile_step.py's categories. The cache bytes a
+step reads (every visible summary or key/value slot, model dtype) over the mixing kernels' time
+give their achieved bandwidth, to compare with the H200's ≈ 4.3 TB/s copy rate.
+
+--sweep times the RAT decode kernel alone (kernels.rat_decode, one layer of RAT-1.3B's shape at
+the first model's batch and position, random caches) over its launch configurations, to choose
+the defaults of kernels/rat_decode.py.
+
+    python benchmarks/profile_decode.py --models rat_1p3b,attention_1p3b --batches 2048,128 \
+        --out benchmarks/results/profile_decode.json
+    python benchmarks/profile_decode.py --sweep --batches 2048 --out sweep.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from generate import REPO
+from profile_step import CATEGORIES, category, rat_kernel_names
+from ratpt.config import load_config
+from ratpt.generate import GraphedDecodeStep
+from ratpt.model import build_model
+from ratpt.model.config import mixer_of_layer
+
+
+def cache_bytes_read(model_cfg, batch: int, position: int, itemsize: int) -> float:
+    """Bytes of cache one decode step at `position` reads: per layer, every slot it attends to."""
+    per_layer = []
+    for mixer in map(partial(mixer_of_layer, model_cfg), range(model_cfg.n_layers)):
+        if mixer == "rat":
+            slots = position // model_cfg.chunk_size
+        elif mixer == "attention":  # keys 0..position, its own included
+            slots = position + 1
+        elif mixer == "swa":  # itself and `window` earlier tokens
+            slots = min(position, model_cfg.window) + 1
+        else:  # an RNN's state is not a cache of slots
+            slots = 0
+        per_layer.append(2 * slots * model_cfg.d_model * itemsize)
+    return batch * sum(per_layer)
+
+
+@torch.inference_mode()
+def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to("cuda", torch.bfloat16).eval()
+    prompts = torch.randint(0, cfg.model.vocab_size, (args.prefill_batch, args.prompt), device="cuda")
+    logits, cache = model.prefill(prompts, capacity=args.prompt + args.new)
+    cache = cache.repeat_interleave(batch // args.prefill_batch)
+    tokens = logits.repeat_interleave(batch // args.prefill_batch, 0).argmax(-1)
+    step = GraphedDecodeStep(model, cache)
+    for _ in range(args.warmup):
+        tokens = step(tokens).argmax(-1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            tokens = step(tokens).argmax(-1)
+        torch.cuda.synchronize()
+    rat_names = rat_kernel_names()
+    per_kernel: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type == DeviceType.CUDA:
+            per_kernel[event.key] += event.self_device_time_total / 1000 / args.steps
+    by_category = dict.fromkeys(CATEGORIES, 0.0)
+    for kernel, ms in per_kernel.items():
+        by_category[category(kernel, rat_names)] += ms
+    mixing_ms = by_category["rat_mixing"] + by_category["attention"]
+    position = args.prompt + args.warmup + args.steps // 2
+    read = cache_bytes_read(cfg.model, batch, position, 2)
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {"model": name, "batch": batch, "position": position, "kernel_ms_per_step": sum(per_kernel.values()),
+            "by_category_ms": by_category, "cache_gb_read": read / 1e9,
+            "mixing_tb_per_s": read / (mixing_ms / 1000) / 1e12 if mixing_ms else None,
+            "top_kernels_ms": {k[:120]: round(v, 3) for k, v in top}}
+
+
+def sweep_decode_launch(batch: int, position: int, tokens: int, iters: int) -> list[dict]:
+    """Kernel time of one RAT-1.3B layer's decode step per (slots, warps, stages), at `position`."""
+    from kernels import rat_decode
+    from kernels.tune import time_ms
+
+    cfg = load_config(REPO / "configs" / "rat_1p3b.yaml").model
+    D, d, G, L = cfg.d_model, cfg.head_dim, cfg.ngroups, cfg.chunk_size
+    capacity = -(-tokens // L)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+
+    q, k, v, f = rand(batch, G * d), rand(batch, G * d), rand(batch, D), rand(batch, D)
+    bias = rand(D, dtype=torch.float32)
+    caches = [rand(batch, D // d, capacity, d), rand(batch, D // d, capacity, d),
+              rand(batch, D, dtype=torch.float32), rand(batch, D, dtype=torch.float32)]
+    positions = torch.full((batch,), position, device="cuda", dtype=torch.long)
+    read_gb = 2 * batch * D * (position // L) * 2 / 1e9
+    rows = []
+    for slots, warps, stages in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 3)):
+        ms = time_ms(lambda: rat_decode(q, k, v, f, bias, *caches, positions, L, d, cfg.rope_base,
+                                        slots=slots, warps=warps, stages=stages), iters, warmup=2)
+        rows.append({"slots": slots, "warps": warps, "stages": stages, "ms": ms, "tb_per_s": read_gb / ms})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="rat_1p3b,attention_1p3b")
+    parser.add_argument("--batches", default="2048,128", help="one per model")
+    parser.add_argument("--prompt", type=int, default=3072)
+    parser.add_argument("--new", type=int, default=1024)
+    parser.add_argument("--prefill-batch", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--sweep", action="store_true", help="time the decode kernel's launches instead")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "profile_decode.json")
+    args = parser.parse_args()
+    if args.sweep:
+        batch = int(args.batches.split(",")[0])
+        rows = sweep_decode_launch(batch, args.prompt + args.new // 2, args.prompt + args.new, 20)
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "batch": batch, "runs": rows},
+                                       indent=1))
+        return
+    models, batches = args.models.split(","), list(map(int, args.batches.split(",")))
+    if len(models) != len(batches):
+        parser.error(f"--batches needs one batch per model: {len(models)} models, {len(batches)} batches")
+    runs = []
+    for name, batch in zip(models, batches):
+        runs.append(profile_model(name, batch, args))
+        print(json.dumps(runs[-1], indent=1), flush=True)
+        torch.cuda.empty_cache()
+    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                    "prompt": args.prompt, "runs": runs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
