@@ -20,7 +20,8 @@ What crosses ranks:
                     the rank that holds it (`PreviousWindowExchange`, point-to-point or a local
                     copy; gradients go back the same way).
     attention       all-gather of K and V (gradients reduce-scattered), put in sequence order;
-                    each block's queries see the keys up to their own positions.
+                    each block's queries see the keys up to their own positions (one
+                    FlashAttention call per block on GPUs, with a lower-right causal bias).
     everything else (embedding, norms, FFN, head, loss) is per token and needs nothing; the
                     batch is cut by the same layout (`sequence_slice`), labels with the tokens.
 
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from ratpt import ops
@@ -332,8 +334,9 @@ class ContextShard:
         kv = torch.cat((k, v), dim=-1)
         if window is None:
             gathered = _GatherAlongSequence.apply(kv.permute(2, 0, 1, 3), self.group)
-            keys, values = self.layout.to_sequence_order(gathered, dim=0).permute(1, 2, 0, 3).split(k.shape[-1], -1)
-            outputs = [_masked_attention(q[:, :, lo:hi], keys, values, start, 0, None, query_block)
+            sequence = self.layout.to_sequence_order(gathered, dim=0).permute(1, 2, 0, 3).contiguous()
+            keys, values = sequence.split(k.shape[-1], -1)
+            outputs = [_attend_prefix(q[:, :, lo:hi], keys[:, :, :start + hi - lo], values[:, :, :start + hi - lo])
                        for lo, hi, start in segments]
             return torch.cat(outputs, dim=2)
         # NOTE: block 0 receives zeros at positions < 0 (masked), but keeps them in its graph so
@@ -343,32 +346,35 @@ class ContextShard:
         outputs = []
         for slot, (lo, hi, start) in enumerate(segments):
             keys, values = torch.cat((previous[slot], kv[:, :, lo:hi]), dim=2).split(k.shape[-1], dim=-1)
-            outputs.append(_masked_attention(q[:, :, lo:hi], keys, values, start, start - window, window, query_block))
+            outputs.append(_windowed_attention(q[:, :, lo:hi], keys, values, start, start - window, window,
+                                               query_block))
         return torch.cat(outputs, dim=2)
 
 
-def _masked_attention(q, k, v, q_start: int, k_start: int, window: int | None, query_block: int):
-    """Causal (optionally windowed) attention of queries at positions q_start + i over keys at
-    k_start + j, in query blocks against only the keys a block can reach. Without a window each
-    block is recomputed in backward: what SDPA saves per block (its keys and values made contiguous,
-    the mask) would otherwise grow as T²/block; attention-1.3B at 131072 tokens on CP 2 ran out of
-    139 GiB without this."""
+def _attend_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last q.shape[2] positions of a prefix over all of its keys.
+
+    One SDPA call with a lower-right causal bias: on GPUs that is FlashAttention (no mask, memory
+    O(T), its own recomputation in backward); elsewhere the bias is materialised. The earlier
+    per-512-query masked blocks ran out of 139 GiB on CP 2 for attention-1.3B at 131072 tokens.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
+
+
+def _windowed_attention(q, k, v, q_start: int, k_start: int, window: int, query_block: int):
+    """Sliding-window attention of queries at positions q_start + i over keys at k_start + j, in
+    query blocks against only the keys a block's window reaches (keys before position 0 masked)."""
     T = q.shape[2]
     outputs = []
     for lo in range(0, T, query_block):
         hi = min(lo + query_block, T)
         q_pos = torch.arange(q_start + lo, q_start + hi, device=q.device).unsqueeze(-1)
-        first = 0 if window is None else max(0, q_start + lo - window - k_start)
+        first = max(0, q_start + lo - window - k_start)
         last = q_start + hi - k_start  # keys up to the block's last query
         k_pos = torch.arange(k_start + first, k_start + last, device=q.device)
-        allowed = (k_pos <= q_pos) & (k_pos >= 0)
-        if window is not None:
-            allowed &= q_pos - k_pos <= window
-        args = (q[:, :, lo:hi], k[:, :, first:last], v[:, :, first:last])
-        if window is None and torch.is_grad_enabled():
-            outputs.append(checkpoint(F.scaled_dot_product_attention, *args, attn_mask=allowed, use_reentrant=False))
-        else:
-            outputs.append(F.scaled_dot_product_attention(*args, attn_mask=allowed))
+        allowed = (k_pos <= q_pos) & (k_pos >= 0) & (q_pos - k_pos <= window)
+        outputs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, first:last], v[:, :, first:last],
+                                                      attn_mask=allowed))
     return torch.cat(outputs, dim=2)
 
 
