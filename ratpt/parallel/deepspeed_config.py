@@ -21,6 +21,7 @@ import copy
 from typing import Any
 
 from ratpt.config import Config, ConfigError
+from ratpt.train.engine import uses_bf16
 
 OWNED = {  # DeepSpeed key -> the ratpt key that sets it
     "train_batch_size": "train.global_batch",
@@ -40,11 +41,6 @@ OWNED = {  # DeepSpeed key -> the ratpt key that sets it
     "zero_optimization.offload_param.device": "deepspeed.offload_params",
 }
 QUIET_STEPS = 2**31 - 1  # steps_per_print: ratpt's metrics logger reports, DeepSpeed stays quiet
-
-
-def uses_bf16(precision: str, device_type: str) -> bool:
-    """train.precision: auto is bf16 on CUDA and fp32 elsewhere, as for the megatron engine."""
-    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
 
 
 def deepspeed_json(cfg: Config, dp_size: int, device_type: str) -> dict[str, Any]:

@@ -15,7 +15,6 @@ buffers, bucketed reduce-scatter overlapped with backward on GPU).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from typing import Iterable
@@ -33,6 +32,7 @@ from ratpt.parallel.optimizer_state import ADAM_KEYS, gather_adam_state, scatter
 from ratpt.parallel.parallelize import LayoutNotSupported, parallelize
 from ratpt.parallel.pipeline import stage_layers
 from ratpt.parallel.tensor_parallel import from_plain, to_plain
+from ratpt.train.engine import autocast_context
 
 log = logging.getLogger("ratpt.train")
 
@@ -140,7 +140,7 @@ class MegatronEngine:
         layout = self.cfg.parallel.context_layout
         input_ids = sequence_slice(batch["input_ids"], self.mesh, layout).to(self.ctx.device, non_blocking=True)
         labels = sequence_slice(batch["labels"], self.mesh, layout).to(self.ctx.device, non_blocking=True)
-        with _autocast(self.ctx.device, self.cfg.train.precision):
+        with autocast_context(self.ctx.device, self.cfg.train.precision):
             logits = model(input_ids)
 
         def loss_func(output: torch.Tensor):
@@ -244,10 +244,3 @@ class MegatronEngine:
     def _duplicate(self, name: str) -> bool:
         p = self.placements.get(name)
         return p is not None and p.duplicate
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -28,10 +28,14 @@ from ratpt.train.optim import parameter_groups
 IGNORE_INDEX = -100
 
 
+def uses_bf16(precision: str, device_type: str) -> bool:
+    """train.precision, for every engine: auto is bf16 on CUDA and fp32 elsewhere."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast over fp32 master weights on CUDA; plain fp32 elsewhere unless asked."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not uses_bf16(precision, device.type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
