@@ -206,3 +206,13 @@ def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base
     kst, vst, ks, vs = rat_states(k, v, f, gate_bias, chunk_size, head_dim, rope_base)
     y, lse = summary_attention(q, kst, vst, ks, vs, chunk_size, head_dim, rope_base, config=config)
     return y, lse, ks, vs
+
+
+def rat_prefill(q, k, v, f, gate_bias, lengths: torch.Tensor, chunk_size: int, head_dim: int, rope_base: float):
+    """Same contract as ratpt.ops.rat_prefill_mixing: the forward's two passes, whose fp32 states give
+    the running k̃, ṽ at each sequence's last prompt token and whose summaries are the cache's slots."""
+    q, k, v, f = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, f))
+    kst, vst, ks, vs = rat_states(k, v, f, gate_bias, chunk_size, head_dim, rope_base)
+    y, _ = summary_attention(q, kst, vst, ks, vs, chunk_size, head_dim, rope_base)
+    rows, last = torch.arange(v.shape[0], device=v.device), lengths - 1
+    return y, ks, vs, kst[rows, last], vst[rows, last]

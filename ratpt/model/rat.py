@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ratpt import ops
-from ratpt.model.cache import RATCache, ensure_slots, gather_positions, summary_slots
+from ratpt.model.cache import RATCache, ensure_slots, summary_slots
 from ratpt.model.config import ModelConfig, n_heads
-from ratpt.model.gates import chrono_init_, forget_gate
+from ratpt.model.gates import chrono_init_
 from ratpt.model.norm import RMSNorm
 
 
@@ -48,25 +48,14 @@ class RATMixer(nn.Module):
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, RATCache]:
         """Forward over a right-padded batch; cache the chunk summaries (slots for `capacity` tokens)
-        and the running state."""
+        and the running state (ops.rat_prefill_mixing: on the kernels, the forward's own states)."""
         z, v, f, q, k = self._split(x)
-        out = x + self.out_proj(z * self._mixing(q, k, v, f))
-        # the cache comes from the reference ops: k̃, ṽ at every position, rotated at chunk ends
-        g = forget_gate(f, self.gate_bias)
-        tiles = self.n_heads // self.ngroups
-        k_state = ops.chunk_scan(k.repeat(1, 1, tiles), g, self.chunk_size)
-        v_state = ops.chunk_scan(v, g, self.chunk_size)
-        L = self.chunk_size
-        ends = torch.arange(x.shape[1] // L, device=x.device) * L + L - 1  # complete chunks only
-        cos, sin = ops.rope_cos_sin(ends // L, self.head_dim, self.rope_base, x.dtype)
-        last = lengths - 1
-        slots = summary_slots(capacity, L)
-        cache = RATCache(summary_k=ensure_slots(ops.apply_rope(self._heads(k_state[:, ends]), cos, sin), slots),
-                         summary_v=ensure_slots(self._heads(v_state[:, ends]).contiguous(), slots),
-                         running_k=gather_positions(k_state, last).to(g.dtype),
-                         running_v=gather_positions(v_state, last).to(g.dtype),
-                         chunk_size=L)
-        return out, cache
+        y, summary_k, summary_v, running_k, running_v = ops.rat_prefill_mixing(
+            q, k, v, f, self.gate_bias, lengths, self.chunk_size, self.head_dim, self.rope_base, kernels=self.kernels)
+        slots = summary_slots(capacity, self.chunk_size)
+        cache = RATCache(summary_k=ensure_slots(summary_k, slots), summary_v=ensure_slots(summary_v, slots),
+                         running_k=running_k, running_v=running_v, chunk_size=self.chunk_size)
+        return x + self.out_proj(z * y), cache
 
     def decode(self, x: torch.Tensor, cache: RATCache, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place.

@@ -45,18 +45,30 @@ def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) ->
 def rat_mixing_reference(q, k, v, f, gate_bias, chunk_size: int, head_dim: int,
                          rope_base: float) -> torch.Tensor:
     """Pure-PyTorch ground truth of rat_mixing (the composition of DESIGN §1's steps)."""
-    B, T, D = v.shape
-    H, G = D // head_dim, q.shape[-1] // head_dim
+    k_state, v_state = recurrent_states_reference(k, v, f, gate_bias, chunk_size, head_dim)
+    return attend_states(q, k_state, v_state, chunk_size, head_dim, rope_base)
+
+
+def recurrent_states_reference(k, v, f, gate_bias, chunk_size: int, head_dim: int):
+    """k̃, ṽ [B, T, H·d] (input dtype): the in-chunk recurrences of k (tiled from G groups to H heads)
+    and v under g = sigmoid(f + gate_bias), the gate in at least fp32."""
+    H, G = v.shape[-1] // head_dim, k.shape[-1] // head_dim
     dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
     g = torch.sigmoid(f.to(dtype) + gate_bias.to(dtype))
-    q, k = q.repeat(1, 1, H // G), k.repeat(1, 1, H // G)
-    k_state, v_state = chunk_scan(k, g, chunk_size), chunk_scan(v, g, chunk_size)
-    chunk = torch.arange(T, device=v.device) // chunk_size
-    cos, sin = rope_cos_sin(chunk, head_dim, rope_base, v.dtype)
+    return chunk_scan(k.repeat(1, 1, H // G), g, chunk_size), chunk_scan(v, g, chunk_size)
+
+
+def attend_states(q, k_state, v_state, chunk_size: int, head_dim: int, rope_base: float) -> torch.Tensor:
+    """y [B, T, H·d]: q (tiled to H heads) and k̃ rotated by the chunk index, each token's softmax over the
+    earlier chunks' final states and its own."""
+    B, T, D = v_state.shape
+    H, G = D // head_dim, q.shape[-1] // head_dim
+    chunk = torch.arange(T, device=v_state.device) // chunk_size
+    cos, sin = rope_cos_sin(chunk, head_dim, rope_base, v_state.dtype)
 
     def heads(t):
         return t.reshape(B, T, H, head_dim).transpose(1, 2)
 
-    y = inter_chunk_attention(apply_rope(heads(q), cos, sin), apply_rope(heads(k_state), cos, sin),
-                              heads(v_state), chunk_size)
+    y = inter_chunk_attention(apply_rope(heads(q.repeat(1, 1, H // G)), cos, sin),
+                              apply_rope(heads(k_state), cos, sin), heads(v_state), chunk_size)
     return y.transpose(1, 2).reshape(B, T, D)

@@ -165,3 +165,20 @@ def test_a_block_with_the_sequences_summaries_and_its_chunk_offset_equals_refere
     for name, a, b in zip(names, [*got, dks[:, :, :first_chunk], dvs[:, :, :first_chunk]], want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
     assert not dks[:, :, own.stop:].any() and not dvs[:, :, own.stop:].any()  # later chunks are invisible
+
+
+@pytest.mark.parametrize("T,L,lengths", [(37, 8, [37, 16, 1]), (5, 8, [5, 3])],
+                         ids=["ragged-ends-in-and-at-chunks", "T-below-L"])
+def test_prefill_on_the_kernels_equals_reference_output_and_cache(T, L, lengths):
+    # y, the summaries of every complete chunk (rotated), and the running states at each sequence's
+    # last prompt token (mid-chunk, at a chunk end, the first token), against float64
+    from kernels import rat_prefill
+    from ratpt.ops import rat_prefill_reference
+
+    inputs = [t.detach() for t in make_inputs(len(lengths), T, 4, 2, 32)]
+    positions = torch.tensor(lengths, device=DEVICE)
+    got = rat_prefill(*inputs, positions, L, 32, ROPE_BASE)
+    want = rat_prefill_reference(*(t.double() for t in inputs), positions, L, 32, ROPE_BASE)
+    assert got[1].shape == want[1].shape == (len(lengths), 4, T // L, 32)
+    for name, a, b in zip(("y", "Ks", "Vs", "running k", "running v"), got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")

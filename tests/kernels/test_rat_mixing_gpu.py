@@ -67,3 +67,17 @@ def test_fp32_kernel_matches_fp32_reference(L):
     w = torch.randn(B, T, H * d, device="cuda")
     for name, a, b in zip(NAMES, run(rat_mixing, xs, w, L, d), run(rat_mixing_reference, xs, w, L, d)):
         assert rel(a, b) < 1e-4, f"{name}: {rel(a, b):.2e}"
+
+
+def test_bf16_prefill_is_as_close_to_fp32_truth_as_the_bf16_reference():
+    # the same criterion for the prefill's outputs: y, the rotated summaries and the running states
+    from kernels import rat_prefill
+    from ratpt.ops import rat_prefill_reference
+
+    xs = [t.detach() for t in inputs(3, 4096, 16, 2, 128, torch.bfloat16)]
+    lengths = torch.tensor([4096, 2049, 17], device="cuda")
+    truth = rat_prefill_reference(*(t.float() for t in xs), lengths, 16, 128, 10000.0)
+    bf16 = rat_prefill_reference(*xs, lengths, 16, 128, 10000.0)
+    got = rat_prefill(*xs, lengths, 16, 128, 10000.0)
+    for name, g, r, t in zip(("y", "Ks", "Vs", "running k", "running v"), got, bf16, truth):
+        assert rel(g.float(), t) <= 2 * rel(r.float(), t) + 2e-3, name

@@ -1,4 +1,6 @@
 """DESIGN §1 invariants of the whole LM, for every mixer and the hybrid."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -163,3 +165,21 @@ def test_invalid_config_names_the_field(change, field):
     cfg = ModelConfig(**{"d_model": 32, "head_dim": 8, "ngroups": 2, **change})
     with pytest.raises(ValueError, match=field):
         validate_model_config(cfg)
+
+
+def test_prefill_and_decode_on_the_kernels_equal_the_reference_full_forward():
+    """The RAT layers' prefill and decode through the Triton kernels (interpreter on CPU, fp32): the
+    cache they hand each other continues the sequence exactly as the reference model's full forward."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=37, d_model=64, n_layers=2, head_dim=32, ngroups=2, chunk_size=4,
+                      mixers=["rat"], init_std=0.3)
+    reference = build_model(cfg).eval()
+    kernel_model = build_model(dataclasses.replace(cfg, kernels="triton")).eval()
+    kernel_model.load_state_dict(reference.state_dict())
+    lengths, steps = [9, 4], 6
+    seqs, stepwise, _ = decode_ragged(kernel_model, lengths, steps, capacity=max(lengths) + steps - 1)
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            full = reference(seqs[b][None])[0]
+            for s in range(steps):
+                torch.testing.assert_close(stepwise[s][b], full[n - 1 + s], rtol=1e-4, atol=1e-4)
