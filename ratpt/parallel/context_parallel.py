@@ -49,7 +49,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from ratpt import ops
-from ratpt.ops.rat_mixing import use_triton
+from ratpt.ops.rat_mixing import recurrent_states_reference, use_triton
 
 QUERY_BLOCK = 512  # queries per block: memory O(block × keys), as the single-process ops
 LAYOUTS = ("contiguous", "zigzag")
@@ -290,10 +290,8 @@ class ContextShard:
                                            rope_base)
         B, T, D = v.shape
         H, G = D // head_dim, q.shape[-1] // head_dim
-        dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
-        g = torch.sigmoid(f.to(dtype) + gate_bias.to(dtype))
-        q, k = q.repeat(1, 1, H // G), k.repeat(1, 1, H // G)
-        k_state, v_state = ops.chunk_scan(k, g, chunk_size), ops.chunk_scan(v, g, chunk_size)
+        k_state, v_state = recurrent_states_reference(k, v, f, gate_bias, chunk_size, head_dim)
+        q = q.repeat(1, 1, H // G)
         cos, sin = ops.rope_cos_sin(self.positions(T, v.device) // chunk_size, head_dim, rope_base, v.dtype)
 
         def heads(t):
