@@ -10,7 +10,9 @@ fused AdamW, clipping — the trainer's single-process path) on random tokens, f
 all in one process so the ratios are comparable. --accumulation N runs N micro-batches per
 optimizer step, as the trainer does when train.global_batch exceeds the micro-batch. MFU uses the
 model's own FLOP count (ratpt.model.flops, mask-aware) over the device's dense bf16 peak. Writes
-JSON after every case (the PNG with --plot, where matplotlib is).
+JSON after every case (the PNG with --plot, where matplotlib is). The default cases are every
+model × flags × --micro-batches: once a micro-batch runs out of memory, the larger ones of the same
+model and flags are skipped, so each row set ends at the largest micro-batch that fits.
 
     python benchmarks/train.py --out benchmarks/results/train.json
     python benchmarks/train.py --cases rat_1p3b:8:compile,attention_1p3b:8:compile
@@ -118,17 +120,22 @@ def benchmark(args: argparse.Namespace) -> dict:
         result["results"] = json.loads(args.out.read_text())["results"]
     deadline = time.time() + args.budget_s
     torch._dynamo.config.cache_size_limit = 64  # one entry per model kind and micro-batch in this process
+    out_of_memory: dict[tuple, int] = {}  # (model, flags) -> the smallest micro-batch that ran out of memory
     for case in cases:
         config, micro_batch, flags = parse_case(case)
         row = {"model": config, "micro_batch": micro_batch, "activation_checkpointing": "ckpt" in flags,
                "compile": "compile" in flags, "accumulation": args.accumulation}
+        too_large = smaller_out_of_memory(out_of_memory, config, flags, micro_batch)
         if time.time() > deadline:
             row["skipped"] = "time budget"
+        elif too_large:
+            row["skipped"] = f"micro-batch {too_large} ran out of memory"
         else:
             try:
                 row = run_case(case, args.seq_len, args.steps, args.warmup, args.accumulation)
             except torch.OutOfMemoryError:
                 row["oom"] = True
+                out_of_memory[(config, frozenset(flags))] = micro_batch
             except Exception as error:  # record and go on: one failing case must not lose the others
                 row["error"] = f"{type(error).__name__}: {str(error)[:400]}"
         row["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -139,6 +146,12 @@ def benchmark(args: argparse.Namespace) -> dict:
         result["results"] = [r for r in result["results"] if row_key(r) != row_key(row)] + [row]
         args.out.write_text(json.dumps(result, indent=1))
     return result
+
+
+def smaller_out_of_memory(out_of_memory: dict[tuple, int], config: str, flags: set[str], micro_batch: int) -> int | None:
+    """A micro-batch no larger than this one that already ran out of memory with the same model and flags."""
+    smallest = out_of_memory.get((config, frozenset(flags)))
+    return smallest if smallest is not None and smallest <= micro_batch else None
 
 
 def plot(path: Path) -> None:
@@ -163,7 +176,7 @@ def plot(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="rat_1p3b,attention_1p3b,rat_swa_1p3b")
-    parser.add_argument("--micro-batches", default="4,8")
+    parser.add_argument("--micro-batches", default="4,8,12,16,24,32")
     parser.add_argument("--cases", help="config:micro_batch[:flags] list (default: every model x micro-batch x flags)")
     parser.add_argument("--budget-s", type=float, default=3600, help="start no case after this many seconds")
     parser.add_argument("--seq-len", type=int, default=4096)
