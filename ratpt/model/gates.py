@@ -1,4 +1,4 @@
-"""Forget-gate helpers shared by the RAT and RNN mixers."""
+"""The forget-gate initialisation shared by the RAT and RNN mixers (the gate itself: ratpt.ops.forget_gate)."""
 import torch
 from torch import nn
 
@@ -15,10 +15,5 @@ def chrono_init_(gate_bias: nn.Parameter, horizon: int) -> None:
         else:
             gate_bias.uniform_(1.0, horizon - 1.0).log_()
 
-
-def forget_gate(f: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
-    """sigmoid(f + gate_bias) in at least fp32 (DESIGN: the gate is fp32 even under bf16)."""
-    dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
-    return torch.sigmoid(f.to(dtype) + gate_bias.to(dtype))
 
 

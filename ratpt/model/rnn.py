@@ -12,7 +12,7 @@ from torch import nn
 from ratpt import ops
 from ratpt.model.cache import RNNCache, gather_positions
 from ratpt.model.config import ModelConfig
-from ratpt.model.gates import chrono_init_, forget_gate
+from ratpt.model.gates import chrono_init_
 from ratpt.model.norm import RMSNorm
 
 
@@ -47,4 +47,4 @@ class RNNMixer(nn.Module):
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z, v, f = self.in_proj(self.input_norm(x)).split(self.d_model, dim=-1)
-        return torch.sigmoid(z), v, forget_gate(f, self.gate_bias)
+        return torch.sigmoid(z), v, ops.forget_gate(f, self.gate_bias)

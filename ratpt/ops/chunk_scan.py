@@ -17,6 +17,12 @@ import torch.nn.functional as F
 BLOCK = 16  # positions per block of the hierarchical scan
 
 
+def forget_gate(f: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
+    """g = sigmoid(f + gate_bias) in at least fp32 (DESIGN: the gate is fp32 even under bf16)."""
+    dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
+    return torch.sigmoid(f.to(dtype) + gate_bias.to(dtype))
+
+
 def chunk_scan(x: torch.Tensor, g: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
     """Gated recurrence of x [B, T, D] with gate g [B, T, D] in (0, 1), reset every chunk_size.
 

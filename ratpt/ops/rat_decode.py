@@ -14,6 +14,7 @@ decode kernel on CUDA).
 """
 import torch
 
+from ratpt.ops.chunk_scan import forget_gate
 from ratpt.ops.inter_chunk_attention import attend_summaries
 from ratpt.ops.rat_mixing import use_triton
 from ratpt.ops.rope import apply_rope, rope_cos_sin
@@ -40,11 +41,10 @@ def rat_decode_reference(q, k, v, f, gate_bias, summary_k, summary_v, running_k,
     """Pure-PyTorch ground truth of rat_decode_mixing (the math of RATMixer.decode)."""
     B, D = v.shape
     H, G = D // head_dim, q.shape[-1] // head_dim
-    dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
-    g = torch.sigmoid(f.to(dtype) + gate_bias.to(dtype))
+    g = forget_gate(f, gate_bias)
     carry = (positions % chunk_size != 0).unsqueeze(-1)  # no carry at a chunk start
-    tiled_k = k.repeat(1, H // G).to(dtype)
-    running_v.copy_(torch.where(carry, g * running_v, 0) + (1 - g) * v.to(dtype))
+    tiled_k = k.repeat(1, H // G).to(g.dtype)
+    running_v.copy_(torch.where(carry, g * running_v, 0) + (1 - g) * v.to(g.dtype))
     running_k.copy_(torch.where(carry, g * running_k, 0) + (1 - g) * tiled_k)
 
     def heads(t):

@@ -11,7 +11,7 @@ the reference elsewhere; "torch" = always the reference; "triton" = always the k
 """
 import torch
 
-from ratpt.ops.chunk_scan import chunk_scan
+from ratpt.ops.chunk_scan import chunk_scan, forget_gate
 from ratpt.ops.inter_chunk_attention import inter_chunk_attention
 from ratpt.ops.rope import apply_rope, rope_cos_sin
 
@@ -45,16 +45,14 @@ def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) ->
 def rat_mixing_reference(q, k, v, f, gate_bias, chunk_size: int, head_dim: int,
                          rope_base: float) -> torch.Tensor:
     """Pure-PyTorch ground truth of rat_mixing (the composition of DESIGN §1's steps)."""
-    k_state, v_state = recurrent_states_reference(k, v, f, gate_bias, chunk_size, head_dim)
+    k_state, v_state = recurrent_states_reference(k, v, forget_gate(f, gate_bias), chunk_size, head_dim)
     return attend_states(q, k_state, v_state, chunk_size, head_dim, rope_base)
 
 
-def recurrent_states_reference(k, v, f, gate_bias, chunk_size: int, head_dim: int):
+def recurrent_states_reference(k, v, g, chunk_size: int, head_dim: int):
     """k̃, ṽ [B, T, H·d] (input dtype): the in-chunk recurrences of k (tiled from G groups to H heads)
-    and v under g = sigmoid(f + gate_bias), the gate in at least fp32."""
+    and v under the gate g (ops.forget_gate)."""
     H, G = v.shape[-1] // head_dim, k.shape[-1] // head_dim
-    dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
-    g = torch.sigmoid(f.to(dtype) + gate_bias.to(dtype))
     return chunk_scan(k.repeat(1, 1, H // G), g, chunk_size), chunk_scan(v, g, chunk_size)
 
 

@@ -11,6 +11,7 @@ chunk scans. `kernels` dispatches like rat_mixing.
 """
 import torch
 
+from ratpt.ops.chunk_scan import forget_gate
 from ratpt.ops.rat_mixing import attend_states, recurrent_states_reference, use_triton
 from ratpt.ops.rope import apply_rope, rope_cos_sin
 
@@ -30,7 +31,8 @@ def rat_prefill_reference(q, k, v, f, gate_bias, lengths: torch.Tensor, chunk_si
     """Pure-PyTorch ground truth of rat_prefill_mixing."""
     B, T, D = v.shape
     H, L = D // head_dim, chunk_size
-    k_state, v_state = recurrent_states_reference(k, v, f, gate_bias, L, head_dim)
+    g = forget_gate(f, gate_bias)
+    k_state, v_state = recurrent_states_reference(k, v, g, L, head_dim)
     y = attend_states(q, k_state, v_state, L, head_dim, rope_base)
     ends = torch.arange(T // L, device=v.device) * L + L - 1  # complete chunks only
     cos, sin = rope_cos_sin(ends // L, head_dim, rope_base, v.dtype)
@@ -39,6 +41,5 @@ def rat_prefill_reference(q, k, v, f, gate_bias, lengths: torch.Tensor, chunk_si
         return t.reshape(B, -1, H, head_dim).transpose(1, 2)
 
     rows, last = torch.arange(B, device=v.device), lengths - 1
-    recurrence = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
     return (y, apply_rope(heads(k_state[:, ends]), cos, sin), heads(v_state[:, ends]).contiguous(),
-            k_state[rows, last].to(recurrence), v_state[rows, last].to(recurrence))
+            k_state[rows, last].to(g.dtype), v_state[rows, last].to(g.dtype))

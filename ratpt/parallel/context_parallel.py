@@ -290,7 +290,7 @@ class ContextShard:
                                            rope_base)
         B, T, D = v.shape
         H, G = D // head_dim, q.shape[-1] // head_dim
-        k_state, v_state = recurrent_states_reference(k, v, f, gate_bias, chunk_size, head_dim)
+        k_state, v_state = recurrent_states_reference(k, v, ops.forget_gate(f, gate_bias), chunk_size, head_dim)
         q = q.repeat(1, 1, H // G)
         cos, sin = ops.rope_cos_sin(self.positions(T, v.device) // chunk_size, head_dim, rope_base, v.dtype)
 
