@@ -29,7 +29,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from generate import REPO
-from profile_step import CATEGORIES, category, rat_kernel_names
+from profile_step import by_category, rat_kernel_names
 from ratpt.config import load_config
 from ratpt.generate import GraphedDecodeStep
 from ratpt.model import build_model
@@ -74,15 +74,13 @@ def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
     for event in prof.key_averages():
         if event.device_type == DeviceType.CUDA:
             per_kernel[event.key] += event.self_device_time_total / 1000 / args.steps
-    by_category = dict.fromkeys(CATEGORIES, 0.0)
-    for kernel, ms in per_kernel.items():
-        by_category[category(kernel, rat_names)] += ms
-    mixing_ms = by_category["rat_mixing"] + by_category["attention"]
+    per_category = by_category(per_kernel, rat_names)
+    mixing_ms = per_category["rat_mixing"] + per_category["attention"]
     position = args.prompt + args.warmup + args.steps // 2
     read = cache_bytes_read(cfg.model, batch, position, 2)
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
     return {"model": name, "batch": batch, "position": position, "kernel_ms_per_step": sum(per_kernel.values()),
-            "by_category_ms": by_category, "cache_gb_read": read / 1e9,
+            "by_category_ms": per_category, "cache_gb_read": read / 1e9,
             "mixing_tb_per_s": read / (mixing_ms / 1000) / 1e12 if mixing_ms else None,
             "top_kernels_ms": {k[:120]: round(v, 3) for k, v in top}}
 
@@ -105,7 +103,7 @@ def sweep_decode_launch(batch: int, position: int, tokens: int, iters: int) -> l
     caches = [rand(batch, D // d, capacity, d), rand(batch, D // d, capacity, d),
               rand(batch, D, dtype=torch.float32), rand(batch, D, dtype=torch.float32)]
     positions = torch.full((batch,), position, device="cuda", dtype=torch.long)
-    read_gb = 2 * batch * D * (position // L) * 2 / 1e9
+    read_gb = cache_bytes_read(cfg, batch, position, 2) / cfg.n_layers / 1e9  # one layer's
     rows = []
     for slots, warps, stages in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 3)):
         ms = time_ms(lambda: rat_decode(q, k, v, f, bias, *caches, positions, L, d, cfg.rope_base,

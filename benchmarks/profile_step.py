@@ -73,6 +73,14 @@ def category(name: str, rat_names: set[str]) -> str:
     return "glue"
 
 
+def by_category(per_kernel: dict[str, float], rat_names: set[str]) -> dict[str, float]:
+    """GPU time per kernel name, summed into CATEGORIES."""
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    for name, ms in per_kernel.items():
+        totals[category(name, rat_names)] += ms
+    return totals
+
+
 def dense_and_mixing_flops(model_cfg, seq_len: int) -> tuple[float, float]:
     """Training FLOPs per token (3 × forward) of the GEMMs, and of the softmax products of the mixers."""
     dense = mixing = 0.0
@@ -97,14 +105,11 @@ def profile_case(case: str, seq_len: int, warmup: int, rat_names: set[str]) -> d
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize(device)
-    per_category = dict.fromkeys(CATEGORIES, 0.0)
     per_kernel: dict[str, float] = {}
     for event in prof.events():
-        if event.device_type != DeviceType.CUDA:
-            continue
-        ms = event.time_range.elapsed_us() / 1000
-        per_category[category(event.name, rat_names)] += ms
-        per_kernel[event.name] = per_kernel.get(event.name, 0.0) + ms
+        if event.device_type == DeviceType.CUDA:
+            per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.time_range.elapsed_us() / 1000
+    per_category = by_category(per_kernel, rat_names)
     busy = sum(per_category.values())
     tokens = micro_batch * seq_len
     dense, mixing = dense_and_mixing_flops(cfg.model, seq_len)
