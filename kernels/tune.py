@@ -145,18 +145,18 @@ def main() -> None:
         torch.cuda.empty_cache()
     adopted_from = results["runs"]
     if args.confirm:
-        finalists = {key: configs + [blocks(key[0], key[1], HEAD_DIM, torch.bfloat16)]
+        finalists = {key: list(dict.fromkeys(configs + [blocks(key[0], key[1], HEAD_DIM, torch.bfloat16)]))
                      for key, configs in shortlist(results["runs"], args.confirm).items()}
-        results["confirmed"] = confirm(finalists, list(map(int, args.lengths.split(","))), args.rounds, args.out,
-                                       results)
-        adopted_from = medians(results["confirmed"])
+        adopted_from = medians(confirm(finalists, list(map(int, args.lengths.split(","))), args.rounds, args.out,
+                                       results))
     if args.write_table:
         write_table(adopted_from, args.write_table)
 
 
 def confirm(finalists: dict[tuple[str, int], list[Blocks]], lengths: list[int], rounds: int, out: str,
             results: dict) -> list[dict]:
-    """One call per finalist per round, the finalists interleaved, at every length (saved as it goes)."""
+    """One call per finalist per round, the finalists interleaved, at every length; the timings go to
+    results["confirmed"], saved as they come."""
     timings = results.setdefault("confirmed", [])
     for L in sorted({L for _, L in finalists}):
         for T in lengths:
@@ -164,7 +164,7 @@ def confirm(finalists: dict[tuple[str, int], list[Blocks]], lengths: list[int], 
             spin_up(inputs, L)
             for round_ in range(rounds):
                 for (kernel, key_L), configs in finalists.items():
-                    for cfg in dict.fromkeys(configs) if key_L == L else ():
+                    for cfg in configs if key_L == L else ():
                         ms = measure(kernel, cfg, inputs, L, iters=1)
                         timings.append({"kernel": kernel, "L": L, "T": T, **cfg.__dict__, "round": round_, "ms": ms})
                 with open(out, "w") as fh:
