@@ -245,7 +245,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=480, help="skip what would start after this")
     parser.add_argument("--plot", help="only draw the PNG of an existing JSON")
-    parser.add_argument("--update", help="an existing JSON: replace the measured layers' entries, keep the others")
+    parser.add_argument("--update", help="an existing JSON: replace what this run measures (layers × lengths, "
+                                         "decode), keep the rest")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot)
@@ -256,8 +257,10 @@ def main() -> None:
     if args.update:
         with open(args.update) as fh:
             results = json.load(fh)
-        for name in args.layers.split(","):
-            results["layers"].pop(name, None)
+        for name in args.layers.split(","):  # what this run measures is replaced; other lengths stay
+            entry = results["layers"].get(name, {})
+            for key in [*args.lengths.split(","), "decode"]:
+                entry.pop(key, None)
         results.pop("notes", None)  # provenance notes of hand-merged entries no longer hold
     results.update({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "config": {"D": D, "heads": D // HEAD_DIM, "head_dim": HEAD_DIM, "G": G, "tokens": TOKENS,
