@@ -25,6 +25,22 @@ def ratpt(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, **kwargs)
 
 
+def torchrun_cases(script: Path, nproc: int, *args: str, cases: tuple[str, ...], **env_vars: str) -> str:
+    """One torchrun launch of a case script (tests/parallel/*.py: every rank checks each `name:spec` case
+    and rank 0 prints `OK name`); fails with the ranks' output unless every case reported OK."""
+    python_path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **env_vars}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(script),
+         *args, *cases], cwd=REPO, env=env, text=True, capture_output=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    for case in cases:
+        name = case.split(":")[0]
+        assert re.search(rf"^OK {re.escape(name)}( |$)", done.stdout, re.MULTILINE), done.stdout
+    return done.stdout
+
+
 def losses_of(output: str) -> dict[int, float]:
     return {int(step): float(loss) for step, loss in LOSS_LINE.findall(output)}
 

@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata, load
 
-from ratpt.parallel.optimizer_state import ADAM_KEYS, local_adam_state, owning_optimizer, scatter_adam_state
+from ratpt.parallel.optimizer_state import ADAM_KEYS, MASTER, local_adam_state, owning_optimizer, scatter_adam_state
 from ratpt.train.checkpoint import (CheckpointError, checkpoint_name, finish_checkpoint, load_checkpoint,
                                     start_checkpoint, temporary_dir)
 from ratpt.train.engine import LocalEngine
@@ -194,7 +194,7 @@ def _sharded(key: str, data: torch.Tensor, offset: tuple[int, ...], shape: tuple
 
 
 def _key(kind: str, plain: str) -> str:
-    return f"model.{plain}" if kind == "param" else f"optimizer.{kind}.{plain}"
+    return f"model.{plain}" if kind == MASTER else f"optimizer.{kind}.{plain}"
 
 
 def _owned(engine, param: nn.Parameter):
@@ -208,7 +208,7 @@ def _owned(engine, param: nn.Parameter):
         return None if state is None else (state, where.start, where.stop, where.start)
     if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
         return None  # a replica of DP × CP rank 0's copy
-    return state or {}, 0, param.numel(), 0
+    return state, 0, param.numel(), 0
 
 
 def sharded_state_dict(engine) -> dict[str, Any]:
@@ -222,7 +222,7 @@ def sharded_state_dict(engine) -> dict[str, Any]:
         if owned is None:
             continue
         state, start, end, base = owned
-        sources = {"param": (param.detach().view(-1), 0)}
+        sources = {MASTER: (state[MASTER].detach().view(-1), base)}  # the fp32 master, not the bf16 copy
         for key in ADAM_KEYS:
             moment = state.get(key)
             sources[key] = (moment.detach().view(-1), base) if moment is not None else (
@@ -260,8 +260,8 @@ def load_sharded(engine, checkpoint: Path, adam_step: int) -> None:
         layout = _layout(engine, name, param)
         opt, distributed = owning_optimizer(engine.optimizer, param)
         _, where = local_adam_state(opt, distributed, param)
-        buffers[name] = {kind: torch.zeros(param.shape, dtype=torch.float32) for kind in ("param", *ADAM_KEYS)}
-        ranges = {"param": (0, param.numel())}
+        buffers[name] = {kind: torch.zeros(param.shape, dtype=torch.float32) for kind in (MASTER, *ADAM_KEYS)}
+        ranges = {MASTER: (0, param.numel())}
         if where is not None:
             ranges.update({key: (where.start, where.stop) for key in ADAM_KEYS})
         for kind, (start, end) in ranges.items():
@@ -276,10 +276,10 @@ def load_sharded(engine, checkpoint: Path, adam_step: int) -> None:
     step = torch.tensor(float(adam_step))
     # Optimizer first: megatron initialises its state with a dummy step that moves parameters.
     scatter_adam_state(engine.named_parameters(), engine.optimizer,
-                       {name: {"step": step, **{key: b[key] for key in ADAM_KEYS}} for name, b in buffers.items()})
-    with torch.no_grad():
+                       {name: {"step": step, **b} for name, b in buffers.items()})
+    with torch.no_grad():  # the model's copy of the masters (rounded to bf16 under mixed precision)
         for name, param in engine.named_parameters():
-            param.copy_(buffers[name]["param"])
+            param.copy_(buffers[name][MASTER])
 
 
 def read_plain_state(checkpoint: Path, optimizer: bool = True) -> dict[str, Any]:

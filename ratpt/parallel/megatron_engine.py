@@ -8,6 +8,11 @@
                       loss and gradients are those of one process on the whole global batch
     clip, step        megatron's (distributed) optimizer: global grad norm over all ranks,
                       clip, AdamW on this rank's shard, all-gather of the updated parameters
+    precision         megatron's mixed precision when train.precision is bf16 (auto on CUDA):
+                      bf16 parameters and compute, gradients accumulated and reduced in fp32
+                      (`main_grad`), fp32 master weights in the optimizer, updated there and copied
+                      back rounded; so no fp32 weight is cast again in every micro-batch, as it is
+                      under autocast. fp32 otherwise
 
 The plain model is built on every rank from the same seed, turned into this rank's part by
 `ratpt.parallel.parallelize`, then wrapped in megatron's DistributedDataParallel (gradient
@@ -28,11 +33,12 @@ from ratpt.config import Config
 from ratpt.parallel.context_parallel import sequence_slice
 from ratpt.parallel.data_parallel import DistributedContext
 from ratpt.parallel.mesh import Mesh, init_mesh
-from ratpt.parallel.optimizer_state import ADAM_KEYS, gather_adam_state, scatter_adam_state
+from ratpt.parallel.optimizer_state import (ADAM_KEYS, MASTER, gather_adam_state, load_master_weights,
+                                            scatter_adam_state)
 from ratpt.parallel.parallelize import LayoutNotSupported, parallelize
 from ratpt.parallel.pipeline import stage_layers
 from ratpt.parallel.tensor_parallel import from_plain, to_plain
-from ratpt.train.engine import autocast_context
+from ratpt.train.engine import uses_bf16
 
 log = logging.getLogger("ratpt.train")
 
@@ -40,17 +46,20 @@ IGNORE_INDEX = -100
 
 
 def transformer_config(cfg: Config, mesh: Mesh, device: torch.device):
-    """The megatron `TransformerConfig` its DDP, schedules and optimizer read (shapes, groups, flags)."""
+    """The megatron `TransformerConfig` its DDP, schedules and optimizer read (shapes, groups, flags).
+    params_dtype is the dtype the TP layers are built in: fp32, so that the initial weights are exact
+    until the engine has taken its fp32 copy of them; pipeline_dtype is that of the activations."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer import TransformerConfig
 
     m = cfg.model
+    bf16 = uses_bf16(cfg.train.precision, device.type)
     return TransformerConfig(
+        bf16=bf16, pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, params_dtype=torch.float32,
         num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.d_model // m.head_dim,
         tensor_model_parallel_size=mesh.tp, pipeline_model_parallel_size=mesh.pp,
         virtual_pipeline_model_parallel_size=mesh.virtual_stages if mesh.virtual_stages > 1 else None,
         context_parallel_size=mesh.cp, sequence_parallel=mesh.tp > 1,
-        pipeline_dtype=torch.float32, params_dtype=torch.float32,
         use_cpu_initialization=device.type != "cuda", perform_initialization=False,
         calculate_per_token_loss=True, finalize_model_grads_func=finalize_model_grads,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
@@ -86,6 +95,10 @@ class MegatronEngine:
             log.info("layout %s%s", mesh.describe(),
                      f"; layers of the pipeline stages (FLOP-balanced): {[[r[0], r[-1]] for r in stages]}" if stages else "")
         self.model = nn.ModuleList(self.chunks)  # this rank's parameters (names prefixed by the chunk index)
+        bf16 = self.config.bf16
+        initial = {n: p.detach().clone() for n, p in self.named_parameters()} if bf16 else None
+        if bf16:
+            self.model.to(torch.bfloat16)
         on_gpu = ctx.device.type == "cuda"
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -102,10 +115,12 @@ class MegatronEngine:
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
                             adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.grad_clip,
-                            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-                            params_dtype=torch.float32),
+                            use_distributed_optimizer=cfg.parallel.distributed_optimizer, bf16=bf16,
+                            params_dtype=torch.bfloat16 if bf16 else torch.float32),
             self.ddps, use_gloo_process_groups=on_gpu,
         )
+        if initial is not None:
+            load_master_weights(self.named_parameters(), self.optimizer, initial)
         one = len(self.ddps) == 1
         self.config.no_sync_func = self.ddps[0].no_sync if one else [d.no_sync for d in self.ddps]
         if on_gpu:
@@ -140,8 +155,7 @@ class MegatronEngine:
         layout = self.cfg.parallel.context_layout
         input_ids = sequence_slice(batch["input_ids"], self.mesh, layout).to(self.ctx.device, non_blocking=True)
         labels = sequence_slice(batch["labels"], self.mesh, layout).to(self.ctx.device, non_blocking=True)
-        with autocast_context(self.ctx.device, self.cfg.train.precision):
-            logits = model(input_ids)
+        logits = model(input_ids)  # in the parameters' dtype: bf16 under mixed precision, no autocast
 
         def loss_func(output: torch.Tensor):
             labelled = labels != IGNORE_INDEX
@@ -200,15 +214,16 @@ class MegatronEngine:
             yield from chunk.named_parameters()
 
     def state_dict(self) -> dict:
-        """Full model and AdamW moments by plain parameter name (collective: every rank calls it):
-        DP × CP shards of the optimizer gathered, TP shards assembled, pipeline stages merged."""
+        """Full model (the master weights: fp32 under mixed precision) and AdamW moments by plain parameter
+        name (collective: every rank calls it): DP × CP shards of the optimizer gathered, TP shards
+        assembled, pipeline stages merged."""
         from megatron.core import parallel_state as ps
 
         tp_group = ps.get_tensor_model_parallel_group()
         adam_local = gather_adam_state(self.named_parameters(), self.optimizer,
                                        ps.get_data_parallel_group(with_context_parallel=True))
         device = self.ctx.device
-        model = to_plain({n: p.detach() for n, p in self.named_parameters()}, self.placements, tp_group, device)
+        model = to_plain({n: s[MASTER] for n, s in adam_local.items()}, self.placements, tp_group, device)
         moments = {key: to_plain({n: s[key] for n, s in adam_local.items()}, self.placements, tp_group, device)
                    for key in ADAM_KEYS}
         steps = {self.plain_name(n): s["step"].cpu() for n, s in adam_local.items() if not self._duplicate(n)}
@@ -228,13 +243,14 @@ class MegatronEngine:
         for name, _ in self.named_parameters():
             plain = self.plain_name(name)
             local_adam[name] = {"step": full_adam[plain]["step"],
+                                MASTER: from_plain(full_model, name, self.placements, rank).float(),
                                 **{key: from_plain({plain: full_adam[plain][key]}, name, self.placements, rank)
                                    for key in ADAM_KEYS}}
         # Optimizer first: megatron initialises its state with a dummy step that moves parameters.
         scatter_adam_state(self.named_parameters(), self.optimizer, local_adam)
-        with torch.no_grad():
+        with torch.no_grad():  # the model's copy (rounded to bf16 under mixed precision)
             for name, param in self.named_parameters():
-                param.copy_(from_plain(full_model, name, self.placements, rank))
+                param.copy_(local_adam[name][MASTER])
 
     def plain_name(self, name: str) -> str:
         """The plain-model parameter that local parameter `name` is (a shard or copy of)."""

@@ -39,6 +39,7 @@ BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.n
         "schedule.warmup_fraction=0", "schedule.kind=constant", "optimizer.lr=1e-2", "optimizer.grad_clip=0.5", "optimizer.eps=1e-4",
         "data.streams=[{path: unused}]"]
 MODEL_KEYS = {"mixers", "chunk_size", "window", "n_layers", "ffn", "ngroups", "head_dim", "kernels"}
+TRAIN_KEYS = {"micro_batch", "precision"}
 
 
 def config(spec: str):
@@ -47,7 +48,7 @@ def config(spec: str):
         key, value = item.split("=")
         if key == "mixers":
             value = "[" + ",".join(value.split("+")) + "]"
-        section = "model" if key in MODEL_KEYS else "train" if key == "micro_batch" else "parallel"
+        section = "model" if key in MODEL_KEYS else "train" if key in TRAIN_KEYS else "parallel"
         overrides.append(f"{section}.{key}={value}")
     return load_config(None, overrides)
 

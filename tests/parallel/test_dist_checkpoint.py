@@ -11,7 +11,7 @@ import torch
 import ratpt
 from ratpt.model import build_model
 from ratpt.train.checkpoint import load_checkpoint
-from run_helpers import REPO, losses_of, ratpt as run_ratpt, small_run
+from run_helpers import REPO, losses_of, ratpt as run_ratpt, small_run, torchrun_cases
 
 CASES = (
     # TP × PP shards (fused in_proj rows, stages) into the distributed optimizer's DP × CP ranges, and back
@@ -26,15 +26,7 @@ CASES = (
 
 def run_cases(nproc: int, out: Path, *cases: str, **env_vars: str) -> None:
     """One torchrun launch of tests/parallel/dist_checkpoints.py (which checks every case)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env_vars}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-         str(REPO / "tests" / "parallel" / "dist_checkpoints.py"), str(out), *cases],
-        cwd=REPO, env=env, text=True, capture_output=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    for case in cases:
-        assert f"OK {case.split(':')[0]}" in done.stdout, done.stdout
+    torchrun_cases(REPO / "tests" / "parallel" / "dist_checkpoints.py", nproc, str(out), cases=cases, **env_vars)
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,12 @@
 parameters after one optimizer step (tests/parallel/layouts.py states the checks and tolerances).
 Each such test is one torchrun launch that runs several layouts, to keep the CPU time small; the
 first two tests pin the zigzag context layout itself (which blocks a rank holds, the balance)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from ratpt.config import load_config
 from ratpt.parallel.context_parallel import ContextLayout, imbalance
-
-REPO = Path(__file__).resolve().parents[2]
+from run_helpers import REPO, torchrun_cases
 
 
 @pytest.mark.parametrize("cp, held", [(2, [[0, 3], [1, 2]]), (4, [[0, 7], [1, 6], [2, 5], [3, 4]])])
@@ -41,17 +35,7 @@ def test_zigzag_balances_the_causal_work_that_contiguous_slices_do_not():
 
 
 def run_layouts(nproc: int, *cases: str, **env_vars: str) -> str:
-    python_path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **env_vars}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-         str(REPO / "tests" / "parallel" / "layouts.py"), *cases],
-        cwd=REPO, env=env, text=True, capture_output=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    for case in cases:
-        assert f"OK {case.split(':')[0]} " in done.stdout, done.stdout
-    return done.stdout
+    return torchrun_cases(REPO / "tests" / "parallel" / "layouts.py", nproc, cases=cases, **env_vars)
 
 
 def test_context_parallel_with_the_fused_kernels_equals_one_process():
