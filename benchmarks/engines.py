@@ -1,8 +1,10 @@
 """Training throughput of the two parallel engines at equal batch: megatron-core vs DeepSpeed ZeRO.
 
 One engine per launch (each owns its process groups); every launch appends one JSON line. The
-step is the trainer's (ratpt.train.engine.build_engine, forward_backward / clip / set_lr / step)
-on random tokens, so the numbers compare the engines and nothing else.
+step is the trainer's (forward_backward / clip / set_lr / step of the engine `ratpt train` builds)
+on random tokens, so the numbers compare the engines and nothing else. `--engine megatron` is
+megatron-core's engine even in one process (a one-rank group), where `ratpt train` would run
+its plain-PyTorch LocalEngine, so one GPU measures it too.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine megatron
     torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine deepspeed --zero-stage 1
@@ -28,6 +30,7 @@ from ratpt.config import load_config
 from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
 from ratpt.parallel.data_parallel import init_distributed
+from ratpt.parallel.megatron_engine import MegatronEngine
 from ratpt.train.engine import build_engine
 from ratpt.train.metrics import device_peak_tflops
 from ratpt.train.trainer import apply_activation_checkpointing
@@ -54,11 +57,14 @@ def main() -> None:
         f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}",
         f"data.seq_len={args.seq_len}", *args.set])
     ctx = init_distributed(cfg.train.device)
+    if args.engine == "megatron" and not dist.is_initialized():
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(ctx.device)
     if cfg.train.activation_checkpointing:  # as the trainer does, before the engine wraps the model
         apply_activation_checkpointing(model)
-    engine = build_engine(cfg, ctx, model)
+    engine = MegatronEngine(cfg, ctx, model) if args.engine == "megatron" else build_engine(cfg, ctx, model)
     accum = cfg.train.global_batch // (cfg.train.micro_batch * engine.dp_size)
     g = torch.Generator().manual_seed(engine.dp_rank)  # CP ranks of one DP rank read the same sequences
     tokens = torch.randint(0, cfg.model.vocab_size, (accum, cfg.train.micro_batch, cfg.data.seq_len + 1), generator=g)
