@@ -4,9 +4,10 @@ Each model from configs/ runs a few optimizer steps (bf16 autocast over fp32 mas
 fused AdamW, clipping — the trainer's single-process path) on random tokens, for each case
 "config:micro_batch:flags", flags a "+"-joined subset of
   ckpt     activation checkpointing of every block (ratpt.train.trainer's)
-  compile  torch.compile of every block (nn.Module.compile, static shapes) and of the loss, as
-           train.compile does: identical blocks share one compiled graph, so compiling costs one
-           block, not 24
+  compile  torch.compile of every block (nn.Module.compile, static shapes), as train.compile
+           does: identical blocks share one compiled graph, so compiling costs one block, not 24
+  logits   the head's logits, then the loss over them (compiled with `compile`), instead of the
+           fused chunked head + loss (train.fused_loss, the default)
 all in one process so the ratios are comparable. --accumulation N runs N micro-batches per
 optimizer step, as the trainer does when train.global_batch exceeds the micro-batch. MFU uses the
 model's own FLOP count (ratpt.model.flops, mask-aware) over the device's dense bf16 peak. Writes
@@ -37,7 +38,7 @@ from ratpt.train.optim import build_optimizer
 from ratpt.train.trainer import apply_activation_checkpointing, apply_compile
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = ("ckpt", "compile")
+FLAGS = ("ckpt", "compile", "logits")
 
 
 def parse_case(case: str) -> tuple[str, int, set[str]]:
@@ -66,7 +67,7 @@ def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], dev
 
     def step() -> torch.Tensor:
         for _ in range(accumulation):
-            loss = sum_cross_entropy(model, batch, device, "bf16", "compile" in flags) / batch["labels"].numel()
+            loss = sum_cross_entropy(model, batch, device, "bf16", "compile" in flags, "logits" not in flags) / batch["labels"].numel()
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
         optimizer.step()
@@ -96,7 +97,8 @@ def run_case(case: str, seq_len: int, steps: int, warmup: int, accumulation: int
     peak = device_peak_tflops(device, 0.0)
     return {
         "model": config, "micro_batch": micro_batch, "seq_len": seq_len, "activation_checkpointing": "ckpt" in flags,
-        "compile": "compile" in flags, "accumulation": accumulation, "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
+        "compile": "compile" in flags, "fused_loss": "logits" not in flags, "accumulation": accumulation,
+        "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
         "tflops": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30, "final_loss": float(loss),
         "build_and_warmup_s": warmup_s,
@@ -110,7 +112,7 @@ def default_cases(models: str, micro_batches: str) -> list[str]:
 
 def row_key(row: dict) -> tuple:
     return (row["model"], row["micro_batch"], row["activation_checkpointing"], row.get("compile", False),
-            row.get("accumulation", 1))
+            row.get("fused_loss", False), row.get("accumulation", 1))  # rows before the fused loss: logits
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -124,7 +126,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     for case in cases:
         config, micro_batch, flags = parse_case(case)
         row = {"model": config, "micro_batch": micro_batch, "activation_checkpointing": "ckpt" in flags,
-               "compile": "compile" in flags, "accumulation": args.accumulation}
+               "compile": "compile" in flags, "fused_loss": "logits" not in flags, "accumulation": args.accumulation}
         too_large = smaller_out_of_memory(out_of_memory, config, flags, micro_batch)
         if time.time() > deadline:
             row["skipped"] = "time budget"
@@ -163,6 +165,7 @@ def plot(path: Path) -> None:
     rows = [r for r in json.loads(path.read_text())["results"] if "tokens_per_s" in r]
     labels = [f"{r['model']}\nmb {r['micro_batch']}{' ckpt' if r['activation_checkpointing'] else ''}"
               f"{' compile' if r.get('compile') else ''}"
+              f"{'' if r.get('fused_loss') else ' logits'}"
               f"{' acc ' + str(r['accumulation']) if r.get('accumulation', 1) > 1 else ''}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows])

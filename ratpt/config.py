@@ -31,6 +31,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     compile: bool = False  # torch.compile each block and the loss (single-process training)
+    fused_loss: bool = True  # head + loss chunk by chunk (ratpt.ops.linear_cross_entropy): no [tokens, vocab] logits
     seed: int = 0  # parameter init and any sampling; the data order has its own seed
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (each is skipped)
     engine: str = "megatron"  # megatron (one process: plain PyTorch) | deepspeed (ZeRO, see `deepspeed`)

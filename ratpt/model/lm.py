@@ -19,6 +19,7 @@ from ratpt.model.ffn import FFN
 from ratpt.model.norm import RMSNorm
 from ratpt.model.rat import RATMixer
 from ratpt.model.rnn import RNNMixer
+from ratpt.ops.linear_cross_entropy import linear_cross_entropy_sum
 
 Mixer = RATMixer | AttentionMixer | RNNMixer
 
@@ -66,6 +67,7 @@ class RATLM(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, mixer_of_layer(cfg, i)) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.compiled_loss = False  # the fused loss's chunk math through inductor (train.compile sets it)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -78,9 +80,13 @@ class RATLM(nn.Module):
             elif isinstance(module, (RATMixer, RNNMixer)):
                 module.reset_gate_bias()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab] for tokens [B, T], in the dtype of the computation."""
-        return self.logits(self.hidden_states(tokens))
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T], in the dtype of the computation; given labels [B, T],
+        the summed fp32 cross-entropy instead, head and loss fused so that the logits never exist whole."""
+        hidden = self.hidden_states(tokens)
+        if labels is None:
+            return self.logits(hidden)
+        return linear_cross_entropy_sum(hidden, self.embedding.weight, labels, compiled=self.compiled_loss)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [B, T, D]: a loss can be fused with `logits` from here."""

@@ -33,7 +33,7 @@ def inter_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chu
     outputs = []
     for start in range(0, T, block):
         stop = min(start + block, T)
-        n_visible = int(chunk_of[stop - 1])  # summaries of chunks before the block's last chunk
+        n_visible = (stop - 1) // L  # summaries of chunks before the block's last chunk (no .item(): compilable)
         args = (q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
                 summaries_k[:, :, :n_visible], summaries_v[:, :, :n_visible],
                 chunk_of[start:stop].unsqueeze(0))

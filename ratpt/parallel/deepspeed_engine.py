@@ -162,7 +162,8 @@ class DeepSpeedEngine:
         totals = torch.tensor([0.0, float(local_tokens)], dtype=torch.float64, device=self.ctx.device)
         for i, batch in enumerate(micro_batches):
             self.ds.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            loss = sum_cross_entropy(self.ds, batch, self.ctx.device, "fp32")  # bf16 is DeepSpeed's
+            loss = sum_cross_entropy(self.ds, batch, self.ctx.device, "fp32",  # bf16 is DeepSpeed's
+                                     fused=self.cfg.train.fused_loss)
             self.ds.backward(loss * scale, scale_wrt_gas=False)
             totals[0] += loss.detach().double()
         self._pending_step = True
@@ -224,7 +225,8 @@ class DeepSpeedEngine:
         try:
             for batch in batches:
                 batch = self._local(batch)
-                totals[0] += sum_cross_entropy(self.ds, batch, self.ctx.device, "fp32").double().cpu()
+                totals[0] += sum_cross_entropy(self.ds, batch, self.ctx.device, "fp32",
+                                               fused=self.cfg.train.fused_loss).double().cpu()
                 totals[1] += float((batch["labels"] != IGNORE_INDEX).sum())
         finally:
             self.ds.train()

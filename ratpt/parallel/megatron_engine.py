@@ -38,11 +38,9 @@ from ratpt.parallel.optimizer_state import (ADAM_KEYS, MASTER, gather_adam_state
 from ratpt.parallel.parallelize import LayoutNotSupported, parallelize
 from ratpt.parallel.pipeline import stage_layers
 from ratpt.parallel.tensor_parallel import from_plain, to_plain
-from ratpt.train.engine import uses_bf16
+from ratpt.train.engine import IGNORE_INDEX, cross_entropy_sum, uses_bf16
 
 log = logging.getLogger("ratpt.train")
-
-IGNORE_INDEX = -100
 
 
 def transformer_config(cfg: Config, mesh: Mesh, device: torch.device):
@@ -155,24 +153,28 @@ class MegatronEngine:
         layout = self.cfg.parallel.context_layout
         input_ids = sequence_slice(batch["input_ids"], self.mesh, layout).to(self.ctx.device, non_blocking=True)
         labels = sequence_slice(batch["labels"], self.mesh, layout).to(self.ctx.device, non_blocking=True)
-        logits = model(input_ids)  # in the parameters' dtype: bf16 under mixed precision, no autocast
+        # in the parameters' dtype (bf16 under mixed precision, no autocast); without TP the last stage
+        # fuses head and loss (train.fused_loss) and outputs the summed loss
+        fused = self.cfg.train.fused_loss and self.mesh.tp == 1
+        output = model(input_ids, labels=labels) if fused else model(input_ids)
 
         def loss_func(output: torch.Tensor):
             labelled = labels != IGNORE_INDEX
-            if self.mesh.tp > 1:  # logits [T, B, V/TP]: megatron's vocab-parallel softmax
+            if fused:
+                loss = output
+            elif self.mesh.tp > 1:  # logits [T, B, V/TP]: megatron's vocab-parallel softmax
                 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
                 target = labels.masked_fill(~labelled, 0).transpose(0, 1).contiguous()
                 per_token = vocab_parallel_cross_entropy(output.float(), target)
                 loss = (per_token * labelled.transpose(0, 1)).sum()
             else:
-                loss = F.cross_entropy(output.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum")
+                loss = cross_entropy_sum(output, labels)
             tokens = labelled.sum()
             report = torch.stack((loss.detach().double(), tokens.double()))
             return loss, tokens.to(torch.int), {"lm loss": report}
 
-        return logits, loss_func
+        return output, loss_func
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """The global gradient norm (before clipping); gradients are clipped if it is finite."""

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ratpt.ops.linear_cross_entropy import linear_cross_entropy_sum
+
 
 class TiedHead(nn.Module):
     """logits = hidden · Eᵀ (one process, or no tensor parallelism)."""
@@ -68,15 +70,19 @@ class ModelStage(nn.Module):
     def set_input_tensor(self, tensor) -> None:
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits on the last stage ([B, T, vocab], or [T, B, vocab/TP] under TP), hidden states
-        [T, B, D] for the next stage."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits on the last stage ([B, T, vocab], or [T, B, vocab/TP] under TP), or given labels and
+        no TP the summed loss, head and loss fused as in RATLM.forward; hidden states [T, B, D] for
+        the next stage."""
         x = self.embedding(tokens) if self.first else self.input_tensor.transpose(0, 1)
         for layer in self.layers.values():
             x = layer(x)
         if not self.last:
             return x.transpose(0, 1).contiguous()
-        return self.head(self.final_norm(x), self.shared_embedding_or_output_weight())
+        hidden, weight = self.final_norm(x), self.shared_embedding_or_output_weight()
+        if labels is not None and isinstance(self.head, TiedHead):
+            return linear_cross_entropy_sum(hidden, weight, labels)
+        return self.head(hidden, weight)
 
 
 def layer_costs(model_cfg, seq_len: int) -> list[float]:

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ratpt.config import Config, ConfigError
+from ratpt.ops.linear_cross_entropy import IGNORE_INDEX
 from ratpt.parallel.data_parallel import DistributedContext
 from ratpt.train.optim import parameter_groups
-
-IGNORE_INDEX = -100
 
 
 def uses_bf16(precision: str, device_type: str) -> bool:
@@ -41,11 +40,15 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def sum_cross_entropy(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
-                      precision: str, compiled: bool = False) -> torch.Tensor:
-    """Summed token loss of a micro-batch; `compiled` (train.compile) compiles the loss over the logits."""
+                      precision: str, compiled: bool = False, fused: bool = True) -> torch.Tensor:
+    """Summed token loss of a micro-batch. `fused` (train.fused_loss): the model's head and loss in
+    one chunked op (RATLM.forward with labels); else the logits, then the loss over them, compiled
+    if `compiled` (train.compile)."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     with autocast_context(device, precision):
+        if fused:
+            return model(input_ids, labels=labels)
         logits = model(input_ids)
     return (compiled_cross_entropy_sum() if compiled else cross_entropy_sum)(logits, labels)
 
@@ -84,7 +87,7 @@ class LocalEngine:
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             micro_loss = sum_cross_entropy(self.model, batch, self.device, self.cfg.train.precision,
-                                           self.cfg.train.compile) / total
+                                           self.cfg.train.compile, self.cfg.train.fused_loss) / total
             micro_loss.backward()
             loss_sum += micro_loss.detach()
         return loss_sum.item() * total, float(total)
@@ -104,7 +107,8 @@ class LocalEngine:
         self.model.eval()
         loss, tokens = 0.0, 0.0
         for batch in batches:
-            loss += sum_cross_entropy(self.model, batch, self.device, self.cfg.train.precision).double().item()
+            loss += sum_cross_entropy(self.model, batch, self.device, self.cfg.train.precision,
+                                      fused=self.cfg.train.fused_loss).double().item()
             tokens += float((batch["labels"] != IGNORE_INDEX).sum())
         self.model.train()
         return loss, tokens

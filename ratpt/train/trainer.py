@@ -55,10 +55,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each block with static shapes (after activation checkpointing, as torchtitan
     orders them): identical blocks share one compiled graph, so compiling costs one block, not all of
-    them; the RAT kernels sit in the graph as opaque custom ops (kernels/autograd.py). The loss is
-    compiled by the engine (engine.sum_cross_entropy)."""
+    them; the RAT kernels sit in the graph as opaque custom ops (kernels/autograd.py). The loss: the
+    fused head + loss compiles its per-chunk softmax (model.compiled_loss); the unfused one
+    (train.fused_loss=false) is compiled by the engine (engine.sum_cross_entropy)."""
     for layer in model.layers:
         layer.compile(dynamic=False)
+    model.compiled_loss = True
 
 
 def _checkpointed(forward):

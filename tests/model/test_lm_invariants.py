@@ -183,3 +183,18 @@ def test_prefill_and_decode_on_the_kernels_equal_the_reference_full_forward():
             full = reference(seqs[b][None])[0]
             for s in range(steps):
                 torch.testing.assert_close(stepwise[s][b], full[n - 1 + s], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixers", [["rat"], ["rat", "swa"]], ids=["rat", "rat+swa"])
+def test_forward_with_labels_is_the_summed_loss_of_the_logits_with_the_same_gradients(mixers):
+    model, _ = tiny(mixers)
+    tokens = torch.randint(0, 37, (2, 11))
+    labels = torch.randint(0, 37, (2, 11))
+    labels[0, :3] = -100
+    fused = model(tokens, labels=labels)
+    grads = torch.autograd.grad(fused, list(model.parameters()))
+    want64 = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="sum")
+    want_grads = torch.autograd.grad(want64, list(model.parameters()))
+    torch.testing.assert_close(fused, want64, rtol=1e-12, atol=0)
+    for (name, _), g, w in zip(model.named_parameters(), grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")

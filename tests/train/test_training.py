@@ -130,8 +130,8 @@ def test_activation_checkpointing_changes_no_loss(byte_data, tmp_path):
     assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
 
 
-@pytest.mark.parametrize("checkpointing", ["false", "true"])
-def test_compiled_blocks_change_no_loss(byte_data, tmp_path, checkpointing):
+def test_compiled_blocks_and_loss_under_activation_checkpointing_change_no_loss(byte_data, tmp_path):
+    # one case, the harder composition (compiling a block that checkpoints itself), as CPU compiles are slow
     from torch._dynamo.utils import counters
 
     plain = trainer.train(in_process_config(byte_data, tmp_path / "plain", "train.steps=2"))
@@ -139,8 +139,8 @@ def test_compiled_blocks_change_no_loss(byte_data, tmp_path, checkpointing):
     counters.clear()
     compiled = trainer.train(in_process_config(byte_data, tmp_path / "compiled", "train.steps=2",
                                                "train.compile=true",
-                                               f"train.activation_checkpointing={checkpointing}"))
-    assert counters["stats"]["unique_graphs"] >= 1  # the blocks did run compiled
+                                               "train.activation_checkpointing=true"))
+    assert counters["stats"]["unique_graphs"] >= 2  # the blocks and the fused loss's chunk math did run compiled
     assert compiled.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
