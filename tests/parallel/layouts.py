@@ -39,7 +39,7 @@ BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.n
         "schedule.warmup_fraction=0", "schedule.kind=constant", "optimizer.lr=1e-2", "optimizer.grad_clip=0.5", "optimizer.eps=1e-4",
         "data.streams=[{path: unused}]"]
 MODEL_KEYS = {"mixers", "chunk_size", "window", "n_layers", "ffn", "ngroups", "head_dim", "kernels"}
-TRAIN_KEYS = {"micro_batch", "precision"}
+TRAIN_KEYS = {"micro_batch", "precision", "fused_loss"}
 
 
 def config(spec: str):

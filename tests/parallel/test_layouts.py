@@ -68,6 +68,8 @@ def test_two_ranks_data_context_and_tensor_parallel_equal_one_process():
         # PP, interleaved 1F1B (2 virtual stages per rank; p2p across the two ranks both ways)
         "pp2-interleaved-rat+swa:pipeline=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
         "resume-pp2-to-tp2:pipeline=2>tensor=2",  # stages merged, then TP shards scattered
+        # the last stage's logits, then the loss (train.fused_loss=false; the default fuses them)
+        "pp2-logits:pipeline=2,fused_loss=false",
     )
 
 
