@@ -61,7 +61,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata, load
 
-from ratpt.parallel.optimizer_state import ADAM_KEYS, MASTER, local_adam_state, owning_optimizer, scatter_adam_state
+from ratpt.parallel.optimizer_state import (ADAM_KEYS, MASTER, local_optimizer_state, owning_optimizer,
+                                            scatter_optimizer_state)
 from ratpt.train.checkpoint import (CheckpointError, checkpoint_name, finish_checkpoint, load_checkpoint,
                                     start_checkpoint, temporary_dir)
 from ratpt.train.engine import LocalEngine
@@ -203,7 +204,7 @@ def _owned(engine, param: nn.Parameter):
     from megatron.core import parallel_state as ps
 
     opt, distributed = owning_optimizer(engine.optimizer, param)
-    state, where = local_adam_state(opt, distributed, param)
+    state, where = local_optimizer_state(opt, distributed, param)
     if distributed:
         return None if state is None else (state, where.start, where.stop, where.start)
     if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
@@ -239,7 +240,7 @@ def _adam_step(engine) -> int:
     step = torch.zeros(1, dtype=torch.float64, device=engine.ctx.device)
     for _, param in engine.named_parameters():
         opt, distributed = owning_optimizer(engine.optimizer, param)
-        state, _ = local_adam_state(opt, distributed, param)
+        state, _ = local_optimizer_state(opt, distributed, param)
         if state is not None and "step" in state:
             step.fill_(max(step.item(), float(state["step"])))
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
@@ -259,7 +260,7 @@ def load_sharded(engine, checkpoint: Path, adam_step: int) -> None:
     for name, param in engine.named_parameters():
         layout = _layout(engine, name, param)
         opt, distributed = owning_optimizer(engine.optimizer, param)
-        _, where = local_adam_state(opt, distributed, param)
+        _, where = local_optimizer_state(opt, distributed, param)
         buffers[name] = {kind: torch.zeros(param.shape, dtype=torch.float32) for kind in (MASTER, *ADAM_KEYS)}
         ranges = {MASTER: (0, param.numel())}
         if where is not None:
@@ -275,7 +276,7 @@ def load_sharded(engine, checkpoint: Path, adam_step: int) -> None:
         view.copy_(loaded[tag])
     step = torch.tensor(float(adam_step))
     # Optimizer first: megatron initialises its state with a dummy step that moves parameters.
-    scatter_adam_state(engine.named_parameters(), engine.optimizer,
+    scatter_optimizer_state(engine.named_parameters(), engine.optimizer,
                        {name: {"step": step, **b} for name, b in buffers.items()})
     with torch.no_grad():  # the model's copy of the masters (rounded to bf16 under mixed precision)
         for name, param in engine.named_parameters():

@@ -26,15 +26,14 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ratpt.config import Config
 from ratpt.parallel.context_parallel import sequence_slice
 from ratpt.parallel.data_parallel import DistributedContext
 from ratpt.parallel.mesh import Mesh, init_mesh
-from ratpt.parallel.optimizer_state import (ADAM_KEYS, MASTER, gather_adam_state, load_master_weights,
-                                            scatter_adam_state)
+from ratpt.parallel.optimizer_state import (ADAM_KEYS, MASTER, gather_optimizer_state, load_master_weights,
+                                            scatter_optimizer_state)
 from ratpt.parallel.parallelize import LayoutNotSupported, parallelize
 from ratpt.parallel.pipeline import stage_layers
 from ratpt.parallel.tensor_parallel import from_plain, to_plain
@@ -222,7 +221,7 @@ class MegatronEngine:
         from megatron.core import parallel_state as ps
 
         tp_group = ps.get_tensor_model_parallel_group()
-        adam_local = gather_adam_state(self.named_parameters(), self.optimizer,
+        adam_local = gather_optimizer_state(self.named_parameters(), self.optimizer,
                                        ps.get_data_parallel_group(with_context_parallel=True))
         device = self.ctx.device
         model = to_plain({n: s[MASTER] for n, s in adam_local.items()}, self.placements, tp_group, device)
@@ -249,7 +248,7 @@ class MegatronEngine:
                                 **{key: from_plain({plain: full_adam[plain][key]}, name, self.placements, rank)
                                    for key in ADAM_KEYS}}
         # Optimizer first: megatron initialises its state with a dummy step that moves parameters.
-        scatter_adam_state(self.named_parameters(), self.optimizer, local_adam)
+        scatter_optimizer_state(self.named_parameters(), self.optimizer, local_adam)
         with torch.no_grad():  # the model's copy (rounded to bf16 under mixed precision)
             for name, param in self.named_parameters():
                 param.copy_(local_adam[name][MASTER])

@@ -1,20 +1,20 @@
 """Layout-independent state of megatron's (distributed) optimizer, by parameter name.
 
-`gather_adam_state` returns {parameter name: {"step", "exp_avg", "exp_avg_sq", "param"}} with tensors
-of the parameter's size on this rank, whatever the data/context-parallel sharding of the
+`gather_optimizer_state` returns {parameter name: {"step", "exp_avg", "exp_avg_sq", "param"}} with
+tensors of the parameter's size on this rank, whatever the data/context-parallel sharding of the
 distributed optimizer (ZeRO-1). "param" is the master weight, the fp32 tensor the optimizer
 updates: with bf16 training megatron keeps it beside the bf16 model parameter (an fp32 copy, or
 this rank's shard of one), and it is the weight a checkpoint must hold, since the bf16 parameter
 is only its rounding. Tensor-parallel shards are then assembled by
 `tensor_parallel.to_plain` and pipeline stages merged by the engine;
-`scatter_adam_state` loads such a dict into any other sharding, so a checkpoint written by
+`scatter_optimizer_state` loads such a dict into any other sharding, so a checkpoint written by
 one DP × CP layout resumes in another.
 
 NOTE: the shards are assembled with one all-reduce per parameter over the optimizer's
 data-parallel group: simple and exact, fine for the tiny models of the tests and for
 checkpoints of moderate models, but O(parameters) memory on every rank. Large models write
 `checkpoint.format=distributed` instead (ratpt/parallel/dist_checkpoint.py), where every rank
-saves only what `local_adam_state` gives it.
+saves only what `local_optimizer_state` gives it.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def owning_optimizer(optimizer, param: nn.Parameter):
     raise KeyError("a model parameter is not in the optimizer")
 
 
-def local_adam_state(opt, distributed: bool, param: nn.Parameter):
+def local_optimizer_state(opt, distributed: bool, param: nn.Parameter):
     """(this rank's state of its shard of `param`: the master weight under MASTER and, once the optimizer
     has stepped, the moments and step; or None if it owns none of it), the slice of the flat parameter
     it covers)."""
@@ -61,7 +61,7 @@ def local_adam_state(opt, distributed: bool, param: nn.Parameter):
     return {MASTER: main, **opt.optimizer.state.get(main, {})}, slice(0, param.numel())
 
 
-def gather_adam_state(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer, group
+def gather_optimizer_state(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer, group
                       ) -> dict[str, dict[str, torch.Tensor]]:
     """Full master weights and AdamW moments of every (name, parameter) of this rank's model part,
     identical on every rank of `group` (the optimizer's data-parallel group). Collective: every rank
@@ -70,7 +70,7 @@ def gather_adam_state(named_parameters: Iterable[tuple[str, nn.Parameter]], opti
     keys = (MASTER, *ADAM_KEYS)
     for name, param in named_parameters:
         opt, distributed = owning_optimizer(optimizer, param)
-        state, where = local_adam_state(opt, distributed, param)
+        state, where = local_optimizer_state(opt, distributed, param)
         full = torch.zeros(len(keys), param.numel(), dtype=torch.float32, device=param.device)
         step = torch.zeros(1, dtype=torch.float32, device=param.device)
         if state is not None:
@@ -86,9 +86,9 @@ def gather_adam_state(named_parameters: Iterable[tuple[str, nn.Parameter]], opti
     return out
 
 
-def scatter_adam_state(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer,
+def scatter_optimizer_state(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer,
                        state: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Load full moments and master weights (from `gather_adam_state`, a checkpoint or a single-process
+    """Load full moments and master weights (from `gather_optimizer_state`, a checkpoint or a single-process
     run) into this rank's shards, for every (name, parameter) of this rank's model part (all its
     pipeline chunks at once). The model parameters themselves are the caller's to set."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -106,7 +106,7 @@ def scatter_adam_state(named_parameters: Iterable[tuple[str, nn.Parameter]], opt
             with torch.no_grad():
                 main.copy_(saved[MASTER].view_as(main))
             continue
-        tensors, where = local_adam_state(opt, True, param)
+        tensors, where = local_optimizer_state(opt, True, param)
         if tensors is None:
             continue
         for key in (MASTER, *ADAM_KEYS):
@@ -122,7 +122,7 @@ def load_master_weights(named_parameters: Iterable[tuple[str, nn.Parameter]], op
     megatron copies its masters from the bf16 parameters, which would round the initial weights."""
     for name, param in named_parameters:
         opt, distributed = owning_optimizer(optimizer, param)
-        state, where = local_adam_state(opt, distributed, param)
+        state, where = local_optimizer_state(opt, distributed, param)
         if state is not None:
             with torch.no_grad():
                 state[MASTER].copy_(weights[name].reshape(-1)[where].view_as(state[MASTER]))
