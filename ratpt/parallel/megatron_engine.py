@@ -5,7 +5,9 @@
                       step's micro-batches; the loss is summed per token and megatron's
                       `finalize_model_grads` reduces gradients over DP × CP and divides them by the
                       global number of labelled tokens (`calculate_per_token_loss`), so the step's
-                      loss and gradients are those of one process on the whole global batch
+                      loss and gradients are those of one process on the whole global batch;
+                      without TP the last stage fuses head and loss (train.fused_loss), under TP
+                      it is megatron's vocab-parallel cross-entropy over the sharded logits
     clip, step        megatron's (distributed) optimizer: global grad norm over all ranks,
                       clip, AdamW on this rank's shard, all-gather of the updated parameters
     precision         megatron's mixed precision when train.precision is bf16 (auto on CUDA):
