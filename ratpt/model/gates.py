@@ -14,6 +14,3 @@ def chrono_init_(gate_bias: nn.Parameter, horizon: int) -> None:
             gate_bias.zero_()
         else:
             gate_bias.uniform_(1.0, horizon - 1.0).log_()
-
-
-

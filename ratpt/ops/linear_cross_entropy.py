@@ -53,7 +53,7 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor):
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, its gradient with respect to the logits, in their dtype) of one chunk."""
     loss, wide, lse, labelled, targets = _loss(logits, labels)
-    probs = (wide if wide is not logits else wide.clone()).sub_(lse[:, None]).exp_()  # softmax, in place
+    probs = wide.sub_(lse[:, None]).exp_()  # softmax, in place (the logits are the caller's temporary)
     probs[torch.arange(len(targets), device=probs.device), targets] -= 1.0
     return loss, probs.mul_(labelled[:, None]).to(logits.dtype)
 

@@ -62,7 +62,7 @@ def local_optimizer_state(opt, distributed: bool, param: nn.Parameter):
 
 
 def gather_optimizer_state(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer, group
-                      ) -> dict[str, dict[str, torch.Tensor]]:
+                           ) -> dict[str, dict[str, torch.Tensor]]:
     """Full master weights and AdamW moments of every (name, parameter) of this rank's model part,
     identical on every rank of `group` (the optimizer's data-parallel group). Collective: every rank
     of `group` calls it."""
@@ -87,12 +87,13 @@ def gather_optimizer_state(named_parameters: Iterable[tuple[str, nn.Parameter]],
 
 
 def scatter_optimizer_state(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer,
-                       state: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Load full moments and master weights (from `gather_optimizer_state`, a checkpoint or a single-process
-    run) into this rank's shards, for every (name, parameter) of this rank's model part (all its
-    pipeline chunks at once). The model parameters themselves are the caller's to set."""
+                            state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load full moments and master weights (from `gather_optimizer_state`, a checkpoint or a
+    single-process run) into this rank's shards, for every (name, parameter) of this rank's model part
+    (all its pipeline chunks at once). The model parameters themselves are the caller's to set."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    named_parameters = list(named_parameters)
     for opt in optimizer.chained_optimizers:
         if isinstance(opt, DistributedOptimizer):
             opt._init_optimizer_states_with_dummy_values()
@@ -100,20 +101,17 @@ def scatter_optimizer_state(named_parameters: Iterable[tuple[str, nn.Parameter]]
         saved = state[name]
         opt, distributed = owning_optimizer(optimizer, param)
         if not distributed:
-            main = _main_param(param)
-            opt.optimizer.state[main] = {"step": saved["step"].clone().float().reshape(()),
-                                         **{k: saved[k].clone().to(param.device) for k in ADAM_KEYS}}
-            with torch.no_grad():
-                main.copy_(saved[MASTER].view_as(main))
+            opt.optimizer.state[_main_param(param)] = {"step": saved["step"].clone().float().reshape(()),
+                                                       **{k: saved[k].clone().to(param.device) for k in ADAM_KEYS}}
             continue
         tensors, where = local_optimizer_state(opt, True, param)
         if tensors is None:
             continue
-        for key in (MASTER, *ADAM_KEYS):
-            with torch.no_grad():
-                tensors[key].copy_(saved[key].reshape(-1)[where].view_as(tensors[key]))
+        for key in ADAM_KEYS:
+            tensors[key].copy_(saved[key].reshape(-1)[where].view_as(tensors[key]))
         if torch.is_tensor(tensors.get("step")):
             tensors["step"].fill_(float(saved["step"]))
+    load_master_weights(named_parameters, optimizer, {name: saved[MASTER] for name, saved in state.items()})
 
 
 def load_master_weights(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer,

@@ -71,16 +71,16 @@ class ModelStage(nn.Module):
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits on the last stage ([B, T, vocab], or [T, B, vocab/TP] under TP), or given labels and
-        no TP the summed loss, head and loss fused as in RATLM.forward; hidden states [T, B, D] for
-        the next stage."""
+        """Logits on the last stage ([B, T, vocab], or [T, B, vocab/TP] under TP), or given labels (the
+        engine passes them only without TP) the summed loss, head and loss fused as in RATLM.forward;
+        hidden states [T, B, D] for the next stage."""
         x = self.embedding(tokens) if self.first else self.input_tensor.transpose(0, 1)
         for layer in self.layers.values():
             x = layer(x)
         if not self.last:
             return x.transpose(0, 1).contiguous()
         hidden, weight = self.final_norm(x), self.shared_embedding_or_output_weight()
-        if labels is not None and isinstance(self.head, TiedHead):
+        if labels is not None:
             return linear_cross_entropy_sum(hidden, weight, labels)
         return self.head(hidden, weight)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -57,9 +58,7 @@ def reference_step(cfg, ctx, batches: list[dict]) -> tuple[LocalEngine, float, d
     torch.manual_seed(0)
     master = build_model(cfg.model).to(ctx.device)
     before = {n: p.detach().clone() for n, p in master.named_parameters()}
-    copy = build_model(cfg.model).to(ctx.device)
-    copy.load_state_dict(master.state_dict())
-    copy.to(torch.bfloat16)
+    copy = deepcopy(master).to(torch.bfloat16)
     sums = {n: torch.zeros_like(p) for n, p in master.named_parameters()}
     loss, tokens = 0.0, 0
     for batch in batches:
