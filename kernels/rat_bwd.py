@@ -8,9 +8,11 @@ dS = P ⊙ (dP − Δ), dP = dy·values:
 2. `_summary_grad_kernel`: per (block of summaries, batch, head), a loop over the later query
    rows: dKs = Σ_t dS q̂ / log2(e), dVs = Σ_t P dy (fp32, [B, H, T//L, d], still rotated).
    q̂ is loaded transposed; the rows where the block is partly visible run a masked loop, the
-   rest an unmasked one.
+   rest an unmasked one. By default (not under torch.use_deterministic_algorithms) it also adds
+   dq̂ = Σ_j dS k_j into an fp32 accumulator with atomics, as FlashAttention-2 does, since it has
+   dS in hand: the query side then needs no loop over the summaries (5 matmuls per pair, not 7).
 3. `_query_grad_kernel`: per (block of whole chunks, batch, head): dq through the summaries
-   (again a full and a masked loop) and the own score; the direct gradients of k̃, ṽ (own score
+   (the accumulator, or else a full and a masked loop over them) and the own score; the direct gradients of k̃, ṽ (own score
    and own value) plus, at each chunk end, the summary gradients rotated back by the chunk
    index, written to fp32 scratch [B, T, H·d]. The states k̃, ṽ come from rat_fwd's sequential
    `_states_kernel`, run again rather than kept from the forward (that would be 2 fp32
@@ -65,10 +67,11 @@ def _prepare_kernel(q_ptr, y_ptr, dy_ptr, inv_freq_ptr, offset_ptr, delta_ptr, q
 
 
 @triton.jit
-def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, first, t_lo, t_hi, T,
+def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_head, first, t_lo, t_hi, T,
                         G: tl.constexpr, H: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
-                        BQ: tl.constexpr, MASKED: tl.constexpr, F32: tl.constexpr):
-    """Accumulate dKs, dVs of one summary block over query rows [t_lo, t_hi).
+                        BQ: tl.constexpr, MASKED: tl.constexpr, ACC_DQ: tl.constexpr, F32: tl.constexpr):
+    """Accumulate dKs, dVs of one summary block over query rows [t_lo, t_hi); with ACC_DQ also add
+    the block's share of each row's dq̂ (rotated space) into the fp32 accumulator at dq_head.
 
     Rows past T get lse = +inf, hence P = 0; MASKED adds the visibility j < c of each row (c: its
     global chunk index, `first` + row // L).
@@ -88,15 +91,20 @@ def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_hea
         dst = pt * (dot(vb, tl.trans(dy), DT, F32) - delta[None, :])
         dv += dot(pt, dy, DT, F32)
         dk += dot(dst, tl.trans(qt), DT, F32)
+        if ACC_DQ:
+            tl.atomic_add(dq_head + rows[:, None] * (H * D_HEAD) + dcols[None, :], dot(tl.trans(dst), kb, DT, F32),
+                          mask=rmask[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, ks_ptr, vs_ptr, dks_ptr, dvs_ptr, T, CS,
-                         dk_scale,
+def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, ks_ptr, vs_ptr, dks_ptr, dvs_ptr, dq_ptr, T,
+                         CS, dk_scale,
                          H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
-                         BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
-    pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
+                         BQ: tl.constexpr, BC: tl.constexpr, ACC_DQ: tl.constexpr, F32: tl.constexpr):
+    # the first summary blocks see the most rows: every head's block 0 is launched first, so that no
+    # long program starts last
+    pid_bh, pid_c = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     j0 = pid_c * BC
     j = j0 + tl.arange(0, BC)
@@ -112,15 +120,18 @@ def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, ks_ptr,
     dy_head = dy_ptr + b64 * T * (H * D_HEAD) + h * D_HEAD
     lse_head = lse_ptr + pid_bh.to(tl.int64) * T
     delta_head = delta_ptr + pid_bh.to(tl.int64) * T
+    dq_head = dq_ptr  # None unless ACC_DQ
+    if ACC_DQ:
+        dq_head += b64 * T * (H * D_HEAD) + h * D_HEAD
     # row t (global chunk first + t // L) sees summary j iff t >= (j - first + 1)·L: none of the block
     # before (j0 - first + 1)·L, all of it from (j0 + BC - first)·L
     first = first_chunk(offset_ptr, b64)
     t_lo = tl.maximum(j0 - first + 1, 0) * L // BQ * BQ
     t_mid = tl.minimum(tl.cdiv(tl.maximum(j0 + BC - first, 0) * L, BQ) * BQ, T)
-    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, first, t_lo, t_mid, T,
-                                 G, H, L, D_HEAD, BQ, True, F32)
-    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, first, t_mid, T, T,
-                                 G, H, L, D_HEAD, BQ, False, F32)
+    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_head, first, t_lo,
+                                 t_mid, T, G, H, L, D_HEAD, BQ, True, ACC_DQ, F32)
+    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_head, first, t_mid,
+                                 T, T, G, H, L, D_HEAD, BQ, False, ACC_DQ, F32)
     tl.store(dks_ptr + sp, dk * dk_scale, mask=jmask)
     tl.store(dvs_ptr + sp, dv, mask=jmask)
 
@@ -150,9 +161,9 @@ def _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_lo, j_
 
 @triton.jit
 def _query_grad_kernel(q_ptr, qr_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_ptr, vs_ptr, dy_ptr, lse_ptr,
-                       delta_ptr, dks_ptr, dvs_ptr, dq_ptr, dkd_ptr, dvd_ptr, sq_b, sq_t, T, C, CS, qk_scale, scale,
-                       H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
-                       BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
+                       delta_ptr, dks_ptr, dvs_ptr, dqacc_ptr, dq_ptr, dkd_ptr, dvd_ptr, sq_b, sq_t, T, C, CS, qk_scale,
+                       scale, H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
+                       BQ: tl.constexpr, BC: tl.constexpr, ACC_DQ: tl.constexpr, F32: tl.constexpr):
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -171,21 +182,25 @@ def _query_grad_kernel(q_ptr, qr_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr
     out_rows = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]  # [B, T, H·d] tensors
     lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
-    # --- dq through the summaries (rotated space), full-width tiles
-    qr = tl.load(qr_ptr + (b64 * T + rows[:, None]) * (G * D_HEAD) + (h % G) * D_HEAD + dcols[None, :],
-                 mask=mask, other=0.0)
-    dy = tl.load(dy_ptr + (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :],
-                 mask=mask, other=0.0)
-    dqr = tl.zeros([BQ, D_HEAD], tl.float32)
-    n_visible = first + tl.minimum(t0 + BQ - 1, T - 1) // L
-    j_full = (first + t0 // L) // BC * BC  # summaries below are visible to every row of the block
-    ks_head = ks_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
-    vs_head = vs_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
-    dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, 0, j_full, n_visible,
-                            D_HEAD, BC, False, F32)
-    dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_full, n_visible, n_visible,
-                            D_HEAD, BC, True, F32)
-    dqr1, dqr2 = split_halves(dqr, BQ, HALF)
+    # --- dq through the summaries (rotated space): accumulated by the summary side, or a loop here
+    if ACC_DQ:
+        dqr1 = tl.load(dqacc_ptr + out_rows, mask=mask, other=0.0)
+        dqr2 = tl.load(dqacc_ptr + out_rows + HALF, mask=mask, other=0.0)
+    else:
+        qr = tl.load(qr_ptr + (b64 * T + rows[:, None]) * (G * D_HEAD) + (h % G) * D_HEAD + dcols[None, :],
+                     mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :],
+                     mask=mask, other=0.0)
+        dqr = tl.zeros([BQ, D_HEAD], tl.float32)
+        n_visible = first + tl.minimum(t0 + BQ - 1, T - 1) // L
+        j_full = (first + t0 // L) // BC * BC  # summaries below are visible to every row of the block
+        ks_head = ks_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
+        vs_head = vs_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
+        dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, 0, j_full, n_visible,
+                                D_HEAD, BC, False, F32)
+        dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_full, n_visible, n_visible,
+                                D_HEAD, BC, True, F32)
+        dqr1, dqr2 = split_halves(dqr, BQ, HALF)
     # --- the own state (k̃, ṽ from the states kernel): its score's and value's gradients
     q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t
     q1 = tl.load(q_rows + kc[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -279,10 +294,16 @@ def _recurrence_grad_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, kst_ptr, vst_ptr, dkd
 
 
 def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
-                      chunk_offset: torch.Tensor | None = None, config: Blocks | None = None):
+                      chunk_offset: torch.Tensor | None = None, config: Blocks | None = None,
+                      atomic_dq: bool | None = None):
     """The backward's first part: the gradients dKs, dVs (fp32) of every summary in Ks, Vs
-    [B, H, CS, d] that this sequence's tokens attend to, and what the second part reuses (Δ, q̂).
-    Under context parallelism the summary gradients are reduced across ranks between the parts."""
+    [B, H, CS, d] that this sequence's tokens attend to, and what the second part reuses (Δ, q̂, dq̂).
+    Under context parallelism the summary gradients are reduced across ranks between the parts.
+
+    atomic_dq (default: unless torch.use_deterministic_algorithms is on): the summary side also adds
+    each block's share of the queries' gradient into an fp32 accumulator (atomically, so in an
+    unspecified order), and the query side skips its own pass over the summaries: 5 matmuls per
+    (summary, query) pair instead of 7. Off, every gradient is bit-reproducible."""
     B, T, D = dy.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
     cfg = config or blocks("summary_grad", L, d, ks.dtype)
@@ -296,19 +317,22 @@ def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rop
     CS = ks.shape[2]
     dks = torch.zeros(B, H, CS, d, device=dy.device, dtype=torch.float32)
     dvs = torch.zeros_like(dks)
+    if atomic_dq is None:
+        atomic_dq = not torch.are_deterministic_algorithms_enabled()
+    dq_rotated = torch.zeros(B, T, D, device=dy.device, dtype=torch.float32) if atomic_dq else None
     if CS:
-        _summary_grad_kernel[(triton.cdiv(CS, cfg.bc), B * H)](
-            qr, dy, lse, delta, chunk_offset, ks, vs, dks, dvs, T, CS, 1.0 / LOG2E, H=H, G=G, L=L, D_HEAD=d,
-            BQ=cfg.bq, BC=cfg.bc, F32=ks.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
-            num_stages=cfg.stages)
-    return dks, dvs, (dy, delta, qr)
+        _summary_grad_kernel[(B * H, triton.cdiv(CS, cfg.bc))](
+            qr, dy, lse, delta, chunk_offset, ks, vs, dks, dvs, dq_rotated, T, CS, 1.0 / LOG2E, H=H, G=G, L=L,
+            D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, ACC_DQ=atomic_dq, F32=ks.dtype == torch.float32 or interpreting(),
+            num_warps=cfg.warps, num_stages=cfg.stages)
+    return dks, dvs, (dy, delta, qr, dq_rotated)
 
 
 def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own, chunk_size: int, head_dim: int,
                     rope_base: float, chunk_offset: torch.Tensor | None = None, config: Blocks | None = None):
     """The backward's second part: (dq, dk, dv, df, dgate_bias), given the total gradients dKs_own, dVs_own
     [B, H, T//L, d] of this sequence's own summaries and `reused` from summary_gradients."""
-    dy, delta, qr = reused
+    dy, delta, qr, dq_rotated = reused
     dks_own, dvs_own = dks_own.contiguous(), dvs_own.contiguous()
     B, T, D = v.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
@@ -320,10 +344,10 @@ def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own
     dkd = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
     dvd = torch.empty_like(dkd)
     _query_grad_kernel[(triton.cdiv(T, cfg.bq), B * H)](
-        q, qr, kst, vst, inv_freq, chunk_offset, ks, vs, dy, lse, delta, dks_own, dvs_own, dq_heads, dkd, dvd,
-        q.stride(0), q.stride(1), T, max(T // L, 1), max(ks.shape[2], 1), LOG2E * scale, scale, H=H, G=G, L=L,
-        HALF=d // 2, BQ=cfg.bq, BC=cfg.bc, F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
-        num_stages=cfg.stages)
+        q, qr, kst, vst, inv_freq, chunk_offset, ks, vs, dy, lse, delta, dks_own, dvs_own, dq_rotated, dq_heads, dkd,
+        dvd, q.stride(0), q.stride(1), T, max(T // L, 1), max(ks.shape[2], 1), LOG2E * scale, scale, H=H, G=G, L=L,
+        HALF=d // 2, BQ=cfg.bq, BC=cfg.bc, ACC_DQ=dq_rotated is not None,
+        F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
     dk_heads = torch.empty(B, T, D, device=v.device, dtype=k.dtype)
     dv = torch.empty(B, T, D, device=v.device, dtype=v.dtype)
     df = torch.empty(B, T, D, device=v.device, dtype=f.dtype)

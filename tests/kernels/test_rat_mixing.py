@@ -46,8 +46,25 @@ CASES = {  # name: (B, T, H, G, d, L)
 }
 
 
-@pytest.mark.parametrize("shape", CASES.values(), ids=CASES.keys())
-def test_triton_mixing_equals_reference_output_and_gradients(shape):
+@pytest.fixture
+def deterministic(request):
+    """torch.use_deterministic_algorithms on for the test (the kernels' bit-reproducible backward, whose
+    query side loops over the summaries itself, instead of the summary side's atomic dq), then restored."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(request.param, warn_only=True)
+    yield request.param
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+DETERMINISTIC_CASES = ("partial-last-chunk", "groups2-L8", "many-summary-blocks-L4")
+
+
+@pytest.mark.parametrize("shape,deterministic",
+                         [(shape, False) for shape in CASES.values()]
+                         + [(CASES[name], True) for name in DETERMINISTIC_CASES],
+                         ids=[*CASES, *(f"{name}-deterministic" for name in DETERMINISTIC_CASES)],
+                         indirect=["deterministic"])
+def test_triton_mixing_equals_reference_output_and_gradients(shape, deterministic):
     B, T, H, G, d, L = shape
     inputs = make_inputs(B, T, H, G, d)
     w = torch.randn(B, T, H * d, device=DEVICE)
@@ -130,8 +147,10 @@ def block_reference(q, k, v, f, gate_bias, prior, later, first_chunk, L, d, rope
     return y.transpose(1, 2).reshape(B, T, D), own_k, own_v, (ks, vs)
 
 
-@pytest.mark.parametrize("first_chunk", [0, 3, 5])
-def test_a_block_with_the_sequences_summaries_and_its_chunk_offset_equals_reference(first_chunk):
+@pytest.mark.parametrize("first_chunk,deterministic", [(0, False), (3, False), (5, False), (3, True)],
+                         ids=["first-chunk-0", "first-chunk-3", "first-chunk-5", "first-chunk-3-deterministic"],
+                         indirect=["deterministic"])
+def test_a_block_with_the_sequences_summaries_and_its_chunk_offset_equals_reference(first_chunk, deterministic):
     # context parallelism runs the kernels' phases on one block of a sequence: its states, then the
     # attention over the whole sequence's summaries, then the summary gradients (reduced across ranks
     # in between) and the input gradients; each phase equals the float64 reference of that block

@@ -46,8 +46,18 @@ GRID = {  # name: (B, T, H, G, d, L)
 }
 
 
+@pytest.fixture(params=[False, True], ids=["atomic-dq", "deterministic"])
+def deterministic(request):
+    """Both backwards: the default (the summary side adds dq atomically) and the bit-reproducible one
+    that torch.use_deterministic_algorithms selects (warn_only: the reference's cuBLAS calls may run)."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(request.param, warn_only=True)
+    yield request.param
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 @pytest.mark.parametrize("shape", GRID.values(), ids=GRID.keys())
-def test_bf16_kernel_is_as_close_to_fp32_truth_as_the_bf16_reference(shape):
+def test_bf16_kernel_is_as_close_to_fp32_truth_as_the_bf16_reference(shape, deterministic):
     B, T, H, G, d, L = shape
     xs = inputs(B, T, H, G, d, torch.bfloat16)
     w = torch.randn(B, T, H * d, device="cuda")
@@ -81,3 +91,12 @@ def test_bf16_prefill_is_as_close_to_fp32_truth_as_the_bf16_reference():
     got = rat_prefill(*xs, lengths, 16, 128, 10000.0)
     for name, g, r, t in zip(("y", "Ks", "Vs", "running k", "running v"), got, bf16, truth):
         assert rel(g.float(), t) <= 2 * rel(r.float(), t) + 2e-3, name
+
+
+@pytest.mark.parametrize("deterministic", [True], ids=["deterministic"], indirect=True)
+def test_deterministic_backward_is_bit_reproducible(deterministic):
+    xs = inputs(2, 8192, 16, 2, 128, torch.bfloat16)
+    w = torch.randn(2, 8192, 16 * 128, device="cuda")
+    first, second = run(rat_mixing, xs, w, 16, 128), run(rat_mixing, xs, w, 16, 128)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
