@@ -67,7 +67,8 @@ def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], dev
 
     def step() -> torch.Tensor:
         for _ in range(accumulation):
-            loss = sum_cross_entropy(model, batch, device, "bf16", "compile" in flags, "logits" not in flags)
+            loss = sum_cross_entropy(model, batch, device, "bf16", "inductor" if "compile" in flags else None,
+                                     "logits" not in flags)
             loss = loss / batch["labels"].numel()
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)

@@ -18,6 +18,9 @@ from ratpt.data.config import DataConfig
 from ratpt.model.config import ModelConfig, validate_model_config
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
@@ -31,6 +34,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     compile: bool = False  # torch.compile each block and the loss (single-process training)
+    compile_backend: str = "inductor"  # inductor | aot_eager (traced but not code-generated: tells a compiler
+    #                                    bug from a model bug, and compiles in seconds)
     fused_loss: bool = True  # head + loss chunk by chunk (ratpt.ops.linear_cross_entropy): no [tokens, vocab] logits
     seed: int = 0  # parameter init and any sampling; the data order has its own seed
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (each is skipped)
@@ -166,6 +171,8 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     )
     _require(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto|bf16|fp32, got {t.precision!r}")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got {t.device!r}")
+    _require(t.compile_backend in COMPILE_BACKENDS,
+             f"train.compile_backend must be {'|'.join(COMPILE_BACKENDS)}, got {t.compile_backend!r}")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
     if "rat" in cfg.model.mixers:

@@ -67,7 +67,7 @@ class RATLM(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, mixer_of_layer(cfg, i)) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.compiled_loss = False  # the fused loss's chunk math through inductor (train.compile sets it)
+        self.loss_compile_backend = None  # the fused loss's chunk math through torch.compile (train.compile sets it)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,7 +86,7 @@ class RATLM(nn.Module):
         hidden = self.hidden_states(tokens)
         if labels is None:
             return self.logits(hidden)
-        return linear_cross_entropy_sum(hidden, self.embedding.weight, labels, compiled=self.compiled_loss)
+        return linear_cross_entropy_sum(hidden, self.embedding.weight, labels, compile_backend=self.loss_compile_backend)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [B, T, D]: a loss can be fused with `logits` from here."""

@@ -22,18 +22,19 @@ CHUNK_BYTES = 2**30  # fp32 logits of one chunk: ≈ 8192 tokens at vocab 32000
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             chunk_rows: int | None = None, compiled: bool = False) -> torch.Tensor:
+                             chunk_rows: int | None = None, compile_backend: str | None = None) -> torch.Tensor:
     """Summed cross-entropy of hidden [..., D] · weight [V, D]ᵀ against labels [...] (IGNORE_INDEX
     skipped), as `F.cross_entropy(F.linear(hidden, weight).float(), ...)` computes it: the softmax and
     the sum in fp32 (float64 for float64 inputs).
-    `chunk_rows`: tokens per chunk (default: fp32 logits of about CHUNK_BYTES)."""
+    `chunk_rows`: tokens per chunk (default: fp32 logits of about CHUNK_BYTES). `compile_backend`: the
+    torch.compile backend of each chunk's softmax and gradient (train.compile), or None (eager)."""
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     rows = chunk_rows or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, rows, dtype,
-                                         _compiled_loss_and_grad() if compiled else _loss_and_grad)
+                                         _compiled_loss_and_grad(compile_backend) if compile_backend else _loss_and_grad)
     with torch.autocast(device_type, enabled=False):
         w = weight.to(dtype)
         return sum(_loss(F.linear(flat_hidden[i:i + rows].to(dtype), w), flat_labels[i:i + rows])[0]
@@ -59,8 +60,8 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 @functools.cache
-def _compiled_loss_and_grad():
-    return torch.compile(_loss_and_grad, dynamic=False)
+def _compiled_loss_and_grad(backend: str):
+    return torch.compile(_loss_and_grad, dynamic=False, backend=backend)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -40,17 +40,17 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def sum_cross_entropy(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
-                      precision: str, compiled: bool = False, fused: bool = True) -> torch.Tensor:
+                      precision: str, compile_backend: str | None = None, fused: bool = True) -> torch.Tensor:
     """Summed token loss of a micro-batch. `fused` (train.fused_loss): the model's head and loss in
     one chunked op (RATLM.forward with labels); else the logits, then the loss over them, compiled
-    if `compiled` (train.compile)."""
+    with `compile_backend` if given (train.compile)."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     with autocast_context(device, precision):
         if fused:
             return model(input_ids, labels=labels)
         logits = model(input_ids)
-    return (compiled_cross_entropy_sum() if compiled else cross_entropy_sum)(logits, labels)
+    return (compiled_cross_entropy_sum(compile_backend) if compile_backend else cross_entropy_sum)(logits, labels)
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -58,11 +58,16 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def compile_backend(cfg: Config) -> str | None:
+    """The torch.compile backend of this run (train.compile_backend), or None when it is not compiled."""
+    return cfg.train.compile_backend if cfg.train.compile else None
+
+
 @functools.cache
-def compiled_cross_entropy_sum():
-    """cross_entropy_sum through inductor: the fp32 upcast, log-softmax and their backward become
-    passes over the bf16 logits, the largest tensors of a step, instead of fp32 copies of them."""
-    return torch.compile(cross_entropy_sum, dynamic=False)
+def compiled_cross_entropy_sum(backend: str):
+    """cross_entropy_sum through torch.compile: under inductor the fp32 upcast, log-softmax and their
+    backward become passes over the bf16 logits, the largest tensors of a step, instead of fp32 copies."""
+    return torch.compile(cross_entropy_sum, dynamic=False, backend=backend)
 
 
 def labelled_tokens(micro_batches: Iterable[dict]) -> int:
@@ -87,7 +92,7 @@ class LocalEngine:
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             micro_loss = sum_cross_entropy(self.model, batch, self.device, self.cfg.train.precision,
-                                           self.cfg.train.compile, self.cfg.train.fused_loss) / total
+                                           compile_backend(self.cfg), self.cfg.train.fused_loss) / total
             micro_loss.backward()
             loss_sum += micro_loss.detach()
         return loss_sum.item() * total, float(total)

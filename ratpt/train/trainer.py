@@ -52,15 +52,15 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = _checkpointed(layer.forward)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each block with static shapes (after activation checkpointing, as torchtitan
     orders them): identical blocks share one compiled graph, so compiling costs one block, not all of
     them; the RAT kernels sit in the graph as opaque custom ops (kernels/autograd.py). The loss: the
-    fused head + loss compiles its per-chunk softmax (model.compiled_loss); the unfused one
+    fused head + loss compiles its per-chunk softmax (model.loss_compile_backend); the unfused one
     (train.fused_loss=false) is compiled by the engine (engine.sum_cross_entropy)."""
     for layer in model.layers:
-        layer.compile(dynamic=False)
-    model.compiled_loss = True
+        layer.compile(dynamic=False, backend=backend)
+    model.loss_compile_backend = backend
 
 
 def _checkpointed(forward):
@@ -133,7 +133,7 @@ def train(cfg: Config) -> TrainResult:
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.train.compile:
-        apply_compile(model)
+        apply_compile(model, cfg.train.compile_backend)
     engine = build_engine(cfg, ctx, model)
     lr_multiplier = LRMultiplier(cfg.schedule, cfg.train.steps)
     step, bad_in_a_row, data_state = 0, 0, None

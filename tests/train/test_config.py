@@ -44,9 +44,10 @@ def test_overrides_win_over_yaml_and_interpolate_out_dir(tmp_path):
         (["optimizer.betas=[0.9]"], "optimizer.betas"),
         (["model.d_model=100"], "head_dim"),
         (["train.steps"], "key=value"),
+        (["train.compile_backend=cudagraphs"], "train.compile_backend must be inductor|aot_eager"),
     ],
     ids=["unknown-key", "wrong-type", "unknown-mixer", "batch-indivisible", "seq-vs-chunk",
-         "bad-schedule", "bad-betas", "width-vs-heads", "override-without-value"],
+         "bad-schedule", "bad-betas", "width-vs-heads", "override-without-value", "bad-compile-backend"],
 )
 def test_mistakes_raise_config_error_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
