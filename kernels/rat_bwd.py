@@ -11,17 +11,19 @@ dS = P ⊙ (dP − Δ), dP = dy·values:
    rest an unmasked one. By default (not under torch.use_deterministic_algorithms) it also adds
    dq̂ = Σ_j dS k_j into an fp32 accumulator with atomics, as FlashAttention-2 does, since it has
    dS in hand: the query side then needs no loop over the summaries (5 matmuls per pair, not 7).
-3. `_query_grad_kernel`: per (block of whole chunks, batch, head): dq through the summaries
-   (the accumulator, or else a full and a masked loop over them) and the own score; the direct gradients of k̃, ṽ (own score
-   and own value) plus, at each chunk end, the summary gradients rotated back by the chunk
-   index, written to fp32 scratch [B, T, H·d]. The states k̃, ṽ come from rat_fwd's sequential
-   `_states_kernel`, run again rather than kept from the forward (that would be 2 fp32
-   [B, T, D] of activation memory per layer).
-4. `_recurrence_grad_kernel`: per (tile of chunks, batch, head), backwards over the L positions:
-   λ[t] = dY[t] + g[t+1] λ[t+1] inside each chunk; then dk, dv = (1 − g) λ and the gate gradient
-   df = (1 − g) Σ λ ⊙ (state − input) (this is ∂/∂g · g(1−g) without a division by g).
-   dq, dk are written per head [B, T, H·d] and summed over each group's heads afterwards; the
-   gate-bias gradient as per-program partial sums.
+3. `_query_grad_kernel` (deterministic mode only): per (block of whole chunks, batch, head), dq̂
+   through the summaries (a full and a masked loop over them), stored into the same fp32 [B, T, H·d]
+   buffer the atomics fill otherwise.
+4. `_recurrence_grad_kernel`: per (tile of chunks, batch, head), backwards over the L positions,
+   everything that is local to a token: the own state's score and value gradients (P_own, dS_own),
+   dq = rope⁻¹(dq̂)/√d + dS_own k̃; the direct gradients of k̃, ṽ (own score, own value and, at the
+   chunk end, the summary gradients rotated back by the chunk index); then the reverse recurrence
+   λ[t] = direct[t] + g[t+1] λ[t+1] inside each chunk, dk, dv = (1 − g) λ and the gate gradient
+   df = (1 − g) Σ λ ⊙ (state − input) (this is ∂/∂g · g(1−g) without a division by g). The direct
+   gradients never leave registers. The states k̃, ṽ come from rat_fwd's sequential `_states_kernel`,
+   run again rather than kept from the forward (that would be 2 fp32 [B, T, D] of activation memory
+   per layer). dq, dk are written per head [B, T, H·d] and summed over each group's heads
+   afterwards; the gate-bias gradient as per-program partial sums.
 
 Steps 1–2 (`summary_gradients`) and 3–4 (`input_gradients`) are callable apart, with the forward's
 chunk offsets: under context parallelism a block's tokens attend to summaries of other ranks, whose
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 
 from kernels.blocks import Blocks, blocks
-from kernels.common import LOG2E, chunk_tile, dot, first_chunk, interpreting, rope_cos_sin, split_halves
+from kernels.common import LOG2E, chunk_tile, dot, first_chunk, interpreting, rope_cos_sin
 from kernels.rat_fwd import CHUNKS_PER_PROGRAM, inverse_frequencies, recurrent_states
 
 
@@ -160,97 +162,49 @@ def _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_lo, j_
 
 
 @triton.jit
-def _query_grad_kernel(q_ptr, qr_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_ptr, vs_ptr, dy_ptr, lse_ptr,
-                       delta_ptr, dks_ptr, dvs_ptr, dqacc_ptr, dq_ptr, dkd_ptr, dvd_ptr, sq_b, sq_t, T, C, CS, qk_scale,
-                       scale, H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
-                       BQ: tl.constexpr, BC: tl.constexpr, ACC_DQ: tl.constexpr, F32: tl.constexpr):
-    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
+def _query_grad_kernel(qr_ptr, offset_ptr, ks_ptr, vs_ptr, dy_ptr, lse_ptr, delta_ptr, dqr_ptr, T, CS,
+                       H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
+                       BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
+    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
     pid_bh = tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
-    D_HEAD: tl.constexpr = 2 * HALF
     t0 = pid_t * BQ
     rows = t0 + tl.arange(0, BQ)
-    cols = tl.arange(0, HALF)
     dcols = tl.arange(0, D_HEAD)
     rmask = rows < T
     mask = rmask[:, None]
     b64 = b.to(tl.int64)
     first = first_chunk(offset_ptr, b64)
     chunk = first + rows // L  # global chunk index
-    kc = (h % G) * D_HEAD + cols
-    vc = h * D_HEAD + cols
-    out_rows = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]  # [B, T, H·d] tensors
     lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)
-    # --- dq through the summaries (rotated space): accumulated by the summary side, or a loop here
-    if ACC_DQ:
-        dqr1 = tl.load(dqacc_ptr + out_rows, mask=mask, other=0.0)
-        dqr2 = tl.load(dqacc_ptr + out_rows + HALF, mask=mask, other=0.0)
-    else:
-        qr = tl.load(qr_ptr + (b64 * T + rows[:, None]) * (G * D_HEAD) + (h % G) * D_HEAD + dcols[None, :],
-                     mask=mask, other=0.0)
-        dy = tl.load(dy_ptr + (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :],
-                     mask=mask, other=0.0)
-        dqr = tl.zeros([BQ, D_HEAD], tl.float32)
-        n_visible = first + tl.minimum(t0 + BQ - 1, T - 1) // L
-        j_full = (first + t0 // L) // BC * BC  # summaries below are visible to every row of the block
-        ks_head = ks_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
-        vs_head = vs_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
-        dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, 0, j_full, n_visible,
-                                D_HEAD, BC, False, F32)
-        dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_full, n_visible, n_visible,
-                                D_HEAD, BC, True, F32)
-        dqr1, dqr2 = split_halves(dqr, BQ, HALF)
-    # --- the own state (k̃, ṽ from the states kernel): its score's and value's gradients
-    q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t
-    q1 = tl.load(q_rows + kc[None, :], mask=mask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_rows + kc[None, :] + HALF, mask=mask, other=0.0).to(tl.float32)
-    dy1 = tl.load(dy_ptr + out_rows, mask=mask, other=0.0).to(tl.float32)
-    dy2 = tl.load(dy_ptr + out_rows + HALF, mask=mask, other=0.0).to(tl.float32)
-    cos, sin = rope_cos_sin(chunk, tl.load(inv_freq_ptr + cols))
-    ks1 = tl.load(kst_ptr + out_rows, mask=mask, other=0.0)
-    ks2 = tl.load(kst_ptr + out_rows + HALF, mask=mask, other=0.0)
-    vs1 = tl.load(vst_ptr + out_rows, mask=mask, other=0.0)
-    vs2 = tl.load(vst_ptr + out_rows + HALF, mask=mask, other=0.0)
-    p_own = tl.exp2((tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale - lse)
-    ds_own = p_own * (tl.sum(dy1 * vs1, 1) + tl.sum(dy2 * vs2, 1) - delta) * scale
-    p_own = tl.where(rmask, p_own, 0.0)
-    ds_own = tl.where(rmask, ds_own, 0.0)
-    dq1 = (dqr1 * cos + dqr2 * sin) * scale + ds_own[:, None] * ks1
-    dq2 = (dqr2 * cos - dqr1 * sin) * scale + ds_own[:, None] * ks2
-    DQT = dq_ptr.dtype.element_ty
-    tl.store(dq_ptr + out_rows, dq1.to(DQT), mask=mask)
-    tl.store(dq_ptr + out_rows + HALF, dq2.to(DQT), mask=mask)
-    # --- direct gradients of k̃, ṽ; the gradients of this sequence's own summaries enter at chunk ends
-    end = (rows % L == L - 1) & rmask
-    sp = (pid_bh.to(tl.int64) * C + rows // L)[:, None] * D_HEAD + cols[None, :]
-    emask = end[:, None]
-    dsk1 = tl.load(dks_ptr + sp, mask=emask, other=0.0)
-    dsk2 = tl.load(dks_ptr + sp + HALF, mask=emask, other=0.0)
-    dks1 = ds_own[:, None] * q1 + dsk1 * cos + dsk2 * sin
-    dks2 = ds_own[:, None] * q2 + dsk2 * cos - dsk1 * sin
-    dvs1 = p_own[:, None] * dy1 + tl.load(dvs_ptr + sp, mask=emask, other=0.0)
-    dvs2 = p_own[:, None] * dy2 + tl.load(dvs_ptr + sp + HALF, mask=emask, other=0.0)
-    tl.store(dkd_ptr + out_rows, dks1, mask=mask)
-    tl.store(dkd_ptr + out_rows + HALF, dks2, mask=mask)
-    tl.store(dvd_ptr + out_rows, dvs1, mask=mask)
-    tl.store(dvd_ptr + out_rows + HALF, dvs2, mask=mask)
+    qr = tl.load(qr_ptr + (b64 * T + rows[:, None]) * (G * D_HEAD) + (h % G) * D_HEAD + dcols[None, :],
+                 mask=mask, other=0.0)
+    out = (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :]  # [B, T, H·d] tensors
+    dy = tl.load(dy_ptr + out, mask=mask, other=0.0)
+    dqr = tl.zeros([BQ, D_HEAD], tl.float32)
+    n_visible = first + tl.minimum(t0 + BQ - 1, T - 1) // L
+    j_full = (first + t0 // L) // BC * BC  # summaries below are visible to every row of the block
+    ks_head = ks_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
+    vs_head = vs_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
+    dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, 0, j_full, n_visible,
+                            D_HEAD, BC, False, F32)
+    dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_full, n_visible, n_visible,
+                            D_HEAD, BC, True, F32)
+    tl.store(dqr_ptr + out, dqr, mask=mask)
 
 
 @triton.jit
-def _reverse_step(lk, lv, g_next, f_ptrs, k_ptrs, v_ptrs, bias, st, kst_ptr, vst_ptr, dkd_ptr, dvd_ptr,
-                  dk_ptrs, dv_ptrs, df_ptrs, mask):
-    """One position (backwards) of the reverse recurrence for a [chunks, HALF] tile.
-
-    Returns λ_k, λ_v, this row's gate (the next step's g[t+1]) and the gate-bias partial sum.
-    """
+def _reverse_step(lk, lv, g_next, direct_k, direct_v, ks, vs, f_ptrs, k_ptrs, v_ptrs, bias, dk_ptrs, dv_ptrs,
+                  df_ptrs, mask):
+    """One position (backwards) of the reverse recurrence for a [chunks, HALF] tile, given the direct
+    gradients of its states k̃, ṽ. Returns λ_k, λ_v, this row's gate (the next step's g[t+1]) and the
+    gate-bias partial sum."""
     g = tl.sigmoid(tl.load(f_ptrs, mask=mask, other=0.0).to(tl.float32) + bias[None, :])
-    lk = tl.load(dkd_ptr + st, mask=mask, other=0.0) + g_next * lk
-    lv = tl.load(dvd_ptr + st, mask=mask, other=0.0) + g_next * lv
+    lk = direct_k + g_next * lk
+    lv = direct_v + g_next * lv
     k = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
-    ks = tl.load(kst_ptr + st, mask=mask, other=0.0)
-    vs = tl.load(vst_ptr + st, mask=mask, other=0.0)
     df = (1 - g) * (lk * (ks - k) + lv * (vs - v))
     tl.store(dk_ptrs, ((1 - g) * lk).to(dk_ptrs.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, ((1 - g) * lv).to(dv_ptrs.dtype.element_ty), mask=mask)
@@ -259,13 +213,17 @@ def _reverse_step(lk, lv, g_next, f_ptrs, k_ptrs, v_ptrs, bias, st, kst_ptr, vst
 
 
 @triton.jit
-def _recurrence_grad_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, kst_ptr, vst_ptr, dkd_ptr, dvd_ptr,
-                            dk_ptr, dv_ptr, df_ptr, dbias_ptr, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, B, T,
+def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, kst_ptr, vst_ptr, dy_ptr,
+                            lse_ptr, delta_ptr, dqr_ptr, dks_ptr, dvs_ptr, dq_ptr, dk_ptr, dv_ptr, df_ptr, dbias_ptr,
+                            sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, B, T, C, qk_scale, scale,
                             H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                             NCH: tl.constexpr):
     pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
     D_HEAD: tl.constexpr = 2 * HALF
     b64, chunks, cols, kc, vc, bias1, bias2 = chunk_tile(pid_c, pid_bh, bias_ptr, H, G, HALF, NCH)
+    cos, sin = rope_cos_sin(first_chunk(offset_ptr, b64) + chunks, tl.load(inv_freq_ptr + cols))  # per chunk
+    row_stats = pid_bh.to(tl.int64) * T  # lse, Δ: [B, H, T]
+    own = ((pid_bh.to(tl.int64) * C + chunks) * D_HEAD)[:, None] + cols[None, :]  # this tile's summaries
     lk1 = tl.zeros([NCH, HALF], tl.float32)
     lk2 = tl.zeros([NCH, HALF], tl.float32)
     lv1 = tl.zeros([NCH, HALF], tl.float32)
@@ -276,15 +234,44 @@ def _recurrence_grad_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, kst_ptr, vst_ptr, dkd
     db2 = tl.zeros([HALF], tl.float32)
     for i in range(L):
         rows = chunks * L + (L - 1 - i)
-        mask = (rows < T)[:, None]  # rows past T: zero direct gradients, so λ stays 0 there
+        rmask = rows < T
+        mask = rmask[:, None]  # rows past T: zero direct gradients, so λ stays 0 there
+        st = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]  # [B, T, H·d] tensors
+        q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t + kc[None, :]
+        ks1 = tl.load(kst_ptr + st, mask=mask, other=0.0)
+        ks2 = tl.load(kst_ptr + st + HALF, mask=mask, other=0.0)
+        vs1 = tl.load(vst_ptr + st, mask=mask, other=0.0)
+        vs2 = tl.load(vst_ptr + st + HALF, mask=mask, other=0.0)
+        q1 = tl.load(q_rows, mask=mask, other=0.0).to(tl.float32)
+        q2 = tl.load(q_rows + HALF, mask=mask, other=0.0).to(tl.float32)
+        dy1 = tl.load(dy_ptr + st, mask=mask, other=0.0).to(tl.float32)
+        dy2 = tl.load(dy_ptr + st + HALF, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + row_stats + rows, mask=rmask, other=0.0)
+        delta = tl.load(delta_ptr + row_stats + rows, mask=rmask, other=0.0)
+        # the own state's softmax weight and score gradient (RoPE cancels in q·k̃: one angle)
+        p_own = tl.exp2((tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale - lse)
+        ds_own = tl.where(rmask, p_own * (tl.sum(dy1 * vs1, 1) + tl.sum(dy2 * vs2, 1) - delta) * scale, 0.0)
+        p_own = tl.where(rmask, p_own, 0.0)
+        dqr1 = tl.load(dqr_ptr + st, mask=mask, other=0.0)
+        dqr2 = tl.load(dqr_ptr + st + HALF, mask=mask, other=0.0)
+        DQT = dq_ptr.dtype.element_ty
+        tl.store(dq_ptr + st, ((dqr1 * cos + dqr2 * sin) * scale + ds_own[:, None] * ks1).to(DQT), mask=mask)
+        tl.store(dq_ptr + st + HALF, ((dqr2 * cos - dqr1 * sin) * scale + ds_own[:, None] * ks2).to(DQT), mask=mask)
+        # direct gradients of k̃, ṽ: own score and value, and at chunk ends (i = 0) the summary's, rotated back
+        end = mask & (i == 0)
+        dsk1 = tl.load(dks_ptr + own, mask=end, other=0.0)
+        dsk2 = tl.load(dks_ptr + own + HALF, mask=end, other=0.0)
+        direct_k1 = ds_own[:, None] * q1 + dsk1 * cos + dsk2 * sin
+        direct_k2 = ds_own[:, None] * q2 + dsk2 * cos - dsk1 * sin
+        direct_v1 = p_own[:, None] * dy1 + tl.load(dvs_ptr + own, mask=end, other=0.0)
+        direct_v2 = p_own[:, None] * dy2 + tl.load(dvs_ptr + own + HALF, mask=end, other=0.0)
         k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t + kc[None, :]
         v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t + vc[None, :]
         f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t + vc[None, :]
-        st = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]
-        lk1, lv1, g1, part1 = _reverse_step(lk1, lv1, g1, f_rows, k_rows, v_rows, bias1, st, kst_ptr, vst_ptr,
-                                            dkd_ptr, dvd_ptr, dk_ptr + st, dv_ptr + st, df_ptr + st, mask)
-        lk2, lv2, g2, part2 = _reverse_step(lk2, lv2, g2, f_rows + HALF, k_rows + HALF, v_rows + HALF, bias2,
-                                            st + HALF, kst_ptr, vst_ptr, dkd_ptr, dvd_ptr, dk_ptr + st + HALF,
+        lk1, lv1, g1, part1 = _reverse_step(lk1, lv1, g1, direct_k1, direct_v1, ks1, vs1, f_rows, k_rows, v_rows,
+                                            bias1, dk_ptr + st, dv_ptr + st, df_ptr + st, mask)
+        lk2, lv2, g2, part2 = _reverse_step(lk2, lv2, g2, direct_k2, direct_v2, ks2, vs2, f_rows + HALF,
+                                            k_rows + HALF, v_rows + HALF, bias2, dk_ptr + st + HALF,
                                             dv_ptr + st + HALF, df_ptr + st + HALF, mask)
         db1 += part1
         db2 += part2
@@ -336,40 +323,41 @@ def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own
     dks_own, dvs_own = dks_own.contiguous(), dvs_own.contiguous()
     B, T, D = v.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
-    cfg = config or blocks("query_grad", L, d, v.dtype)
     inv_freq = inverse_frequencies(d, rope_base, v.device)
     scale = 1.0 / math.sqrt(d)
+    if dq_rotated is None:  # deterministic: the query side's own pass over the summaries
+        cfg = config or blocks("query_grad", L, d, v.dtype)
+        dq_rotated = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
+        _query_grad_kernel[(triton.cdiv(T, cfg.bq), B * H)](
+            qr, chunk_offset, ks, vs, dy, lse, delta, dq_rotated, T, max(ks.shape[2], 1), H=H, G=G, L=L, D_HEAD=d,
+            BQ=cfg.bq, BC=cfg.bc, F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
+            num_stages=cfg.stages)
     kst, vst = recurrent_states(k, v, f, gate_bias, L, d, inv_freq)
     dq_heads = torch.empty(B, T, D, device=v.device, dtype=q.dtype)
-    dkd = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
-    dvd = torch.empty_like(dkd)
-    _query_grad_kernel[(triton.cdiv(T, cfg.bq), B * H)](
-        q, qr, kst, vst, inv_freq, chunk_offset, ks, vs, dy, lse, delta, dks_own, dvs_own, dq_rotated, dq_heads, dkd,
-        dvd, q.stride(0), q.stride(1), T, max(T // L, 1), max(ks.shape[2], 1), LOG2E * scale, scale, H=H, G=G, L=L,
-        HALF=d // 2, BQ=cfg.bq, BC=cfg.bc, ACC_DQ=dq_rotated is not None,
-        F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
     dk_heads = torch.empty(B, T, D, device=v.device, dtype=k.dtype)
     dv = torch.empty(B, T, D, device=v.device, dtype=v.dtype)
     df = torch.empty(B, T, D, device=v.device, dtype=f.dtype)
     n_programs = triton.cdiv(triton.cdiv(T, L), CHUNKS_PER_PROGRAM)
     dbias = torch.empty(n_programs * B, D, device=v.device, dtype=torch.float32)
     _recurrence_grad_kernel[(n_programs, B * H)](
-        k, v, f, gate_bias, kst, vst, dkd, dvd, dk_heads, dv, df, dbias, k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), f.stride(0), f.stride(1), B, T, H=H, G=G, L=L, HALF=d // 2, NCH=CHUNKS_PER_PROGRAM,
-        num_warps=4)
+        q, k, v, f, gate_bias, inv_freq, chunk_offset, kst, vst, dy, lse, delta, dq_rotated, dks_own, dvs_own,
+        dq_heads, dk_heads, dv, df, dbias, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), f.stride(0), f.stride(1), B, T, max(T // L, 1), LOG2E * scale, scale, H=H, G=G, L=L,
+        HALF=d // 2, NCH=CHUNKS_PER_PROGRAM, num_warps=4)
     dq = dq_heads.view(B, T, H // G, G * d).sum(2)  # accumulated in fp32, rounded once (no separate cast pass)
     dk = dk_heads.view(B, T, H // G, G * d).sum(2)
     return dq, dk, dv, df, dbias.sum(0).to(gate_bias.dtype)
 
 
 def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
-                 configs: dict[str, Blocks] | None = None):
+                 configs: dict[str, Blocks] | None = None, atomic_dq: bool | None = None):
     """Gradients (dq, dk, dv, df, dgate_bias) of rat_forward's y: both parts, the summaries its own.
 
-    `configs` ("summary_grad", "query_grad") override kernels/blocks.py's (kernels/tune.py).
+    `configs` ("summary_grad", "query_grad") override kernels/blocks.py's (kernels/tune.py); `atomic_dq`
+    as in summary_gradients.
     """
     configs = configs or {}
     dks, dvs, reused = summary_gradients(dy, q, y, lse, ks, vs, chunk_size, head_dim, rope_base,
-                                         config=configs.get("summary_grad"))
+                                         config=configs.get("summary_grad"), atomic_dq=atomic_dq)
     return input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks, dvs, chunk_size, head_dim, rope_base,
                            config=configs.get("query_grad"))

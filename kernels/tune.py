@@ -8,8 +8,8 @@
                                                       # on-disk cache), then time in one process
 
 Each configuration of one kernel is timed inside the pass that launches it (forward: the whole
-forward; summary_grad, query_grad: the whole backward), the other kernels at their blocks.py
-configuration, at the layer benchmark's shape: D 2048, 16 heads x 128, G 2, bf16,
+forward; summary_grad, query_grad: the whole backward; query_grad's in deterministic mode, the only
+one that launches it), the other kernels at their blocks.py configuration, at the layer benchmark's shape: D 2048, 16 heads x 128, G 2, bf16,
 B·T = 131072, q, k, v, f strided column slices of one projection output. A configuration that
 does not compile or fit (shared memory) is recorded with its error. Results are written after
 every measurement, so a run cut short by its budget keeps what it measured.
@@ -86,8 +86,9 @@ def measure(kernel: str, cfg: Blocks, inputs: tuple, chunk_size: int, iters: int
     if kernel == "forward":
         return time_ms(lambda: rat_forward(*args, config=cfg), iters)
     y, lse, ks, vs = rat_forward(*args)
+    atomic_dq = kernel != "query_grad"  # the query side's loop over the summaries runs in deterministic mode only
     return time_ms(lambda: rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, chunk_size, HEAD_DIM, ROPE_BASE,
-                                        configs={kernel: cfg}), iters)
+                                        configs={kernel: cfg}, atomic_dq=atomic_dq), iters)
 
 
 def spin_up(inputs: tuple, chunk_size: int, seconds: float = 2.0) -> None:

@@ -55,6 +55,7 @@ def compile_all(dtype: torch.dtype) -> None:
     bias, dy = torch.zeros(H * d), torch.randn(B, T, H * d).to(dtype)
     y, lse, ks, vs = rat_forward(q, k, v, f, bias, L, d, base)
     rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base)
+    rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, atomic_dq=False)  # deterministic mode
     # one block of a longer sequence (context parallelism): chunk offsets and the sequence's summaries
     offset = torch.tensor([0, 3], dtype=torch.int32)
     kst, vst, _, _ = rat_states(k, v, f, bias, L, d, base, chunk_offset=offset)
