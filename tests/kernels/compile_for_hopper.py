@@ -5,8 +5,9 @@ Triton's real compiler runs (frontend, MLIR passes, ptxas to a cubin); only the 
 is this?" is answered by a stand-in driver, and every launch is turned into a warmup (compile
 only). The kernels are reached through their Python entry points, with the launch configurations
 kernels/blocks.py gives on a GPU, so what is compiled is what a GPU run would compile.
-Usage: compile_for_hopper.py DTYPE (bfloat16: tensor-core dots; float32: IEEE fp32 dots). Prints
-one line per launch, "compiled NAME BYTES" (the cubin's size), then "DONE".
+Usage: compile_for_hopper.py DTYPE:PASS,PASS [DTYPE:PASS ...] (bfloat16: tensor-core dots; float32:
+IEEE fp32 dots; passes: PASSES below). Prints "dtype DTYPE" before each job, one line per launch,
+"compiled NAME BYTES" (the cubin's size), then "DONE".
 """
 import sys
 
@@ -42,8 +43,13 @@ def compile_instead_of_launching() -> None:
     jit.JITFunction.run = run
 
 
-def compile_all(dtype: torch.dtype) -> None:
-    """Every kernel through its entry points at one small shape (d 128, L 16, G 2), in `dtype`."""
+PASSES = ("full", "deterministic", "context", "decode")
+
+
+def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
+    """Every kernel of `passes` (of PASSES) through its entry points at one small shape (d 128, L 16,
+    G 2), in `dtype`. Launches only compile, so no pass needs another's outputs: it gets tensors of
+    the right shapes and dtypes."""
     from kernels.rat_bwd import input_gradients, rat_backward, summary_gradients
     from kernels.rat_decode import rat_decode
     from kernels.rat_fwd import rat_forward, rat_states, summary_attention
@@ -53,24 +59,31 @@ def compile_all(dtype: torch.dtype) -> None:
     _, v, f, q, k = torch.randn(B, T, 3 * H * d + 2 * G * d).to(dtype).split(
         [H * d, H * d, H * d, G * d, G * d], dim=-1)
     bias, dy = torch.zeros(H * d), torch.randn(B, T, H * d).to(dtype)
-    y, lse, ks, vs = rat_forward(q, k, v, f, bias, L, d, base)
-    rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base)
-    rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, atomic_dq=False)  # deterministic mode
-    # one block of a longer sequence (context parallelism): chunk offsets and the sequence's summaries
-    offset = torch.tensor([0, 3], dtype=torch.int32)
-    kst, vst, _, _ = rat_states(k, v, f, bias, L, d, base, chunk_offset=offset)
-    seq_k, seq_v = (torch.randn(B, H, 3 + T // L, d).to(dtype) for _ in range(2))
-    y, lse = summary_attention(q, kst, vst, seq_k, seq_v, L, d, base, chunk_offset=offset)
-    dks, dvs, reused = summary_gradients(dy, q, y, lse, seq_k, seq_v, L, d, base, chunk_offset=offset)
-    input_gradients(q, k, v, f, bias, lse, seq_k, seq_v, reused, dks[:, :, 3:], dvs[:, :, 3:], L, d, base,
-                    chunk_offset=offset)
-    cache = torch.zeros(B, H, 20, d).to(dtype)
-    rat_decode(*(t[:, 0].contiguous() for t in (q, k, v, f)), bias, cache, cache.clone(), torch.zeros(B, H * d),
-               torch.zeros(B, H * d), torch.full((B,), 100), L, d, base)
+    y, lse, ks, vs = dy.clone(), torch.randn(B, H, T), *(torch.randn(B, H, T // L, d).to(dtype) for _ in range(2))
+    if "full" in passes:
+        y, lse, ks, vs = rat_forward(q, k, v, f, bias, L, d, base)
+        rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base)
+    if "deterministic" in passes:
+        rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, atomic_dq=False)
+    if "context" in passes:  # one block of a longer sequence: chunk offsets and the sequence's summaries
+        offset = torch.tensor([0, 3], dtype=torch.int32)
+        kst, vst, _, _ = rat_states(k, v, f, bias, L, d, base, chunk_offset=offset)
+        seq_k, seq_v = (torch.randn(B, H, 3 + T // L, d).to(dtype) for _ in range(2))
+        y, lse = summary_attention(q, kst, vst, seq_k, seq_v, L, d, base, chunk_offset=offset)
+        dks, dvs, reused = summary_gradients(dy, q, y, lse, seq_k, seq_v, L, d, base, chunk_offset=offset)
+        input_gradients(q, k, v, f, bias, lse, seq_k, seq_v, reused, dks[:, :, 3:], dvs[:, :, 3:], L, d, base,
+                        chunk_offset=offset)
+    if "decode" in passes:
+        cache = torch.zeros(B, H, 20, d).to(dtype)
+        rat_decode(*(t[:, 0].contiguous() for t in (q, k, v, f)), bias, cache, cache.clone(), torch.zeros(B, H * d),
+                   torch.zeros(B, H * d), torch.full((B,), 100), L, d, base)
 
 
 if __name__ == "__main__":
     triton.runtime.driver.set_active(HopperWithoutDevice())
     compile_instead_of_launching()
-    compile_all(getattr(torch, sys.argv[1]))
+    for job in sys.argv[1:]:  # DTYPE:PASS,PASS ...
+        dtype, passes = job.split(":")
+        print("dtype", dtype, flush=True)
+        compile_passes(getattr(torch, dtype), passes.split(","))
     print("DONE", flush=True)
