@@ -4,7 +4,9 @@ At the layer benchmark's shape (kernels.tune.layer_inputs: D 2048, 16 heads x 12
 B·T = 131072, q, k, v, f strided slices of one projection output): which of the fused kernels,
 and which torch ops between them (group sums, zero fills, casts), take the time, next to the
 bytes and FLOPs of kernels/NOTES.md. The backward is profiled both ways: by default (the summary
-side adds dq atomically) and under torch.use_deterministic_algorithms (`backward_deterministic_*`). Kernel time summed by name over `--iters` calls, divided.
+side adds dq atomically) and under torch.use_deterministic_algorithms (`backward_deterministic_*`,
+torch's NaN fills of uninitialised memory included, as a user gets them). Kernel time summed by
+name over `--iters` calls, divided.
 
     python benchmarks/kernel_profile.py --out benchmarks/results/kernel_profile.json
 """
@@ -43,12 +45,13 @@ def profile_length(T: int, chunk_size: int, iters: int) -> dict:
     forward = kernel_times(lambda: rat_forward(*args), iters)
     run = {"T": T, "B": TOKENS // T, "L": chunk_size, "forward_ms": forward,
            "forward_total_ms": round(sum(forward.values()), 3)}
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     for mode, deterministic in (("", False), ("_deterministic", True)):  # atomic dq (default); bit-reproducible
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         backward = kernel_times(lambda: rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, chunk_size, HEAD_DIM,
                                                      ROPE_BASE), iters)
         run.update({f"backward{mode}_ms": backward, f"backward{mode}_total_ms": round(sum(backward.values()), 3)})
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     return run
 
 

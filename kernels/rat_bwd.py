@@ -224,6 +224,7 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
     cos, sin = rope_cos_sin(first_chunk(offset_ptr, b64) + chunks, tl.load(inv_freq_ptr + cols))  # per chunk
     row_stats = pid_bh.to(tl.int64) * T  # lse, Δ: [B, H, T]
     own = ((pid_bh.to(tl.int64) * C + chunks) * D_HEAD)[:, None] + cols[None, :]  # this tile's summaries
+    DQT = dq_ptr.dtype.element_ty
     lk1 = tl.zeros([NCH, HALF], tl.float32)
     lk2 = tl.zeros([NCH, HALF], tl.float32)
     lv1 = tl.zeros([NCH, HALF], tl.float32)
@@ -254,7 +255,6 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
         p_own = tl.where(rmask, p_own, 0.0)
         dqr1 = tl.load(dqr_ptr + st, mask=mask, other=0.0)
         dqr2 = tl.load(dqr_ptr + st + HALF, mask=mask, other=0.0)
-        DQT = dq_ptr.dtype.element_ty
         tl.store(dq_ptr + st, ((dqr1 * cos + dqr2 * sin) * scale + ds_own[:, None] * ks1).to(DQT), mask=mask)
         tl.store(dq_ptr + st + HALF, ((dqr2 * cos - dqr1 * sin) * scale + ds_own[:, None] * ks2).to(DQT), mask=mask)
         # direct gradients of k̃, ṽ: own score and value, and at chunk ends (i = 0) the summary's, rotated back

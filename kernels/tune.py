@@ -9,7 +9,8 @@
 
 Each configuration of one kernel is timed inside the pass that launches it (forward: the whole
 forward; summary_grad, query_grad: the whole backward; query_grad's in deterministic mode, the only
-one that launches it), the other kernels at their blocks.py configuration, at the layer benchmark's shape: D 2048, 16 heads x 128, G 2, bf16,
+one that launches it), the other kernels at their blocks.py configuration, at the layer benchmark's
+shape: D 2048, 16 heads x 128, G 2, bf16,
 B·T = 131072, q, k, v, f strided column slices of one projection output. A configuration that
 does not compile or fit (shared memory) is recorded with its error. Results are written after
 every measurement, so a run cut short by its budget keeps what it measured.

@@ -86,7 +86,8 @@ class RATLM(nn.Module):
         hidden = self.hidden_states(tokens)
         if labels is None:
             return self.logits(hidden)
-        return linear_cross_entropy_sum(hidden, self.embedding.weight, labels, compile_backend=self.loss_compile_backend)
+        return linear_cross_entropy_sum(hidden, self.embedding.weight, labels,
+                                        compile_backend=self.loss_compile_backend)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [B, T, D]: a loss can be fused with `logits` from here."""

@@ -33,8 +33,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     rows = chunk_rows or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, rows, dtype,
-                                         _compiled_loss_and_grad(compile_backend) if compile_backend else _loss_and_grad)
+        loss_and_grad = _compiled_loss_and_grad(compile_backend) if compile_backend else _loss_and_grad
+        return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, rows, dtype, loss_and_grad)
     with torch.autocast(device_type, enabled=False):
         w = weight.to(dtype)
         return sum(_loss(F.linear(flat_hidden[i:i + rows].to(dtype), w), flat_labels[i:i + rows])[0]

@@ -46,16 +46,6 @@ CASES = {  # name: (B, T, H, G, d, L)
 }
 
 
-@pytest.fixture
-def deterministic(request):
-    """torch.use_deterministic_algorithms on for the test (the kernels' bit-reproducible backward, whose
-    query side loops over the summaries itself, instead of the summary side's atomic dq), then restored."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(request.param, warn_only=True)
-    yield request.param
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
 DETERMINISTIC_CASES = ("partial-last-chunk", "groups2-L8", "many-summary-blocks-L4")
 
 

@@ -46,16 +46,7 @@ GRID = {  # name: (B, T, H, G, d, L)
 }
 
 
-@pytest.fixture(params=[False, True], ids=["atomic-dq", "deterministic"])
-def deterministic(request):
-    """Both backwards: the default (the summary side adds dq atomically) and the bit-reproducible one
-    that torch.use_deterministic_algorithms selects (warn_only: the reference's cuBLAS calls may run)."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(request.param, warn_only=True)
-    yield request.param
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"], indirect=True)
 @pytest.mark.parametrize("shape", GRID.values(), ids=GRID.keys())
 def test_bf16_kernel_is_as_close_to_fp32_truth_as_the_bf16_reference(shape, deterministic):
     B, T, H, G, d, L = shape
