@@ -8,7 +8,13 @@ side adds dq atomically) and under torch.use_deterministic_algorithms (`backward
 torch's NaN fills of uninitialised memory included, as a user gets them). Kernel time summed by
 name over `--iters` calls, divided.
 
+`--layer` profiles instead one training step (forward + backward) of benchmarks/layer.py's whole RAT
+layer, compiled as there: every kernel of the step, and the step's time in the categories of
+benchmarks/profile_step.py (matmul, rat_mixing, glue), which says what the layer spends around
+the fused kernels.
+
     python benchmarks/kernel_profile.py --out benchmarks/results/kernel_profile.json
+    python benchmarks/kernel_profile.py --layer --out benchmarks/results/layer_profile.json
 """
 import argparse
 import json
@@ -55,16 +61,40 @@ def profile_length(T: int, chunk_size: int, iters: int) -> dict:
     return run
 
 
+def profile_layer(T: int, chunk_size: int, iters: int) -> dict:
+    """Kernel times of one compiled fwd+bwd step of the benchmark's RAT layer, and their categories."""
+    from layer import DTYPE, TOKENS as LAYER_TOKENS, rat_layer
+    from profile_step import by_category, rat_kernel_names
+
+    layer = rat_layer(chunk_size, "triton").to("cuda", DTYPE)
+    step_fn = torch.compile(layer, dynamic=False)
+    x = torch.randn(LAYER_TOKENS // T, T, layer.d_model, device="cuda", dtype=DTYPE, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def step():
+        step_fn(x).backward(dy)
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+
+    step()
+    per_kernel = kernel_times(step, iters)
+    categories = {name: round(ms, 3) for name, ms in by_category(per_kernel, rat_kernel_names()).items() if ms}
+    return {"T": T, "B": LAYER_TOKENS // T, "L": chunk_size, "total_ms": round(sum(per_kernel.values()), 3),
+            "categories_ms": categories, "kernels_ms": per_kernel}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/kernel_profile.json")
     parser.add_argument("--lengths", default="4096,131072")
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--layer", action="store_true", help="profile the whole compiled layer's train step")
     args = parser.parse_args()
     runs = []
     for T in map(int, args.lengths.split(",")):
-        runs.append(profile_length(T, args.chunk_size, args.iters))
+        runs.append((profile_layer if args.layer else profile_length)(T, args.chunk_size, args.iters))
         print(json.dumps(runs[-1], indent=1), flush=True)
         torch.cuda.empty_cache()
     with open(args.out, "w") as fh:

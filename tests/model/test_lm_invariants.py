@@ -34,16 +34,18 @@ def test_perturbing_a_later_token_changes_no_earlier_output(mixers, L, G, T):
 
 def decode_ragged(model, lengths, steps, capacity=None, seed=0):
     """Prefill prompts of `lengths` in one right-padded batch, then decode `steps` - 1 tokens each;
-    return the sequences, the logits of every step [steps][B, vocab] and the cache."""
+    return the sequences, the logits of every step [steps][B, vocab] and the cache (on the model's device)."""
     torch.manual_seed(seed)
+    device = next(model.parameters()).device
     seqs = [torch.randint(0, 37, (n + steps,)) for n in lengths]
     prompts = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
     for b, n in enumerate(lengths):
         prompts[b, :n] = seqs[b][:n]
-    logits, cache = model.prefill(prompts, torch.tensor(lengths), capacity=capacity)
+    logits, cache = model.prefill(prompts.to(device), torch.tensor(lengths, device=device), capacity=capacity)
     stepwise = [logits]
     for s in range(steps - 1):
-        stepwise.append(model.decode_step(torch.stack([seq[n + s] for seq, n in zip(seqs, lengths)]), cache))
+        step_tokens = torch.stack([seq[n + s] for seq, n in zip(seqs, lengths)]).to(device)
+        stepwise.append(model.decode_step(step_tokens, cache))
     return seqs, stepwise, cache
 
 
@@ -168,21 +170,23 @@ def test_invalid_config_names_the_field(change, field):
 
 
 def test_prefill_and_decode_on_the_kernels_equal_the_reference_full_forward():
-    """The RAT layers' prefill and decode through the Triton kernels (interpreter on CPU, fp32): the
-    cache they hand each other continues the sequence exactly as the reference model's full forward."""
+    """The RAT layers' prefill and decode through the Triton kernels (fp32; the interpreter on CPU, compiled
+    on a GPU machine): the cache they hand each other continues the sequence exactly as the reference
+    model's full forward."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=37, d_model=64, n_layers=2, head_dim=32, ngroups=2, chunk_size=4,
                       mixers=["rat"], init_std=0.3)
     reference = build_model(cfg).eval()
     kernel_model = build_model(dataclasses.replace(cfg, kernels="triton")).eval()
     kernel_model.load_state_dict(reference.state_dict())
+    kernel_model.to("cuda" if torch.cuda.is_available() else "cpu")
     lengths, steps = [9, 4], 6
     seqs, stepwise, _ = decode_ragged(kernel_model, lengths, steps, capacity=max(lengths) + steps - 1)
     with torch.no_grad():
         for b, n in enumerate(lengths):
             full = reference(seqs[b][None])[0]
             for s in range(steps):
-                torch.testing.assert_close(stepwise[s][b], full[n - 1 + s], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(stepwise[s][b].cpu(), full[n - 1 + s], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mixers", [["rat"], ["rat", "swa"]], ids=["rat", "rat+swa"])
