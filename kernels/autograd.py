@@ -4,6 +4,11 @@ Registered as custom ops (forward and backward each one op, with fake implementa
 tracing) so that torch.compile keeps them as opaque calls inside a whole compiled block: no
 graph break around the mixing, and inductor fuses the glue on both sides without ever
 retracing the Triton kernels (it would retype their float arguments).
+
+The op takes the layer's whole input projection and applies its output gate sigmoid(z): the
+kernels then write the projection's gradient directly, column slice by column slice, instead of
+returning five gradients that autograd concatenates, and neither sigmoid(z) nor the ungated
+output is kept for the backward (Δ = Σ dy·y holds for the gated pair as well).
 """
 import torch
 
@@ -13,51 +18,64 @@ from kernels.rat_fwd import rat_forward
 Tensor = torch.Tensor
 
 
+def split_projection(proj: Tensor, head_dim: int, ngroups: int) -> tuple[Tensor, ...]:
+    """z, v, f [B, T, H·d] and q, k [B, T, G·d]: the column slices of the RAT layer's input projection
+    [B, T, 3·H·d + 2·G·d] (z before its sigmoid, f before the gate's)."""
+    qk = ngroups * head_dim
+    D = (proj.shape[-1] - 2 * qk) // 3
+    return proj.split([D, D, D, qk, qk], dim=-1)
+
+
 @torch.library.custom_op("ratpt::rat_mixing_forward", mutates_args=())
-def _forward(q: Tensor, k: Tensor, v: Tensor, f: Tensor, gate_bias: Tensor, chunk_size: int, head_dim: int,
+def _forward(proj: Tensor, gate_bias: Tensor, chunk_size: int, head_dim: int, ngroups: int,
              rope_base: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y, lse (base 2), Ks, Vs: kernels.rat_fwd.rat_forward."""
-    return rat_forward(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
+    """sigmoid(z) ⊙ y, lse (base 2), Ks, Vs: kernels.rat_fwd.rat_forward with the output gate."""
+    z, v, f, q, k = split_projection(proj, head_dim, ngroups)
+    return rat_forward(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base, gate=z)
 
 
 @_forward.register_fake
-def _forward_shapes(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base):
-    B, T, D = v.shape
-    summaries = v.new_empty(B, D // head_dim, T // chunk_size, head_dim)
-    return (v.new_empty(B, T, D), v.new_empty(B, D // head_dim, T, dtype=torch.float32), summaries,
+def _forward_shapes(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base):
+    B, T, P = proj.shape
+    D = (P - 2 * ngroups * head_dim) // 3
+    summaries = proj.new_empty(B, D // head_dim, T // chunk_size, head_dim)
+    return (proj.new_empty(B, T, D), proj.new_empty(B, D // head_dim, T, dtype=torch.float32), summaries,
             torch.empty_like(summaries))
 
 
 @torch.library.custom_op("ratpt::rat_mixing_backward", mutates_args=())
-def _backward(dy: Tensor, q: Tensor, k: Tensor, v: Tensor, f: Tensor, gate_bias: Tensor, y: Tensor, lse: Tensor,
-              ks: Tensor, vs: Tensor, chunk_size: int, head_dim: int,
-              rope_base: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv, df, dgate_bias: kernels.rat_bwd.rat_backward."""
-    return rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size, head_dim, rope_base)
+def _backward(dout: Tensor, proj: Tensor, gate_bias: Tensor, out: Tensor, lse: Tensor, ks: Tensor, vs: Tensor,
+              chunk_size: int, head_dim: int, ngroups: int, rope_base: float) -> tuple[Tensor, Tensor]:
+    """The projection's gradient (every column slice written in place by the kernels, so nothing
+    concatenates them) and the gate bias's: kernels.rat_bwd.rat_backward with the output gate."""
+    z, v, f, q, k = split_projection(proj, head_dim, ngroups)
+    dproj = torch.empty_like(proj)
+    dz, dv, df, dq, dk = split_projection(dproj, head_dim, ngroups)
+    *_, dbias = rat_backward(dout, q, k, v, f, gate_bias, out, lse, ks, vs, chunk_size, head_dim, rope_base,
+                             gate=(z, dz), out=(dq, dk, dv, df))
+    return dproj, dbias
 
 
 @_backward.register_fake
-def _backward_shapes(dy, q, k, v, f, gate_bias, *rest):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(f),
-            torch.empty_like(gate_bias))
+def _backward_shapes(dout, proj, gate_bias, *rest):
+    return torch.empty_like(proj), torch.empty_like(gate_bias)
 
 
 def _save(ctx, inputs, output) -> None:
-    q, k, v, f, gate_bias, chunk_size, head_dim, rope_base = inputs
+    proj, gate_bias, chunk_size, head_dim, ngroups, rope_base = inputs
     ctx.set_materialize_grads(False)  # no zero gradients for the outputs only the backward uses
-    ctx.save_for_backward(q, k, v, f, gate_bias, *output)
-    ctx.config = (chunk_size, head_dim, rope_base)
+    ctx.save_for_backward(proj, gate_bias, *output)
+    ctx.config = (chunk_size, head_dim, ngroups, rope_base)
 
 
-def _gradients(ctx, dy, *unused):  # lse and the summaries are saved for the backward, not returned to users
-    grads = _backward(dy, *ctx.saved_tensors, *ctx.config)
-    return (*grads, None, None, None)
+def _gradients(ctx, dout, *unused):  # lse and the summaries are saved for the backward, not returned to users
+    return (*_backward(dout, *ctx.saved_tensors, *ctx.config), None, None, None, None)
 
 
 _forward.register_autograd(_gradients, setup_context=_save)
 
 
-def rat_mixing(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float) -> Tensor:
-    """Fused RAT sequence mixing (same contract as ratpt.ops.rat_mixing_reference)."""
-    q, k, v, f = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, f))
-    return _forward(q, k, v, f, gate_bias, chunk_size, head_dim, float(rope_base))[0]
+def rat_mixing(proj, gate_bias, chunk_size: int, head_dim: int, ngroups: int, rope_base: float) -> Tensor:
+    """Fused RAT sequence mixing with its output gate (same contract as ratpt.ops.rat_mixing)."""
+    proj = proj if proj.stride(-1) == 1 else proj.contiguous()
+    return _forward(proj, gate_bias, chunk_size, head_dim, ngroups, float(rope_base))[0]

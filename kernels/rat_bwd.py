@@ -22,8 +22,9 @@ dS = P ⊙ (dP − Δ), dP = dy·values:
    df = (1 − g) Σ λ ⊙ (state − input) (this is ∂/∂g · g(1−g) without a division by g). The direct
    gradients never leave registers. The states k̃, ṽ come from rat_fwd's sequential `_states_kernel`,
    run again rather than kept from the forward (that would be 2 fp32 [B, T, D] of activation memory
-   per layer). dq, dk are written per head [B, T, H·d] and summed over each group's heads
-   afterwards; the gate-bias gradient as per-program partial sums.
+   per layer). dq, dk are written per head [B, T, H·d] and summed over each group's heads afterwards,
+   into the caller's tensors (for example slices of one projection gradient); dv, df go there directly;
+   the gate-bias gradient as per-program partial sums.
 
 Steps 1–2 (`summary_gradients`) and 3–4 (`input_gradients`) are callable apart, with the forward's
 chunk offsets: under context parallelism a block's tokens attend to summaries of other ranks, whose
@@ -42,8 +43,10 @@ from kernels.rat_fwd import CHUNKS_PER_PROGRAM, inverse_frequencies, recurrent_s
 
 
 @triton.jit
-def _prepare_kernel(q_ptr, y_ptr, dy_ptr, inv_freq_ptr, offset_ptr, delta_ptr, qr_ptr, sq_b, sq_t, T, qk_scale,
-                    H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr, BQ: tl.constexpr):
+def _prepare_kernel(q_ptr, y_ptr, dy_ptr, z_ptr, dz_ptr, dmix_ptr, inv_freq_ptr, offset_ptr, delta_ptr, qr_ptr,
+                    sq_b, sq_t, sz_b, sz_t, T, qk_scale,
+                    H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr, BQ: tl.constexpr,
+                    GATED: tl.constexpr):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     D_HEAD: tl.constexpr = 2 * HALF
@@ -55,7 +58,14 @@ def _prepare_kernel(q_ptr, y_ptr, dy_ptr, inv_freq_ptr, offset_ptr, delta_ptr, q
     off = (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :]
     y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    # Δ = Σ dy·y; gated (y is sigmoid(z) ⊙ mixing, dy its gradient) that is Σ dy·y too, the mixing's own
+    # gradient is dy ⊙ sigmoid(z), and z's is dy ⊙ y ⊙ (1 − sigmoid(z))
     tl.store(delta_ptr + pid_bh.to(tl.int64) * T + rows, tl.sum(y * dy, 1), mask=rmask)
+    if GATED:
+        z_off = b64 * sz_b + rows[:, None] * sz_t + h * D_HEAD + dcols[None, :]
+        s = tl.sigmoid(tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32))
+        tl.store(dmix_ptr + off, (dy * s).to(dmix_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + z_off, (dy * y * (1 - s)).to(dz_ptr.dtype.element_ty), mask=mask)
     if h < G:  # one program per group writes its rotated queries
         cols = tl.arange(0, HALF)
         q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t + h * D_HEAD + cols[None, :]
@@ -215,7 +225,7 @@ def _reverse_step(lk, lv, g_next, direct_k, direct_v, ks, vs, f_ptrs, k_ptrs, v_
 @triton.jit
 def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, kst_ptr, vst_ptr, dy_ptr,
                             lse_ptr, delta_ptr, dqr_ptr, dks_ptr, dvs_ptr, dq_ptr, dk_ptr, dv_ptr, df_ptr, dbias_ptr,
-                            sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, B, T, C, qk_scale, scale,
+                            sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, sdv_b, sdv_t, B, T, C, qk_scale, scale,
                             H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                             NCH: tl.constexpr):
     pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -268,11 +278,12 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
         k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t + kc[None, :]
         v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t + vc[None, :]
         f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t + vc[None, :]
+        grad = b64 * sdv_b + rows[:, None] * sdv_t + vc[None, :]  # dv, df: [B, T, H·d], strided
         lk1, lv1, g1, part1 = _reverse_step(lk1, lv1, g1, direct_k1, direct_v1, ks1, vs1, f_rows, k_rows, v_rows,
-                                            bias1, dk_ptr + st, dv_ptr + st, df_ptr + st, mask)
+                                            bias1, dk_ptr + st, dv_ptr + grad, df_ptr + grad, mask)
         lk2, lv2, g2, part2 = _reverse_step(lk2, lv2, g2, direct_k2, direct_v2, ks2, vs2, f_rows + HALF,
                                             k_rows + HALF, v_rows + HALF, bias2, dk_ptr + st + HALF,
-                                            dv_ptr + st + HALF, df_ptr + st + HALF, mask)
+                                            dv_ptr + grad + HALF, df_ptr + grad + HALF, mask)
         db1 += part1
         db2 += part2
     part = (pid_c.to(tl.int64) * B + b64) * (H * D_HEAD) + vc
@@ -282,7 +293,7 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
 
 def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
                       chunk_offset: torch.Tensor | None = None, config: Blocks | None = None,
-                      atomic_dq: bool | None = None):
+                      atomic_dq: bool | None = None, gate: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The backward's first part: the gradients dKs, dVs (fp32) of every summary in Ks, Vs
     [B, H, CS, d] that this sequence's tokens attend to, and what the second part reuses (Δ, q̂, dq̂).
     Under context parallelism the summary gradients are reduced across ranks between the parts.
@@ -290,17 +301,23 @@ def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rop
     atomic_dq (default: unless torch.use_deterministic_algorithms is on): the summary side also adds
     each block's share of the queries' gradient into an fp32 accumulator (atomically, so in an
     unspecified order), and the query side skips its own pass over the summaries: 5 matmuls per
-    (summary, query) pair instead of 7. Off, every gradient is bit-reproducible."""
+    (summary, query) pair instead of 7. Off, every gradient is bit-reproducible.
+
+    gate (z, dz): y is the gated output sigmoid(z) ⊙ mixing (rat_forward's `gate`) and dy its gradient;
+    z's gradient is written into dz (both [B, T, H·d], strided)."""
     B, T, D = dy.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
     cfg = config or blocks("summary_grad", L, d, ks.dtype)
     dy = dy.contiguous()
     delta = torch.empty(B, H, T, device=dy.device, dtype=torch.float32)
     qr = torch.empty(B, T, G * d, device=dy.device, dtype=ks.dtype)
+    z, dz = gate if gate is not None else (None, None)
+    dmix = torch.empty_like(dy) if gate is not None else dy  # the mixing's own output gradient
     prep_rows = 16 if interpreting() else 64
     _prepare_kernel[(triton.cdiv(T, prep_rows), B * H)](
-        q, y, dy, inverse_frequencies(d, rope_base, dy.device), chunk_offset, delta, qr, q.stride(0), q.stride(1), T,
-        LOG2E / math.sqrt(d), H=H, G=G, L=L, HALF=d // 2, BQ=prep_rows, num_warps=4)
+        q, y, dy, z, dz, dmix, inverse_frequencies(d, rope_base, dy.device), chunk_offset, delta, qr, q.stride(0),
+        q.stride(1), *((z.stride(0), z.stride(1)) if gate is not None else (0, 0)), T, LOG2E / math.sqrt(d), H=H,
+        G=G, L=L, HALF=d // 2, BQ=prep_rows, GATED=gate is not None, num_warps=4)
     CS = ks.shape[2]
     dks = torch.zeros(B, H, CS, d, device=dy.device, dtype=torch.float32)
     dvs = torch.zeros_like(dks)
@@ -309,16 +326,19 @@ def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rop
     dq_rotated = torch.zeros(B, T, D, device=dy.device, dtype=torch.float32) if atomic_dq else None
     if CS:
         _summary_grad_kernel[(B * H, triton.cdiv(CS, cfg.bc))](
-            qr, dy, lse, delta, chunk_offset, ks, vs, dks, dvs, dq_rotated, T, CS, 1.0 / LOG2E, H=H, G=G, L=L,
+            qr, dmix, lse, delta, chunk_offset, ks, vs, dks, dvs, dq_rotated, T, CS, 1.0 / LOG2E, H=H, G=G, L=L,
             D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, ACC_DQ=atomic_dq, F32=ks.dtype == torch.float32 or interpreting(),
             num_warps=cfg.warps, num_stages=cfg.stages)
-    return dks, dvs, (dy, delta, qr, dq_rotated)
+    return dks, dvs, (dmix, delta, qr, dq_rotated)
 
 
 def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own, chunk_size: int, head_dim: int,
-                    rope_base: float, chunk_offset: torch.Tensor | None = None, config: Blocks | None = None):
+                    rope_base: float, chunk_offset: torch.Tensor | None = None, config: Blocks | None = None,
+                    out: tuple[torch.Tensor, ...] | None = None):
     """The backward's second part: (dq, dk, dv, df, dgate_bias), given the total gradients dKs_own, dVs_own
-    [B, H, T//L, d] of this sequence's own summaries and `reused` from summary_gradients."""
+    [B, H, T//L, d] of this sequence's own summaries and `reused` from summary_gradients. `out`: where
+    to write dq, dk, dv, df (for example the column slices of one projection gradient; dq, dk with
+    equal strides, dv, df likewise); new tensors by default."""
     dy, delta, qr, dq_rotated = reused
     dks_own, dvs_own = dks_own.contiguous(), dvs_own.contiguous()
     B, T, D = v.shape
@@ -333,31 +353,36 @@ def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own
             BQ=cfg.bq, BC=cfg.bc, F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
             num_stages=cfg.stages)
     kst, vst = recurrent_states(k, v, f, gate_bias, L, d, inv_freq)
+    if out is None:
+        out = (torch.empty(B, T, G * d, device=v.device, dtype=q.dtype), torch.empty(B, T, G * d, device=v.device,
+               dtype=k.dtype), torch.empty(B, T, D, device=v.device, dtype=v.dtype), torch.empty(B, T, D,
+               device=v.device, dtype=f.dtype))
+    dq, dk, dv, df = out
+    assert dv.stride() == df.stride(), "dv, df share one layout"
     dq_heads = torch.empty(B, T, D, device=v.device, dtype=q.dtype)
     dk_heads = torch.empty(B, T, D, device=v.device, dtype=k.dtype)
-    dv = torch.empty(B, T, D, device=v.device, dtype=v.dtype)
-    df = torch.empty(B, T, D, device=v.device, dtype=f.dtype)
     n_programs = triton.cdiv(triton.cdiv(T, L), CHUNKS_PER_PROGRAM)
     dbias = torch.empty(n_programs * B, D, device=v.device, dtype=torch.float32)
     _recurrence_grad_kernel[(n_programs, B * H)](
         q, k, v, f, gate_bias, inv_freq, chunk_offset, kst, vst, dy, lse, delta, dq_rotated, dks_own, dvs_own,
         dq_heads, dk_heads, dv, df, dbias, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), f.stride(0), f.stride(1), B, T, max(T // L, 1), LOG2E * scale, scale, H=H, G=G, L=L,
-        HALF=d // 2, NCH=CHUNKS_PER_PROGRAM, num_warps=4)
-    dq = dq_heads.view(B, T, H // G, G * d).sum(2)  # accumulated in fp32, rounded once (no separate cast pass)
-    dk = dk_heads.view(B, T, H // G, G * d).sum(2)
+        v.stride(1), f.stride(0), f.stride(1), dv.stride(0), dv.stride(1), B, T, max(T // L, 1), LOG2E * scale,
+        scale, H=H, G=G, L=L, HALF=d // 2, NCH=CHUNKS_PER_PROGRAM, num_warps=4)
+    torch.sum(dq_heads.view(B, T, H // G, G * d), 2, out=dq)  # accumulated in fp32, rounded once
+    torch.sum(dk_heads.view(B, T, H // G, G * d), 2, out=dk)
     return dq, dk, dv, df, dbias.sum(0).to(gate_bias.dtype)
 
 
 def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
-                 configs: dict[str, Blocks] | None = None, atomic_dq: bool | None = None):
+                 configs: dict[str, Blocks] | None = None, atomic_dq: bool | None = None,
+                 gate: tuple[torch.Tensor, torch.Tensor] | None = None, out: tuple[torch.Tensor, ...] | None = None):
     """Gradients (dq, dk, dv, df, dgate_bias) of rat_forward's y: both parts, the summaries its own.
 
     `configs` ("summary_grad", "query_grad") override kernels/blocks.py's (kernels/tune.py); `atomic_dq`
-    as in summary_gradients.
+    and `gate` as in summary_gradients, `out` as in input_gradients.
     """
     configs = configs or {}
     dks, dvs, reused = summary_gradients(dy, q, y, lse, ks, vs, chunk_size, head_dim, rope_base,
-                                         config=configs.get("summary_grad"), atomic_dq=atomic_dq)
+                                         config=configs.get("summary_grad"), atomic_dq=atomic_dq, gate=gate)
     return input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks, dvs, chunk_size, head_dim, rope_base,
-                           config=configs.get("query_grad"))
+                           config=configs.get("query_grad"), out=out)

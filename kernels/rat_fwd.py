@@ -8,6 +8,7 @@
    summaries j < c. The own-state score q·k̃ (RoPE cancels: q and k̃ share the angle) seeds the
    running max, sum and accumulator, so there is no merge pass. Writes y [B, T, H·d] and the
    log-sum-exp (base 2) [B, H, T] for the backward.
+3. `_gate_kernel` (with the layer's output gate z): y ← sigmoid(z) ⊙ y in place.
 
 Inputs are the strided column slices of the input projection: q, k [B, T, G·d] (head h uses
 group h mod G), v, f [B, T, H·d] (f before the sigmoid; the gate bias is added in the kernel).
@@ -143,6 +144,20 @@ def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_ptr,
     tl.store(lse_ptr + pid_bh.to(tl.int64) * T + rows, m + tl.log2(l_sum), mask=rmask)
 
 
+@triton.jit
+def _gate_kernel(y_ptr, z_ptr, sz_b, sz_t, T, D, BT: tl.constexpr, BD: tl.constexpr):
+    """y ← sigmoid(z) ⊙ y in place, y [B, T, D] contiguous, z strided. A pass of its own: gating inside the
+    attention kernel's epilogue measured 2× slower there at T 4K (its [BQ, d] tiles of y and z at once)."""
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = (rows < T)[:, None] & (cols < D)[None, :]
+    y_tile = y_ptr + (b * T + rows[:, None]) * D + cols[None, :]
+    z = tl.load(z_ptr + b * sz_b + rows[:, None] * sz_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_tile, (y * tl.sigmoid(z)).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @functools.lru_cache(maxsize=None)
 def inverse_frequencies(head_dim: int, base: float, device) -> torch.Tensor:
     """base^(-2i/d), computed exactly as ratpt.ops.rope_cos_sin does (fp32); once per (d, base, device),
@@ -180,10 +195,12 @@ def rat_states(k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: fl
 
 
 def summary_attention(q, kst, vst, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
-                      chunk_offset: torch.Tensor | None = None, config: Blocks | None = None):
+                      chunk_offset: torch.Tensor | None = None, config: Blocks | None = None,
+                      gate: torch.Tensor | None = None):
     """The forward's second pass: y [B, T, H·d] and lse [B, H, T] (base 2, fp32) of each token's softmax
     over its own state and the summaries j < its global chunk index in Ks, Vs [B, H, CS, d] (the
-    sequence's own, or, under context parallelism, those of the whole sequence it is a block of)."""
+    sequence's own, or, under context parallelism, those of the whole sequence it is a block of).
+    With `gate` (the layer's z before its sigmoid, [B, T, H·d], strided) y is sigmoid(z) ⊙ y."""
     B, T, D = kst.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
     y = torch.empty(B, T, D, device=q.device, dtype=ks.dtype)
@@ -194,17 +211,22 @@ def summary_attention(q, kst, vst, ks, vs, chunk_size: int, head_dim: int, rope_
         q, kst, vst, inverse_frequencies(d, rope_base, q.device), chunk_offset, ks, vs, y, lse, q.stride(0),
         q.stride(1), T, max(ks.shape[2], 1), LOG2E / math.sqrt(d), H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq,
         BC=cfg.bc, F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
+    if gate is not None:
+        rows, cols = (16, 64) if interpreting() else (32, 256)
+        _gate_kernel[(triton.cdiv(T, rows), triton.cdiv(D, cols), B)](y, gate, gate.stride(0), gate.stride(1), T, D,
+                                                                      BT=rows, BD=cols, num_warps=4)
     return y, lse
 
 
 def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
-                config: Blocks | None = None):
+                config: Blocks | None = None, gate: torch.Tensor | None = None):
     """y [B, T, H·d], lse [B, H, T] (base 2, fp32), summaries Ks, Vs [B, H, T//L, d]: both passes.
 
-    `config` overrides kernels/blocks.py's launch configuration (kernels/tune.py).
+    `config` overrides kernels/blocks.py's launch configuration (kernels/tune.py); `gate` as in
+    summary_attention.
     """
     kst, vst, ks, vs = rat_states(k, v, f, gate_bias, chunk_size, head_dim, rope_base)
-    y, lse = summary_attention(q, kst, vst, ks, vs, chunk_size, head_dim, rope_base, config=config)
+    y, lse = summary_attention(q, kst, vst, ks, vs, chunk_size, head_dim, rope_base, config=config, gate=gate)
     return y, lse, ks, vs
 
 

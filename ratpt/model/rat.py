@@ -23,7 +23,7 @@ from ratpt.model.norm import RMSNorm
 
 class RATMixer(nn.Module):
     # Context-parallel seam (DESIGN §3): None here; ratpt.parallel.context_parallel sets it to an
-    # object whose rat_mixing() stands in for ops.rat_mixing on one rank's run of whole chunks.
+    # object whose rat_mixing() stands in for the ungated part of ops.rat_mixing on one rank's run of whole chunks.
     context_shard = None
 
     def __init__(self, cfg: ModelConfig):
@@ -70,20 +70,19 @@ class RATMixer(nn.Module):
         return x + self.out_proj(z * y).unsqueeze(1)
 
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-sequence forward."""
-        z, v, f, q, k = self._split(x)
-        return x + self.out_proj(z * self._mixing(q, k, v, f))
+        """Full-sequence forward.
 
-    def _mixing(self, q, k, v, f) -> torch.Tensor:
-        """Recurrences, chunk RoPE and the softmax over summaries + own state: y [B, T, D].
-
-        One op (ratpt.ops.rat_mixing) so that the fused Triton kernels can take all of it; they are
-        torch.library custom ops, so a compiled block keeps them whole, with no graph break.
+        Recurrences, chunk RoPE, the softmax over summaries + own state and the output gate are one op
+        on the input projection (ratpt.ops.rat_mixing), so that the fused Triton kernels take all of it
+        and write the projection's gradient directly; they are torch.library custom ops, so a compiled
+        block keeps them whole, with no graph break.
         """
         if self.context_shard is not None:
-            return self._context_mixing(q, k, v, f)
-        return ops.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim, self.rope_base,
-                              kernels=self.kernels)
+            z, v, f, q, k = self._split(x)
+            return x + self.out_proj(z * self._context_mixing(q, k, v, f))
+        gated = ops.rat_mixing(self.in_proj(self.input_norm(x)), self.gate_bias, self.chunk_size, self.head_dim,
+                               self.ngroups, self.rope_base, kernels=self.kernels)
+        return x + self.out_proj(gated)
 
     @torch.compiler.disable  # collectives over the CP group; CP runs under the megatron engine, never compiled
     def _context_mixing(self, q, k, v, f) -> torch.Tensor:
@@ -92,8 +91,7 @@ class RATMixer(nn.Module):
 
     def _split(self, x: torch.Tensor):
         """sigmoid(z), v, f (gate pre-activation), and q, k of the G groups, from one projection."""
-        D, qk = self.d_model, self.ngroups * self.head_dim
-        z, v, f, q, k = self.in_proj(self.input_norm(x)).split([D, D, D, qk, qk], dim=-1)
+        z, v, f, q, k = ops.split_projection(self.in_proj(self.input_norm(x)), self.head_dim, self.ngroups)
         return torch.sigmoid(z), v, f, q, k
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,20 @@
-"""RAT's whole sequence mixing as one op, and the dispatch between its implementations.
+"""RAT's whole sequence mixing, output gate included, as one op, and the dispatch between its implementations.
 
+    z, v, f, q, k = the column slices of the layer's input projection
     g = sigmoid(f + gate_bias) (fp32);  q, k tiled from G groups to H heads (head h: group h mod G)
     k̃, ṽ = chunk_scan(k, g), chunk_scan(v, g);  q, k̃ rotated by the chunk index
     y = inter_chunk_attention(q, k̃, ṽ)                     -> [B, T, H·d]
+    out = sigmoid(z) ⊙ y
 
-Inputs are the input projection's column slices: q, k [B, T, G·d]; v, f [B, T, H·d]. The
-reference composes the readable ops of this package; the Triton kernels (kernels/) fuse all of
-it (see kernels/NOTES.md). `kernels`: "auto" = Triton on CUDA where the shape is supported,
-the reference elsewhere; "torch" = always the reference; "triton" = always the kernels.
+The input is the projection [B, T, 3·H·d + 2·G·d] (split_projection): the fused kernels then write its
+gradient in place. The reference composes the readable ops of this package (rat_mixing_reference is
+the ungated part on q, k, v, f); the Triton kernels (kernels/) fuse all of it (see kernels/NOTES.md).
+`kernels`: "auto" = Triton on CUDA where the shape is supported, the reference elsewhere; "torch" =
+always the reference; "triton" = always the kernels.
 """
 import torch
 
+from kernels.autograd import split_projection
 from ratpt.ops.chunk_scan import chunk_scan, forget_gate
 from ratpt.ops.inter_chunk_attention import inter_chunk_attention
 from ratpt.ops.rope import apply_rope, rope_cos_sin
@@ -18,13 +22,14 @@ from ratpt.ops.rope import apply_rope, rope_cos_sin
 BACKENDS = ("auto", "torch", "triton")
 
 
-def rat_mixing(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
+def rat_mixing(proj, gate_bias, chunk_size: int, head_dim: int, ngroups: int, rope_base: float,
                kernels: str = "auto") -> torch.Tensor:
-    """The RAT layer's sequence mixing y [B, T, H·d], by the implementation `kernels` picks."""
-    if use_triton(kernels, v, chunk_size, head_dim):
+    """sigmoid(z) ⊙ y [B, T, H·d] from the input projection, by the implementation `kernels` picks."""
+    if use_triton(kernels, proj, chunk_size, head_dim):
         from kernels import rat_mixing as triton_rat_mixing
-        return triton_rat_mixing(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
-    return rat_mixing_reference(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
+        return triton_rat_mixing(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base)
+    z, v, f, q, k = split_projection(proj, head_dim, ngroups)
+    return torch.sigmoid(z) * rat_mixing_reference(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
 
 
 def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) -> bool:

@@ -56,13 +56,14 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
 
     H, G, d, L = 4, 2, 128, 16
     B, T, base = 2, 256, 10000.0
-    _, v, f, q, k = torch.randn(B, T, 3 * H * d + 2 * G * d).to(dtype).split(
-        [H * d, H * d, H * d, G * d, G * d], dim=-1)
+    proj = torch.randn(B, T, 3 * H * d + 2 * G * d).to(dtype)
+    z, v, f, q, k = proj.split([H * d, H * d, H * d, G * d, G * d], dim=-1)
     bias, dy = torch.zeros(H * d), torch.randn(B, T, H * d).to(dtype)
     y, lse, ks, vs = dy.clone(), torch.randn(B, H, T), *(torch.randn(B, H, T // L, d).to(dtype) for _ in range(2))
-    if "full" in passes:
-        y, lse, ks, vs = rat_forward(q, k, v, f, bias, L, d, base)
-        rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base)
+    if "full" in passes:  # as the model runs it: with the output gate, gradients into one projection gradient
+        y, lse, ks, vs = rat_forward(q, k, v, f, bias, L, d, base, gate=z)
+        dz, dv, df, dq, dk = torch.empty_like(proj).split([H * d, H * d, H * d, G * d, G * d], dim=-1)
+        rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, gate=(z, dz), out=(dq, dk, dv, df))
     if "deterministic" in passes:
         rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, atomic_dq=False)
     if "context" in passes:  # one block of a longer sequence: chunk offsets and the sequence's summaries

@@ -11,7 +11,7 @@ import sys
 
 from run_helpers import REPO
 
-KERNELS = ("_states_kernel", "_attention_kernel", "_prepare_kernel", "_summary_grad_kernel", "_query_grad_kernel",
+KERNELS = ("_states_kernel", "_attention_kernel", "_gate_kernel", "_prepare_kernel", "_summary_grad_kernel", "_query_grad_kernel",
            "_recurrence_grad_kernel", "_decode_kernel")
 
 
@@ -51,6 +51,7 @@ def test_every_kernel_compiles_to_a_hopper_cubin(tmp_path):
         for kernel in KERNELS:
             sizes = [size for name, size in compiled if name == kernel]
             assert sizes and min(sizes) > 0, f"{dtype}: {kernel} was not compiled: {compiled}"
-        # forward 2 launches; backward 4 (states, prepare, the summary side with atomic dq, the token-local
-        # rest) and deterministic 5 (+ the query side); the passes with chunk offsets 1 + 1 + 2 + 2; decode 1
-        assert len(compiled) == 18, f"{dtype}: {compiled}"
+        # forward 3 launches (states, attention, output gate); backward 4 (states, prepare with the gate, the
+        # summary side with atomic dq, the token-local rest) and deterministic 5 (+ the query side, without
+        # the gate); the passes with chunk offsets 1 + 1 + 2 + 2; decode 1
+        assert len(compiled) == 19, f"{dtype}: {compiled}"

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from kernels import rat_mixing
-from ratpt.ops.rat_mixing import rat_mixing_reference, use_triton
+from ratpt import ops
+from ratpt.ops.rat_mixing import use_triton
 
 ROPE_BASE = 10000.0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine the same tests run compiled
@@ -29,15 +30,33 @@ def make_inputs(B, T, H, G, d, dtype=torch.float32, device=DEVICE, seed=0):
     return [t.requires_grad_() for t in (q, k, v, f, bias)]
 
 
-def output_and_grads(fn, inputs, w, L, d):
-    y = fn(*inputs, L, d, ROPE_BASE)
-    return [y, *torch.autograd.grad((y * w).sum(), inputs)]
+def projection_inputs(B, T, H, G, d, dtype=torch.float32, device=DEVICE, seed=0):
+    """The layer's input projection [B, T, 3·H·d + 2·G·d] (z, v, f, q, k) and the gate bias, as leaves."""
+    torch.manual_seed(seed)
+    proj = torch.randn(B, T, 3 * H * d + 2 * G * d, dtype=dtype, device=device)
+    bias = torch.randn(H * d, dtype=torch.float32, device=device)
+    return [proj.requires_grad_(), bias.requires_grad_()]
+
+
+NAMES = ["out", "dz", "dv", "df", "dq", "dk", "dgate_bias"]
+
+
+def reference_mixing(proj, gate_bias, L, d, G, rope_base):
+    return ops.rat_mixing(proj, gate_bias, L, d, G, rope_base, kernels="torch")
+
+
+def output_and_grads(fn, inputs, w, L, d, G):
+    """The gated output and the gradients of every column slice of the projection, and of the gate bias."""
+    out = fn(*inputs, L, d, G, ROPE_BASE)
+    dproj, dbias = torch.autograd.grad((out * w).sum(), inputs)
+    return [out, *ops.split_projection(dproj, d, G), dbias]
 
 
 CASES = {  # name: (B, T, H, G, d, L)
     "partial-last-chunk": (2, 37, 2, 1, 32, 4),
     "groups2-L8": (1, 33, 4, 2, 32, 8),
     "groups4-L8": (1, 17, 4, 4, 32, 8),
+    "3-heads-per-group-L4": (1, 21, 6, 2, 32, 4),  # the backward pads a group's heads to a power of two
     "d64-L16": (1, 40, 2, 2, 64, 16),
     "d128-L8": (1, 24, 2, 1, 128, 8),
     "T-below-L": (2, 5, 2, 1, 32, 16),
@@ -56,12 +75,12 @@ DETERMINISTIC_CASES = ("partial-last-chunk", "groups2-L8", "many-summary-blocks-
                          indirect=["deterministic"])
 def test_triton_mixing_equals_reference_output_and_gradients(shape, deterministic):
     B, T, H, G, d, L = shape
-    inputs = make_inputs(B, T, H, G, d)
+    inputs = projection_inputs(B, T, H, G, d)
     w = torch.randn(B, T, H * d, device=DEVICE)
-    got = output_and_grads(rat_mixing, inputs, w, L, d)
+    got = output_and_grads(rat_mixing, inputs, w, L, d, G)
     wide = [t.detach().double().requires_grad_() for t in inputs]
-    want = output_and_grads(rat_mixing_reference, wide, w.double(), L, d)
-    for name, a, b in zip(["y", "dq", "dk", "dv", "df", "dgate_bias"], got, want):
+    want = output_and_grads(reference_mixing, wide, w.double(), L, d, G)
+    for name, a, b in zip(NAMES, got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from kernels import rat_mixing
-from ratpt.ops.rat_mixing import rat_mixing_reference
+from ratpt import ops
 
 pytestmark = pytest.mark.gpu
-NAMES = ["y", "dq", "dk", "dv", "df", "dgate_bias"]
+NAMES = ["out", "dz", "dv", "df", "dq", "dk", "dgate_bias"]
 
 
 def inputs(B, T, H, G, d, dtype, seed=0):
@@ -28,9 +28,21 @@ def inputs(B, T, H, G, d, dtype, seed=0):
             rand(H * d, dt=torch.float32)]
 
 
-def run(fn, xs, w, L, d):
-    y = fn(*xs, L, d, 10000.0)
-    return [y.float(), *(g.float() for g in torch.autograd.grad((y.float() * w).sum(), xs))]
+def projection_inputs(B, T, H, G, d, dtype, seed=0):
+    """The layer's input projection (z, v, f, q, k) and the gate bias, as leaves."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    proj = torch.randn(B, T, 3 * H * d + 2 * G * d, device="cuda", generator=gen).to(dtype)
+    return [proj.requires_grad_(), torch.randn(H * d, device="cuda", generator=gen).requires_grad_()]
+
+
+def reference_mixing(proj, gate_bias, L, d, G, rope_base):
+    return ops.rat_mixing(proj, gate_bias, L, d, G, rope_base, kernels="torch")
+
+
+def run(fn, xs, w, L, d, G):
+    out = fn(*xs, L, d, G, 10000.0)
+    dproj, dbias = torch.autograd.grad((out.float() * w).sum(), xs)
+    return [out.float(), *(g.float() for g in (*ops.split_projection(dproj, d, G), dbias))]
 
 
 def rel(a, b):
@@ -50,11 +62,11 @@ GRID = {  # name: (B, T, H, G, d, L)
 @pytest.mark.parametrize("shape", GRID.values(), ids=GRID.keys())
 def test_bf16_kernel_is_as_close_to_fp32_truth_as_the_bf16_reference(shape, deterministic):
     B, T, H, G, d, L = shape
-    xs = inputs(B, T, H, G, d, torch.bfloat16)
+    xs = projection_inputs(B, T, H, G, d, torch.bfloat16)
     w = torch.randn(B, T, H * d, device="cuda")
-    truth = run(rat_mixing_reference, [x.detach().float().requires_grad_() for x in xs], w, L, d)
-    ref = run(rat_mixing_reference, xs, w, L, d)
-    got = run(rat_mixing, xs, w, L, d)
+    truth = run(reference_mixing, [x.detach().float().requires_grad_() for x in xs], w, L, d, G)
+    ref = run(reference_mixing, xs, w, L, d, G)
+    got = run(rat_mixing, xs, w, L, d, G)
     for name, a, r, t in zip(NAMES, got, ref, truth):
         err, ref_err = rel(a, t), rel(r, t)
         print(f"{name}: kernel {err:.2e}  bf16 reference {ref_err:.2e}")
@@ -64,9 +76,9 @@ def test_bf16_kernel_is_as_close_to_fp32_truth_as_the_bf16_reference(shape, dete
 @pytest.mark.parametrize("L", [16, 128])
 def test_fp32_kernel_matches_fp32_reference(L):
     B, T, H, G, d = 2, 777, 4, 2, 64
-    xs = inputs(B, T, H, G, d, torch.float32)
+    xs = projection_inputs(B, T, H, G, d, torch.float32)
     w = torch.randn(B, T, H * d, device="cuda")
-    for name, a, b in zip(NAMES, run(rat_mixing, xs, w, L, d), run(rat_mixing_reference, xs, w, L, d)):
+    for name, a, b in zip(NAMES, run(rat_mixing, xs, w, L, d, G), run(reference_mixing, xs, w, L, d, G)):
         assert rel(a, b) < 1e-4, f"{name}: {rel(a, b):.2e}"
 
 
@@ -86,8 +98,8 @@ def test_bf16_prefill_is_as_close_to_fp32_truth_as_the_bf16_reference():
 
 @pytest.mark.parametrize("deterministic", [True], ids=["deterministic"], indirect=True)
 def test_deterministic_backward_is_bit_reproducible(deterministic):
-    xs = inputs(2, 8192, 16, 2, 128, torch.bfloat16)
+    xs = projection_inputs(2, 8192, 16, 2, 128, torch.bfloat16)
     w = torch.randn(2, 8192, 16 * 128, device="cuda")
-    first, second = run(rat_mixing, xs, w, 16, 128), run(rat_mixing, xs, w, 16, 128)
+    first, second = run(rat_mixing, xs, w, 16, 128, 2), run(rat_mixing, xs, w, 16, 128, 2)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
