@@ -63,12 +63,12 @@ def profile_length(T: int, chunk_size: int, iters: int) -> dict:
 
 def profile_layer(T: int, chunk_size: int, iters: int) -> dict:
     """Kernel times of one compiled fwd+bwd step of the benchmark's RAT layer, and their categories."""
-    from layer import DTYPE, TOKENS as LAYER_TOKENS, rat_layer
+    from layer import DTYPE, rat_layer
     from profile_step import by_category, rat_kernel_names
 
     layer = rat_layer(chunk_size, "triton").to("cuda", DTYPE)
     step_fn = torch.compile(layer, dynamic=False)
-    x = torch.randn(LAYER_TOKENS // T, T, layer.d_model, device="cuda", dtype=DTYPE, requires_grad=True)
+    x = torch.randn(TOKENS // T, T, layer.d_model, device="cuda", dtype=DTYPE, requires_grad=True)
     dy = torch.randn_like(x)
 
     def step():
@@ -80,7 +80,7 @@ def profile_layer(T: int, chunk_size: int, iters: int) -> dict:
     step()
     per_kernel = kernel_times(step, iters)
     categories = {name: round(ms, 3) for name, ms in by_category(per_kernel, rat_kernel_names()).items() if ms}
-    return {"T": T, "B": LAYER_TOKENS // T, "L": chunk_size, "total_ms": round(sum(per_kernel.values()), 3),
+    return {"T": T, "B": TOKENS // T, "L": chunk_size, "total_ms": round(sum(per_kernel.values()), 3),
             "categories_ms": categories, "kernels_ms": per_kernel}
 
 

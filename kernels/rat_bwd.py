@@ -5,6 +5,8 @@ dS = P ⊙ (dP − Δ), dP = dy·values:
 1. `_prepare_kernel`: Δ [B, H, T] (fp32), and each group's rotated, scaled query
    q̂ = rope_c(q)·log2(e)/√d [B, T, G·d] in the model dtype, exactly the forward's dot operand
    (so the recomputed scores equal the forward's bit for bit, and no loop below evaluates RoPE).
+   With the layer's output gate z (y = sigmoid(z) ⊙ mixing) also z's gradient dy ⊙ y ⊙ (1 − σ) and
+   the mixing's own output gradient dy ⊙ σ, which the kernels below read as dy.
 2. `_summary_grad_kernel`: per (block of summaries, batch, head), a loop over the later query
    rows: dKs = Σ_t dS q̂ / log2(e), dVs = Σ_t P dy (fp32, [B, H, T//L, d], still rotated).
    q̂ is loaded transposed; the rows where the block is partly visible run a masked loop, the

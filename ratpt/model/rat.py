@@ -80,8 +80,8 @@ class RATMixer(nn.Module):
         if self.context_shard is not None:
             z, v, f, q, k = self._split(x)
             return x + self.out_proj(z * self._context_mixing(q, k, v, f))
-        gated = ops.rat_mixing(self.in_proj(self.input_norm(x)), self.gate_bias, self.chunk_size, self.head_dim,
-                               self.ngroups, self.rope_base, kernels=self.kernels)
+        gated = ops.rat_mixing(self._projection(x), self.gate_bias, self.chunk_size, self.head_dim, self.ngroups,
+                               self.rope_base, kernels=self.kernels)
         return x + self.out_proj(gated)
 
     @torch.compiler.disable  # collectives over the CP group; CP runs under the megatron engine, never compiled
@@ -91,8 +91,12 @@ class RATMixer(nn.Module):
 
     def _split(self, x: torch.Tensor):
         """sigmoid(z), v, f (gate pre-activation), and q, k of the G groups, from one projection."""
-        z, v, f, q, k = ops.split_projection(self.in_proj(self.input_norm(x)), self.head_dim, self.ngroups)
+        z, v, f, q, k = ops.split_projection(self._projection(x), self.head_dim, self.ngroups)
         return torch.sigmoid(z), v, f, q, k
+
+    def _projection(self, x: torch.Tensor) -> torch.Tensor:
+        """W_in RMSNorm(x): [B, T, 3·D + 2·G·d], the columns z, v, f, q, k (ops.split_projection)."""
+        return self.in_proj(self.input_norm(x))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, H, T, d]."""

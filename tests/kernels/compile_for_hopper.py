@@ -50,6 +50,7 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
     """Every kernel of `passes` (of PASSES) through its entry points at one small shape (d 128, L 16,
     G 2), in `dtype`. Launches only compile, so no pass needs another's outputs: it gets tensors of
     the right shapes and dtypes."""
+    from kernels.autograd import split_projection
     from kernels.rat_bwd import input_gradients, rat_backward, summary_gradients
     from kernels.rat_decode import rat_decode
     from kernels.rat_fwd import rat_forward, rat_states, summary_attention
@@ -57,12 +58,12 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
     H, G, d, L = 4, 2, 128, 16
     B, T, base = 2, 256, 10000.0
     proj = torch.randn(B, T, 3 * H * d + 2 * G * d).to(dtype)
-    z, v, f, q, k = proj.split([H * d, H * d, H * d, G * d, G * d], dim=-1)
+    z, v, f, q, k = split_projection(proj, d, G)
     bias, dy = torch.zeros(H * d), torch.randn(B, T, H * d).to(dtype)
     y, lse, ks, vs = dy.clone(), torch.randn(B, H, T), *(torch.randn(B, H, T // L, d).to(dtype) for _ in range(2))
     if "full" in passes:  # as the model runs it: with the output gate, gradients into one projection gradient
         y, lse, ks, vs = rat_forward(q, k, v, f, bias, L, d, base, gate=z)
-        dz, dv, df, dq, dk = torch.empty_like(proj).split([H * d, H * d, H * d, G * d, G * d], dim=-1)
+        dz, dv, df, dq, dk = split_projection(torch.empty_like(proj), d, G)
         rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, gate=(z, dz), out=(dq, dk, dv, df))
     if "deterministic" in passes:
         rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, atomic_dq=False)

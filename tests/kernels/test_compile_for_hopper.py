@@ -11,8 +11,8 @@ import sys
 
 from run_helpers import REPO
 
-KERNELS = ("_states_kernel", "_attention_kernel", "_gate_kernel", "_prepare_kernel", "_summary_grad_kernel", "_query_grad_kernel",
-           "_recurrence_grad_kernel", "_decode_kernel")
+KERNELS = ("_states_kernel", "_attention_kernel", "_gate_kernel", "_prepare_kernel", "_summary_grad_kernel",
+           "_query_grad_kernel", "_recurrence_grad_kernel", "_decode_kernel")
 
 
 # Two processes compile in parallel; fp32's IEEE dots compile about twice as slowly as bf16's, so the

@@ -56,7 +56,7 @@ CASES = {  # name: (B, T, H, G, d, L)
     "partial-last-chunk": (2, 37, 2, 1, 32, 4),
     "groups2-L8": (1, 33, 4, 2, 32, 8),
     "groups4-L8": (1, 17, 4, 4, 32, 8),
-    "3-heads-per-group-L4": (1, 21, 6, 2, 32, 4),  # the backward pads a group's heads to a power of two
+    "3-heads-per-group-L4": (1, 21, 6, 2, 32, 4),  # group sums over an odd number of heads
     "d64-L16": (1, 40, 2, 2, 64, 16),
     "d128-L8": (1, 24, 2, 1, 128, 8),
     "T-below-L": (2, 5, 2, 1, 32, 16),
