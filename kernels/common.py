@@ -15,14 +15,32 @@ broken).
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def row_blocks(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
+    """A TMA descriptor of t [N, R, W] (last dim contiguous) read in [1, rows, cols] blocks. Blocks
+    that cross R or W load zeros there and drop what is stored or added there, so a kernel needs no
+    masks at the ends of a sequence."""
+    return TensorDescriptor.from_tensor(t, [1, rows, cols])
+
+
+def summary_blocks(summaries: torch.Tensor, rows: int) -> TensorDescriptor:
+    """row_blocks of summaries [B, H, CS, d] as [B·H, CS, d]. A sequence shorter than one chunk has no
+    summaries (CS 0), which no descriptor can describe: it gets one row of zeros, never read."""
+    B, H, CS, d = summaries.shape
+    if CS == 0:
+        summaries = summaries.new_zeros(B, H, 1, d)
+    return row_blocks(summaries.reshape(B * H, max(CS, 1), d), rows, d)
 
 
 @triton.jit

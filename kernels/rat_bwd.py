@@ -11,10 +11,13 @@ dS = P ⊙ (dP − Δ), dP = dy·values:
    rows: dKs = Σ_t dS q̂ / log2(e), dVs = Σ_t P dy (fp32, [B, H, T//L, d], still rotated).
    q̂ is loaded transposed; the rows where the block is partly visible run a masked loop, the
    rest an unmasked one. By default (not under torch.use_deterministic_algorithms) it also adds
-   dq̂ = Σ_j dS k_j into an fp32 accumulator with atomics, as FlashAttention-2 does, since it has
-   dS in hand: the query side then needs no loop over the summaries (5 matmuls per pair, not 7).
+   dq̂ = Σ_j dS k_j into an fp32 accumulator with atomics (TMA bulk reductions on the GPU), as
+   FlashAttention-2 does, since it has dS in hand: the query side then needs no loop over the
+   summaries (5 matmuls per pair, not 7). The accumulator is per group, [B, T, G·d]: a group's heads
+   share q and RoPE's angle, so their dq̂ can be summed before the rotation back (H/G times fewer
+   bytes to zero, add into and read back).
 3. `_query_grad_kernel` (deterministic mode only): per (block of whole chunks, batch, head), dq̂
-   through the summaries (a full and a masked loop over them), stored into the same fp32 [B, T, H·d]
+   through the summaries (a full and a masked loop over them), per head; their group sums are the
    buffer the atomics fill otherwise.
 4. `_recurrence_grad_kernel`: per (tile of chunks, batch, head), backwards over the L positions,
    everything that is local to a token: the own state's score and value gradients (P_own, dS_own),
@@ -40,7 +43,7 @@ import triton
 import triton.language as tl
 
 from kernels.blocks import Blocks, blocks
-from kernels.common import LOG2E, chunk_tile, dot, first_chunk, interpreting, rope_cos_sin
+from kernels.common import LOG2E, chunk_tile, dot, first_chunk, interpreting, rope_cos_sin, row_blocks
 from kernels.rat_fwd import CHUNKS_PER_PROGRAM, inverse_frequencies, recurrent_states
 
 
@@ -81,11 +84,16 @@ def _prepare_kernel(q_ptr, y_ptr, dy_ptr, z_ptr, dz_ptr, dmix_ptr, inv_freq_ptr,
 
 
 @triton.jit
-def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_head, first, t_lo, t_hi, T,
-                        G: tl.constexpr, H: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
+def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, b, h, first, t_lo,
+                        t_hi, T, G: tl.constexpr, H: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
                         BQ: tl.constexpr, MASKED: tl.constexpr, ACC_DQ: tl.constexpr, F32: tl.constexpr):
     """Accumulate dKs, dVs of one summary block over query rows [t_lo, t_hi); with ACC_DQ also add
-    the block's share of each row's dq̂ (rotated space) into the fp32 accumulator at dq_head.
+    the block's share of each row's dq̂ (rotated space) into the fp32 accumulator `dq_target` [B, T, G·d]
+    (per group: the heads of a group share their queries and, chunk by chunk, RoPE's angle, so their dq̂
+    add up before the rotation back): through a TMA descriptor (one bulk reduction per tile; rows past
+    T are dropped), or, in the Triton interpreter, which has no descriptor reductions, and with fp32
+    inputs, element atomics through a pointer to the group's columns. (TMA loads of the q̂ and dy tiles, transposed for the dots, measured
+    25% slower here than pointer loads.)
 
     Rows past T get lse = +inf, hence P = 0; MASKED adds the visibility j < c of each row (c: its
     global chunk index, `first` + row // L).
@@ -106,14 +114,18 @@ def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_hea
         dv += dot(pt, dy, DT, F32)
         dk += dot(dst, tl.trans(qt), DT, F32)
         if ACC_DQ:
-            tl.atomic_add(dq_head + rows[:, None] * (H * D_HEAD) + dcols[None, :], dot(tl.trans(dst), kb, DT, F32),
-                          mask=rmask[:, None], sem="relaxed")
+            dq = dot(tl.trans(dst), kb, DT, F32)
+            if F32:  # the interpreter, fp32 inputs
+                tl.atomic_add(dq_target + rows[:, None] * (G * D_HEAD) + dcols[None, :], dq, mask=rmask[:, None],
+                              sem="relaxed")
+            else:
+                dq_target.atomic_add([b, t0, (h % G) * D_HEAD], dq.reshape(1, BQ, D_HEAD))
     return dk, dv
 
 
 @triton.jit
-def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, ks_ptr, vs_ptr, dks_ptr, dvs_ptr, dq_ptr, T,
-                         CS, dk_scale,
+def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, ks_ptr, vs_ptr, dks_ptr, dvs_ptr, dq_target,
+                         T, CS, dk_scale,
                          H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
                          BQ: tl.constexpr, BC: tl.constexpr, ACC_DQ: tl.constexpr, F32: tl.constexpr):
     # the first summary blocks see the most rows: every head's block 0 is launched first, so that no
@@ -134,18 +146,17 @@ def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, ks_ptr,
     dy_head = dy_ptr + b64 * T * (H * D_HEAD) + h * D_HEAD
     lse_head = lse_ptr + pid_bh.to(tl.int64) * T
     delta_head = delta_ptr + pid_bh.to(tl.int64) * T
-    dq_head = dq_ptr  # None unless ACC_DQ
-    if ACC_DQ:
-        dq_head += b64 * T * (H * D_HEAD) + h * D_HEAD
+    if ACC_DQ and F32:  # the pointer path: this head's group's columns of the accumulator
+        dq_target += b64 * T * (G * D_HEAD) + (h % G) * D_HEAD
     # row t (global chunk first + t // L) sees summary j iff t >= (j - first + 1)·L: none of the block
     # before (j0 - first + 1)·L, all of it from (j0 + BC - first)·L
     first = first_chunk(offset_ptr, b64)
     t_lo = tl.maximum(j0 - first + 1, 0) * L // BQ * BQ
     t_mid = tl.minimum(tl.cdiv(tl.maximum(j0 + BC - first, 0) * L, BQ) * BQ, T)
-    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_head, first, t_lo,
-                                 t_mid, T, G, H, L, D_HEAD, BQ, True, ACC_DQ, F32)
-    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_head, first, t_mid,
-                                 T, T, G, H, L, D_HEAD, BQ, False, ACC_DQ, F32)
+    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, b, h,
+                                 first, t_lo, t_mid, T, G, H, L, D_HEAD, BQ, True, ACC_DQ, F32)
+    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, b, h,
+                                 first, t_mid, T, T, G, H, L, D_HEAD, BQ, False, ACC_DQ, F32)
     tl.store(dks_ptr + sp, dk * dk_scale, mask=jmask)
     tl.store(dvs_ptr + sp, dv, mask=jmask)
 
@@ -265,8 +276,11 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
         p_own = tl.exp2((tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale - lse)
         ds_own = tl.where(rmask, p_own * (tl.sum(dy1 * vs1, 1) + tl.sum(dy2 * vs2, 1) - delta) * scale, 0.0)
         p_own = tl.where(rmask, p_own, 0.0)
-        dqr1 = tl.load(dqr_ptr + st, mask=mask, other=0.0)
-        dqr2 = tl.load(dqr_ptr + st + HALF, mask=mask, other=0.0)
+        # dq̂ is per group: the group's first head (h < G) rotates it back, the group sum adds it once
+        dqr = dqr_ptr + (b64 * T + rows[:, None]) * (G * D_HEAD) + kc[None, :]
+        group_mask = (rmask & (rows * 0 + pid_bh % H < G))[:, None]  # a tensor: the interpreter masks no scalar
+        dqr1 = tl.load(dqr, mask=group_mask, other=0.0)
+        dqr2 = tl.load(dqr + HALF, mask=group_mask, other=0.0)
         tl.store(dq_ptr + st, ((dqr1 * cos + dqr2 * sin) * scale + ds_own[:, None] * ks1).to(DQT), mask=mask)
         tl.store(dq_ptr + st + HALF, ((dqr2 * cos - dqr1 * sin) * scale + ds_own[:, None] * ks2).to(DQT), mask=mask)
         # direct gradients of k̃, ṽ: own score and value, and at chunk ends (i = 0) the summary's, rotated back
@@ -291,6 +305,12 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
     part = (pid_c.to(tl.int64) * B + b64) * (H * D_HEAD) + vc
     tl.store(dbias_ptr + part, db1)
     tl.store(dbias_ptr + part + HALF, db2)
+
+
+def group_sum(heads: torch.Tensor, width: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T, H·d] per head -> [B, T, G·d] (`width` = G·d) per group, head h in group h mod G."""
+    B, T, D = heads.shape
+    return torch.sum(heads.view(B, T, D // width, width), 2, out=out)
 
 
 def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
@@ -325,12 +345,13 @@ def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rop
     dvs = torch.zeros_like(dks)
     if atomic_dq is None:
         atomic_dq = not torch.are_deterministic_algorithms_enabled()
-    dq_rotated = torch.zeros(B, T, D, device=dy.device, dtype=torch.float32) if atomic_dq else None
+    dq_rotated = torch.zeros(B, T, G * d, device=dy.device, dtype=torch.float32) if atomic_dq else None
     if CS:
+        f32 = ks.dtype == torch.float32 or interpreting()
+        dq_target = dq_rotated if f32 or not atomic_dq else row_blocks(dq_rotated, cfg.bq, d)
         _summary_grad_kernel[(B * H, triton.cdiv(CS, cfg.bc))](
-            qr, dmix, lse, delta, chunk_offset, ks, vs, dks, dvs, dq_rotated, T, CS, 1.0 / LOG2E, H=H, G=G, L=L,
-            D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, ACC_DQ=atomic_dq, F32=ks.dtype == torch.float32 or interpreting(),
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            qr, dmix, lse, delta, chunk_offset, ks, vs, dks, dvs, dq_target, T, CS, 1.0 / LOG2E, H=H, G=G, L=L,
+            D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, ACC_DQ=atomic_dq, F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
     return dks, dvs, (dmix, delta, qr, dq_rotated)
 
 
@@ -349,11 +370,12 @@ def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own
     scale = 1.0 / math.sqrt(d)
     if dq_rotated is None:  # deterministic: the query side's own pass over the summaries
         cfg = config or blocks("query_grad", L, d, v.dtype)
-        dq_rotated = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
+        dq_heads_rotated = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
         _query_grad_kernel[(triton.cdiv(T, cfg.bq), B * H)](
-            qr, chunk_offset, ks, vs, dy, lse, delta, dq_rotated, T, max(ks.shape[2], 1), H=H, G=G, L=L, D_HEAD=d,
-            BQ=cfg.bq, BC=cfg.bc, F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
+            qr, chunk_offset, ks, vs, dy, lse, delta, dq_heads_rotated, T, max(ks.shape[2], 1), H=H, G=G, L=L,
+            D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
             num_stages=cfg.stages)
+        dq_rotated = group_sum(dq_heads_rotated, G * d)
     kst, vst = recurrent_states(k, v, f, gate_bias, L, d, inv_freq)
     if out is None:
         out = (torch.empty(B, T, G * d, device=v.device, dtype=q.dtype), torch.empty(B, T, G * d, device=v.device,
@@ -370,8 +392,8 @@ def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own
         dq_heads, dk_heads, dv, df, dbias, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), f.stride(0), f.stride(1), dv.stride(0), dv.stride(1), B, T, max(T // L, 1), LOG2E * scale,
         scale, H=H, G=G, L=L, HALF=d // 2, NCH=CHUNKS_PER_PROGRAM, num_warps=4)
-    torch.sum(dq_heads.view(B, T, H // G, G * d), 2, out=dq)  # accumulated in fp32, rounded once
-    torch.sum(dk_heads.view(B, T, H // G, G * d), 2, out=dk)
+    group_sum(dq_heads, G * d, out=dq)  # accumulated in fp32, rounded once
+    group_sum(dk_heads, G * d, out=dk)
     return dq, dk, dv, df, dbias.sum(0).to(gate_bias.dtype)
 
 

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from kernels.blocks import Blocks, blocks
-from kernels.common import LOG2E, chunk_tile, dot, first_chunk, interpreting, join_halves, rope_cos_sin, state_step
+from kernels.common import (LOG2E, chunk_tile, dot, first_chunk, interpreting, join_halves, rope_cos_sin, state_step,
+                            summary_blocks)
 
 CHUNKS_PER_PROGRAM = 16  # rows of the [chunks, d/2] tiles of the sequential recurrence kernels
 
@@ -68,43 +69,38 @@ def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, kst_
 
 
 @triton.jit
-def _softmax_steps(acc, m, l_sum, qr, ks_head, vs_head, chunk, j_lo, j_hi, n_visible,
+def _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, bh, chunk, j_lo, j_hi,
                    D_HEAD: tl.constexpr, BC: tl.constexpr, MASKED: tl.constexpr, F32: tl.constexpr):
-    """Online-softmax steps over summaries [j_lo, j_hi); MASKED: the blocks where j < c differs by row."""
-    DT = ks_head.dtype.element_ty
-    dcols = tl.arange(0, D_HEAD)
+    """Online-softmax steps over summaries [j_lo, j_hi); MASKED: the blocks where j < c differs by row.
+
+    The summary tiles come through TMA descriptors of [B·H, CS, d] (past CS: zeros). A masked block may
+    also hold summaries no row sees (j >= c): real, finite ones, whose scores the mask sets to -inf."""
+    DT = ks_desc.dtype
     for j0 in range(j_lo, j_hi, BC):
-        j = j0 + tl.arange(0, BC)
-        kt_ptrs = ks_head + j[None, :] * D_HEAD + dcols[:, None]  # [d, BC]: loaded transposed
-        v_ptrs = vs_head + j[:, None] * D_HEAD + dcols[None, :]
+        kb = ks_desc.load([bh, j0, 0]).reshape(BC, D_HEAD)
+        s = dot(qr, tl.trans(kb), DT, F32)
         if MASKED:
-            kt = tl.load(kt_ptrs, mask=(j < n_visible)[None, :], other=0.0)
-            vb = tl.load(v_ptrs, mask=(j < n_visible)[:, None], other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-            vb = tl.load(v_ptrs)
-        s = dot(qr, kt, DT, F32)
-        if MASKED:
-            s = tl.where(j[None, :] < chunk[:, None], s, float("-inf"))
+            s = tl.where((j0 + tl.arange(0, BC))[None, :] < chunk[:, None], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
+        vb = vs_desc.load([bh, j0, 0]).reshape(BC, D_HEAD)
         acc = acc * alpha[:, None] + dot(p, vb, DT, F32)
         m = m_new
     return acc, m, l_sum
 
 
 @triton.jit
-def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_ptr, vs_ptr, y_ptr, lse_ptr, sq_b, sq_t,
-                      T, CS, qk_scale,
+def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_desc, vs_desc, y_ptr, lse_ptr, sq_b,
+                      sq_t, T, qk_scale,
                       H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                       BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
     pid_bh = tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     D_HEAD: tl.constexpr = 2 * HALF
-    DT = ks_ptr.dtype.element_ty
+    DT = ks_desc.dtype
     t0 = pid_t * BQ
     rows = t0 + tl.arange(0, BQ)
     cols = tl.arange(0, HALF)
@@ -132,12 +128,10 @@ def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_ptr,
     # summaries j < c_first are visible to every row of the block; the rest up to n_visible to some
     n_visible = first + tl.minimum(t0 + BQ - 1, T - 1) // L
     j_full = (first + t0 // L) // BC * BC
-    ks_head = ks_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
-    vs_head = vs_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
-    acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_head, vs_head, chunk, 0, j_full, n_visible,
-                                   D_HEAD, BC, False, F32)
-    acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_head, vs_head, chunk, j_full, n_visible, n_visible,
-                                   D_HEAD, BC, True, F32)
+    acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, pid_bh, chunk, 0, j_full, D_HEAD, BC,
+                                   False, F32)
+    acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, pid_bh, chunk, j_full, n_visible, D_HEAD,
+                                   BC, True, F32)
     dcols = tl.arange(0, D_HEAD)
     y_rows = y_ptr + (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :]
     tl.store(y_rows, (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
@@ -207,10 +201,11 @@ def summary_attention(q, kst, vst, ks, vs, chunk_size: int, head_dim: int, rope_
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     cfg = config or blocks("forward", L, d, ks.dtype)
     f32 = ks.dtype == torch.float32 or interpreting()
+    ks_desc, vs_desc = (summary_blocks(t, cfg.bc) for t in (ks, vs))
     _attention_kernel[(triton.cdiv(T, cfg.bq), B * H)](
-        q, kst, vst, inverse_frequencies(d, rope_base, q.device), chunk_offset, ks, vs, y, lse, q.stride(0),
-        q.stride(1), T, max(ks.shape[2], 1), LOG2E / math.sqrt(d), H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq,
-        BC=cfg.bc, F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
+        q, kst, vst, inverse_frequencies(d, rope_base, q.device), chunk_offset, ks_desc, vs_desc, y, lse,
+        q.stride(0), q.stride(1), T, LOG2E / math.sqrt(d), H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq, BC=cfg.bc,
+        F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
     if gate is not None:
         rows, cols = (16, 64) if interpreting() else (32, 256)
         _gate_kernel[(triton.cdiv(T, rows), triton.cdiv(D, cols), B)](y, gate, gate.stride(0), gate.stride(1), T, D,
