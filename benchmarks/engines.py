@@ -56,10 +56,7 @@ def main() -> None:
         f"train.engine={args.engine}", f"deepspeed.zero_stage={args.zero_stage}",
         f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}",
         f"data.seq_len={args.seq_len}", *args.set])
-    ctx = init_distributed(cfg.train.device)
-    if args.engine == "megatron" and not dist.is_initialized():
-        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+    ctx = init_distributed(cfg.train.device, group_of_one=args.engine == "megatron")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(ctx.device)
     if cfg.train.activation_checkpointing:  # as the trainer does, before the engine wraps the model

@@ -33,8 +33,10 @@ def collective_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get("RATPT_COLLECTIVE_TIMEOUT", 30 * 60)))
 
 
-def init_distributed(device_kind: str) -> DistributedContext:
-    """Join torchrun's process group if launched by it; pick this rank's device."""
+def init_distributed(device_kind: str, group_of_one: bool = False) -> DistributedContext:
+    """Join torchrun's process group if launched by it; pick this rank's device. `group_of_one`: a
+    process group even for a single process, which megatron-core's engine needs to run there (the
+    benchmarks and tests that drive it on one device)."""
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but CUDA is not available: use train.device=auto or cpu")
@@ -49,6 +51,9 @@ def init_distributed(device_kind: str) -> DistributedContext:
             backend="nccl" if use_cuda else "gloo",
             timeout=collective_timeout(),
         )
+    elif group_of_one and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=collective_timeout())
     return DistributedContext(rank, world_size, local_rank, device)
 
 

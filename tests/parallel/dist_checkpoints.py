@@ -132,7 +132,7 @@ def interrupted_case(name: str, spec: str, ctx, out: Path) -> None:
 
 
 def main(out: Path, cases: list[str]) -> None:
-    ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"))
+    ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"), group_of_one=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for case in cases:
         name, _, spec = case.partition(":")

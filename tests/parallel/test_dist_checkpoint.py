@@ -90,3 +90,13 @@ def test_two_gpus_nccl_save_in_the_background_and_reshard(tmp_path):  # pragma: 
     run_cases(2, tmp_path, "tp2-to-cp2:tensor=2,mixers=rat+swa>context=2,mixers=rat+swa",
               "pp2-to-tp2:pipeline=2>tensor=2", "dp2-to-one-process:>local", "interrupted-tp2:tensor=2!",
               RATPT_TEST_DEVICE="cuda")
+
+
+@pytest.mark.gpu
+def test_one_gpu_nccl_save_in_the_background_and_resume(tmp_path):  # pragma: no cover - needs a GPU
+    """What one GPU checks of the background save: megatron's async writer staging CUDA shards to the
+    host (NCCL, a group of one), the state read back equal to the engine's, a save whose writers
+    finished but which was never finalized not resumed."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    run_cases(1, tmp_path, "dp1-to-one-process:>local", "interrupted-dp1:!", RATPT_TEST_DEVICE="cuda")
