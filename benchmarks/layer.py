@@ -22,6 +22,8 @@ Layers:
     python benchmarks/layer.py --plot benchmarks/results/layer.json     # PNG beside it
     python benchmarks/layer.py --layers rat-triton-L16 --update benchmarks/results/layer.json
                                                     # re-measure some layers, keep the others' entries
+    python benchmarks/layer.py --layers rnn,attn-flash --lengths 16384,32768 --baseline-lengths 16384,32768 \
+        --update benchmarks/results/layer.json      # the baselines between the two ends as well
 """
 import argparse
 import json
@@ -242,6 +244,9 @@ def main() -> None:
     parser.add_argument("--layers", default="rat-triton-L16,rat-triton-L64,rat-public-L16,rnn,attn-cudnn,"
                                             "attn-flash,rat-reference-L16")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    parser.add_argument("--baseline-lengths", default="4096,131072",
+                        help="the lengths (of --lengths) at which layers other than rat-triton-L16* run; the "
+                             "default, the two ends, saves device time")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=480, help="skip what would start after this")
     parser.add_argument("--plot", help="only draw the PNG of an existing JSON")
@@ -270,8 +275,8 @@ def main() -> None:
         layer, context = build(name)
         layer = layer.to("cuda", DTYPE)
         for T in map(int, args.lengths.split(",")):
-            if not name.startswith("rat-triton-L16") and T in (16384, 32768):
-                continue  # baselines at the two ends only (device time)
+            if not name.startswith("rat-triton-L16") and str(T) not in args.baseline_lengths.split(","):
+                continue
             if time.time() - start > args.budget_s:
                 entry[str(T)] = {"skipped": "time budget"}
                 continue
