@@ -9,6 +9,7 @@ its plain-PyTorch LocalEngine, so one GPU measures it too.
     torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine megatron
     torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine deepspeed --zero-stage 1
     torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine deepspeed --zero-stage 3
+    (--profile: rank 0's kernel time of one more step by category, communication included)
     (options: --config rat_1p3b --global-batch 32 --micro-batch 4 --seq-len 4096 --steps 10 --warmup 3
      --out benchmarks/results/engines.jsonl; --set key=value for any other ratpt config key)
 
@@ -50,7 +51,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="extra ratpt config overrides, key=value")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "engines.jsonl"))
+    parser.add_argument("--profile", action="store_true",
+                        help="also one step under torch.profiler: rank 0's GPU kernel time by category (CUDA only)")
     args = parser.parse_args()
+    if args.profile and not torch.cuda.is_available():
+        parser.error("--profile times GPU kernels: it needs CUDA")
 
     cfg = load_config(REPO / "configs" / f"{args.config}.yaml", [
         f"train.engine={args.engine}", f"deepspeed.zero_stage={args.zero_stage}",
@@ -93,6 +98,8 @@ def main() -> None:
             tokens_per_s / ctx.world_size), "mfu": round(flops / (peak * 1e12 * ctx.world_size), 4) if peak else None,
         "max_memory_gib": round(memory, 2),
     }
+    if args.profile:
+        result["profile_ms"] = step_profile(step)
     if ctx.is_main:
         print(json.dumps(result))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +108,17 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def step_profile(step) -> dict[str, float]:
+    """This rank's GPU kernel time of one step (after one more) by profile_step.py's categories. NCCL kernels run on
+    their own streams, so with overlap the categories sum to more than the step's time; what
+    `communication` adds to the step is at most the difference."""
+    from kernel_profile import kernel_times
+    from profile_step import by_category, rat_kernel_names
+
+    categories = by_category(kernel_times(step, 1), rat_kernel_names())
+    return {name: round(ms, 1) for name, ms in categories.items()}
 
 
 def sync(device: torch.device) -> None:

@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 from ratpt.model.config import mixer_of_layer
 from ratpt.model.flops import ffn_flops_per_token, head_flops_per_token, keys_per_token, projection_flops_per_token
+from kernel_profile import kernel_times
 from train import REPO, build_step, parse_case
 
 CATEGORIES = ("matmul", "rat_mixing", "attention", "glue", "optimizer", "communication", "data")
@@ -102,13 +101,7 @@ def profile_case(case: str, seq_len: int, warmup: int, rat_names: set[str]) -> d
     step()
     torch.cuda.synchronize(device)
     step_ms = 1000 * (time.perf_counter() - start)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize(device)
-    per_kernel: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.time_range.elapsed_us() / 1000
+    per_kernel = kernel_times(step, 1)  # after one more untimed step
     per_category = by_category(per_kernel, rat_names)
     busy = sum(per_category.values())
     tokens = micro_batch * seq_len
