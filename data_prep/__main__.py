@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInputError, OutputExistsError, FileNotFoundError, ValueError) as e:
         logging.getLogger("data_prep").error("%s", e)
         return 1
+    if not sum(stats["documents"].values()):
+        logging.getLogger("data_prep").error(
+            "no documents in %s (%d bad records, details in %s/stats.json): is --text-field %r the field that "
+            "holds the text?", " ".join(args.inputs), stats["bad_records"]["total"], args.out, args.text_field)
+        return 1
     summary = {k: stats[k] for k in ("sources", "documents", "tokens", "bytes", "seconds")}
     summary["bad_records"] = stats["bad_records"]["by_kind"]
     print(json.dumps(summary, indent=2))

@@ -17,21 +17,27 @@ log = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
 
 
+MIN_VOCAB = 257  # the byte-level alphabet and EOS
+
+
 def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: str = "text") -> Path:
     """Train on the documents of `sources` (bad records skipped and counted) and save a
     tokenizer.json at `out` (a file path, or a folder that gets `tokenizer.json`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and EOS), got {vocab_size}")
     out = Path(out)
     if out.suffix != ".json":
         out = out / "tokenizer.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    skipped = [0]
+    skipped, documents = [0], [0]
 
     def texts() -> Iterator[str]:
         for source in sources:
             for record in read_records(source, text_field):
                 if isinstance(record, Document):
+                    documents[0] += 1
                     yield record.text
                 else:
                     skipped[0] += 1
@@ -47,6 +53,9 @@ def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: 
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts(), trainer=trainer)
+    if not documents[0]:
+        raise ValueError(f"no documents in {' '.join(sources)} ({skipped[0]} bad records): is --text-field "
+                         f"{text_field!r} the field that holds the text?")
     tokenizer.save(str(out))
     log.info("trained BPE vocab %d -> %s (%d bad records skipped)", tokenizer.get_vocab_size(), out, skipped[0])
     return out

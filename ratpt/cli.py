@@ -13,6 +13,7 @@ from typing import Optional
 
 from ratpt import generate
 from ratpt.config import ConfigError
+from ratpt.data.shards import CorruptShardError
 from ratpt.model import convert
 from ratpt.train import commands
 from ratpt.train.checkpoint import CheckpointError
@@ -21,7 +22,8 @@ from ratpt.train.trainer import TrainingDiverged
 SUBCOMMAND_MODULES = (commands, generate, convert)
 # Errors whose message already tells the user what to fix: printed without a traceback
 # (unless --log-level DEBUG).
-USER_ERRORS = (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError, ValueError)
+USER_ERRORS = (ConfigError, CheckpointError, TrainingDiverged, CorruptShardError, FileNotFoundError, FileExistsError,
+               ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,10 +7,12 @@ type is rejected before anything runs; nothing in a config string is ever evalua
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -125,7 +127,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist (configs/ lists the shipped ones)")
-            layers.append(OmegaConf.load(path))
+            layers.append(_read_yaml(path))
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
@@ -134,8 +136,18 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, path)) from None
+    except TypeError as err:  # OmegaConf's merge of a list into a section, e.g. a file that is a YAML list
+        raise ConfigError(f"{path or 'the overrides'}: {err}: the config is a mapping of sections "
+                          "(train:, model:, ...); overrides are key=value") from None
     validate_config(cfg)
     return cfg
+
+
+def _read_yaml(path: Path):
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
 
 
 def _explain(err: OmegaConfBaseException, path: Optional[Path]) -> str:
@@ -175,6 +187,8 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
              f"train.compile_backend must be {'|'.join(COMPILE_BACKENDS)}, got {t.compile_backend!r}")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
+    _require(d.num_workers >= 0, f"data.num_workers must be >= 0 (0: load in the training process), got {d.num_workers}")
+    _require(d.shuffle_window >= 1, f"data.shuffle_window must be >= 1, got {d.shuffle_window}")
     if "rat" in cfg.model.mixers:
         _require(
             d.seq_len % cfg.model.chunk_size == 0,
@@ -185,7 +199,9 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
              "e.g. data.streams=[{path: data/pydoc}]")
     for i, stream in enumerate(d.streams):
         _require(stream.weight > 0, f"data.streams[{i}].weight must be positive, got {stream.weight}")
-    _require(o.lr > 0, f"optimizer.lr must be positive, got {o.lr}")
+    _require(0 < o.lr < math.inf, f"optimizer.lr must be positive and finite, got {o.lr}")
+    _require(0 < o.eps < math.inf, f"optimizer.eps must be positive and finite, got {o.eps}")
+    _require(0 <= o.weight_decay < math.inf, f"optimizer.weight_decay must be >= 0 and finite, got {o.weight_decay}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
              f"optimizer.betas must be two numbers in [0, 1), got {o.betas}")
     _require(o.grad_clip >= 0, f"optimizer.grad_clip must be >= 0, got {o.grad_clip}")
@@ -195,6 +211,9 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     _require(0 < s.decay_fraction <= 1 - s.warmup_fraction or s.kind != "wsd",
              f"schedule.decay_fraction ({s.decay_fraction}) must be in (0, 1 - warmup_fraction]")
     _require(cfg.eval.interval >= 0, f"eval.interval must be >= 0, got {cfg.eval.interval}")
+    _require(cfg.eval.interval == 0 or cfg.eval.max_samples >= per_step,
+             f"eval.max_samples ({cfg.eval.max_samples}) must be at least train.micro_batch × data-parallel size "
+             f"= {per_step}, one validation micro-batch per rank (or set eval.interval=0 to skip validation)")
     _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     validate_checkpoint_format(cfg)

@@ -27,6 +27,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already reach top_p (the top one stays)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -136,13 +137,31 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def check_sampling(args: argparse.Namespace) -> None:
+    """Reject sampling flags that have no meaning, naming the flag (before any model is loaded)."""
+    checks = ((args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+              (args.temperature >= 0, f"--temperature must be >= 0 (0: greedy), got {args.temperature}"),
+              (args.top_k >= 0, f"--top-k must be >= 0 (0: off), got {args.top_k}"),
+              (0 < args.top_p <= 1, f"--top-p must be in (0, 1] (1: off), got {args.top_p}"))
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+
+
 def run(args: argparse.Namespace) -> int:
     from ratpt.data.tokenizer import load_tokenizer
     from ratpt.model.pretrained import load_pretrained
 
+    check_sampling(args)
+
     model, _ = load_pretrained(args.model_dir, device=args.device)
     model = model.to(getattr(torch, args.dtype)).eval()
     tokenizer = load_tokenizer(args.tokenizer or f"{args.model_dir}/tokenizer")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+                         f"({model.cfg.vocab_size}): pass the tokenizer the model was trained with (--tokenizer)")
     prompts = [tokenizer.encode(text) for text in args.prompt]
     start = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ratpt.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -39,7 +41,7 @@ def init_distributed(device_kind: str, group_of_one: bool = False) -> Distribute
     benchmarks and tests that drive it on one device)."""
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     if device_kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available: use train.device=auto or cpu")
+        raise ConfigError("train.device=cuda but CUDA is not available: use train.device=auto or cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

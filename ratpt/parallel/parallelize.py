@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ratpt.config import Config
+from ratpt.config import Config, ConfigError
 from ratpt.parallel.context_parallel import apply_context_parallel
 from ratpt.parallel.mesh import Mesh
 from ratpt.parallel.pipeline import ModelStage, pipeline_chunks
 from ratpt.parallel.tensor_parallel import Placement, VocabParallelHead, apply_tensor_parallel
 
 
-class LayoutNotSupported(NotImplementedError):
-    """A parallel layout this version cannot run; the message says which key to change."""
+class LayoutNotSupported(ConfigError):
+    """A parallel layout this version cannot run; the message says which key to change (so the command line
+    prints it without a traceback)."""
 
 
 @dataclass

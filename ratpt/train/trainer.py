@@ -81,7 +81,7 @@ def evaluate(model: nn.Module, cfg: Config, ctx: DistributedContext) -> float:
     process a data-parallel replica (`ratpt eval`)."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    for batch in _val_batches(cfg, ctx.rank, ctx.world_size):
+    for batch in _with_progress(_val_batches(cfg, ctx.rank, ctx.world_size), ctx.rank):
         totals[0] += sum_cross_entropy(model, batch, ctx.device, cfg.train.precision).double()
         totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
     all_reduce_sum(totals)
@@ -90,9 +90,13 @@ def evaluate(model: nn.Module, cfg: Config, ctx: DistributedContext) -> float:
 
 
 def _val_batches(cfg: Config, dp_rank: int, dp_size: int):
-    """The validation micro-batches of this rank, with a progress bar on rank 0 (a person waits)."""
-    batches = build_val_batches(cfg.data, vocab_size=cfg.model.vocab_size, micro_batch=cfg.train.micro_batch,
-                                dp_rank=dp_rank, dp_size=dp_size, max_samples=cfg.eval.max_samples)
+    """The validation micro-batches of this rank (re-iterable: the same samples every pass)."""
+    return build_val_batches(cfg.data, vocab_size=cfg.model.vocab_size, micro_batch=cfg.train.micro_batch,
+                             dp_rank=dp_rank, dp_size=dp_size, max_samples=cfg.eval.max_samples)
+
+
+def _with_progress(batches, dp_rank: int):
+    """One validation pass with a progress bar on rank 0 (a person waits)."""
     return tqdm(batches, desc="validation", unit="batch", leave=False, disable=dp_rank != 0)
 
 
@@ -158,6 +162,8 @@ def train(cfg: Config) -> TrainResult:
     if data_state is not None:
         batches_source.load_state_dict(data_state)
     batches = iter(batches_source)
+    # opened now, so that a validation set too small for one micro-batch per rank fails before training
+    val_batches = _val_batches(cfg, engine.dp_rank, engine.dp_size) if cfg.eval.interval else None
 
     metrics = MetricsLogger(
         out_dir, cfg.train.steps, training_flops_per_token(cfg.model, cfg.data.seq_len),
@@ -224,7 +230,7 @@ def train(cfg: Config) -> TrainResult:
         if step % cfg.logging.interval == 0 or step == cfg.train.steps:
             metrics.flush(step, lr, grad_norm, skipped, ctx.device)
         if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
-            val_sum, val_tokens = engine.evaluate(_val_batches(cfg, engine.dp_rank, engine.dp_size))
+            val_sum, val_tokens = engine.evaluate(_with_progress(val_batches, engine.dp_rank))
             val_loss = val_sum / max(val_tokens, 1.0)
             metrics.scalars(step, {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
             if ctx.is_main:

@@ -168,6 +168,20 @@ def test_train_tokenizer_cli_output_tokenizes(tmp_path):
     assert read_split(out, "train") == make_documents(50, seed=5)
 
 
+@pytest.mark.parametrize("command", [["tokenize"], ["train-tokenizer", "--vocab-size", "300"]], ids=lambda c: c[0])
+def test_inputs_without_a_document_are_an_error_naming_the_text_field(tmp_path, caplog, command):
+    write_jsonl(tmp_path / "a.jsonl", make_documents(5, seed=6), field="body")
+    assert data_prep_main([*command, str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out")]) == 1
+    assert "no documents" in caplog.text and "--text-field 'text'" in caplog.text
+
+
+def test_train_tokenizer_rejects_a_vocabulary_smaller_than_the_bytes(tmp_path, caplog):
+    write_jsonl(tmp_path / "a.jsonl", make_documents(5, seed=6))
+    assert data_prep_main(["train-tokenizer", str(tmp_path / "a.jsonl"), "--vocab-size", "10",
+                           "--out", str(tmp_path / "tok")]) == 1
+    assert "--vocab-size must be at least 257" in caplog.text and not (tmp_path / "tok").exists()
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         data_prep_main(["tokenize", "--help"])

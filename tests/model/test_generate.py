@@ -58,14 +58,38 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
     assert set(sample_next(logits, 1.0, top_p=0.8, generator=gen).tolist()) == {0, 1}
 
 
+def test_top_p_zero_keeps_the_top_token():
+    logits = torch.tensor([[4.0, 3.0, 2.0], [0.0, 5.0, 1.0]])
+    assert sample_next(logits, 1.0, top_p=0.0).tolist() == [0, 1]
+
+
+def cli_args(model_dir, **flags) -> argparse.Namespace:
+    defaults = dict(model_dir=str(model_dir), prompt=["hello", "a"], max_new_tokens=5, temperature=0.0, top_k=0,
+                    top_p=1.0, seed=0, device="cpu", dtype="float32", tokenizer="byte", cuda_graph=False)
+    return argparse.Namespace(**{**defaults, **flags})
+
+
+@pytest.mark.parametrize("flags, named", [
+    ({"max_new_tokens": 0}, "--max-new-tokens"), ({"temperature": -1.0}, "--temperature"),
+    ({"top_k": -2}, "--top-k"), ({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
+], ids=["no-new-tokens", "negative-temperature", "negative-top-k", "top-p-0", "top-p-above-1"])
+def test_cli_rejects_meaningless_sampling_flags_naming_them(tmp_path, flags, named):
+    with pytest.raises(ValueError, match=named):
+        run(cli_args(tmp_path / "never-loaded", **flags))
+
+
+def test_cli_rejects_a_tokenizer_larger_than_the_model_vocabulary(tmp_path):
+    model, cfg = tiny_model(vocab=37)
+    save_pretrained(model, cfg, tmp_path / "m")
+    with pytest.raises(ValueError, match="more than the model's vocabulary"):
+        run(cli_args(tmp_path / "m"))  # the byte tokenizer has 257 tokens
+
+
 def test_cli_generates_text_and_reports_tokens_per_second(tmp_path, capsys):
     pytest.importorskip("ratpt.data.tokenizer")
     model, cfg = tiny_model(vocab=257)
     save_pretrained(model, cfg, tmp_path / "m")
-    args = argparse.Namespace(model_dir=str(tmp_path / "m"), prompt=["hello", "a"], max_new_tokens=5,
-                              temperature=0.0, top_k=0, top_p=1.0, seed=0, device="cpu", dtype="float32",
-                              tokenizer="byte", cuda_graph=False)
-    assert run(args) == 0
+    assert run(cli_args(tmp_path / "m")) == 0
     out = capsys.readouterr().out
     assert out.startswith("hello") and "tokens/s" in out
 

@@ -45,9 +45,15 @@ def test_overrides_win_over_yaml_and_interpolate_out_dir(tmp_path):
         (["model.d_model=100"], "head_dim"),
         (["train.steps"], "key=value"),
         (["train.compile_backend=cudagraphs"], "train.compile_backend must be inductor|aot_eager"),
+        (["optimizer.lr=inf"], "optimizer.lr"),
+        (["optimizer.eps=-1"], "optimizer.eps"),
+        (["optimizer.weight_decay=-5"], "optimizer.weight_decay"),
+        (["data.num_workers=-1"], "data.num_workers"),
+        (["eval.max_samples=0"], "eval.max_samples"),
     ],
     ids=["unknown-key", "wrong-type", "unknown-mixer", "batch-indivisible", "seq-vs-chunk",
-         "bad-schedule", "bad-betas", "width-vs-heads", "override-without-value", "bad-compile-backend"],
+         "bad-schedule", "bad-betas", "width-vs-heads", "override-without-value", "bad-compile-backend",
+         "infinite-lr", "negative-eps", "negative-weight-decay", "negative-workers", "no-validation-batch"],
 )
 def test_mistakes_raise_config_error_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
@@ -57,6 +63,16 @@ def test_mistakes_raise_config_error_naming_the_key(overrides, fragment):
 def test_empty_streams_is_an_error():
     with pytest.raises(ConfigError, match="data.streams"):
         load_config(None, [])
+
+
+@pytest.mark.parametrize("text, named", [("train:\n  steps: [3\n", "not valid YAML"),
+                                         ("- train\n- model\n", "mapping of sections")],
+                         ids=["syntax-error", "a-list"])
+def test_a_config_file_that_is_no_config_is_an_error_naming_it(tmp_path, text, named):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named):
+        load_config(path, STREAM)
 
 
 def test_missing_file_is_an_error(tmp_path):

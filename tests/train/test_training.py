@@ -171,3 +171,21 @@ def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, m
     monkeypatch.setattr(engine, "sum_cross_entropy", poisoned)
     with pytest.raises(trainer.TrainingDiverged, match="3 consecutive non-finite steps at step 6"):
         trainer.train(cfg)
+
+
+def test_a_validation_set_too_small_fails_before_the_first_step(tmp_path):
+    """Found when the validation batches are opened, before training, not at the first evaluation
+    (where up to eval.interval steps of training would be lost)."""
+    from data_prep.__main__ import main as data_prep_main
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(f'{{"text": "document {i} {"x" * 300}"}}\n' for i in range(40)))
+    data = tmp_path / "data"
+    assert data_prep_main(["tokenize", str(docs), "--out", str(data), "--tokenizer", "byte",
+                           "--val-fraction", "0.05"]) == 0
+    path, *overrides = small_run(data, tmp_path / "run", "eval.interval=2", "checkpoint.interval=1", "train.steps=3",
+                                 "data.seq_len=256")
+    cfg = load_config(path, overrides)
+    with pytest.raises(ValueError, match="fewer than one micro-batch"):
+        trainer.train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
