@@ -187,7 +187,8 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
              f"train.compile_backend must be {'|'.join(COMPILE_BACKENDS)}, got {t.compile_backend!r}")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
-    _require(d.num_workers >= 0, f"data.num_workers must be >= 0 (0: load in the training process), got {d.num_workers}")
+    _require(d.num_workers >= 0,
+             f"data.num_workers must be >= 0 (0: load in the training process), got {d.num_workers}")
     _require(d.shuffle_window >= 1, f"data.shuffle_window must be >= 1, got {d.shuffle_window}")
     if "rat" in cfg.model.mixers:
         _require(

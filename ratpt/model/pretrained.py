@@ -68,7 +68,10 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise FileNotFoundError(f"pretrained folder {folder} does not exist")
     weights = folder / WEIGHTS
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: a pretrained folder holds {CONFIG} and {WEIGHTS}")
+        hint = (f": {folder} is a training run or checkpoint; write a pretrained folder from it with "
+                f"`ratpt export {folder} --out DIR`" if (folder / "checkpoints").is_dir()
+                or (folder / "state.pt").is_file() else "")  # a run folder, or a checkpoint's (its state.pt)
+        raise FileNotFoundError(f"{weights} not found: a pretrained folder holds {CONFIG} and {WEIGHTS}{hint}")
     cfg = load_config(folder)
     model = build_model(cfg)
     state = load_file(str(weights), device=str(device))

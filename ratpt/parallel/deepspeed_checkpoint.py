@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from ratpt.train.checkpoint import (CONFIG_FILE, STATE_FILE, TOKENIZER_DIR, CheckpointError, checkpoint_name,
-                                    finish_checkpoint, resolve_checkpoint, start_checkpoint, temporary_dir)
+                                    finish_checkpoint, resolve_checkpoint, start_checkpoint, temporary_dir,
+                                    weights_only_loads)
 
 
 TAG = "deepspeed"  # DeepSpeed's checkpoint tag: its files live in step_XXXXXXXX/deepspeed/
@@ -67,10 +68,23 @@ def deepspeed_checkpoint_dir(path: Path) -> Path:
     return checkpoint
 
 
+def deepspeed_data_classes() -> list[type]:
+    """The data-only classes DeepSpeed pickles into its checkpoints besides tensors and containers, the
+    only ones their loading may construct: the enum of its ZeRO stage, and plain attribute holders (its
+    loss scaler, the dataclass of a parameter fragment's address) restored into bare instances, since
+    none defines __setstate__ or __reduce__."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
 def load_deepspeed_checkpoint(ds_engine, path: Path) -> dict[str, Any]:
     """Load model and optimizer through DeepSpeed's load_checkpoint; return the client state."""
     checkpoint = deepspeed_checkpoint_dir(path)
-    loaded, client_state = ds_engine.load_checkpoint(str(checkpoint), tag=TAG, load_lr_scheduler_states=False)
+    with weights_only_loads(deepspeed_data_classes()):
+        loaded, client_state = ds_engine.load_checkpoint(str(checkpoint), tag=TAG, load_lr_scheduler_states=False)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {checkpoint / TAG}")
     return client_state
@@ -83,7 +97,8 @@ def consolidate(path: Path, out: Path) -> Path:
 
     checkpoint = deepspeed_checkpoint_dir(path)
     step = torch.load(checkpoint / STATE_FILE, weights_only=True)["step"]
-    model = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    with weights_only_loads(deepspeed_data_classes()):
+        model = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
     final = out / checkpoint_name(step)
     if final.exists():
         raise FileExistsError(f"{final} exists: choose another output folder")

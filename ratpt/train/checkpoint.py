@@ -11,12 +11,13 @@ rank's shard files under `dist/`; its `state.pt` holds the rest (step, data posi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -101,6 +102,23 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
     return finish_checkpoint(start_checkpoint(directory, step), state, config_yaml, tokenizer_dir, keep)
+
+
+@contextlib.contextmanager
+def weights_only_loads(allowed: Iterable[type] = ()) -> Iterator[None]:
+    """Every torch.load inside, third-party ones that ask for weights_only=False included (DeepSpeed's
+    checkpoint loaders), unpickles only tensors, plain containers and the data-only `allowed` classes:
+    torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD, set for the duration."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            yield
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm import tqdm
 from torch.utils.checkpoint import checkpoint
@@ -24,7 +25,8 @@ from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
 from ratpt.parallel.data_parallel import DistributedContext, all_reduce_sum, init_distributed
 from ratpt.parallel.dist_checkpoint import DistributedCheckpointer, is_distributed, load_distributed
-from ratpt.train.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ratpt.train.checkpoint import (CONFIG_FILE, CheckpointError, latest_checkpoint, load_checkpoint,
+                                   resolve_checkpoint, save_checkpoint)
 from ratpt.train.engine import IGNORE_INDEX, LocalEngine, build_engine, sum_cross_entropy
 from ratpt.train.metrics import MetricsLogger, device_peak_tflops
 from ratpt.train.schedule import LRMultiplier
@@ -146,6 +148,7 @@ def train(cfg: Config) -> TrainResult:
     own_checkpoints = hasattr(engine, "save_checkpoint")  # DeepSpeed saves and loads through its own engine
     sharded = None if own_checkpoints else _distributed_checkpointer(cfg, engine)  # None: gathered checkpoints
     if resume_from is not None:
+        check_same_model(cfg, resume_from)
         if own_checkpoints:
             state = engine.load_checkpoint(resume_from)  # model and optimizer loaded; the rest returned
         else:
@@ -270,6 +273,25 @@ def _restore(engine, path: Path, device: torch.device) -> dict:
     else:
         engine.load_state_dict(state)
     return state
+
+
+# model keys a run may change when it resumes: the kernels' dispatch, and what only the initialisation reads
+RESUMABLE_MODEL_CHANGES = frozenset({"kernels", "init_std"})
+
+
+def check_same_model(cfg: Config, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint of another model, naming the keys that differ (a model's weights
+    would fail to load with a size mismatch, or, worse, load into a model they were not trained for)."""
+    saved_yaml = resolve_checkpoint(checkpoint) / CONFIG_FILE
+    if not saved_yaml.is_file():
+        return  # written before checkpoints carried their config: nothing to compare
+    saved = OmegaConf.to_container(OmegaConf.load(saved_yaml)).get("model", {})
+    current = OmegaConf.to_container(OmegaConf.structured(cfg).model)
+    changed = [f"model.{key}: {saved.get(key)!r} there, {value!r} here" for key, value in current.items()
+               if key not in RESUMABLE_MODEL_CHANGES and saved.get(key) != value]
+    if changed:
+        raise CheckpointError(f"{checkpoint} holds another model ({'; '.join(changed)}): resume with the model "
+                              "it was trained with, or start a new run (another out_dir, or checkpoint.resume=never)")
 
 
 def _resume_path(cfg: Config, ckpt_dir: Path) -> Optional[Path]:

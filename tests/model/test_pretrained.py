@@ -39,6 +39,9 @@ def test_missing_folder_and_missing_weights_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         ratpt.load_pretrained(tmp_path / "empty")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="ratpt export"):
+        ratpt.load_pretrained(tmp_path / "run")
 
 
 def test_config_that_disagrees_with_the_weights_is_an_error(tmp_path):

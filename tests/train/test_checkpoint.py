@@ -1,4 +1,6 @@
 """Checkpoints are atomic, pruned to the newest K, and never unpickle code."""
+import os
+
 import pytest
 import torch
 
@@ -46,6 +48,24 @@ def test_loading_refuses_pickled_code(tmp_path):
     torch.save({"evil": _Payload()}, target / ckpt.STATE_FILE)
     with pytest.raises(ckpt.CheckpointError, match="state.pt"):
         ckpt.load_checkpoint(target)
+
+
+def test_third_party_loads_asking_for_pickle_are_weights_only_inside_the_guard(tmp_path, capsys):
+    """DeepSpeed's loaders call torch.load(weights_only=False); ratpt runs them under weights_only_loads."""
+    path = tmp_path / "partition.pt"
+    torch.save({"w": torch.ones(2), "evil": _Payload()}, path)
+    with ckpt.weights_only_loads(), pytest.raises(Exception, match="Unsupported global"):
+        torch.load(path, weights_only=False)
+    assert "arbitrary code ran" not in capsys.readouterr().out
+    torch.save({"w": torch.ones(2), "allowed": _Data(3)}, path)
+    with ckpt.weights_only_loads([_Data]):
+        assert torch.load(path, weights_only=False)["allowed"].value == 3
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+class _Data:
+    def __init__(self, value):
+        self.value = value
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):

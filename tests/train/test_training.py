@@ -189,3 +189,11 @@ def test_a_validation_set_too_small_fails_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match="fewer than one micro-batch"):
         trainer.train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resuming_with_another_model_is_refused_naming_the_keys(byte_data, tmp_path):
+    first = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=2"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=4", "model.n_layers=3"))
+    assert other.returncode == 2 and "model.n_layers: 2 there, 3 here" in other.stderr, other.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
