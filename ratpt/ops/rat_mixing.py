@@ -15,6 +15,7 @@ always the reference; "triton" = always the kernels.
 import torch
 
 from kernels.autograd import split_projection
+from kernels.common import interpreting
 from ratpt.ops.chunk_scan import chunk_scan, forget_gate
 from ratpt.ops.inter_chunk_attention import inter_chunk_attention
 from ratpt.ops.rope import apply_rope, rope_cos_sin
@@ -43,6 +44,10 @@ def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) ->
         if not supports(chunk_size, head_dim):
             raise ValueError(f"the Triton kernels need chunk_size a power of two <= 128 and head_dim in "
                              f"(32, 64, 128); got chunk_size={chunk_size}, head_dim={head_dim}")
+        if not x.is_cuda and not interpreting():
+            raise ValueError("model.kernels=triton runs the Triton kernels, which need the tensors on a CUDA GPU "
+                             f"(these are on {x.device}; TRITON_INTERPRET=1 runs them in the Triton interpreter, "
+                             "slowly): use model.kernels=auto or torch")
         return True
     return x.is_cuda and x.dtype != torch.float64 and supports(chunk_size, head_dim)
 

@@ -143,4 +143,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         return torch.load(checkpoint / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as err:  # a truncated or foreign file: name it rather than dump a traceback
-        raise CheckpointError(f"cannot read {checkpoint / STATE_FILE}: {err}") from err
+        older = [p for p in list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
+        fallback = (f"; the checkpoint before it, {older[-1]}, can be resumed with checkpoint.resume={older[-1]}"
+                    if older else "")
+        raise CheckpointError(f"cannot read {checkpoint / STATE_FILE} (corrupt, truncated, or not a ratpt "
+                              f"checkpoint: {' '.join(str(err).split())[:300]}){fallback}") from err

@@ -84,15 +84,18 @@ def test_triton_mixing_equals_reference_output_and_gradients(shape, deterministi
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_dispatch_picks_reference_on_cpu_and_rejects_unknown_backends():
+def test_dispatch_picks_reference_on_cpu_and_rejects_unknown_backends(monkeypatch):
     v = torch.zeros(1, 4, 8)
     assert not use_triton("auto", v, 16, 64)
     assert not use_triton("torch", v, 16, 64)
-    assert use_triton("triton", v, 16, 64)
+    assert use_triton("triton", v, 16, 64)  # on CPU in the interpreter only, which the tests run under
     with pytest.raises(ValueError, match="power of two"):
         use_triton("triton", v, 12, 64)
     with pytest.raises(ValueError, match="kernels must be"):
         use_triton("cuda", v, 16, 64)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need the tensors on a CUDA GPU"):
+        use_triton("triton", v, 16, 64)
 
 
 def twin_rat_layers() -> dict:

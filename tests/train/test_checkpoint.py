@@ -68,6 +68,14 @@ class _Data:
         self.value = value
 
 
+def test_a_corrupt_checkpoint_is_named_with_the_one_before_it(tmp_path):
+    _save(tmp_path, 10)
+    newest = _save(tmp_path, 20)
+    (newest / ckpt.STATE_FILE).write_bytes(b"\x80\x02 not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match=r"corrupt, truncated.*checkpoint.resume=.*step_00000010"):
+        ckpt.load_checkpoint(newest)
+
+
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=str(tmp_path)):
         ckpt.load_checkpoint(tmp_path / "nothing")
