@@ -34,10 +34,30 @@ class OpenStream:
     packed: PackedStream
 
 
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two tokenizer records (DIR/tokenizer/meta.json) describe the same token ids."""
+    return all(a.get(k) == b.get(k) for k in ("kind", "vocab_size", "eos_id", "sha256"))
+
+
+def check_trained_tokenizer(checkpoint: str, streams: list[StreamConfig], vocab_size: int) -> None:
+    """The streams hold the tokens of the tokenizer `checkpoint` was trained on (its tokenizer/ copy):
+    evaluating or resuming on another tokenizer's ids would run without an error and mean nothing."""
+    try:
+        trained = read_meta(checkpoint, None)
+    except FileNotFoundError:
+        return  # a checkpoint written without a tokenizer record: nothing to compare
+    data = check_tokenizers(streams, vocab_size)
+    if not same_tokenizer(trained, data):
+        raise ValueError(
+            f"{checkpoint} was trained on {trained['name']!r} tokens (vocab {trained['vocab_size']}), but stream "
+            f"{data['stream']} holds {data['name']!r} tokens (vocab {data['vocab_size']}): use data tokenized "
+            f"with the checkpoint's tokenizer (data_prep tokenize --tokenizer {checkpoint}/tokenizer ...)"
+        )
+
+
 def check_tokenizers(streams: list[StreamConfig], vocab_size: int) -> dict[str, Any]:
     """The one tokenizer all streams share; a `ValueError` naming the stream and the fix otherwise."""
     first: dict[str, Any] | None = None
-    keys = ("kind", "vocab_size", "eos_id", "sha256")
     for s in streams:
         try:
             meta = read_meta(s.path, s.local)
@@ -51,7 +71,7 @@ def check_tokenizers(streams: list[StreamConfig], vocab_size: int) -> dict[str, 
             )
         if first is None:
             first = meta | {"stream": s.path}
-        elif any(meta.get(k) != first.get(k) for k in keys):
+        elif not same_tokenizer(meta, first):
             raise ValueError(
                 f"streams {first['stream']} ({first['name']!r}) and {s.path} ({meta['name']!r}) were tokenized with "
                 "different tokenizers: re-run data_prep on one of them with the other's --tokenizer "

@@ -29,7 +29,7 @@ DOWNLOAD_TIMEOUT_S = 300.0  # per file fetched from a remote dataset
 
 
 class CorruptShardError(RuntimeError):
-    """A shard's size or hash differs from its index.json entry."""
+    """A shard's size or hash differs from its index.json entry, or a split's files cannot be read."""
 
 
 def is_remote(path: str) -> bool:
@@ -69,7 +69,12 @@ class ShardedDocuments:
     def __init__(self, path: str, split: str, local: str | None = None, verify: bool = True) -> None:
         self.path, self.split, self.local, self.verify = path, split, local, verify
         self.index_file = fetch(path, local, f"{split}/{INDEX_FILE}")
-        self.doc_tokens = np.load(fetch(path, local, f"{split}/{DOC_TOKENS_FILE}"), mmap_mode="r")
+        doc_tokens = fetch(path, local, f"{split}/{DOC_TOKENS_FILE}")
+        try:
+            self.doc_tokens = np.load(doc_tokens, mmap_mode="r")
+        except (ValueError, OSError) as err:  # numpy's "EOF: reading array header" names no file
+            raise CorruptShardError(f"{doc_tokens} cannot be read ({err}): it is truncated or corrupt; re-run "
+                                    "data_prep tokenize into a new folder") from None
         remote = path if local is not None else None
         self.stream = streaming.Stream(remote=remote, local=local or path, split=split)
         self.stream.apply_default(

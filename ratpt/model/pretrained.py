@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ratpt.model.config import ModelConfig, validate_model_config
@@ -74,7 +75,10 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise FileNotFoundError(f"{weights} not found: a pretrained folder holds {CONFIG} and {WEIGHTS}{hint}")
     cfg = load_config(folder)
     model = build_model(cfg)
-    state = load_file(str(weights), device=str(device))
+    try:
+        state = load_file(str(weights), device=str(device))
+    except SafetensorError as err:
+        raise ValueError(f"{weights} cannot be read ({err}): it is truncated or corrupt; export it again") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -79,12 +79,14 @@ def load_trained_model(checkpoint: Path, cfg: Config):
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ratpt.data.dataset import check_trained_tokenizer
     from ratpt.parallel.data_parallel import init_distributed
     from ratpt.train.trainer import evaluate
 
     checkpoint = Path(args.checkpoint)
     cfg = checkpoint_config(checkpoint, args.overrides)
     ctx = init_distributed(cfg.train.device)
+    check_trained_tokenizer(str(resolve_checkpoint(checkpoint)), cfg.data.streams, cfg.model.vocab_size)
     model = load_trained_model(checkpoint, cfg).to(ctx.device)
     loss = evaluate(model, cfg, ctx)
     print(f"val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | {cfg.eval.max_samples} sequences")

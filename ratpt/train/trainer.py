@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ratpt.config import Config, data_parallel_size, to_yaml, validate_config
 from ratpt.data import build_train_batches, build_val_batches
+from ratpt.data.dataset import check_trained_tokenizer
 from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
 from ratpt.parallel.data_parallel import DistributedContext, all_reduce_sum, init_distributed
@@ -149,6 +150,7 @@ def train(cfg: Config) -> TrainResult:
     sharded = None if own_checkpoints else _distributed_checkpointer(cfg, engine)  # None: gathered checkpoints
     if resume_from is not None:
         check_same_model(cfg, resume_from)
+        check_trained_tokenizer(str(resolve_checkpoint(resume_from)), cfg.data.streams, cfg.model.vocab_size)
         if own_checkpoints:
             state = engine.load_checkpoint(resume_from)  # model and optimizer loaded; the rest returned
         else:

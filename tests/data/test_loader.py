@@ -226,6 +226,14 @@ def test_corrupt_shard_is_an_error_naming_the_file(tmp_path, damage):
         next(iter(train(data_config(out))))
 
 
+def test_a_truncated_document_table_is_an_error_naming_the_file(tmp_path):
+    out = prepare([str(write_jsonl(tmp_path / "a.jsonl", make_documents(20, seed=9)))], tmp_path / "out")
+    table = out / "train" / "doc_tokens.npy"
+    table.write_bytes(table.read_bytes()[:40])
+    with pytest.raises(CorruptShardError, match=str(table)):
+        next(iter(train(data_config(out))))
+
+
 def test_resume_on_different_data_or_seed_is_a_clear_error(corpus, tmp_path):
     state = train(data_config(corpus[1])).state_dict()
     with pytest.raises(ValueError, match="different data"):

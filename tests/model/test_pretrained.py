@@ -62,3 +62,12 @@ def test_unknown_config_key_is_an_error(tmp_path):
     OmegaConf.save(conf, tmp_path / "m" / "config.yaml")
     with pytest.raises(ValueError, match="n_heads"):
         ratpt.load_pretrained(tmp_path / "m")
+
+
+def test_truncated_weights_are_an_error_naming_the_file(tmp_path):
+    cfg = tiny_cfg()
+    save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(ValueError, match="model.safetensors cannot be read"):
+        ratpt.load_pretrained(tmp_path / "m")

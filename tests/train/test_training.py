@@ -197,3 +197,20 @@ def test_resuming_with_another_model_is_refused_naming_the_keys(byte_data, tmp_p
     other = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=4", "model.n_layers=3"))
     assert other.returncode == 2 and "model.n_layers: 2 there, 3 here" in other.stderr, other.stderr[-2000:]
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
+
+
+def test_eval_and_resume_on_another_tokenizers_data_are_refused(byte_data, tmp_path):
+    import json
+    import shutil
+
+    run = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=2"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    other = tmp_path / "other"  # the same shards under another tokenizer's record
+    shutil.copytree(byte_data, other)
+    meta_file = other / "tokenizer" / "meta.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "name": "bpe", "kind": "hf"}))
+    stream = f"data.streams=[{{path: {other}}}]"
+    evaluated = ratpt("eval", str(tmp_path / "run"), stream)
+    resumed = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=4"), stream)
+    for done in (evaluated, resumed):
+        assert done.returncode == 2 and "was trained on 'byte' tokens" in done.stderr, done.stderr[-2000:]
