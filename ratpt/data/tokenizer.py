@@ -97,7 +97,11 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as _HF
 
         self.path = Path(path)
-        self._tok = _HF.from_file(str(self.path))
+        try:
+            self._tok = _HF.from_file(str(self.path))
+        except Exception as err:  # the Rust parser's error names neither the file nor the kind of file
+            raise ValueError(f"{self.path} is not a Hugging Face tokenizers JSON file ({err}); pass one written by "
+                             "data_prep train-tokenizer or a tokenizer.json of a Hugging Face model") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = eos_id if eos_id is not None else self._find_eos()
         self.name = name or _default_name(self.path)

@@ -77,3 +77,6 @@ def test_unknown_spec_is_a_clear_error(tmp_path):
     (tmp_path / "vocab.txt").write_text("x")
     with pytest.raises(ValueError, match="unknown tokenizer file type"):
         load_tokenizer(tmp_path / "vocab.txt")
+    (tmp_path / "broken.json").write_text('{"model": ')
+    with pytest.raises(ValueError, match="broken.json is not a Hugging Face tokenizers JSON file"):
+        load_tokenizer(tmp_path / "broken.json")
