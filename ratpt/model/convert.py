@@ -17,6 +17,7 @@ which attention layers are windowed, W) comes from flags; everything else is inf
 every tensor is checked against the resulting config.
 """
 import argparse
+import pickle
 import re
 from pathlib import Path
 
@@ -37,11 +38,13 @@ def load_reference_state(path: str, allow_pickle: bool = False) -> dict[str, tor
         raise FileNotFoundError(f"reference checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as err:  # torch raises UnpicklingError and others for non-tensor payloads
-        if allow_pickle:
-            raise
-        raise ValueError(f"{path} holds objects other than tensors and containers; if you trust "
-                         f"the file, pass --allow-pickle ({type(err).__name__}: {err})") from err
+    except Exception as err:
+        # the weights-only unpickler names a global it does not allow; anything else is no checkpoint
+        if not allow_pickle and isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise ValueError(f"{path} holds objects other than tensors and containers; if you trust the file, "
+                             f"pass --allow-pickle ({' '.join(str(err).split())[:300]})") from err
+        raise ValueError(f"{path} cannot be read as a PyTorch checkpoint ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:300]}): is it truncated, or not a checkpoint?") from err
     if not isinstance(ckpt, dict) or "task" not in ckpt:
         raise ValueError(f"{path} is not a reference checkpoint: expected a dict with key 'task'")
     return {key.replace(_PREFIX, ""): value for key, value in ckpt["task"].items()}

@@ -83,3 +83,7 @@ def test_missing_file_and_non_reference_payloads_are_clear(tmp_path):
     with pytest.raises(ValueError, match="--allow-pickle"):
         load_reference_state(str(tmp_path / "pickled.pt"))
     assert load_reference_state(str(tmp_path / "pickled.pt"), allow_pickle=True) == {}
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    for allow_pickle in (False, True):  # no checkpoint at all: no advice to unpickle it
+        with pytest.raises(ValueError, match="cannot be read as a PyTorch checkpoint"):
+            load_reference_state(str(tmp_path / "garbage.pt"), allow_pickle=allow_pickle)
