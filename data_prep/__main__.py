@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument(
         "--val-fraction", type=float, default=0.01, help="share of documents (chosen by a hash of their text) put in val/"
     )
-    tok.add_argument("--shard-size-limit", default="64mb", help="MDS shard size limit before compression, e.g. 64mb")
+    tok.add_argument("--shard-size-limit", default="64mb", type=shard_size,
+                     help="MDS shard size limit before compression, e.g. 64mb")
     tok.add_argument("--compression", choices=["none", "zstd"], default="none", help="compress shards (MDS zstd)")
     tok.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     again = tok.add_mutually_exclusive_group()
@@ -67,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="PATH", help="a .json file path, or a folder for tokenizer.json")
     train.add_argument("--text-field", default="text", help="JSON key / parquet column that holds the text")
     return parser
+
+
+def shard_size(text: str) -> str:
+    """--shard-size-limit in MDS's size syntax, checked when the arguments are parsed: before any output
+    folder is claimed (a bad value found by the shard writer left one behind)."""
+    from ratpt.data.streaming_import import streaming
+
+    try:
+        streaming.base.util.bytes_to_int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,6 +182,14 @@ def test_train_tokenizer_rejects_a_vocabulary_smaller_than_the_bytes(tmp_path, c
     assert "--vocab-size must be at least 257" in caplog.text and not (tmp_path / "tok").exists()
 
 
+def test_a_bad_shard_size_is_rejected_before_any_output(tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", make_documents(5, seed=6))
+    with pytest.raises(SystemExit):
+        data_prep_main(["tokenize", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"),
+                        "--shard-size-limit", "lots"])
+    assert "--shard-size-limit" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         data_prep_main(["tokenize", "--help"])
