@@ -37,10 +37,9 @@ def row_blocks(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
 def summary_blocks(summaries: torch.Tensor, rows: int) -> TensorDescriptor:
     """row_blocks of summaries [B, H, CS, d] as [B·H, CS, d]. A sequence shorter than one chunk has no
     summaries (CS 0), which no descriptor can describe: it gets one row of zeros, never read."""
-    B, H, CS, d = summaries.shape
-    if CS == 0:
-        summaries = summaries.new_zeros(B, H, 1, d)
-    return row_blocks(summaries.reshape(B * H, max(CS, 1), d), rows, d)
+    if summaries.shape[2] == 0:
+        summaries = summaries.new_zeros(*summaries.shape[:2], 1, summaries.shape[3])
+    return row_blocks(summaries.flatten(0, 1), rows, summaries.shape[3])
 
 
 @triton.jit

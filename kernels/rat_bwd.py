@@ -256,6 +256,8 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
     g2 = tl.zeros([NCH, HALF], tl.float32)
     db1 = tl.zeros([HALF], tl.float32)
     db2 = tl.zeros([HALF], tl.float32)
+    # dq̂ is per group: the group's first head (h < G) rotates it back, the group sum adds it once
+    first_head = (chunks * 0 + pid_bh % H) < G  # a tensor: the interpreter masks no scalar
     for i in range(L):
         rows = chunks * L + (L - 1 - i)
         rmask = rows < T
@@ -276,9 +278,8 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
         p_own = tl.exp2((tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale - lse)
         ds_own = tl.where(rmask, p_own * (tl.sum(dy1 * vs1, 1) + tl.sum(dy2 * vs2, 1) - delta) * scale, 0.0)
         p_own = tl.where(rmask, p_own, 0.0)
-        # dq̂ is per group: the group's first head (h < G) rotates it back, the group sum adds it once
         dqr = dqr_ptr + (b64 * T + rows[:, None]) * (G * D_HEAD) + kc[None, :]
-        group_mask = (rmask & (rows * 0 + pid_bh % H < G))[:, None]  # a tensor: the interpreter masks no scalar
+        group_mask = (rmask & first_head)[:, None]
         dqr1 = tl.load(dqr, mask=group_mask, other=0.0)
         dqr2 = tl.load(dqr + HALF, mask=group_mask, other=0.0)
         tl.store(dq_ptr + st, ((dqr1 * cos + dqr2 * sin) * scale + ds_own[:, None] * ks1).to(DQT), mask=mask)

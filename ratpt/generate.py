@@ -156,12 +156,12 @@ def run(args: argparse.Namespace) -> int:
 
     check_sampling(args)
 
-    model, _ = load_pretrained(args.model_dir, device=args.device)
+    model, cfg = load_pretrained(args.model_dir, device=args.device)
     model = model.to(getattr(torch, args.dtype)).eval()
     tokenizer = load_tokenizer(args.tokenizer or f"{args.model_dir}/tokenizer")
-    if tokenizer.vocab_size > model.cfg.vocab_size:
+    if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
-                         f"({model.cfg.vocab_size}): pass the tokenizer the model was trained with (--tokenizer)")
+                         f"({cfg.vocab_size}): pass the tokenizer the model was trained with (--tokenizer)")
     prompts = [tokenizer.encode(text) for text in args.prompt]
     start = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k,

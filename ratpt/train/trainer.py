@@ -149,8 +149,9 @@ def train(cfg: Config) -> TrainResult:
     own_checkpoints = hasattr(engine, "save_checkpoint")  # DeepSpeed saves and loads through its own engine
     sharded = None if own_checkpoints else _distributed_checkpointer(cfg, engine)  # None: gathered checkpoints
     if resume_from is not None:
-        check_same_model(cfg, resume_from)
-        check_trained_tokenizer(str(resolve_checkpoint(resume_from)), cfg.data.streams, cfg.model.vocab_size)
+        checkpoint = resolve_checkpoint(resume_from)
+        check_same_model(cfg, checkpoint)
+        check_trained_tokenizer(str(checkpoint), cfg.data.streams, cfg.model.vocab_size)
         if own_checkpoints:
             state = engine.load_checkpoint(resume_from)  # model and optimizer loaded; the rest returned
         else:
@@ -282,9 +283,10 @@ RESUMABLE_MODEL_CHANGES = frozenset({"kernels", "init_std"})
 
 
 def check_same_model(cfg: Config, checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint of another model, naming the keys that differ (a model's weights
-    would fail to load with a size mismatch, or, worse, load into a model they were not trained for)."""
-    saved_yaml = resolve_checkpoint(checkpoint) / CONFIG_FILE
+    """Refuse to resume the checkpoint directory `checkpoint` if it holds another model, naming the keys
+    that differ (its weights would fail to load with a size mismatch, or, worse, load into a model they
+    were not trained for)."""
+    saved_yaml = checkpoint / CONFIG_FILE
     if not saved_yaml.is_file():
         return  # written before checkpoints carried their config: nothing to compare
     saved = OmegaConf.to_container(OmegaConf.load(saved_yaml)).get("model", {})
