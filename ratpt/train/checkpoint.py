@@ -42,7 +42,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(directory: Path) -> Optional[Path]:
@@ -51,10 +51,19 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
 
 
 def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+    """Flush every file and directory under `root` (and `root`), so that a rename of it that reaches
+    the disk cannot expose entries that did not."""
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:
+        if path.is_file() or path.is_dir():
+            _fsync_path(path)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def temporary_dir(directory: Path, step: int) -> Path:
@@ -76,20 +85,31 @@ def finish_checkpoint(
     tmp: Path, state: dict[str, Any], config_yaml: str, tokenizer_dir: Optional[Path], keep: int
 ) -> Path:
     """Add state, config and tokenizer to `tmp`, flush it to disk, rename it into place, and delete
-    all but the newest `keep` checkpoints."""
+    the oldest others until `keep` remain; the one just written is never among them, even when older
+    steps were resumed from and newer ones lie beside it."""
     torch.save(state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(config_yaml)
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
     _fsync_tree(tmp)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    replaced = final.with_name(final.name + ".old.tmp")  # a same-step checkpoint: moved aside, not deleted first
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, replaced)
     os.replace(tmp, final)
-    for old in list_checkpoints(tmp.parent)[:-keep]:
+    _fsync_path(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
+    others = [p for p in list_checkpoints(final.parent) if p != final]
+    for old in others[:max(len(others) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("saved checkpoint %s", final)
     return final
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step in a `step_XXXXXXXX` directory's name, or None for a directory named otherwise."""
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
 
 
 def save_checkpoint(

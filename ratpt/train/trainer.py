@@ -26,8 +26,8 @@ from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
 from ratpt.parallel.data_parallel import DistributedContext, all_reduce_sum, init_distributed
 from ratpt.parallel.dist_checkpoint import DistributedCheckpointer, is_distributed, load_distributed
-from ratpt.train.checkpoint import (CONFIG_FILE, CheckpointError, latest_checkpoint, load_checkpoint,
-                                   resolve_checkpoint, save_checkpoint)
+from ratpt.train.checkpoint import (CONFIG_FILE, CheckpointError, checkpoint_step, latest_checkpoint,
+                                   list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint)
 from ratpt.train.engine import IGNORE_INDEX, LocalEngine, build_engine, sum_cross_entropy
 from ratpt.train.metrics import MetricsLogger, device_peak_tflops
 from ratpt.train.schedule import LRMultiplier
@@ -125,6 +125,14 @@ def _step_batches(batches: Iterator[dict], n: int) -> list[dict]:
 
 
 def train(cfg: Config) -> TrainResult:
+    stop = StopRequest()  # first: a stop signal during start-up (build, resume, data) is kept, not lost
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     ctx = init_distributed(cfg.train.device)
     validate_config(cfg, dp_size=data_parallel_size(cfg, ctx.world_size))
     out_dir = Path(cfg.out_dir)
@@ -177,7 +185,6 @@ def train(cfg: Config) -> TrainResult:
         cfg.logging.tensorboard, enabled=ctx.is_main,
     )
     metrics.log_config(config_yaml)
-    stop = StopRequest()
     losses: list[float] = []
     val_loss: Optional[float] = None
     last_checkpoint: Optional[Path] = None
@@ -225,9 +232,11 @@ def train(cfg: Config) -> TrainResult:
             log.warning("step %d: non-finite loss %s / grad norm %s; step skipped (%d in a row)",
                         step + 1, loss, grad_norm, bad_in_a_row)
             if bad_in_a_row >= cfg.train.max_bad_steps:
+                if sharded is not None:
+                    sharded.wait()  # every rank diverges together: the save in flight still completes
                 raise TrainingDiverged(
                     f"{bad_in_a_row} consecutive non-finite steps at step {step + 1}: lower optimizer.lr, "
-                    f"check the data, or resume from an earlier checkpoint in {ckpt_dir}"
+                    f"check the data, or go back to an earlier checkpoint (checkpoint.resume=PATH, the newer ones moved out of {ckpt_dir})"
                 )
         step += 1
         losses.append(loss)
@@ -235,24 +244,23 @@ def train(cfg: Config) -> TrainResult:
 
         if step % cfg.logging.interval == 0 or step == cfg.train.steps:
             metrics.flush(step, lr, grad_norm, skipped, ctx.device)
+        if sharded is not None:
+            sharded.poll()  # a background save that every rank has written becomes visible
+        if stop.agreed(ctx.device) and step < cfg.train.steps:  # before evaluating: the time left goes to saving
+            last_checkpoint = save(step)
+            stopped_early = True
+            break
         if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
             val_sum, val_tokens = engine.evaluate(_with_progress(val_batches, engine.dp_rank))
             val_loss = val_sum / max(val_tokens, 1.0)
             metrics.scalars(step, {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
             if ctx.is_main:
                 log.info("step %d | val loss %.4f | val ppl %.2f", step, val_loss, math.exp(min(val_loss, 50)))
-        if sharded is not None:
-            sharded.poll()  # a background save that every rank has written becomes visible
-        if stop.agreed(ctx.device):
-            last_checkpoint = save(step)
-            stopped_early = step < cfg.train.steps
-            break
         if step == cfg.train.steps or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
             last_checkpoint = save(step)
 
     if sharded is not None:
         sharded.wait()  # the last checkpoint is complete when training returns
-    stop.restore()
     metrics.close()
     return TrainResult(step, losses, val_loss, last_checkpoint, stopped_early)
 
@@ -303,4 +311,19 @@ def _resume_path(cfg: Config, ckpt_dir: Path) -> Optional[Path]:
         return None
     if cfg.checkpoint.resume == "auto":
         return latest_checkpoint(ckpt_dir)
-    return Path(cfg.checkpoint.resume)
+    path = Path(cfg.checkpoint.resume)
+    check_no_newer_checkpoints(path, ckpt_dir)
+    return path
+
+
+def check_no_newer_checkpoints(resume: Path, ckpt_dir: Path) -> None:
+    """Refuse an explicit resume into a run folder that holds checkpoints newer than it (going back
+    after a divergence, say): the run's checkpoints would interleave two histories, and a requeued job
+    with the same arguments would go back again and lose what it trained since."""
+    step = checkpoint_step(resolve_checkpoint(resume))
+    newer = [p.name for p in list_checkpoints(ckpt_dir) if step is not None and checkpoint_step(p) > step]
+    if newer:
+        raise CheckpointError(
+            f"checkpoint.resume={resume} is step {step}, but {ckpt_dir} holds newer checkpoints "
+            f"({', '.join(newer)}): move those out of {ckpt_dir} (or write to another out_dir) to go back to "
+            f"step {step}, or set checkpoint.resume=auto to continue from the newest")

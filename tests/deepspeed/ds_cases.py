@@ -12,6 +12,9 @@ with clipping active, and checks:
     loss, grad norm   every step: relative difference <= 1e-5
     parameters        after the last step, the full fp32 weights DeepSpeed holds (gathered from its
                       ZeRO partitions): rtol 1e-4, atol 1e-6 (the lr is 1e-2: 1e-4 of one step)
+With precision=bf16 (bf16 weights and compute, fp32 masters): loss within 2e-3 and grad norm within 2e-2
+relative every step, and the masters' total update over the steps within 5% (norm-wise) of fp32
+training's update, so an optimizer that does not step, or steps wrongly, fails.
 `skip` makes step 2 non-finite (NaN activations): both skip it, and the rest must still match.
 `resume` trains 2 steps, saves through DeepSpeed, trains 2 more; a fresh engine (other init) loads
 the checkpoint and must repeat those 2 losses bit for bit. `consolidate` checks that zero_to_fp32
@@ -106,6 +109,7 @@ def check_equal(name: str, spec: str, ctx) -> None:
     cfg = config(spec)
     torch.manual_seed(0)
     reference = LocalEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
+    initial = {pname: p.detach().cpu().clone() for pname, p in reference.model.named_parameters()}
     torch.manual_seed(0)
     model = build_model(cfg.model).to(ctx.device)
     if name.startswith("recompute"):  # the trainer's activation checkpointing, under ZeRO's hooks
@@ -126,14 +130,21 @@ def check_equal(name: str, spec: str, ctx) -> None:
             assert not math.isfinite(loss) and not math.isfinite(norm), (name, loss, norm)
             continue
         clipped += ref_norm > cfg.optimizer.grad_clip
-        if bf16:  # bf16 weights and compute: close, not equal
-            assert close(loss, ref_loss, 2e-2), (name, step, "loss", loss, ref_loss)
+        if bf16:  # bf16 weights and compute: close, not equal (seen: loss 3e-5, grad norm 2e-3)
+            assert close(loss, ref_loss, 2e-3), (name, step, "loss", loss, ref_loss)
+            assert close(norm, ref_norm, 2e-2), (name, step, "grad norm", norm, ref_norm)
             continue
         assert close(loss, ref_loss), (name, step, "loss", loss, ref_loss)
         assert close(norm, ref_norm), (name, step, "grad norm", norm, ref_norm)
     assert clipped, "the check should exercise clipping"
-    if not bf16:
-        ref = dict(reference.model.named_parameters())
+    ref = dict(reference.model.named_parameters())
+    if bf16:  # the fp32 masters' total update against fp32 training's, norm-wise (seen: 1.6%)
+        updates = [(value - initial[pname], ref[pname].detach().cpu() - initial[pname])
+                   for pname, value in full_params(engine).items()]
+        off = torch.cat([(mine - theirs).flatten() for mine, theirs in updates]).norm()
+        size = torch.cat([theirs.flatten() for _, theirs in updates]).norm()
+        assert off <= 5e-2 * size, (name, "the weights' update differs from fp32 training's by", float(off / size))
+    else:
         for pname, value in full_params(engine).items():
             torch.testing.assert_close(value, ref[pname].detach().cpu(), rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"{name} parameter {pname} after {STEPS} steps: {m}")

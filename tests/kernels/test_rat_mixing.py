@@ -88,7 +88,10 @@ def test_dispatch_picks_reference_on_cpu_and_rejects_unknown_backends(monkeypatc
     v = torch.zeros(1, 4, 8)
     assert not use_triton("auto", v, 16, 64)
     assert not use_triton("torch", v, 16, 64)
-    assert use_triton("triton", v, 16, 64)  # on CPU in the interpreter only, which the tests run under
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # on CPU tensors only in the interpreter (also on a CUDA machine)
+    assert use_triton("triton", v, 16, 64)
+    if torch.cuda.is_available():
+        assert use_triton("auto", v.cuda(), 16, 64) and not use_triton("auto", v.cuda().double(), 16, 64)
     with pytest.raises(ValueError, match="power of two"):
         use_triton("triton", v, 12, 64)
     with pytest.raises(ValueError, match="kernels must be"):

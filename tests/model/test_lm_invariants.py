@@ -128,13 +128,17 @@ def test_gradients_reach_every_parameter(mixers, ffn):
 
 
 def test_forward_under_bf16_autocast_gives_bf16_logits():
-    cfg = ModelConfig(vocab_size=37, d_model=16, n_layers=2, head_dim=4, chunk_size=4, mixers=["rat", "swa"], window=3)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=37, d_model=16, n_layers=2, head_dim=4, chunk_size=4, mixers=["rat", "swa"], window=3,
+                      init_std=0.3)  # logits of order 1, so that the bound below is about the layers, not the head
     model = build_model(cfg)
     tokens = torch.randint(0, 37, (2, 10))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(tokens)
     assert logits.dtype == torch.bfloat16 and logits.shape == (2, 10, 37)
-    torch.testing.assert_close(logits.float(), model(tokens), rtol=0.1, atol=0.1)
+    want = model(tokens)
+    # bf16 keeps 8 bits of mantissa: a few roundings per layer stay well inside 2% of the logits' norm
+    assert (logits.float() - want).norm() <= 2e-2 * want.norm()
 
 
 def test_hidden_states_then_logits_equals_forward():

@@ -19,6 +19,25 @@ def test_newest_complete_checkpoint_is_found_and_old_ones_pruned(tmp_path):
     assert ckpt.load_checkpoint(tmp_path)["step"] == 40
 
 
+def test_a_checkpoint_older_than_the_kept_ones_survives_its_own_pruning(tmp_path):
+    """Saving step 600 beside 800, 900, 1000 (a run gone back to an earlier step): the oldest of the
+    others goes, never the one just written."""
+    for step in (800, 900, 1000):
+        _save(tmp_path, step)
+    written = _save(tmp_path, 600)
+    assert written.is_dir() and ckpt.load_checkpoint(written)["step"] == 600
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000600", "step_00000900", "step_00001000"]
+    _save(tmp_path, 700, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000700"]
+
+
+def test_a_same_step_save_replaces_the_old_one_whole(tmp_path):
+    _save(tmp_path, 10)
+    ckpt.save_checkpoint(tmp_path, 10, {"step": 10, "w": torch.zeros(2)}, "name: t\n", None, 3)
+    assert ckpt.load_checkpoint(tmp_path)["w"].tolist() == [0.0, 0.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010"]
+
+
 def test_a_save_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     _save(tmp_path, 10)
 

@@ -173,6 +173,34 @@ def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, m
         trainer.train(cfg)
 
 
+def test_a_stop_signal_during_start_up_checkpoints_after_the_first_step(byte_data, tmp_path, monkeypatch):
+    """SLURM's warning signal can come while the model is built or the data opened: it is kept."""
+    cfg = in_process_config(byte_data, tmp_path, "train.steps=6")
+    real = trainer.build_model
+
+    def build_then_signalled(model_cfg):
+        model = real(model_cfg)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_then_signalled)
+    handler_before = signal.getsignal(signal.SIGUSR1)
+    result = trainer.train(cfg)
+    assert result.stopped_early and result.step == 1
+    assert load_checkpoint(result.checkpoint)["step"] == 1
+    assert signal.getsignal(signal.SIGUSR1) is handler_before, "the handler is restored when training returns"
+
+
+def test_going_back_to_an_earlier_checkpoint_with_newer_ones_beside_it_is_refused(byte_data, tmp_path):
+    run = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "checkpoint.interval=2"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    earlier = tmp_path / "checkpoints" / "step_00000002"
+    again = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=6", f"checkpoint.resume={earlier}"))
+    assert again.returncode == 2 and "holds newer checkpoints (step_00000004)" in again.stderr, again.stderr[-2000:]
+    assert "checkpoint.resume=auto" in again.stderr
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000004"
+
+
 def test_a_validation_set_too_small_fails_before_the_first_step(tmp_path):
     """Found when the validation batches are opened, before training, not at the first evaluation
     (where up to eval.interval steps of training would be lost)."""
