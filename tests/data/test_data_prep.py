@@ -53,7 +53,7 @@ def test_token_dtype_follows_vocab_size():
 
 
 def test_all_input_kinds_and_a_selectable_text_field(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
 

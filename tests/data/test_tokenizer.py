@@ -21,7 +21,8 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sentencepiece_model(corpus_file: Path) -> Path:
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
+
     prefix = corpus_file.parent / "sp"
     spm.SentencePieceTrainer.train(
         input=str(corpus_file), model_prefix=str(prefix), vocab_size=400, model_type="bpe",

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ratpt import load_pretrained
 from ratpt.config import ConfigError, load_config
+from ratpt.model import build_model
 from ratpt.parallel.deepspeed_checkpoint import deepspeed_checkpoint_dir
 from ratpt.parallel.deepspeed_config import deepspeed_json
 from ratpt.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -190,8 +192,10 @@ def test_deepspeed_engine_refuses_a_checkpoint_of_another_engine(tmp_path):
 RUN = ("train.engine=deepspeed", "deepspeed.zero_stage=3", "train.steps=8", "checkpoint.interval=2")
 
 
-def train_command(data: Path, out_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ratpt",
+def train_command(data: Path, out_dir: Path, *extra: str, ranks: int = 2) -> list[str]:
+    """`ratpt train` of the DeepSpeed run on `ranks` torchrun processes, or, with ranks 0, in this one."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks else []
+    return [sys.executable, *launcher, "-m", "ratpt",
             "train", str(REPO / "configs" / "tiny.yaml"), f"out_dir={out_dir}", f"data.streams=[{{path: {data}}}]",
             "model.vocab_size=257", "model.d_model=64", "model.n_layers=2", "data.seq_len=64",
             "train.global_batch=8", "train.micro_batch=2", "eval.interval=0", "logging.interval=1",
@@ -202,20 +206,35 @@ def losses_of(output: str) -> dict[int, float]:
     return {int(step): float(loss) for step, loss in LOSS_LINE.findall(output)}
 
 
+WHOLE_RUN = ("logging.tensorboard=true", "eval.interval=4", "eval.max_samples=8")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(byte_data, tmp_path_factory) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("ds_whole")
-    done = subprocess.run(train_command(byte_data, run_dir, "logging.tensorboard=true", "eval.interval=4",
-                                        "eval.max_samples=8"),
+    done = subprocess.run(train_command(byte_data, run_dir, *WHOLE_RUN),
                           cwd=REPO, env=ENV, text=True, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     return run_dir, done.stdout + done.stderr
 
 
+@pytest.fixture(scope="module")
+def one_process(byte_data, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """The same run in one process (the default engine, which is plain torch AdamW there): the reference."""
+    run_dir = tmp_path_factory.mktemp("one_process")
+    done = subprocess.run(train_command(byte_data, run_dir, *WHOLE_RUN, "train.engine=megatron", ranks=0), cwd=REPO,
+                          env=ENV, text=True, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    return run_dir, losses_of(done.stdout + done.stderr)
+
+
 @pytest.mark.slow
-def test_trainer_runs_deepspeed_with_tensorboard_metrics_and_evaluation(uninterrupted):
+def test_trainer_runs_deepspeed_with_tensorboard_metrics_and_evaluation(uninterrupted, one_process):
     run_dir, output = uninterrupted
-    assert len(losses_of(output)) == 8 and "val loss" in output
+    losses, reference = losses_of(output), one_process[1]
+    assert losses.keys() == reference.keys() == set(range(1, 9)) and "val loss" in output
+    for step in losses:
+        assert losses[step] == pytest.approx(reference[step], abs=2e-4), step
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
@@ -270,4 +289,8 @@ def test_final_checkpoint_consolidates_into_an_exportable_plain_checkpoint(unint
     export = subprocess.run([sys.executable, "-m", "ratpt", "export", str(plain), "--out", str(tmp_path / "hf")],
                             cwd=REPO, env=ENV, text=True, capture_output=True)
     assert export.returncode == 0, export.stderr[-5000:]
-    assert any((tmp_path / "hf").iterdir())
+    exported, model_cfg = load_pretrained(tmp_path / "hf")
+    consolidated = build_model(model_cfg)
+    consolidated.load_state_dict(load_checkpoint(plain)["model"])
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, 40))
+    torch.testing.assert_close(exported(tokens), consolidated(tokens), rtol=0, atol=0)

@@ -4,6 +4,7 @@ import argparse
 import pytest
 import torch
 
+from ratpt.data.tokenizer import load_tokenizer
 from ratpt.generate import GraphedDecodeStep, generate, run, sample_next
 from ratpt.model import ModelConfig, build_model
 from ratpt.model.pretrained import save_pretrained
@@ -85,13 +86,28 @@ def test_cli_rejects_a_tokenizer_larger_than_the_model_vocabulary(tmp_path):
         run(cli_args(tmp_path / "m"))  # the byte tokenizer has 257 tokens
 
 
-def test_cli_generates_text_and_reports_tokens_per_second(tmp_path, capsys):
-    pytest.importorskip("ratpt.data.tokenizer")
+def greedy_by_full_forwards(model, tokens: list[int], n: int, eos_id: int | None) -> list[int]:
+    """The greedy continuation recomputed from scratch each token: no cache, no generate()."""
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([tokens + new]))[0, -1].argmax())
+            if token == eos_id:
+                break
+            new.append(token)
+    return new
+
+
+def test_cli_prints_the_greedy_continuation_and_tokens_per_second(tmp_path, capsys):
     model, cfg = tiny_model(vocab=257)
     save_pretrained(model, cfg, tmp_path / "m")
     assert run(cli_args(tmp_path / "m")) == 0
     out = capsys.readouterr().out
-    assert out.startswith("hello") and "tokens/s" in out
+    tokenizer = load_tokenizer("byte")
+    for prompt in ("hello", "a"):
+        new = greedy_by_full_forwards(model.eval(), tokenizer.encode(prompt), 5, tokenizer.eos_id)
+        assert prompt + tokenizer.decode(new) + "\n" in out
+    assert "tokens/s" in out
 
 
 def test_cuda_graph_decode_needs_a_static_cache():
