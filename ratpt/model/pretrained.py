@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -16,15 +17,19 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ratpt.files import fsync_path, fsync_tree
 from ratpt.model.config import ModelConfig, validate_model_config
 from ratpt.model.lm import RATLM, build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
+TOKENIZER = "tokenizer"  # the folder `ratpt generate` reads its tokenizer from
 
 
-def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike) -> Path:
-    """Write `out_dir/{model.safetensors, config.yaml}` atomically; replaces an existing folder."""
+def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike,
+                    tokenizer_dir: Optional[Path] = None) -> Path:
+    """Write `out_dir/{model.safetensors, config.yaml}` (and `tokenizer/`, a copy of `tokenizer_dir`)
+    atomically: flushed, then renamed into place whole; replaces an existing folder."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -32,6 +37,9 @@ def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike) 
         tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS))
         OmegaConf.save(OmegaConf.create({"model": asdict(cfg)}), tmp / CONFIG)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
+        fsync_tree(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             out.rename(old)
@@ -39,6 +47,7 @@ def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike) 
             shutil.rmtree(old)
         else:
             tmp.rename(out)
+        fsync_path(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from ratpt.train.checkpoint import (CONFIG_FILE, STATE_FILE, TOKENIZER_DIR, CheckpointError, checkpoint_name,
-                                    finish_checkpoint, resolve_checkpoint, start_checkpoint, temporary_dir,
-                                    weights_only_loads)
+                                    finish_checkpoint, resolve_checkpoint, save_checkpoint, start_checkpoint,
+                                    temporary_dir, weights_only_loads)
 
 
 TAG = "deepspeed"  # DeepSpeed's checkpoint tag: its files live in step_XXXXXXXX/deepspeed/
@@ -102,12 +101,10 @@ def consolidate(path: Path, out: Path) -> Path:
     final = out / checkpoint_name(step)
     if final.exists():
         raise FileExistsError(f"{final} exists: choose another output folder")
-    final.mkdir(parents=True)
-    torch.save({"model": {k: v.contiguous() for k, v in model.items()}, "step": step}, final / STATE_FILE)
-    shutil.copy(checkpoint / CONFIG_FILE, final / CONFIG_FILE)
-    if (checkpoint / TOKENIZER_DIR).is_dir():
-        shutil.copytree(checkpoint / TOKENIZER_DIR, final / TOKENIZER_DIR)
-    return final
+    tokenizer = checkpoint / TOKENIZER_DIR
+    return save_checkpoint(out, step, {"model": {k: v.contiguous() for k, v in model.items()}, "step": step},
+                           (checkpoint / CONFIG_FILE).read_text(), tokenizer if tokenizer.is_dir() else None,
+                           keep=None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

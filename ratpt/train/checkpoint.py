@@ -21,6 +21,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
+from ratpt.files import fsync_path, fsync_tree
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
@@ -50,22 +52,6 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under `root` (and `root`), so that a rename of it that reaches
-    the disk cannot expose entries that did not."""
-    for path in [*sorted(root.rglob("*"), reverse=True), root]:
-        if path.is_file() or path.is_dir():
-            _fsync_path(path)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def temporary_dir(directory: Path, step: int) -> Path:
     """Where checkpoint `step` is assembled before it is renamed into place."""
     return directory / f"{checkpoint_name(step)}.tmp"
@@ -82,26 +68,27 @@ def start_checkpoint(directory: Path, step: int) -> Path:
 
 
 def finish_checkpoint(
-    tmp: Path, state: dict[str, Any], config_yaml: str, tokenizer_dir: Optional[Path], keep: int
+    tmp: Path, state: dict[str, Any], config_yaml: str, tokenizer_dir: Optional[Path], keep: Optional[int]
 ) -> Path:
     """Add state, config and tokenizer to `tmp`, flush it to disk, rename it into place, and delete
     the oldest others until `keep` remain; the one just written is never among them, even when older
-    steps were resumed from and newer ones lie beside it."""
+    steps were resumed from and newer ones lie beside it. keep None deletes nothing."""
     torch.save(state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(config_yaml)
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     replaced = final.with_name(final.name + ".old.tmp")  # a same-step checkpoint: moved aside, not deleted first
     if final.exists():
         os.replace(final, replaced)
     os.replace(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(replaced, ignore_errors=True)
-    others = [p for p in list_checkpoints(final.parent) if p != final]
-    for old in others[:max(len(others) - (keep - 1), 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep is not None:
+        others = [p for p in list_checkpoints(final.parent) if p != final]
+        for old in others[:max(len(others) - keep + 1, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
     log.info("saved checkpoint %s", final)
     return final
 
@@ -118,9 +105,9 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str,
     tokenizer_dir: Optional[Path],
-    keep: int,
+    keep: Optional[int],
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+    """Write checkpoint `step` atomically, then delete the oldest others until `keep` remain (None: none)."""
     return finish_checkpoint(start_checkpoint(directory, step), state, config_yaml, tokenizer_dir, keep)
 
 

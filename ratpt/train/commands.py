@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
 from pathlib import Path
 
 from ratpt.config import Config, load_config
@@ -101,8 +100,7 @@ def run_export(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export folder {out} is not empty: choose a new --out or remove it")
     cfg = checkpoint_config(checkpoint)
-    save_pretrained(load_trained_model(checkpoint, cfg), cfg.model, out)
-    if (checkpoint / TOKENIZER_DIR).is_dir():
-        shutil.copytree(checkpoint / TOKENIZER_DIR, out / TOKENIZER_DIR)
+    tokenizer = checkpoint / TOKENIZER_DIR
+    save_pretrained(load_trained_model(checkpoint, cfg), cfg.model, out, tokenizer if tokenizer.is_dir() else None)
     log.info("exported %s to %s", checkpoint, out)
     return 0

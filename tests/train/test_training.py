@@ -82,11 +82,13 @@ def test_killed_run_resumes_to_the_bit_identical_result(byte_data, uninterrupted
     assert resumed_losses == {s: whole_losses[s] for s in resumed_losses}
 
 
-def test_sigusr1_checkpoints_stops_and_resumes_identically(byte_data, uninterrupted, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_a_stop_signal_checkpoints_stops_and_resumes_identically(byte_data, uninterrupted, tmp_path, stop_signal):
+    """SIGUSR1: SLURM's warning before the time limit; SIGTERM: a preemption (or local_train.sh's stop)."""
     proc = start_training(byte_data, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in proc.stdout:
         if LOSS_LINE.search(line):
-            proc.send_signal(signal.SIGUSR1)
+            proc.send_signal(stop_signal)
             break
     out = line + proc.stdout.read()
     assert proc.wait() == 0, out
@@ -199,6 +201,29 @@ def test_going_back_to_an_earlier_checkpoint_with_newer_ones_beside_it_is_refuse
     assert again.returncode == 2 and "holds newer checkpoints (step_00000004)" in again.stderr, again.stderr[-2000:]
     assert "checkpoint.resume=auto" in again.stderr
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000004"
+
+
+def test_a_skipped_step_leaves_weights_and_adam_state_untouched(byte_data, tmp_path, monkeypatch):
+    cfg = in_process_config(byte_data, tmp_path, "train.steps=2", "checkpoint.interval=1")
+    real = engine.sum_cross_entropy
+    calls = {"n": 0}
+
+    def second_step_poisoned(*args, **kwargs):  # the step's two micro-batches (3rd, 4th call)
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(engine, "sum_cross_entropy", second_step_poisoned)
+    result = trainer.train(cfg)
+    assert math.isnan(result.losses[1]) and math.isfinite(result.losses[0])
+    after_first, after_skipped = (load_checkpoint(tmp_path / "checkpoints" / f"step_0000000{s}") for s in (1, 2))
+    assert_same_model({**after_first, "step": 2}, after_skipped)
+    first, skipped = after_first["optimizer"]["adam"], after_skipped["optimizer"]["adam"]  # by parameter name
+    assert first.keys() == skipped.keys() and first
+    for param, moments in first.items():
+        for name, value in moments.items():  # exp_avg, exp_avg_sq and the step count
+            assert torch.equal(value, skipped[param][name]), (param, name)
+    assert after_skipped["bad_in_a_row"] == 1
 
 
 def test_a_validation_set_too_small_fails_before_the_first_step(tmp_path):

@@ -1,0 +1,20 @@
+"""Durable writes: a folder assembled under a temporary name is flushed, entries and all, before the
+rename that publishes it, so that after a crash the published name never points at missing data."""
+import os
+from pathlib import Path
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root`, and `root` itself (deepest first)."""
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:
+        if path.is_file() or path.is_dir():
+            fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file or directory (a directory's entries: what a rename into it changed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
