@@ -24,9 +24,8 @@ from ratpt.model import build_model
 from ratpt.parallel.deepspeed_checkpoint import deepspeed_checkpoint_dir
 from ratpt.parallel.deepspeed_config import deepspeed_json
 from ratpt.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from run_helpers import REPO, losses_of
 
-REPO = Path(__file__).resolve().parents[2]
-LOSS_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+|nan)")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 TWO_RANK_CASES = {
@@ -201,9 +200,6 @@ def train_command(data: Path, out_dir: Path, *extra: str, ranks: int = 2) -> lis
             "train.global_batch=8", "train.micro_batch=2", "eval.interval=0", "logging.interval=1",
             "logging.tensorboard=false", *RUN, *extra]
 
-
-def losses_of(output: str) -> dict[int, float]:
-    return {int(step): float(loss) for step, loss in LOSS_LINE.findall(output)}
 
 
 WHOLE_RUN = ("logging.tensorboard=true", "eval.interval=4", "eval.max_samples=8")

@@ -16,9 +16,9 @@ import torch
 
 from conftest import REPO, streams_override
 from ratpt.train.checkpoint import latest_checkpoint, load_checkpoint
+from run_helpers import losses_of
 
 STEPS = 80
-LOSS_LINE = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+|nan)")
 TWO_TASKS_ON_CPU = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=30")
 
 pytestmark = pytest.mark.slow
@@ -37,9 +37,6 @@ def submit(slurm, tokenized: Path, run_dir: Path, steps: int = STEPS, env: dict 
     return slurm.sbatch(*TWO_TASKS_ON_CPU, f"--output={run_dir}.out", "launch/rat_1p3b.sh",
                         *tiny_run(tokenized, run_dir, steps), cwd=REPO, env=env)
 
-
-def losses_of(log: str) -> dict[int, float]:
-    return {int(step): float(loss) for step, loss in LOSS_LINE.findall(log)}
 
 
 def wait_for_step(log_file: Path, step: int, timeout: float = 120) -> None:
