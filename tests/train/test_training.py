@@ -177,7 +177,7 @@ def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, m
 
 def test_a_stop_signal_during_start_up_checkpoints_after_the_first_step(byte_data, tmp_path, monkeypatch):
     """SLURM's warning signal can come while the model is built or the data opened: it is kept."""
-    cfg = in_process_config(byte_data, tmp_path, "train.steps=6")
+    cfg = in_process_config(byte_data, tmp_path, "train.steps=6", "eval.interval=1", "eval.max_samples=8")
     real = trainer.build_model
 
     def build_then_signalled(model_cfg):
@@ -189,6 +189,7 @@ def test_a_stop_signal_during_start_up_checkpoints_after_the_first_step(byte_dat
     handler_before = signal.getsignal(signal.SIGUSR1)
     result = trainer.train(cfg)
     assert result.stopped_early and result.step == 1
+    assert result.val_loss is None, "a stopping run saves first and skips the evaluation"
     assert load_checkpoint(result.checkpoint)["step"] == 1
     assert signal.getsignal(signal.SIGUSR1) is handler_before, "the handler is restored when training returns"
 
