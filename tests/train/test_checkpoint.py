@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ratpt.train import checkpoint as ckpt
+from run_helpers import CodeRunningPayload
 
 
 def _save(directory, step, keep=3):
@@ -56,15 +57,10 @@ def test_a_save_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_path,
     assert not list(tmp_path.glob("*.tmp")), "the next save cleans the interrupted one"
 
 
-class _Payload:
-    def __reduce__(self):
-        return (print, ("arbitrary code ran",))
-
-
 def test_loading_refuses_pickled_code(tmp_path):
     target = tmp_path / "step_00000001"
     target.mkdir()
-    torch.save({"evil": _Payload()}, target / ckpt.STATE_FILE)
+    torch.save({"evil": CodeRunningPayload()}, target / ckpt.STATE_FILE)
     with pytest.raises(ckpt.CheckpointError, match="state.pt"):
         ckpt.load_checkpoint(target)
 
@@ -72,7 +68,7 @@ def test_loading_refuses_pickled_code(tmp_path):
 def test_third_party_loads_asking_for_pickle_are_weights_only_inside_the_guard(tmp_path, capsys):
     """DeepSpeed's loaders call torch.load(weights_only=False); ratpt runs them under weights_only_loads."""
     path = tmp_path / "partition.pt"
-    torch.save({"w": torch.ones(2), "evil": _Payload()}, path)
+    torch.save({"w": torch.ones(2), "evil": CodeRunningPayload()}, path)
     with ckpt.weights_only_loads(), pytest.raises(Exception, match="Unsupported global"):
         torch.load(path, weights_only=False)
     assert "arbitrary code ran" not in capsys.readouterr().out

@@ -10,6 +10,7 @@ import torch
 from ratpt.config import ConfigError, load_config
 from ratpt.parallel.dist_checkpoint import DIST_DIR, _Layout, _pieces, _rectangles, read_plain_state
 from ratpt.train.checkpoint import CheckpointError
+from run_helpers import CodeRunningPayload
 
 VALID = ["data.streams=[{path: data}]"]
 
@@ -60,14 +61,9 @@ def test_pieces_put_a_tensor_parallel_shard_back_where_it_lies_in_the_plain_para
         torch.testing.assert_close(rebuilt, expected, equal_nan=True, rtol=0, atol=0)
 
 
-class _Payload:
-    def __reduce__(self):
-        return (print, ("arbitrary code ran",))
-
-
 def test_shard_metadata_that_would_run_code_is_refused(tmp_path, capsys):
     (tmp_path / DIST_DIR).mkdir()
-    (tmp_path / DIST_DIR / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": _Payload()}))
+    (tmp_path / DIST_DIR / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": CodeRunningPayload()}))
     with pytest.raises(CheckpointError, match=".metadata"):
         read_plain_state(tmp_path)
     assert "arbitrary code ran" not in capsys.readouterr().out
