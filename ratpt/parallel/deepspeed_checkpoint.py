@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ratpt.files import fsync_path
 from ratpt.train.checkpoint import (CONFIG_FILE, STATE_FILE, TOKENIZER_DIR, CheckpointError, checkpoint_name,
                                     finish_checkpoint, resolve_checkpoint, save_checkpoint, start_checkpoint,
                                     temporary_dir, weights_only_loads)
@@ -54,8 +55,7 @@ def save_deepspeed_checkpoint(ds_engine, directory: Path, step: int, client_stat
 def _fsync_files(root: Path, contains: str) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file() and contains in path.name:
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+            fsync_path(path)
 
 
 def deepspeed_checkpoint_dir(path: Path) -> Path:
