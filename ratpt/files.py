@@ -1,6 +1,7 @@
 """Durable writes: a folder assembled under a temporary name is flushed, entries and all, before the
 rename that publishes it, so that after a crash the published name never points at missing data."""
 import os
+import shutil
 from pathlib import Path
 
 
@@ -18,3 +19,16 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Flush `tmp` and rename it to `final`. An existing `final` is moved aside (to a `.old.tmp` name,
+    which the checkpoint discovery ignores and the next save clears) and deleted only once the new one
+    is in place, so that no moment leaves neither on disk."""
+    fsync_tree(tmp)
+    aside = final.with_name(final.name + ".old.tmp")
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -6,6 +6,7 @@ own position. Sampling: greedy (temperature 0), or temperature with top-k and/or
 """
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -152,13 +153,13 @@ def check_sampling(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ratpt.data.tokenizer import load_tokenizer
-    from ratpt.model.pretrained import load_pretrained
+    from ratpt.model.pretrained import TOKENIZER, load_pretrained
 
     check_sampling(args)
 
     model, cfg = load_pretrained(args.model_dir, device=args.device)
     model = model.to(getattr(torch, args.dtype)).eval()
-    tokenizer = load_tokenizer(args.tokenizer or f"{args.model_dir}/tokenizer")
+    tokenizer = load_tokenizer(args.tokenizer or Path(args.model_dir) / TOKENIZER)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
                          f"({cfg.vocab_size}): pass the tokenizer the model was trained with (--tokenizer)")

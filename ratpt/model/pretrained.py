@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ratpt.files import fsync_path, fsync_tree
+from ratpt.files import publish_dir
 from ratpt.model.config import ModelConfig, validate_model_config
 from ratpt.model.lm import RATLM, build_model
 
@@ -39,15 +39,7 @@ def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike,
         OmegaConf.save(OmegaConf.create({"model": asdict(cfg)}), tmp / CONFIG)
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
-        fsync_tree(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-        fsync_path(out.parent)
+        publish_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

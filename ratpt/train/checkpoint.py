@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from ratpt.files import fsync_path, fsync_tree
+from ratpt.files import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,8 @@ def finish_checkpoint(
     (tmp / CONFIG_FILE).write_text(config_yaml)
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-    fsync_tree(tmp)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
-    replaced = final.with_name(final.name + ".old.tmp")  # a same-step checkpoint: moved aside, not deleted first
-    if final.exists():
-        os.replace(final, replaced)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
-    shutil.rmtree(replaced, ignore_errors=True)
+    publish_dir(tmp, final)  # a same-step checkpoint is replaced whole
     if keep is not None:
         others = [p for p in list_checkpoints(final.parent) if p != final]
         for old in others[:max(len(others) - keep + 1, 0)]:

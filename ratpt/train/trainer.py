@@ -157,9 +157,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     own_checkpoints = hasattr(engine, "save_checkpoint")  # DeepSpeed saves and loads through its own engine
     sharded = None if own_checkpoints else _distributed_checkpointer(cfg, engine)  # None: gathered checkpoints
     if resume_from is not None:
-        checkpoint = resolve_checkpoint(resume_from)
-        check_same_model(cfg, checkpoint)
-        check_trained_tokenizer(str(checkpoint), cfg.data.streams, cfg.model.vocab_size)
+        check_same_model(cfg, resume_from)
+        check_trained_tokenizer(str(resume_from), cfg.data.streams, cfg.model.vocab_size)
         if own_checkpoints:
             state = engine.load_checkpoint(resume_from)  # model and optimizer loaded; the rest returned
         else:
@@ -236,7 +235,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
                     sharded.wait()  # every rank diverges together: the save in flight still completes
                 raise TrainingDiverged(
                     f"{bad_in_a_row} consecutive non-finite steps at step {step + 1}: lower optimizer.lr, "
-                    f"check the data, or go back to an earlier checkpoint (checkpoint.resume=PATH, the newer ones moved out of {ckpt_dir})"
+                    f"check the data, or go back to an earlier checkpoint (checkpoint.resume=PATH, the newer "
+                    f"ones moved out of {ckpt_dir})"
                 )
         step += 1
         losses.append(loss)
@@ -307,21 +307,25 @@ def check_same_model(cfg: Config, checkpoint: Path) -> None:
 
 
 def _resume_path(cfg: Config, ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint directory to resume from, or None."""
     if cfg.checkpoint.resume == "never":
         return None
     if cfg.checkpoint.resume == "auto":
         return latest_checkpoint(ckpt_dir)
-    path = Path(cfg.checkpoint.resume)
-    check_no_newer_checkpoints(path, ckpt_dir)
-    return path
+    checkpoint = resolve_checkpoint(Path(cfg.checkpoint.resume))
+    check_no_newer_checkpoints(checkpoint, cfg.checkpoint.resume, ckpt_dir)
+    return checkpoint
 
 
-def check_no_newer_checkpoints(resume: Path, ckpt_dir: Path) -> None:
-    """Refuse an explicit resume into a run folder that holds checkpoints newer than it (going back
-    after a divergence, say): the run's checkpoints would interleave two histories, and a requeued job
-    with the same arguments would go back again and lose what it trained since."""
-    step = checkpoint_step(resolve_checkpoint(resume))
-    newer = [p.name for p in list_checkpoints(ckpt_dir) if step is not None and checkpoint_step(p) > step]
+def check_no_newer_checkpoints(checkpoint: Path, resume: str, ckpt_dir: Path) -> None:
+    """Refuse an explicit resume (`resume`, resolved to the directory `checkpoint`) into a run folder
+    that holds checkpoints newer than it (going back after a divergence, say): the run's checkpoints
+    would interleave two histories, and a requeued job with the same arguments would go back again
+    and lose what it trained since."""
+    step = checkpoint_step(checkpoint)
+    if step is None:
+        return
+    newer = [p.name for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) > step]
     if newer:
         raise CheckpointError(
             f"checkpoint.resume={resume} is step {step}, but {ckpt_dir} holds newer checkpoints "

@@ -12,7 +12,7 @@ import torch
 
 from ratpt.config import load_config
 from ratpt.train import engine, trainer
-from ratpt.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from ratpt.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint
 
 from run_helpers import LOSS_LINE, REPO, losses_of, ratpt, small_run
 
@@ -159,18 +159,23 @@ def test_compile_is_refused_where_the_engine_would_ignore_it(byte_data, tmp_path
         build_engine(cfg, DistributedContext(0, world_size, 0, torch.device("cpu")), torch.nn.Linear(1, 1))
 
 
-def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, monkeypatch):
-    cfg = in_process_config(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")
+def poison_losses(monkeypatch, poisoned) -> None:
+    """Make the trainer's loss NaN on the micro-batch calls n (counted from 1) where poisoned(n)."""
     real = engine.sum_cross_entropy
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
+    def maybe_nan(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
-        # micro-batches 3-4 (step 2) are poisoned once, then every step from step 4 on
-        return loss * float("nan") if calls["n"] in (3, 4) or calls["n"] > 6 else loss
+        return loss * float("nan") if poisoned(calls["n"]) else loss
 
-    monkeypatch.setattr(engine, "sum_cross_entropy", poisoned)
+    monkeypatch.setattr(engine, "sum_cross_entropy", maybe_nan)
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, monkeypatch):
+    cfg = in_process_config(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")
+    # micro-batches 3-4 (step 2) are poisoned once, then every step from step 4 on
+    poison_losses(monkeypatch, lambda call: call in (3, 4) or call > 6)
     with pytest.raises(trainer.TrainingDiverged, match="3 consecutive non-finite steps at step 6"):
         trainer.train(cfg)
 
@@ -206,18 +211,10 @@ def test_going_back_to_an_earlier_checkpoint_with_newer_ones_beside_it_is_refuse
 
 def test_a_skipped_step_leaves_weights_and_adam_state_untouched(byte_data, tmp_path, monkeypatch):
     cfg = in_process_config(byte_data, tmp_path, "train.steps=2", "checkpoint.interval=1")
-    real = engine.sum_cross_entropy
-    calls = {"n": 0}
-
-    def second_step_poisoned(*args, **kwargs):  # the step's two micro-batches (3rd, 4th call)
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] in (3, 4) else loss
-
-    monkeypatch.setattr(engine, "sum_cross_entropy", second_step_poisoned)
+    poison_losses(monkeypatch, lambda call: call in (3, 4))  # the second step's two micro-batches
     result = trainer.train(cfg)
     assert math.isnan(result.losses[1]) and math.isfinite(result.losses[0])
-    after_first, after_skipped = (load_checkpoint(tmp_path / "checkpoints" / f"step_0000000{s}") for s in (1, 2))
+    after_first, after_skipped = (load_checkpoint(tmp_path / "checkpoints" / checkpoint_name(s)) for s in (1, 2))
     assert_same_model({**after_first, "step": 2}, after_skipped)
     first, skipped = after_first["optimizer"]["adam"], after_skipped["optimizer"]["adam"]  # by parameter name
     assert first.keys() == skipped.keys() and first
