@@ -14,12 +14,13 @@ from typing import Optional
 from ratpt import generate
 from ratpt.config import ConfigError
 from ratpt.data.shards import CorruptShardError
+from ratpt.hf import commands as hf_commands
 from ratpt.model import convert
 from ratpt.train import commands
 from ratpt.train.checkpoint import CheckpointError
 from ratpt.train.trainer import TrainingDiverged
 
-SUBCOMMAND_MODULES = (commands, generate, convert)
+SUBCOMMAND_MODULES = (commands, generate, convert, hf_commands)
 # Errors whose message already tells the user what to fix: printed without a traceback
 # (unless --log-level DEBUG).
 USER_ERRORS = (ConfigError, CheckpointError, TrainingDiverged, CorruptShardError, FileNotFoundError, FileExistsError,

@@ -142,11 +142,12 @@ def _shape_hint(key: str, got: tuple, want: tuple, cfg: ModelConfig) -> str:
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     """`ratpt convert reference CKPT --out DIR --chunk-size L --head-dim d ...`."""
     parser = subparsers.add_parser("convert", help="import a checkpoint of another implementation")
-    parser.add_argument("source", choices=["reference"], help="checkpoint format (CLAIRE-Labo/RAT)")
-    parser.add_argument("checkpoint", help="the reference .pt file")
+    parser.add_argument("source", choices=["reference", "hf"],
+                        help="checkpoint format: reference (CLAIRE-Labo/RAT) or hf (a folder of `ratpt export-hf`)")
+    parser.add_argument("checkpoint", help="the reference .pt file, or the Hugging Face folder")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors + config.yaml)")
-    parser.add_argument("--chunk-size", type=int, required=True, help="RAT chunk length L")
-    parser.add_argument("--head-dim", type=int, required=True, help="head width d")
+    parser.add_argument("--chunk-size", type=int, help="RAT chunk length L (reference: required)")
+    parser.add_argument("--head-dim", type=int, help="head width d (reference: required)")
     parser.add_argument("--ngroups", type=int, default=2, help="RAT query/key groups G (default 2)")
     parser.add_argument("--mixers", default="rat",
                         help=f"comma-separated pattern cycled over layers, from {','.join(MIXERS)} "
@@ -160,6 +161,11 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ratpt.model.pretrained import save_pretrained
 
+    if args.source == "hf":  # a Hugging Face folder states its whole config: no flags to check
+        from ratpt.hf.commands import run_convert_hf
+        return run_convert_hf(args)
+    if args.chunk_size is None or args.head_dim is None:
+        raise ValueError("convert reference needs --chunk-size and --head-dim (the checkpoint cannot tell them)")
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
     state = load_reference_state(args.checkpoint, allow_pickle=args.allow_pickle)
     converted, cfg = convert_reference_state(state, args.chunk_size, args.head_dim, args.ngroups,

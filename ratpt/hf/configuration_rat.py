@@ -1,0 +1,78 @@
+"""`RATConfig`: the Hugging Face configuration of a RAT-family language model (arXiv 2507.04416).
+
+Its fields are those of ratpt's `ModelConfig`, by the same names and with the paper's RAT-1.3B
+defaults, so that a model converts both ways without loss. This file is copied into every exported
+folder and imported by transformers there, so it depends on transformers only.
+"""
+from transformers import PretrainedConfig
+
+MIXERS = ("rat", "attention", "swa", "rnn")
+
+
+class RATConfig(PretrainedConfig):
+    model_type = "rat"
+    # the names generic Hugging Face code (and lm-eval) reads
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers"}
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,  # rows of the embedding, tied to the head
+        d_model: int = 2048,  # model width D
+        n_layers: int = 24,  # blocks (mixer + FFN)
+        head_dim: int = 128,  # d; heads H = d_model / head_dim
+        ngroups: int = 2,  # RAT query/key groups G (head h uses group h mod G)
+        chunk_size: int = 16,  # RAT chunk length L
+        mixers: list[str] | None = None,  # pattern cycled over layers: rat | attention | swa | rnn (default ["rat"])
+        window: int = 1024,  # sliding window W: a token sees itself and W earlier tokens
+        ffn: str = "gelu",  # gelu (W2·GELU(W1·)) | swiglu
+        ffn_mult: float = 4.0,  # FFN hidden width / d_model
+        norm_eps: float = 1e-6,  # RMSNorm epsilon
+        rope_base: float = 10000.0,  # RoPE base (chunk index for RAT, token index for attention)
+        init_std: float = 0.02,  # std of the normal init of linear and embedding weights
+        rnn_gate_horizon: int = 4096,  # RNN layer gate-bias init horizon (training only)
+        kernels: str = "auto",  # auto: ratpt's Triton kernels on CUDA when ratpt is installed; torch: never
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.head_dim = head_dim
+        self.ngroups = ngroups
+        self.chunk_size = chunk_size
+        self.mixers = list(mixers) if mixers is not None else ["rat"]
+        self.window = window
+        self.ffn = ffn
+        self.ffn_mult = ffn_mult
+        self.norm_eps = norm_eps
+        self.rope_base = rope_base
+        self.init_std = init_std
+        self.rnn_gate_horizon = rnn_gate_horizon
+        self.kernels = kernels
+        if not tie_word_embeddings:
+            raise ValueError("RAT models tie the head to the embedding: tie_word_embeddings must be true")
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate()
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.d_model // self.head_dim
+
+    def mixer_of_layer(self, layer: int) -> str:
+        """The mixer of block `layer`: `mixers` cycled over the layers (["rat", "swa"] is the paper's hybrid)."""
+        return self.mixers[layer % len(self.mixers)]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that cannot build a model."""
+        for name in ("vocab_size", "d_model", "n_layers", "head_dim", "ngroups", "chunk_size", "window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RATConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.head_dim or self.head_dim % 2:
+            raise ValueError(f"RATConfig.head_dim ({self.head_dim}) must be even and divide d_model ({self.d_model})")
+        if self.num_attention_heads % self.ngroups:
+            raise ValueError(f"RATConfig.ngroups ({self.ngroups}) must divide the {self.num_attention_heads} heads")
+        unknown = [m for m in self.mixers if m not in MIXERS]
+        if not self.mixers or unknown:
+            raise ValueError(f"RATConfig.mixers must list mixers from {MIXERS}, got {self.mixers}")
+        if self.ffn not in ("gelu", "swiglu"):
+            raise ValueError(f"RATConfig.ffn must be 'gelu' or 'swiglu', got {self.ffn!r}")

@@ -1,0 +1,67 @@
+"""A Hugging Face RAT folder (written by `export_hf`) back into ratpt's pretrained format.
+
+Read as data only: config.json and model.safetensors, with no code of the folder run. The config's
+fields are ModelConfig's own; the weights lose their `model.` prefix. The tokenizer.json becomes the
+export's `tokenizer/` folder, with the EOS the config names.
+"""
+import json
+import os
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ratpt.data.layout import META_FILE
+from ratpt.data.tokenizer import HFTokenizer
+from ratpt.hf.export import PREFIX
+from ratpt.model.config import ModelConfig, validate_model_config
+from ratpt.model.lm import RATLM, build_model
+from ratpt.model.pretrained import save_pretrained
+
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+
+
+def read_hf_folder(path: str | os.PathLike) -> tuple[RATLM, ModelConfig]:
+    """The ratpt model and config of a Hugging Face RAT folder; ValueError if config and weights disagree."""
+    folder = Path(path)
+    for name in (CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found: a Hugging Face RAT folder holds {CONFIG} and {WEIGHTS}")
+    config = json.loads((folder / CONFIG).read_text())
+    if config.get("model_type") != "rat":
+        raise ValueError(f"{folder / CONFIG}: model_type is {config.get('model_type')!r}, not 'rat'")
+    cfg = ModelConfig(**{f.name: config[f.name] for f in fields(ModelConfig) if f.name in config})
+    validate_model_config(cfg)
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except SafetensorError as err:
+        raise ValueError(f"{folder / WEIGHTS} cannot be read ({err}): it is truncated or corrupt") from None
+    state = {key.removeprefix(PREFIX): value for key, value in weights.items()}
+    model = build_model(cfg)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{folder / WEIGHTS} does not match {folder / CONFIG}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
+    model.load_state_dict(state)
+    return model, cfg
+
+
+def convert_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the Hugging Face RAT folder `path` as a ratpt pretrained folder (`ratpt.load_pretrained`)."""
+    folder = Path(path)
+    model, cfg = read_hf_folder(folder)
+    if not (folder / TOKENIZER).is_file():
+        return save_pretrained(model, cfg, out_dir)
+    eos_id = json.loads((folder / CONFIG).read_text()).get("eos_token_id")
+    tokenizer = HFTokenizer(folder / TOKENIZER, eos_id=eos_id, name=folder.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = Path(tmp) / "tokenizer"
+        tokenizer_dir.mkdir()
+        (tokenizer_dir / TOKENIZER).write_bytes((folder / TOKENIZER).read_bytes())
+        (tokenizer_dir / META_FILE).write_text(json.dumps(tokenizer.identity(), indent=2))
+        return save_pretrained(model, cfg, out_dir, tokenizer_dir)

@@ -1,0 +1,383 @@
+"""`RATForCausalLM`: a RAT-family language model as a Hugging Face `PreTrainedModel` (arXiv 2507.04416).
+
+    x = E[tokens];  per block: x = Mixer(x) (pre-norm and residual inside), x = x + FFN(RMSNorm(x))
+    logits = RMSNorm(x) · Eᵀ                                     (head tied to the embedding)
+
+Mixer i is `config.mixers[i % len(config.mixers)]`: rat, attention (causal), swa (sliding window) or
+rnn. Weight names are ratpt's under `model.`, so ratpt's export converts by a prefix. This file and
+its siblings are copied into every exported folder and run there without ratpt: plain PyTorch
+(rat_ops.py). When ratpt itself is importable and the tensors are on a GPU, the RAT layer's full
+forward runs ratpt's fused kernels instead (`config.kernels`).
+
+`generate()`: the first forward runs the whole prompt (left padding is moved to the right, so each
+sequence is computed as if alone) and returns a `RATCache`; every later forward feeds one token per
+sequence against it.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache_rat import KVState, RATCache, RATLayerState, RNNState, ensure_slots
+from .configuration_rat import RATConfig
+from .rat_ops import (apply_rope, causal_attention, chunk_scan, forget_gate, rat_attend_states, rat_decode,
+                      rat_states, rope_cos_sin)
+
+
+def ratpt_ops(x: torch.Tensor, kernels: str):
+    """ratpt's op package when it should run the RAT layer (kernels 'auto', CUDA, ratpt installed), else None."""
+    if kernels != "auto" or not x.is_cuda:
+        return None
+    try:
+        from ratpt import ops
+    except ImportError:
+        return None
+    return ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight.to(x.dtype)
+
+
+class FFN(nn.Module):
+    """GELU: fc2(GELU(fc1 x)); SwiGLU: fc1 packs (gate, up)."""
+
+    def __init__(self, config: RATConfig):
+        super().__init__()
+        hidden = round(config.ffn_mult * config.d_model)
+        self.swiglu = config.ffn == "swiglu"
+        self.fc1 = nn.Linear(config.d_model, 2 * hidden if self.swiglu else hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * up)
+        return self.fc2(F.gelu(h))
+
+
+class RATMixer(nn.Module):
+    """in_proj rows z, v, f, q, k ([D, D, D, G·d, G·d]); out = x + out_proj(sigmoid(z) ⊙ y)."""
+
+    def __init__(self, config: RATConfig):
+        super().__init__()
+        D, qk = config.d_model, config.ngroups * config.head_dim
+        self.d_model, self.head_dim, self.ngroups = D, config.head_dim, config.ngroups
+        self.n_heads = D // config.head_dim
+        self.chunk_size, self.rope_base, self.kernels = config.chunk_size, config.rope_base, config.kernels
+        self.input_norm = RMSNorm(D, config.norm_eps)
+        self.in_proj = nn.Linear(D, 3 * D + 2 * qk, bias=False)
+        self.gate_bias = nn.Parameter(torch.zeros(D))
+        self.out_proj = nn.Linear(D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.in_proj(self.input_norm(x))
+        ops = ratpt_ops(x, self.kernels)
+        if ops is not None:
+            return x + self.out_proj(ops.rat_mixing(proj, self.gate_bias, self.chunk_size, self.head_dim,
+                                                    self.ngroups, self.rope_base))
+        z, v, f, q, k = self._split(proj)
+        _, k_state, v_state = rat_states(k, v, f, self.gate_bias, self.chunk_size, self.head_dim)
+        y = rat_attend_states(q, k_state, v_state, self.chunk_size, self.head_dim, self.rope_base)
+        return x + self.out_proj(z * y)
+
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, RATLayerState]:
+        """Forward over right-padded prompts of `lengths`; their chunk summaries and running states."""
+        B, T, _ = x.shape
+        L, d = self.chunk_size, self.head_dim
+        z, v, f, q, k = self._split(self.in_proj(self.input_norm(x)))
+        g, k_state, v_state = rat_states(k, v, f, self.gate_bias, L, d)
+        y = rat_attend_states(q, k_state, v_state, L, d, self.rope_base)
+        ends = torch.arange(T // L, device=x.device) * L + L - 1  # complete chunks
+        cos, sin = rope_cos_sin(ends // L, d, self.rope_base, v.dtype)
+
+        def heads(t):
+            return t.reshape(B, -1, self.n_heads, d).transpose(1, 2)
+
+        rows, last = torch.arange(B, device=x.device), lengths - 1
+        slots = -(-capacity // L)
+        state = RATLayerState(summary_k=ensure_slots(apply_rope(heads(k_state[:, ends]), cos, sin), slots),
+                              summary_v=ensure_slots(heads(v_state[:, ends]).contiguous(), slots),
+                              running_k=k_state[rows, last].to(g.dtype), running_v=v_state[rows, last].to(g.dtype),
+                              chunk_size=L)
+        return x + self.out_proj(z * y), state
+
+    def decode(self, x: torch.Tensor, state: RATLayerState, positions: torch.Tensor) -> torch.Tensor:
+        z, v, f, q, k = (t[:, 0] for t in self._split(self.in_proj(self.input_norm(x))))
+        y = rat_decode(q, k, v, f, self.gate_bias, state.summary_k, state.summary_v, state.running_k,
+                       state.running_v, positions, self.chunk_size, self.head_dim, self.rope_base)
+        return x + self.out_proj(z * y).unsqueeze(1)
+
+    def _split(self, proj: torch.Tensor):
+        qk = self.ngroups * self.head_dim
+        z, v, f, q, k = proj.split([self.d_model] * 3 + [qk, qk], dim=-1)
+        return torch.sigmoid(z), v, f, q, k
+
+
+class AttentionMixer(nn.Module):
+    """in_proj rows v, q, k (H heads each), RoPE over token positions; `window` W for sliding-window attention."""
+
+    def __init__(self, config: RATConfig, window: int | None = None):
+        super().__init__()
+        D = config.d_model
+        self.d_model, self.head_dim, self.n_heads = D, config.head_dim, D // config.head_dim
+        self.window, self.rope_base = window, config.rope_base
+        self.input_norm = RMSNorm(D, config.norm_eps)
+        self.in_proj = nn.Linear(D, 3 * D, bias=False)
+        self.out_proj = nn.Linear(D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mix(x)[0]
+
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVState]:
+        """Forward over right-padded prompts; (k, v) in `capacity` slots, or the ring of W + 1 of a window."""
+        out, k, v = self._mix(x)
+        if self.window is None:
+            return out, KVState(k=ensure_slots(k, capacity), v=ensure_slots(v.contiguous(), capacity))
+        # ring slot s holds the latest position p < length with p = s (mod W + 1)
+        slots = torch.arange(self.window + 1, device=x.device)
+        held = slots + (self.window + 1) * torch.div(lengths.unsqueeze(-1) - 1 - slots, self.window + 1,
+                                                     rounding_mode="floor")
+        index = held.clamp(0, x.shape[1] - 1)[:, None, :, None].expand(-1, self.n_heads, -1, self.head_dim)
+        return out, KVState(k=k.gather(2, index), v=v.gather(2, index), window=self.window)
+
+    def decode(self, x: torch.Tensor, state: KVState, positions: torch.Tensor) -> torch.Tensor:
+        """Write the token's (k, v) to its slot, then attend over every slot written so far."""
+        q, k, v = self._qkv(self.in_proj(self.input_norm(x)), positions.unsqueeze(-1), x.dtype)
+        slots = state.k.shape[2]
+        slot = positions if self.window is None else positions % slots
+        rows = torch.arange(x.shape[0], device=x.device)
+        state.k[rows, :, slot] = k[:, :, 0].to(state.k.dtype)
+        state.v[rows, :, slot] = v[:, :, 0].to(state.v.dtype)
+        visible = torch.arange(slots, device=x.device) <= positions.unsqueeze(-1)
+        y = F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=visible[:, None, None, :])
+        return x + self.out_proj(y.transpose(1, 2).reshape(x.shape))
+
+    def _mix(self, x: torch.Tensor):
+        q, k, v = self._qkv(self.in_proj(self.input_norm(x)), torch.arange(x.shape[1], device=x.device), x.dtype)
+        y = causal_attention(q, k, v, window=self.window)
+        return x + self.out_proj(y.transpose(1, 2).reshape(x.shape)), k, v
+
+    def _qkv(self, h: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+        B, T, _ = h.shape
+        v, q, k = (t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in h.split(self.d_model, -1))
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base, dtype)
+        if cos.dim() == 3:  # per-sequence positions [B, T, d] -> [B, 1, T, d]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class RNNMixer(nn.Module):
+    """RAT's gated recurrence over the whole sequence, no attention: in_proj rows z, v, f."""
+
+    def __init__(self, config: RATConfig):
+        super().__init__()
+        D = config.d_model
+        self.d_model = D
+        self.input_norm = RMSNorm(D, config.norm_eps)
+        self.in_proj = nn.Linear(D, 3 * D, bias=False)
+        self.gate_bias = nn.Parameter(torch.zeros(D))
+        self.out_proj = nn.Linear(D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, v, g = self._project(x)
+        return x + self.out_proj(z * chunk_scan(v, g, chunk_size=None))
+
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, RNNState]:
+        z, v, g = self._project(x)
+        state = chunk_scan(v, g, chunk_size=None)
+        last = state[torch.arange(x.shape[0], device=x.device), lengths - 1]
+        return x + self.out_proj(z * state), RNNState(state=last.to(g.dtype))
+
+    def decode(self, x: torch.Tensor, state: RNNState, positions: torch.Tensor) -> torch.Tensor:
+        z, v, g = self._project(x)
+        state.state.copy_(g[:, 0] * state.state + (1 - g[:, 0]) * v[:, 0].to(g.dtype))
+        return x + self.out_proj(z * state.state.to(x.dtype).unsqueeze(1))
+
+    def _project(self, x: torch.Tensor):
+        z, v, f = self.in_proj(self.input_norm(x)).split(self.d_model, dim=-1)
+        return torch.sigmoid(z), v, forget_gate(f, self.gate_bias)
+
+
+def build_mixer(kind: str, config: RATConfig) -> nn.Module:
+    if kind == "rat":
+        return RATMixer(config)
+    if kind in ("attention", "swa"):
+        return AttentionMixer(config, window=config.window if kind == "swa" else None)
+    return RNNMixer(config)
+
+
+class RATBlock(nn.Module):
+    def __init__(self, config: RATConfig, kind: str):
+        super().__init__()
+        self.mixer = build_mixer(kind, config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = FFN(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._ffn_residual(self.mixer(x))
+
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int):
+        x, state = self.mixer.prefill(x, lengths, capacity)
+        return self._ffn_residual(x), state
+
+    def decode(self, x: torch.Tensor, state, positions: torch.Tensor) -> torch.Tensor:
+        return self._ffn_residual(self.mixer.decode(x, state, positions))
+
+    def _ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class RATPreTrainedModel(PreTrainedModel):
+    config_class = RATConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["RATBlock"]
+    _is_stateful = True  # generate() must not build a key/value cache: the model returns its own RATCache
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, init_std) weights, unit norms; gate biases zero (a trained model overwrites them all)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, (RATMixer, RNNMixer)):
+            nn.init.zeros_(module.gate_bias)
+
+
+class RATModel(RATPreTrainedModel):
+    """Embedding, blocks and final norm: hidden states, with or without a cache."""
+
+    def __init__(self, config: RATConfig):
+        super().__init__(config)
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(RATBlock(config, config.mixer_of_layer(i)) for i in range(config.n_layers))
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embedding = value
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_norm(x)
+
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, RATCache]:
+        """Hidden states of right-padded prompts [B, T] of `lengths`, and the cache to decode on from."""
+        cache = RATCache(lengths, capacity=tokens.shape[1])
+        x = self.embedding(tokens)
+        for layer in self.layers:
+            x, state = layer.prefill(x, lengths, cache.capacity)
+            cache.layers.append(state)
+        return self.final_norm(x), cache
+
+    def decode_step(self, tokens: torch.Tensor, cache: RATCache) -> torch.Tensor:
+        """Hidden state [B, 1, D] of one more token per sequence [B]; updates the cache in place."""
+        cache.reserve_next()
+        x = self.embedding(tokens).unsqueeze(1)
+        for layer, state in zip(self.layers, cache.layers):
+            x = layer.decode(x, state, cache.lengths)
+        cache.lengths.add_(1)
+        return self.final_norm(x)
+
+
+class RATForCausalLM(RATPreTrainedModel, GenerationMixin):
+    def __init__(self, config: RATConfig):
+        super().__init__(config)
+        self.model = RATModel(config)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loading, except that weights which do not fit the config are an error: transformers
+        only warns about missing weights and leaves them random."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise
+            raise ValueError(f"the weights do not fit config.json, which must be the one saved with them: "
+                             f"{' '.join(str(err).split())}") from err
+        wrong = {kind: keys[:5] for kind, keys in info.items() if kind != "error_msgs" and keys}
+        if wrong:
+            raise ValueError(f"the weights do not fit config.json, which must be the one saved with them: {wrong}")
+        return (model, info) if output_loading_info else model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embedding
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embedding = value
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: RATCache | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        """Logits [B, T, vocab] (the last `logits_to_keep` positions if > 0) and, with `use_cache`, the cache.
+
+        Without a cache, `attention_mask` may pad either side (each row's ones must be contiguous): left
+        padding is moved to the right, so every sequence is computed from its first real token. With a
+        cache, `input_ids` are new tokens that every sequence continues with.
+        """
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("RATForCausalLM takes input_ids, not inputs_embeds")
+        use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
+        if past_key_values is not None:
+            hidden = torch.cat([self.model.decode_step(input_ids[:, i], past_key_values)
+                                for i in range(input_ids.shape[1])], dim=1)
+        else:
+            starts, lengths = padding_of(input_ids, attention_mask)
+            tokens = shift_rows(input_ids, -starts)
+            if use_cache:
+                hidden, past_key_values = self.model.prefill(tokens, lengths)
+            else:
+                hidden = self.model(tokens)
+            hidden = shift_rows(hidden, starts)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = F.linear(hidden, self.model.embedding.weight.to(hidden.dtype))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+
+def padding_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first real position, number of real tokens) [B] of each row; ValueError unless its ones are one run."""
+    B, T = input_ids.shape
+    if attention_mask is None:
+        zeros = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+        return zeros, zeros + T
+    mask = attention_mask.bool()
+    lengths = mask.sum(-1)
+    starts = mask.long().argmax(-1)
+    positions = torch.arange(T, device=mask.device)
+    run = (positions >= starts[:, None]) & (positions < (starts + lengths)[:, None])
+    if bool((lengths == 0).any()) or not torch.equal(run, mask):
+        raise ValueError("attention_mask must mark one run of at least one real token per row (left or right "
+                         "padding)")
+    return starts, lengths
+
+
+def shift_rows(t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Row b of t [B, T, ...] moved right by shift[b] (left if negative) along dim 1; vacated places repeat an
+    edge value, which is padding to the model (causal, right of every real token or masked out)."""
+    if not bool(shift.any()):
+        return t
+    T = t.shape[1]
+    index = (torch.arange(T, device=t.device) - shift[:, None]).clamp(0, T - 1)
+    return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand_as(t))

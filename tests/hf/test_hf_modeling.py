@@ -1,0 +1,95 @@
+"""RATForCausalLM (the exported modeling code) against ratpt's own model: logits, padding, the cache, generate()."""
+import pytest
+import torch
+from hf_helpers import VOCAB, hf_model_of, random_model, small_config
+
+from ratpt.generate import generate as ratpt_generate
+
+MIXERS = {"rat": ["rat"], "attention": ["attention"], "swa": ["swa"], "rnn": ["rnn"], "rat+swa": ["rat", "swa"],
+          "all": ["rat", "swa", "attention", "rnn"]}
+T = 23  # not a multiple of the chunk size 4, longer than the window 5
+
+
+@pytest.mark.parametrize("mixers", MIXERS.values(), ids=MIXERS.keys())
+def test_logits_equal_ratpt_logits(mixers):
+    model = random_model(small_config(mixers))
+    tokens = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model_of(model)(tokens).logits, model(tokens), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_batch_gives_each_sequence_its_own_logits(side):
+    model = random_model(small_config(["rat", "swa"]))
+    long, short = torch.randint(0, VOCAB, (T,)), torch.randint(0, VOCAB, (9,))
+    pad = torch.zeros(T - 9, dtype=torch.long)
+    padded = torch.cat((pad, short)) if side == "left" else torch.cat((short, pad))
+    mask = torch.cat((torch.zeros(T - 9), torch.ones(9))) if side == "left" else torch.cat((torch.ones(9), torch.zeros(T - 9)))
+    with torch.no_grad():
+        logits = hf_model_of(model)(torch.stack((long, padded)), attention_mask=torch.stack((torch.ones(T), mask))).logits
+        real = logits[1, T - 9:] if side == "left" else logits[1, :9]
+        torch.testing.assert_close(logits[0], model(long[None])[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(real, model(short[None])[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mixers", [MIXERS["rat"], MIXERS["all"]], ids=["rat", "all"])
+def test_cached_decoding_equals_full_forwards(mixers):
+    model = random_model(small_config(mixers))
+    hf_model = hf_model_of(model)
+    tokens = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        full = model(tokens)
+        out = hf_model(tokens[:, :5], use_cache=True)
+        steps = [out.logits[:, -1]]
+        for t in range(5, 30):
+            out = hf_model(tokens[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_greedy_equals_ratpt_generate_for_prompts_of_different_lengths():
+    model = random_model(small_config(["rat", "swa", "attention", "rnn"]))
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (T, 6)]
+    expected = ratpt_generate(model, prompts, max_new_tokens=15)
+    input_ids = torch.tensor([prompts[0], [0] * (T - 6) + prompts[1]])
+    mask = torch.tensor([[1] * T, [0] * (T - 6) + [1] * 6])
+    out = hf_model_of(model).generate(input_ids, attention_mask=mask, max_new_tokens=15, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+    assert out[:, T:].tolist() == expected
+
+
+def test_generate_feeds_one_token_per_step_after_the_prompt():
+    model = random_model(small_config(["rat"]))
+    hf_model = hf_model_of(model)
+    shapes = []
+    hf_model.model.embedding.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    hf_model.generate(torch.randint(0, VOCAB, (2, T)), attention_mask=torch.ones(2, T, dtype=torch.long),
+                      max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert shapes == [(2, T)] + [(2,)] * 5
+
+
+def test_the_cache_holds_one_summary_per_chunk_and_a_window_ring():
+    cfg = small_config(["rat", "swa"])
+    hf_model = hf_model_of(random_model(cfg))
+    H, d, L = cfg.d_model // cfg.head_dim, cfg.head_dim, cfg.chunk_size
+    sizes = {}
+    with torch.no_grad():
+        for length in (40, 400):
+            out = hf_model(torch.randint(0, VOCAB, (1, length)), use_cache=True)
+            cache = out.past_key_values
+            rat, swa = cache.layers
+            assert rat.summary_k.shape == rat.summary_v.shape == (1, H, -(-length // L), d)
+            assert rat.running_k.shape == rat.running_v.shape == (1, cfg.d_model)
+            assert swa.k.shape == swa.v.shape == (1, H, cfg.window + 1, d)
+            sizes[length] = cache.nbytes()
+    summary_bytes = 2 * H * d * 4  # one more chunk: a k and a v summary of every head, fp32
+    assert sizes[400] - sizes[40] == (400 - 40) // L * summary_bytes
+
+
+def test_beam_search_with_the_cache_equals_beam_search_without():
+    hf_model = hf_model_of(random_model(small_config(["rat", "attention"])))
+    prompt = torch.randint(0, VOCAB, (2, T))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3, do_sample=False,
+                  eos_token_id=None, pad_token_id=0)
+    assert torch.equal(hf_model.generate(prompt, use_cache=True, **kwargs),
+                       hf_model.generate(prompt, use_cache=False, **kwargs))
