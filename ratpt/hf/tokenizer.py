@@ -38,7 +38,8 @@ def to_hf_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
         raise ValueError(f"no Hugging Face export for a {type(tokenizer).__name__}")
     eos_token = AddedToken(eos, special=True, normalized=False)  # as a reloaded tokenizer saves it: byte-stable
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token, pad_token=eos_token,
-                                   clean_up_tokenization_spaces=False)
+                                   clean_up_tokenization_spaces=False,
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def byte_backend() -> FastTokenizer:
