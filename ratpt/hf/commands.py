@@ -19,6 +19,26 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.set_defaults(func=run_export_hf)
 
+    parser = subparsers.add_parser(
+        "evaluate", help="lm-evaluation-harness tasks on a pretrained model",
+        description="Run lm-eval TASKS on MODEL_DIR (a `ratpt export` folder or a Hugging Face RAT folder) with "
+                    "ratpt's own model and tokenizer. Task data comes from the Hugging Face hub unless the "
+                    "tasks are local YAML files under --include-path.",
+    )
+    parser.add_argument("model_dir", help="a pretrained folder (ratpt export, convert or export-hf)")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    parser.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    parser.add_argument("--max-length", type=int, default=4096, help="tokens of context kept per request")
+    parser.add_argument("--include-path", default=None, help="folder of extra task YAML files")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--bootstrap-iters", type=int, default=100000,
+                        help="resamplings for the standard errors (0: none)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.set_defaults(func=run_evaluate)
+
 
 def run_export_hf(args: argparse.Namespace) -> int:
     from ratpt.hf.export import export_hf
@@ -40,4 +60,23 @@ def run_convert_hf(args: argparse.Namespace) -> int:
 
     out = convert_hf(args.checkpoint, args.out)
     print(f"converted {args.checkpoint} (Hugging Face) -> {out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from ratpt.hf.lm_eval_model import evaluate_tasks
+
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        raise ValueError("--tasks names no task")
+    results = evaluate_tasks(args.model_dir, tasks, batch_size=args.batch_size, limit=args.limit,
+                             num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device,
+                             dtype=args.dtype, max_length=args.max_length, bootstrap_iters=args.bootstrap_iters)
+    print(make_table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
     return 0

@@ -51,17 +51,24 @@ def read_hf_folder(path: str | os.PathLike) -> tuple[RATLM, ModelConfig]:
     return model, cfg
 
 
+def read_hf_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:
+    """The tokenizer.json of a Hugging Face RAT folder with the EOS its config names (None without one)."""
+    folder = Path(path)
+    if not (folder / TOKENIZER).is_file():
+        return None
+    eos_id = json.loads((folder / CONFIG).read_text()).get("eos_token_id")
+    return HFTokenizer(folder / TOKENIZER, eos_id=eos_id, name=folder.name)
+
+
 def convert_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the Hugging Face RAT folder `path` as a ratpt pretrained folder (`ratpt.load_pretrained`)."""
-    folder = Path(path)
-    model, cfg = read_hf_folder(folder)
-    if not (folder / TOKENIZER).is_file():
+    model, cfg = read_hf_folder(path)
+    tokenizer = read_hf_tokenizer(path)
+    if tokenizer is None:
         return save_pretrained(model, cfg, out_dir)
-    eos_id = json.loads((folder / CONFIG).read_text()).get("eos_token_id")
-    tokenizer = HFTokenizer(folder / TOKENIZER, eos_id=eos_id, name=folder.name)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = Path(tmp) / "tokenizer"
         tokenizer_dir.mkdir()
-        (tokenizer_dir / TOKENIZER).write_bytes((folder / TOKENIZER).read_bytes())
+        (tokenizer_dir / TOKENIZER).write_bytes(tokenizer.path.read_bytes())
         (tokenizer_dir / META_FILE).write_text(json.dumps(tokenizer.identity(), indent=2))
         return save_pretrained(model, cfg, out_dir, tokenizer_dir)

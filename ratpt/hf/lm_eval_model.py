@@ -1,0 +1,151 @@
+"""A ratpt model as an lm-evaluation-harness model (`lm_eval --model ratpt --model_args path=DIR`).
+
+Requests are scored with ratpt's own model and tokenizer, not through transformers: what lm-eval measures
+is then exactly the trained model. Requests are sorted by length and run in right-padded batches (every
+mixer is causal, so padding after a sequence never changes its logits); the longest come first, so an
+out-of-memory batch size shows at once.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from ratpt.data.tokenizer import Tokenizer, load_tokenizer
+from ratpt.generate import generate
+from ratpt.hf.convert import CONFIG as HF_CONFIG
+from ratpt.hf.convert import read_hf_folder, read_hf_tokenizer
+from ratpt.model.lm import RATLM
+from ratpt.model.pretrained import TOKENIZER, load_pretrained
+
+MAX_LENGTH = 4096  # tokens of context a request keeps (the oldest are cut); RAT itself has no limit
+
+
+def load_model_dir(path: str | os.PathLike, device: str) -> tuple[RATLM, Tokenizer]:
+    """The model and tokenizer of a ratpt pretrained folder or of a Hugging Face RAT folder."""
+    folder = Path(path)
+    if (folder / HF_CONFIG).is_file():
+        model, _ = read_hf_folder(folder)
+        tokenizer = read_hf_tokenizer(folder)
+    else:
+        model, _ = load_pretrained(folder, device=device)
+        tokenizer = load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).exists() else None
+    if tokenizer is None:
+        raise FileNotFoundError(f"{folder} has no tokenizer: evaluation needs the text's tokens")
+    return model.to(device), tokenizer
+
+
+@register_model("ratpt")
+class RATPTLM(TemplateLM):
+    def __init__(self, path: str, batch_size: int | str = 8, device: str | None = None, dtype: str = "float32",
+                 max_length: int = MAX_LENGTH, model: RATLM | None = None, tokenizer: Tokenizer | None = None):
+        """Load `path` (or take `model` and `tokenizer` as given, e.g. in the middle of training)."""
+        super().__init__()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if model is None:
+            model, tokenizer = load_model_dir(path, device)
+        self.model = model.to(getattr(torch, dtype)).eval()
+        self.tokenizer_ = tokenizer
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.device_ = torch.device(device)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer_.eos_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer_.encode(string)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        return score_continuations(self.model, [(context, continuation) for _, context, continuation in requests],
+                                   self.batch_size, self.max_length, self.device_)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each document scored whole, in disjoint windows of max_length tokens after an EOS prefix."""
+        windows, owner = [], []
+        for index, (text,) in enumerate(request.args for request in requests):
+            for window in get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self.max_length, 1):
+                windows.append(make_disjoint_window(window))
+                owner.append(index)
+        totals = [0.0] * len(requests)
+        for index, (logprob, _) in zip(owner, score_continuations(self.model, windows, self.batch_size,
+                                                                  self.max_length, self.device_)):
+            totals[index] += logprob
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations (ratpt.generate), cut before the first stop string; requests that share
+        generation arguments share batches, longest prompts first."""
+        outputs = [""] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, (_, gen_kwargs) in enumerate(request.args for request in requests):
+            groups.setdefault(_generation_key(gen_kwargs, self.eot_token_id), []).append(index)
+        for (stops, max_new), indices in groups.items():
+            prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] or [self.eot_token_id]
+                       for i in indices}
+            order = sorted(indices, key=lambda i: -len(prompts[i]))
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                new = generate(self.model, [prompts[i] for i in batch], max_new, eos_id=self.eot_token_id)
+                for i, tokens in zip(batch, new):
+                    outputs[i] = _cut(self.tokenizer_.decode([t for t in tokens if t != self.eot_token_id]), stops)
+        return outputs
+
+
+@torch.no_grad()
+def score_continuations(model: RATLM, pairs: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
+                        device: torch.device | str = "cpu") -> list[tuple[float, bool]]:
+    """(log p(continuation | context), whether greedy decoding gives the continuation) for each pair of token
+    lists; the context is cut from the left to max_length tokens of input."""
+    inputs = [(context + continuation)[-(max_length + 1):][:-1] for context, continuation in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        tokens = torch.zeros(len(batch), len(inputs[batch[0]]), dtype=torch.long, device=device)
+        for row, i in enumerate(batch):
+            tokens[row, :len(inputs[i])] = torch.tensor(inputs[i], device=device)
+        logprobs = model(tokens).float().log_softmax(-1)
+        for row, i in enumerate(batch):
+            continuation = torch.tensor(pairs[i][1], device=device)
+            end = len(inputs[i])
+            scored = logprobs[row, end - len(continuation):end]
+            results[i] = (float(scored.gather(-1, continuation[:, None]).sum()),
+                          bool((scored.argmax(-1) == continuation).all()))
+    return results
+
+
+def _generation_key(gen_kwargs: dict, eos_id: int) -> tuple[tuple[str, ...], int]:
+    """(stop strings, new tokens): what a greedy generation request asks for."""
+    until = gen_kwargs.get("until") or []
+    stops = tuple([until] if isinstance(until, str) else until)
+    return stops, int(gen_kwargs.get("max_gen_toks", 256))
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    """text up to the first occurrence of any stop string."""
+    for stop in stops:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+def evaluate_tasks(model_dir: str | os.PathLike, tasks: list[str], batch_size: int = 8, limit: float | None = None,
+                   num_fewshot: int | None = None, include_path: str | None = None, device: str | None = None,
+                   dtype: str = "float32", max_length: int = MAX_LENGTH, log_samples: bool = False,
+                   bootstrap_iters: int = 100000) -> dict:
+    """lm-eval's `simple_evaluate` of the model in `model_dir` on `tasks` (names lm-eval knows, or tasks of
+    the YAML files under `include_path`); its results dict. `bootstrap_iters` resamplings estimate the
+    standard errors (lm-eval's default; 0 skips them, which on a few documents saves most of the time)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    lm = RATPTLM(str(model_dir), batch_size=batch_size, device=device, dtype=dtype, max_length=max_length)
+    return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
+                           task_manager=TaskManager(include_path=include_path), batch_size=batch_size,
+                           bootstrap_iters=bootstrap_iters)
