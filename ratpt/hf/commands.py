@@ -39,6 +39,21 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.set_defaults(func=run_evaluate)
 
+    parser = subparsers.add_parser(
+        "evaluate-long", help="passkey retrieval at long context (no download)",
+        description="Hide a random number at each depth of a haystack of CPython's documentation, in prompts "
+                    "of each length (tokens), and ask MODEL_DIR for it; writes passkey.json and passkey.png.",
+    )
+    parser.add_argument("model_dir", help="a pretrained folder (ratpt export, convert or export-hf)")
+    parser.add_argument("--lengths", default="1024,4096,16384", help="comma-separated prompt lengths in tokens")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
+    parser.add_argument("--trials", type=int, default=5, help="random keys per (length, depth)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--out", default="passkey", help="folder for passkey.json and passkey.png")
+    parser.set_defaults(func=run_evaluate_long)
+
 
 def run_export_hf(args: argparse.Namespace) -> int:
     from ratpt.hf.export import export_hf
@@ -79,4 +94,31 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(make_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    return 0
+
+
+def run_evaluate_long(args: argparse.Namespace) -> int:
+    import torch
+
+    from ratpt.generate import generate
+    from ratpt.hf.convert import load_model_dir
+    from ratpt.hf.passkey import run_passkey, write_report
+
+    lengths = [int(value) for value in args.lengths.split(",") if value.strip()]
+    depths = [float(value) for value in args.depths.split(",") if value.strip()]
+    if not lengths or not depths or args.trials < 1:
+        raise ValueError("--lengths and --depths must name at least one value and --trials be >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_dir(args.model_dir, device)
+    model = model.to(getattr(torch, args.dtype)).eval()
+
+    def answer(prompt: list[int], max_new_tokens: int) -> list[int]:
+        return generate(model, [prompt], max_new_tokens, eos_id=tokenizer.eos_id)[0]
+
+    results = run_passkey(answer, tokenizer, lengths, depths, trials=args.trials, seed=args.seed)
+    json_path, png_path = write_report(results, args.out)
+    for length in lengths:
+        row = " ".join(f"{results['accuracy'][str(length)][str(depth)]:.2f}" for depth in depths)
+        print(f"length {length:>7}: {row}   (depths {args.depths})")
+    print(f"wrote {json_path} and {png_path}")
     return 0

@@ -14,11 +14,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ratpt.data.layout import META_FILE
-from ratpt.data.tokenizer import HFTokenizer
+from ratpt.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from ratpt.hf.export import PREFIX
 from ratpt.model.config import ModelConfig, validate_model_config
 from ratpt.model.lm import RATLM, build_model
-from ratpt.model.pretrained import save_pretrained
+from ratpt.model.pretrained import TOKENIZER as RATPT_TOKENIZER
+from ratpt.model.pretrained import load_pretrained, save_pretrained
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 
@@ -72,3 +73,17 @@ def convert_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         (tokenizer_dir / TOKENIZER).write_bytes(tokenizer.path.read_bytes())
         (tokenizer_dir / META_FILE).write_text(json.dumps(tokenizer.identity(), indent=2))
         return save_pretrained(model, cfg, out_dir, tokenizer_dir)
+
+
+def load_model_dir(path: str | os.PathLike, device: str) -> tuple[RATLM, Tokenizer]:
+    """The model and tokenizer of a ratpt pretrained folder or of a Hugging Face RAT folder."""
+    folder = Path(path)
+    if (folder / CONFIG).is_file():
+        model, _ = read_hf_folder(folder)
+        tokenizer = read_hf_tokenizer(folder)
+    else:
+        model, _ = load_pretrained(folder, device=device)
+        tokenizer = load_tokenizer(folder / RATPT_TOKENIZER) if (folder / RATPT_TOKENIZER).exists() else None
+    if tokenizer is None:
+        raise FileNotFoundError(f"{folder} has no tokenizer: evaluation needs the text's tokens")
+    return model.to(device), tokenizer

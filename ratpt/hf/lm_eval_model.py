@@ -8,35 +8,18 @@ out-of-memory batch size shows at once.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ratpt.data.tokenizer import Tokenizer, load_tokenizer
+from ratpt.data.tokenizer import Tokenizer
 from ratpt.generate import generate
-from ratpt.hf.convert import CONFIG as HF_CONFIG
-from ratpt.hf.convert import read_hf_folder, read_hf_tokenizer
+from ratpt.hf.convert import load_model_dir
 from ratpt.model.lm import RATLM
-from ratpt.model.pretrained import TOKENIZER, load_pretrained
 
 MAX_LENGTH = 4096  # tokens of context a request keeps (the oldest are cut); RAT itself has no limit
-
-
-def load_model_dir(path: str | os.PathLike, device: str) -> tuple[RATLM, Tokenizer]:
-    """The model and tokenizer of a ratpt pretrained folder or of a Hugging Face RAT folder."""
-    folder = Path(path)
-    if (folder / HF_CONFIG).is_file():
-        model, _ = read_hf_folder(folder)
-        tokenizer = read_hf_tokenizer(folder)
-    else:
-        model, _ = load_pretrained(folder, device=device)
-        tokenizer = load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).exists() else None
-    if tokenizer is None:
-        raise FileNotFoundError(f"{folder} has no tokenizer: evaluation needs the text's tokens")
-    return model.to(device), tokenizer
 
 
 @register_model("ratpt")
