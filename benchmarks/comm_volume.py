@@ -99,8 +99,8 @@ def group_namer():
 def measure(mixer: str, seq_len: int, layout: dict, d_model: int, n_layers: int, vocab: int, device: str) -> dict:
     from ratpt.config import load_config
     from ratpt.model import build_model
-    from ratpt.parallel.data_parallel import init_distributed
-    from ratpt.parallel.megatron_engine import MegatronEngine
+    from ratpt.parallel.process_group import init_distributed
+    from ratpt.engines.megatron_engine import MegatronEngine
     from ratpt.parallel.mesh import destroy_mesh
 
     ctx = init_distributed(device)

@@ -1,11 +1,13 @@
-"""Training throughput of the two parallel engines at equal batch: megatron-core vs DeepSpeed ZeRO.
+"""Training throughput of the engines at equal batch: one process's, megatron-core's, DeepSpeed ZeRO.
 
 One engine per launch (each owns its process groups); every launch appends one JSON line. The
-step is the trainer's (forward_backward / clip / set_lr / step of the engine `ratpt train` builds)
-on random tokens, so the numbers compare the engines and nothing else. `--engine megatron` is
-megatron-core's engine even in one process (a one-rank group), where `ratpt train` would run
-its plain-PyTorch LocalEngine, so one GPU measures it too.
+step is the trainer's (forward_backward / clip / set_lr / step of the engine `ratpt train` builds,
+its model prepared as `ratpt train` prepares it: train.compile, activation checkpointing) on random
+tokens, so the numbers compare the engines and nothing else. `--engine megatron` is megatron-core's
+engine even in one process (a one-rank group), where `ratpt train` would run the local engine,
+so one GPU measures both.
 
+    python benchmarks/engines.py --engine local        (one process; --set train.compile=false: eager)
     torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine megatron
     torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine deepspeed --zero-stage 1
     torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine deepspeed --zero-stage 3
@@ -20,28 +22,30 @@ The same harness measures long context, e.g. one 131072-token sequence per step 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ratpt.config import load_config
+from ratpt.config import load_config, micro_batches_per_step
+from ratpt.engines import LocalEngine
+from ratpt.engines.compile import prepare_model
 from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
-from ratpt.parallel.data_parallel import init_distributed
-from ratpt.parallel.megatron_engine import MegatronEngine
-from ratpt.train.engine import build_engine
+from ratpt.parallel.process_group import init_distributed
 from ratpt.train.metrics import device_peak_tflops
-from ratpt.train.trainer import apply_activation_checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", choices=["megatron", "deepspeed"], required=True)
+    parser.add_argument("--engine", choices=["local", "megatron", "deepspeed"], required=True,
+                        help="local: the one-process engine; megatron: megatron-core's, in a group of one on one process")
     parser.add_argument("--zero-stage", type=int, default=1)
     parser.add_argument("--config", default="rat_1p3b")
     parser.add_argument("--global-batch", type=int, default=32)
@@ -58,16 +62,16 @@ def main() -> None:
         parser.error("--profile times GPU kernels: it needs CUDA")
 
     cfg = load_config(REPO / "configs" / f"{args.config}.yaml", [
-        f"train.engine={args.engine}", f"deepspeed.zero_stage={args.zero_stage}",
+        f"train.engine={'deepspeed' if args.engine == 'deepspeed' else 'megatron'}",
+        f"deepspeed.zero_stage={args.zero_stage}",
         f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}",
         f"data.seq_len={args.seq_len}", *args.set])
     ctx = init_distributed(cfg.train.device, group_of_one=args.engine == "megatron")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(ctx.device)
-    if cfg.train.activation_checkpointing:  # as the trainer does, before the engine wraps the model
-        apply_activation_checkpointing(model)
-    engine = MegatronEngine(cfg, ctx, model) if args.engine == "megatron" else build_engine(cfg, ctx, model)
-    accum = cfg.train.global_batch // (cfg.train.micro_batch * engine.dp_size)
+    backend = prepare_model(model, cfg, ctx.device)  # as build_engine does, whatever the number of processes
+    engine = engine_class(args.engine)(cfg, ctx, model, backend)
+    accum = micro_batches_per_step(cfg.train, engine.dp_size)
     g = torch.Generator().manual_seed(engine.dp_rank)  # CP ranks of one DP rank read the same sequences
     tokens = torch.randint(0, cfg.model.vocab_size, (accum, cfg.train.micro_batch, cfg.data.seq_len + 1), generator=g)
     batches = [{"input_ids": t[:, :-1], "labels": t[:, 1:]} for t in tokens]
@@ -91,7 +95,9 @@ def main() -> None:
     flops = training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_s
     memory = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else 0.0
     result = {
-        "engine": args.engine if args.engine == "megatron" else f"deepspeed-zero{args.zero_stage}",
+        "engine": f"deepspeed-zero{args.zero_stage}" if args.engine == "deepspeed" else args.engine,
+        "compile": backend, "device": torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu",
+        "date": datetime.date.today().isoformat(), "commit": os.environ.get("RATPT_COMMIT"),
         "config": args.config, "processes": ctx.world_size, "global_batch": cfg.train.global_batch,
         "micro_batch": cfg.train.micro_batch, "seq_len": cfg.data.seq_len, "overrides": args.set,
         "step_s": round(seconds, 4), "tokens_per_s": round(tokens_per_s), "tokens_per_s_per_gpu": round(
@@ -108,6 +114,18 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def engine_class(name: str):
+    if name == "local":
+        return LocalEngine
+    if name == "megatron":
+        from ratpt.engines.megatron_engine import MegatronEngine
+
+        return MegatronEngine
+    from ratpt.engines.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine
 
 
 def step_profile(step) -> dict[str, float]:

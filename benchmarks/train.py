@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from ratpt.config import load_config
+from ratpt.engines.compile import apply_activation_checkpointing, apply_compile
+from ratpt.engines.loss import sum_cross_entropy
+from ratpt.engines.optim import parameter_groups
 from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
-from ratpt.train.engine import sum_cross_entropy
 from ratpt.train.metrics import device_peak_tflops
-from ratpt.train.optim import build_optimizer
-from ratpt.train.trainer import apply_activation_checkpointing, apply_compile
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ("ckpt", "compile", "logits")
@@ -61,7 +61,9 @@ def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], dev
         apply_activation_checkpointing(model)
     if "compile" in flags:
         apply_compile(model)
-    optimizer, _ = build_optimizer(model, cfg.optimizer, cfg.schedule, total_steps=1000)
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  fused=True)
     tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch, seq_len + 1), device=device)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ratpt.config import load_config
-from ratpt.train.checkpoint import latest_checkpoint
+from ratpt.checkpoint import latest_checkpoint
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic directories, newest-complete discovery, safe loading.
+"""Training checkpoints on disk: atomic directories, newest-complete discovery, safe loading.
 
 A checkpoint is a directory `step_XXXXXXXX/` holding `state.pt` (model, optimizer, scheduler,
 data-loader position, RNG states, step), `config.yaml` (the resolved run config) and a copy of
@@ -6,8 +6,9 @@ the tokenizer folder, so that it alone is enough to resume, evaluate, export or 
 It is written under a temporary name and renamed into place: a crash mid-save leaves at most a
 `*.tmp` directory, which discovery ignores and the next save removes, and the previous
 checkpoint stays loadable. Loading uses `torch.load(weights_only=True)`: no arbitrary pickle.
-A distributed checkpoint (ratpt.parallel.dist_checkpoint) keeps the model and optimizer in every
-rank's shard files under `dist/`; its `state.pt` holds the rest (step, data position, RNG).
+Every engine writes this layout (ratpt.engines); a distributed checkpoint keeps the model and
+optimizer in every rank's shard files under `dist/` (ratpt.engines.megatron_checkpoint) and its
+`state.pt` holds the rest (step, data position, RNG).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from ratpt.files import publish_dir
 
@@ -103,6 +105,18 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, then delete the oldest others until `keep` remain (None: none)."""
     return finish_checkpoint(start_checkpoint(directory, step), state, config_yaml, tokenizer_dir, keep)
+
+
+def save_gathered(directory: Path, step: int, state: dict[str, Any], config_yaml: str, tokenizer_dir: Optional[Path],
+                  keep: Optional[int]) -> Path:
+    """Write the gathered `state` (model, optimizer, train state: the same on every rank) as checkpoint
+    `step` from rank 0; every rank returns once it is in place (collective under a process group)."""
+    path = directory / checkpoint_name(step)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path = save_checkpoint(directory, step, state, config_yaml, tokenizer_dir, keep)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
 
 
 @contextlib.contextmanager

@@ -35,13 +35,28 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
-    compile: bool = False  # torch.compile each block and the loss (single-process training)
+    compile: str = "auto"  # torch.compile each block and the loss: auto (on CUDA) | true | false
     compile_backend: str = "inductor"  # inductor | aot_eager (traced but not code-generated: tells a compiler
     #                                    bug from a model bug, and compiles in seconds)
     fused_loss: bool = True  # head + loss chunk by chunk (ratpt.ops.linear_cross_entropy): no [tokens, vocab] logits
     seed: int = 0  # parameter init and any sampling; the data order has its own seed
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (each is skipped)
     engine: str = "megatron"  # megatron (one process: plain PyTorch) | deepspeed (ZeRO, see `deepspeed`)
+
+
+COMPILE_CHOICES = ("auto", "true", "false")  # YAML's true/false arrive as "True"/"False": compared lowercased
+
+
+def compiles(train: TrainConfig, device_type: str) -> bool:
+    """Whether train.compile asks for torch.compile on `device_type`: auto compiles on CUDA only (on
+    the CPU, inductor's code generation costs more than the step saves on small models)."""
+    choice = train.compile.lower()
+    return choice == "true" or (choice == "auto" and device_type == "cuda")
+
+
+def micro_batches_per_step(train: TrainConfig, dp_size: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step (validate_config checks it divides)."""
+    return train.global_batch // (train.micro_batch * dp_size)
 
 
 @dataclass
@@ -91,6 +106,9 @@ class ParallelConfig:
     context: int = 1  # context-parallel ranks: each holds whole chunks of every sequence, cut by context_layout
     context_layout: str = "zigzag"  # zigzag (2·CP blocks, rank r holds r and 2·CP−1−r: equal work) | contiguous
     distributed_optimizer: bool = True  # shard the optimizer state over data-parallel ranks (ZeRO-1)
+    overlap_communication: bool = True  # on GPU: gradient reduce-scatter during backward, parameter all-gather
+    #                                     during the next forward (megatron DDP; DeepSpeed overlap_comm)
+    bucket_size: int = 0  # parameters per gradient-reduction bucket when overlapping; 0: megatron's default
     # data parallelism takes the remaining ranks: world size / (tensor × pipeline × context)
 
 
@@ -100,6 +118,27 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False  # keep optimizer state in CPU memory and step it there (CPU Adam on GPU)
     offload_params: bool = False  # stage 3 only: keep parameters in CPU memory between uses
     extra: dict[str, Any] = field(default_factory=dict)  # more DeepSpeed JSON keys, merged over the generated ones
+
+
+# DeepSpeed JSON keys that the ratpt config sets (ratpt.engines.deepspeed_config) -> the ratpt key to use
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch and train.micro_batch",
+    "gradient_clipping": "optimizer.grad_clip",
+    "optimizer.type": "(AdamW, as every ratpt engine)",
+    "optimizer.params.lr": "optimizer.lr (and schedule.*)",
+    "optimizer.params.betas": "optimizer.betas",
+    "optimizer.params.eps": "optimizer.eps",
+    "optimizer.params.weight_decay": "optimizer.weight_decay",
+    "scheduler": "schedule.*",
+    "fp16": "train.precision",
+    "bf16.enabled": "train.precision",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param.device": "deepspeed.offload_params",
+    "zero_optimization.overlap_comm": "parallel.overlap_communication",
+}
 
 
 @dataclass
@@ -183,6 +222,7 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     )
     _require(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto|bf16|fp32, got {t.precision!r}")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got {t.device!r}")
+    _require(t.compile.lower() in COMPILE_CHOICES, f"train.compile must be auto|true|false, got {t.compile!r}")
     _require(t.compile_backend in COMPILE_BACKENDS,
              f"train.compile_backend must be {'|'.join(COMPILE_BACKENDS)}, got {t.compile_backend!r}")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
@@ -220,18 +260,34 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     validate_checkpoint_format(cfg)
     _require(cfg.logging.interval >= 1, f"logging.interval must be >= 1, got {cfg.logging.interval}")
     validate_parallel_shape(cfg)
+    _require(cfg.parallel.bucket_size >= 0, f"parallel.bucket_size must be >= 0 (0: megatron's default), "
+             f"got {cfg.parallel.bucket_size}")
+    micro_batches = micro_batches_per_step(t, dp_size)
+    p = cfg.parallel
+    _require(p.virtual_stages == 1 or micro_batches % p.pipeline == 0,
+             f"the interleaved schedule runs micro-batches in groups of parallel.pipeline ({p.pipeline}): "
+             f"train.global_batch / (train.micro_batch × data-parallel size) = {micro_batches} must be a "
+             "multiple of it (or use parallel.virtual_stages=1)")
     _require(t.engine in ("megatron", "deepspeed"), f"train.engine must be megatron|deepspeed, got {t.engine!r}")
     if t.engine == "deepspeed":
         z, p = cfg.deepspeed, cfg.parallel
         _require(z.zero_stage in (1, 2, 3), f"deepspeed.zero_stage must be 1, 2 or 3, got {z.zero_stage}")
         _require(not z.offload_params or z.zero_stage == 3,
                  f"deepspeed.offload_params needs deepspeed.zero_stage=3 (got {z.zero_stage})")
-        from ratpt.parallel.deepspeed_config import check_extra  # imports this module: not at the top
-
-        check_extra(z.extra)
+        check_deepspeed_extra(z.extra)
         _require(p.tensor == 1 and p.pipeline == 1, "train.engine=deepspeed scales by data and context parallelism "
                  f"only: set parallel.tensor=1 and parallel.pipeline=1 (got {p.tensor}, {p.pipeline}), "
                  "or use train.engine=megatron")
+
+
+def check_deepspeed_extra(extra: dict[str, Any], prefix: str = "") -> None:
+    """Reject `deepspeed.extra` keys that the ratpt config owns, naming the ratpt key to use."""
+    for key, value in extra.items():
+        path = f"{prefix}{key}"
+        if path in DEEPSPEED_OWNED:
+            raise ConfigError(f"deepspeed.extra.{path} is set from the ratpt config: use {DEEPSPEED_OWNED[path]}")
+        if isinstance(value, dict):
+            check_deepspeed_extra(value, f"{path}.")
 
 
 def validate_checkpoint_format(cfg: Config) -> None:

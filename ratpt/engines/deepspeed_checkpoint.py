@@ -9,13 +9,13 @@ directories, and consolidation into a plain ratpt checkpoint.
         config.yaml, tokenizer/   as for every ratpt checkpoint
         zero_to_fp32.py           DeepSpeed's own consolidation script, which it copies in
 
-Through ratpt.train.checkpoint (start_checkpoint / finish_checkpoint) the directory is written
+Through ratpt.checkpoint (start_checkpoint / finish_checkpoint) the directory is written
 under a temporary name and renamed into place, so `checkpoint.resume: auto` finds only complete
 checkpoints, and only the newest `checkpoint.keep` are kept. `consolidate` turns one (any ZeRO
 stage) into a plain ratpt checkpoint
 (`state.pt` with the full fp32 "model") for `ratpt eval`, `ratpt generate` and `ratpt export`:
 
-    python -m ratpt.parallel.deepspeed_checkpoint runs/NAME/checkpoints/step_00001000 OUT_FOLDER
+    python -m ratpt.engines.deepspeed_checkpoint runs/NAME/checkpoints/step_00001000 OUT_FOLDER
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ratpt.files import fsync_path
-from ratpt.train.checkpoint import (CONFIG_FILE, STATE_FILE, TOKENIZER_DIR, CheckpointError, checkpoint_name,
+from ratpt.checkpoint import (CONFIG_FILE, STATE_FILE, TOKENIZER_DIR, CheckpointError, checkpoint_name,
                                     finish_checkpoint, resolve_checkpoint, save_checkpoint, start_checkpoint,
                                     temporary_dir, weights_only_loads)
 

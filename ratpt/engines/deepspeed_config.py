@@ -12,41 +12,24 @@
 
 `deepspeed.extra` is merged over the result key by key (nested dicts merge, anything else
 replaces), so any DeepSpeed option can be set from the ratpt config, except those the ratpt
-config owns (OWNED): the trainer's loop, schedule and logging follow those, so a second value
-in the DeepSpeed JSON would silently disagree with them.
+config owns (ratpt.config.DEEPSPEED_OWNED): the trainer's loop, schedule and logging follow
+those, so a second value in the DeepSpeed JSON would silently disagree with them.
 """
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from ratpt.config import Config, ConfigError
-from ratpt.train.engine import uses_bf16
+from ratpt.config import Config, check_deepspeed_extra
+from ratpt.engines.loss import uses_bf16
 
-OWNED = {  # DeepSpeed key -> the ratpt key that sets it
-    "train_batch_size": "train.global_batch",
-    "train_micro_batch_size_per_gpu": "train.micro_batch",
-    "gradient_accumulation_steps": "train.global_batch and train.micro_batch",
-    "gradient_clipping": "optimizer.grad_clip",
-    "optimizer.type": "(AdamW, as every ratpt engine)",
-    "optimizer.params.lr": "optimizer.lr (and schedule.*)",
-    "optimizer.params.betas": "optimizer.betas",
-    "optimizer.params.eps": "optimizer.eps",
-    "optimizer.params.weight_decay": "optimizer.weight_decay",
-    "scheduler": "schedule.*",
-    "fp16": "train.precision",
-    "bf16.enabled": "train.precision",
-    "zero_optimization.stage": "deepspeed.zero_stage",
-    "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
-    "zero_optimization.offload_param.device": "deepspeed.offload_params",
-}
 QUIET_STEPS = 2**31 - 1  # steps_per_print: ratpt's metrics logger reports, DeepSpeed stays quiet
 
 
-def deepspeed_json(cfg: Config, dp_size: int, device_type: str) -> dict[str, Any]:
-    """The DeepSpeed config dict for `cfg` on `dp_size` data-parallel ranks of `device_type`."""
+def deepspeed_json(cfg: Config, micro_batches: int, dp_size: int, device_type: str) -> dict[str, Any]:
+    """The DeepSpeed config dict for `cfg` with `micro_batches` per step on each of `dp_size`
+    data-parallel ranks of `device_type`."""
     t, o, z = cfg.train, cfg.optimizer, cfg.deepspeed
-    accum = t.global_batch // (t.micro_batch * dp_size)
     on_gpu = device_type == "cuda"
     cpu_adam = z.offload_optimizer and on_gpu
     adam: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
@@ -54,14 +37,16 @@ def deepspeed_json(cfg: Config, dp_size: int, device_type: str) -> dict[str, Any
     if on_gpu and not cpu_adam:
         adam["fused"] = True  # torch's fused CUDA AdamW on the flat fp32 partitions; no JIT build
     zero: dict[str, Any] = {"stage": z.zero_stage}
+    if on_gpu:  # NOTE: reductions (and ZeRO-3's gathers) of buckets on a side stream during backward
+        zero["overlap_comm"] = cfg.parallel.overlap_communication
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     generated: dict[str, Any] = {
-        "train_batch_size": t.micro_batch * accum * dp_size,
+        "train_batch_size": t.micro_batch * micro_batches * dp_size,
         "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": accum,
+        "gradient_accumulation_steps": micro_batches,
         "gradient_clipping": o.grad_clip,
         "optimizer": {"type": "AdamW", "params": adam},
         "zero_optimization": zero,
@@ -71,18 +56,8 @@ def deepspeed_json(cfg: Config, dp_size: int, device_type: str) -> dict[str, Any
     }
     if generated["bf16"]["enabled"]:
         generated["data_types"] = {"grad_accum_dtype": "fp32"}
-    check_extra(z.extra)
+    check_deepspeed_extra(z.extra)
     return merged(generated, z.extra)
-
-
-def check_extra(extra: dict[str, Any], prefix: str = "") -> None:
-    """Reject `deepspeed.extra` keys that the ratpt config owns, naming the ratpt key to use."""
-    for key, value in extra.items():
-        path = f"{prefix}{key}"
-        if path in OWNED:
-            raise ConfigError(f"deepspeed.extra.{path} is set from the ratpt config: use {OWNED[path]}")
-        if isinstance(value, dict):
-            check_extra(value, f"{path}.")
 
 
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -12,9 +12,9 @@ megatron-core for runs that scale by data (and context) parallelism, or need ZeR
                       step's loss and gradients are those of one process on the whole global batch
     clip, step        the gradient norm is DeepSpeed's own (over the reduced ZeRO partitions);
                       DeepSpeed clips (gradient_clipping) and runs AdamW in its ZeRO step
-    checkpoints       DeepSpeed's save/load (ratpt.parallel.deepspeed_checkpoint)
+    checkpoints       DeepSpeed's save/load (ratpt.engines.deepspeed_checkpoint)
 
-The DeepSpeed JSON is generated from the ratpt config (ratpt.parallel.deepspeed_config).
+The DeepSpeed JSON is generated from the ratpt config (ratpt.engines.deepspeed_config).
 """
 from __future__ import annotations
 
@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ratpt.config import Config
+from ratpt.config import Config, micro_batches_per_step
+from ratpt.engines.deepspeed_checkpoint import load_deepspeed_checkpoint, save_deepspeed_checkpoint
+from ratpt.engines.deepspeed_config import deepspeed_json
+from ratpt.engines.loss import IGNORE_INDEX, sum_cross_entropy
+from ratpt.engines.optim import parameter_groups
 from ratpt.parallel.context_parallel import apply_context_parallel, sequence_slice
-from ratpt.parallel.data_parallel import DistributedContext, collective_timeout
-from ratpt.parallel.deepspeed_config import deepspeed_json
 from ratpt.parallel.mesh import Mesh
-from ratpt.train.engine import IGNORE_INDEX, sum_cross_entropy
-from ratpt.train.optim import parameter_groups
+from ratpt.parallel.process_group import DistributedContext, collective_timeout
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,10 @@ def _join_single_process_group(device: torch.device) -> None:
 class DeepSpeedEngine:
     """Forward/backward, clip and step of a DeepSpeed ZeRO engine over DP × CP."""
 
-    def __init__(self, cfg: Config, ctx: DistributedContext, model: nn.Module) -> None:
+    def __init__(self, cfg: Config, ctx: DistributedContext, model: nn.Module,
+                 compile_backend: Optional[str] = None) -> None:
         self.cfg, self.ctx = cfg, ctx
+        self.compile_backend = compile_backend
         deepspeed = import_deepspeed(ctx.device)
         _join_single_process_group(ctx.device)
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)  # wraps ours
@@ -130,7 +133,8 @@ class DeepSpeedEngine:
         if self.mesh.cp > 1:
             apply_context_parallel(model, groups.cp_group, self.mesh.cp_rank, self.mesh.cp,
                                    cfg.parallel.context_layout)
-        self.config = deepspeed_json(cfg, self.dp_size, ctx.device.type)
+        self.config = deepspeed_json(cfg, micro_batches_per_step(cfg.train, self.dp_size), self.dp_size,
+                                     ctx.device.type)
         groups_by_decay = parameter_groups(model, cfg.optimizer.weight_decay)  # before ZeRO-3 empties the tensors
         if self.config["zero_optimization"]["stage"] == 3:
             # NOTE: partition over DP × CP ourselves: DeepSpeed's own conversion would use the
@@ -163,7 +167,7 @@ class DeepSpeedEngine:
         for i, batch in enumerate(micro_batches):
             self.ds.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss = sum_cross_entropy(self.ds, batch, self.ctx.device, "fp32",  # bf16 is DeepSpeed's
-                                     fused=self.cfg.train.fused_loss)
+                                     self.compile_backend, self.cfg.train.fused_loss)
             self.ds.backward(loss * scale, scale_wrt_gas=False)
             totals[0] += loss.detach().double()
         self._pending_step = True
@@ -247,13 +251,15 @@ class DeepSpeedEngine:
     def save_checkpoint(self, ckpt_dir: Path, step: int, client_state: dict[str, Any], config_yaml: str,
                         tokenizer_dir: Optional[Path], keep: int) -> Path:
         """DeepSpeed's save_checkpoint into a complete ratpt checkpoint directory (collective)."""
-        from ratpt.parallel.deepspeed_checkpoint import save_deepspeed_checkpoint
-
         return save_deepspeed_checkpoint(self.ds, ckpt_dir, step, client_state, config_yaml, tokenizer_dir, keep)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """DeepSpeed's load_checkpoint (model, optimizer); returns the client state (step, data
         position, RNG, bad-step count) saved with it."""
-        from ratpt.parallel.deepspeed_checkpoint import load_deepspeed_checkpoint
-
         return load_deepspeed_checkpoint(self.ds, path)
+
+    def poll(self) -> None:
+        """DeepSpeed saves synchronously: nothing in flight."""
+
+    def wait(self) -> None:
+        """DeepSpeed saves synchronously: nothing in flight."""

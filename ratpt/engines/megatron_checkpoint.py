@@ -24,11 +24,11 @@ stage's copy of the tied embedding is not written.
 
 Loading requests, on every rank, its whole TP shard of each parameter and its own optimizer range;
 DCP reads the overlap of every requested rectangle with the stored ones, so the writing layout does
-not matter. One process (LocalEngine, `ratpt eval`, `ratpt export`) reads the full tensors with
+not matter. One process (the local engine, `ratpt eval`, `ratpt export`) reads the full tensors with
 `read_plain_state`, without a process group.
 
 Atomicity: the shards go into `step_XXXXXXXX.tmp/dist`; rank 0 writes state.pt, config and tokenizer
-and renames the directory into place (ratpt.train.checkpoint.finish_checkpoint) only once every rank's
+and renames the directory into place (ratpt.checkpoint.finish_checkpoint) only once every rank's
 shards and megatron's metadata are written — in the finalization of megatron's AsyncRequest. A save
 killed before that leaves a `*.tmp` directory, which `resume: auto` ignores and the next save removes.
 
@@ -63,9 +63,8 @@ from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
 
 from ratpt.parallel.optimizer_state import (ADAM_KEYS, MASTER, local_optimizer_state, owning_optimizer,
                                             scatter_optimizer_state)
-from ratpt.train.checkpoint import (CheckpointError, checkpoint_name, finish_checkpoint, load_checkpoint,
-                                    start_checkpoint, temporary_dir)
-from ratpt.train.engine import LocalEngine
+from ratpt.checkpoint import (CheckpointError, checkpoint_name, finish_checkpoint, load_checkpoint, start_checkpoint,
+                              temporary_dir)
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +87,6 @@ class _Layout:
 def is_distributed(state: dict[str, Any]) -> bool:
     """Whether a checkpoint's state.pt (as loaded) belongs to a distributed checkpoint."""
     return state.get("format") == FORMAT
-
-
-def load_distributed(engine, checkpoint: Path, state: dict[str, Any]) -> None:
-    """Load distributed checkpoint `checkpoint` (its state.pt already read: `state`) into a MegatronEngine
-    of any layout (its own shards) or one process's LocalEngine (the full tensors)."""
-    if isinstance(engine, LocalEngine):
-        engine.load_state_dict(read_plain_state(checkpoint))
-    else:
-        load_sharded(engine, checkpoint, state["adam_step"])
 
 
 class _MetadataUnpickler(pickle.Unpickler):

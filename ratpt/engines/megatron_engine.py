@@ -24,22 +24,25 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ratpt.checkpoint import load_checkpoint, resolve_checkpoint, save_gathered
 from ratpt.config import Config
+from ratpt.engines.loss import IGNORE_INDEX, compiled_cross_entropy_sum, cross_entropy_sum, uses_bf16
+from ratpt.engines.megatron_checkpoint import DistributedCheckpointer, is_distributed, load_sharded
 from ratpt.parallel.context_parallel import sequence_slice
-from ratpt.parallel.data_parallel import DistributedContext
 from ratpt.parallel.mesh import Mesh, init_mesh
 from ratpt.parallel.optimizer_state import (ADAM_KEYS, MASTER, gather_optimizer_state, load_master_weights,
                                             scatter_optimizer_state)
-from ratpt.parallel.parallelize import LayoutNotSupported, parallelize
+from ratpt.parallel.parallelize import parallelize
 from ratpt.parallel.pipeline import stage_layers
+from ratpt.parallel.process_group import DistributedContext
 from ratpt.parallel.tensor_parallel import from_plain, to_plain
-from ratpt.train.engine import IGNORE_INDEX, cross_entropy_sum, uses_bf16
 
 log = logging.getLogger("ratpt.train")
 
@@ -70,10 +73,28 @@ def transformer_config(cfg: Config, mesh: Mesh, device: torch.device):
     )
 
 
+def wait_for_parameters_per_block(ddp) -> None:
+    """With overlap_param_gather megatron waits for each module's all-gathered parameters in a forward
+    pre-hook on every submodule; inside a compiled block those hooks would break the graph at every
+    linear and norm. Hook the block instead: before it runs, wait for all of its parameters (the same
+    all-gathers, waited for a few modules earlier)."""
+    wait = ddp._make_forward_pre_hook()  # NOTE: megatron's own hook, applied to each submodule of the block
+
+    def wait_for_block(block: nn.Module, args) -> None:
+        for module in block.modules():
+            wait(module)
+
+    for block in ddp.module.layers.values():
+        for module in block.modules():
+            ddp.remove_forward_pre_hook_handles.pop(module).remove()
+        block.register_forward_pre_hook(wait_for_block)
+
+
 class MegatronEngine:
     """Forward/backward, clip and step of this rank's model part, via megatron-core."""
 
-    def __init__(self, cfg: Config, ctx: DistributedContext, model: nn.Module) -> None:
+    def __init__(self, cfg: Config, ctx: DistributedContext, model: nn.Module,
+                 compile_backend: Optional[str] = None) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -81,12 +102,7 @@ class MegatronEngine:
         self.mesh = mesh = init_mesh(cfg.parallel, ctx)
         self.dp_rank, self.dp_size = mesh.dp_rank, mesh.dp
         self.config = transformer_config(cfg, mesh, ctx.device)
-        micro_batches = cfg.train.global_batch // (cfg.train.micro_batch * mesh.dp)
-        if mesh.virtual_stages > 1 and micro_batches % mesh.pp:
-            raise LayoutNotSupported(
-                f"the interleaved schedule runs micro-batches in groups of parallel.pipeline ({mesh.pp}): "
-                f"train.global_batch / (train.micro_batch × data-parallel size) = {micro_batches} must be a "
-                "multiple of it (or use parallel.virtual_stages=1)")
+        self.cross_entropy_sum = compiled_cross_entropy_sum(compile_backend) if compile_backend else cross_entropy_sum
         parallel = parallelize(model, cfg, mesh, self.config)
         self.chunks, self.placements = parallel.chunks, parallel.placements
         if ctx.is_main:
@@ -99,17 +115,21 @@ class MegatronEngine:
         if bf16:
             self.model.to(torch.bfloat16)
         on_gpu = ctx.device.type == "cuda"
+        overlap = on_gpu and cfg.parallel.overlap_communication  # NOTE: overlap needs CUDA streams
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=on_gpu,  # NOTE: overlap needs CUDA streams; on CPU the reduction is at the end
+            overlap_grad_reduce=overlap,
+            overlap_param_gather=overlap and cfg.parallel.distributed_optimizer,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-            bucket_size=None if on_gpu else 2**62,
+            bucket_size=(cfg.parallel.bucket_size or None) if overlap else 2**62,  # no overlap: one bucket, at the end
         )
         # One DDP per model chunk; as in Megatron-LM, only the first chunk's gradients are bucketed.
         self.ddps = [DistributedDataParallel(self.config, ddp_config, module=chunk, disable_bucketing=i > 0)
                      for i, chunk in enumerate(self.chunks)]
         for ddp in self.ddps:
             ddp.broadcast_params()
+            if ddp.use_forward_hook and compile_backend is not None:
+                wait_for_parameters_per_block(ddp)
         o = cfg.optimizer
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
@@ -122,8 +142,10 @@ class MegatronEngine:
             load_master_weights(self.named_parameters(), self.optimizer, initial)
         one = len(self.ddps) == 1
         self.config.no_sync_func = self.ddps[0].no_sync if one else [d.no_sync for d in self.ddps]
-        if on_gpu:
+        if overlap:
             self.config.grad_sync_func = self.ddps[0].start_grad_sync if one else [d.start_grad_sync for d in self.ddps]
+        distributed = cfg.checkpoint.format == "distributed"
+        self.checkpointer = DistributedCheckpointer(cfg.checkpoint.async_save) if distributed else None
 
     # ----- the step -------------------------------------------------------------------------
     def forward_backward(self, micro_batches: list[dict], forward_only: bool = False) -> tuple[float, float]:
@@ -170,7 +192,7 @@ class MegatronEngine:
                 per_token = vocab_parallel_cross_entropy(output.float(), target)
                 loss = (per_token * labelled.transpose(0, 1)).sum()
             else:
-                loss = cross_entropy_sum(output, labels)
+                loss = self.cross_entropy_sum(output, labels)
             tokens = labelled.sum()
             report = torch.stack((loss.detach().double(), tokens.double()))
             return loss, tokens.to(torch.int), {"lm loss": report}
@@ -202,6 +224,7 @@ class MegatronEngine:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict]) -> tuple[float, float]:
+        self._sync_params()
         for ddp in self.ddps:
             ddp.eval()
         try:
@@ -209,6 +232,38 @@ class MegatronEngine:
         finally:
             for ddp in self.ddps:
                 ddp.train()
+
+    def _sync_params(self) -> None:
+        """Finish the all-gather of updated parameters now, which overlap_param_gather otherwise leaves
+        to the next training forward (megatron launches it there)."""
+        for ddp in self.ddps:
+            if ddp.use_forward_hook:
+                ddp.start_param_sync(force_sync=True)
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path, step: int, train_state: dict[str, Any], config_yaml: str,
+                        tokenizer_dir: Optional[Path], keep: int) -> Path:
+        """checkpoint.format: every rank its own shards (distributed), or the state gathered to rank 0."""
+        if self.checkpointer is not None:
+            return self.checkpointer.save(self, directory, step, train_state, config_yaml, tokenizer_dir, keep)
+        return save_gathered(directory, step, {**train_state, **self.state_dict()}, config_yaml, tokenizer_dir, keep)
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """A gathered or distributed checkpoint of any layout, into this rank's shards."""
+        state = load_checkpoint(path, map_location=self.ctx.device)
+        if is_distributed(state):
+            load_sharded(self, resolve_checkpoint(path), state["adam_step"])
+        else:
+            self.load_state_dict(state)
+        return state
+
+    def poll(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.poll()
+
+    def wait(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
 
     # ----- layout-independent state ---------------------------------------------------------
     def named_parameters(self):

@@ -79,15 +79,12 @@ class RATMixer(nn.Module):
         """
         if self.context_shard is not None:
             z, v, f, q, k = self._split(x)
-            return x + self.out_proj(z * self._context_mixing(q, k, v, f))
+            mixed = self.context_shard.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim,
+                                                  self.rope_base, kernels=self.kernels)
+            return x + self.out_proj(z * mixed)
         gated = ops.rat_mixing(self._projection(x), self.gate_bias, self.chunk_size, self.head_dim, self.ngroups,
                                self.rope_base, kernels=self.kernels)
         return x + self.out_proj(gated)
-
-    @torch.compiler.disable  # collectives over the CP group; CP runs under the megatron engine, never compiled
-    def _context_mixing(self, q, k, v, f) -> torch.Tensor:
-        return self.context_shard.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim,
-                                             self.rope_base, kernels=self.kernels)
 
     def _split(self, x: torch.Tensor):
         """sigmoid(z), v, f (gate pre-activation), and q, k of the G groups, from one projection."""

@@ -272,7 +272,12 @@ def _reduce_summary_gradients(dks: torch.Tensor, dvs: torch.Tensor, batch: int, 
 
 
 class ContextShard:
-    """What a mixer of this CP rank needs: its tokens' positions and cross-rank attention."""
+    """What a mixer of this CP rank needs: its tokens' positions and cross-rank attention.
+
+    Under train.compile the two mixing methods run eagerly between the compiled parts of a block
+    (one graph break per mixer): they hold the exchange's collectives, and around them nothing but
+    the kernels (custom ops) and attention calls, which compiling would not fuse further.
+    """
 
     def __init__(self, group, layout: ContextLayout) -> None:
         self.group, self.layout = group, layout
@@ -280,6 +285,7 @@ class ContextShard:
     def positions(self, local_len: int, device=None) -> torch.Tensor:
         return self.layout.positions(local_len, device)
 
+    @torch.compiler.disable
     def rat_mixing(self, q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
                    kernels: str = "auto") -> torch.Tensor:
         """`ops.rat_mixing` for this rank's chunks: the recurrences are local, RoPE uses the global
@@ -324,6 +330,7 @@ class ContextShard:
                     outputs.append(ops.attend_summaries(*args))
         return torch.cat(outputs, dim=2)
 
+    @torch.compiler.disable
     def causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
                          query_block: int = QUERY_BLOCK) -> torch.Tensor:
         """`ops.causal_attention` for this rank's queries: full attention all-gathers K and V,

@@ -13,7 +13,7 @@ import torch
 
 from ratpt.config import ParallelConfig
 from ratpt.parallel import cpu_compat
-from ratpt.parallel.data_parallel import DistributedContext
+from ratpt.parallel.process_group import DistributedContext
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ one DP × CP layout resumes in another.
 NOTE: the shards are assembled with one all-reduce per parameter over the optimizer's
 data-parallel group: simple and exact, fine for the tiny models of the tests and for
 checkpoints of moderate models, but O(parameters) memory on every rank. Large models write
-`checkpoint.format=distributed` instead (ratpt/parallel/dist_checkpoint.py), where every rank
+`checkpoint.format=distributed` instead (ratpt/engines/megatron_checkpoint.py), where every rank
 saves only what `local_optimizer_state` gives it.
 """
 from __future__ import annotations

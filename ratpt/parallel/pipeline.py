@@ -60,6 +60,7 @@ class ModelStage(nn.Module):
                         setattr(self.output_weight, attr, getattr(source, attr))
                 self.output_weight.shared = True
                 self.output_weight.shared_embedding = True
+        self.loss_compile_backend = model.loss_compile_backend  # the fused loss as the plain model runs it
         self.input_tensor = None
 
     def shared_embedding_or_output_weight(self):
@@ -81,7 +82,7 @@ class ModelStage(nn.Module):
             return x.transpose(0, 1).contiguous()
         hidden, weight = self.final_norm(x), self.shared_embedding_or_output_weight()
         if labels is not None:
-            return linear_cross_entropy_sum(hidden, weight, labels)
+            return linear_cross_entropy_sum(hidden, weight, labels, compile_backend=self.loss_compile_backend)
         return self.head(hidden, weight)
 
 

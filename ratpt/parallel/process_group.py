@@ -2,7 +2,7 @@
 
 A plain `python -m ratpt train` is one process with no process group; under torchrun the
 processes form the mesh of `parallel` (ratpt.parallel.mesh; gloo on CPU, NCCL on CUDA) and the
-ranks left over after TP × PP × CP are data-parallel replicas (megatron DDP, ratpt.parallel.megatron_engine).
+ranks left over after TP × PP × CP are data-parallel replicas (megatron DDP, ratpt.engines.megatron_engine).
 
 A collective that waits longer than RATPT_COLLECTIVE_TIMEOUT seconds (default 30 minutes) raises
 instead of hanging, so a lost rank fails the job; the SLURM launcher sets it.

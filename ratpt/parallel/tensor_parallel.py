@@ -26,6 +26,10 @@ take [T, B, ·] (sequence first); the wrappers transpose, the model stays batch-
 column-parallel outputs are made contiguous for the mixers: one copy per projection when the
 micro-batch holds more than one sequence).
 
+Under train.compile the TP linears run eagerly between the compiled parts of a block, one graph
+break each: megatron's layers hold the sequence-parallel all-gather / reduce-scatter (asynchronous,
+which dynamo does not trace) around one GEMM, with nothing to fuse.
+
 The model's seam: a mixer's `d_model` / `n_heads` are set to this rank's width and heads (the
 model derives every local shape from them and from the projection's output).
 """
@@ -82,6 +86,7 @@ class ColumnParallel(nn.Module):
             self.linear.weight.copy_(weight)
         _mark_sharded(self.linear.weight, 0)
 
+    @torch.compiler.disable  # eager under train.compile: see the module docstring
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NOTE: contiguous: the mixers' ops view [B, T, ·] (a copy when B > 1; none when B = 1)
         return self.linear(x.transpose(0, 1))[0].transpose(0, 1).contiguous()
@@ -101,6 +106,7 @@ class RowParallel(nn.Module):
             self.linear.weight.copy_(weight)
         _mark_sharded(self.linear.weight, 1)
 
+    @torch.compiler.disable  # eager under train.compile: see the module docstring
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.transpose(0, 1))[0].transpose(0, 1)
 
@@ -135,6 +141,7 @@ class GroupedColumnParallel(nn.Module):
         self.group_weight = nn.Parameter(group_weight.detach().clone())
         self.group_weight.sequence_parallel = True
 
+    @torch.compiler.disable  # eager under train.compile: see the module docstring
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = torch.cat((self.weight, self.group_weight))
         return self.linear(x.transpose(0, 1), weight=weight)[0].transpose(0, 1).contiguous()

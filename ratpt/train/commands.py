@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ratpt.config import Config, load_config
-from ratpt.train.checkpoint import CONFIG_FILE, TOKENIZER_DIR, CheckpointError, load_checkpoint, resolve_checkpoint
+from ratpt.checkpoint import CONFIG_FILE, TOKENIZER_DIR, CheckpointError, load_checkpoint, resolve_checkpoint
 
 log = logging.getLogger("ratpt")
 
@@ -59,14 +59,14 @@ def checkpoint_config(checkpoint: Path, overrides: list[str] | None = None) -> C
 
 def load_trained_model(checkpoint: Path, cfg: Config):
     """The plain model of a gathered or distributed checkpoint (a DeepSpeed one must be consolidated first)."""
+    from ratpt.engines.megatron_checkpoint import is_distributed, read_plain_state
     from ratpt.model import build_model
-    from ratpt.parallel.dist_checkpoint import is_distributed, read_plain_state
 
     state = load_checkpoint(checkpoint)
     if state.get("engine") == "deepspeed":
         raise CheckpointError(
             f"{checkpoint} is a DeepSpeed checkpoint: consolidate it first with "
-            f"`python -m ratpt.parallel.deepspeed_checkpoint {checkpoint} OUT_DIR`, then use OUT_DIR/step_*"
+            f"`python -m ratpt.engines.deepspeed_checkpoint {checkpoint} OUT_DIR`, then use OUT_DIR/step_*"
         )
     if is_distributed(state):  # every rank's shards: read the full tensors here
         weights = read_plain_state(resolve_checkpoint(checkpoint), optimizer=False)["model"]
@@ -79,7 +79,7 @@ def load_trained_model(checkpoint: Path, cfg: Config):
 
 def run_eval(args: argparse.Namespace) -> int:
     from ratpt.data.dataset import check_trained_tokenizer
-    from ratpt.parallel.data_parallel import init_distributed
+    from ratpt.parallel.process_group import init_distributed
     from ratpt.train.trainer import evaluate
 
     checkpoint = Path(args.checkpoint)

@@ -3,10 +3,10 @@
     torchrun --standalone --nproc-per-node N tests/deepspeed/ds_cases.py CASE [CASE ...]
 
 A case is `name:key=value,...` over deepspeed.*, parallel.context and parallel.context_layout
-(`stage=3,offload=true,cp=2,layout=zigzag`);
+(`stage=3,offload=true,cp=2,layout=zigzag`, `compile=true,backend=aot_eager`: the blocks compiled);
 a name starting `resume` or `consolidate` selects a checkpoint check, `skip` a non-finite step,
 `recompute` activation checkpointing.
-For each equality case, every rank also runs the single-process reference (ratpt.train.engine.
+For each equality case, every rank also runs the single-process reference (ratpt.engines.local_engine.
 LocalEngine, torch AdamW) on the whole global batch, for STEPS steps of a warmup + cosine schedule
 with clipping active, and checks:
     loss, grad norm   every step: relative difference <= 1e-5
@@ -34,11 +34,11 @@ import torch.distributed as dist
 
 from ratpt.config import load_config
 from ratpt.model import build_model
-from ratpt.parallel.data_parallel import init_distributed
-from ratpt.parallel.deepspeed_engine import DeepSpeedEngine
-from ratpt.train.engine import LocalEngine
+from ratpt.parallel.process_group import init_distributed
+from ratpt.engines.deepspeed_engine import DeepSpeedEngine
+from ratpt.engines import LocalEngine
 from ratpt.train.schedule import LRMultiplier
-from ratpt.train.trainer import apply_activation_checkpointing
+from ratpt.engines.compile import apply_activation_checkpointing, prepare_model
 
 BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.ngroups=2", "model.n_layers=2",
         "model.chunk_size=8", "model.window=8", "model.kernels=torch", "model.mixers=[rat,swa]", "data.seq_len=64",
@@ -47,7 +47,7 @@ BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.n
         "optimizer.eps=1e-4", "data.streams=[{path: unused}]"]
 KEYS = {"stage": "deepspeed.zero_stage", "offload": "deepspeed.offload_optimizer",
         "offload_params": "deepspeed.offload_params", "cp": "parallel.context", "layout": "parallel.context_layout",
-        "precision": "train.precision"}
+        "precision": "train.precision", "compile": "train.compile", "backend": "train.compile_backend"}
 STEPS = 4
 
 
@@ -114,7 +114,7 @@ def check_equal(name: str, spec: str, ctx) -> None:
     model = build_model(cfg.model).to(ctx.device)
     if name.startswith("recompute"):  # the trainer's activation checkpointing, under ZeRO's hooks
         apply_activation_checkpointing(model)
-    engine = DeepSpeedEngine(cfg, ctx, model)
+    engine = DeepSpeedEngine(cfg, ctx, model, prepare_model(model, cfg, ctx.device))  # compiled if cfg says so
     bf16 = cfg.train.precision == "bf16"
     nan_step = 1 if name.startswith("skip") else None  # that step is non-finite: skipped by both
     poisoned = [False]
@@ -182,7 +182,7 @@ def check_resume(name: str, spec: str, ctx) -> None:
 
 
 def check_consolidate(name: str, spec: str, ctx) -> None:
-    from ratpt.parallel.deepspeed_checkpoint import consolidate
+    from ratpt.engines.deepspeed_checkpoint import consolidate
 
     cfg = config(spec)
     root = shared_tmp(ctx)

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from ratpt import load_pretrained
-from ratpt.config import ConfigError, load_config
+from ratpt.config import ConfigError, load_config, micro_batches_per_step
 from ratpt.model import build_model
-from ratpt.parallel.deepspeed_checkpoint import deepspeed_checkpoint_dir
-from ratpt.parallel.deepspeed_config import deepspeed_json
-from ratpt.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from ratpt.engines.deepspeed_checkpoint import deepspeed_checkpoint_dir
+from ratpt.engines.deepspeed_config import deepspeed_json
+from ratpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from run_helpers import REPO, losses_of
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -49,7 +49,7 @@ def base_config(*overrides: str):
 def test_generated_json_carries_batch_optimizer_clipping_and_zero_settings():
     cfg = base_config("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true",
                       "optimizer.grad_clip=0.7", "optimizer.betas=[0.9,0.99]", "train.precision=bf16")
-    ds = deepspeed_json(cfg, dp_size=4, device_type="cuda")
+    ds = deepspeed_json(cfg, micro_batches_per_step(cfg.train, 4), dp_size=4, device_type="cuda")
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 4, 4)
     assert ds["gradient_clipping"] == 0.7
     adam = ds["optimizer"]["params"]
@@ -57,11 +57,12 @@ def test_generated_json_carries_batch_optimizer_clipping_and_zero_settings():
     assert adam["torch_adam"] is False, "offload on a GPU machine steps with DeepSpeed's CPU Adam"
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert zero["overlap_comm"] is True, "on GPU communication overlaps backward by default"
     assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32"
 
 
 def test_cpu_json_needs_no_jit_built_optimizer_and_auto_precision_is_fp32():
-    ds = deepspeed_json(base_config("deepspeed.offload_optimizer=true"), dp_size=2, device_type="cpu")
+    ds = deepspeed_json(base_config("deepspeed.offload_optimizer=true"), 8, dp_size=2, device_type="cpu")
     assert ds["optimizer"]["params"]["torch_adam"] is True
     assert ds["bf16"]["enabled"] is False and "offload_param" not in ds["zero_optimization"]
 
@@ -69,7 +70,7 @@ def test_cpu_json_needs_no_jit_built_optimizer_and_auto_precision_is_fp32():
 def test_extra_keys_merge_over_the_generated_json():
     cfg = base_config("deepspeed.extra={zero_optimization: {reduce_bucket_size: 1000}, "
                       "optimizer: {params: {torch_adam: false}}, communication_data_type: fp32}")
-    ds = deepspeed_json(cfg, dp_size=2, device_type="cpu")
+    ds = deepspeed_json(cfg, 8, dp_size=2, device_type="cpu")
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
     assert ds["optimizer"]["params"]["torch_adam"] is False and ds["optimizer"]["params"]["lr"] == cfg.optimizer.lr
     assert ds["communication_data_type"] == "fp32"
@@ -280,7 +281,7 @@ def test_killed_deepspeed_run_resumes_to_the_same_losses(byte_data, uninterrupte
 
 def consolidated(run_dir: Path, out: Path) -> Path:
     """The run's newest DeepSpeed checkpoint as a plain one, through the shipped command."""
-    done = subprocess.run([sys.executable, "-m", "ratpt.parallel.deepspeed_checkpoint", str(run_dir), str(out)],
+    done = subprocess.run([sys.executable, "-m", "ratpt.engines.deepspeed_checkpoint", str(run_dir), str(out)],
                           cwd=REPO, env=ENV, text=True, capture_output=True)
     assert done.returncode == 0, done.stderr[-5000:]
     return latest_checkpoint(out)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, streams_override
-from ratpt.train.checkpoint import latest_checkpoint, load_checkpoint
+from ratpt.checkpoint import latest_checkpoint, load_checkpoint
 from run_helpers import losses_of
 
 STEPS = 80

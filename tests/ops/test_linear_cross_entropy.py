@@ -9,7 +9,7 @@ from ratpt.ops.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_su
 
 
 def unfused(hidden, weight, labels):
-    """The logits, then the loss (ratpt.train.engine.cross_entropy_sum; float64 stays float64)."""
+    """The logits, then the loss (ratpt.engines.loss.cross_entropy_sum; float64 stays float64)."""
     logits = F.linear(hidden, weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

@@ -29,16 +29,16 @@ import torch.distributed as dist
 from layouts import config, global_batches, rank_batches, reference_part, train_step
 from ratpt.config import to_yaml
 from ratpt.model import build_model
-from ratpt.parallel.data_parallel import init_distributed
-from ratpt.parallel.dist_checkpoint import DIST_DIR, DistributedCheckpointer, load_sharded, read_plain_state
+from ratpt.parallel.process_group import init_distributed
+from ratpt.engines.megatron_checkpoint import DIST_DIR, DistributedCheckpointer, load_sharded, read_plain_state
 from ratpt.parallel.mesh import destroy_mesh
-from ratpt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ratpt.train.engine import LocalEngine
+from ratpt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ratpt.engines import LocalEngine
 
 
 def build(spec: str, ctx, seed: int, local: bool = False):
     """The engine of layout `spec` (with `local`: one process's LocalEngine, same model) and its config."""
-    from ratpt.parallel.megatron_engine import MegatronEngine
+    from ratpt.engines.megatron_engine import MegatronEngine
 
     cfg = config(spec)
     torch.manual_seed(seed)

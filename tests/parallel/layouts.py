@@ -6,7 +6,7 @@ A case is `name:key=value,key=value` over parallel.*, model.* keys and train.mic
 `cp2-hybrid:context=2,mixers=rat+swa`, or `resume:A>B` (train one step in layout A, carry the
 gathered state into layout B, train a second step there; B = `local` is one process,
 `LocalEngine`, on every rank). For each case, every rank also runs
-the single-process reference (ratpt.train.engine.LocalEngine) on the whole global batch and
+the single-process reference (ratpt.engines.local_engine.LocalEngine) on the whole global batch and
 checks, after one optimizer step:
     loss              |parallel - single| <= 1e-5 · loss
     gradients         each rank's shard of every parameter's reduced gradient (its tensor-parallel
@@ -15,7 +15,8 @@ checks, after one optimizer step:
     grad norm         rtol 1e-5
     parameters        after clip + AdamW + all-gather, all of them: rtol 1e-4, atol 1e-5 (0.1% of
                       the lr; Adam eps 1e-4 keeps the first step from amplifying round-off in tiny gradients)
-Prints `OK name` per case on rank 0; any mismatch raises (non-zero exit).
+Prints `OK name` per case on rank 0 (with `compile=true`: and the graph breaks dynamo makes in
+one block of the rank); any mismatch raises (non-zero exit).
 RATPT_TEST_DEVICE=cuda runs it on GPUs through NCCL (one process per GPU, fp32 with TF32 off, so
 the same tolerances hold).
 """
@@ -27,11 +28,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ratpt.config import load_config
+from ratpt.config import compiles, load_config
 from ratpt.model import build_model
-from ratpt.parallel.data_parallel import init_distributed
+from ratpt.parallel.process_group import init_distributed
 from ratpt.parallel.mesh import destroy_mesh
-from ratpt.train.engine import LocalEngine
+from ratpt.engines import LocalEngine
+from ratpt.engines.compile import prepare_model
 
 BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.ngroups=2", "model.n_layers=2",
         "model.chunk_size=8", "model.window=8", "model.kernels=torch", "data.seq_len=64",
@@ -39,7 +41,7 @@ BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.n
         "schedule.warmup_fraction=0", "schedule.kind=constant", "optimizer.lr=1e-2", "optimizer.grad_clip=0.5", "optimizer.eps=1e-4",
         "data.streams=[{path: unused}]"]
 MODEL_KEYS = {"mixers", "chunk_size", "window", "n_layers", "ffn", "ngroups", "head_dim", "kernels"}
-TRAIN_KEYS = {"micro_batch", "precision", "fused_loss"}
+TRAIN_KEYS = {"micro_batch", "precision", "fused_loss", "compile", "compile_backend", "activation_checkpointing"}
 
 
 def config(spec: str):
@@ -102,14 +104,31 @@ def reference_part(engine, tensors: dict, name: str) -> torch.Tensor:
     return from_plain(tensors, name, engine.placements, engine.mesh.tp_rank)
 
 
-def check(name: str, spec_a: str, spec_b: str | None, ctx) -> None:
-    from ratpt.parallel.megatron_engine import MegatronEngine
+def megatron_engine(cfg, ctx, seed: int = 0):
+    """The megatron engine of `cfg` over the plain model of `seed`, compiled if cfg.train.compile says so."""
+    from ratpt.engines.megatron_engine import MegatronEngine
 
+    torch.manual_seed(seed)
+    model = build_model(cfg.model).to(ctx.device)
+    return MegatronEngine(cfg, ctx, model, prepare_model(model, cfg, ctx.device))
+
+
+def graph_breaks_per_block(engine, cfg) -> int:
+    """The graph breaks dynamo makes in one block of this rank (its first), traced on an input of the
+    block's local shape [micro-batch, T / (CP · TP), D] (collective: every rank traces its block)."""
+    mesh = engine.mesh
+    block = next(iter(engine.chunks[0].layers.values()))
+    x = torch.randn(cfg.train.micro_batch, cfg.data.seq_len // (mesh.cp * mesh.tp), cfg.model.d_model,
+                    device=engine.ctx.device)
+    torch._dynamo.reset()
+    return len(torch._dynamo.explain(block.forward)(x).break_reasons)
+
+
+def check(name: str, spec_a: str, spec_b: str | None, ctx) -> None:
     cfg = config(spec_a)
     torch.manual_seed(0)
     reference = LocalEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
-    torch.manual_seed(0)
-    engine = MegatronEngine(cfg, ctx, build_model(cfg.model).to(ctx.device))
+    engine = megatron_engine(cfg, ctx)
     steps = [(engine, cfg)]
     if spec_b is not None:  # one step in layout A, then the state moves to layout B
         loss, _ = train_step(engine, cfg, rank_batches(global_batches(cfg, 0), engine.dp_rank, engine.dp_size))
@@ -126,7 +145,7 @@ def check(name: str, spec_a: str, spec_b: str | None, ctx) -> None:
         if spec_b == "local":  # one process, plain PyTorch (what `ratpt train` runs without torchrun)
             engine = LocalEngine(cfg_b, ctx, build_model(cfg_b.model).to(ctx.device))
         else:
-            engine = MegatronEngine(cfg_b, ctx, build_model(cfg_b.model).to(ctx.device))
+            engine = megatron_engine(cfg_b, ctx, seed=1)
         engine.load_state_dict(state)
         steps = [(engine, cfg_b)]
     engine, cfg_run = steps[0]
@@ -150,13 +169,14 @@ def check(name: str, spec_a: str, spec_b: str | None, ctx) -> None:
     for pname, param in parameters:
         torch.testing.assert_close(param, reference_part(engine, ref_params, pname), rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{name} parameter {pname} after the step: {m}")
+    breaks = f" graph breaks per block {graph_breaks_per_block(engine, cfg_run)}" if compiles(cfg_run.train, ctx.device.type) else ""
     destroy_mesh()
     if ctx.rank == 0:
-        print(f"OK {name} loss {loss:.6f} (single {ref_loss:.6f}) grad norm {grad_norm:.6f}", flush=True)
+        print(f"OK {name} loss {loss:.6f} (single {ref_loss:.6f}) grad norm {grad_norm:.6f}{breaks}", flush=True)
 
 
 def main(cases: list[str]) -> None:
-    ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"))  # cuda: NCCL on GPUs
+    ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"), group_of_one=True)  # cuda: NCCL on GPUs
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for case in cases:
         name, _, spec = case.partition(":")

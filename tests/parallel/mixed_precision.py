@@ -35,12 +35,13 @@ import torch.distributed as dist
 from layouts import config, global_batches, grad_shards, rank_batches, reference_part, train_step
 from ratpt.config import to_yaml
 from ratpt.model import build_model
-from ratpt.parallel.data_parallel import init_distributed
-from ratpt.parallel.dist_checkpoint import DistributedCheckpointer, load_sharded
+from ratpt.parallel.process_group import init_distributed
+from ratpt.engines.megatron_checkpoint import DistributedCheckpointer, load_sharded
 from ratpt.parallel.mesh import destroy_mesh
-from ratpt.parallel.megatron_engine import MegatronEngine
-from ratpt.train.checkpoint import load_checkpoint
-from ratpt.train.engine import LocalEngine, cross_entropy_sum
+from ratpt.engines.megatron_engine import MegatronEngine
+from ratpt.checkpoint import load_checkpoint
+from ratpt.engines import LocalEngine
+from ratpt.engines.loss import cross_entropy_sum
 
 
 def bf16_spec(spec: str) -> str:

@@ -10,7 +10,7 @@ import torch
 
 import ratpt
 from ratpt.model import build_model
-from ratpt.train.checkpoint import load_checkpoint
+from ratpt.checkpoint import load_checkpoint
 from run_helpers import REPO, losses_of, ratpt as run_ratpt, small_run, torchrun_cases
 
 CASES = (

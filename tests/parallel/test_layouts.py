@@ -2,6 +2,8 @@
 parameters after one optimizer step (tests/parallel/layouts.py states the checks and tolerances).
 Each such test is one torchrun launch that runs several layouts, to keep the CPU time small; the
 first two tests pin the zigzag context layout itself (which blocks a rank holds, the balance)."""
+import re
+
 import pytest
 import torch
 
@@ -73,6 +75,30 @@ def test_two_ranks_data_context_and_tensor_parallel_equal_one_process():
     )
 
 
+COMPILED = ",compile=true,compile_backend=aot_eager"  # traced as inductor would be, without CPU code generation
+
+
+def test_compiled_layouts_equal_one_process_eager_and_break_the_graph_only_at_collectives():
+    # The graph breaks per block the design has (docs/parallelism.md, "Compiled engines"): none for DP
+    # and PP; one per TP linear (megatron's sequence-parallel collectives: in_proj, out_proj, fc1, fc2);
+    # one per context-parallel mixer (the chunk-summary or key/value exchange).
+    breaks = {"dp2-compiled": 0, "pp2-interleaved-compiled": 0, "tp2-compiled": 4, "cp2-zigzag-rat+swa-compiled": 1,
+              "cp2-attention-compiled": 1}
+    out = run_layouts(
+        2,
+        f"dp2-compiled:{COMPILED}",
+        f"pp2-interleaved-compiled:pipeline=2,virtual_stages=2,n_layers=4{COMPILED}",
+        f"tp2-compiled:tensor=2,ffn=swiglu{COMPILED}",
+        f"cp2-zigzag-rat+swa-compiled:context=2,mixers=rat+swa,context_layout=zigzag{COMPILED}",
+        f"cp2-attention-compiled:context=2,mixers=attention,context_layout=contiguous{COMPILED}",
+        # a compiled run resumes an eager run's state and vice versa
+        f"resume-eager-to-compiled:>tensor=2{COMPILED}",
+        f"resume-compiled-to-eager:context=2{COMPILED}>local",
+    )
+    for name, expected in breaks.items():
+        assert re.search(rf"^OK {name} .* graph breaks per block {expected}$", out, re.MULTILINE), out
+
+
 def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():
     run_layouts(
         4,
@@ -91,6 +117,7 @@ def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():
         "pp2xdp2:pipeline=2",  # 1F1B; tied embedding/head all-reduced over the first and last stage
         "pp2xcp2-zigzag-rat+attention:pipeline=2,context=2,mixers=rat+attention,context_layout=zigzag",
         "pp2xtp2-interleaved-rat+swa:pipeline=2,tensor=2,virtual_stages=2,n_layers=4,mixers=rat+swa,micro_batch=2",
+        f"tp2xcp2-compiled:tensor=2,context=2{COMPILED}",
         "resume-pp2xtp2-to-dp2xcp2:pipeline=2,tensor=2,mixers=rat+attention>context=2,mixers=rat+attention",
     )
 
@@ -103,6 +130,15 @@ def test_eight_ranks_the_composite_layouts_of_a_multi_gpu_node_equal_one_process
         "cp4xdp2-zigzag-rat+swa:context=4,mixers=rat+swa",
         "resume-tp2xpp2xdp2-to-cp4xdp2:tensor=2,pipeline=2>context=4",
     )
+
+
+@pytest.mark.gpu
+def test_one_gpu_compiled_megatron_engine_overlapping_communication_equals_one_process():
+    # inductor's code, megatron DDP with overlapped reduce-scatter and parameter all-gather (its
+    # pre-forward waits moved to the compiled blocks), in a group of one, against eager fp32
+    out = run_layouts(1, "dp1-compiled:compile=true", "dp1-compiled-recompute:compile=true,activation_checkpointing=true",
+                      RATPT_TEST_DEVICE="cuda")
+    assert re.search(r"^OK dp1-compiled .* graph breaks per block 0$", out, re.MULTILINE), out
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from ratpt.train import checkpoint as ckpt
+from ratpt import checkpoint as ckpt
 from run_helpers import CodeRunningPayload
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ratpt.config import ConfigError, load_config
-from ratpt.parallel.dist_checkpoint import DIST_DIR, _Layout, _pieces, _rectangles, read_plain_state
-from ratpt.train.checkpoint import CheckpointError
+from ratpt.engines.megatron_checkpoint import DIST_DIR, _Layout, _pieces, _rectangles, read_plain_state
+from ratpt.checkpoint import CheckpointError
 from run_helpers import CodeRunningPayload
 
 VALID = ["data.streams=[{path: data}]"]

@@ -7,7 +7,7 @@ import torch
 import ratpt
 from ratpt.config import load_config
 from ratpt.model import build_model
-from ratpt.train.checkpoint import load_checkpoint
+from ratpt.checkpoint import load_checkpoint
 
 from run_helpers import ratpt as run_ratpt, small_run
 
@@ -62,4 +62,4 @@ def test_an_unconsolidated_deepspeed_checkpoint_is_refused_with_the_command_to_f
     torch.save({"engine": "deepspeed", "step": 1}, fake / "state.pt")
     (fake / "config.yaml").write_text((trained[0] / "config.yaml").read_text())
     done = run_ratpt("export", str(fake), "--out", str(tmp_path / "out"))
-    assert done.returncode == 2 and "python -m ratpt.parallel.deepspeed_checkpoint" in done.stderr
+    assert done.returncode == 2 and "python -m ratpt.engines.deepspeed_checkpoint" in done.stderr

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from ratpt.train.checkpoint import load_checkpoint
+from ratpt.checkpoint import load_checkpoint
 
 from run_helpers import REPO, losses_of, small_run
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from ratpt.config import load_config
-from ratpt.train import engine, trainer
-from ratpt.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint
+from ratpt.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint
+from ratpt.engines import local_engine
+from ratpt.train import trainer
 
 from run_helpers import LOSS_LINE, REPO, losses_of, ratpt, small_run
 
@@ -148,20 +149,9 @@ def test_compiled_blocks_and_loss_under_activation_checkpointing_change_no_loss(
     assert compiled.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
-@pytest.mark.parametrize("engine, world_size", [("megatron", 2), ("deepspeed", 1)])
-def test_compile_is_refused_where_the_engine_would_ignore_it(byte_data, tmp_path, engine, world_size):
-    from ratpt.config import ConfigError
-    from ratpt.parallel.data_parallel import DistributedContext
-    from ratpt.train.engine import build_engine
-
-    cfg = in_process_config(byte_data, tmp_path, "train.compile=true", f"train.engine={engine}")
-    with pytest.raises(ConfigError, match="train.compile is supported for single-process training only"):
-        build_engine(cfg, DistributedContext(0, world_size, 0, torch.device("cpu")), torch.nn.Linear(1, 1))
-
-
 def poison_losses(monkeypatch, poisoned) -> None:
     """Make the trainer's loss NaN on the micro-batch calls n (counted from 1) where poisoned(n)."""
-    real = engine.sum_cross_entropy
+    real = local_engine.sum_cross_entropy
     calls = {"n": 0}
 
     def maybe_nan(*args, **kwargs):
@@ -169,7 +159,7 @@ def poison_losses(monkeypatch, poisoned) -> None:
         loss = real(*args, **kwargs)
         return loss * float("nan") if poisoned(calls["n"]) else loss
 
-    monkeypatch.setattr(engine, "sum_cross_entropy", maybe_nan)
+    monkeypatch.setattr(local_engine, "sum_cross_entropy", maybe_nan)
 
 
 def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, monkeypatch):

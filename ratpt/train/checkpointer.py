@@ -1,0 +1,102 @@
+"""The run's checkpoints: which one to resume, and every save, whatever the engine.
+
+The engine writes and reads its own state (ratpt.engines.contract); this module decides where
+checkpoints go, which one a run resumes (`checkpoint.resume`), and refuses a resume that would
+load another model, another tokenizer's data, or interleave two histories in one run folder.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from ratpt.checkpoint import (CONFIG_FILE, CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints,
+                              resolve_checkpoint)
+from ratpt.config import Config
+from ratpt.data.dataset import check_trained_tokenizer
+from ratpt.engines import Engine
+
+log = logging.getLogger("ratpt.train")
+
+# model keys a run may change when it resumes: the kernels' dispatch, and what only the initialisation reads
+RESUMABLE_MODEL_CHANGES = frozenset({"kernels", "init_std"})
+
+
+def tokenizer_folder(cfg: Config) -> Optional[Path]:
+    """The tokenizer the training data was made with (copied into every checkpoint), if any."""
+    folder = Path(cfg.data.streams[0].path) / "tokenizer"
+    return folder if folder.is_dir() else None
+
+
+class Checkpointer:
+    """Saves and resumes the checkpoints of one run (`<out_dir>/checkpoints`) through its engine."""
+
+    def __init__(self, cfg: Config, engine: Engine, config_yaml: str) -> None:
+        self.cfg, self.engine, self.config_yaml = cfg, engine, config_yaml
+        self.directory = Path(cfg.out_dir) / "checkpoints"
+        self.tokenizer = tokenizer_folder(cfg)
+
+    def resume_path(self) -> Optional[Path]:
+        """The checkpoint this run continues from (checkpoint.resume), checked against the run, or None."""
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            path = latest_checkpoint(self.directory)
+        else:
+            path = resolve_checkpoint(Path(resume))
+            check_no_newer_checkpoints(path, resume, self.directory)
+        if path is not None:
+            check_same_model(self.cfg, path)
+            check_trained_tokenizer(str(path), self.cfg.data.streams, self.cfg.model.vocab_size)
+        return path
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Model and optimizer into the engine; returns the train state saved with them."""
+        state = self.engine.load_checkpoint(path)
+        log.info("resumed from %s at step %d", path, state["step"])
+        return state
+
+    def save(self, step: int, train_state: dict[str, Any]) -> Path:
+        return self.engine.save_checkpoint(self.directory, step, train_state, self.config_yaml, self.tokenizer,
+                                           self.cfg.checkpoint.keep)
+
+    def poll(self) -> None:
+        self.engine.poll()
+
+    def wait(self) -> None:
+        self.engine.wait()
+
+
+def check_same_model(cfg: Config, checkpoint: Path) -> None:
+    """Refuse to resume the checkpoint directory `checkpoint` if it holds another model, naming the keys
+    that differ (its weights would fail to load with a size mismatch, or, worse, load into a model they
+    were not trained for)."""
+    saved_yaml = checkpoint / CONFIG_FILE
+    if not saved_yaml.is_file():
+        return  # written before checkpoints carried their config: nothing to compare
+    saved = OmegaConf.to_container(OmegaConf.load(saved_yaml)).get("model", {})
+    current = OmegaConf.to_container(OmegaConf.structured(cfg).model)
+    changed = [f"model.{key}: {saved.get(key)!r} there, {value!r} here" for key, value in current.items()
+               if key not in RESUMABLE_MODEL_CHANGES and saved.get(key) != value]
+    if changed:
+        raise CheckpointError(f"{checkpoint} holds another model ({'; '.join(changed)}): resume with the model "
+                              "it was trained with, or start a new run (another out_dir, or checkpoint.resume=never)")
+
+
+def check_no_newer_checkpoints(checkpoint: Path, resume: str, ckpt_dir: Path) -> None:
+    """Refuse an explicit resume (`resume`, resolved to the directory `checkpoint`) into a run folder
+    that holds checkpoints newer than it (going back after a divergence, say): the run's checkpoints
+    would interleave two histories, and a requeued job with the same arguments would go back again
+    and lose what it trained since."""
+    step = checkpoint_step(checkpoint)
+    if step is None:
+        return
+    newer = [p.name for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) > step]
+    if newer:
+        raise CheckpointError(
+            f"checkpoint.resume={resume} is step {step}, but {ckpt_dir} holds newer checkpoints "
+            f"({', '.join(newer)}): move those out of {ckpt_dir} (or write to another out_dir) to go back to "
+            f"step {step}, or set checkpoint.resume=auto to continue from the newest")
