@@ -122,13 +122,17 @@ def test_convert_hf_gives_back_the_ratpt_model_and_tokenizer(exported, tmp_path)
     assert tokenizer.eos_id == 256 and tokenizer.encode(TEXTS[0]) == list(TEXTS[0].encode())
 
 
-def test_the_quickstart_model_exports_through_the_cli_and_loads_back(tmp_path):
+def test_the_quickstart_model_exports_through_the_cli_and_loads_back(corpus, tmp_path):
     cfg = load_config(REPO / "configs" / "tiny.yaml").model
     model = random_model(cfg)
-    save_pretrained(model, cfg, tmp_path / "export", tokenizer_dir=None)
+    bpe = load_tokenizer(train_bpe([str(corpus)], vocab_size=cfg.vocab_size, out=tmp_path / "bpe"))
+    tokenizer_dir = tmp_path / "bpe"  # as data_prep records it: the file and its identity
+    (tokenizer_dir / "meta.json").write_text(json.dumps(bpe.identity()))
+    save_pretrained(model, cfg, tmp_path / "export", tokenizer_dir=tokenizer_dir)
     done = ratpt("export-hf", str(tmp_path / "export"), "--out", str(tmp_path / "hf"))
     assert done.returncode == 0, done.stderr
-    tokens = torch.randint(0, cfg.vocab_size, (1, 37))
+    tokens = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "hf")(TEXTS[0]).input_ids])
+    assert tokens[0].tolist() == bpe.encode(TEXTS[0])
     with torch.no_grad():
         torch.testing.assert_close(load_hf(tmp_path / "hf")(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
     done = ratpt("export-hf", str(tmp_path / "export"), "--out", str(tmp_path / "hf"))
