@@ -3,7 +3,8 @@
 A prepared dataset DIR (local folder or object-store URL) holds:
 
     DIR/train/index.json, DIR/train/part-NNNNN/shard.*.mds   one MDS dataset, one sample per document
-    DIR/train/doc_tokens.npy      uint32 token count of each document (EOS included), in MDS order
+    DIR/train/doc_tokens.npy      uint32 token count of each document (EOS included), in MDS order;
+                                  its sha256 is recorded in index.json under "doc_tokens_sha256"
     DIR/val/...                   the same for the validation split
     DIR/tokenizer/meta.json       the tokenizer's identity (name, kind, vocab_size, eos_id, sha256, dtype)
     DIR/tokenizer/<file>          a copy of the tokenizer file, when it has one
@@ -11,7 +12,9 @@ A prepared dataset DIR (local folder or object-store URL) holds:
 
 Each MDS sample has one column, `tokens`: the document's ids followed by EOS, as uint16 when
 the vocabulary fits (<= 65536 ids) else uint32. `doc_tokens.npy` lets the loader map a token
-offset to a document without opening every shard at start-up.
+offset to a document without opening every shard at start-up; as it decides which tokens make
+up every sample, the loader checks it before training (its hash, its count against the shards'
+samples, its total against stats.json's tokens of the split).
 """
 import numpy as np
 
@@ -22,6 +25,7 @@ TOKENIZER_DIR = "tokenizer"
 META_FILE = "meta.json"
 STATS_FILE = "stats.json"
 DOC_TOKENS_FILE = "doc_tokens.npy"
+DOC_TOKENS_SHA256 = "doc_tokens_sha256"  # key of a split's index.json: the sha256 of its doc_tokens.npy
 INDEX_FILE = "index.json"
 TOKENS_COLUMN = "tokens"
 

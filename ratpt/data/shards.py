@@ -3,7 +3,8 @@
 `streaming.Stream` gives the index, the shard readers (`MDSReader`) and the download /
 decompression of shards into a local cache; this module adds what the loader needs on top:
 random access to document i, the per-document token counts, and checks that turn a missing
-folder, a missing split or a corrupt shard into an error that names the file.
+folder, a missing split, a corrupt shard or a document table that disagrees with the shards into
+an error that names the file, before training starts where the check is cheap.
 
 A dataset is "remote" when its path is a URL (s3://, gs://, ...) or when a `local` cache
 folder is given: shards are then fetched on first use into the cache (a file lock keeps the
@@ -22,14 +23,24 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
-from ratpt.data.layout import DOC_TOKENS_FILE, INDEX_FILE, META_FILE, TOKENIZER_DIR, TOKENS_COLUMN
+from ratpt.data.layout import (
+    DOC_TOKENS_FILE,
+    DOC_TOKENS_SHA256,
+    INDEX_FILE,
+    META_FILE,
+    STATS_FILE,
+    TOKENIZER_DIR,
+    TOKENS_COLUMN,
+)
 from ratpt.data.streaming_import import streaming
+from ratpt.data.tokenizer import file_sha256
 
 DOWNLOAD_TIMEOUT_S = 300.0  # per file fetched from a remote dataset
 
 
 class CorruptShardError(RuntimeError):
-    """A shard's size or hash differs from its index.json entry, or a split's files cannot be read."""
+    """A shard's size or hash differs from its index.json entry, the document table disagrees with
+    the shards, or a split's files cannot be read."""
 
 
 def is_remote(path: str) -> bool:
@@ -92,6 +103,7 @@ class ShardedDocuments:
                 f"{self.index_file} lists {self.shard_starts[-1]} documents but "
                 f"{DOC_TOKENS_FILE} has {len(self.doc_tokens)}: the folder mixes two data_prep runs"
             )
+        self._check_doc_tokens(doc_tokens)
         self._checked: set[int] = set()
         if verify and local is None:
             for shard_id in range(len(self.shards)):
@@ -99,6 +111,23 @@ class ShardedDocuments:
 
     def __len__(self) -> int:
         return len(self.doc_tokens)
+
+    def _check_doc_tokens(self, table: Path) -> None:
+        """The document table decides which tokens make up every sample, so a wrong one is caught
+        here, not as a mis-sized batch mid-training (a count too large) or never (too small):
+        its sha256 against index.json (when verifying; datasets prepared before the hash was
+        recorded have none), and always its total against the tokens stats.json says the shards hold."""
+        fix = "re-copy the dataset, or re-run data_prep tokenize into a new folder"
+        expected = json.loads(self.index_file.read_text()).get(DOC_TOKENS_SHA256)
+        if self.verify and expected is not None and file_sha256(table) != expected:
+            raise CorruptShardError(f"{table}: sha256 differs from the one {self.index_file} records: the document "
+                                    f"table was changed or replaced; {fix}")
+        stats_file = fetch(self.path, self.local, STATS_FILE)
+        written = json.loads(stats_file.read_text())["tokens"][self.split]
+        total = int(self.doc_tokens.sum(dtype=np.int64))
+        if total != written:
+            raise CorruptShardError(f"{table}: its document lengths add up to {total} tokens, but data_prep wrote "
+                                    f"{written} into the shards of {self.split}/ ({stats_file}); {fix}")
 
     def fingerprint(self) -> str:
         """Identifies the data (not where it lives): the hash of the split's index.json."""

@@ -6,6 +6,7 @@ import multiprocessing
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from data_helpers import data_config, make_documents, prepare, write_jsonl
@@ -232,6 +233,29 @@ def test_a_truncated_document_table_is_an_error_naming_the_file(tmp_path):
     table.write_bytes(table.read_bytes()[:40])
     with pytest.raises(CorruptShardError, match=str(table)):
         next(iter(train(data_config(out))))
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
+@pytest.mark.parametrize("change", [5, -5], ids=["larger", "smaller"])
+def test_a_changed_document_table_is_an_error_at_open_naming_the_file(tmp_path, change, verify):
+    """A table that disagrees with the shards is refused before any batch, not mid-training (a larger
+    count) or never (a smaller one): its recorded hash catches any change, and its token total is
+    checked against the shards' even when shard verification is off."""
+    out = prepare([str(write_jsonl(tmp_path / "a.jsonl", make_documents(20, seed=9)))], tmp_path / "out")
+    table = out / "train" / "doc_tokens.npy"
+    counts = np.load(table)
+    counts[3] = int(counts[3]) + change
+    np.save(table, counts)
+    with pytest.raises(CorruptShardError, match=f"{table}.*data_prep tokenize"):
+        train(data_config(out, verify_shards=verify))
+
+
+def test_a_reordered_document_table_is_an_error_at_open(tmp_path):
+    out = prepare([str(write_jsonl(tmp_path / "a.jsonl", make_documents(20, seed=9)))], tmp_path / "out")
+    table = out / "train" / "doc_tokens.npy"
+    np.save(table, np.load(table)[::-1].copy())  # same count, same total: only the hash can tell
+    with pytest.raises(CorruptShardError, match=f"{table}.*sha256"):
+        train(data_config(out))
 
 
 def test_resume_on_different_data_or_seed_is_a_clear_error(corpus, tmp_path):
