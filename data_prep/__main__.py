@@ -4,12 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from data_prep.part_writer import BadInputError, WriterSettings
 from data_prep.pipeline import OutputExistsError, tokenize_to_shards
 from data_prep.sources import PYDOC, SUFFIXES, expand_inputs
 from data_prep.train_tokenizer import train_bpe
+from ratpt.folder_lock import FolderLocked
+
+log = logging.getLogger("data_prep")
 
 INPUT_HELP = (
     f"files, folders (searched recursively for {', '.join(SUFFIXES)}), globs (quote them), or "
@@ -82,9 +88,44 @@ def shard_size(text: str) -> str:
     return text
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived: raised where the main thread is, so the run unwinds (its workers
+    killed, its folder released) as for an error. A BaseException, as KeyboardInterrupt is, so that
+    no `except Exception` on the way (a reader that turns errors into bad records) swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextmanager
+def signals_stop_the_run() -> Iterator[None]:
+    """SIGTERM and SIGINT raise `Stopped` until the block ends; the previous handlers come back after."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with signals_stop_the_run():
+            return run_command(args)
+    except Stopped as stop:
+        again = " (the parts already written are kept: run the same command with --resume)"
+        log.error("%s stopped by %s%s", args.command, stop, again if args.command == "tokenize" else "")
+        return 128 + stop.signum
+
+
+def run_command(args: argparse.Namespace) -> int:
     try:
         sources = expand_inputs(args.inputs)
         if args.command == "train-tokenizer":
@@ -104,19 +145,39 @@ def main(argv: list[str] | None = None) -> int:
         stats = tokenize_to_shards(
             sources, args.out, args.tokenizer, settings, args.workers, resume=args.resume, overwrite=args.overwrite
         )
-    except (BadInputError, OutputExistsError, FileNotFoundError, ValueError) as e:
-        logging.getLogger("data_prep").error("%s", e)
+    except (BadInputError, OutputExistsError, FolderLocked, FileNotFoundError, NotADirectoryError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    except OSError as e:  # a full disk, a quota, a file size limit: the message, not a traceback
+        again = "then run the same command with --resume" if args.command == "tokenize" else "then run it again"
+        log.error("cannot write %s: %s; free space or lift the limit, %s", args.out, e, again)
         return 1
     if not sum(stats["documents"].values()):
-        logging.getLogger("data_prep").error(
-            "no documents in %s (%d bad records, details in %s/stats.json): is --text-field %r the field that "
-            "holds the text?", " ".join(args.inputs), stats["bad_records"]["total"], args.out, args.text_field)
+        log.error("no documents in %s: %s (details in %s/stats.json)", " ".join(args.inputs),
+                  why_no_documents(stats["bad_records"]["records"], args.text_field), args.out)
         return 1
     summary = {k: stats[k] for k in ("sources", "documents", "tokens", "bytes", "seconds")}
     summary["bad_records"] = stats["bad_records"]["by_kind"]
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out} ({stats['bad_records']['total']} bad records; details in {args.out}/stats.json)")
     return 0
+
+
+def why_no_documents(bad_records: list[dict[str, str]], text_field: str) -> str:
+    """The likely cause, from what the records were rejected for: an unreadable file is named, and
+    --text-field is suspected only when records lacked that field."""
+    by_kind: dict[str, list[dict[str, str]]] = {}
+    for record in bad_records:
+        by_kind.setdefault(record["kind"], []).append(record)
+    reasons = []
+    if "unreadable_file" in by_kind:
+        files = by_kind["unreadable_file"]
+        reasons.append(f"{len(files)} input file(s) cannot be read, first {files[0]['location']} cannot be read "
+                       f"({files[0]['detail']}): replace or remove them")
+    if "missing_field" in by_kind:
+        reasons.append(f"{len(by_kind['missing_field'])} record(s) lack the text field: is --text-field "
+                       f"{text_field!r} the field that holds the text?")
+    return "; ".join(reasons) or f"all {len(bad_records)} records were bad"
 
 
 if __name__ == "__main__":

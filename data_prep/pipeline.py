@@ -1,18 +1,27 @@
 """`data_prep tokenize`: many sources, many processes -> one prepared dataset DIR.
 
-Steps: claim DIR (never silently overwritten; --resume continues, --overwrite restarts),
-tokenize each source into its own part (skipping parts a previous attempt finished), merge
-the parts' MDS indexes with streaming's `merge_index`, concatenate their per-document token
-counts, record the tokenizer and write stats.json. See ratpt/data/layout.py for the layout.
+Steps: take DIR for this process (ratpt.folder_lock: a second run on DIR, a --resume beside
+the run it resumes, is refused naming the holder), claim it (never silently overwritten;
+--resume continues, --overwrite restarts), tokenize each source into its own part (skipping
+parts a previous attempt finished), merge the parts' MDS indexes with streaming's
+`merge_index`, concatenate their per-document token counts (their sha256 goes into the merged
+index.json), record the tokenizer and write stats.json. See ratpt/data/layout.py for the layout.
+
+Workers die with the process that started them (Linux's parent-death signal), and any error or
+signal that ends the run in the parent kills them first: a worker that outlived its run would
+go on writing parts beside a later --resume.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict
@@ -25,6 +34,7 @@ from tqdm import tqdm
 from data_prep.part_writer import PartResult, WriterSettings, load_done, part_name, write_part
 from ratpt.data.layout import (
     DOC_TOKENS_FILE,
+    DOC_TOKENS_SHA256,
     INDEX_FILE,
     META_FILE,
     SPLITS,
@@ -33,12 +43,14 @@ from ratpt.data.layout import (
     token_dtype,
 )
 from ratpt.data.streaming_import import streaming
-from ratpt.data.tokenizer import Tokenizer, load_tokenizer
+from ratpt.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
+from ratpt.folder_lock import LOCK_FILE, hold_folder
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"  # the settings of the run that owns DIR; --resume must match them
 MAX_LOGGED_BAD = 50  # bad records logged one by one; all of them go to stats.json
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 
 
 class OutputExistsError(Exception):
@@ -63,32 +75,39 @@ def tokenize_to_shards(
         "tokenizer": tokenizer.identity(),
         "settings": {k: v for k, v in asdict(settings).items() if k != "strict"},
     }
-    _claim_output(out, json.loads(json.dumps(run)), resume, overwrite)
+    with hold_folder(out, purpose="data_prep tokenize"):
+        _claim_output(out, json.loads(json.dumps(run)), resume, overwrite)
 
-    done = {i: load_done(out, part_name(i)) for i in range(len(sources))}
-    todo = [i for i, result in done.items() if result is None]
-    if len(todo) < len(sources):
-        log.info("resuming: %d of %d parts already done", len(sources) - len(todo), len(sources))
-    results = {i: r for i, r in done.items() if r is not None}
-    results.update(_run_parts(out, sources, todo, tokenizer_spec, settings, workers))
+        done = {i: load_done(out, part_name(i)) for i in range(len(sources))}
+        todo = [i for i, result in done.items() if result is None]
+        if len(todo) < len(sources):
+            log.info("resuming: %d of %d parts already done", len(sources) - len(todo), len(sources))
+        results = {i: r for i, r in done.items() if r is not None}
+        results.update(_run_parts(out, sources, todo, tokenizer_spec, settings, workers))
 
-    ordered = [results[i] for i in range(len(sources))]
-    for split in SPLITS:
-        _merge_split(out / split, [r.part for r in ordered])
-    _record_tokenizer(out / TOKENIZER_DIR, tokenizer)
-    stats = _stats(ordered, tokenizer, time.perf_counter() - start)
-    (out / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        ordered = [results[i] for i in range(len(sources))]
+        for split in SPLITS:
+            _merge_split(out / split, [r.part for r in ordered])
+        _record_tokenizer(out / TOKENIZER_DIR, tokenizer)
+        stats = _stats(ordered, tokenizer, time.perf_counter() - start)
+        (out / STATS_FILE).write_text(json.dumps(stats, indent=2))
     return stats
 
 
 def _claim_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Called while holding `out`, whose lock file is ours and not part of the output."""
     run_file = out / RUN_FILE
-    if out.exists() and any(out.iterdir()):
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE]
+    if entries:
         if overwrite:
             if not run_file.is_file():
                 raise OutputExistsError(f"{out} is not a data_prep output (no {RUN_FILE}); refusing to delete it")
-            log.info("--overwrite: removing %s", out)
-            shutil.rmtree(out)
+            log.info("--overwrite: removing the contents of %s", out)
+            for entry in entries:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         elif resume:
             if not run_file.is_file():
                 raise OutputExistsError(f"{out} has no {RUN_FILE}: nothing to resume")
@@ -104,7 +123,6 @@ def _claim_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool)
             raise OutputExistsError(
                 f"{out} already exists; pass --resume to continue an interrupted run or --overwrite to start again"
             )
-    out.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(run, indent=2))
 
 
@@ -141,10 +159,24 @@ def _run_parts(
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(progress_queue: Any, tokenizer_spec: str) -> None:
+def _init_worker(progress_queue: Any, tokenizer_spec: str, parent: int) -> None:
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, which fork copied
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     _worker_state["queue"] = progress_queue
     _worker_state["tokenizer"] = load_tokenizer(tokenizer_spec)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux SIGKILL this worker when its parent dies, however the parent dies (prctl
+    PR_SET_PDEATHSIG; other systems rely on the parent's own cleanup in `_run_pool`)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the request above was made
+        os._exit(1)
 
 
 def _worker_part(out: Path, index: int, source: str, settings: WriterSettings) -> PartResult:
@@ -165,8 +197,9 @@ def _run_pool(
     ctx = mp.get_context("fork")  # fork: workers start in milliseconds instead of re-importing torch
     progress_queue = ctx.Queue()
     results: dict[int, PartResult] = {}
+    others = set(mp.active_children())
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(progress_queue, tokenizer_spec)) as pool:
+                             initargs=(progress_queue, tokenizer_spec, os.getpid())) as pool:
         pending: dict[Future, int] = {pool.submit(_worker_part, out, i, sources[i], settings): i for i in todo}
         try:
             while pending:
@@ -176,9 +209,11 @@ def _run_pool(
                     i = pending.pop(future)
                     results[i] = future.result()  # re-raises a worker's BadInputError
                     log_bad(results[i])
-        except BaseException:
+        except BaseException:  # a failed part, or a signal turned into an exception: stop now, not after the parts
             for future in pending:
                 future.cancel()
+            for worker in set(mp.active_children()) - others:  # the pool's workers: ours, not a caller's
+                worker.kill()
             raise
         _drain(progress_queue, progress)
     return results
@@ -222,6 +257,10 @@ def _merge_split(folder: Path, parts: list[str]) -> None:
     if samples != len(merged):
         raise RuntimeError(f"{folder}: {samples} samples in {INDEX_FILE} but {len(merged)} document lengths")
     np.save(folder / DOC_TOKENS_FILE, merged.astype(np.uint32))
+    index[DOC_TOKENS_SHA256] = file_sha256(folder / DOC_TOKENS_FILE)  # the reader checks the table against it
+    tmp = folder / f"{INDEX_FILE}.tmp"
+    tmp.write_text(json.dumps(index, sort_keys=True))
+    os.replace(tmp, folder / INDEX_FILE)
 
 
 def _record_tokenizer(folder: Path, tokenizer: Tokenizer) -> None:

@@ -197,3 +197,40 @@ def test_help_explains_every_option(capsys):
     for option in ("--out", "--tokenizer", "--text-field", "--workers", "--val-fraction", "--shard-size-limit",
                    "--compression", "--strict", "--resume", "--overwrite", "pydoc"):
         assert option in text
+
+
+def error_lines(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_a_corrupt_parquet_file_is_named_instead_of_blaming_the_text_field(tmp_path, caplog):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    assert data_prep_main(["tokenize", str(tmp_path / "x.parquet"), "--out", str(tmp_path / "out")]) == 1
+    errors = error_lines(caplog)
+    assert f"{tmp_path / 'x.parquet'} cannot be read" in errors and "--text-field" not in errors
+
+
+def test_out_naming_an_existing_file_is_a_clear_error(tmp_path, caplog):
+    write_jsonl(tmp_path / "a.jsonl", ["some text"])
+    (tmp_path / "out").write_text("precious")
+    assert data_prep_main(["tokenize", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out")]) == 1
+    assert f"{tmp_path / 'out'} is a file" in error_lines(caplog)
+    assert (tmp_path / "out").read_text() == "precious"
+
+
+def test_a_write_error_is_one_line_naming_the_output_folder(tmp_path):
+    """A file size limit (`ulimit -f`, as a full disk would) makes the shard writes fail."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+    done = subprocess.run([sys.executable, "-m", "data_prep", "tokenize", "pydoc", "--out", str(tmp_path / "out")],
+                          cwd=Path(__file__).resolve().parents[2], preexec_fn=limit_file_size,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert f"cannot write {tmp_path / 'out'}" in done.stderr and "File too large" in done.stderr
+    assert "--resume" in done.stderr
