@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from ratpt.data.tokenizer import Tokenizer, load_tokenizer, same_tokenizer
 from ratpt.model.cache import ModelCache
 from ratpt.model.lm import RATLM
+from ratpt.model.pretrained import TOKENIZER, load_pretrained
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -147,19 +149,38 @@ def check_sampling(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    try:
+        torch.device(args.device)
+    except RuntimeError:  # torch's message lists every device type it knows; the flag is what to fix
+        raise ValueError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ratpt.data.tokenizer import load_tokenizer
-    from ratpt.model.pretrained import TOKENIZER, load_pretrained
+def load_model_tokenizer(model_dir: str, spec: str | None) -> Tokenizer:
+    """The tokenizer exported with the model, or `spec` if it is the same one: another tokenizer's ids
+    (--tokenizer byte for a BPE model, say) decode to garbage without any error."""
+    exported = Path(model_dir) / TOKENIZER
+    if spec is None:
+        return load_tokenizer(exported)
+    tokenizer = load_tokenizer(spec)
+    if exported.is_dir():
+        trained = load_tokenizer(exported)
+        if not same_tokenizer(tokenizer.identity(), trained.identity()):
+            raise ValueError(
+                f"--tokenizer {spec} is not the tokenizer {model_dir} was exported with ({trained.name!r}, "
+                f"{trained.kind}, vocab {trained.vocab_size}): its ids would decode to garbage; leave out "
+                f"--tokenizer to use {exported}"
+            )
+    return tokenizer
 
+
+def run(args: argparse.Namespace) -> int:
     check_sampling(args)
 
+    tokenizer = load_model_tokenizer(args.model_dir, args.tokenizer)
     model, cfg = load_pretrained(args.model_dir, device=args.device)
     model = model.to(getattr(torch, args.dtype)).eval()
-    tokenizer = load_tokenizer(args.tokenizer or Path(args.model_dir) / TOKENIZER)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
                          f"({cfg.vocab_size}): pass the tokenizer the model was trained with (--tokenizer)")

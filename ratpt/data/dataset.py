@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from ratpt.data.config import DataConfig, StreamConfig
 from ratpt.data.packing import PackedStream
 from ratpt.data.shards import ShardedDocuments, read_meta
+from ratpt.data.tokenizer import same_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,6 @@ class OpenStream:
     config: StreamConfig
     docs: ShardedDocuments
     packed: PackedStream
-
-
-def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two tokenizer records (DIR/tokenizer/meta.json) describe the same token ids."""
-    return all(a.get(k) == b.get(k) for k in ("kind", "vocab_size", "eos_id", "sha256"))
 
 
 def check_trained_tokenizer(checkpoint: str, streams: list[StreamConfig], vocab_size: int) -> None:

@@ -28,6 +28,11 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two tokenizer records (`identity()`, DIR/tokenizer/meta.json) describe the same token ids."""
+    return all(a.get(k) == b.get(k) for k in ("kind", "vocab_size", "eos_id", "sha256"))
+
+
 class Tokenizer(ABC):
     """Text <-> token ids. Documents are encoded without BOS/EOS; callers append `eos_id`."""
 

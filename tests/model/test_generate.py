@@ -127,3 +127,22 @@ def test_cuda_graph_generation_equals_eager_generation(mixers):
     prompts = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]]
     eager = generate(model, prompts, max_new_tokens=12)
     assert generate(model, prompts, max_new_tokens=12, cuda_graph=True) == eager
+
+
+def test_cli_refuses_a_tokenizer_other_than_the_one_the_model_was_exported_with(tmp_path):
+    from data_prep.train_tokenizer import train_bpe
+
+    (tmp_path / "corpus.txt").write_text("the model was trained on these words, and on these words only. " * 20)
+    bpe = train_bpe([str(tmp_path / "corpus.txt")], vocab_size=300, out=tmp_path / "bpe")
+    model, cfg = tiny_model(vocab=300)
+    save_pretrained(model, cfg, tmp_path / "m", tokenizer_dir=bpe.parent)
+    with pytest.raises(ValueError, match=r"--tokenizer byte.*not the tokenizer .* exported with.*leave out --tokenizer"):
+        run(cli_args(tmp_path / "m", tokenizer="byte"))
+    assert run(cli_args(tmp_path / "m", tokenizer=str(bpe))) == 0  # the same tokenizer, named by its file
+
+
+def test_cli_rejects_an_unknown_device_naming_the_flag(tmp_path):
+    model, cfg = tiny_model(vocab=257)
+    save_pretrained(model, cfg, tmp_path / "m")
+    with pytest.raises(ValueError, match="--device 'banana' is not a device"):
+        run(cli_args(tmp_path / "m", device="banana"))
