@@ -112,23 +112,6 @@ class ShardedDocuments:
     def __len__(self) -> int:
         return len(self.doc_tokens)
 
-    def _check_doc_tokens(self, table: Path) -> None:
-        """The document table decides which tokens make up every sample, so a wrong one is caught
-        here, not as a mis-sized batch mid-training (a count too large) or never (too small):
-        its sha256 against index.json (when verifying; datasets prepared before the hash was
-        recorded have none), and always its total against the tokens stats.json says the shards hold."""
-        fix = "re-copy the dataset, or re-run data_prep tokenize into a new folder"
-        expected = json.loads(self.index_file.read_text()).get(DOC_TOKENS_SHA256)
-        if self.verify and expected is not None and file_sha256(table) != expected:
-            raise CorruptShardError(f"{table}: sha256 differs from the one {self.index_file} records: the document "
-                                    f"table was changed or replaced; {fix}")
-        stats_file = fetch(self.path, self.local, STATS_FILE)
-        written = json.loads(stats_file.read_text())["tokens"][self.split]
-        total = int(self.doc_tokens.sum(dtype=np.int64))
-        if total != written:
-            raise CorruptShardError(f"{table}: its document lengths add up to {total} tokens, but data_prep wrote "
-                                    f"{written} into the shards of {self.split}/ ({stats_file}); {fix}")
-
     def fingerprint(self) -> str:
         """Identifies the data (not where it lives): the hash of the split's index.json."""
         return hashlib.sha256(self.index_file.read_bytes()).hexdigest()[:16]
@@ -181,6 +164,23 @@ class ShardedDocuments:
         actual = streaming.base.hashing.get_hash("xxh64", raw.read_bytes())
         if actual != expected:
             raise CorruptShardError(f"{raw}: xxh64 {actual} differs from {self.index_file} ({expected}); the shard is corrupt")
+
+    def _check_doc_tokens(self, table: Path) -> None:
+        """The document table decides which tokens make up every sample, so a wrong one is caught
+        here, not as a mis-sized batch mid-training (a count too large) or never (too small):
+        its sha256 against index.json (when verifying; datasets prepared before the hash was
+        recorded have none), and always its total against the tokens stats.json says the shards hold."""
+        fix = "re-copy the dataset, or re-run data_prep tokenize into a new folder"
+        expected = json.loads(self.index_file.read_text()).get(DOC_TOKENS_SHA256)
+        if self.verify and expected is not None and file_sha256(table) != expected:
+            raise CorruptShardError(f"{table}: sha256 differs from the one {self.index_file} records: the document "
+                                    f"table was changed or replaced; {fix}")
+        stats_file = fetch(self.path, self.local, STATS_FILE)
+        written = json.loads(stats_file.read_text())["tokens"][self.split]
+        total = int(self.doc_tokens.sum(dtype=np.int64))
+        if total != written:
+            raise CorruptShardError(f"{table}: its document lengths add up to {total} tokens, but data_prep wrote "
+                                    f"{written} into the shards of {self.split}/ ({stats_file}); {fix}")
 
     def __getstate__(self) -> dict[str, Any]:
         # A memory map is reopened by name in a DataLoader worker instead of being copied.
