@@ -11,12 +11,11 @@ import os
 import sys
 from typing import Optional
 
-from ratpt import generate
+from ratpt import convert, generate
 from ratpt.checkpoint import CheckpointError
 from ratpt.config import ConfigError
 from ratpt.data.shards import CorruptShardError
 from ratpt.hf import commands as hf_commands
-from ratpt.model import convert
 from ratpt.train import commands
 from ratpt.train.trainer import TrainingDiverged
 

@@ -1,5 +1,4 @@
-"""`ratpt export-hf`, `ratpt convert hf` (through ratpt.model.convert), `ratpt evaluate` and
-`ratpt evaluate-long`: thin command-line shells over ratpt.hf."""
+"""`ratpt export-hf`, `ratpt evaluate` and `ratpt evaluate-long`: thin command-line shells over ratpt.hf."""
 from __future__ import annotations
 
 import argparse
@@ -66,15 +65,6 @@ def run_export_hf(args: argparse.Namespace) -> int:
     tokenizer = Path(args.model_dir) / TOKENIZER
     export_hf(model, cfg, out, tokenizer if tokenizer.is_dir() else None)
     log.info("exported %s to %s (Hugging Face)", args.model_dir, out)
-    return 0
-
-
-def run_convert_hf(args: argparse.Namespace) -> int:
-    """`ratpt convert hf DIR --out OUT`."""
-    from ratpt.hf.convert import convert_hf
-
-    out = convert_hf(args.checkpoint, args.out)
-    print(f"converted {args.checkpoint} (Hugging Face) -> {out}")
     return 0
 
 

@@ -16,14 +16,13 @@ Row layouts need no permutation: RAT in_proj is (z, v, g, q, k) and attention in
 which attention layers are windowed, W) comes from flags; everything else is inferred and
 every tensor is checked against the resulting config.
 """
-import argparse
 import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from ratpt.model.config import MIXERS, ModelConfig, mixer_of_layer, validate_model_config
+from ratpt.model.config import ModelConfig, mixer_of_layer, validate_model_config
 from ratpt.model.lm import build_model
 
 _PREFIX = "_orig_mod."
@@ -137,42 +136,3 @@ def _shape_hint(key: str, got: tuple, want: tuple, cfg: ModelConfig) -> str:
         return msg + f"; {got[0]} rows is a RAT layer (G·d = {qk:g}), but --mixers makes layer {layer} '{kind}'"
     return msg + f"; a RAT in_proj with {got[0]} rows has G·d = {qk:g}: with --head-dim {cfg.head_dim} " \
                  f"that is --ngroups {qk / cfg.head_dim:g}"
-
-
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    """`ratpt convert reference CKPT --out DIR --chunk-size L --head-dim d ...`."""
-    parser = subparsers.add_parser("convert", help="import a checkpoint of another implementation")
-    parser.add_argument("source", choices=["reference", "hf"],
-                        help="checkpoint format: reference (CLAIRE-Labo/RAT) or hf (a folder of `ratpt export-hf`)")
-    parser.add_argument("checkpoint", help="the reference .pt file, or the Hugging Face folder")
-    parser.add_argument("--out", required=True, help="output folder (model.safetensors + config.yaml)")
-    parser.add_argument("--chunk-size", type=int, help="RAT chunk length L (reference: required)")
-    parser.add_argument("--head-dim", type=int, help="head width d (reference: required)")
-    parser.add_argument("--ngroups", type=int, default=2, help="RAT query/key groups G (default 2)")
-    parser.add_argument("--mixers", default="rat",
-                        help=f"comma-separated pattern cycled over layers, from {','.join(MIXERS)} "
-                             "(default rat; the paper's hybrid is rat,swa)")
-    parser.add_argument("--window", type=int, default=1024, help="sliding window W (default 1024)")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="load a checkpoint that holds non-tensor objects (only for trusted files)")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ratpt.model.pretrained import save_pretrained
-
-    if args.source == "hf":  # a Hugging Face folder states its whole config: no flags to check
-        from ratpt.hf.commands import run_convert_hf
-        return run_convert_hf(args)
-    if args.chunk_size is None or args.head_dim is None:
-        raise ValueError("convert reference needs --chunk-size and --head-dim (the checkpoint cannot tell them)")
-    mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
-    state = load_reference_state(args.checkpoint, allow_pickle=args.allow_pickle)
-    converted, cfg = convert_reference_state(state, args.chunk_size, args.head_dim, args.ngroups,
-                                             mixers, args.window)
-    model = build_model(cfg)
-    model.load_state_dict(converted)
-    out = save_pretrained(model, cfg, args.out)
-    print(f"converted {args.checkpoint}: {cfg.n_layers} layers ({','.join(cfg.mixers)}), "
-          f"d_model {cfg.d_model}, vocab {cfg.vocab_size} -> {out}")
-    return 0

@@ -39,6 +39,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     )
     export_parser.add_argument("checkpoint", help="a step_XXXXXXXX directory, or a run folder (newest checkpoint)")
     export_parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    export_parser.add_argument("--format", choices=["ratpt", "hf"], default="ratpt",
+                               help="ratpt: for ratpt.load_pretrained and `ratpt generate`; hf: a Hugging Face "
+                                    "transformers folder (docs/hf.md)")
     export_parser.set_defaults(func=run_export)
 
 
@@ -93,6 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ratpt.hf.export import export_hf
     from ratpt.model.pretrained import save_pretrained
 
     checkpoint = resolve_checkpoint(Path(args.checkpoint))
@@ -101,6 +105,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise FileExistsError(f"export folder {out} is not empty: choose a new --out or remove it")
     cfg = checkpoint_config(checkpoint)
     tokenizer = checkpoint / TOKENIZER_DIR
-    save_pretrained(load_trained_model(checkpoint, cfg), cfg.model, out, tokenizer if tokenizer.is_dir() else None)
+    write = export_hf if args.format == "hf" else save_pretrained
+    write(load_trained_model(checkpoint, cfg), cfg.model, out, tokenizer if tokenizer.is_dir() else None)
     log.info("exported %s to %s", checkpoint, out)
     return 0

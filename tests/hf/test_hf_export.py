@@ -8,11 +8,12 @@ import pytest
 import sentencepiece as spm
 import torch
 from hf_helpers import VOCAB, random_model, small_config
-from run_helpers import REPO, ratpt
+from run_helpers import REPO, ratpt, small_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ratpt as ratpt_lib
 from data_prep.train_tokenizer import train_bpe
+from ratpt.checkpoint import load_checkpoint
 from ratpt.config import load_config
 from ratpt.data.tokenizer import load_tokenizer
 from ratpt.generate import generate as ratpt_generate
@@ -137,3 +138,17 @@ def test_the_quickstart_model_exports_through_the_cli_and_loads_back(corpus, tmp
         torch.testing.assert_close(load_hf(tmp_path / "hf")(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
     done = ratpt("export-hf", str(tmp_path / "export"), "--out", str(tmp_path / "hf"))
     assert done.returncode == 2 and "not empty" in done.stderr
+
+
+def test_a_training_checkpoint_exports_to_hugging_face_with_the_trained_logits(byte_data, tmp_path):
+    run = tmp_path / "run"
+    assert ratpt("train", *small_run(byte_data, run, "train.steps=2")).returncode == 0
+    done = ratpt("export", str(run), "--out", str(tmp_path / "hf"), "--format", "hf")
+    assert done.returncode == 0, done.stderr
+    trained = load_checkpoint(run / "checkpoints")["model"]
+    model = build_model(load_config(run / "config.yaml").model)
+    model.load_state_dict(trained)
+    tokens = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "hf")(TEXTS[0]).input_ids])
+    assert tokens[0].tolist() == list(TEXTS[0].encode())  # the run's byte tokenizer, exported with it
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(tmp_path / "hf")(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)

@@ -6,7 +6,8 @@ import torch
 
 import ratpt
 from dense_reference import random_reference_state, reference_lm_logits
-from ratpt.model.convert import convert_reference_state, load_reference_state, run
+from ratpt.convert import run
+from ratpt.model.convert import convert_reference_state, load_reference_state
 from ratpt.model.lm import build_model
 
 VOCAB, D, HEAD_DIM, FFN = 41, 16, 4, 64
