@@ -4,7 +4,7 @@ Each model from configs/ runs a few optimizer steps (bf16 autocast over fp32 mas
 fused AdamW, clipping — the trainer's single-process path) on random tokens, for each case
 "config:micro_batch:flags", flags a "+"-joined subset of
   ckpt     activation checkpointing of every block (ratpt.train.trainer's)
-  compile  torch.compile of every block (nn.Module.compile, static shapes), as train.compile
+  compile  torch.compile of every block's forward (static shapes), as train.compile
            does: identical blocks share one compiled graph, so compiling costs one block, not 24
   logits   the head's logits, then the loss over them (compiled with `compile`), instead of the
            fused chunked head + loss (train.fused_loss, the default)
