@@ -132,8 +132,7 @@ def step_profile(step) -> dict[str, float]:
     """This rank's GPU kernel time of one step (after one more) by profile_step.py's categories. NCCL kernels run on
     their own streams, so with overlap the categories sum to more than the step's time; what
     `communication` adds to the step is at most the difference."""
-    from kernel_profile import kernel_times
-    from profile_step import by_category, rat_kernel_names
+    from profiling import by_category, kernel_times, rat_kernel_names
 
     categories = by_category(kernel_times(step, 1), rat_kernel_names())
     return {name: round(ms, 1) for name, ms in categories.items()}

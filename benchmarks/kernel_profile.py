@@ -18,30 +18,12 @@ the fused kernels.
 """
 import argparse
 import json
-from collections import defaultdict
-
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 from kernels.rat_bwd import rat_backward
 from kernels.rat_fwd import rat_forward
 from kernels.tune import HEAD_DIM, ROPE_BASE, TOKENS, layer_inputs
-
-
-def kernel_times(fn, iters: int) -> dict[str, float]:
-    """Mean GPU milliseconds per call of fn, by kernel name, longest first."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    totals: dict[str, float] = defaultdict(float)
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            totals[event.name] += event.device_time / 1000 / iters
-    return dict(sorted(((name, round(ms, 3)) for name, ms in totals.items()), key=lambda item: -item[1]))
+from profiling import by_category, kernel_times, rat_kernel_names
 
 
 def profile_length(T: int, chunk_size: int, iters: int) -> dict:
@@ -64,7 +46,6 @@ def profile_length(T: int, chunk_size: int, iters: int) -> dict:
 def profile_layer(T: int, chunk_size: int, iters: int) -> dict:
     """Kernel times of one compiled fwd+bwd step of the benchmark's RAT layer, and their categories."""
     from layer import DTYPE, rat_layer
-    from profile_step import by_category, rat_kernel_names
 
     layer = rat_layer(chunk_size, "triton").to("cuda", DTYPE)
     step_fn = torch.compile(layer, dynamic=False)

@@ -81,16 +81,19 @@ class PublicRAT(nn.Module):
         k_state = chunk_scan_loop(g, (1 - g) * k.float().reshape(B, C, L, D)).view(B, T, D).to(x.dtype)
         from ratpt import ops
         cos, sin = ops.rope_cos_sin(torch.arange(T, device=x.device) // L, d, m.rope_base, x.dtype)
-        q_rot = ops.apply_rope(m._heads(q.repeat(1, 1, H // G)), cos, sin)
-        k_rot = ops.apply_rope(m._heads(k_state), cos, sin)
-        v_heads = m._heads(v_state)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, d]
+            return t.reshape(B, T, H, d).transpose(1, 2)
+
+        q_rot = ops.apply_rope(heads(q.repeat(1, 1, H // G)), cos, sin)
+        k_rot = ops.apply_rope(heads(k_state), cos, sin)
+        v_heads = heads(v_state)
         o, lse = flex_attention(q_rot, k_rot[:, :, L - 1::L], v_heads[:, :, L - 1::L],
                                 block_mask=self._masks[(T, L)], return_lse=True)
         own = torch.einsum("bhtd,bhtd->bht", q_rot.float(), k_rot.float()) / math.sqrt(d)
         top = torch.maximum(lse, own)
         w_sum, w_own = torch.exp(lse - top), torch.exp(own - top)
         y = (w_sum.unsqueeze(-1) * o.float() + w_own.unsqueeze(-1) * v_heads.float()) / (w_sum + w_own).unsqueeze(-1)
-        return x + m.out_proj(z * m._merge(y.to(x.dtype)))
+        return x + m.out_proj(z * y.to(x.dtype).transpose(1, 2).reshape(B, T, H * d))
 
     def prepare(self, T: int) -> None:
         from torch.nn.attention.flex_attention import create_block_mask

@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 from generate import REPO
-from profile_step import by_category, rat_kernel_names
+from profiling import by_category, kernel_times, rat_kernel_names
 from ratpt.config import load_config
 from ratpt.generate import GraphedDecodeStep
 from ratpt.model import build_model
@@ -64,19 +61,16 @@ def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
     step = GraphedDecodeStep(model, cache)
     for _ in range(args.warmup):
         tokens = step(tokens).argmax(-1)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            tokens = step(tokens).argmax(-1)
-        torch.cuda.synchronize()
+
+    def decode() -> None:
+        nonlocal tokens
+        tokens = step(tokens).argmax(-1)
+
+    per_kernel = kernel_times(decode, args.steps)  # after one more untimed step
     rat_names = rat_kernel_names()
-    per_kernel: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        if event.device_type == DeviceType.CUDA:
-            per_kernel[event.key] += event.self_device_time_total / 1000 / args.steps
     per_category = by_category(per_kernel, rat_names)
     mixing_ms = per_category["rat_mixing"] + per_category["attention"]
-    position = args.prompt + args.warmup + args.steps // 2
+    position = args.prompt + args.warmup + 1 + args.steps // 2
     read = cache_bytes_read(cfg.model, batch, position, 2)
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
     return {"model": name, "batch": batch, "position": position, "kernel_ms_per_step": sum(per_kernel.values()),

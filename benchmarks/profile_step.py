@@ -30,55 +30,8 @@ import torch
 
 from ratpt.model.config import mixer_of_layer
 from ratpt.model.flops import ffn_flops_per_token, head_flops_per_token, keys_per_token, projection_flops_per_token
-from kernel_profile import kernel_times
+from profiling import CATEGORIES, by_category, category, kernel_times, rat_kernel_names
 from train import REPO, build_step, parse_case
-
-CATEGORIES = ("matmul", "rat_mixing", "attention", "glue", "optimizer", "communication", "data")
-ATTENTION = ("flash", "fmha", "sdpa", "cudnn", "attention", "efficient")
-MATMUL = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "splitk", "sm90_", "sm80_", "sm100_")
-OPTIMIZER = ("multi_tensor_apply", "adam", "lpnorm", "foreach")
-
-
-def rat_kernel_names() -> set[str]:
-    """Names of the Triton kernels in kernels/ (the profiler reports a Triton kernel by its name)."""
-    import importlib
-    import pkgutil
-
-    import triton
-
-    import kernels
-
-    names = set()
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"kernels.{info.name}")
-        names |= {name for name, obj in vars(module).items() if isinstance(obj, triton.runtime.JITFunction)}
-    return names
-
-
-def category(name: str, rat_names: set[str]) -> str:
-    lower = name.lower()
-    if "nccl" in lower:
-        return "communication"
-    if name.split("(")[0].strip() in rat_names:
-        return "rat_mixing"
-    if "memcpy htod" in lower:
-        return "data"
-    if any(key in lower for key in ATTENTION):
-        return "attention"
-    if any(key in lower for key in MATMUL):
-        return "matmul"
-    if any(key in lower for key in OPTIMIZER):
-        return "optimizer"
-    return "glue"
-
-
-def by_category(per_kernel: dict[str, float], rat_names: set[str]) -> dict[str, float]:
-    """GPU time per kernel name, summed into CATEGORIES."""
-    totals = dict.fromkeys(CATEGORIES, 0.0)
-    for name, ms in per_kernel.items():
-        totals[category(name, rat_names)] += ms
-    return totals
-
 
 def dense_and_mixing_flops(model_cfg, seq_len: int) -> tuple[float, float]:
     """Training FLOPs per token (3 × forward) of the GEMMs, and of the softmax products of the mixers."""

@@ -94,13 +94,3 @@ class RATMixer(nn.Module):
     def _projection(self, x: torch.Tensor) -> torch.Tensor:
         """W_in RMSNorm(x): [B, T, 3·D + 2·G·d], the columns z, v, f, q, k (ops.split_projection)."""
         return self.in_proj(self.input_norm(x))
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, T, D] -> [B, H, T, d]."""
-        B, T, _ = t.shape
-        return t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-
-    def _merge(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, H, T, d] -> [B, T, D]."""
-        B, H, T, d = t.shape
-        return t.transpose(1, 2).reshape(B, T, H * d)

@@ -1,19 +1,13 @@
 """benchmarks/generate.py: runs end to end on CPU with a tiny config; the ratio it reports."""
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import generate as generate_benchmark
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "generate.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("generate_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_tiny_run_measures_every_batch_and_writes_json(tmp_path):
@@ -32,7 +26,7 @@ def test_tiny_run_measures_every_batch_and_writes_json(tmp_path):
 
 
 def test_ratio_compares_each_models_best_batch_with_attentions():
-    bench = load_benchmark()
+    bench = generate_benchmark
 
     def model(name, mixers, *rates):
         batches = [{"batch": 2 ** i, "decode_tokens_per_s": r, "end_to_end_tokens_per_s": r / 2}
@@ -45,7 +39,7 @@ def test_ratio_compares_each_models_best_batch_with_attentions():
 
 
 def test_update_keeps_the_batches_a_run_did_not_measure():
-    bench = load_benchmark()
+    bench = generate_benchmark
     old = {"model": "rat", "batches": [{"batch": 32, "decode_tokens_per_s": 5.0}, {"batch": 64, "decode_tokens_per_s": 9.0},
                                        {"batch": 128, "skipped": "time budget"}]}
     new = {"model": "rat", "batches": [{"batch": 64, "decode_tokens_per_s": 8.0}, {"batch": 128, "decode_tokens_per_s": 7.0},

@@ -1,17 +1,9 @@
 """benchmarks/train.py: once a micro-batch runs out of memory, larger ones of the same model and flags
 are not tried (each costs a build and, compiled, a compile); other models and flags still are."""
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+import train
 
 
 def test_larger_micro_batches_after_an_out_of_memory_are_skipped():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import train
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
     ooms = {("rat_1p3b", frozenset({"compile"})): 12}
     assert train.smaller_out_of_memory(ooms, "rat_1p3b", {"compile"}, 16) == 12
     assert train.smaller_out_of_memory(ooms, "rat_1p3b", {"compile"}, 12) == 12
