@@ -37,6 +37,9 @@ TWO_RANK_CASES = {
     "cp2-zigzag-stage3": "stage=3,cp=2,layout=zigzag",  # each rank holds blocks r and 3 - r of every sequence
     "resume-stage3": "stage=3", "resume-stage2-cp2": "stage=2,cp=2",
     "consolidate-stage1": "stage=1", "consolidate-stage3": "stage=3",
+    # the blocks compiled (traced as inductor would be, without CPU code generation) equal eager one process
+    "compiled-stage2": "stage=2,compile=true,backend=aot_eager",
+    "compiled-cp2-stage3": "stage=3,cp=2,compile=true,backend=aot_eager",
 }
 FOUR_RANK_CASES = {f"cp2dp2-stage{stage}": f"stage={stage},cp=2,layout=contiguous" for stage in (1, 2, 3)}
 
@@ -140,6 +143,11 @@ def test_context_parallel_times_zero_data_parallel_equals_one_process(four_rank_
 
 def test_zigzag_context_parallel_under_zero3_equals_one_process(two_rank_cases):
     assert passed(two_rank_cases, "cp2-zigzag-stage3")
+
+
+@pytest.mark.parametrize("case", ["compiled-stage2", "compiled-cp2-stage3"])
+def test_compiled_blocks_under_zero_equal_one_process_eager(two_rank_cases, case):
+    assert passed(two_rank_cases, case)
 
 
 @pytest.mark.gpu
