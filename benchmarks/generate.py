@@ -1,4 +1,4 @@
-"""Generation throughput (DESIGN §5): prompt 3072 + 1024 new tokens, RAT vs attention vs hybrid.
+"""Generation throughput (benchmarks/RESULTS.md#generation): prompt 3072 + 1024 new tokens, RAT vs attention vs hybrid.
 
 For each model (bf16 weights, random init: speed does not depend on the values) and each batch
 size, doubling until the GPU runs out of memory:

@@ -1,4 +1,4 @@
-"""Single-layer benchmark (DESIGN §5; the paper's Figure 3): one mixer layer with its projections.
+"""Single-layer benchmark (benchmarks/RESULTS.md#one-layer; the paper's Figure 3): one mixer layer with its projections.
 
 D 2048, 16 heads x 128, G 2, L 16 (and 64), bf16 weights and activations, B·T = 131072 tokens,
 T in {4K, 16K, 32K, 128K}. For each layer: fwd+bwd and prefill (forward, no grad) time, and one

@@ -1,4 +1,4 @@
-"""RAT sequence mixing, forward (DESIGN §1): two passes over the per-token tensors.
+"""RAT sequence mixing, forward (docs/design.md#the-rat-layer): two passes over the per-token tensors.
 
 1. `_states_kernel`: per (tile of chunks, batch, head) the in-chunk recurrences of k and v, one
    position at a time over the L positions of all the tile's chunks (elementwise, in fp32).

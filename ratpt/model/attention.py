@@ -1,4 +1,4 @@
-"""Softmax attention mixer: causal (full) or sliding window (DESIGN §1).
+"""Softmax attention mixer: causal (full) or sliding window (docs/design.md#the-language-model).
 
 As the reference code: pre-norm `input_norm`, `in_proj` rows v, q, k (all H heads, no output
 gate), RoPE over token positions, `out_proj`, residual. With a window W a token sees itself and
@@ -15,8 +15,9 @@ from ratpt.model.norm import RMSNorm
 
 
 class AttentionMixer(nn.Module):
-    # Context-parallel seam (DESIGN §3): None here; ratpt.parallel.context_parallel sets it to an
-    # object giving the global positions of this rank's tokens and a causal_attention() over all ranks' keys.
+    # Context-parallel seam (docs/design.md#context-parallelism): None here; ratpt.parallel.context_parallel
+    # sets it to an object giving the global positions of this rank's tokens and a causal_attention() over
+    # all ranks' keys.
     context_shard = None
 
     def __init__(self, cfg: ModelConfig, window: int | None = None):

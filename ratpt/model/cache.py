@@ -1,4 +1,4 @@
-"""Per-layer generation caches (DESIGN §1: what each mixer must remember to decode).
+"""Per-layer generation caches (docs/design.md#generation-and-its-caches: what each mixer must remember to decode).
 
 Sequences in a batch may have different lengths: `ModelCache.lengths[b]` counts the tokens of
 sequence b seen so far, and every layer cache keeps slots beyond a sequence's length as

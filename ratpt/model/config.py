@@ -1,4 +1,4 @@
-"""Typed configuration of a RAT-family language model (DESIGN §1).
+"""Typed configuration of a RAT-family language model (docs/design.md#the-language-model).
 
 Defaults are the paper's RAT-1.3B; YAML files under configs/ state only what differs.
 """
@@ -64,7 +64,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
 
 
 def mixer_of_layer(cfg: ModelConfig, layer: int) -> str:
-    """The mixer of block `layer`: the `mixers` pattern cycled over layers (DESIGN §1 hybrid)."""
+    """The mixer of block `layer`: the `mixers` pattern cycled over layers (docs/design.md#the-language-model)."""
     return cfg.mixers[layer % len(cfg.mixers)]
 
 

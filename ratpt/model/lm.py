@@ -1,4 +1,4 @@
-"""The RAT-family language model (DESIGN §1, as the paper's code).
+"""The RAT-family language model (docs/design.md#the-language-model, as the paper's code).
 
     x = E[tokens]                       (no scaling)
     per block i:  x = Mixer_i(x)        (the mixer owns its pre-norm and residual)

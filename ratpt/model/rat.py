@@ -1,4 +1,4 @@
-"""The RAT layer (arXiv 2507.04416; DESIGN §1), pre-norm and residual included.
+"""The RAT layer (arXiv 2507.04416; docs/design.md#the-rat-layer), pre-norm and residual included.
 
     h = RMSNorm(x);  z, v, f, q, k = split(W_in h, [D, D, D, G·d, G·d])
     g = sigmoid(f + gate_bias)                               (fp32)
@@ -22,8 +22,9 @@ from ratpt.model.norm import RMSNorm
 
 
 class RATMixer(nn.Module):
-    # Context-parallel seam (DESIGN §3): None here; ratpt.parallel.context_parallel sets it to an
-    # object whose rat_mixing() stands in for the ungated part of ops.rat_mixing on one rank's run of whole chunks.
+    # Context-parallel seam (docs/design.md#context-parallelism): None here; ratpt.parallel.context_parallel
+    # sets it to an object whose rat_mixing() stands in for the ungated part of ops.rat_mixing on one rank's
+    # run of whole chunks.
     context_shard = None
 
     def __init__(self, cfg: ModelConfig):

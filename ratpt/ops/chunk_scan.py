@@ -1,4 +1,4 @@
-"""Gated linear recurrence, reset at chunk starts (DESIGN §1, the "R" of RAT).
+"""Gated linear recurrence, reset at chunk starts (docs/design.md#the-chunked-gated-recurrence, the "R" of RAT).
 
     y[t] = g[t] * y[t-1] + (1 - g[t]) * x[t],   y[-1] = 0 and y[t-1] := 0 at every chunk start
 
@@ -18,7 +18,7 @@ BLOCK = 16  # positions per block of the hierarchical scan
 
 
 def forget_gate(f: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
-    """g = sigmoid(f + gate_bias) in at least fp32 (DESIGN: the gate is fp32 even under bf16)."""
+    """g = sigmoid(f + gate_bias) in at least fp32 (docs/design.md#shapes-and-projections: fp32 even under bf16)."""
     dtype = torch.promote_types(torch.promote_types(f.dtype, gate_bias.dtype), torch.float32)
     return torch.sigmoid(f.to(dtype) + gate_bias.to(dtype))
 

@@ -1,4 +1,5 @@
-"""RAT's softmax over chunk summaries plus the token's own state (DESIGN §1, the "A" of RAT).
+"""RAT's softmax over chunk summaries plus the token's own state, the "A" of RAT
+(docs/design.md#softmax-over-chunk-summaries).
 
 For token (c, l) of one head:
     keys   = [k̃[0,L-1], ..., k̃[c-1,L-1], k̃[c,l]]      values likewise from ṽ

@@ -1,6 +1,6 @@
 """RAT's decode step as one op: one new token per sequence against the chunk-summary cache.
 
-For the token at position t = c·L + l of sequence b (DESIGN §1, one row of rat_mixing):
+For the token at position t = c·L + l of sequence b (docs/design.md#the-rat-layer, one row of rat_mixing):
     g = sigmoid(f + gate_bias) (fp32);  running (k̃, ṽ) = g·running + (1 − g)·(k, v), reset at l = 0
     y = softmax over [summary slots j < c, the own rotated running state]   (RoPE by chunk c)
     slot c of the summary cache := the rotated running k̃ and ṽ

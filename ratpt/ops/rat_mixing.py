@@ -54,7 +54,7 @@ def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) ->
 
 def rat_mixing_reference(q, k, v, f, gate_bias, chunk_size: int, head_dim: int,
                          rope_base: float) -> torch.Tensor:
-    """Pure-PyTorch ground truth of rat_mixing (the composition of DESIGN §1's steps)."""
+    """Pure-PyTorch ground truth of rat_mixing (the steps of docs/design.md#the-rat-layer, composed)."""
     k_state, v_state = recurrent_states_reference(k, v, forget_gate(f, gate_bias), chunk_size, head_dim)
     return attend_states(q, k_state, v_state, chunk_size, head_dim, rope_base)
 

@@ -1,4 +1,4 @@
-"""Causal softmax attention, full or restricted to a sliding window (DESIGN §1).
+"""Causal softmax attention, full or restricted to a sliding window (docs/design.md#the-language-model).
 
 With a window W a token attends to itself and the W previous tokens (W + 1 keys). The window
 variant runs over query blocks, each against only the keys its window can reach, so memory is

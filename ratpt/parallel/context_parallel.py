@@ -1,42 +1,20 @@
-"""Context parallelism for RAT: sequence-parallel chunk partitioning (DESIGN §3).
+"""Context parallelism for RAT: sequence-parallel chunk partitioning (docs/design.md#context-parallelism).
 
-Every sequence is cut into equal blocks of whole chunks and each of the CP ranks holds some of
-them (`ContextLayout`, `parallel.context_layout`), so the chunk recurrence never crosses ranks:
+Every sequence is cut into blocks of whole chunks and each CP rank holds some of them
+(`ContextLayout`, `parallel.context_layout`: `contiguous`, or `zigzag`, whose ranks hold blocks r and
+2·CP−1−r and so do equal causal work), so the chunk recurrence never crosses ranks. What does:
 
-    contiguous      CP blocks; rank r holds block r (tokens [r·T/CP, (r+1)·T/CP)).
-    zigzag          2·CP blocks; rank r holds blocks r and 2·CP−1−r, in that order (the usual
-                    load-balanced causal assignment): an early and a late block each, so every
-                    rank attends over the same number of keys.
+    RAT             the chunk summaries (1/L of the tokens), all-gathered with their gradients
+                    reduce-scattered; between the kernels' passes with the Triton kernels
+                    (`_RATMixingKernels`), `ChunkSummaryAllGather` with the reference ops
+    sliding window  the previous block's last W keys and values (`PreviousWindowExchange`)
+    attention       K and V, all-gathered (one FlashAttention call per block on GPUs)
 
-What crosses ranks:
-
-    RAT             the chunk summaries k̃[c, L-1], ṽ[c, L-1] (1/L of the tokens) are all-gathered
-                    in forward (then put in sequence order) and their gradients reduce-scattered in
-                    backward; a token attends to the summaries of every earlier chunk, wherever it
-                    lives, with RoPE over the global chunk index. With the Triton kernels the
-                    exchange sits between the kernels' passes (`_RATMixingKernels`); the reference
-                    ops use `ChunkSummaryAllGather`.
-    sliding window  each block receives the last W keys and values of the block before it from
-                    the rank that holds it (`PreviousWindowExchange`, point-to-point or a local
-                    copy; gradients go back the same way).
-    attention       all-gather of K and V (gradients reduce-scattered), put in sequence order;
-                    each block's queries see the keys up to their own positions (one
-                    FlashAttention call per block on GPUs, with a lower-right causal bias).
-    everything else (embedding, norms, FFN, head, loss) is per token and needs nothing; the
-                    batch is cut by the same layout (`sequence_slice`), labels with the tokens.
-
-The model knows none of this: `apply_context_parallel` sets each mixer's `context_shard`
-attribute (the model's documented seam, default None) to a `ContextShard`, whose methods take
-the place of `ops.rat_mixing` / `ops.causal_attention` and give the global positions of the
-rank's tokens.
-
-Causal imbalance: a later token attends to more keys (summaries, or tokens for attention). Per
-token this costs 4·D·(keys) FLOPs against ~2·D·(3D + 2Gd + D) + 4·D·F for the projections and
-FFN; `imbalance()` gives the busiest rank's FLOPs over the mean for both layouts from the model's
-FLOP model (ratpt.model.flops). With contiguous halves (CP 2) rank 1 does 3/4 of the causal
-triangle, and the summary attention is most of a RAT layer's time at long contexts
-(kernels/NOTES.md): RAT-1.3B at 128K on CP 2 is 1.12× by FLOPs contiguous, 1.00× zigzag
-(benchmarks/cp_balance.py measures the time).
+The model knows none of this: `apply_context_parallel` sets each mixer's `context_shard` (its seam,
+default None) to a `ContextShard`, which stands in for `ops.rat_mixing` / `ops.causal_attention` and
+gives the global positions of the rank's tokens; `sequence_slice` cuts the batch by the same layout.
+`imbalance()` is the busiest rank's FLOPs over the mean, from ratpt.model.flops (measured:
+benchmarks/RESULTS.md#context-parallel-balance).
 """
 from __future__ import annotations
 

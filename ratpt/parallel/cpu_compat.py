@@ -2,10 +2,10 @@
 
 megatron-core allocates communication buffers, token counters and norms with
 `device="cuda"` / `torch.cuda.current_device()`, uses CUDA streams for overlapped reduction and
-checks `param.type() == "torch.cuda.FloatTensor"` in the optimizer (listed in
-shared/notes/dependencies-on-cpu.md). Nothing in it needs a GPU otherwise, so on a machine
-without CUDA `install()` swaps the `torch` name inside exactly those modules for a view of torch
-whose CUDA device is the CPU, and makes the optimizer's two type checks accept CPU tensors.
+checks `param.type() == "torch.cuda.FloatTensor"` in the optimizer. Nothing in it needs a GPU
+otherwise, so on a machine without CUDA `install()` swaps the `torch` name inside exactly those
+modules for a view of torch whose CUDA device is the CPU, and makes the optimizer's two type checks
+accept CPU tensors.
 
 Active only when CUDA is absent (CI, laptops); on a GPU `install()` does nothing and megatron
 runs unmodified. Idempotent. tests/parallel/test_cpu_compat.py pins what it changes.

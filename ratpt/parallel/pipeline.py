@@ -1,4 +1,5 @@
-"""Pipeline stages of the RAT LM: the modules megatron's schedules run on one rank (DESIGN §3).
+"""Pipeline stages of the RAT LM: the modules megatron's schedules run on one rank
+(docs/design.md#pipeline-parallelism).
 
 The layers are cut into PP × virtual_stages contiguous runs (`balanced_stages`) that minimise
 the largest forward FLOP count of a run (ratpt.model.flops: mixer + FFN per layer, the head on

@@ -1,4 +1,6 @@
-"""Tensor parallelism with sequence parallelism for the RAT LM, with megatron-core layers (DESIGN §3).
+"""Tensor parallelism with sequence parallelism for the RAT LM, with megatron-core layers.
+
+The design: docs/design.md#tensor-and-sequence-parallelism.
 
 `apply_tensor_parallel` replaces, in place, the plain model's projections by this TP rank's
 megatron-core layers and returns where each of its parameters sits in the plain model

@@ -3,7 +3,7 @@
 munged, slurmctld and slurmd run as root from Debian's packages (installed on first use, since
 CI starts from a bare machine), with every file (config, state, spool, logs, pid files, munge
 socket and key) under one temporary folder; clients find it through SLURM_CONF. The settings
-are those recorded in /work/shared/notes/slurm-on-one-machine.md: no cgroups or systemd
+that make SLURM run on one machine: no cgroups or systemd
 (linuxproc process tracking, no task plugin), fast rescheduling after a requeue, and a short
 munge credential lifetime so a requeued job starts again within seconds.
 """

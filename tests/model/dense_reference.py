@@ -1,9 +1,9 @@
-"""An independent, dense re-statement of DESIGN §1 for tests (float64, tiny shapes only).
+"""An independent, dense re-statement of docs/design.md#the-rat-layer for tests (float64, tiny shapes only).
 
 Works on reference-format weights (CLAIRE-Labo/RAT key names) so it checks both the RAT math and
 the converter. Everything is written differently from ratpt on purpose: a Python loop for the
-recurrence, complex numbers for RoPE, an explicit T×T mask from the DESIGN visibility rule, and
-per-head group indices (head h uses group h mod G).
+recurrence, complex numbers for RoPE, an explicit T×T mask from the visibility rule (earlier chunks'
+summaries and the token's own state), and per-head group indices (head h uses group h mod G).
 """
 import torch
 

@@ -1,4 +1,4 @@
-"""DESIGN §1 invariants of the whole LM, for every mixer and the hybrid."""
+"""The invariants of the whole LM (docs/design.md#invariants), for every mixer and the hybrid."""
 import dataclasses
 
 import pytest
@@ -101,7 +101,7 @@ def test_repeated_cache_decodes_every_copy_like_its_source(mixers):
 
 @pytest.mark.parametrize("T,capacity,slots", [(12, None, 3), (13, 21, 6)], ids=["exact", "capacity"])
 def test_rat_cache_holds_one_summary_slot_per_chunk_and_one_running_state(T, capacity, slots):
-    """T / L summaries (DESIGN §1), or one slot per chunk of the capacity, the last maybe partial."""
+    """T / L summaries (docs/design.md#invariants), or one slot per chunk of the capacity, the last maybe partial."""
     model, cfg = tiny(["rat"], L=4)
     _, cache = model.prefill(torch.randint(0, 37, (1, T)), capacity=capacity)
     layer = cache.layers[0]

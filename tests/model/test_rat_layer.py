@@ -1,4 +1,4 @@
-"""The RAT layer against DESIGN §1: an independent dense float64 implementation, and its limits."""
+"""The RAT layer against docs/design.md#the-rat-layer: an independent dense float64 implementation, and its limits."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""inter_chunk_attention against a dense T×T masked softmax (DESIGN §1 visibility rule)."""
+"""inter_chunk_attention against a dense T×T masked softmax (docs/design.md#softmax-over-chunk-summaries)."""
 import os
 import subprocess
 import sys
