@@ -50,6 +50,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--piece", type=int, default=8192,
+                        help="prompt tokens prefilled at a time (a multiple of the chunk size; default 8192)")
     parser.add_argument("--out", default="passkey", help="folder for passkey.json and passkey.png")
     parser.set_defaults(func=run_evaluate_long)
 
@@ -90,8 +92,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_evaluate_long(args: argparse.Namespace) -> int:
     import torch
 
-    from ratpt.generate import generate
     from ratpt.hf.convert import load_model_dir
+    from ratpt.hf.long_prefill import greedy_answer
     from ratpt.hf.passkey import run_passkey, write_report
 
     lengths = [int(value) for value in args.lengths.split(",") if value.strip()]
@@ -103,7 +105,7 @@ def run_evaluate_long(args: argparse.Namespace) -> int:
     model = model.to(getattr(torch, args.dtype)).eval()
 
     def answer(prompt: list[int], max_new_tokens: int) -> list[int]:
-        return generate(model, [prompt], max_new_tokens, eos_id=tokenizer.eos_id)[0]
+        return greedy_answer(model, prompt, max_new_tokens, eos_id=tokenizer.eos_id, piece=args.piece)
 
     results = run_passkey(answer, tokenizer, lengths, depths, trials=args.trials, seed=args.seed)
     json_path, png_path = write_report(results, args.out)

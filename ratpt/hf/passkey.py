@@ -5,9 +5,9 @@ of CPython's own documentation (`pydoc_data.topics`, shipped with Python), then 
 answers greedily and is right when the first number it writes is the key. Accuracy per (length, depth)
 goes to JSON and a heatmap.
 
-The model answers through `ratpt.generate`: one prefill of the whole prompt (its memory grows linearly
-with the length: RAT's summary attention and the sliding windows run in blocks of queries), then a few
-decode steps against the chunk-summary cache.
+The model answers greedily (ratpt.hf.long_prefill.greedy_answer): the prompt is prefilled in pieces of a
+few thousand tokens carrying the cache forward, so memory grows with the cache (for RAT one summary per L
+tokens), not with the prompt's activations, then a few decode steps run against the cache.
 """
 from __future__ import annotations
 
