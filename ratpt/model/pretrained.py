@@ -4,12 +4,13 @@ No pickle anywhere: weights are safetensors and the config is YAML checked again
 schema, so loading a downloaded folder cannot execute code. Writes are atomic (a temporary
 folder renamed into place), so a crash never leaves a half-written model behind.
 """
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -27,8 +28,9 @@ TOKENIZER = "tokenizer"  # the folder `ratpt generate` reads its tokenizer from
 
 
 def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike,
-                    tokenizer_dir: Optional[Path] = None) -> Path:
-    """Write `out_dir/{model.safetensors, config.yaml}` (and `tokenizer/`, a copy of `tokenizer_dir`)
+                    tokenizer_dir: Optional[Path] = None, metadata: Optional[dict[str, Any]] = None) -> Path:
+    """Write `out_dir/{model.safetensors, config.yaml}` (and `tokenizer/`, a copy of `tokenizer_dir`;
+    and per `metadata` item a JSON file, e.g. where the model came from, which ratpt never reads)
     atomically: flushed, then renamed into place whole; replaces an existing folder."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +41,8 @@ def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike,
         OmegaConf.save(OmegaConf.create({"model": asdict(cfg)}), tmp / CONFIG)
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
+        for name, content in (metadata or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=1, default=str) + "\n")
         publish_dir(tmp, out)
     finally:
         if tmp.exists():

@@ -1,11 +1,17 @@
 """Import of reference-format (CLAIRE-Labo/RAT) checkpoints: same logits, clear errors."""
 import argparse
+import json
+import logging
+import re
+import sys
 
 import pytest
 import torch
 
 import ratpt
 from dense_reference import random_reference_state, reference_lm_logits
+from public_checkpoint import EasyDict, module_named, public_run_config, save_public_checkpoint
+from ratpt.cli import main
 from ratpt.convert import run
 from ratpt.model.convert import convert_reference_state, load_reference_state
 from ratpt.model.lm import build_model
@@ -30,7 +36,7 @@ def test_converted_model_gives_the_reference_logits(mixers, L, G):
 
 def convert_args(ckpt, out, **flags):
     base = dict(source="reference", checkpoint=str(ckpt), out=str(out), chunk_size=4, head_dim=HEAD_DIM,
-                ngroups=2, mixers="rat", window=1024, allow_pickle=False)
+                ngroups=None, mixers=None, window=None, allow_pickle=False)
     return argparse.Namespace(**{**base, **flags})
 
 
@@ -88,3 +94,101 @@ def test_missing_file_and_non_reference_payloads_are_clear(tmp_path):
     for allow_pickle in (False, True):  # no checkpoint at all: no advice to unpickle it
         with pytest.raises(ValueError, match="cannot be read as a PyTorch checkpoint"):
             load_reference_state(str(tmp_path / "garbage.pt"), allow_pickle=allow_pickle)
+
+
+# The paper's three released models, as the public trainers save them (tests/model/public_checkpoint.py).
+MODELS = {"rat": ["rat"], "attention": ["attention"], "rat+swa": ["rat", "swa"]}
+L_SAVED, G_SAVED, W_SAVED = 3, 1, 5  # unlike the defaults (16, 2, 1024): the stored config must supply them
+
+
+def write_public_file(tmp_path, model: str, trainer: str = "ddp"):
+    mixers = MODELS[model]
+    state = random_reference_state(VOCAB, D, n_layers=2, mixers=mixers, head_dim=HEAD_DIM, ngroups=G_SAVED, ffn=FFN)
+    run_config = public_run_config(mixers, VOCAB, D, n_layers=2, ffn=FFN, head_dim=HEAD_DIM, L=L_SAVED, G=G_SAVED,
+                                   window=W_SAVED)
+    path = tmp_path / "9.pth"
+    save_public_checkpoint(path, state, run_config, trainer)
+    return path, state, run_config
+
+
+def convert_cli(*argv) -> int:
+    return main(["convert", "reference", *map(str, argv)])
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_public_trainer_file_converts_without_flags_to_the_reference_logits(tmp_path, model, trainer):
+    path, state, run_config = write_public_file(tmp_path, model, trainer)
+    assert convert_cli(path, "--out", tmp_path / "out") == 0
+    assert "easydict" not in sys.modules  # read as plain dicts, never imported
+    converted, cfg = ratpt.load_pretrained(tmp_path / "out")
+    assert cfg.mixers == MODELS[model] and cfg.head_dim == HEAD_DIM
+    if "rat" in cfg.mixers:
+        assert (cfg.chunk_size, cfg.ngroups) == (L_SAVED, G_SAVED)
+    if "swa" in cfg.mixers:
+        assert cfg.window == W_SAVED
+    assert json.loads((tmp_path / "out" / "reference_config.json").read_text()) == run_config
+    saved = {k: v.float().double() for k, v in state.items()}  # the file holds float32 weights
+    tokens = torch.randint(0, VOCAB, (11,))
+    expected = reference_lm_logits(saved, tokens, MODELS[model], L_SAVED, HEAD_DIM, G_SAVED, window=W_SAVED)
+    torch.testing.assert_close(converted.double()(tokens[None])[0], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_flags_that_agree_with_the_stored_config_are_accepted(tmp_path):
+    path, _, _ = write_public_file(tmp_path, "rat+swa")
+    assert convert_cli(path, "--out", tmp_path / "out", "--chunk-size", L_SAVED, "--head-dim", HEAD_DIM,
+                       "--ngroups", G_SAVED, "--mixers", "rat,swa", "--window", W_SAVED) == 0
+
+
+@pytest.mark.parametrize("flag,value,stored", [
+    ("--chunk-size", "4", str(L_SAVED)), ("--head-dim", "8", str(HEAD_DIM)), ("--ngroups", "2", str(G_SAVED)),
+    ("--mixers", "rat", "rat,swa"), ("--window", "1024", str(W_SAVED)),
+])
+def test_a_flag_that_disagrees_with_the_stored_config_is_an_error_naming_both(tmp_path, capsys, flag, value, stored):
+    path, _, _ = write_public_file(tmp_path, "rat+swa")
+    assert convert_cli(path, "--out", tmp_path / "out", flag, value) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(rf"{flag} {value} .*says {stored}\b", err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_state_is_ignored_and_said_so(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    path, _, _ = write_public_file(tmp_path, "rat", "fsdp")
+    assert convert_cli(path, "--out", tmp_path / "out") == 0
+    ignored = [r.getMessage() for r in caplog.records if "ignor" in r.getMessage()]
+    assert ignored and all(name in ignored[0] for name in ("optimizer", "lr_scheduler", "resume_kwargs")), ignored
+
+
+class Evil:  # any class but EasyDict, in the easydict module's name
+    pass
+
+
+Evil.__module__ = "easydict"
+
+
+@pytest.mark.parametrize("make_config,name", [
+    (lambda: argparse.Namespace(lr=1.0), "argparse.Namespace"), (Evil, "easydict.Evil"),
+], ids=["namespace", "other-easydict-class"])
+def test_a_file_naming_any_other_class_is_refused_in_one_line(tmp_path, capsys, make_config, name):
+    state = random_reference_state(VOCAB, D, n_layers=1, mixers=["rat"], head_dim=HEAD_DIM, ngroups=2, ffn=FFN)
+    with module_named("easydict", EasyDict=EasyDict, Evil=Evil):
+        torch.save({"task": state, "config": EasyDict({"model": {}, "extra": make_config()})}, tmp_path / "x.pth")
+    assert convert_cli(tmp_path / "x.pth", "--out", tmp_path / "out", "--chunk-size", 4, "--head-dim", HEAD_DIM) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and name in err and "--allow-pickle" in err, err
+
+
+def test_a_truncated_file_says_it_is_truncated(tmp_path, capsys):
+    path, _, _ = write_public_file(tmp_path, "rat")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert convert_cli(path, "--out", tmp_path / "out", "--chunk-size", L_SAVED, "--head-dim", HEAD_DIM) == 2
+    assert "is truncated" in capsys.readouterr().err
+
+
+def test_allow_pickle_with_a_module_that_is_not_installed_names_the_module(tmp_path, capsys):
+    path, _, _ = write_public_file(tmp_path, "rat")
+    assert convert_cli(path, "--out", tmp_path / "out", "--chunk-size", L_SAVED, "--head-dim", HEAD_DIM,
+                       "--allow-pickle") == 2
+    err = capsys.readouterr().err
+    assert "'easydict'" in err and "not installed" in err and "truncated" not in err, err
