@@ -8,15 +8,19 @@ fused AdamW, clipping — the trainer's single-process path) on random tokens, f
            does: identical blocks share one compiled graph, so compiling costs one block, not 24
   logits   the head's logits, then the loss over them (compiled with `compile`), instead of the
            fused chunked head + loss (train.fused_loss, the default)
+  fp8      FP8 GEMMs in the blocks' projections, tensorwise scaling (train.fp8=tensorwise: torchao)
+  fp8row   the same with rowwise scaling (train.fp8=rowwise)
 all in one process so the ratios are comparable. --accumulation N runs N micro-batches per
 optimizer step, as the trainer does when train.global_batch exceeds the micro-batch. MFU uses the
-model's own FLOP count (ratpt.model.flops, mask-aware) over the device's dense bf16 peak. Writes
+model's own FLOP count (ratpt.model.flops, mask-aware) over the device's dense bf16 peak, and over its
+dense FP8 peak (`mfu_fp8_peak`, the bound of an FP8 case whose every GEMM were FP8). Writes
 JSON after every case (the PNG with --plot, where matplotlib is). The default cases are every
 model × flags × --micro-batches: once a micro-batch runs out of memory, the larger ones of the same
 model and flags are skipped, so each row set ends at the largest micro-batch that fits.
 
     python benchmarks/train.py --out benchmarks/results/train.json
     python benchmarks/train.py --cases rat_1p3b:8:compile,attention_1p3b:8:compile
+    python benchmarks/train.py --cases rat_1p3b:8:compile,rat_1p3b:8:compile+fp8,rat_1p3b:8:compile+fp8row
     python benchmarks/train.py --cases rat_1p3b:8:compile --accumulation 8 --update
     python benchmarks/train.py --plot benchmarks/results/train.json
 """
@@ -31,6 +35,7 @@ import torch
 
 from ratpt.config import load_config
 from ratpt.engines.compile import apply_activation_checkpointing, apply_compile
+from ratpt.engines.fp8 import apply_fp8
 from ratpt.engines.loss import sum_cross_entropy
 from ratpt.engines.optim import parameter_groups
 from ratpt.model import build_model
@@ -38,7 +43,8 @@ from ratpt.model.flops import training_flops_per_token
 from ratpt.train.metrics import device_peak_tflops
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = ("ckpt", "compile", "logits")
+FLAGS = ("ckpt", "compile", "logits", "fp8", "fp8row")
+FP8_RECIPES = {"fp8": "tensorwise", "fp8row": "rowwise"}  # flag -> train.fp8
 
 
 def parse_case(case: str) -> tuple[str, int, set[str]]:
@@ -47,7 +53,14 @@ def parse_case(case: str) -> tuple[str, int, set[str]]:
     flags = set(flags[0].split("+")) - {""} if flags else set()
     if flags - set(FLAGS):
         raise ValueError(f"unknown flags {flags - set(FLAGS)} in {case!r}; choose from {FLAGS}")
+    if len(flags & set(FP8_RECIPES)) > 1:
+        raise ValueError(f"{case!r}: fp8 and fp8row are two recipes of one option; choose one")
     return config, int(micro_batch), flags
+
+
+def fp8_of(flags: set[str]) -> str:
+    """train.fp8 of a case's flags: off, tensorwise or rowwise."""
+    return next((FP8_RECIPES[flag] for flag in flags if flag in FP8_RECIPES), "off")
 
 
 def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], device: torch.device,
@@ -57,6 +70,9 @@ def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], dev
     cfg = load_config(REPO / "configs" / f"{config}.yaml")
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
+    cfg.train.fp8, cfg.train.micro_batch, cfg.data.seq_len = fp8_of(flags), micro_batch, seq_len
+    if cfg.train.fp8 != "off":  # first, as prepare_model: checkpointing and compile then see the FP8 modules
+        apply_fp8(model, cfg, device)
     if "ckpt" in flags:
         apply_activation_checkpointing(model)
     if "compile" in flags:
@@ -98,12 +114,13 @@ def run_case(case: str, seq_len: int, steps: int, warmup: int, accumulation: int
     seconds = (time.perf_counter() - start) / steps
     tokens_per_s = accumulation * micro_batch * seq_len / seconds
     flops = training_flops_per_token(cfg.model, seq_len)
-    peak = device_peak_tflops(device, 0.0)
+    peak, fp8_peak = device_peak_tflops(device, 0.0), device_peak_tflops(device, 0.0, fp8=True)
     return {
         "model": config, "micro_batch": micro_batch, "seq_len": seq_len, "activation_checkpointing": "ckpt" in flags,
-        "compile": "compile" in flags, "fused_loss": "logits" not in flags, "accumulation": accumulation,
-        "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
+        "compile": "compile" in flags, "fused_loss": "logits" not in flags, "fp8": fp8_of(flags),
+        "accumulation": accumulation, "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
         "tflops": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
+        "mfu_fp8_peak": tokens_per_s * flops / (fp8_peak * 1e12) if fp8_peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30, "final_loss": float(loss),
         "build_and_warmup_s": warmup_s,
     }
@@ -116,7 +133,8 @@ def default_cases(models: str, micro_batches: str) -> list[str]:
 
 def row_key(row: dict) -> tuple:
     return (row["model"], row["micro_batch"], row["activation_checkpointing"], row.get("compile", False),
-            row.get("fused_loss", False), row.get("accumulation", 1))  # rows before the fused loss: logits
+            row.get("fused_loss", False), row.get("accumulation", 1),  # rows before the fused loss: logits
+            row.get("fp8", "off"))
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -130,7 +148,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     for case in cases:
         config, micro_batch, flags = parse_case(case)
         row = {"model": config, "micro_batch": micro_batch, "activation_checkpointing": "ckpt" in flags,
-               "compile": "compile" in flags, "fused_loss": "logits" not in flags, "accumulation": args.accumulation}
+               "compile": "compile" in flags, "fused_loss": "logits" not in flags, "fp8": fp8_of(flags),
+               "accumulation": args.accumulation}
         too_large = smaller_out_of_memory(out_of_memory, config, flags, micro_batch)
         if time.time() > deadline:
             row["skipped"] = "time budget"
@@ -170,12 +189,13 @@ def plot(path: Path) -> None:
     labels = [f"{r['model']}\nmb {r['micro_batch']}{' ckpt' if r['activation_checkpointing'] else ''}"
               f"{' compile' if r.get('compile') else ''}"
               f"{'' if r.get('fused_loss') else ' logits'}"
+              f"{' fp8 ' + r['fp8'] if r.get('fp8', 'off') != 'off' else ''}"
               f"{' acc ' + str(r['accumulation']) if r.get('accumulation', 1) > 1 else ''}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows])
     ax.set_xticks(range(len(rows)), labels, rotation=60, fontsize=7)
     ax.set_ylabel("training tokens/s (one GPU)")
-    ax.set_title("1.3B models, seq 4096, bf16")
+    ax.set_title("1.3B models, seq 4096, bf16 (FP8 GEMMs where marked)")
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=120)
 

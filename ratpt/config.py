@@ -42,8 +42,14 @@ class TrainConfig:
     seed: int = 0  # parameter init and any sampling; the data order has its own seed
     max_bad_steps: int = 5  # stop after this many consecutive non-finite steps (each is skipped)
     engine: str = "megatron"  # megatron (one process: plain PyTorch) | deepspeed (ZeRO, see `deepspeed`)
+    fp8: str = "off"  # FP8 GEMMs in the blocks' projections (torchao float8, dynamic scaling; weights stay high
+    #                   precision): off | tensorwise | rowwise. Needs a GPU of compute capability 8.9+ (rowwise: 9.0+)
+    fp8_emulate: bool = False  # with train.fp8: cast to FP8 as on the GPU but multiply in fp32 (torchao's emulation),
+    #                            so any device runs it, the CPU included; for tests, never faster
 
 
+FP8_RECIPES = ("tensorwise", "rowwise")  # torchao's Float8LinearRecipeName values that train.fp8 selects
+FP8_OFF = ("off", "false")  # YAML reads a bare `off` as false, which arrives as "False": compared lowercased
 COMPILE_CHOICES = ("auto", "true", "false")  # YAML's true/false arrive as "True"/"False": compared lowercased
 
 
@@ -52,6 +58,12 @@ def compiles(train: TrainConfig, device_type: str) -> bool:
     the CPU, inductor's code generation costs more than the step saves on small models)."""
     choice = train.compile.lower()
     return choice == "true" or (choice == "auto" and device_type == "cuda")
+
+
+def fp8_recipe(train: TrainConfig) -> Optional[str]:
+    """The torchao float8 recipe that train.fp8 names (tensorwise | rowwise), or None when it is off."""
+    choice = train.fp8.lower()
+    return None if choice in FP8_OFF else choice
 
 
 def micro_batches_per_step(train: TrainConfig, dp_size: int) -> int:
@@ -225,6 +237,13 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     _require(t.compile.lower() in COMPILE_CHOICES, f"train.compile must be auto|true|false, got {t.compile!r}")
     _require(t.compile_backend in COMPILE_BACKENDS,
              f"train.compile_backend must be {'|'.join(COMPILE_BACKENDS)}, got {t.compile_backend!r}")
+    _require(t.fp8.lower() in FP8_OFF + FP8_RECIPES, f"train.fp8 must be off|{'|'.join(FP8_RECIPES)}, got {t.fp8!r}")
+    _require(not t.fp8_emulate or fp8_recipe(t) is not None,
+             "train.fp8_emulate=true emulates FP8 GEMMs: set train.fp8=tensorwise|rowwise too, or drop train.fp8_emulate")
+    _require(fp8_recipe(t) is None or cfg.parallel.tensor == 1,
+             f"train.fp8={t.fp8} swaps the blocks' nn.Linear projections, which parallel.tensor={cfg.parallel.tensor} "
+             "replaces by megatron's column/row-parallel layers: set parallel.tensor=1 (data, context and pipeline "
+             "parallelism work with FP8) or train.fp8=off")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
     _require(d.num_workers >= 0,

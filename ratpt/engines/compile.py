@@ -1,10 +1,12 @@
-"""Activation checkpointing and torch.compile of the plain model's blocks, before any engine wraps it.
+"""FP8 projections, activation checkpointing and torch.compile of the plain model's blocks, before any
+engine wraps it.
 
-Applied in torchtitan's order (checkpointing, then compile) to the plain model, so every engine
-runs the same compiled blocks: identical blocks share one graph (compiling costs one block, not all
-of them) and the RAT kernels sit in it as opaque custom ops (kernels/autograd.py). Compilation is
-lazy, so the blocks are traced at their first call, after the engine has replaced projections
-(tensor parallelism), set the context shards or cast the weights: the graph sees what runs.
+Applied in torchtitan's order (the FP8 module swap, then checkpointing, then compile) to the plain
+model, so every engine runs the same compiled blocks: identical blocks share one graph (compiling
+costs one block, not all of them) and the RAT kernels sit in it as opaque custom ops
+(kernels/autograd.py). Compilation is lazy, so the blocks are traced at their first call, after the
+engine has replaced projections (tensor parallelism), set the context shards or cast the weights:
+the graph sees what runs.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ratpt.config import Config, compiles
+from ratpt.config import Config, compiles, fp8_recipe
 
 
 def compile_backend(cfg: Config, device: torch.device) -> Optional[str]:
@@ -39,7 +41,14 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
 
 
 def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> Optional[str]:
-    """Activation checkpointing and compile of `model` as `cfg` asks; returns the compile backend (or None)."""
+    """FP8 projections, activation checkpointing and compile of `model` as `cfg` asks; returns the compile
+    backend (or None)."""
+    if fp8_recipe(cfg.train) is not None:
+        # NOTE: first, as torchtitan: checkpointing then recomputes, and compile then traces, the FP8 modules.
+        # Imported here: torchao takes seconds to import and only FP8 runs need it.
+        from ratpt.engines.fp8 import apply_fp8
+
+        apply_fp8(model, cfg, device)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     backend = compile_backend(cfg, device)

@@ -16,15 +16,16 @@ log = logging.getLogger("ratpt.train")
 
 # Dense bf16 peak (TFLOP/s) by device-name fragment, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}
+PEAK_FP8_TFLOPS = {"H200": 1978.9, "H100": 1978.9, "L40S": 733.0}  # dense FP8 (train.fp8's GEMMs); none on A100
 
 
-def device_peak_tflops(device: torch.device, configured: float) -> Optional[float]:
+def device_peak_tflops(device: torch.device, configured: float, fp8: bool = False) -> Optional[float]:
     if configured > 0:
         return configured
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return next((peak for key, peak in (PEAK_FP8_TFLOPS if fp8 else PEAK_BF16_TFLOPS).items() if key in name), None)
 
 
 def memory_gib(device: torch.device) -> float:

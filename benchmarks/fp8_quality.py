@@ -1,0 +1,130 @@
+"""FP8 against bf16 training quality: one model, the same data and steps, loss curves side by side.
+
+Trains configs/rat_125m.yaml (by default) through the trainer (ratpt.train.trainer: compiled blocks, bf16
+autocast over fp32 masters, AdamW, cosine) once with train.fp8=off and once per --recipes entry, on
+real text that needs no network: the Python standard library's own sources (the running interpreter's,
+one document per .py file, in path order), byte-tokenized by data_prep. Every run sees the same
+batches in the same order (the data order has its own seed), so the curves differ only by the FP8
+GEMMs. Writes the per-step losses, the gap of the final loss (mean of the last 10% of steps) to bf16's
+and the wall time per run to <out>.json, and both curves to <out>.png.
+
+    python benchmarks/fp8_quality.py                                  # ~20M tokens, bf16 vs tensorwise
+    python benchmarks/fp8_quality.py --recipes tensorwise,rowwise --tokens 2e7
+    python benchmarks/fp8_quality.py --config configs/tiny.yaml --tokens 3e4 --emulate --set train.device=cpu \\
+        --global-batch 8 --micro-batch 4 --seq-len 256    # the code path on a CPU, in a minute
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from ratpt.config import load_config
+from ratpt.train import trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stdlib_corpus(work: Path) -> Path:
+    """The standard library's .py sources, byte-tokenized (once per --work folder); returns the data folder."""
+    data = work / "stdlib_bytes"
+    if (data / "train").exists():
+        return data
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = work / "stdlib.jsonl"
+    work.mkdir(parents=True, exist_ok=True)
+    with docs.open("w") as out:
+        for path in sorted(root.rglob("*.py")):
+            if "site-packages" in path.parts:
+                continue
+            try:
+                out.write(json.dumps({"text": path.read_text(encoding="utf-8")}) + "\n")
+            except (UnicodeDecodeError, OSError):
+                continue  # a test fixture in another encoding: not text for this corpus
+    subprocess.run([sys.executable, "-m", "data_prep", "tokenize", str(docs), "--tokenizer", "byte",
+                    "--out", str(data), "--val-fraction", "0.01", "--workers", "4"], check=True, cwd=REPO)
+    return data
+
+
+def train_run(args: argparse.Namespace, data: Path, recipe: str, steps: int) -> dict:
+    out_dir = args.work / f"run_{recipe}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: never resume an earlier one of this script
+    overrides = [
+        f"name=fp8_quality_{recipe}", f"out_dir={out_dir}", f"data.streams=[{{path: {data}}}]",
+        "model.vocab_size=257", f"data.seq_len={args.seq_len}", f"train.steps={steps}",
+        f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}", f"train.fp8={recipe}",
+        "eval.interval=0", "checkpoint.interval=0", "logging.interval=10", "logging.tensorboard=false",
+        *(["train.fp8_emulate=true"] if args.emulate and recipe != "off" else []), *args.set,
+    ]
+    cfg = load_config(args.config, overrides)
+    torch._dynamo.reset()  # each run compiles its own blocks
+    started = time.perf_counter()
+    result = trainer.train(cfg)
+    seconds = time.perf_counter() - started
+    tail = result.losses[-max(1, len(result.losses) // 10):]
+    return {"fp8": recipe, "losses": result.losses, "final_loss": sum(tail) / len(tail), "wall_s": seconds,
+            "tokens_per_s_with_compile": steps * args.global_batch * args.seq_len / seconds}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in result["runs"]:
+        label = f"train.fp8={run['fp8']}"
+        ax.plot(range(1, len(run["losses"]) + 1), run["losses"], label=f"{label}: final {run['final_loss']:.4f}",
+                linewidth=1)
+    ax.set_xlabel(f"step ({result['tokens_per_step']} tokens each)")
+    ax.set_ylabel("training loss (nats per byte)")
+    ax.set_title(f"{result['config']}: bf16 against FP8, {result['tokens'] / 1e6:.3g}M tokens, {result['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "rat_125m.yaml")
+    parser.add_argument("--tokens", type=float, default=2e7, help="training tokens per run (rounded up to steps)")
+    parser.add_argument("--recipes", default="tensorwise", help="train.fp8 recipes to run beside bf16")
+    parser.add_argument("--global-batch", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--emulate", action="store_true", help="FP8 runs emulated (train.fp8_emulate: CPU)")
+    parser.add_argument("--set", action="append", default=[], help="one more config override key=value")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "fp8_quality", help="data and run folders")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fp8_quality",
+                        help="writes OUT.json and OUT.png")
+    args = parser.parse_args()
+    data = stdlib_corpus(args.work)
+    tokens_per_step = args.global_batch * args.seq_len
+    steps = math.ceil(args.tokens / tokens_per_step)
+    runs = [train_run(args, data, recipe, steps) for recipe in ["off", *args.recipes.split(",")]]
+    bf16 = runs[0]["final_loss"]
+    for run in runs[1:]:
+        run["final_gap_to_bf16"] = (run["final_loss"] - bf16) / bf16
+    result = {"config": args.config.name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "tokens": steps * tokens_per_step, "steps": steps,
+              "tokens_per_step": tokens_per_step, "runs": runs,
+              "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out.with_suffix(".png"))
+    for run in runs:
+        gap = f" ({100 * run['final_gap_to_bf16']:+.2f}% against bf16)" if "final_gap_to_bf16" in run else ""
+        print(f"{run['fp8']:>10}: final loss {run['final_loss']:.4f}{gap}, {run['wall_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
