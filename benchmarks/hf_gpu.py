@@ -9,8 +9,8 @@ one JSON to --out, each part under its own key, a failed part as its traceback u
                 (pure PyTorch) and the HF model (ratpt's kernels), each against the fp32 reference, and
                 HF against ratpt's kernels next to the kernels' own error against the reference.
   passkey       a small RAT trained here for --train-seconds on passkey prompts (byte tokens, haystack of
-                CPython's docs), then `ratpt evaluate-long` at 4K and 32K: accuracy per (length, depth);
-                passkey.json and passkey.png beside the JSON.
+                CPython's docs), then `ratpt evaluate-long` at 4K and 32K: accuracy per (length, depth), also
+                at the training length (where a trained model should find the key); passkey.json and passkey.png beside the JSON.
   long_prefill  a 131072-token prompt through the 2-layer RAT-1.3B shape: peak memory and time of the
                 prefill in pieces (what evaluate-long runs) against the one-shot prefill, and how far
                 their last logits are apart.
@@ -101,8 +101,9 @@ def part_logits(device: torch.device, tiny: bool, hf: bool) -> dict:
                  "dtype": "bfloat16"}
         if hf:
             try:
-                logits["hf_torch"] = hf_copy(reference, torch.bfloat16, "torch")(tokens).logits
-                logits["hf_kernels"] = hf_copy(reference, torch.bfloat16, "auto")(tokens).logits
+                # use_cache=False: the full forward, the one that runs ratpt's kernels when it may
+                logits["hf_torch"] = hf_copy(reference, torch.bfloat16, "torch")(tokens, use_cache=False).logits
+                logits["hf_kernels"] = hf_copy(reference, torch.bfloat16, "auto")(tokens, use_cache=False).logits
             except Exception:  # noqa: BLE001 — the ratpt numbers still stand
                 entry["hf_error"] = traceback.format_exc()
         entry["vs_fp32_reference"] = {key: relative_error(value, truth) for key, value in logits.items()}
@@ -144,13 +145,13 @@ def part_passkey(device: torch.device, tiny: bool, train_seconds: float, out_dir
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
-        losses.append(float(loss))
+        losses.append(loss.item())
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = Path(tmp) / "tokenizer"
         tokenizer_dir.mkdir()
         (tokenizer_dir / "meta.json").write_text(json.dumps({"kind": "byte"}))
         save_pretrained(model.eval(), cfg, Path(tmp) / "model", tokenizer_dir=tokenizer_dir)
-        lengths = "300,600" if tiny else "4096,32768"
+        lengths = "300,600" if tiny else f"{seq},4096,32768"  # the training length, then beyond
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()

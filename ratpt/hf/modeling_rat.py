@@ -336,6 +336,11 @@ class RATForCausalLM(RATPreTrainedModel, GenerationMixin):
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("RATForCausalLM takes input_ids, not inputs_embeds")
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
+        if past_key_values is not None and not isinstance(past_key_values, RATCache):
+            if past_key_values.get_seq_length() > 0:
+                raise ValueError(f"RATForCausalLM continues its own RATCache only, not a "
+                                 f"{type(past_key_values).__name__}")
+            past_key_values = None  # transformers >= 5 gives generate() an empty cache of its own: prefill
         if past_key_values is not None:
             hidden = torch.cat([self.model.decode_step(input_ids[:, i], past_key_values)
                                 for i in range(input_ids.shape[1])], dim=1)

@@ -93,3 +93,21 @@ def test_beam_search_with_the_cache_equals_beam_search_without():
                   eos_token_id=None, pad_token_id=0)
     assert torch.equal(hf_model.generate(prompt, use_cache=True, **kwargs),
                        hf_model.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_an_empty_transformers_cache_means_a_prefill_and_a_filled_one_is_an_error():
+    from transformers import DynamicCache  # what transformers >= 5 hands the first forward of generate()
+
+    from ratpt.hf.cache_rat import RATCache
+
+    model = random_model(small_config(["rat", "swa"]))
+    hf_model = hf_model_of(model)
+    tokens = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        out = hf_model(tokens, past_key_values=DynamicCache(), use_cache=True)
+        torch.testing.assert_close(out.logits, model(tokens), rtol=1e-6, atol=1e-6)
+        assert isinstance(out.past_key_values, RATCache)
+        filled = DynamicCache()
+        filled.update(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), 0)
+        with pytest.raises(ValueError, match="RATCache only"):
+            hf_model(tokens, past_key_values=filled, use_cache=True)
