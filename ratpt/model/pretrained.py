@@ -2,7 +2,9 @@
 
 No pickle anywhere: weights are safetensors and the config is YAML checked against the typed
 schema, so loading a downloaded folder cannot execute code. Writes are atomic (a temporary
-folder renamed into place), so a crash never leaves a half-written model behind.
+folder renamed into place), so a crash never leaves a half-written model behind; the weights'
+checksum (checksums.json, ratpt.files) is checked at load, so weights damaged since are named, not run. The
+folder gets the umask's permissions (group-readable where the umask allows), not tempfile's 0700.
 """
 import json
 import os
@@ -18,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ratpt.files import publish_dir
+from ratpt.files import apply_umask, checksum_mismatch, publish_dir, write_checksums
 from ratpt.model.config import ModelConfig, validate_model_config
 from ratpt.model.lm import RATLM, build_model
 
@@ -43,6 +45,8 @@ def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike,
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
         for name, content in (metadata or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=1, default=str) + "\n")
+        write_checksums(tmp, names=[WEIGHTS])  # the config stays editable: the schema and shapes check it
+        apply_umask(tmp)
         publish_dir(tmp, out)
     finally:
         if tmp.exists():
@@ -78,6 +82,9 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
                 f"`ratpt export {folder} --out DIR`" if (folder / "checkpoints").is_dir()
                 or (folder / "state.pt").is_file() else "")  # a run folder, or a checkpoint's (its state.pt)
         raise FileNotFoundError(f"{weights} not found: a pretrained folder holds {CONFIG} and {WEIGHTS}{hint}")
+    broken = checksum_mismatch(folder)
+    if broken is not None:
+        raise ValueError(f"{folder} is damaged: {broken}; export it again from its checkpoint (`ratpt export`)")
     cfg = load_config(folder)
     model = build_model(cfg)
     try:

@@ -1,4 +1,7 @@
-"""save_pretrained / load_pretrained: round trip, atomic replace, clear errors."""
+"""save_pretrained / load_pretrained: round trip, atomic replace, checksums, permissions, clear errors."""
+import os
+import stat
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -16,7 +19,7 @@ def test_round_trip_gives_the_same_logits(tmp_path):
     cfg = tiny_cfg()
     model = build_model(cfg)
     save_pretrained(model, cfg, tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["checksums.json", "config.yaml", "model.safetensors"]
     loaded, loaded_cfg = ratpt.load_pretrained(tmp_path / "m")
     assert loaded_cfg == cfg
     tokens = torch.randint(0, 37, (2, 9))
@@ -69,5 +72,28 @@ def test_truncated_weights_are_an_error_naming_the_file(tmp_path):
     save_pretrained(build_model(cfg), cfg, tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:50])
-    with pytest.raises(ValueError, match="model.safetensors cannot be read"):
+    with pytest.raises(ValueError, match=r"model.safetensors has 50 bytes.*truncated"):
         ratpt.load_pretrained(tmp_path / "m")
+
+
+def test_a_changed_byte_in_the_weights_is_named_at_load(tmp_path):
+    cfg = tiny_cfg()
+    save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # inside the last tensor's bytes: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.safetensors differs from its checksum.*ratpt export"):
+        ratpt.load_pretrained(tmp_path / "m")
+
+
+def test_an_exported_folder_gets_the_umasks_permissions(tmp_path):
+    """Shared clusters: a group-readable umask gives a group-readable model (tempfile's folders are 0700)."""
+    cfg = tiny_cfg()
+    before = os.umask(0o022)
+    try:
+        save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    finally:
+        os.umask(before)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "m", *(tmp_path / "m").iterdir()]}
+    assert modes == {"m": 0o755, "checksums.json": 0o644, "config.yaml": 0o644, "model.safetensors": 0o644}
