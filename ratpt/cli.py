@@ -15,7 +15,9 @@ from ratpt import convert, generate
 from ratpt.checkpoint import CheckpointError
 from ratpt.config import ConfigError
 from ratpt.data.shards import CorruptShardError
+from ratpt.folder_lock import FolderLocked
 from ratpt.hf import commands as hf_commands
+from ratpt.parallel.process_group import CollectiveTimeout
 from ratpt.train import commands
 from ratpt.train.trainer import TrainingDiverged
 
@@ -23,7 +25,7 @@ SUBCOMMAND_MODULES = (commands, generate, convert, hf_commands)
 # Errors whose message already tells the user what to fix: printed without a traceback
 # (unless --log-level DEBUG).
 USER_ERRORS = (ConfigError, CheckpointError, TrainingDiverged, CorruptShardError, FileNotFoundError, FileExistsError,
-               ValueError)
+               ValueError, FolderLocked, CollectiveTimeout)
 
 
 def build_parser() -> argparse.ArgumentParser:

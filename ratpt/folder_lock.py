@@ -47,6 +47,9 @@ class FolderLocked(RuntimeError):
             f"A holder that died has already released it (the lock in {folder / LOCK_FILE} ends with its process)"
         )
 
+    def __reduce__(self):  # rebuilt from its fields: a refusal on rank 0 is sent to the other ranks pickled
+        return FolderLocked, (self.folder, self.holder)
+
 
 @contextmanager
 def hold_folder(folder: str | os.PathLike, purpose: str) -> Iterator[Path]:

@@ -10,8 +10,9 @@ directories, and consolidation into a plain ratpt checkpoint.
         zero_to_fp32.py           DeepSpeed's own consolidation script, which it copies in
 
 Through ratpt.checkpoint (start_checkpoint / finish_checkpoint) the directory is written
-under a temporary name and renamed into place, so `checkpoint.resume: auto` finds only complete
-checkpoints, and only the newest `checkpoint.keep` are kept. `consolidate` turns one (any ZeRO
+under a temporary name, its files (every rank's, hashed by share) listed in checksums.json, and
+renamed into place, so `checkpoint.resume: auto` finds only complete checkpoints, and only the
+newest `checkpoint.keep` are kept. `consolidate` turns one (any ZeRO
 stage) into a plain ratpt checkpoint
 (`state.pt` with the full fp32 "model") for `ratpt eval`, `ratpt generate` and `ratpt export`:
 
@@ -29,8 +30,10 @@ import torch.distributed as dist
 
 from ratpt.files import fsync_path
 from ratpt.checkpoint import (CONFIG_FILE, STATE_FILE, TOKENIZER_DIR, CheckpointError, checkpoint_name,
-                                    finish_checkpoint, resolve_checkpoint, save_checkpoint, start_checkpoint,
-                                    temporary_dir, weights_only_loads)
+                              checksums_by_rank, finish_checkpoint, resolve_checkpoint, save_checkpoint,
+                              start_checkpoint, temporary_dir, verify_checkpoint, weights_only_loads)
+from ratpt.folder_lock import hold_folder
+from ratpt.parallel.process_group import on_rank0
 
 
 TAG = "deepspeed"  # DeepSpeed's checkpoint tag: its files live in step_XXXXXXXX/deepspeed/
@@ -44,12 +47,9 @@ def save_deepspeed_checkpoint(ds_engine, directory: Path, step: int, client_stat
     dist.barrier()
     ds_engine.save_checkpoint(str(tmp), tag=TAG, client_state=client_state, save_latest=False)
     _fsync_files(tmp / TAG, str(dist.get_rank()))  # each rank its own files (DeepSpeed names them by rank)
-    dist.barrier()
-    final = directory / checkpoint_name(step)
-    if main:
-        finish_checkpoint(tmp, {"engine": "deepspeed", "step": step}, config_yaml, tokenizer_dir, keep)
-    dist.barrier()
-    return final
+    checksums = checksums_by_rank(tmp)
+    return on_rank0(lambda: finish_checkpoint(tmp, {"engine": "deepspeed", "step": step}, config_yaml,
+                                              tokenizer_dir, keep, checksums))
 
 
 def _fsync_files(root: Path, contains: str) -> None:
@@ -94,7 +94,7 @@ def consolidate(path: Path, out: Path) -> Path:
     via DeepSpeed's zero_to_fp32; config and tokenizer copied) from a DeepSpeed one."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    checkpoint = deepspeed_checkpoint_dir(path)
+    checkpoint = deepspeed_checkpoint_dir(verify_checkpoint(path))
     step = torch.load(checkpoint / STATE_FILE, weights_only=True)["step"]
     with weights_only_loads(deepspeed_data_classes()):
         model = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
@@ -102,9 +102,10 @@ def consolidate(path: Path, out: Path) -> Path:
     if final.exists():
         raise FileExistsError(f"{final} exists: choose another output folder")
     tokenizer = checkpoint / TOKENIZER_DIR
-    return save_checkpoint(out, step, {"model": {k: v.contiguous() for k, v in model.items()}, "step": step},
-                           (checkpoint / CONFIG_FILE).read_text(), tokenizer if tokenizer.is_dir() else None,
-                           keep=None)
+    with hold_folder(out, purpose="consolidating a DeepSpeed checkpoint"):  # its stale *.tmp are then ours
+        return save_checkpoint(out, step, {"model": {k: v.contiguous() for k, v in model.items()}, "step": step},
+                               (checkpoint / CONFIG_FILE).read_text(), tokenizer if tokenizer.is_dir() else None,
+                               keep=None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -47,16 +47,18 @@ class DeepSpeedGroups:
         dp = world // cp
         self.mesh = Mesh(tp=1, pp=1, cp=cp, dp=dp, virtual_stages=1, tp_rank=0, pp_rank=0,
                          cp_rank=rank % cp, dp_rank=rank // cp)
-        # NOTE: every rank creates every group, in the same order (torch.distributed's rule).
+        # NOTE: every rank creates every group, in the same order (torch.distributed's rule); a new group
+        # does not inherit the world group's timeout.
+        timeout = collective_timeout()
         for d in range(dp):
-            group = dist.new_group([d * cp + c for c in range(cp)])
+            group = dist.new_group([d * cp + c for c in range(cp)], timeout=timeout)
             if d == self.mesh.dp_rank:
                 self.cp_group = group
         for c in range(cp):
-            group = dist.new_group([d * cp + c for d in range(dp)])
+            group = dist.new_group([d * cp + c for d in range(dp)], timeout=timeout)
             if c == self.mesh.cp_rank:
                 self.dp_group = group
-        self.model_group = dist.new_group([rank], use_local_synchronization=True)  # no TP/PP: itself
+        self.model_group = dist.new_group([rank], timeout=timeout, use_local_synchronization=True)  # no TP/PP
 
     def get_data_parallel_group(self):
         return self.dp_group

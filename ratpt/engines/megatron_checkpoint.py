@@ -63,8 +63,9 @@ from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
 
 from ratpt.parallel.optimizer_state import (ADAM_KEYS, MASTER, local_optimizer_state, owning_optimizer,
                                             scatter_optimizer_state)
-from ratpt.checkpoint import (CheckpointError, checkpoint_name, finish_checkpoint, load_checkpoint, start_checkpoint,
-                              temporary_dir)
+from ratpt.checkpoint import (CheckpointError, checkpoint_name, checksums_by_rank, finish_checkpoint, load_checkpoint,
+                              start_checkpoint, temporary_dir)
+from ratpt.parallel.process_group import on_rank0
 
 log = logging.getLogger(__name__)
 
@@ -317,9 +318,8 @@ class DistributedCheckpointer:
         request = dist_checkpointing.save(sharded_state_dict(engine), str(tmp / DIST_DIR), async_sharded_save=True)
 
         def finalize() -> None:  # runs on every rank once all ranks' shards and megatron's metadata are written
-            if main:
-                finish_checkpoint(tmp, state, config_yaml, tokenizer_dir, keep)
-            dist.barrier()
+            checksums = checksums_by_rank(tmp)
+            on_rank0(lambda: finish_checkpoint(tmp, state, config_yaml, tokenizer_dir, keep, checksums))
 
         request.add_finalize_fn(finalize)
         if self.queue is None:

@@ -13,7 +13,7 @@ import torch
 
 from ratpt.config import ParallelConfig
 from ratpt.parallel import cpu_compat
-from ratpt.parallel.process_group import DistributedContext
+from ratpt.parallel.process_group import DistributedContext, collective_timeout
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ def init_mesh(parallel: ParallelConfig, ctx: DistributedContext) -> Mesh:
         context_parallel_size=parallel.context,
         order="tp-cp-ep-dp-pp",
         create_gloo_process_groups=ctx.device.type == "cuda",  # on CPU every group is gloo already
+        distributed_timeout_minutes=collective_timeout().total_seconds() / 60,  # else its groups wait 30 minutes
     )
     return current_mesh(parallel.virtual_stages)
 

@@ -3,6 +3,9 @@
 The engine writes and reads its own state (ratpt.engines.contract); this module decides where
 checkpoints go, which one a run resumes (`checkpoint.resume`), and refuses a resume that would
 load another model, another tokenizer's data, or interleave two histories in one run folder.
+`resume: auto` takes the newest checkpoint whose files match their checksums: a newer one that is
+provably broken (a file missing, truncated or changed) is moved aside to `step_N.broken` with a
+warning, so the run goes on from the one before it instead of failing on every restart.
 """
 from __future__ import annotations
 
@@ -12,11 +15,13 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from ratpt.checkpoint import (CONFIG_FILE, CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints,
-                              resolve_checkpoint)
+from ratpt.checkpoint import (CONFIG_FILE, CheckpointError, checkpoint_step, list_checkpoints, set_aside,
+                              verify_checkpoint)
 from ratpt.config import Config
 from ratpt.data.dataset import check_trained_tokenizer
 from ratpt.engines import Engine
+from ratpt.files import checksum_mismatch
+from ratpt.parallel.process_group import on_rank0
 
 log = logging.getLogger("ratpt.train")
 
@@ -39,14 +44,19 @@ class Checkpointer:
         self.tokenizer = tokenizer_folder(cfg)
 
     def resume_path(self) -> Optional[Path]:
-        """The checkpoint this run continues from (checkpoint.resume), checked against the run, or None."""
+        """The checkpoint this run continues from (checkpoint.resume), verified against its checksums and
+        checked against the run, or None. Rank 0 decides (it reads the files and may move broken ones
+        aside) and every rank gets its answer, or its error (collective)."""
+        return on_rank0(self._choose_resume)
+
+    def _choose_resume(self) -> Optional[Path]:
         resume = self.cfg.checkpoint.resume
         if resume == "never":
             return None
         if resume == "auto":
-            path = latest_checkpoint(self.directory)
+            path = newest_intact_checkpoint(self.directory)
         else:
-            path = resolve_checkpoint(Path(resume))
+            path = verify_checkpoint(Path(resume))
             check_no_newer_checkpoints(path, resume, self.directory)
         if path is not None:
             check_same_model(self.cfg, path)
@@ -70,6 +80,25 @@ class Checkpointer:
         self.engine.wait()
 
 
+def newest_intact_checkpoint(directory: Path) -> Optional[Path]:
+    """The newest checkpoint in `directory` whose files match their checksums, moving the provably broken
+    newer ones aside (`step_N.broken`); None if there is none. Refuses to return None after moving one:
+    a run whose every checkpoint is broken must not silently start again from step 0."""
+    moved = []
+    for path in reversed(list_checkpoints(directory)):
+        broken = checksum_mismatch(path)
+        if broken is None:
+            return path
+        moved.append(set_aside(path))
+        log.warning("checkpoint %s is broken (%s): moved it aside to %s; trying the one before it",
+                    path, broken, moved[-1])
+    if moved:
+        raise CheckpointError(f"every checkpoint in {directory} is broken (moved aside: "
+                              f"{', '.join(p.name for p in moved)}): start afresh with checkpoint.resume=never "
+                              "(or another out_dir), or restore an intact copy")
+    return None
+
+
 def check_same_model(cfg: Config, checkpoint: Path) -> None:
     """Refuse to resume the checkpoint directory `checkpoint` if it holds another model, naming the keys
     that differ (its weights would fail to load with a size mismatch, or, worse, load into a model they
@@ -82,8 +111,26 @@ def check_same_model(cfg: Config, checkpoint: Path) -> None:
     changed = [f"model.{key}: {saved.get(key)!r} there, {value!r} here" for key, value in current.items()
                if key not in RESUMABLE_MODEL_CHANGES and saved.get(key) != value]
     if changed:
-        raise CheckpointError(f"{checkpoint} holds another model ({'; '.join(changed)}): resume with the model "
-                              "it was trained with, or start a new run (another out_dir, or checkpoint.resume=never)")
+        raise CheckpointError(f"{checkpoint} holds another model ({'; '.join(changed)}): use the model it was "
+                              "trained with (drop those model.* overrides), or train a new one (another out_dir, "
+                              "or checkpoint.resume=never)")
+
+
+def schedule_change(cfg: Config, checkpoint: Path, step: int) -> Optional[str]:
+    """A note if resuming `checkpoint` at `step` changes the learning-rate schedule (train.steps,
+    optimizer.lr or schedule.* differ from the run that wrote it), naming the keys; else None."""
+    saved_yaml = checkpoint / CONFIG_FILE
+    if not saved_yaml.is_file():
+        return None
+    saved = OmegaConf.to_container(OmegaConf.load(saved_yaml))
+    current = OmegaConf.to_container(OmegaConf.structured(cfg))
+    keys = [("train", "steps"), ("optimizer", "lr"), *(("schedule", key) for key in current["schedule"])]
+    changed = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} there, {current[section][key]!r} here"
+               for section, key in keys if saved.get(section, {}).get(key) != current[section][key]]
+    if not changed:
+        return None
+    return (f"resuming {checkpoint} at step {step} with another learning-rate schedule ({'; '.join(changed)}): "
+            f"the LR from step {step} on follows the new one")
 
 
 def check_no_newer_checkpoints(checkpoint: Path, resume: str, ckpt_dir: Path) -> None:

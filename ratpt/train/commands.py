@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 
 from ratpt.config import Config, load_config
-from ratpt.checkpoint import CONFIG_FILE, TOKENIZER_DIR, CheckpointError, load_checkpoint, resolve_checkpoint
+from ratpt.checkpoint import (CONFIG_FILE, TOKENIZER_DIR, CheckpointError, load_checkpoint, resolve_checkpoint,
+                              verify_checkpoint)
 
 log = logging.getLogger("ratpt")
 
@@ -39,6 +40,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     )
     export_parser.add_argument("checkpoint", help="a step_XXXXXXXX directory, or a run folder (newest checkpoint)")
     export_parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    export_parser.add_argument("--no-tokenizer", action="store_true",
+                               help="export a checkpoint that has no tokenizer folder (generate then needs "
+                                    "--tokenizer)")
     export_parser.add_argument("--format", choices=["ratpt", "hf"], default="ratpt",
                                help="ratpt: for ratpt.load_pretrained and `ratpt generate`; hf: a Hugging Face "
                                     "transformers folder (docs/hf.md)")
@@ -61,10 +65,14 @@ def checkpoint_config(checkpoint: Path, overrides: list[str] | None = None) -> C
 
 
 def load_trained_model(checkpoint: Path, cfg: Config):
-    """The plain model of a gathered or distributed checkpoint (a DeepSpeed one must be consolidated first)."""
+    """The plain model of a gathered or distributed checkpoint (a DeepSpeed one must be consolidated first),
+    its files verified against their checksums, its model checked against `cfg.model`."""
     from ratpt.engines.megatron_checkpoint import is_distributed, read_plain_state
     from ratpt.model import build_model
+    from ratpt.train.checkpointer import check_same_model
 
+    checkpoint = verify_checkpoint(checkpoint)
+    check_same_model(cfg, checkpoint)
     state = load_checkpoint(checkpoint)
     if state.get("engine") == "deepspeed":
         raise CheckpointError(
@@ -72,7 +80,7 @@ def load_trained_model(checkpoint: Path, cfg: Config):
             f"`python -m ratpt.engines.deepspeed_checkpoint {checkpoint} OUT_DIR`, then use OUT_DIR/step_*"
         )
     if is_distributed(state):  # every rank's shards: read the full tensors here
-        weights = read_plain_state(resolve_checkpoint(checkpoint), optimizer=False)["model"]
+        weights = read_plain_state(checkpoint, optimizer=False)["model"]
     else:
         weights = state["model"]
     model = build_model(cfg.model)
@@ -85,13 +93,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from ratpt.parallel.process_group import init_distributed
     from ratpt.train.trainer import evaluate
 
-    checkpoint = Path(args.checkpoint)
+    checkpoint = resolve_checkpoint(Path(args.checkpoint))
     cfg = checkpoint_config(checkpoint, args.overrides)
     ctx = init_distributed(cfg.train.device)
-    check_trained_tokenizer(str(resolve_checkpoint(checkpoint)), cfg.data.streams, cfg.model.vocab_size)
+    check_trained_tokenizer(str(checkpoint), cfg.data.streams, cfg.model.vocab_size)
     model = load_trained_model(checkpoint, cfg).to(ctx.device)
     loss = evaluate(model, cfg, ctx)
-    print(f"val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | {cfg.eval.max_samples} sequences")
+    print(f"{checkpoint}: val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | "
+          f"{cfg.eval.max_samples} sequences")
     return 0
 
 
@@ -104,8 +113,13 @@ def run_export(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export folder {out} is not empty: choose a new --out or remove it")
     cfg = checkpoint_config(checkpoint)
+    model = load_trained_model(checkpoint, cfg)
     tokenizer = checkpoint / TOKENIZER_DIR
+    if not tokenizer.is_dir() and not args.no_tokenizer:
+        raise CheckpointError(f"{checkpoint} has no {TOKENIZER_DIR}/ folder (its training data had none), so the "
+                              f"export could not turn text into tokens: `ratpt generate` would fail on it. Pass "
+                              f"--no-tokenizer to export the weights alone")
     write = export_hf if args.format == "hf" else save_pretrained
-    write(load_trained_model(checkpoint, cfg), cfg.model, out, tokenizer if tokenizer.is_dir() else None)
+    write(model, cfg.model, out, tokenizer if tokenizer.is_dir() else None)
     log.info("exported %s to %s", checkpoint, out)
     return 0

@@ -68,9 +68,11 @@ class MetricsLogger:
         self._tokens = 0
         self._losses: list[float] = []
 
-    def log_config(self, config_yaml: str) -> None:
+    def log_config(self, config_yaml: str, step: int, note: Optional[str] = None) -> None:
+        """The config of the run starting (or resuming) at `step` as TensorBoard text, after `note` (e.g.
+        that a resume changed the LR schedule)."""
         if self.writer is not None:
-            self.writer.add_text("config", f"```\n{config_yaml}\n```", 0)
+            self.writer.add_text("config", (f"{note}\n\n" if note else "") + f"```\n{config_yaml}\n```", step)
 
     def step(self, step: int, loss: float, tokens: int) -> None:
         self._tokens += tokens

@@ -23,9 +23,11 @@ from ratpt.engines import build_engine
 from ratpt.engines.loss import IGNORE_INDEX, sum_cross_entropy
 from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
-from ratpt.parallel.process_group import DistributedContext, all_reduce_sum, init_distributed
-from ratpt.train.checkpointer import Checkpointer
+from ratpt.parallel.process_group import (DistributedContext, all_reduce_sum, init_distributed,
+                                          naming_collective_timeouts)
+from ratpt.train.checkpointer import Checkpointer, schedule_change
 from ratpt.train.metrics import MetricsLogger, device_peak_tflops
+from ratpt.train.run_lock import hold_run_folder
 from ratpt.train.schedule import LRMultiplier
 from ratpt.train.signals import StopRequest
 
@@ -92,9 +94,13 @@ def _step_batches(batches: Iterator[dict], n: int) -> list[dict]:
 
 
 def train(cfg: Config) -> TrainResult:
+    """Train `cfg` in its out_dir, which this run holds alone (ratpt.train.run_lock) from before its first
+    write to its end."""
     stop = StopRequest()  # first: a stop signal during start-up (build, resume, data) is kept, not lost
     try:
-        return Trainer(cfg, stop).train()
+        ctx = init_distributed(cfg.train.device)
+        with hold_run_folder(Path(cfg.out_dir)), naming_collective_timeouts():
+            return Trainer(cfg, ctx, stop).train()
     finally:
         stop.restore()
 
@@ -102,17 +108,13 @@ def train(cfg: Config) -> TrainResult:
 class Trainer:
     """One run: built and restored in `__init__`, trained by `train`, one `train_step` at a time."""
 
-    def __init__(self, cfg: Config, stop: StopRequest) -> None:
-        self.cfg, self.stop = cfg, stop
-        self.ctx = ctx = init_distributed(cfg.train.device)
+    def __init__(self, cfg: Config, ctx: DistributedContext, stop: StopRequest) -> None:
+        self.cfg, self.ctx, self.stop = cfg, ctx, stop
         dp_size = data_parallel_size(cfg, ctx.world_size)
         validate_config(cfg, dp_size=dp_size)
         self.micro_batches = micro_batches_per_step(cfg.train, dp_size)
         out_dir = Path(cfg.out_dir)
-        config_yaml = to_yaml(cfg)
-        if ctx.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(config_yaml)
+        self.config_yaml = config_yaml = to_yaml(cfg)
 
         # Build: the same plain model on every rank (same seed), then this rank's part of the layout.
         torch.manual_seed(cfg.train.seed)
@@ -124,9 +126,13 @@ class Trainer:
         # Restore: model, optimizer, RNG, the step and the data position.
         resume_from = self.checkpointer.resume_path()
         state = self.checkpointer.load(resume_from) if resume_from is not None else None
+        schedule_note = None
         if state is not None:
             _set_rng_state(state["rng"], ctx.device)
             self.step, self.bad_in_a_row = state["step"], state["bad_in_a_row"]
+            schedule_note = schedule_change(cfg, resume_from, self.step)
+            if schedule_note and ctx.is_main:
+                log.warning(schedule_note)
         self.data = build_train_batches(
             cfg.data, vocab_size=cfg.model.vocab_size, micro_batch=cfg.train.micro_batch,
             global_batch=cfg.train.global_batch, dp_rank=self.engine.dp_rank, dp_size=self.engine.dp_size,
@@ -142,10 +148,12 @@ class Trainer:
             device_peak_tflops(ctx.device, cfg.logging.peak_tflops), ctx.world_size,
             cfg.logging.tensorboard, enabled=ctx.is_main,
         )
-        self.metrics.log_config(config_yaml)
+        self.metrics.log_config(config_yaml, self.step, schedule_note)
 
     def train(self) -> TrainResult:
         cfg = self.cfg
+        if self.ctx.is_main:  # only now, built and restored: a run refused at start-up leaves the last one's
+            (Path(cfg.out_dir) / "config.yaml").write_text(self.config_yaml)
         log.info("training %s: %d steps from step %d, %d micro-batches of %d per data-parallel rank per step, "
                  "%d process(es) on %s", cfg.name, cfg.train.steps, self.step, self.micro_batches,
                  cfg.train.micro_batch, self.ctx.world_size, self.ctx.device)

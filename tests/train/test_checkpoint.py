@@ -1,4 +1,5 @@
-"""Checkpoints are atomic, pruned to the newest K, and never unpickle code."""
+"""Checkpoints are atomic, checksummed, pruned to the newest K, and never unpickle code."""
+import json
 import os
 
 import pytest
@@ -42,9 +43,8 @@ def test_a_same_step_save_replaces_the_old_one_whole(tmp_path):
 def test_a_save_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     _save(tmp_path, 10)
 
-    def crash(obj, path):
-        with open(path, "wb") as handle:
-            handle.write(b"half a checkpoint")
+    def crash(obj, handle):
+        handle.write(b"half a checkpoint")
         raise KeyboardInterrupt("killed mid-save")
 
     monkeypatch.setattr(ckpt.torch, "save", crash)
@@ -87,10 +87,41 @@ def test_a_corrupt_checkpoint_is_named_with_the_one_before_it(tmp_path):
     _save(tmp_path, 10)
     newest = _save(tmp_path, 20)
     (newest / ckpt.STATE_FILE).write_bytes(b"\x80\x02 not a checkpoint")
-    with pytest.raises(ckpt.CheckpointError, match=r"corrupt, truncated.*checkpoint.resume=.*step_00000010"):
+    with pytest.raises(ckpt.CheckpointError, match=rf"corrupt, truncated.*the one before it is .*step_00000010.*"
+                                                   rf"`mv {newest} {newest}.broken`"):
         ckpt.load_checkpoint(newest)
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=str(tmp_path)):
         ckpt.load_checkpoint(tmp_path / "nothing")
+
+
+def test_every_file_of_a_checkpoint_is_listed_with_its_checksum(tmp_path):
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "meta.json").write_text("{}")
+    written = ckpt.save_checkpoint(tmp_path / "ck", 10, {"step": 10}, "name: t\n", tokenizer, 3)
+    listed = json.loads((written / "checksums.json").read_text())["files"]
+    assert sorted(listed) == ["config.yaml", "state.pt", "tokenizer/meta.json"]
+    assert listed["state.pt"]["bytes"] == (written / "state.pt").stat().st_size
+    assert ckpt.verify_checkpoint(written) == written
+
+
+def test_a_changed_byte_is_named_with_the_checkpoint_to_fall_back_to(tmp_path):
+    older = _save(tmp_path, 10)
+    newest = _save(tmp_path, 20)
+    state = newest / ckpt.STATE_FILE
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=rf"{state} differs from its checksum.*the one before it is {older}"):
+        ckpt.verify_checkpoint(tmp_path)
+    assert ckpt.verify_checkpoint(older) == older
+
+
+def test_a_missing_file_is_named(tmp_path):
+    written = _save(tmp_path, 10)
+    (written / ckpt.CONFIG_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match=rf"{written / ckpt.CONFIG_FILE} is missing.*start afresh"):
+        ckpt.verify_checkpoint(written)

@@ -1,5 +1,6 @@
 """A trained checkpoint evaluates, exports to safetensors and generates through the CLI."""
 import re
+import shutil
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import ratpt
 from ratpt.config import load_config
 from ratpt.model import build_model
 from ratpt.checkpoint import load_checkpoint
+from ratpt.files import write_checksums
 
 from run_helpers import ratpt as run_ratpt, small_run
 
@@ -63,3 +65,39 @@ def test_an_unconsolidated_deepspeed_checkpoint_is_refused_with_the_command_to_f
     (fake / "config.yaml").write_text((trained[0] / "config.yaml").read_text())
     done = run_ratpt("export", str(fake), "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and "python -m ratpt.engines.deepspeed_checkpoint" in done.stderr
+
+
+def test_eval_says_which_checkpoint_it_evaluated(trained):
+    done = run_ratpt("eval", str(trained[0]))
+    assert done.returncode == 0, done.stderr
+    assert f"{trained[0] / 'checkpoints' / 'step_00000006'}: val loss" in done.stdout
+
+
+def test_eval_with_another_model_is_refused_naming_the_keys(trained):
+    done = run_ratpt("eval", str(trained[0]), "model.n_layers=3")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "model.n_layers: 2 there, 3 here" in done.stderr and "drop those model.* overrides" in done.stderr
+
+
+def test_eval_and_export_of_a_corrupt_checkpoint_name_the_file(trained, tmp_path):
+    copy = tmp_path / "step_00000006"
+    shutil.copytree(trained[0] / "checkpoints" / "step_00000006", copy)
+    state = copy / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a tensor's bytes: torch would load it
+    state.write_bytes(bytes(data))
+    for done in (run_ratpt("eval", str(copy)), run_ratpt("export", str(copy), "--out", str(tmp_path / "out"))):
+        assert done.returncode == 2 and f"{state} differs from its checksum" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_without_a_tokenizer_is_refused_unless_asked_for(trained, tmp_path):
+    copy = tmp_path / "step_00000006"
+    shutil.copytree(trained[0] / "checkpoints" / "step_00000006", copy)
+    shutil.rmtree(copy / "tokenizer")
+    write_checksums(copy)  # a checkpoint of data without a tokenizer folder
+    refused = run_ratpt("export", str(copy), "--out", str(tmp_path / "out"))
+    assert refused.returncode == 2 and "--no-tokenizer" in refused.stderr, refused.stderr[-2000:]
+    done = run_ratpt("export", str(copy), "--out", str(tmp_path / "out"), "--no-tokenizer")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "tokenizer").exists()

@@ -1,6 +1,8 @@
 """End-to-end training through the real CLI: falling loss, exact resume, preemption, NaN guard."""
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import torch
 from ratpt.config import load_config
 from ratpt.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint
 from ratpt.engines import local_engine
+from ratpt.folder_lock import hold_folder
 from ratpt.train import trainer
 
 from run_helpers import LOSS_LINE, REPO, losses_of, ratpt, small_run
@@ -83,9 +86,11 @@ def test_killed_run_resumes_to_the_bit_identical_result(byte_data, uninterrupted
     assert resumed_losses == {s: whole_losses[s] for s in resumed_losses}
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+@pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGUSR1", "SIGTERM", "SIGINT"])
 def test_a_stop_signal_checkpoints_stops_and_resumes_identically(byte_data, uninterrupted, tmp_path, stop_signal):
-    """SIGUSR1: SLURM's warning before the time limit; SIGTERM: a preemption (or local_train.sh's stop)."""
+    """SIGUSR1: SLURM's warning before the time limit; SIGTERM: a preemption (or local_train.sh's stop);
+    SIGINT: Ctrl-C."""
     proc = start_training(byte_data, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in proc.stdout:
         if LOSS_LINE.search(line):
@@ -189,6 +194,25 @@ def test_a_stop_signal_during_start_up_checkpoints_after_the_first_step(byte_dat
     assert signal.getsignal(signal.SIGUSR1) is handler_before, "the handler is restored when training returns"
 
 
+def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(byte_data, tmp_path, monkeypatch, caplog):
+    cfg = in_process_config(byte_data, tmp_path, "train.steps=6")
+    real = trainer.build_model
+
+    def build_then_interrupted_twice(model_cfg):
+        model = real(model_cfg)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_then_interrupted_twice)
+    handler_before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as exited:
+        trainer.train(cfg)
+    assert exited.value.code == 130 and "interrupted again: exiting now" in caplog.text
+    assert not (tmp_path / "checkpoints").exists()
+    assert signal.getsignal(signal.SIGINT) is handler_before
+
+
 def test_going_back_to_an_earlier_checkpoint_with_newer_ones_beside_it_is_refused(byte_data, tmp_path):
     run = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "checkpoint.interval=2"))
     assert run.returncode == 0, run.stderr[-2000:]
@@ -238,6 +262,7 @@ def test_resuming_with_another_model_is_refused_naming_the_keys(byte_data, tmp_p
     other = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=4", "model.n_layers=3"))
     assert other.returncode == 2 and "model.n_layers: 2 there, 3 here" in other.stderr, other.stderr[-2000:]
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
+    assert load_config(tmp_path / "run" / "config.yaml").model.n_layers == 2, "a refused run leaves the config"
 
 
 def test_eval_and_resume_on_another_tokenizers_data_are_refused(byte_data, tmp_path):
@@ -255,3 +280,97 @@ def test_eval_and_resume_on_another_tokenizers_data_are_refused(byte_data, tmp_p
     resumed = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=4"), stream)
     for done in (evaluated, resumed):
         assert done.returncode == 2 and "was trained on 'byte' tokens" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_run_on_a_held_out_dir_is_refused_naming_the_holder_and_writes_nothing(byte_data, tmp_path):
+    """Two runs on one out_dir: the second one stops before its first write; another run's checkpoint in
+    the making (a *.tmp folder) is left alone."""
+    in_the_making = tmp_path / "checkpoints" / "step_00000005.tmp"
+    in_the_making.mkdir(parents=True)
+    with hold_folder(tmp_path, purpose="training"):
+        second = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=2", "logging.tensorboard=true"))
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"is in use by training (pid {os.getpid()}" in second.stderr and "Traceback" not in second.stderr
+    assert in_the_making.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"], "no config.yaml, no TensorBoard events"
+
+
+def test_a_refused_run_fails_on_every_rank_at_once(byte_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with hold_folder(tmp_path, purpose="training"):
+        two = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ratpt",
+             "train", *small_run(byte_data, tmp_path, "train.steps=2")],
+            cwd=REPO, env={**env, "RATPT_COLLECTIVE_TIMEOUT": "600"}, text=True, capture_output=True, timeout=300,
+        )
+    assert two.returncode != 0
+    assert two.stderr.count(f"is in use by training (pid {os.getpid()}") == 2, two.stderr[-3000:]  # both ranks
+
+
+def test_a_failed_save_names_the_file_removes_the_partial_folder_and_keeps_the_previous(byte_data, tmp_path):
+    first = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=2"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    args = " ".join(shlex.quote(a) for a in small_run(byte_data, tmp_path, "train.steps=4"))
+    full = subprocess.run(["bash", "-c", f"ulimit -f 1000; exec {shlex.quote(sys.executable)} -m ratpt train {args}"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, capture_output=True)
+    assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-2000:]
+    stderr = full.stderr.strip()
+    assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+    step_dir = tmp_path / "checkpoints"
+    assert f"saving checkpoint step_00000004 failed writing {step_dir / 'step_00000004.tmp' / 'state.pt'}" in stderr
+    assert "File too large" in stderr and f"the newest checkpoint, {step_dir / 'step_00000002'}, is kept" in stderr
+    assert sorted(p.name for p in step_dir.iterdir()) == ["step_00000002"]
+    assert load_checkpoint(step_dir)["step"] == 2
+
+
+def corrupt_the_middle_of(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_resume_auto_moves_a_corrupt_newest_checkpoint_aside_and_resumes_the_one_before(byte_data, tmp_path):
+    run = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "checkpoint.interval=2"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    newest = tmp_path / "checkpoints" / "step_00000004"
+    corrupt_the_middle_of(newest / "state.pt")
+    again = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "checkpoint.interval=2"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{newest / 'state.pt'} differs from its checksum" in again.stdout
+    assert f"moved it aside to {newest}.broken" in again.stdout
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000002'} at step 2" in again.stdout
+    assert (tmp_path / "checkpoints" / "step_00000004.broken").is_dir() and load_checkpoint(newest)["step"] == 4
+
+
+def test_the_advice_for_a_truncated_checkpoint_without_checksums_works(byte_data, tmp_path):
+    """A checkpoint written before checksums (none to tell it is broken): the error says what to run."""
+    run = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "checkpoint.interval=2"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    newest = tmp_path / "checkpoints" / "step_00000004"
+    (newest / "checksums.json").unlink()
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    refused = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=6", "checkpoint.interval=2"))
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    advice = re.search(r"`mv (\S+) (\S+)`", refused.stderr)
+    assert advice and "the one before it is" in refused.stderr, refused.stderr
+    subprocess.run(["mv", advice.group(1), advice.group(2)], check=True)
+    again = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=6", "checkpoint.interval=2"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout and "at step 2" in again.stdout
+    assert load_checkpoint(tmp_path / "checkpoints")["step"] == 6
+
+
+def test_resuming_with_other_steps_says_the_schedule_changes_in_the_log_and_tensorboard(byte_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=2"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    longer = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "logging.tensorboard=true"))
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    note = "with another learning-rate schedule (train.steps: 2 there, 4 here)"
+    assert note in longer.stdout
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = [t.tensor_proto.string_val[0].decode() for t in events.Tensors("config/text_summary")]
+    assert any(note in text for text in texts), texts
