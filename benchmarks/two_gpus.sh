@@ -18,7 +18,7 @@ export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 run2() { python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/engines.py "$@"; }
 set -x
 tests=0
-python -m pytest -q -m gpu tests/parallel tests/deepspeed || tests=$?  # the benchmarks run regardless
+python -m pytest -q -m gpu tests/parallel tests/engines || tests=$?  # the benchmarks run regardless
 run2 --engine megatron --global-batch 16 --micro-batch 4 --profile --out "$out/engines.jsonl"
 run2 --engine deepspeed --zero-stage 1 --global-batch 16 --micro-batch 4 --profile --out "$out/engines.jsonl"
 for model in rat_1p3b attention_1p3b; do

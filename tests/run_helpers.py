@@ -25,11 +25,17 @@ def ratpt(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, **kwargs)
 
 
+def worker_env(**env_vars: str) -> dict[str, str]:
+    """The environment of a worker script (tests/*/workers/): one thread per rank, and the repository on
+    the path so that workers import `tests.cases`."""
+    python_path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **env_vars}
+
+
 def torchrun_cases(script: Path, nproc: int, *args: str, cases: tuple[str, ...], **env_vars: str) -> str:
     """One torchrun launch of a case script (tests/parallel/*.py: every rank checks each `name:spec` case
     and rank 0 prints `OK name`); fails with the ranks' output unless every case reported OK."""
-    python_path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **env_vars}
+    env = worker_env(**env_vars)
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(script),
          *args, *cases], cwd=REPO, env=env, text=True, capture_output=True, timeout=600,

@@ -180,7 +180,7 @@ class DeepSpeedEngine:
         """What DeepSpeed divides the sum of the ranks' gradients by."""
         # NOTE: DeepSpeed 0.19 averages over its data-parallel ranks and sums over its sequence-
         # parallel (our CP) ranks, except in ZeRO-3's reduce-scatter (its default), which averages
-        # over all DP × CP ranks. tests/deepspeed checks every case against one process.
+        # over all DP × CP ranks. tests/engines checks every case against one process.
         zero = self.config["zero_optimization"]
         if zero["stage"] == 3 and zero.get("reduce_scatter", True):
             return self.mesh.dp * self.mesh.cp

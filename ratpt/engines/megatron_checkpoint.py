@@ -1,47 +1,29 @@
 """Distributed checkpoints of the megatron engine (`checkpoint.format: distributed`): every rank writes
 only its own shards through megatron-core `dist_checkpointing` (torch_dist backend), and any layout
-(TP/PP/CP/DP, or one process) reads them back.
+(TP/PP/CP/DP, or one process) reads them back (docs/training.md#gathered-and-distributed-formats).
 
     step_XXXXXXXX/
-        dist/          megatron's dist_checkpointing folder: PyTorch DCP shard files of every rank,
-                       `.metadata` (where each piece lies), `metadata.json`, `common.pt` (empty)
+        dist/          every rank's PyTorch DCP shard files, `.metadata`, `metadata.json`, `common.pt` (empty)
         state.pt       rank 0: {"format": "distributed", "step", "data" (loader position), "rng",
                        "bad_in_a_row", "adam_step"}: small, read with weights_only like any checkpoint
         config.yaml, tokenizer/   as for every ratpt checkpoint
 
-Keys are plain-model names, so they do not depend on the layout: `model.<name>`,
-`optimizer.exp_avg.<name>`, `optimizer.exp_avg_sq.<name>`, each of the plain parameter's shape.
-What a rank writes of a parameter is the part its optimizer updates: with the distributed optimizer
-(ZeRO-1 over DP × CP), the flat range of its tensor-parallel shard that it owns — of the weight and
-of both AdamW moments —, without it, the whole shard from the first DP × CP rank. So nothing is
-gathered and every element is written once, by its owner, in parallel over all ranks. A flat range
-is at most three rectangles (end of a row, whole rows, start of a row); each is placed into the
-plain tensor through the parameter's TP placement, one ShardedTensor per contiguous run of plain
-rows (columns of row-parallel weights; RAT's fused in_proj: the z, v, f rows of this rank's heads are three runs, the replicated q, k
-rows another, written by TP rank 0 only). Pieces of any shape are megatron's "irregular" sharding,
-which its torch_dist backend hands to DCP as several local shards of one key. The last pipeline
-stage's copy of the tied embedding is not written.
+Keys are plain-model names, independent of the layout: `model.<name>`, `optimizer.exp_avg.<name>`,
+`optimizer.exp_avg_sq.<name>`, each of the plain parameter's shape. A rank writes the part of each
+parameter (weight and both AdamW moments) that its optimizer updates: with the distributed optimizer
+the flat range of its TP shard that it owns (at most three rectangles, placed through the parameter's
+TP placement: megatron's "irregular" sharding), without it the whole shard from the first DP × CP
+rank. So every element is written once, by its owner; the last stage's copy of the tied embedding is
+not written. Loading requests each rank's TP shard and optimizer range, and DCP reads the overlap with
+what was stored; one process reads the full tensors with `read_plain_state`.
 
-Loading requests, on every rank, its whole TP shard of each parameter and its own optimizer range;
-DCP reads the overlap of every requested rectangle with the stored ones, so the writing layout does
-not matter. One process (the local engine, `ratpt eval`, `ratpt export`) reads the full tensors with
-`read_plain_state`, without a process group.
-
-Atomicity: the shards go into `step_XXXXXXXX.tmp/dist`; rank 0 writes state.pt, config and tokenizer
-and renames the directory into place (ratpt.checkpoint.finish_checkpoint) only once every rank's
-shards and megatron's metadata are written — in the finalization of megatron's AsyncRequest. A save
-killed before that leaves a `*.tmp` directory, which `resume: auto` ignores and the next save removes.
-
-Async (`checkpoint.async_save`): the request is scheduled on megatron's AsyncCallsQueue. At the save
-call the ranks agree on the save plan (collective) and the pieces are staged in host memory (copied
-from the GPU; on the CPU, views are cloned), then a forked process per rank writes the files while
-training goes on; `poll` (every step) finalizes once all ranks are done, `wait` blocks. One save is in
-flight at a time: a new save, and the end of training, wait for the previous one.
-
-Loading unpickles no code: the shard files are read with `torch.load(weights_only=True)` (DCP),
-`common.pt` too (megatron, torch >= 2.6), and DCP's `.metadata` pickle is first checked to hold only
-DCP's record types (`_stored_metadata`, which also refuses a checkpoint missing pieces of a tensor),
-as ratpt's `state.pt` is read with weights_only.
+Atomic and verified: the shards go into `step_XXXXXXXX.tmp/dist`; once every rank has written (the
+finalization of megatron's AsyncRequest) the ranks hash shares of the files, rank 0 writes
+`checksums.json` and renames the folder into place (ratpt.checkpoint.finish_checkpoint). Async
+(`checkpoint.async_save`): the pieces are staged in host memory at the save call and forked
+processes write them while training goes on; `poll` publishes, `wait` blocks,
+one save is in flight at a time. Loading unpickles no code: DCP's `.metadata` pickle is checked to
+hold only DCP's record types (`_stored_metadata`) before it is read.
 """
 from __future__ import annotations
 

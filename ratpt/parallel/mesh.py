@@ -1,4 +1,4 @@
-"""The device mesh PP × DP × CP × TP (outer → inner, DESIGN §3), through megatron-core.
+"""The device mesh PP × DP × CP × TP (outer → inner, docs/design.md#mesh-order), through megatron-core.
 
 `parallel_state.initialize_model_parallel` builds every process group; its default order
 "tp-cp-ep-dp-pp" (inner → outer) is exactly our mesh: TP ranks are adjacent (one node's

@@ -105,9 +105,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ratpt.hf.export import export_hf
-    from ratpt.model.pretrained import save_pretrained
-
     checkpoint = resolve_checkpoint(Path(args.checkpoint))
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -119,7 +116,10 @@ def run_export(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{checkpoint} has no {TOKENIZER_DIR}/ folder (its training data had none), so the "
                               f"export could not turn text into tokens: `ratpt generate` would fail on it. Pass "
                               f"--no-tokenizer to export the weights alone")
-    write = export_hf if args.format == "hf" else save_pretrained
+    if args.format == "hf":  # NOTE: imported when asked: transformers takes seconds to import
+        from ratpt.hf.export import export_hf as write
+    else:
+        from ratpt.model.pretrained import save_pretrained as write
     write(model, cfg.model, out, tokenizer if tokenizer.is_dir() else None)
     log.info("exported %s to %s", checkpoint, out)
     return 0

@@ -126,7 +126,7 @@ def test_a_dimension_fp8_cannot_multiply_names_the_key(override, keys):
 
 @pytest.mark.slow
 def test_megatron_and_deepspeed_engines_train_fp8_as_one_process_does():
-    torchrun_cases(REPO / "tests" / "engines" / "fp8_ranks.py", 2, cases=(
+    torchrun_cases(REPO / "tests" / "engines" / "workers" / "fp8_ranks.py", 2, cases=(
         "megatron-dp2:",
         "megatron-cp2-rowwise:context=2,mixers=rat+swa,recipe=rowwise",
         "deepspeed-zero1-rowwise:stage=1,recipe=rowwise",

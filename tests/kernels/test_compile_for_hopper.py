@@ -37,7 +37,7 @@ def compiled_by_dtype(stdout: str) -> dict[str, list[tuple[str, int]]]:
 def test_every_kernel_compiles_to_a_hopper_cubin(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO), TRITON_DEFAULT_FP_FUSION="1")
-    script = str(REPO / "tests" / "kernels" / "compile_for_hopper.py")
+    script = str(REPO / "tests" / "kernels" / "workers" / "compile_for_hopper.py")
     runs = [subprocess.Popen([sys.executable, script, *jobs], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE) for jobs in PROCESSES]
     launches: dict[str, list[tuple[str, int]]] = {}

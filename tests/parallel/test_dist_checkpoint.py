@@ -25,8 +25,8 @@ CASES = (
 
 
 def run_cases(nproc: int, out: Path, *cases: str, **env_vars: str) -> None:
-    """One torchrun launch of tests/parallel/dist_checkpoints.py (which checks every case)."""
-    torchrun_cases(REPO / "tests" / "parallel" / "dist_checkpoints.py", nproc, str(out), cases=cases, **env_vars)
+    """One torchrun launch of tests/parallel/workers/dist_checkpoints.py (which checks every case)."""
+    torchrun_cases(REPO / "tests" / "parallel" / "workers" / "dist_checkpoints.py", nproc, str(out), cases=cases, **env_vars)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_a_checkpoint_resumes_in_other_layouts_and_an_unfinalized_save_is_not_re
 
 def test_export_of_a_distributed_checkpoint_gives_the_gathered_checkpoints_logits(saved, tmp_path):
     case = saved / "tp2xpp2-to-dp2xcp2"
-    done = run_ratpt("export", str(case / "checkpoints"), "--out", str(tmp_path / "export"))
+    done = run_ratpt("export", str(case / "checkpoints"), "--out", str(tmp_path / "export"), "--no-tokenizer")
     assert done.returncode == 0, done.stderr
     exported, model_cfg = ratpt.load_pretrained(tmp_path / "export")
     gathered = build_model(model_cfg)  # the same step's state, gathered by the engine and written by rank 0
@@ -73,7 +73,7 @@ def test_ratpt_train_resumes_a_distributed_checkpoint_in_one_process_with_the_un
     step2 = tmp_path / "tp2" / "checkpoints" / "step_00000002"
     assert (step2 / "dist").is_dir() and (tmp_path / "tp2" / "checkpoints" / "step_00000004" / "dist").is_dir()
 
-    # its step-2 checkpoint, continued by one process (other layouts: tests/parallel/dist_checkpoints.py)
+    # its step-2 checkpoint, continued by one process (other layouts: tests/parallel/workers/dist_checkpoints.py)
     one = run_ratpt("train", *small_run(byte_data, tmp_path / "one", *RUN, f"checkpoint.resume={step2}"))
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     assert "resumed from" in one.stdout + one.stderr

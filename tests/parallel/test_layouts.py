@@ -1,5 +1,5 @@
 """Every parallel layout equals one process on the same batch: loss, gradients, grad norm and the
-parameters after one optimizer step (tests/parallel/layouts.py states the checks and tolerances).
+parameters after one optimizer step (tests/parallel/workers/layouts.py states the checks and tolerances).
 Each such test is one torchrun launch that runs several layouts, to keep the CPU time small; the
 first two tests pin the zigzag context layout itself (which blocks a rank holds, the balance)."""
 import re
@@ -37,7 +37,7 @@ def test_zigzag_balances_the_causal_work_that_contiguous_slices_do_not():
 
 
 def run_layouts(nproc: int, *cases: str, **env_vars: str) -> str:
-    return torchrun_cases(REPO / "tests" / "parallel" / "layouts.py", nproc, cases=cases, **env_vars)
+    return torchrun_cases(REPO / "tests" / "parallel" / "workers" / "layouts.py", nproc, cases=cases, **env_vars)
 
 
 def test_context_parallel_with_the_fused_kernels_equals_one_process():
@@ -96,7 +96,7 @@ def test_compiled_layouts_equal_one_process_eager_and_break_the_graph_only_at_co
         f"resume-compiled-to-eager:context=2{COMPILED}>local",
     )
     for name, expected in breaks.items():
-        assert re.search(rf"^OK {name} .* graph breaks per block {expected}$", out, re.MULTILINE), out
+        assert re.search(rf"^OK {re.escape(name)} .* graph breaks per block {expected}$", out, re.MULTILINE), out
 
 
 def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():

@@ -1,12 +1,12 @@
 """The megatron engine's bf16 mixed precision (bf16 parameters, fp32 gradients and master weights)
 equals one process doing the same, and its checkpoints hold the fp32 masters
-(tests/parallel/mixed_precision.py states the reference and the tolerances)."""
+(tests/parallel/workers/mixed_precision.py states the reference and the tolerances)."""
 import pytest
 import torch
 
 from run_helpers import REPO, torchrun_cases
 
-SCRIPT = REPO / "tests" / "parallel" / "mixed_precision.py"
+SCRIPT = REPO / "tests" / "parallel" / "workers" / "mixed_precision.py"
 CASES = (
     "dp2:",  # distributed optimizer: fp32 master shards, bf16 parameters all-gathered
     "pp2:pipeline=2",  # bf16 activations between the stages

@@ -1,11 +1,11 @@
 """Run under torchrun: the parallel engines with FP8-emulated projections against one process with the same.
 
-    torchrun --standalone --nproc-per-node 2 tests/engines/fp8_ranks.py CASE [CASE ...]
+    torchrun --standalone --nproc-per-node 2 tests/engines/workers/fp8_ranks.py CASE [CASE ...]
 
 A case is `name:key=value,...` with `recipe=tensorwise|rowwise` (train.fp8; train.fp8_emulate is on)
 and the other keys of the harness its name starts with: `megatron-` cases those of
-tests/parallel/layouts.py (parallel.*, model.*, train.micro_batch, ...), `deepspeed-` cases those of
-tests/deepspeed/ds_cases.py (`stage=2`, `cp=2`, ...), on the same base configs and batches.
+tests/parallel/workers/layouts.py (parallel.*, model.*, train.micro_batch, ...), `deepspeed-` cases those of
+tests/engines/workers/ds_cases.py (`stage=2`, `cp=2`, ...), on the same base configs and batches.
 Every rank also trains the single-process LocalEngine with the same FP8 swap on the whole global batch,
 and each case checks, over STEPS optimizer steps:
     the swap          every block projection the engine runs is torchao's Float8Linear (the engine's
@@ -35,7 +35,8 @@ from ratpt.engines.compile import prepare_model
 from ratpt.model import build_model
 from ratpt.parallel.mesh import destroy_mesh
 from ratpt.parallel.process_group import init_distributed
-from tests.parallel import layouts
+from tests.cases import global_batches, parse_spec, rank_batches, split_case
+from tests.parallel.workers import layouts
 
 STEPS = 3
 LOSS_REL, NORM_REL = 2e-3, 1e-2
@@ -43,11 +44,11 @@ LOSS_REL, NORM_REL = 2e-3, 1e-2
 
 def config(kind: str, spec: str):
     """The harness's config of `spec` with train.fp8 = its `recipe` (tensorwise by default), emulated."""
-    items = dict(item.split("=") for item in filter(None, spec.split(",")))
+    items = parse_spec(spec)
     recipe = items.pop("recipe", "tensorwise")
     rest = ",".join(f"{key}={value}" for key, value in items.items())
     if kind == "deepspeed":
-        from tests.deepspeed import ds_cases  # NOTE: imports deepspeed only for its cases
+        from tests.engines.workers import ds_cases  # NOTE: imports deepspeed only for its cases
 
         cfg = ds_cases.config(rest)
     else:
@@ -95,8 +96,8 @@ def check(name: str, spec: str, ctx) -> None:
     projections, fp8 = map(sum, zip(*(swapped_modules(part) for part in parts)))
     assert projections > 0 and fp8 == projections, (name, f"{fp8} of {projections} projections are Float8Linear")
     for i in range(STEPS):
-        batches = layouts.global_batches(cfg, i)
-        loss, norm = step(engine, cfg, layouts.rank_batches(batches, engine.dp_rank, engine.dp_size))
+        batches = global_batches(cfg, i)
+        loss, norm = step(engine, cfg, rank_batches(batches, engine.dp_rank, engine.dp_size))
         ref_loss, ref_norm = step(reference, cfg, batches)
         assert abs(loss - ref_loss) <= LOSS_REL * ref_loss, (name, i, "loss", loss, ref_loss)
         assert abs(norm - ref_norm) <= NORM_REL * ref_norm, (name, i, "grad norm", norm, ref_norm)
@@ -110,7 +111,7 @@ def check(name: str, spec: str, ctx) -> None:
 def main(cases: list[str]) -> None:
     ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"), group_of_one=True)
     for case in cases:
-        name, _, spec = case.partition(":")
+        name, spec, _ = split_case(case)
         check(name, spec, ctx)
     dist.barrier()
     dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """Run under torchrun: distributed checkpoints written by one layout resume in another.
 
-    torchrun --standalone --nproc-per-node N tests/parallel/dist_checkpoints.py OUT CASE [CASE ...]
+    torchrun --standalone --nproc-per-node N tests/parallel/workers/dist_checkpoints.py OUT CASE [CASE ...]
 
 A case is `name:A>B` (layouts as in layouts.py; B = `local` is one process, LocalEngine, on every rank)
 or `name:A!` (an interrupted save). Every rank also runs the single-process reference
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from layouts import config, global_batches, rank_batches, reference_part, train_step
+from layouts import config, reference_part, train_step
 from ratpt.config import to_yaml
 from ratpt.model import build_model
 from ratpt.parallel.process_group import init_distributed
@@ -34,6 +34,7 @@ from ratpt.engines.megatron_checkpoint import DIST_DIR, DistributedCheckpointer,
 from ratpt.parallel.mesh import destroy_mesh
 from ratpt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ratpt.engines import LocalEngine
+from tests.cases import global_batches, rank_batches, split_case
 
 
 def build(spec: str, ctx, seed: int, local: bool = False):
@@ -135,11 +136,10 @@ def main(out: Path, cases: list[str]) -> None:
     ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"), group_of_one=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for case in cases:
-        name, _, spec = case.partition(":")
-        if spec.endswith("!"):
-            interrupted_case(name, spec[:-1], ctx, out)
+        name, a, b = split_case(case)
+        if b is None and a.endswith("!"):  # `name:LAYOUT!`: a save interrupted before it is finalized
+            interrupted_case(name, a[:-1], ctx, out)
         else:
-            a, _, b = spec.partition(">")
             resume_case(name, a, b, ctx, out)
     dist.barrier()
     dist.destroy_process_group()

@@ -2,7 +2,7 @@
 of torch AdamW for ZeRO 1-3 (with offload, with context parallelism), DeepSpeed checkpoints (resume,
 consolidation), and end-to-end training through the real CLI under torchrun.
 
-The equality checks run in one torchrun launch (tests/deepspeed/ds_cases.py lists the tolerances);
+The equality checks run in one torchrun launch (tests/engines/workers/ds_cases.py lists the tolerances);
 each test here reads its case's verdict. DeepSpeed runs on its CPU accelerator over gloo, with no
 JIT-built extension (torch AdamW; the shared-memory comm op is skipped), so a cold cache costs nothing.
 """
@@ -24,7 +24,7 @@ from ratpt.model import build_model
 from ratpt.engines.deepspeed_checkpoint import deepspeed_checkpoint_dir
 from ratpt.engines.deepspeed_config import deepspeed_json
 from ratpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from run_helpers import REPO, losses_of
+from run_helpers import REPO, losses_of, worker_env
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -105,8 +105,8 @@ def run_cases(nproc: int, cases: dict[str, str], tmp: Path, **env: str) -> str:
     """The cases of ds_cases.py in one torchrun launch of `nproc` processes; its stdout."""
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-         str(REPO / "tests" / "deepspeed" / "ds_cases.py"), *(f"{name}:{spec}" for name, spec in cases.items())],
-        cwd=REPO, env={**ENV, "RATPT_TEST_TMP": str(tmp), **env}, text=True, capture_output=True, timeout=600,
+         str(REPO / "tests" / "engines" / "workers" / "ds_cases.py"), *(f"{name}:{spec}" for name, spec in cases.items())],
+        cwd=REPO, env=worker_env(RATPT_TEST_TMP=str(tmp), **env), text=True, capture_output=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     return done.stdout

@@ -1,6 +1,6 @@
 """Run under torchrun: the megatron engine's bf16 mixed precision against one process doing the same.
 
-    torchrun --standalone --nproc-per-node 2 tests/parallel/mixed_precision.py OUT CASE [CASE ...]
+    torchrun --standalone --nproc-per-node 2 tests/parallel/workers/mixed_precision.py OUT CASE [CASE ...]
 
 A case is `name:LAYOUT` (layouts as in layouts.py, with precision=bf16 added) or `name:A>B` (a resume).
 The reference, on every rank, is megatron's recipe written out in plain PyTorch on the whole global
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from layouts import config, global_batches, grad_shards, rank_batches, reference_part, train_step
+from layouts import config, grad_shards, reference_part, train_step
 from ratpt.config import to_yaml
 from ratpt.model import build_model
 from ratpt.parallel.process_group import init_distributed
@@ -42,6 +42,7 @@ from ratpt.engines.megatron_engine import MegatronEngine
 from ratpt.checkpoint import load_checkpoint
 from ratpt.engines import LocalEngine
 from ratpt.engines.loss import cross_entropy_sum
+from tests.cases import global_batches, rank_batches, split_case
 
 
 def bf16_spec(spec: str) -> str:
@@ -156,8 +157,7 @@ def check_resume(name: str, spec_a: str, spec_b: str, out: Path, ctx) -> None:
 def main(out: Path, cases: list[str]) -> None:
     ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"))
     for case in cases:
-        name, _, spec = case.partition(":")
-        a, _, b = spec.partition(">")
+        name, a, b = split_case(case)
         if b:
             check_resume(name, a, b, out, ctx)
         else:

@@ -1,6 +1,6 @@
 """Run under torchrun: every listed parallel layout against one process on the same batch.
 
-    torchrun --standalone --nproc-per-node N tests/parallel/layouts.py CASE [CASE ...]
+    torchrun --standalone --nproc-per-node N tests/parallel/workers/layouts.py CASE [CASE ...]
 
 A case is `name:key=value,key=value` over parallel.*, model.* keys and train.micro_batch, e.g.
 `cp2-hybrid:context=2,mixers=rat+swa`, or `resume:A>B` (train one step in layout A, carry the
@@ -32,6 +32,7 @@ from ratpt.config import compiles, load_config
 from ratpt.model import build_model
 from ratpt.parallel.process_group import init_distributed
 from ratpt.parallel.mesh import destroy_mesh
+from tests.cases import global_batches, parse_spec, rank_batches, split_case
 from ratpt.engines import LocalEngine
 from ratpt.engines.compile import prepare_model
 
@@ -45,28 +46,15 @@ TRAIN_KEYS = {"micro_batch", "precision", "fused_loss", "compile", "compile_back
 
 
 def config(spec: str):
+    """The config of a layout SPEC: its keys are model.*, train.* (MODEL_KEYS, TRAIN_KEYS) or parallel.*;
+    mixers are `+`-joined (rat+swa)."""
     overrides = list(BASE)
-    for item in filter(None, spec.split(",")):
-        key, value = item.split("=")
+    for key, value in parse_spec(spec).items():
         if key == "mixers":
             value = "[" + ",".join(value.split("+")) + "]"
         section = "model" if key in MODEL_KEYS else "train" if key in TRAIN_KEYS else "parallel"
         overrides.append(f"{section}.{key}={value}")
     return load_config(None, overrides)
-
-
-def global_batches(cfg, step: int) -> list[dict]:
-    g = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch, cfg.data.seq_len + 1), generator=g)
-    labels = tokens[:, 1:].clone()
-    labels[0, :5] = -100  # some unlabelled positions, as after a document boundary
-    mb = cfg.train.micro_batch
-    return [{"input_ids": tokens[i:i + mb, :-1], "labels": labels[i:i + mb]} for i in range(0, len(tokens), mb)]
-
-
-def rank_batches(batches: list[dict], dp_rank: int, dp_size: int) -> list[dict]:
-    per_rank = len(batches) // dp_size  # the loader's order: rank r reads the r-th contiguous slice
-    return batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
 
 
 def train_step(engine, cfg, batches):
@@ -179,9 +167,7 @@ def main(cases: list[str]) -> None:
     ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"), group_of_one=True)  # cuda: NCCL on GPUs
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for case in cases:
-        name, _, spec = case.partition(":")
-        a, _, b = spec.partition(">")
-        check(name, a, b or None, ctx)
+        check(*split_case(case), ctx)
     dist.barrier()
     dist.destroy_process_group()
 

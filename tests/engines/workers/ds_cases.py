@@ -1,6 +1,6 @@
 """Run under torchrun: the DeepSpeed engine against one process of plain AdamW, case by case.
 
-    torchrun --standalone --nproc-per-node N tests/deepspeed/ds_cases.py CASE [CASE ...]
+    torchrun --standalone --nproc-per-node N tests/engines/workers/ds_cases.py CASE [CASE ...]
 
 A case is `name:key=value,...` over deepspeed.*, parallel.context and parallel.context_layout
 (`stage=3,offload=true,cp=2,layout=zigzag`, `compile=true,backend=aot_eager`: the blocks compiled);
@@ -39,6 +39,8 @@ from ratpt.engines.deepspeed_engine import DeepSpeedEngine
 from ratpt.engines import LocalEngine
 from ratpt.train.schedule import LRMultiplier
 from ratpt.engines.compile import apply_activation_checkpointing, prepare_model
+from tests import cases
+from tests.cases import rank_batches
 
 BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.ngroups=2", "model.n_layers=2",
         "model.chunk_size=8", "model.window=8", "model.kernels=torch", "model.mixers=[rat,swa]", "data.seq_len=64",
@@ -52,26 +54,13 @@ STEPS = 4
 
 
 def config(spec: str):
-    overrides = list(BASE)
-    for item in filter(None, spec.split(",")):
-        key, value = item.split("=")
-        overrides.append(f"{KEYS[key]}={value}")
-    return load_config(None, overrides)
+    """The config of a case SPEC, its keys mapped by KEYS."""
+    return load_config(None, BASE + [f"{KEYS[key]}={value}" for key, value in cases.parse_spec(spec).items()])
 
 
 def global_batches(cfg, step: int) -> list[dict]:
-    g = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch, cfg.data.seq_len + 1), generator=g)
-    labels = tokens[:, 1:].clone()
-    labels[0, :5] = -100  # some unlabelled positions, as after a document boundary
-    labels[3, 40:] = -100  # ... and an unequal count per rank and per CP slice
-    mb = cfg.train.micro_batch
-    return [{"input_ids": tokens[i:i + mb, :-1], "labels": labels[i:i + mb]} for i in range(0, len(tokens), mb)]
-
-
-def rank_batches(batches: list[dict], dp_rank: int, dp_size: int) -> list[dict]:
-    per_rank = len(batches) // dp_size  # the loader's order: rank r reads the r-th contiguous slice
-    return batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    """tests/cases.py's batches, with an unequal count of labelled tokens per rank and per CP slice."""
+    return cases.global_batches(cfg, step, unlabelled=((0, slice(0, 5)), (3, slice(40, None))))
 
 
 def train_step(engine, cfg, step: int, batches) -> tuple[float, float]:
@@ -203,10 +192,10 @@ def check_consolidate(name: str, spec: str, ctx) -> None:
     dist.barrier()
 
 
-def main(cases: list[str]) -> None:
+def main(case_list: list[str]) -> None:
     ctx = init_distributed(os.environ.get("RATPT_TEST_DEVICE", "cpu"))  # cuda: NCCL on GPUs
-    for case in cases:
-        name, _, spec = case.partition(":")
+    for case in case_list:
+        name, spec, _ = cases.split_case(case)
         kind = name.split("-")[0]
         {"resume": check_resume, "consolidate": check_consolidate}.get(kind, check_equal)(name, spec, ctx)
     dist.barrier()

@@ -1,0 +1,46 @@
+"""What the torchrun workers (tests/*/workers/) share: their case language and their batches.
+
+A case is `name:SPEC` (one configuration) or `name:A>B` (configuration A, then its state resumed in
+B), a SPEC being `key=value,key=value`; each worker maps the keys to config keys its own way. The
+batches are random tokens with a few unlabelled positions, cut into micro-batches, and each
+data-parallel rank reads its contiguous slice of them, as the data loader hands them out.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def split_case(case: str) -> tuple[str, str, str | None]:
+    """`name:A>B` -> (name, A, B); B is None for a case without a resume."""
+    name, _, spec = case.partition(":")
+    first, _, second = spec.partition(">")
+    return name, first, second or None
+
+
+def parse_spec(spec: str) -> dict[str, str]:
+    """`key=value,key=value` -> {key: value}, in order."""
+    items = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"case item {item!r} is not key=value")
+        items[key] = value
+    return items
+
+
+def global_batches(cfg, step: int, unlabelled: tuple[tuple[int, slice], ...] = ((0, slice(0, 5)),)) -> list[dict]:
+    """The micro-batches of global step `step` (seeded by it); labels of the (sequence, positions) in
+    `unlabelled` are ignored, as after a document boundary."""
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch, cfg.data.seq_len + 1), generator=g)
+    labels = tokens[:, 1:].clone()
+    for row, positions in unlabelled:
+        labels[row, positions] = -100
+    mb = cfg.train.micro_batch
+    return [{"input_ids": tokens[i:i + mb, :-1], "labels": labels[i:i + mb]} for i in range(0, len(tokens), mb)]
+
+
+def rank_batches(batches: list[dict], dp_rank: int, dp_size: int) -> list[dict]:
+    """This data-parallel rank's micro-batches: the r-th contiguous slice, as the loader orders them."""
+    per_rank = len(batches) // dp_size
+    return batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
