@@ -228,11 +228,11 @@ def _short(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load `state.pt` without executing pickled code."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load `state.pt` without executing pickled code; `mmap`: tensors are read from the file when touched."""
     checkpoint = resolve_checkpoint(path)
     try:
-        return torch.load(checkpoint / STATE_FILE, map_location=map_location, weights_only=True)
+        return torch.load(checkpoint / STATE_FILE, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # a truncated or foreign file: name it rather than dump a traceback
         raise CheckpointError(f"cannot read {checkpoint / STATE_FILE} (corrupt, truncated, or not a ratpt "
                               f"checkpoint: {_short(err)}); {fallback_advice(checkpoint)}") from err

@@ -101,6 +101,9 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (newest complete checkpoint in the run, if any) | never | a checkpoint path
     format: str = "gathered"  # gathered (rank 0 writes all) | distributed (every rank its own shards; megatron engine)
     async_save: bool = False  # distributed only: shards are written in the background while training goes on
+    init_from: str = ""  # a checkpoint (or run folder: its newest) whose model weights start this run, with a new
+    #                      optimizer, schedule and data position (e.g. a 4K run extended to 128K); once this run
+    #                      has checkpoints of its own it resumes those
 
 
 @dataclass

@@ -5,7 +5,8 @@ checkpoints go, which one a run resumes (`checkpoint.resume`), and refuses a res
 load another model, another tokenizer's data, or interleave two histories in one run folder.
 `resume: auto` takes the newest checkpoint whose files match their checksums: a newer one that is
 provably broken (a file missing, truncated or changed) is moved aside to `step_N.broken` with a
-warning, so the run goes on from the one before it instead of failing on every restart.
+warning, so the run goes on from the one before it instead of failing on every restart. A run with
+no checkpoint of its own may start from another run's weights (`checkpoint.init_from`).
 """
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from ratpt.checkpoint import (CONFIG_FILE, CheckpointError, checkpoint_step, list_checkpoints, set_aside,
-                              verify_checkpoint)
+import torch
+
+from ratpt.checkpoint import (CONFIG_FILE, CheckpointError, checkpoint_step, list_checkpoints, load_checkpoint,
+                              set_aside, verify_checkpoint)
 from ratpt.config import Config
 from ratpt.data.dataset import check_trained_tokenizer
 from ratpt.engines import Engine
+from ratpt.engines.megatron_checkpoint import is_distributed, read_plain_state
 from ratpt.files import checksum_mismatch
 from ratpt.parallel.process_group import on_rank0
 
@@ -27,6 +31,9 @@ log = logging.getLogger("ratpt.train")
 
 # model keys a run may change when it resumes: the kernels' dispatch, and what only the initialisation reads
 RESUMABLE_MODEL_CHANGES = frozenset({"kernels", "init_std"})
+# ... and when it starts from another run's weights (checkpoint.init_from): also RoPE's base, which a
+# context extension may raise (no weight depends on it)
+INIT_MODEL_CHANGES = RESUMABLE_MODEL_CHANGES | {"rope_base"}
 
 
 def tokenizer_folder(cfg: Config) -> Optional[Path]:
@@ -43,26 +50,6 @@ class Checkpointer:
         self.directory = Path(cfg.out_dir) / "checkpoints"
         self.tokenizer = tokenizer_folder(cfg)
 
-    def resume_path(self) -> Optional[Path]:
-        """The checkpoint this run continues from (checkpoint.resume), verified against its checksums and
-        checked against the run, or None. Rank 0 decides (it reads the files and may move broken ones
-        aside) and every rank gets its answer, or its error (collective)."""
-        return on_rank0(self._choose_resume)
-
-    def _choose_resume(self) -> Optional[Path]:
-        resume = self.cfg.checkpoint.resume
-        if resume == "never":
-            return None
-        if resume == "auto":
-            path = newest_intact_checkpoint(self.directory)
-        else:
-            path = verify_checkpoint(Path(resume))
-            check_no_newer_checkpoints(path, resume, self.directory)
-        if path is not None:
-            check_same_model(self.cfg, path)
-            check_trained_tokenizer(str(path), self.cfg.data.streams, self.cfg.model.vocab_size)
-        return path
-
     def load(self, path: Path) -> dict[str, Any]:
         """Model and optimizer into the engine; returns the train state saved with them."""
         state = self.engine.load_checkpoint(path)
@@ -78,6 +65,56 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.engine.wait()
+
+
+def resume_path(cfg: Config) -> Optional[Path]:
+    """The checkpoint this run continues from (checkpoint.resume), verified against its checksums and
+    checked against the run, or None. Rank 0 decides (it reads the files and may move broken ones
+    aside) and every rank gets its answer, or its error (collective)."""
+    return on_rank0(lambda: _choose_resume(cfg))
+
+
+def _choose_resume(cfg: Config) -> Optional[Path]:
+    resume, directory = cfg.checkpoint.resume, Path(cfg.out_dir) / "checkpoints"
+    if resume == "never":
+        return None
+    if resume == "auto":
+        path = newest_intact_checkpoint(directory)
+    else:
+        path = verify_checkpoint(Path(resume))
+        check_no_newer_checkpoints(path, resume, directory)
+    if path is not None:
+        check_same_model(cfg, path)
+        check_trained_tokenizer(str(path), cfg.data.streams, cfg.model.vocab_size)
+    return path
+
+
+def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
+    """The model weights of checkpoint.init_from, for a run that starts from them (collective: rank 0
+    verifies the files and checks the model, then every rank reads the weights, memory-mapped)."""
+    def check() -> Path:
+        path = verify_checkpoint(Path(cfg.checkpoint.init_from))
+        check_same_model(cfg, path, INIT_MODEL_CHANGES, "checkpoint.init_from")
+        check_trained_tokenizer(str(path), cfg.data.streams, cfg.model.vocab_size)
+        return path
+
+    path = on_rank0(check)
+    log.info("starting from the weights of %s (checkpoint.init_from): new optimizer, schedule and data position",
+             path)
+    return trained_weights(path)
+
+
+def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The plain model's weights in checkpoint directory `checkpoint`, gathered or distributed (a DeepSpeed
+    one must be consolidated first); memory-mapped, so that the optimizer state beside them is never read."""
+    state = load_checkpoint(checkpoint, mmap=True)
+    if state.get("engine") == "deepspeed":
+        raise CheckpointError(
+            f"{checkpoint} is a DeepSpeed checkpoint: consolidate it first with "
+            f"`python -m ratpt.engines.deepspeed_checkpoint {checkpoint} OUT_DIR`, then use OUT_DIR/step_*")
+    if is_distributed(state):  # every rank's shards: read the full tensors here
+        return read_plain_state(checkpoint, optimizer=False)["model"]
+    return state["model"]
 
 
 def newest_intact_checkpoint(directory: Path) -> Optional[Path]:
@@ -99,21 +136,22 @@ def newest_intact_checkpoint(directory: Path) -> Optional[Path]:
     return None
 
 
-def check_same_model(cfg: Config, checkpoint: Path) -> None:
-    """Refuse to resume the checkpoint directory `checkpoint` if it holds another model, naming the keys
-    that differ (its weights would fail to load with a size mismatch, or, worse, load into a model they
-    were not trained for)."""
+def check_same_model(cfg: Config, checkpoint: Path, may_change: frozenset[str] = RESUMABLE_MODEL_CHANGES,
+                     use: str = "checkpoint.resume") -> None:
+    """Refuse to load the checkpoint directory `checkpoint` if it holds another model, naming the keys
+    that differ beyond `may_change` (its weights would fail to load with a size mismatch, or, worse, load
+    into a model they were not trained for); `use` names how the run came to it."""
     saved_yaml = checkpoint / CONFIG_FILE
     if not saved_yaml.is_file():
         return  # written before checkpoints carried their config: nothing to compare
     saved = OmegaConf.to_container(OmegaConf.load(saved_yaml)).get("model", {})
     current = OmegaConf.to_container(OmegaConf.structured(cfg).model)
     changed = [f"model.{key}: {saved.get(key)!r} there, {value!r} here" for key, value in current.items()
-               if key not in RESUMABLE_MODEL_CHANGES and saved.get(key) != value]
+               if key not in may_change and saved.get(key) != value]
     if changed:
-        raise CheckpointError(f"{checkpoint} holds another model ({'; '.join(changed)}): use the model it was "
-                              "trained with (drop those model.* overrides), or train a new one (another out_dir, "
-                              "or checkpoint.resume=never)")
+        raise CheckpointError(f"{checkpoint} ({use}) holds another model ({'; '.join(changed)}): use the model it "
+                              "was trained with (drop those model.* overrides), or train a new one (another "
+                              "out_dir, or checkpoint.resume=never)")
 
 
 def schedule_change(cfg: Config, checkpoint: Path, step: int) -> Optional[str]:

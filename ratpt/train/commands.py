@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ratpt.config import Config, load_config
-from ratpt.checkpoint import (CONFIG_FILE, TOKENIZER_DIR, CheckpointError, load_checkpoint, resolve_checkpoint,
+from ratpt.checkpoint import (CONFIG_FILE, TOKENIZER_DIR, CheckpointError, resolve_checkpoint,
                               verify_checkpoint)
 
 log = logging.getLogger("ratpt")
@@ -67,24 +67,13 @@ def checkpoint_config(checkpoint: Path, overrides: list[str] | None = None) -> C
 def load_trained_model(checkpoint: Path, cfg: Config):
     """The plain model of a gathered or distributed checkpoint (a DeepSpeed one must be consolidated first),
     its files verified against their checksums, its model checked against `cfg.model`."""
-    from ratpt.engines.megatron_checkpoint import is_distributed, read_plain_state
     from ratpt.model import build_model
-    from ratpt.train.checkpointer import check_same_model
+    from ratpt.train.checkpointer import check_same_model, trained_weights
 
     checkpoint = verify_checkpoint(checkpoint)
     check_same_model(cfg, checkpoint)
-    state = load_checkpoint(checkpoint)
-    if state.get("engine") == "deepspeed":
-        raise CheckpointError(
-            f"{checkpoint} is a DeepSpeed checkpoint: consolidate it first with "
-            f"`python -m ratpt.engines.deepspeed_checkpoint {checkpoint} OUT_DIR`, then use OUT_DIR/step_*"
-        )
-    if is_distributed(state):  # every rank's shards: read the full tensors here
-        weights = read_plain_state(checkpoint, optimizer=False)["model"]
-    else:
-        weights = state["model"]
     model = build_model(cfg.model)
-    model.load_state_dict(weights)
+    model.load_state_dict(trained_weights(checkpoint))
     return model
 
 

@@ -25,7 +25,7 @@ from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
 from ratpt.parallel.process_group import (DistributedContext, all_reduce_sum, init_distributed,
                                           naming_collective_timeouts)
-from ratpt.train.checkpointer import Checkpointer, schedule_change
+from ratpt.train.checkpointer import Checkpointer, initial_weights, resume_path, schedule_change
 from ratpt.train.metrics import MetricsLogger, device_peak_tflops
 from ratpt.train.run_lock import hold_run_folder
 from ratpt.train.schedule import LRMultiplier
@@ -116,15 +116,19 @@ class Trainer:
         out_dir = Path(cfg.out_dir)
         self.config_yaml = config_yaml = to_yaml(cfg)
 
-        # Build: the same plain model on every rank (same seed), then this rank's part of the layout.
+        # Build: the same plain model on every rank (same seed; or the weights of checkpoint.init_from when
+        # this run has no checkpoint of its own), then this rank's part of the layout.
+        resume_from = resume_path(cfg)
         torch.manual_seed(cfg.train.seed)
-        self.engine = build_engine(cfg, ctx, build_model(cfg.model).to(ctx.device))
+        model = build_model(cfg.model).to(ctx.device)
+        if resume_from is None and cfg.checkpoint.init_from:
+            model.load_state_dict(initial_weights(cfg))
+        self.engine = build_engine(cfg, ctx, model)
         self.checkpointer = Checkpointer(cfg, self.engine, config_yaml)
         self.lr_multiplier = LRMultiplier(cfg.schedule, cfg.train.steps)
         self.step, self.bad_in_a_row, self.skipped = 0, 0, 0
 
         # Restore: model, optimizer, RNG, the step and the data position.
-        resume_from = self.checkpointer.resume_path()
         state = self.checkpointer.load(resume_from) if resume_from is not None else None
         schedule_note = None
         if state is not None:
