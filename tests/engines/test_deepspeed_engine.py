@@ -248,6 +248,27 @@ def test_trainer_runs_deepspeed_with_tensorboard_metrics_and_evaluation(uninterr
     assert load_checkpoint(run_dir / "checkpoints") == {"engine": "deepspeed", "step": 8}
 
 
+@pytest.mark.slow
+def test_deepspeeds_files_are_checksummed_and_a_changed_byte_is_named_at_resume(uninterrupted, tmp_path):
+    import json
+    import shutil
+
+    run_dir, _ = uninterrupted
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    listed = json.loads((checkpoint / "checksums.json").read_text())["files"]
+    written = {p.relative_to(checkpoint).as_posix() for p in (checkpoint / "deepspeed").rglob("*") if p.is_file()}
+    assert written and written <= set(listed)  # every rank's ZeRO partitions and DeepSpeed's model states
+    copy = tmp_path / "copy" / "checkpoints" / checkpoint.name
+    shutil.copytree(checkpoint, copy)
+    changed = copy / sorted(written)[0]
+    data = bytearray(changed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    done = subprocess.run([sys.executable, "-m", "ratpt.engines.deepspeed_checkpoint", str(copy), str(tmp_path / "out")],
+                          cwd=REPO, env=ENV, text=True, capture_output=True, timeout=600)
+    assert done.returncode != 0 and sorted(written)[0] in done.stdout + done.stderr, done.stderr[-2000:]
+
+
 def descendants(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):

@@ -100,3 +100,20 @@ def test_one_gpu_nccl_save_in_the_background_and_resume(tmp_path):  # pragma: no
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     run_cases(1, tmp_path, "dp1-to-one-process:>local", "interrupted-dp1:!", RATPT_TEST_DEVICE="cuda")
+
+
+def test_every_ranks_shard_files_are_checksummed_and_a_changed_byte_in_one_is_named(saved, tmp_path):
+    import json
+    import shutil
+
+    checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    shutil.copytree(saved / "tp2xpp2-to-dp2xcp2" / "checkpoints" / "step_00000001", checkpoint)
+    listed = json.loads((checkpoint / "checksums.json").read_text())["files"]
+    shards = sorted(p.relative_to(checkpoint).as_posix() for p in (checkpoint / "dist").glob("*.distcp"))
+    assert len(shards) >= 4 and set(shards) <= set(listed)  # every DCP file of the 4 ranks, hashed by some rank
+    shard = checkpoint / shards[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    done = run_ratpt("export", str(checkpoint), "--out", str(tmp_path / "export"), "--no-tokenizer")
+    assert done.returncode == 2 and shards[-1] in done.stderr and "broken" in done.stderr, done.stderr
