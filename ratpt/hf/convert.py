@@ -19,7 +19,7 @@ from ratpt.hf.export import PREFIX
 from ratpt.model.config import ModelConfig, validate_model_config
 from ratpt.model.lm import RATLM, build_model
 from ratpt.model.pretrained import TOKENIZER as RATPT_TOKENIZER
-from ratpt.model.pretrained import load_pretrained, save_pretrained
+from ratpt.model.pretrained import load_matching_state, load_pretrained, save_pretrained
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 
@@ -41,14 +41,7 @@ def read_hf_folder(path: str | os.PathLike) -> tuple[RATLM, ModelConfig]:
         raise ValueError(f"{folder / WEIGHTS} cannot be read ({err}): it is truncated or corrupt") from None
     state = {key.removeprefix(PREFIX): value for key, value in weights.items()}
     model = build_model(cfg)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{folder / WEIGHTS} does not match {folder / CONFIG}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
-    model.load_state_dict(state)
+    load_matching_state(model, state, folder / WEIGHTS, folder / CONFIG)
     return model, cfg
 
 

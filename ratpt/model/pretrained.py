@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch import nn
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
@@ -91,13 +92,19 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         state = load_file(str(weights), device=str(device))
     except SafetensorError as err:
         raise ValueError(f"{weights} cannot be read ({err}): it is truncated or corrupt; export it again") from None
+    load_matching_state(model, state, weights, folder / CONFIG)
+    return model.to(device), cfg
+
+
+def load_matching_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path, config: Path) -> None:
+    """Load `state` (read from `weights`) into `model` (built from `config`), or a ValueError naming the
+    missing, unexpected and misshapen tensors: a folder whose weights and config disagree."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{weights} does not match {folder / CONFIG}: missing {missing[:5]}, "
+        raise ValueError(f"{weights} does not match {config}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
     model.load_state_dict(state)
-    return model.to(device), cfg
