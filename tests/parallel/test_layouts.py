@@ -82,11 +82,12 @@ def test_compiled_layouts_equal_one_process_eager_and_break_the_graph_only_at_co
     # The graph breaks per block the design has (docs/parallelism.md, "Compiled engines"): none for DP
     # and PP; one per TP linear (megatron's sequence-parallel collectives: in_proj, out_proj, fc1, fc2);
     # one per context-parallel mixer (the chunk-summary or key/value exchange).
-    breaks = {"dp2-compiled": 0, "pp2-interleaved-compiled": 0, "tp2-compiled": 4, "cp2-zigzag-rat+swa-compiled": 1,
-              "cp2-attention-compiled": 1}
+    breaks = {"dp2-compiled": 0, "pp2-compiled": 0, "pp2-interleaved-compiled": 0, "tp2-compiled": 4,
+              "cp2-zigzag-rat+swa-compiled": 1, "cp2-attention-compiled": 1}
     out = run_layouts(
         2,
         f"dp2-compiled:{COMPILED}",
+        f"pp2-compiled:pipeline=2{COMPILED}",  # 1F1B
         f"pp2-interleaved-compiled:pipeline=2,virtual_stages=2,n_layers=4{COMPILED}",
         f"tp2-compiled:tensor=2,ffn=swiglu{COMPILED}",
         f"cp2-zigzag-rat+swa-compiled:context=2,mixers=rat+swa,context_layout=zigzag{COMPILED}",
