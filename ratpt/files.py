@@ -10,6 +10,12 @@ from typing import Any, Optional
 import xxhash
 
 
+def check_new_folder(out: Path) -> None:
+    """Refuse an output folder (`--out`) that holds anything: an export never mixes with older files."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export folder {out} is not empty: choose a new --out or remove it")
+
+
 def fsync_tree(root: Path) -> None:
     """Flush every file and directory under `root`, and `root` itself (deepest first)."""
     for path in [*sorted(root.rglob("*"), reverse=True), root]:

@@ -57,12 +57,12 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export_hf(args: argparse.Namespace) -> int:
+    from ratpt.files import check_new_folder
     from ratpt.hf.export import export_hf
     from ratpt.model.pretrained import TOKENIZER, load_pretrained
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"export folder {out} is not empty: choose a new --out or remove it")
+    check_new_folder(out)
     model, cfg = load_pretrained(args.model_dir)
     tokenizer = Path(args.model_dir) / TOKENIZER
     export_hf(model, cfg, out, tokenizer if tokenizer.is_dir() else None)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from ratpt.config import Config, load_config
+from ratpt.files import check_new_folder
 from ratpt.checkpoint import (CONFIG_FILE, TOKENIZER_DIR, CheckpointError, resolve_checkpoint,
                               verify_checkpoint)
 
@@ -96,8 +97,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(Path(args.checkpoint))
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"export folder {out} is not empty: choose a new --out or remove it")
+    check_new_folder(out)
     cfg = checkpoint_config(checkpoint)
     model = load_trained_model(checkpoint, cfg)
     tokenizer = checkpoint / TOKENIZER_DIR
