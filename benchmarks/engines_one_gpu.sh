@@ -14,6 +14,10 @@ micro="${2:-8}"
 part="${3:-all}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import ratpt_kernels" 2>/dev/null || {
+    echo "the Triton kernels (kernels/) import as ratpt_kernels once ratpt is installed: pip install --no-deps -e ." >&2
+    exit 2
+}
 set -x
 if [ "$part" != long ]; then
     for engine in local megatron deepspeed; do

@@ -1,6 +1,6 @@
 """GPU time of every kernel in one RAT mixing forward and backward (torch.profiler), per length.
 
-At the layer benchmark's shape (kernels.tune.layer_inputs: D 2048, 16 heads x 128, G 2, bf16,
+At the layer benchmark's shape (ratpt_kernels.tune.layer_inputs: D 2048, 16 heads x 128, G 2, bf16,
 B·T = 131072, q, k, v, f strided slices of one projection output): which of the fused kernels,
 and which torch ops between them (group sums, zero fills, casts), take the time, next to the
 bytes and FLOPs of kernels/NOTES.md. The backward is profiled both ways: by default (the summary
@@ -20,9 +20,9 @@ import argparse
 import json
 import torch
 
-from kernels.rat_bwd import rat_backward
-from kernels.rat_fwd import rat_forward
-from kernels.tune import HEAD_DIM, ROPE_BASE, TOKENS, layer_inputs
+from ratpt_kernels.rat_bwd import rat_backward
+from ratpt_kernels.rat_fwd import rat_forward
+from ratpt_kernels.tune import HEAD_DIM, ROPE_BASE, TOKENS, layer_inputs
 from profiling import by_category, kernel_times, rat_kernel_names
 
 

@@ -34,7 +34,7 @@ import traceback
 import torch
 from torch import nn
 
-from kernels.tune import time_ms
+from ratpt_kernels.tune import time_ms
 
 D, HEAD_DIM, G, TOKENS = 2048, 128, 2, 131072
 COMPILED = "-compiled"  # suffix of a layer name: the whole layer torch.compile'd (static shapes)

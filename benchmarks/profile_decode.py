@@ -7,7 +7,7 @@ is averaged per step and summed into benchmarks/profile_step.py's categories. Th
 step reads (every visible summary or key/value slot, model dtype) over the mixing kernels' time
 give their achieved bandwidth, to compare with the H200's ≈ 4.3 TB/s copy rate.
 
---sweep times the RAT decode kernel alone (kernels.rat_decode, one layer of RAT-1.3B's shape at
+--sweep times the RAT decode kernel alone (ratpt_kernels.rat_decode, one layer of RAT-1.3B's shape at
 the first model's batch and position, random caches) over its launch configurations, to choose
 the defaults of kernels/rat_decode.py.
 
@@ -81,8 +81,8 @@ def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
 
 def sweep_decode_launch(batch: int, position: int, tokens: int, iters: int) -> list[dict]:
     """Kernel time of one RAT-1.3B layer's decode step per (slots, warps, stages), at `position`."""
-    from kernels import rat_decode
-    from kernels.tune import time_ms
+    from ratpt_kernels import rat_decode
+    from ratpt_kernels.tune import time_ms
 
     cfg = load_config(REPO / "configs" / "rat_1p3b.yaml").model
     D, d, G, L = cfg.d_model, cfg.head_dim, cfg.ngroups, cfg.chunk_size

@@ -21,11 +21,11 @@ def rat_kernel_names() -> set[str]:
 
     import triton
 
-    import kernels
+    import ratpt_kernels
 
     names = set()
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"kernels.{info.name}")
+    for info in pkgutil.iter_modules(ratpt_kernels.__path__):
+        module = importlib.import_module(f"ratpt_kernels.{info.name}")
         names |= {name for name, obj in vars(module).items() if isinstance(obj, triton.runtime.JITFunction)}
     return names
 

@@ -15,6 +15,10 @@ if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; th
     exit 2
 fi
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import ratpt_kernels" 2>/dev/null || {
+    echo "the Triton kernels (kernels/) import as ratpt_kernels once ratpt is installed: pip install --no-deps -e ." >&2
+    exit 2
+}
 run2() { python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/engines.py "$@"; }
 set -x
 tests=0

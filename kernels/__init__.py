@@ -3,9 +3,9 @@
 The pure-PyTorch ground truth lives in ratpt/ops; ratpt.ops.rat_mixing chooses between the two.
 See NOTES.md for the data movement and roofline of each kernel.
 """
-from kernels.autograd import rat_mixing
-from kernels.rat_decode import rat_decode
-from kernels.rat_fwd import rat_prefill
+from .autograd import rat_mixing
+from .rat_decode import rat_decode
+from .rat_fwd import rat_prefill
 
 
 def supports(chunk_size: int, head_dim: int) -> bool:

@@ -12,8 +12,8 @@ output is kept for the backward (Δ = Σ dy·y holds for the gated pair as well)
 """
 import torch
 
-from kernels.rat_bwd import rat_backward
-from kernels.rat_fwd import rat_forward
+from .rat_bwd import rat_backward
+from .rat_fwd import rat_forward
 
 Tensor = torch.Tensor
 
@@ -29,7 +29,7 @@ def split_projection(proj: Tensor, head_dim: int, ngroups: int) -> tuple[Tensor,
 @torch.library.custom_op("ratpt::rat_mixing_forward", mutates_args=())
 def _forward(proj: Tensor, gate_bias: Tensor, chunk_size: int, head_dim: int, ngroups: int,
              rope_base: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """sigmoid(z) ⊙ y, lse (base 2), Ks, Vs: kernels.rat_fwd.rat_forward with the output gate."""
+    """sigmoid(z) ⊙ y, lse (base 2), Ks, Vs: ratpt_kernels.rat_fwd.rat_forward with the output gate."""
     z, v, f, q, k = split_projection(proj, head_dim, ngroups)
     return rat_forward(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base, gate=z)
 
@@ -47,7 +47,7 @@ def _forward_shapes(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base):
 def _backward(dout: Tensor, proj: Tensor, gate_bias: Tensor, out: Tensor, lse: Tensor, ks: Tensor, vs: Tensor,
               chunk_size: int, head_dim: int, ngroups: int, rope_base: float) -> tuple[Tensor, Tensor]:
     """The projection's gradient (every column slice written in place by the kernels, so nothing
-    concatenates them) and the gate bias's: kernels.rat_bwd.rat_backward with the output gate."""
+    concatenates them) and the gate bias's: ratpt_kernels.rat_bwd.rat_backward with the output gate."""
     z, v, f, q, k = split_projection(proj, head_dim, ngroups)
     dproj = torch.empty_like(proj)
     dz, dv, df, dq, dk = split_projection(dproj, head_dim, ngroups)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.common import interpreting
+from .common import interpreting
 
 
 @dataclass(frozen=True)

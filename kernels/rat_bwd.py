@@ -42,9 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.blocks import Blocks, blocks
-from kernels.common import LOG2E, chunk_tile, dot, first_chunk, interpreting, rope_cos_sin, row_blocks
-from kernels.rat_fwd import CHUNKS_PER_PROGRAM, inverse_frequencies, recurrent_states
+from .blocks import Blocks, blocks
+from .common import LOG2E, chunk_tile, dot, first_chunk, interpreting, rope_cos_sin, row_blocks
+from .rat_fwd import CHUNKS_PER_PROGRAM, inverse_frequencies, recurrent_states
 
 
 @triton.jit

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import LOG2E, interpreting, join_halves
-from kernels.rat_fwd import inverse_frequencies
+from .common import LOG2E, interpreting, join_halves
+from .rat_fwd import inverse_frequencies
 
 
 @triton.jit

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.blocks import Blocks, blocks
-from kernels.common import (LOG2E, chunk_tile, dot, first_chunk, interpreting, join_halves, rope_cos_sin, state_step,
+from .blocks import Blocks, blocks
+from .common import (LOG2E, chunk_tile, dot, first_chunk, interpreting, join_halves, rope_cos_sin, state_step,
                             summary_blocks)
 
 CHUNKS_PER_PROGRAM = 16  # rows of the [chunks, d/2] tiles of the sequential recurrence kernels

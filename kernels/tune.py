@@ -1,10 +1,10 @@
 """Sweep the launch configurations of the RAT kernels on one GPU (the source of kernels/blocks.py).
 
-    python -m kernels.tune --out sweep.json                       # all kernels, T 4K and 128K, L 16
-    python -m kernels.tune --out sweep.json --write-table kernels/blocks.json   # and adopt the best
-    python -m kernels.tune --out sweep.json --confirm 3 --write-table   # adopt after interleaved re-timing
-    python -m kernels.tune --kernels summary_grad --chunk-sizes 16,64 --budget-s 120 --out s.json
-    python -m kernels.tune --warm --shard 0/4 & ...   # compile in parallel processes first (Triton's
+    python -m ratpt_kernels.tune --out sweep.json                       # all kernels, T 4K and 128K, L 16
+    python -m ratpt_kernels.tune --out sweep.json --write-table kernels/blocks.json   # and adopt the best
+    python -m ratpt_kernels.tune --out sweep.json --confirm 3 --write-table   # adopt after interleaved re-timing
+    python -m ratpt_kernels.tune --kernels summary_grad --chunk-sizes 16,64 --budget-s 120 --out s.json
+    python -m ratpt_kernels.tune --warm --shard 0/4 & ...   # compile in parallel processes first (Triton's
                                                       # on-disk cache), then time in one process
 
 Each configuration of one kernel is timed inside the pass that launches it (forward: the whole
@@ -32,9 +32,9 @@ import time
 
 import torch
 
-from kernels.blocks import KERNELS, TABLE, Blocks, blocks
-from kernels.rat_bwd import rat_backward
-from kernels.rat_fwd import rat_forward
+from .blocks import KERNELS, TABLE, Blocks, blocks
+from .rat_bwd import rat_backward
+from .rat_fwd import rat_forward
 
 log = logging.getLogger(__name__)
 D, HEAD_DIM, GROUPS, TOKENS, ROPE_BASE = 2048, 128, 2, 131072, 10000.0

@@ -31,7 +31,7 @@ def rat_decode_mixing(q, k, v, f, gate_bias, summary_k, summary_v, running_k, ru
     args = (q, k, v, f, gate_bias, summary_k, summary_v, running_k, running_v, positions,
             chunk_size, head_dim, rope_base)
     if use_triton(kernels, v, chunk_size, head_dim):
-        from kernels import rat_decode
+        from ratpt_kernels import rat_decode
         return rat_decode(*args)
     return rat_decode_reference(*args)
 

@@ -8,17 +8,17 @@
 
 The input is the projection [B, T, 3·H·d + 2·G·d] (split_projection): the fused kernels then write its
 gradient in place. The reference composes the readable ops of this package (rat_mixing_reference is
-the ungated part on q, k, v, f); the Triton kernels (kernels/) fuse all of it (see kernels/NOTES.md).
+the ungated part on q, k, v, f); the Triton kernels (kernels/, imported as ratpt_kernels) fuse all of it (see kernels/NOTES.md).
 `kernels`: "auto" = Triton on CUDA where the shape is supported, the reference elsewhere; "torch" =
 always the reference; "triton" = always the kernels.
 """
 import torch
 
-from kernels.autograd import split_projection
-from kernels.common import interpreting
 from ratpt.ops.chunk_scan import chunk_scan, forget_gate
 from ratpt.ops.inter_chunk_attention import inter_chunk_attention
 from ratpt.ops.rope import apply_rope, rope_cos_sin
+from ratpt_kernels.autograd import split_projection
+from ratpt_kernels.common import interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -27,7 +27,7 @@ def rat_mixing(proj, gate_bias, chunk_size: int, head_dim: int, ngroups: int, ro
                kernels: str = "auto") -> torch.Tensor:
     """sigmoid(z) ⊙ y [B, T, H·d] from the input projection, by the implementation `kernels` picks."""
     if use_triton(kernels, proj, chunk_size, head_dim):
-        from kernels import rat_mixing as triton_rat_mixing
+        from ratpt_kernels import rat_mixing as triton_rat_mixing
         return triton_rat_mixing(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base)
     z, v, f, q, k = split_projection(proj, head_dim, ngroups)
     return torch.sigmoid(z) * rat_mixing_reference(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
@@ -39,7 +39,7 @@ def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) ->
         raise ValueError(f"kernels must be one of {BACKENDS}, got {kernels!r}")
     if kernels == "torch":
         return False
-    from kernels import supports
+    from ratpt_kernels import supports
     if kernels == "triton":
         if not supports(chunk_size, head_dim):
             raise ValueError(f"the Triton kernels need chunk_size a power of two <= 128 and head_dim in "

@@ -21,7 +21,7 @@ def rat_prefill_mixing(q, k, v, f, gate_bias, lengths: torch.Tensor, chunk_size:
     """(y, Ks, Vs, running k̃, running ṽ) for prompts of `lengths` [B] (>= 1) right-padded to T."""
     args = (q, k, v, f, gate_bias, lengths, chunk_size, head_dim, rope_base)
     if use_triton(kernels, v, chunk_size, head_dim):
-        from kernels import rat_prefill
+        from ratpt_kernels import rat_prefill
         return rat_prefill(*args)
     return rat_prefill_reference(*args)
 

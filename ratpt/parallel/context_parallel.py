@@ -191,7 +191,7 @@ class _RATMixingKernels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, f, gate_bias, layout: ContextLayout, group, chunk_size: int, head_dim: int,
                 rope_base: float):
-        from kernels.rat_fwd import rat_states, summary_attention
+        from ratpt_kernels.rat_fwd import rat_states, summary_attention
 
         B, T, D = v.shape
         n = layout.blocks_per_rank
@@ -207,7 +207,7 @@ class _RATMixingKernels(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from kernels.rat_bwd import input_gradients, summary_gradients
+        from ratpt_kernels.rat_bwd import input_gradients, summary_gradients
 
         q, k, v, f, gate_bias, y, lse, ks, vs, offset = ctx.saved_tensors
         layout, group, L, d, rope_base = ctx.setup

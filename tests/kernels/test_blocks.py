@@ -3,7 +3,7 @@ blocks.py then launches with it (and with its defaults for shapes the table does
 import pytest
 import torch
 
-from kernels import blocks, tune
+from ratpt_kernels import blocks, tune
 
 
 def run(kernel, T, bq, ms):

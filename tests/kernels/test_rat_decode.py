@@ -14,7 +14,7 @@ the Triton decode kernel against the reference.
 import pytest
 import torch
 
-from kernels import rat_decode
+from ratpt_kernels import rat_decode
 from ratpt.ops import rat_decode_mixing, rat_mixing_reference
 
 ROPE_BASE = 10000.0

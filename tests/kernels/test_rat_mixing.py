@@ -12,7 +12,7 @@ for these O(1) values; 1e-4 leaves room without hiding a wrong term (a wrong ter
 import pytest
 import torch
 
-from kernels import rat_mixing
+from ratpt_kernels import rat_mixing
 from ratpt import ops
 from ratpt.ops.rat_mixing import use_triton
 
@@ -169,8 +169,8 @@ def test_a_block_with_the_sequences_summaries_and_its_chunk_offset_equals_refere
     # context parallelism runs the kernels' phases on one block of a sequence: its states, then the
     # attention over the whole sequence's summaries, then the summary gradients (reduced across ranks
     # in between) and the input gradients; each phase equals the float64 reference of that block
-    from kernels.rat_bwd import input_gradients, summary_gradients
-    from kernels.rat_fwd import rat_states, summary_attention
+    from ratpt_kernels.rat_bwd import input_gradients, summary_gradients
+    from ratpt_kernels.rat_fwd import rat_states, summary_attention
 
     B, H, G, d, L, T = 2, 2, 2, 32, 4, 20  # 5 chunks in the block; 2 later chunks in the sequence
     inputs = make_inputs(B, T, H, G, d)
@@ -206,7 +206,7 @@ def test_a_block_with_the_sequences_summaries_and_its_chunk_offset_equals_refere
 def test_prefill_on_the_kernels_equals_reference_output_and_cache(T, L, lengths):
     # y, the summaries of every complete chunk (rotated), and the running states at each sequence's
     # last prompt token (mid-chunk, at a chunk end, the first token), against float64
-    from kernels import rat_prefill
+    from ratpt_kernels import rat_prefill
     from ratpt.ops import rat_prefill_reference
 
     inputs = [t.detach() for t in make_inputs(len(lengths), T, 4, 2, 32)]

@@ -11,7 +11,7 @@ the fp32 reference to 1e-4 relative (IEEE dots, fp32 everywhere: only summation 
 import pytest
 import torch
 
-from kernels import rat_mixing
+from ratpt_kernels import rat_mixing
 from ratpt import ops
 
 pytestmark = pytest.mark.gpu
@@ -84,7 +84,7 @@ def test_fp32_kernel_matches_fp32_reference(L):
 
 def test_bf16_prefill_is_as_close_to_fp32_truth_as_the_bf16_reference():
     # the same criterion for the prefill's outputs: y, the rotated summaries and the running states
-    from kernels import rat_prefill
+    from ratpt_kernels import rat_prefill
     from ratpt.ops import rat_prefill_reference
 
     xs = [t.detach() for t in inputs(3, 4096, 16, 2, 128, torch.bfloat16)]

@@ -50,10 +50,10 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
     """Every kernel of `passes` (of PASSES) through its entry points at one small shape (d 128, L 16,
     G 2), in `dtype`. Launches only compile, so no pass needs another's outputs: it gets tensors of
     the right shapes and dtypes."""
-    from kernels.autograd import split_projection
-    from kernels.rat_bwd import input_gradients, rat_backward, summary_gradients
-    from kernels.rat_decode import rat_decode
-    from kernels.rat_fwd import rat_forward, rat_states, summary_attention
+    from ratpt_kernels.autograd import split_projection
+    from ratpt_kernels.rat_bwd import input_gradients, rat_backward, summary_gradients
+    from ratpt_kernels.rat_decode import rat_decode
+    from ratpt_kernels.rat_fwd import rat_forward, rat_states, summary_attention
 
     H, G, d, L = 4, 2, 128, 16
     B, T, base = 2, 256, 10000.0

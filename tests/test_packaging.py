@@ -1,0 +1,45 @@
+"""The built distribution holds every package under the names users import, and the Triton kernels'
+import name (`ratpt_kernels`) cannot be shadowed by Hugging Face's unrelated `kernels` package."""
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def declared_packages() -> list[str]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+
+
+def test_every_package_folder_is_declared():
+    folders = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for top in ("ratpt", "data_prep")
+        for init in (REPO / top).rglob("__init__.py")
+    }
+    assert set(declared_packages()) == folders | {"ratpt_kernels"}
+
+
+def test_wheel_installs_the_kernels_as_ratpt_kernels(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                    str(REPO)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("ratpt-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    kernel_files = {f"ratpt_kernels/{p.name}" for p in (REPO / "kernels").iterdir() if p.suffix in (".py", ".json")}
+    assert kernel_files <= names
+    assert not any(name.startswith("kernels/") for name in names)
+    top_levels = {name.split("/")[0] for name in names if not name.startswith("ratpt-")}
+    assert top_levels == {"ratpt", "data_prep", "ratpt_kernels"}
+
+
+def test_a_foreign_kernels_package_does_not_shadow_ratpts(tmp_path):
+    foreign = tmp_path / "kernels"
+    foreign.mkdir()
+    (foreign / "__init__.py").write_text("FOREIGN = True\n")
+    probe = ("import importlib, kernels, ratpt_kernels.autograd; m = importlib.import_module('ratpt.ops.rat_mixing'); "
+             "print(kernels.FOREIGN, m.split_projection is ratpt_kernels.autograd.split_projection)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True"]
