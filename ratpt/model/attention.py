@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ratpt import ops
-from ratpt.model.cache import KVCache, ensure_slots, write_slots
+from ratpt.model.cache import EXTEND_QUERY_BLOCK, KVCache, ensure_slots, write_slots
 from ratpt.model.config import ModelConfig, n_heads
 from ratpt.model.norm import RMSNorm
 
@@ -63,6 +63,37 @@ class AttentionMixer(nn.Module):
         visible = torch.arange(slots, device=x.device) <= positions.unsqueeze(-1)
         y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=visible[:, None, None, :])
         return x + self.out_proj(self._merge(y))
+
+    def extend(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Continue a prefill with x [B, P, D] at positions start … start + P - 1 of every sequence:
+        attention writes the piece's (k, v) to their slots and its queries see every earlier slot; a
+        window reads the W positions before the piece from the ring, then refills the ring with the last
+        W + 1. Updates `cache` in place; memory is one piece's scores, block by block."""
+        P, W = x.shape[1], self.window
+        positions = start + torch.arange(P, device=x.device)
+        q, k, v = self._qkv(self.in_proj(self.input_norm(x)), positions, x.dtype)
+        if W is None:  # every earlier key is in its slot
+            cache.k[:, :, start:start + P], cache.v[:, :, start:start + P] = k, v
+            first, keys, values = 0, cache.k, cache.v
+        else:  # the W positions before the piece, read from the ring, then the piece's own
+            first = max(0, start - W)
+            ring = torch.arange(first, start, device=x.device) % (W + 1)
+            keys, values = torch.cat((cache.k[:, :, ring], k), dim=2), torch.cat((cache.v[:, :, ring], v), dim=2)
+            n = min(W + 1, start + P - first)  # the ring after the piece: its last W + 1 positions
+            kept = torch.arange(start + P - n, start + P, device=x.device) % (W + 1)
+            cache.k[:, :, kept], cache.v[:, :, kept] = keys[:, :, -n:], values[:, :, -n:]
+        outputs = []
+        for a in range(0, P, EXTEND_QUERY_BLOCK):
+            b = min(a + EXTEND_QUERY_BLOCK, P)
+            low = first if W is None else max(first, start + a - W)  # the earliest position the block may see
+            key_pos = torch.arange(low, start + b, device=x.device)
+            allowed = key_pos <= positions[a:b, None]
+            if W is not None:
+                allowed &= positions[a:b, None] - key_pos <= W
+            outputs.append(F.scaled_dot_product_attention(
+                q[:, :, a:b], keys[:, :, low - first:start + b - first], values[:, :, low - first:start + b - first],
+                attn_mask=allowed))
+        return x + self.out_proj(self._merge(torch.cat(outputs, dim=2)))
 
     def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # T from the projection: under tensor parallelism x is this rank's sequence slice and

@@ -55,6 +55,9 @@ class Block(nn.Module):
     def decode(self, x: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> torch.Tensor:
         return self._ffn_residual(self.mixer.decode(x, cache, positions))
 
+    def extend(self, x: torch.Tensor, cache: LayerCache, start: int) -> torch.Tensor:
+        return self._ffn_residual(self.mixer.extend(x, cache, start))
+
     def _ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.ffn(self.ffn_norm(x))
 
@@ -124,6 +127,25 @@ class RATLM(nn.Module):
             cache.layers.append(layer_cache)
         last = x[torch.arange(B, device=x.device), lengths - 1]
         return self.logits(self.final_norm(last)), cache
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """Continue a static cache of equal-length sequences with tokens [B, P]; return the next-token
+        logits [B, vocab] after the last of them. Prefilling a long prompt piece by piece this way bounds
+        memory by one piece's activations plus the cache (RAT: pieces after the first start a chunk)."""
+        start = cache.bound
+        if not cache.static or int(cache.lengths.min()) != start or int(cache.lengths.max()) != start:
+            raise ValueError("extend continues a cache prefilled with an explicit capacity from prompts of "
+                             "equal length (prefill(tokens, capacity=...))")
+        if start + tokens.shape[1] > cache.capacity:
+            raise ValueError(f"the cache holds {cache.capacity} tokens per sequence; {start} + "
+                             f"{tokens.shape[1]} do not fit: prefill with a larger capacity")
+        x = self.embedding(tokens)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer.extend(x, layer_cache, start)
+        cache.lengths.add_(tokens.shape[1])
+        cache.bound += tokens.shape[1]
+        return self.logits(self.final_norm(x[:, -1]))
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ratpt import ops
-from ratpt.model.cache import RATCache, ensure_slots, summary_slots
+from ratpt.model.cache import EXTEND_QUERY_BLOCK, RATCache, ensure_slots, summary_slots
 from ratpt.model.config import ModelConfig, n_heads
 from ratpt.model.gates import chrono_init_
 from ratpt.model.norm import RMSNorm
@@ -69,6 +69,42 @@ class RATMixer(nn.Module):
                                   cache.running_v, positions, self.chunk_size, self.head_dim, self.rope_base,
                                   kernels=self.kernels)
         return x + self.out_proj(z * y).unsqueeze(1)
+
+    def extend(self, x: torch.Tensor, cache: RATCache, start: int) -> torch.Tensor:
+        """Continue a prefill with x [B, P, D] at positions start … start + P - 1 of every sequence
+        (`start` a multiple of L, so the piece's in-chunk recurrences are its own); its queries attend
+        over the cached summaries and the piece's own. Updates `cache` in place. Reference ops only:
+        what long prompts need is bounded memory, one piece's activations plus the summaries."""
+        if start % self.chunk_size:
+            raise ValueError(f"a RAT prefill continues at a chunk start: start {start} is not a multiple "
+                             f"of the chunk size {self.chunk_size}")
+        B, P, D = x.shape
+        L, d, H = self.chunk_size, self.head_dim, self.n_heads
+        z, v, f, q, k = self._split(x)
+        g = ops.forget_gate(f, self.gate_bias)
+        k_state, v_state = ops.chunk_scan(k.repeat(1, 1, H // self.ngroups), g, L), ops.chunk_scan(v, g, L)
+        chunk = (start + torch.arange(P, device=x.device)) // L
+        cos, sin = ops.rope_cos_sin(chunk, d, self.rope_base, v.dtype)
+
+        def heads(t):
+            return t.reshape(B, P, H, d).transpose(1, 2)
+
+        q_rot = ops.apply_rope(heads(q.repeat(1, 1, H // self.ngroups)), cos, sin)
+        k_rot, v_own = ops.apply_rope(heads(k_state), cos, sin), heads(v_state)
+        first, complete = start // L, P // L  # the piece's first chunk, its complete chunks
+        cache.summary_k[:, :, first:first + complete] = k_rot[:, :, L - 1::L][:, :, :complete]
+        cache.summary_v[:, :, first:first + complete] = v_own[:, :, L - 1::L][:, :, :complete]
+        outputs = []
+        for a in range(0, P, EXTEND_QUERY_BLOCK):
+            b = min(a + EXTEND_QUERY_BLOCK, P)
+            visible = (start + b - 1) // L  # summaries of the chunks before the block's last one
+            outputs.append(ops.attend_summaries(q_rot[:, :, a:b], k_rot[:, :, a:b], v_own[:, :, a:b],
+                                                cache.summary_k[:, :, :visible], cache.summary_v[:, :, :visible],
+                                                chunk[a:b].unsqueeze(0)))
+        y = torch.cat(outputs, dim=2).transpose(1, 2).reshape(B, P, D)
+        cache.running_k.copy_(k_state[:, -1])
+        cache.running_v.copy_(v_state[:, -1])
+        return x + self.out_proj(z * y)
 
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
         """Full-sequence forward.

@@ -45,6 +45,15 @@ class RNNMixer(nn.Module):
         cache.state.copy_(g[:, 0] * cache.state + (1 - g[:, 0]) * v[:, 0].to(g.dtype))
         return x + self.out_proj(z * cache.state.to(x.dtype).unsqueeze(1))
 
+    def extend(self, x: torch.Tensor, cache: RNNCache, start: int) -> torch.Tensor:
+        """Continue a prefill with x [B, P, D]: the scan starts from the cached state (any `start`)."""
+        z, v, g = self._project(x)
+        # the cached state as step 0 of the scan: y[0] = state, y[t] = g[t]·y[t-1] + (1 - g[t])·v[t]
+        u = torch.cat((cache.state.unsqueeze(1), (1 - g) * v.to(g.dtype)), dim=1)
+        state = ops.linear_scan(torch.cat((g[:, :1], g), dim=1), u)[:, 1:]
+        cache.state.copy_(state[:, -1])
+        return x + self.out_proj(z * state.to(x.dtype))
+
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z, v, f = self.in_proj(self.input_norm(x)).split(self.d_model, dim=-1)
         return torch.sigmoid(z), v, ops.forget_gate(f, self.gate_bias)

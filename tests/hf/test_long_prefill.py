@@ -38,3 +38,21 @@ def test_a_piece_that_splits_a_chunk_is_an_error():
     model = random_model(small_config(["rat"]))
     with pytest.raises(ValueError, match="multiple of the chunk size 4"):
         prefill_in_pieces(model, torch.zeros(1, T, dtype=torch.long), capacity=T, piece=6)
+
+
+def test_extend_refuses_a_cache_without_room_or_a_growing_one():
+    model = random_model(small_config(["rat", "swa"]))
+    tokens = torch.randint(0, VOCAB, (1, 32))
+    _, cache = model.prefill(tokens[:, :16], capacity=24)
+    with pytest.raises(ValueError, match="holds 24 tokens per sequence"):
+        model.extend(tokens[:, 16:32], cache)
+    _, growing = model.prefill(tokens[:, :16])
+    with pytest.raises(ValueError, match="explicit capacity"):
+        model.extend(tokens[:, 16:20], growing)
+
+
+def test_a_rat_continuation_must_start_a_chunk():
+    model = random_model(small_config(["rat"]))
+    _, cache = model.prefill(torch.zeros(1, 6, dtype=torch.long), capacity=16)
+    with pytest.raises(ValueError, match="not a multiple of the chunk size 4"):
+        model.extend(torch.zeros(1, 4, dtype=torch.long), cache)
