@@ -12,9 +12,9 @@ from ratpt.ops.rat_decode import rat_decode_mixing, rat_decode_reference
 from ratpt.ops.rat_mixing import rat_mixing, rat_mixing_reference, split_projection
 from ratpt.ops.rat_prefill import rat_prefill_mixing, rat_prefill_reference
 from ratpt.ops.rope import apply_rope, rope_cos_sin
-from ratpt.ops.sliding_window_attention import causal_attention
+from ratpt.ops.sliding_window_attention import causal_attention, windowed_attention
 
 __all__ = ["apply_rope", "attend_summaries", "causal_attention", "chunk_scan", "forget_gate",
            "inter_chunk_attention", "linear_scan", "rat_decode_mixing", "rat_decode_reference", "rat_mixing",
            "rat_mixing_reference", "rat_prefill_mixing", "rat_prefill_reference", "rope_cos_sin",
-           "split_projection"]
+           "split_projection", "windowed_attention"]

@@ -1,13 +1,21 @@
 """Causal softmax attention, full or restricted to a sliding window (docs/design.md#the-language-model).
 
-With a window W a token attends to itself and the W previous tokens (W + 1 keys). The window
-variant runs over query blocks, each against only the keys its window can reach, so memory is
-O(T·(block + W)) and not O(T²).
+With a window W a token attends to itself and the W previous tokens (W + 1 keys). Full attention is
+one SDPA call (FlashAttention / cuDNN on GPUs). The window never builds a dense mask on CUDA: it runs
+as FlexAttention over a block mask, compiled, which skips the key blocks outside every query block's
+window (O(T·W) work and memory, forward and backward). Elsewhere it runs the reference, over query blocks
+each against only the keys its window can reach through SDPA with a boolean mask (O(T·(block + W))
+memory), exact in float64 (FlexAttention has no backward on CPU).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-QUERY_BLOCK = 512  # queries per block of the sliding-window path
+QUERY_BLOCK = 512  # queries per block of the reference window path
+FLEX_BLOCK = 128  # tokens per block of the FlexAttention block mask (the kernels' tile)
+_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -16,13 +24,47 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     T = q.shape[2]
     if window is None or window >= T - 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return windowed_attention(q, k, v, window, 0, 0, query_block)
+
+
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, q_start: int, k_start: int,
+                       query_block: int = QUERY_BLOCK) -> torch.Tensor:
+    """Sliding-window attention of queries at positions q_start + i over keys at k_start + j: a query
+    sees the keys at its own position and the `window` before it, none at a position below 0 (context
+    parallelism passes a previous block's tail whose first rank has none). FlexAttention on CUDA, the
+    reference elsewhere."""
+    if q.is_cuda:
+        mask = window_block_mask(window, q_start, k_start, q.shape[2], k.shape[2], q.device)
+        attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention
+        return attend(q, k, v, block_mask=mask)
+    return windowed_attention_reference(q, k, v, window, q_start, k_start, query_block)
+
+
+@functools.lru_cache(maxsize=64)
+def window_block_mask(window: int, q_start: int, k_start: int, q_len: int, kv_len: int, device: torch.device,
+                      block: int = FLEX_BLOCK) -> BlockMask:
+    """FlexAttention's block mask of windowed_attention: the key blocks each query block's window
+    reaches, the partial ones masked per element. Built once per shape (under torch.compile the
+    cache is traced through, and the mask becomes part of the compiled graph)."""
+    def visible(b, h, q_idx, kv_idx):
+        q_pos, k_pos = q_idx + q_start, kv_idx + k_start
+        return (k_pos <= q_pos) & (q_pos - k_pos <= window) & (k_pos >= 0)
+
+    return create_block_mask(visible, None, None, q_len, kv_len, device=device, BLOCK_SIZE=block)
+
+
+def windowed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, q_start: int,
+                                 k_start: int, query_block: int = QUERY_BLOCK) -> torch.Tensor:
+    """windowed_attention in query blocks, each against only the keys its window reaches."""
+    T = q.shape[2]
     outputs = []
-    for start in range(0, T, query_block):
-        stop = min(start + query_block, T)
-        key_start = max(0, start - window)
-        query_pos = torch.arange(start, stop, device=q.device).unsqueeze(-1)
-        key_pos = torch.arange(key_start, stop, device=q.device)
-        allowed = (key_pos <= query_pos) & (query_pos - key_pos <= window)
-        outputs.append(F.scaled_dot_product_attention(
-            q[:, :, start:stop], k[:, :, key_start:stop], v[:, :, key_start:stop], attn_mask=allowed))
+    for lo in range(0, T, query_block):
+        hi = min(lo + query_block, T)
+        q_pos = torch.arange(q_start + lo, q_start + hi, device=q.device).unsqueeze(-1)
+        first = max(0, q_start + lo - window - k_start)
+        last = q_start + hi - k_start  # keys up to the block's last query
+        k_pos = torch.arange(k_start + first, k_start + last, device=q.device)
+        allowed = (k_pos <= q_pos) & (k_pos >= 0) & (q_pos - k_pos <= window)
+        outputs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, first:last], v[:, :, first:last],
+                                                      attn_mask=allowed))
     return torch.cat(outputs, dim=2)

@@ -329,8 +329,8 @@ class ContextShard:
         outputs = []
         for slot, (lo, hi, start) in enumerate(segments):
             keys, values = torch.cat((previous[slot], kv[:, :, lo:hi]), dim=2).split(k.shape[-1], dim=-1)
-            outputs.append(_windowed_attention(q[:, :, lo:hi], keys, values, start, start - window, window,
-                                               query_block))
+            outputs.append(ops.windowed_attention(q[:, :, lo:hi], keys, values, window, start, start - window,
+                                                  query_block))
         return torch.cat(outputs, dim=2)
 
 
@@ -342,23 +342,6 @@ def _attend_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     per-512-query masked blocks ran out of 139 GiB on CP 2 for attention-1.3B at 131072 tokens.
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
-
-
-def _windowed_attention(q, k, v, q_start: int, k_start: int, window: int, query_block: int):
-    """Sliding-window attention of queries at positions q_start + i over keys at k_start + j, in
-    query blocks against only the keys a block's window reaches (keys before position 0 masked)."""
-    T = q.shape[2]
-    outputs = []
-    for lo in range(0, T, query_block):
-        hi = min(lo + query_block, T)
-        q_pos = torch.arange(q_start + lo, q_start + hi, device=q.device).unsqueeze(-1)
-        first = max(0, q_start + lo - window - k_start)
-        last = q_start + hi - k_start  # keys up to the block's last query
-        k_pos = torch.arange(k_start + first, k_start + last, device=q.device)
-        allowed = (k_pos <= q_pos) & (k_pos >= 0) & (q_pos - k_pos <= window)
-        outputs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, first:last], v[:, :, first:last],
-                                                      attn_mask=allowed))
-    return torch.cat(outputs, dim=2)
 
 
 def apply_context_parallel(model: torch.nn.Module, group, rank: int, size: int, layout: str) -> None:
