@@ -262,6 +262,8 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
              "e.g. data.streams=[{path: data/pydoc}]")
     for i, stream in enumerate(d.streams):
         _require(stream.weight > 0, f"data.streams[{i}].weight must be positive, got {stream.weight}")
+        _require(stream.min_doc_tokens >= 0, f"data.streams[{i}].min_doc_tokens must be >= 0 (0 keeps every "
+                 f"document), got {stream.min_doc_tokens}")
     _require(0 < o.lr < math.inf, f"optimizer.lr must be positive and finite, got {o.lr}")
     _require(0 < o.eps < math.inf, f"optimizer.eps must be positive and finite, got {o.eps}")
     _require(0 <= o.weight_decay < math.inf, f"optimizer.weight_decay must be >= 0 and finite, got {o.weight_decay}")

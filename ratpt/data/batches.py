@@ -176,7 +176,9 @@ def build_val_batches(
 def _fingerprint(cfg: DataConfig, streams: list[OpenStream]) -> str:
     """What the global order depends on besides the seed; equal fingerprints -> equal order."""
     parts = {
-        "streams": [{"index": s.docs.fingerprint(), "weight": s.config.weight} for s in streams],
+        "streams": [{"index": s.docs.fingerprint(), "weight": s.config.weight}
+                    | ({"min_doc_tokens": s.config.min_doc_tokens} if s.config.min_doc_tokens else {})
+                    for s in streams],  # the key only when set: the fingerprints of earlier runs stay valid
         "seq_len": cfg.seq_len,
         "shuffle": [cfg.shuffle, cfg.shuffle_window, GROUP_DOCS, MIX_BLOCK],
     }

@@ -8,6 +8,8 @@ class StreamConfig:
     path: str = "???"  # a data_prep output folder (local path or remote URL such as s3://...); holds train/ and val/
     local: Optional[str] = None  # local cache folder; required for a remote URL, and for a local path it makes shards be copied in as from a remote
     weight: float = 1.0  # relative share of training samples drawn from this stream
+    min_doc_tokens: int = 0  # only documents of at least this many tokens (EOS included), in train and val; 0 keeps
+    #                          all. The same path listed twice, once with a minimum, up-weights its long documents
 
 
 @dataclass

@@ -87,13 +87,18 @@ def open_streams(cfg: DataConfig, split: str, *, shuffle: bool, skip_empty: bool
         docs = ShardedDocuments(s.path, split, s.local, verify=cfg.verify_shards)
         try:
             packed = PackedStream(
-                docs.doc_tokens, cfg.seq_len + 1, cfg.seed, stream_id=k, shuffle=shuffle, window=cfg.shuffle_window
+                docs.doc_tokens, cfg.seq_len + 1, cfg.seed, stream_id=k, shuffle=shuffle, window=cfg.shuffle_window,
+                min_doc_tokens=s.min_doc_tokens,
             )
         except ValueError as e:
             if not skip_empty:
                 raise ValueError(f"stream {s.path}/{split}: {e}") from e
             log.warning("stream %s/%s skipped: %s", s.path, split, e)
             continue
+        if s.min_doc_tokens:
+            log.info("stream %s/%s: %d of %d documents hold at least %d tokens (%d tokens, %d samples per epoch)",
+                     s.path, split, packed.kept_docs, len(docs), s.min_doc_tokens, packed.total_tokens,
+                     packed.samples_per_epoch)
         opened.append(OpenStream(s, docs, packed))
     return opened
 

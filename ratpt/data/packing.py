@@ -16,6 +16,10 @@ mapped) and keeps O(D / group_docs) integers per epoch; each sample costs O(log(
 group_docs)) plus O(group_docs) on a group-cache miss; window permutations are O(window).
 At 100M documents that is ~25K groups (~400 KB) and a sub-second start-up from page cache.
 Everything is a pure function of (seed, stream id, epoch, index): no state to save but n.
+
+A length filter (`min_doc_tokens`) leaves the documents shorter than the minimum out of every
+epoch. It is applied after the shuffle, inside each group, so the documents kept keep the order
+they have unfiltered, start-up stays O(D) sequential reads, and nothing else changes.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from functools import lru_cache
 import numpy as np
 
 GROUP_DOCS = 4096  # documents shuffled together inside a group; groups are shuffled per epoch
+READ_GROUPS = 256  # groups of document lengths read at a time when filtering (a bounded copy)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -34,7 +39,8 @@ class PackedStream:
     """Random access to the packed samples of one split (all epochs, endlessly).
 
     `doc_tokens` is the per-document token count (EOS included), usually a memory map of
-    `doc_tokens.npy`. `locate(n)` returns the (document, start, stop) pieces of sample n."""
+    `doc_tokens.npy`. `locate(n)` returns the (document, start, stop) pieces of sample n.
+    Documents of fewer than `min_doc_tokens` tokens are never read (0 keeps every document)."""
 
     def __init__(
         self,
@@ -45,29 +51,41 @@ class PackedStream:
         shuffle: bool = True,
         window: int = 65536,
         group_docs: int = GROUP_DOCS,
+        min_doc_tokens: int = 0,
     ) -> None:
         self.doc_tokens = doc_tokens
         self.sample_len = sample_len
         self.key = (seed, stream_id)
         self.shuffle = shuffle
         self.group_docs = group_docs
-        n_docs = len(doc_tokens)
-        self.n_groups = -(-n_docs // group_docs)
-        starts = np.arange(self.n_groups, dtype=np.int64) * group_docs
-        self.group_tokens = (
-            np.add.reduceat(doc_tokens, starts, dtype=np.int64) if n_docs else np.zeros(0, np.int64)
-        )
+        self.min_doc_tokens = min_doc_tokens
+        self.n_groups = -(-len(doc_tokens) // group_docs)
+        self.group_tokens, self.kept_docs = self._kept_per_group()
         self.total_tokens = int(self.group_tokens.sum())
         self.samples_per_epoch = self.total_tokens // sample_len
         if self.samples_per_epoch == 0:
+            kept = f"documents of at least {min_doc_tokens} tokens hold " if min_doc_tokens else ""
             raise ValueError(
-                f"{self.total_tokens} tokens cannot fill one sample of {sample_len} tokens; "
-                "use more data or a shorter seq_len"
+                f"{kept}{self.total_tokens} tokens, which cannot fill one sample of {sample_len} tokens; "
+                f"use more data or a shorter seq_len{', or a lower min_doc_tokens' if min_doc_tokens else ''}"
             )
         if window < 1:
             raise ValueError(f"shuffle window must be >= 1 sample, got {window}")
         self.window = min(window, self.samples_per_epoch)
         self._make_caches()
+
+    def _kept_per_group(self) -> tuple[np.ndarray, int]:
+        """Tokens of the documents each group keeps, and how many documents are kept in all; read
+        READ_GROUPS groups at a time, so a filter never copies the whole table."""
+        sums, kept = [np.zeros(0, np.int64)], 0
+        step = self.group_docs * READ_GROUPS
+        for first in range(0, len(self.doc_tokens), step):
+            lengths = np.array(self.doc_tokens[first:first + step], dtype=np.int64)  # a copy: zeroed below
+            short = lengths < self.min_doc_tokens
+            lengths[short] = 0
+            kept += len(lengths) - int(short.sum())
+            sums.append(np.add.reduceat(lengths, np.arange(0, len(lengths), self.group_docs)))
+        return np.concatenate(sums), kept
 
     def _make_caches(self) -> None:
         """Caches of pure functions of their arguments: they never change results."""
@@ -137,6 +155,9 @@ class PackedStream:
         docs = np.arange(first, min(first + self.group_docs, len(self.doc_tokens)), dtype=np.int64)
         if self.shuffle:
             docs = first + _rng(*self.key, epoch, 3, group).permutation(len(docs))
+        lengths = np.asarray(self.doc_tokens[docs], dtype=np.int64)
+        keep = lengths >= self.min_doc_tokens
+        docs, lengths = docs[keep], lengths[keep]
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-        np.cumsum(np.asarray(self.doc_tokens[docs], dtype=np.int64), out=offsets[1:])
+        np.cumsum(lengths, out=offsets[1:])
         return docs, offsets

@@ -187,6 +187,36 @@ def test_streams_are_mixed_by_weight(tmp_path):
     assert abs(from_a / (from_a + from_b) - 0.75) < 0.01
 
 
+def test_a_minimum_document_length_reads_only_the_long_documents(corpus):
+    docs, out = corpus
+    cfg = data_config(out, seq_len=64, shuffle=False, mask_document_boundary=False)
+    cfg.streams[0].min_doc_tokens = 300
+    batches = train(cfg, micro_batch=4, global_batch=4)
+    rows = sample_rows(take(batches, batches.dataset.streams[0].packed.samples_per_epoch // 4))
+    pieces = BYTE.decode([t for row in rows for t in row]).split("<|endoftext|>")
+    long = [d for d in docs if not is_val(d, 0.2) and len(BYTE.encode(d)) + 1 >= 300]  # + 1: the EOS
+    assert 0 < len(long) < len(docs) // 2
+    assert pieces[:-1] == long[:len(pieces) - 1] and long[len(pieces) - 1].startswith(pieces[-1])
+
+
+def test_a_long_document_stream_resumes_on_other_ranks_and_a_changed_minimum_is_other_data(corpus):
+    cfg = data_config(corpus[1], corpus[1])  # the same folder twice: everything, and its long documents
+    cfg.streams[1].min_doc_tokens = 200
+    reference = sample_rows(take(train(cfg, micro_batch=1), 8 * 4))
+    first = train(cfg, micro_batch=1)
+    take(first, 8 * 2)
+    state = first.state_dict()
+    ranks = []
+    for r in range(2):
+        resumed = train(cfg, micro_batch=1, dp_rank=r, dp_size=2)
+        resumed.load_state_dict(state)
+        ranks.append(sample_rows(take(resumed, 4 * 2)))
+    assert [row for step in range(2) for r in range(2) for row in ranks[r][step * 4:(step + 1) * 4]] == reference[16:]
+    cfg.streams[1].min_doc_tokens = 100
+    with pytest.raises(ValueError, match="different data"):
+        train(cfg).load_state_dict(state)
+
+
 def test_vocab_larger_than_the_model_is_a_clear_error(corpus):
     with pytest.raises(ValueError, match=r"vocab 257.*vocab_size is 200.*model.vocab_size >= 257"):
         build_train_batches(data_config(corpus[1]), vocab_size=200, micro_batch=1, global_batch=1, dp_rank=0, dp_size=1)

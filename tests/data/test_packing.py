@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from ratpt.data.mixing import WeightedSchedule, block_quotas
+from ratpt.data import packing
 from ratpt.data.packing import PackedStream
 
 
@@ -36,6 +37,42 @@ def test_each_epoch_packs_every_document_once_in_one_order(sample_len, shuffle):
     assert (orders[0] != orders[1]) == shuffle
 
 
+def brute_force_pieces(lengths: np.ndarray, order: list[int], sample_len: int) -> list[list[tuple[int, int, int]]]:
+    """The samples of one epoch by hand: the documents of `order` end to end, cut every sample_len tokens."""
+    tokens = [(d, t) for d in order for t in range(int(lengths[d]))]
+    samples = []
+    for first in range(0, len(tokens) - sample_len + 1, sample_len):
+        pieces: list[tuple[int, int, int]] = []
+        for d, t in tokens[first:first + sample_len]:
+            if pieces and pieces[-1][0] == d:
+                pieces[-1] = (d, pieces[-1][1], t + 1)
+            else:
+                pieces.append((d, t, t + 1))
+        samples.append(pieces)
+    return samples
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
+def test_a_length_filter_packs_exactly_the_long_documents_in_the_unfiltered_order(shuffle, monkeypatch):
+    monkeypatch.setattr(packing, "READ_GROUPS", 3)  # the lengths read in several pieces
+    lengths = np.random.default_rng(4).integers(1, 120, size=300).astype(np.uint32)
+    lengths[70:140] = 5  # whole groups without a long document
+    minimum, sample_len = 60, 50
+    long = {d for d in range(len(lengths)) if lengths[d] >= minimum}
+    kw = dict(seed=3, shuffle=shuffle, window=8, group_docs=32)
+    packed = PackedStream(lengths, sample_len, min_doc_tokens=minimum, **kw)
+    assert packed.kept_docs == len(long)
+    assert packed.samples_per_epoch == sum(int(lengths[d]) for d in long) // sample_len
+    everything = PackedStream(lengths, 1, **kw)  # the unfiltered order: one token per sample, nothing dropped
+    for epoch in range(2):
+        unfiltered = list(dict.fromkeys(d for d, _, _ in epoch_stream(everything, lengths, epoch)))
+        order = [d for d in unfiltered if d in long]
+        S = packed.samples_per_epoch
+        by_position = sorted(range(S), key=lambda slot: packed._position(epoch, slot))
+        got = [packed.locate(epoch * S + slot) for slot in by_position]
+        assert got == brute_force_pieces(lengths, order, sample_len)
+
+
 def test_sample_is_a_pure_function_of_seed_and_index():
     lengths = np.random.default_rng(1).integers(1, 50, size=100).astype(np.uint32)
     a = PackedStream(lengths, 16, seed=5, window=8, group_docs=16)
@@ -49,6 +86,8 @@ def test_sample_is_a_pure_function_of_seed_and_index():
 def test_too_little_data_for_one_sample_is_an_error():
     with pytest.raises(ValueError, match="cannot fill one sample"):
         PackedStream(np.array([3, 4], dtype=np.uint32), 100, seed=0)
+    with pytest.raises(ValueError, match="at least 50 tokens hold 0 tokens.*or a lower min_doc_tokens"):
+        PackedStream(np.array([30, 40] * 10, dtype=np.uint32), 100, seed=0, min_doc_tokens=50)
 
 
 def test_weighted_schedule_is_exact_per_block_and_a_bijection():
