@@ -7,6 +7,7 @@ folder and imported by transformers there, so it depends on transformers only.
 from transformers import PretrainedConfig
 
 MIXERS = ("rat", "attention", "swa", "rnn")
+KERNELS = ("auto", "torch", "triton")
 
 
 class RATConfig(PretrainedConfig):
@@ -30,7 +31,9 @@ class RATConfig(PretrainedConfig):
         rope_base: float = 10000.0,  # RoPE base (chunk index for RAT, token index for attention)
         init_std: float = 0.02,  # std of the normal init of linear and embedding weights
         rnn_gate_horizon: int = 4096,  # RNN layer gate-bias init horizon (training only)
-        kernels: str = "auto",  # auto: ratpt's Triton kernels on CUDA when ratpt is installed; torch: never
+        kernels: str = "auto",  # RAT's forward and prefill on ratpt's Triton kernels where ratpt is installed: auto:
+        #                         on CUDA; triton: on any device (the CPU in Triton's interpreter); torch: never.
+        #                         Without ratpt: plain PyTorch
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
@@ -76,3 +79,5 @@ class RATConfig(PretrainedConfig):
             raise ValueError(f"RATConfig.mixers must list mixers from {MIXERS}, got {self.mixers}")
         if self.ffn not in ("gelu", "swiglu"):
             raise ValueError(f"RATConfig.ffn must be 'gelu' or 'swiglu', got {self.ffn!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"RATConfig.kernels must be one of {KERNELS}, got {self.kernels!r}")

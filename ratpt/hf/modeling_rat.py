@@ -7,12 +7,14 @@ Mixer i is `config.mixers[i % len(config.mixers)]`: rat, attention (causal), swa
 rnn. Weight names are ratpt's under `model.`, so ratpt's export converts by a prefix. This file and
 its siblings are copied into every exported folder and run there without ratpt: plain PyTorch
 (rat_ops.py). When ratpt itself is importable and the tensors are on a GPU, the RAT layer's full
-forward runs ratpt's fused kernels instead (`config.kernels`).
+forward and its prefill run ratpt's fused kernels instead (`config.kernels`).
 
 `generate()`: the first forward runs the whole prompt (left padding is moved to the right, so each
 sequence is computed as if alone) and returns a `RATCache`; every later forward feeds one token per
 sequence against it.
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,12 +24,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .cache_rat import KVState, RATCache, RATLayerState, RNNState, ensure_slots
 from .configuration_rat import RATConfig
 from .rat_ops import (apply_rope, causal_attention, chunk_scan, forget_gate, rat_attend_states, rat_decode,
-                      rat_states, rope_cos_sin)
+                      rat_prefill, rat_states, rope_cos_sin)
 
 
 def ratpt_ops(x: torch.Tensor, kernels: str):
-    """ratpt's op package when it should run the RAT layer (kernels 'auto', CUDA, ratpt installed), else None."""
-    if kernels != "auto" or not x.is_cuda:
+    """ratpt's op package when it should run the RAT layer's full forward and prefill (ratpt installed, and
+    kernels 'auto' on CUDA, or 'triton' anywhere: ratpt then runs its kernels, in Triton's interpreter on the
+    CPU), else None: the plain PyTorch of rat_ops."""
+    if kernels == "torch" or (kernels == "auto" and not x.is_cuda):
         return None
     try:
         from ratpt import ops
@@ -85,7 +89,7 @@ class RATMixer(nn.Module):
         ops = ratpt_ops(x, self.kernels)
         if ops is not None:
             return x + self.out_proj(ops.rat_mixing(proj, self.gate_bias, self.chunk_size, self.head_dim,
-                                                    self.ngroups, self.rope_base))
+                                                    self.ngroups, self.rope_base, kernels=self.kernels))
         z, v, f, q, k = self._split(proj)
         _, k_state, v_state = rat_states(k, v, f, self.gate_bias, self.chunk_size, self.head_dim)
         y = rat_attend_states(q, k_state, v_state, self.chunk_size, self.head_dim, self.rope_base)
@@ -93,23 +97,15 @@ class RATMixer(nn.Module):
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, RATLayerState]:
         """Forward over right-padded prompts of `lengths`; their chunk summaries and running states."""
-        B, T, _ = x.shape
         L, d = self.chunk_size, self.head_dim
         z, v, f, q, k = self._split(self.in_proj(self.input_norm(x)))
-        g, k_state, v_state = rat_states(k, v, f, self.gate_bias, L, d)
-        y = rat_attend_states(q, k_state, v_state, L, d, self.rope_base)
-        ends = torch.arange(T // L, device=x.device) * L + L - 1  # complete chunks
-        cos, sin = rope_cos_sin(ends // L, d, self.rope_base, v.dtype)
-
-        def heads(t):
-            return t.reshape(B, -1, self.n_heads, d).transpose(1, 2)
-
-        rows, last = torch.arange(B, device=x.device), lengths - 1
+        ops = ratpt_ops(x, self.kernels)
+        prefill = rat_prefill if ops is None else partial(ops.rat_prefill_mixing, kernels=self.kernels)
+        y, summary_k, summary_v, running_k, running_v = prefill(q, k, v, f, self.gate_bias, lengths, L, d,
+                                                                self.rope_base)
         slots = -(-capacity // L)
-        state = RATLayerState(summary_k=ensure_slots(apply_rope(heads(k_state[:, ends]), cos, sin), slots),
-                              summary_v=ensure_slots(heads(v_state[:, ends]).contiguous(), slots),
-                              running_k=k_state[rows, last].to(g.dtype), running_v=v_state[rows, last].to(g.dtype),
-                              chunk_size=L)
+        state = RATLayerState(summary_k=ensure_slots(summary_k, slots), summary_v=ensure_slots(summary_v, slots),
+                              running_k=running_k, running_v=running_v, chunk_size=L)
         return x + self.out_proj(z * y), state
 
     def decode(self, x: torch.Tensor, state: RATLayerState, positions: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,25 @@ def rat_attend_states(q, k_state, v_state, chunk_size: int, head_dim: int, rope_
     return y.transpose(1, 2).reshape(B, T, D)
 
 
+def rat_prefill(q, k, v, f, gate_bias, lengths: torch.Tensor, chunk_size: int, head_dim: int, rope_base: float):
+    """(y, summaries k̃ and ṽ [B, H, T // L, d] of the complete chunks, k̃ rotated by its chunk index, running k̃
+    and ṽ [B, H·d] at each prompt's last token, fp32) for right-padded prompts of `lengths` [B]: the full
+    forward and the cache that decode continues from."""
+    B, T, D = v.shape
+    H, L = D // head_dim, chunk_size
+    g, k_state, v_state = rat_states(k, v, f, gate_bias, L, head_dim)
+    y = rat_attend_states(q, k_state, v_state, L, head_dim, rope_base)
+    ends = torch.arange(T // L, device=v.device) * L + L - 1  # complete chunks
+    cos, sin = rope_cos_sin(ends // L, head_dim, rope_base, v.dtype)
+
+    def heads(t):
+        return t.reshape(B, -1, H, head_dim).transpose(1, 2)
+
+    rows, last = torch.arange(B, device=v.device), lengths - 1
+    return (y, apply_rope(heads(k_state[:, ends]), cos, sin), heads(v_state[:, ends]).contiguous(),
+            k_state[rows, last].to(g.dtype), v_state[rows, last].to(g.dtype))
+
+
 def rat_decode(q, k, v, f, gate_bias, summary_k, summary_v, running_k, running_v, positions: torch.Tensor,
                chunk_size: int, head_dim: int, rope_base: float) -> torch.Tensor:
     """One token per sequence at `positions` [B]: q, k [B, G·d], v, f [B, H·d]; returns y [B, H·d].
