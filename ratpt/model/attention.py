@@ -27,6 +27,7 @@ class AttentionMixer(nn.Module):
         self.d_model, self.head_dim, self.n_heads = D, cfg.head_dim, n_heads(cfg)
         self.window = window
         self.rope_base = cfg.rope_base
+        self.kernels = cfg.kernels
         self.input_norm = RMSNorm(D, cfg.norm_eps)
         self.in_proj = nn.Linear(D, 3 * D, bias=False)
         self.out_proj = nn.Linear(D, D, bias=False)
@@ -52,16 +53,15 @@ class AttentionMixer(nn.Module):
         """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place.
 
         The token's (k, v) is written to its slot first, then the query attends over every slot
-        written so far: slot s <= position, in the full cache (slot = position) and in the ring
-        (slot = position mod (W + 1); once full, all W + 1 slots are the window). Static shapes.
+        written so far, and reads no other: slot s <= position, in the full cache (slot = position) and
+        in the ring (slot = position mod (W + 1); once full, all W + 1 slots are the window). Static shapes.
         """
         q, k, v = self._qkv(self.in_proj(self.input_norm(x)), positions.unsqueeze(-1), x.dtype)
         slots = cache.k.shape[2]
         slot = positions if self.window is None else positions % slots
         write_slots(cache.k, slot, k[:, :, 0])
         write_slots(cache.v, slot, v[:, :, 0])
-        visible = torch.arange(slots, device=x.device) <= positions.unsqueeze(-1)
-        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=visible[:, None, None, :])
+        y = ops.attention_decode(q, cache.k, cache.v, torch.clamp(positions + 1, max=slots), self.kernels)
         return x + self.out_proj(self._merge(y))
 
     def extend(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE base (over chunk index for RAT, token index for attention)
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
     rnn_gate_horizon: int = 4096  # RNN layer: gate_bias init log U(1, horizon-1) (reference: training seq_len)
-    kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton: implementation of RAT's sequence mixing
+    kernels: str = "auto"  # auto (Triton on CUDA) | torch | triton: RAT's sequence mixing and attention decode
 
 
 def validate_model_config(cfg: ModelConfig) -> None:

@@ -2,10 +2,12 @@
 
 Model code imports these names from `ratpt.ops` only. Each is a pure-PyTorch reference
 (readable ground truth, runs anywhere), except `rat_mixing`, RAT's whole sequence mixing,
-`rat_prefill_mixing`, the same with the decode cache, and `rat_decode_mixing`, its one-token
-decode step: each picks between its reference and the fused Triton kernels of `kernels/`
-(`model.kernels`).
+`rat_prefill_mixing`, the same with the decode cache, `rat_decode_mixing`, its one-token
+decode step, and `attention_decode`, attention's: each picks between its reference and the Triton
+kernels of `kernels/` (`model.kernels`); and the sliding window of `causal_attention`, which runs
+FlexAttention on CUDA.
 """
+from ratpt.ops.attention_decode import attention_decode, attention_decode_reference
 from ratpt.ops.chunk_scan import chunk_scan, forget_gate, linear_scan
 from ratpt.ops.inter_chunk_attention import attend_summaries, inter_chunk_attention
 from ratpt.ops.rat_decode import rat_decode_mixing, rat_decode_reference
@@ -14,7 +16,7 @@ from ratpt.ops.rat_prefill import rat_prefill_mixing, rat_prefill_reference
 from ratpt.ops.rope import apply_rope, rope_cos_sin
 from ratpt.ops.sliding_window_attention import causal_attention, windowed_attention
 
-__all__ = ["apply_rope", "attend_summaries", "causal_attention", "chunk_scan", "forget_gate",
-           "inter_chunk_attention", "linear_scan", "rat_decode_mixing", "rat_decode_reference", "rat_mixing",
-           "rat_mixing_reference", "rat_prefill_mixing", "rat_prefill_reference", "rope_cos_sin",
-           "split_projection", "windowed_attention"]
+__all__ = ["apply_rope", "attend_summaries", "attention_decode", "attention_decode_reference", "causal_attention",
+           "chunk_scan", "forget_gate", "inter_chunk_attention", "linear_scan", "rat_decode_mixing",
+           "rat_decode_reference", "rat_mixing", "rat_mixing_reference", "rat_prefill_mixing", "rat_prefill_reference",
+           "rope_cos_sin", "split_projection", "windowed_attention"]

@@ -5,15 +5,16 @@ import pytest
 import torch
 
 from ratpt.data.tokenizer import load_tokenizer
-from ratpt.generate import GraphedDecodeStep, generate, run, sample_next
+from ratpt.decoder import GraphedDecodeStep
+from ratpt.generate import generate, run, sample_next
 from ratpt.model import ModelConfig, build_model
 from ratpt.model.pretrained import save_pretrained
 
 
-def tiny_model(mixers=("rat", "swa"), vocab=37, head_dim=4):
+def tiny_model(mixers=("rat", "swa"), vocab=37, head_dim=4, kernels="auto"):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=vocab, d_model=4 * head_dim, n_layers=2, head_dim=head_dim, chunk_size=4,
-                      mixers=list(mixers), window=3, init_std=0.5)
+                      mixers=list(mixers), window=3, init_std=0.5, kernels=kernels)
     return build_model(cfg).eval(), cfg
 
 
@@ -30,6 +31,13 @@ def test_greedy_batch_equals_one_prompt_at_a_time_full_forward(mixers):
     prompts = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]]
     out = generate(model, prompts, max_new_tokens=9)
     assert out == [greedy_by_full_forward(model, p, 9) for p in prompts]
+
+
+def test_greedy_with_the_length_aware_attention_decode_kernel_equals_full_forward():
+    """Attention and the window's ring decode through the Triton kernel (the interpreter on CPU)."""
+    model, _ = tiny_model(("attention", "swa"), head_dim=32, kernels="triton")
+    prompts = [[5], [7, 8, 9, 10, 11, 12]]  # the window's ring (4 slots) fills during the decode and after the prefill
+    assert generate(model, prompts, max_new_tokens=6) == [greedy_by_full_forward(model, p, 6) for p in prompts]
 
 
 def test_generation_stops_at_eos_and_keeps_it():
@@ -65,8 +73,9 @@ def test_top_p_zero_keeps_the_top_token():
 
 
 def cli_args(model_dir, **flags) -> argparse.Namespace:
-    defaults = dict(model_dir=str(model_dir), prompt=["hello", "a"], max_new_tokens=5, temperature=0.0, top_k=0,
-                    top_p=1.0, seed=0, device="cpu", dtype="float32", tokenizer="byte", cuda_graph=False)
+    defaults = dict(model_dir=str(model_dir), prompt=["hello", "a"], prompts=None, batch_size=32, out=None,
+                    max_new_tokens=5, temperature=0.0, top_k=0, top_p=1.0, seed=0, device="cpu", dtype="float32",
+                    tokenizer="byte", cuda_graph=None, compile=False)
     return argparse.Namespace(**{**defaults, **flags})
 
 
@@ -102,12 +111,12 @@ def test_cli_prints_the_greedy_continuation_and_tokens_per_second(tmp_path, caps
     model, cfg = tiny_model(vocab=257)
     save_pretrained(model, cfg, tmp_path / "m")
     assert run(cli_args(tmp_path / "m")) == 0
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
     tokenizer = load_tokenizer("byte")
     for prompt in ("hello", "a"):
         new = greedy_by_full_forwards(model.eval(), tokenizer.encode(prompt), 5, tokenizer.eos_id)
-        assert prompt + tokenizer.decode(new) + "\n" in out
-    assert "tokens/s" in out
+        assert prompt + tokenizer.decode(new) + "\n" in printed.out
+    assert "start-up: load" in printed.err and "tokens/s" in printed.err
 
 
 def test_cuda_graph_decode_needs_a_static_cache():
