@@ -96,6 +96,10 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
         path = verify_checkpoint(Path(cfg.checkpoint.init_from))
         check_same_model(cfg, path, INIT_MODEL_CHANGES, "checkpoint.init_from")
         check_trained_tokenizer(str(path), cfg.data.streams, cfg.model.vocab_size)
+        trained_base = saved_model(path).get("rope_base", cfg.model.rope_base)
+        if trained_base != cfg.model.rope_base:
+            log.info("model.rope_base: %s in %s, %s here: the weights are the same, the rotary angles of every "
+                     "position change (RAT: of every chunk index)", trained_base, path, cfg.model.rope_base)
         return path
 
     path = on_rank0(check)
@@ -136,15 +140,21 @@ def newest_intact_checkpoint(directory: Path) -> Optional[Path]:
     return None
 
 
+def saved_model(checkpoint: Path) -> dict[str, Any]:
+    """The model section of the config a checkpoint directory was written with ({} for a checkpoint
+    written before checkpoints carried their config)."""
+    saved_yaml = checkpoint / CONFIG_FILE
+    return OmegaConf.to_container(OmegaConf.load(saved_yaml)).get("model", {}) if saved_yaml.is_file() else {}
+
+
 def check_same_model(cfg: Config, checkpoint: Path, may_change: frozenset[str] = RESUMABLE_MODEL_CHANGES,
                      use: str = "checkpoint.resume") -> None:
     """Refuse to load the checkpoint directory `checkpoint` if it holds another model, naming the keys
     that differ beyond `may_change` (its weights would fail to load with a size mismatch, or, worse, load
     into a model they were not trained for); `use` names how the run came to it."""
-    saved_yaml = checkpoint / CONFIG_FILE
-    if not saved_yaml.is_file():
+    saved = saved_model(checkpoint)
+    if not saved:
         return  # written before checkpoints carried their config: nothing to compare
-    saved = OmegaConf.to_container(OmegaConf.load(saved_yaml)).get("model", {})
     current = OmegaConf.to_container(OmegaConf.structured(cfg).model)
     changed = [f"model.{key}: {saved.get(key)!r} there, {value!r} here" for key, value in current.items()
                if key not in may_change and saved.get(key) != value]

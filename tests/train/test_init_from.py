@@ -1,6 +1,8 @@
 """checkpoint.init_from: a run starts from another run's weights (a context extension: a short-sequence
 run continued at a longer one) with a new optimizer, schedule and data position, and a requeued run
 resumes its own checkpoints instead."""
+import re
+
 import pytest
 import torch
 
@@ -25,6 +27,7 @@ def test_a_longer_context_run_starts_from_the_short_runs_weights_and_its_loss_fa
                                          f"checkpoint.init_from={short_run}", "model.rope_base=40000"))
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert "starting from the weights of" in extended.stdout + extended.stderr
+    assert re.search(r"model.rope_base: 10000.0 in \S+, 40000.0 here", extended.stdout + extended.stderr)
     first = losses_of(extended.stdout)
     assert sorted(first) == list(range(1, 7)), "a new schedule and data position: steps 1..6"
     assert first[1] < short_losses[1] - 1.0  # it starts trained (from scratch the byte-level loss is ~ln 257 = 5.5)
