@@ -1,6 +1,7 @@
 """The built distribution holds every package under the names users import, and the Triton kernels'
 import name (`ratpt_kernels`) cannot be shadowed by Hugging Face's unrelated `kernels` package."""
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -24,8 +25,14 @@ def test_every_package_folder_is_declared():
 
 
 def test_wheel_installs_the_kernels_as_ratpt_kernels(tmp_path):
+    source = tmp_path / "source"  # a copy: setuptools leaves build/ and *.egg-info in the folder it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source)
+    for folder in ("ratpt", "data_prep", "kernels"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
-                    str(REPO)], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("ratpt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     kernel_files = {f"ratpt_kernels/{p.name}" for p in (REPO / "kernels").iterdir() if p.suffix in (".py", ".json")}

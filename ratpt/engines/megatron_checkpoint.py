@@ -1,6 +1,6 @@
 """Distributed checkpoints of the megatron engine (`checkpoint.format: distributed`): every rank writes
 only its own shards through megatron-core `dist_checkpointing` (torch_dist backend), and any layout
-(TP/PP/CP/DP, or one process) reads them back (docs/training.md#gathered-and-distributed-formats).
+(TP/PP/CP/DP, or one process) reads them back (docs/checkpoints.md#gathered-and-distributed-formats).
 
     step_XXXXXXXX/
         dist/          every rank's PyTorch DCP shard files, `.metadata`, `metadata.json`, `common.pt` (empty)
