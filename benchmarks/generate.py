@@ -7,16 +7,22 @@ size, doubling until the GPU runs out of memory:
     cache is then repeated to the batch (ModelCache.repeat_interleave) — prefilling thousands
     of RAT prompts would cost minutes of device time for no new information;
   - decode: greedy, one token per sequence per step, `new - 1` steps (the first new token comes
-    from the prefill), replayed as one CUDA graph per step (ratpt.generate.GraphedDecodeStep);
+    from the prefill), replayed as one CUDA graph per step (ratpt.decoder.GraphedDecodeStep);
     the warmup and capture steps are not timed;
   - generated tokens/s = batch / decode time per step; end-to-end tokens/s also counts the
-    prefill of the whole batch (the per-sequence prefill time × batch); peak memory.
+    prefill of the whole batch (the per-sequence prefill time × batch); peak memory;
+  - roofline: the bytes one decode step must read (every weight once, and the cache slots the
+    step attends to at the timed steps' middle position) over the copy bandwidth measured on
+    the same device at the start of the run: the floor of a step, and the step's share of it.
+`--compile MODE` runs each block's decode through torch.compile (ratpt.decoder.compile_decode;
+"default" is torch.compile's default mode) inside the same CUDA graph.
 The RAT/attention ratio compares each model's best decode tokens/s (its best batch).
 On CPU (smoke test) the decode runs eagerly.
 
     python benchmarks/generate.py --out benchmarks/results/generate.json        # one GPU
     python benchmarks/generate.py --models rat_1p3b --min-batch 1024 --update   # re-measure some batches
     python benchmarks/generate.py --plot benchmarks/results/generate.json       # PNG beside it
+    python benchmarks/generate.py --models rat_1p3b,attention_1p3b --batches 1,64 --compile default
     python benchmarks/generate.py --models tiny --prompt 16 --new 8 --batches 1,2 --device cpu
 """
 from __future__ import annotations
@@ -24,13 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ratpt.config import load_config
-from ratpt.generate import GraphedDecodeStep
+from ratpt.decoder import GraphedDecodeStep, compile_decode
 from ratpt.model import build_model
+from ratpt.model.config import mixer_of_layer
 
 REPO = Path(__file__).resolve().parents[1]
 UNTIMED_STEPS = 3  # eager warmup steps + the capture step of GraphedDecodeStep
@@ -58,8 +66,39 @@ class Clock:
         return 1000 * (time.perf_counter() - start)
 
 
+def cache_bytes_read(model_cfg, batch: int, position: int, itemsize: int) -> float:
+    """Bytes of cache one decode step at `position` reads: per layer, every slot it attends to."""
+    per_layer = []
+    for mixer in map(partial(mixer_of_layer, model_cfg), range(model_cfg.n_layers)):
+        if mixer == "rat":
+            slots = position // model_cfg.chunk_size
+        elif mixer == "attention":  # keys 0..position, its own included
+            slots = position + 1
+        elif mixer == "swa":  # itself and `window` earlier tokens
+            slots = min(position, model_cfg.window) + 1
+        else:  # an RNN's state is not a cache of slots
+            slots = 0
+        per_layer.append(2 * slots * model_cfg.d_model * itemsize)
+    return batch * sum(per_layer)
+
+
+def copy_bandwidth(device: torch.device, gib: int = 2) -> float | None:
+    """Bytes per second a large device-to-device copy moves (read + written): the roofline's bandwidth."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(gib * 2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    clock, repeats = Clock(device), 10
+    start = clock.start()
+    for _ in range(repeats):
+        dst.copy_(src)
+    return 2 * src.numel() * repeats / (clock.ms_since(start) / 1000)
+
+
 @torch.inference_mode()
-def run_batch(model, batch: int, prompt: int, new: int, prefill_batch: int, device: torch.device) -> dict:
+def run_batch(model, batch: int, prompt: int, new: int, prefill_batch: int, device: torch.device,
+              bandwidth: float | None = None) -> dict:
     clock = Clock(device)
     vocab = model.cfg.vocab_size
     n_prefill = min(batch, prefill_batch)
@@ -84,12 +123,17 @@ def run_batch(model, batch: int, prompt: int, new: int, prefill_batch: int, devi
     decode_ms = clock.ms_since(start) / timed_steps
     prefill_per_seq = prefill_ms / n_prefill
     total_s = (prefill_per_seq * batch + decode_ms * (new - 1)) / 1000
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    position = prompt + untimed + 1 + timed_steps // 2  # the middle timed step's
+    step_bytes = weights + cache_bytes_read(model.cfg, batch, position, next(model.parameters()).element_size())
+    roofline_ms = step_bytes / bandwidth * 1000 if bandwidth else None
     return {
         "batch": batch, "prefill_batch": n_prefill, "prefill_ms": prefill_ms,
         "prefill_ms_per_sequence": prefill_per_seq, "decode_ms_per_step": decode_ms, "timed_steps": timed_steps,
         "decode_tokens_per_s": batch / decode_ms * 1000, "end_to_end_tokens_per_s": batch * new / total_s,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "cuda_graph": device.type == "cuda",
+        "cuda_graph": device.type == "cuda", "gb_read_per_step": step_bytes / 1e9, "roofline_ms": roofline_ms,
+        "of_roofline": roofline_ms / decode_ms if roofline_ms else None,
     }
 
 
@@ -101,12 +145,15 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device, s
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(cfg.model).to(device, dtype).eval()
+    if args.compile != "none":
+        compile_decode(model, None if args.compile == "default" else args.compile)
     with torch.inference_mode():  # kernels compiled, cuBLAS and SDPA set up for the prompt's shapes, untimed
         model.prefill(torch.zeros(1, args.prompt, dtype=torch.long, device=device))
     result = {"model": name, "mixers": list(cfg.model.mixers), "chunk_size": cfg.model.chunk_size,
-              "window": cfg.model.window, "largest_batch": None, "best": None, "batches": []}
-    batch = args.min_batch
-    while batch <= args.max_batch:
+              "window": cfg.model.window, "compile": args.compile, "largest_batch": None, "best": None, "batches": []}
+    batches = iter(map(int, args.batches.split(","))) if args.batches else None
+    batch = next(batches) if batches else args.min_batch
+    while batch is not None and batch <= args.max_batch:
         if time.time() > deadline:
             result["batches"].append({"batch": batch, "skipped": "time budget"})
             break
@@ -114,7 +161,7 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device, s
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            row = run_batch(model, batch, args.prompt, args.new, args.prefill_batch, device)
+            row = run_batch(model, batch, args.prompt, args.new, args.prefill_batch, device, args.bandwidth)
         except torch.OutOfMemoryError:
             row = {"batch": batch, "oom": True}
         print(name, json.dumps(row), flush=True)
@@ -125,7 +172,7 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device, s
         save(result)
         if row.get("oom"):
             break
-        batch *= 2
+        batch = next(batches, None) if batches else 2 * batch
     return result
 
 
@@ -154,8 +201,10 @@ def merge_batches(old: dict | None, new: dict) -> dict:
 
 def benchmark(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
+    args.bandwidth = copy_bandwidth(device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "prompt": args.prompt, "new_tokens": args.new,
+              "copy_tb_per_s": args.bandwidth / 1e12 if args.bandwidth else None,
               "prefill_batch": args.prefill_batch, "models": [], "ratio_to_attention": {}}
     earlier = {}
     if args.update and args.out.exists():
@@ -211,6 +260,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=1024)
     parser.add_argument("--min-batch", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=8192)
+    parser.add_argument("--batches", help="comma-separated batch sizes to measure instead of doubling from --min-batch")
+    parser.add_argument("--compile", default="none",
+                        help="torch.compile mode of each block's decode: none, default, max-autotune-no-cudagraphs")
     parser.add_argument("--prefill-batch", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=300, help="per model: start no batch after this many seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

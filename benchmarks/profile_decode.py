@@ -20,33 +20,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from generate import REPO
+from generate import REPO, cache_bytes_read
 from profiling import by_category, kernel_times, rat_kernel_names
 from ratpt.config import load_config
-from ratpt.generate import GraphedDecodeStep
+from ratpt.decoder import GraphedDecodeStep, compile_decode
 from ratpt.model import build_model
-from ratpt.model.config import mixer_of_layer
-
-
-def cache_bytes_read(model_cfg, batch: int, position: int, itemsize: int) -> float:
-    """Bytes of cache one decode step at `position` reads: per layer, every slot it attends to."""
-    per_layer = []
-    for mixer in map(partial(mixer_of_layer, model_cfg), range(model_cfg.n_layers)):
-        if mixer == "rat":
-            slots = position // model_cfg.chunk_size
-        elif mixer == "attention":  # keys 0..position, its own included
-            slots = position + 1
-        elif mixer == "swa":  # itself and `window` earlier tokens
-            slots = min(position, model_cfg.window) + 1
-        else:  # an RNN's state is not a cache of slots
-            slots = 0
-        per_layer.append(2 * slots * model_cfg.d_model * itemsize)
-    return batch * sum(per_layer)
 
 
 @torch.inference_mode()
@@ -54,6 +36,8 @@ def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     torch.manual_seed(0)
     model = build_model(cfg.model).to("cuda", torch.bfloat16).eval()
+    if args.compile != "none":
+        compile_decode(model, None if args.compile == "default" else args.compile)
     prompts = torch.randint(0, cfg.model.vocab_size, (args.prefill_batch, args.prompt), device="cuda")
     logits, cache = model.prefill(prompts, capacity=args.prompt + args.new)
     cache = cache.repeat_interleave(batch // args.prefill_batch)
@@ -73,7 +57,7 @@ def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
     position = args.prompt + args.warmup + 1 + args.steps // 2
     read = cache_bytes_read(cfg.model, batch, position, 2)
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
-    return {"model": name, "batch": batch, "position": position, "kernel_ms_per_step": sum(per_kernel.values()),
+    return {"model": name, "batch": batch, "compile": args.compile, "position": position, "kernel_ms_per_step": sum(per_kernel.values()),
             "by_category_ms": per_category, "cache_gb_read": read / 1e9,
             "mixing_tb_per_s": read / (mixing_ms / 1000) / 1e12 if mixing_ms else None,
             "top_kernels_ms": {k[:120]: round(v, 3) for k, v in top}}
@@ -116,6 +100,7 @@ def main() -> None:
     parser.add_argument("--prefill-batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile", default="none", help="as benchmarks/generate.py's --compile")
     parser.add_argument("--sweep", action="store_true", help="time the decode kernel's launches instead")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "profile_decode.json")
     args = parser.parse_args()

@@ -91,11 +91,16 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
     tl.store(slot_v + HALF, vs2.to(sv_ptr.dtype.element_ty), mask=writable)
 
 
-def rat_decode(q, k, v, f, gate_bias, summary_k, summary_v, running_k, running_v, positions,
-               chunk_size: int, head_dim: int, rope_base: float, slots: int = 32, warps: int = 2,
-               stages: int = 2) -> torch.Tensor:
+@torch.library.custom_op("ratpt::rat_decode",
+                         mutates_args=("summary_k", "summary_v", "running_k", "running_v"))
+def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, gate_bias: torch.Tensor,
+               summary_k: torch.Tensor, summary_v: torch.Tensor, running_k: torch.Tensor, running_v: torch.Tensor,
+               positions: torch.Tensor, chunk_size: int, head_dim: int, rope_base: float, slots: int = 32,
+               warps: int = 2, stages: int = 2) -> torch.Tensor:
     """Same contract as ratpt.ops.rat_decode_mixing (caches updated in place, y returned).
 
+    A custom op that declares its in-place cache writes, so that torch.compile of a whole decode
+    step keeps the launch as one opaque call and fuses the glue around it.
     slots, warps, stages: the launch (summary slots per loop step; benchmarks/profile_decode.py
     --sweep measures them)."""
     B, D = v.shape
@@ -114,3 +119,8 @@ def rat_decode(q, k, v, f, gate_bias, summary_k, summary_v, running_k, running_v
         H=H, G=G, L=chunk_size, HALF=d // 2, BC=16 if interpreting() else slots, num_warps=warps,
         num_stages=stages)
     return y
+
+
+@rat_decode.register_fake
+def _rat_decode_shape(q, k, v, *rest):
+    return v.new_empty(v.shape)

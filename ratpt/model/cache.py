@@ -84,6 +84,22 @@ class ModelCache:
         for layer in self.layers:
             layer.grow(self.capacity)
 
+    def load_(self, other: "ModelCache") -> None:
+        """Take in `other`'s n sequences as rows 0 … n − 1, in place, and restart the rows after them at
+        position 0: a persistent cache (the one a CUDA graph was captured on) continues new prompts.
+        Both caches are static with the same capacity; the rows after n decode unread padding."""
+        n = other.lengths.shape[0]
+        if not (self.static and other.static and self.capacity == other.capacity and n <= self.lengths.shape[0]):
+            raise ValueError(f"a cache of {other.lengths.shape[0]} sequences with capacity {other.capacity} does not "
+                             f"fit a persistent cache of {self.lengths.shape[0]} with capacity {self.capacity}: "
+                             f"prefill with capacity={self.capacity} and at most {self.lengths.shape[0]} prompts")
+        self.lengths[:n].copy_(other.lengths)
+        self.lengths[n:] = 0
+        self.bound = other.bound
+        for mine, theirs in zip(self.layers, other.layers):
+            for name, tensor in _tensors(mine).items():
+                tensor[:n].copy_(getattr(theirs, name))
+
     def repeat_interleave(self, n: int) -> "ModelCache":
         """A cache of n copies of each sequence in a row (b -> rows b·n … b·n + n - 1), e.g. to draw
         n samples per prompt from one prefill."""
@@ -92,9 +108,13 @@ class ModelCache:
 
 
 def _repeat_rows(layer: LayerCache, n: int) -> LayerCache:
-    tensors = {f.name: getattr(layer, f.name).repeat_interleave(n, 0) for f in dataclasses.fields(layer)
-               if isinstance(getattr(layer, f.name), torch.Tensor)}
-    return dataclasses.replace(layer, **tensors)
+    return dataclasses.replace(layer, **{name: t.repeat_interleave(n, 0) for name, t in _tensors(layer).items()})
+
+
+def _tensors(layer: LayerCache) -> dict[str, torch.Tensor]:
+    """A layer cache's tensor fields by name (every one has the batch as its first dim)."""
+    return {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)
+            if isinstance(getattr(layer, f.name), torch.Tensor)}
 
 
 def summary_slots(capacity: int, chunk_size: int) -> int:

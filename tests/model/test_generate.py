@@ -1,5 +1,6 @@
 """generate(): greedy equals repeated full forwards; batching, EOS, sampling controls, CLI."""
 import argparse
+import json
 
 import pytest
 import torch
@@ -155,3 +156,30 @@ def test_cli_rejects_an_unknown_device_naming_the_flag(tmp_path):
     save_pretrained(model, cfg, tmp_path / "m")
     with pytest.raises(ValueError, match="--device 'banana' is not a device"):
         run(cli_args(tmp_path / "m", device="banana"))
+
+
+def test_cli_writes_one_jsonl_record_per_prompt_of_a_file_in_batches(tmp_path):
+    model, cfg = tiny_model(vocab=257)
+    save_pretrained(model, cfg, tmp_path / "m")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hello", "id": 7}\n\n{"prompt": "a"}\n{"prompt": "to be"}\n')
+    assert run(cli_args(tmp_path / "m", prompt=None, prompts=str(tmp_path / "prompts.jsonl"), batch_size=2,
+                        out=str(tmp_path / "out.jsonl"))) == 0
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer("byte")
+    assert [(r["prompt"], r.get("id")) for r in records] == [("hello", 7), ("a", None), ("to be", None)]
+    for record in records:
+        new = greedy_by_full_forwards(model.eval(), tokenizer.encode(record["prompt"]), 5, tokenizer.eos_id)
+        assert record["completion"] == tokenizer.decode(new)
+
+
+@pytest.mark.parametrize("name, text, error", [
+    ("missing.txt", None, "no such file"),
+    ("blank.txt", "\n  \n", "holds no prompt"),
+    ("bad.jsonl", '{"prompt": "a"}\n{"prompt": "b",}\n', "line 2: not JSON"),
+    ("no-prompt.jsonl", '{"text": "a"}\n', 'line 1: no "prompt" string'),
+], ids=["missing", "empty", "bad-json-line", "no-prompt-field"])
+def test_cli_rejects_a_bad_prompt_file_naming_file_and_line(tmp_path, name, text, error):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=f"--prompts {tmp_path / name}.*{error}"):
+        run(cli_args(tmp_path / "never-loaded", prompt=None, prompts=str(tmp_path / name)))

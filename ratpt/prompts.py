@@ -1,0 +1,37 @@
+"""Prompt files of `ratpt generate --prompts FILE`: one prompt per line, or JSONL objects with a
+"prompt" string (a .jsonl file; its other fields are passed through to the output records).
+
+Blank lines are skipped in both; every other problem is an error that names the file and line,
+before any model is loaded.
+"""
+import json
+from pathlib import Path
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """One record per prompt, each with a non-empty "prompt" string, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--prompts {path}: no such file (one prompt per line, or a .jsonl file of "
+                         f"{{\"prompt\": ...}} objects)")
+    jsonl = path.suffix == ".jsonl"
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        records.append(_record(line, path, number) if jsonl else {"prompt": line})
+    if not records:
+        raise ValueError(f"--prompts {path} holds no prompt: write one per line (in a .jsonl file, one "
+                         f"{{\"prompt\": ...}} object per line)")
+    return records
+
+
+def _record(line: str, path: Path, number: int) -> dict:
+    fix = 'each line of a .jsonl prompt file is an object with a non-empty "prompt" string'
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--prompts {path} line {number}: not JSON ({error.msg}); {fix}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
+        raise ValueError(f"--prompts {path} line {number}: no \"prompt\" string; {fix}")
+    return record
