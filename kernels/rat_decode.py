@@ -2,8 +2,9 @@
 
 One program per (sequence, head): the gate and the running-state update (reset at a chunk
 start), the own score q·k̃ (RoPE cancels: q and k̃ share the chunk angle) seeding an online
-softmax over the summary slots j < c (q rotated by the chunk index c), the output row, and the
-write of the rotated running k̃ and ṽ into slot c. The loop bound c is read on the device, so
+softmax over the summary slots j < c (q rotated by the chunk index c), the output row (times
+the layer's output gate sigmoid(z), if given), and the write of the rotated running k̃ and ṽ
+into slot c. The loop bound c is read on the device, so
 the launch has static shapes and no host synchronisation: it can be captured in a CUDA graph.
 
 Bytes per step: the visible summaries (2·c·d per head, model dtype) dominate; at B 32, H 16,
@@ -21,11 +22,12 @@ from .rat_fwd import inverse_frequencies
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
-                   sk_ptr, sv_ptr, rk_ptr, rv_ptr, y_ptr,
-                   sq_b, sk_b, sv_b, sf_b, sy_b, srk_b, srv_b,
+                   sk_ptr, sv_ptr, rk_ptr, rv_ptr, y_ptr, z_ptr,
+                   sq_b, sk_b, sv_b, sf_b, sy_b, srk_b, srv_b, sz_b,
                    ssk_b, ssk_h, ssk_c, ssv_b, ssv_h, ssv_c,
                    capacity, qk_scale,
-                   H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr, BC: tl.constexpr):
+                   H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr, BC: tl.constexpr,
+                   GATE: tl.constexpr):
     b, h = tl.program_id(0), tl.program_id(1)
     D_HEAD: tl.constexpr = 2 * HALF
     b64 = b.to(tl.int64)
@@ -79,7 +81,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
         vb = tl.load(sv_head + j[:, None] * ssv_c + full[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * vb, 0)
         m = m_new
-    tl.store(y_ptr + b64 * sy_b + h * D_HEAD + full, (acc / l_sum).to(y_ptr.dtype.element_ty))
+    y = acc / l_sum
+    if GATE:  # the layer's output gate sigmoid(z)
+        y = y * tl.sigmoid(tl.load(z_ptr + b64 * sz_b + h * D_HEAD + full).to(tl.float32))
+    tl.store(y_ptr + b64 * sy_b + h * D_HEAD + full, y.to(y_ptr.dtype.element_ty))
     # --- slot c := the rotated running state (visible to later chunks once c is complete)
     ST = sk_ptr.dtype.element_ty
     writable = (cols * 0 + chunk) < capacity
@@ -95,8 +100,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
                          mutates_args=("summary_k", "summary_v", "running_k", "running_v"))
 def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, gate_bias: torch.Tensor,
                summary_k: torch.Tensor, summary_v: torch.Tensor, running_k: torch.Tensor, running_v: torch.Tensor,
-               positions: torch.Tensor, chunk_size: int, head_dim: int, rope_base: float, slots: int = 32,
-               warps: int = 2, stages: int = 2) -> torch.Tensor:
+               positions: torch.Tensor, chunk_size: int, head_dim: int, rope_base: float,
+               gate: torch.Tensor | None = None, slots: int = 32, warps: int = 2, stages: int = 2) -> torch.Tensor:
     """Same contract as ratpt.ops.rat_decode_mixing (caches updated in place, y returned).
 
     A custom op that declares its in-place cache writes, so that torch.compile of a whole decode
@@ -106,18 +111,19 @@ def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tenso
     B, D = v.shape
     H, G, d = D // head_dim, q.shape[-1] // head_dim, head_dim
     for name, t in {"q": q, "k": k, "v": v, "f": f, "summary_k": summary_k, "summary_v": summary_v,
-                    "running_k": running_k, "running_v": running_v}.items():
+                    "running_k": running_k, "running_v": running_v, "gate": v if gate is None else gate}.items():
         if t.stride(-1) != 1:
             raise ValueError(f"rat_decode needs {name} contiguous in its last dim, got strides {t.stride()}")
     y = torch.empty(B, D, device=v.device, dtype=v.dtype)
     _decode_kernel[(B, H)](
         q, k, v, f, gate_bias, inverse_frequencies(d, rope_base, v.device), positions,
-        summary_k, summary_v, running_k, running_v, y,
+        summary_k, summary_v, running_k, running_v, y, v if gate is None else gate,
         q.stride(0), k.stride(0), v.stride(0), f.stride(0), y.stride(0), running_k.stride(0), running_v.stride(0),
+        (v if gate is None else gate).stride(0),
         *summary_k.stride()[:3], *summary_v.stride()[:3],
         summary_k.shape[2], LOG2E / math.sqrt(d),
-        H=H, G=G, L=chunk_size, HALF=d // 2, BC=16 if interpreting() else slots, num_warps=warps,
-        num_stages=stages)
+        H=H, G=G, L=chunk_size, HALF=d // 2, BC=16 if interpreting() else slots, GATE=gate is not None,
+        num_warps=warps, num_stages=stages)
     return y
 
 

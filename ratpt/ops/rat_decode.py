@@ -22,14 +22,16 @@ from ratpt.ops.rope import apply_rope, rope_cos_sin
 
 def rat_decode_mixing(q, k, v, f, gate_bias, summary_k, summary_v, running_k, running_v,
                       positions, chunk_size: int, head_dim: int, rope_base: float,
-                      kernels: str = "auto") -> torch.Tensor:
+                      kernels: str = "auto", gate: torch.Tensor | None = None) -> torch.Tensor:
     """y [B, H·d] (v.dtype) of this token; updates summary_k/v [B, H, capacity, d] and running_k/v [B, H·d].
 
     q, k [B, G·d] and v, f [B, H·d] are this token's column slices of the input projection
-    (f before the sigmoid); positions [B] (int64) is this token's position (read only).
+    (f before the sigmoid); positions [B] (int64) is this token's position (read only). With
+    `gate` (z [B, H·d], the output gate before its sigmoid) the result is sigmoid(z) ⊙ y, in the
+    kernel's epilogue rather than two more launches.
     """
     args = (q, k, v, f, gate_bias, summary_k, summary_v, running_k, running_v, positions,
-            chunk_size, head_dim, rope_base)
+            chunk_size, head_dim, rope_base, gate)
     if use_triton(kernels, v, chunk_size, head_dim):
         from ratpt_kernels import rat_decode
         return rat_decode(*args)
@@ -37,7 +39,8 @@ def rat_decode_mixing(q, k, v, f, gate_bias, summary_k, summary_v, running_k, ru
 
 
 def rat_decode_reference(q, k, v, f, gate_bias, summary_k, summary_v, running_k, running_v,
-                         positions, chunk_size: int, head_dim: int, rope_base: float) -> torch.Tensor:
+                         positions, chunk_size: int, head_dim: int, rope_base: float,
+                         gate: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-PyTorch ground truth of rat_decode_mixing (the math of RATMixer.decode)."""
     B, D = v.shape
     H, G = D // head_dim, q.shape[-1] // head_dim
@@ -59,4 +62,5 @@ def rat_decode_reference(q, k, v, f, gate_bias, summary_k, summary_v, running_k,
     slot = chunk.view(B, 1, 1, 1).expand(B, H, 1, head_dim)
     summary_k.scatter_(2, slot, k_rot.to(summary_k.dtype))
     summary_v.scatter_(2, slot, v_own.to(summary_v.dtype))
-    return y.reshape(B, D).to(v.dtype)
+    y = y.reshape(B, D).to(v.dtype)
+    return y if gate is None else torch.sigmoid(gate) * y

@@ -77,3 +77,20 @@ def test_triton_decode_equals_reference(case):
     got = rat_decode(*tokens, *caches, positions, L, d, ROPE_BASE)
     for name, a, b in zip(["y", "summary_k", "summary_v", "running_k", "running_v"], [got, *caches], [want, *wide]):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_triton_decode_applies_the_output_gate():
+    """With z given, the kernel returns sigmoid(z) ⊙ y (the reference's gated output) and updates the
+    caches exactly as without it."""
+    H, G, d, L, positions = CASES["L16-d64-groups2"]
+    B = len(positions)
+    positions = torch.tensor(positions, device=DEVICE)
+    tokens, caches = decode_state(B, H, G, d, int(positions.max()) // L + 3, torch.float32, DEVICE)
+    projection = torch.randn(B, 3 * H * d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    z = projection[:, H * d:2 * H * d]  # a column slice, as in the layer's input projection
+    wide = [t.double() for t in caches]
+    want = rat_decode_mixing(*(t.double() for t in tokens), *wide, positions, L, d, ROPE_BASE, kernels="torch",
+                             gate=z.double())
+    got = rat_decode(*tokens, *caches, positions, L, d, ROPE_BASE, gate=z)
+    for name, a, b in zip(["y", "summary_k", "summary_v", "running_k", "running_v"], [got, *caches], [want, *wide]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
