@@ -60,7 +60,7 @@ class TrainBatches:
     ) -> None:
         self.cfg = cfg
         self.dataset = PackedTokenDataset(streams, WeightedSchedule([s.config.weight for s in streams], cfg.seed))
-        self.collate = Collate(eos_id, cfg.mask_document_boundary)
+        self.collate = Collate(eos_id, cfg.mask_document_boundary, cfg.document_masking)
         self.micro_batch, self.global_batch = micro_batch, global_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.micro_per_step = global_batch // (micro_batch * dp_size)
@@ -120,7 +120,7 @@ class ValBatches:
                 f"({micro_batch}) per rank ({dp_size}): use a larger data_prep --val-fraction or a smaller seq_len"
             )
         self.dataset = PackedTokenDataset(streams, schedule)
-        self.collate = Collate(eos_id, cfg.mask_document_boundary)
+        self.collate = Collate(eos_id, cfg.mask_document_boundary, cfg.document_masking)
         self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
         self.num_workers = cfg.num_workers
 

@@ -17,6 +17,8 @@ class DataConfig:
     streams: list[StreamConfig] = field(default_factory=list)  # one or more datasets, mixed by weight
     seq_len: int = 4096  # tokens per training sequence (samples hold seq_len + 1 tokens)
     mask_document_boundary: bool = True  # labels whose input token is EOS get ignore_index (paper)
+    document_masking: bool = False  # the documents packed into a sequence do not see each other: batches carry
+    #                                 each token's position in its document (docs/data.md#document-masking)
     seed: int = 1234  # order of samples; same seed -> same global order on any number of ranks
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle: bool = True  # False: documents and samples in on-disk order (debugging); True: seeded per-epoch order

@@ -104,32 +104,50 @@ def open_streams(cfg: DataConfig, split: str, *, shuffle: bool, skip_empty: bool
 
 
 class PackedTokenDataset(Dataset):
-    """Sample i of the global order: seq_len + 1 token ids (int64), documents packed with EOS."""
+    """Sample i of the global order: {"tokens": seq_len + 1 token ids (int64), documents packed with EOS,
+    "doc_lengths": the tokens each packed document (or piece of one) holds there, in order}."""
 
     def __init__(self, streams: list[OpenStream], schedule: Schedule) -> None:
         self.streams = streams
         self.schedule = schedule
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         k, n = self.schedule.locate(i)
         stream = self.streams[k]
-        pieces = [stream.docs.tokens(doc)[start:stop] for doc, start, stop in stream.packed.locate(n)]
-        return torch.from_numpy(np.concatenate(pieces).astype(np.int64))
+        located = stream.packed.locate(n)
+        pieces = [stream.docs.tokens(doc)[start:stop] for doc, start, stop in located]
+        return {"tokens": torch.from_numpy(np.concatenate(pieces).astype(np.int64)),
+                "doc_lengths": torch.tensor([stop - start for _, start, stop in located], dtype=torch.int64)}
+
+
+def document_positions(doc_lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """Each of the first `length` tokens' position in its document (0 at a document's first token), for
+    documents of `doc_lengths` laid end to end. A sample's first piece may continue a document of the sample
+    before: it counts as a document of its own, since the tokens before it are not in the sequence."""
+    starts = torch.cumsum(doc_lengths, 0) - doc_lengths
+    return (torch.arange(int(doc_lengths.sum())) - torch.repeat_interleave(starts, doc_lengths))[:length]
 
 
 class Collate:
     """Stacks samples into {"input_ids", "labels"}: labels are the next tokens, and with
     `mask_eos` a label whose input token is EOS (the first token of the next document,
-    unpredictable from the previous one) is IGNORE_INDEX, as in the paper."""
+    unpredictable from the previous one) is IGNORE_INDEX, as in the paper. With `positions`
+    (data.document_masking) also "positions": each input token's position in its document
+    (document_positions), which is all the model needs to keep the documents apart."""
 
-    def __init__(self, eos_id: int, mask_eos: bool) -> None:
+    def __init__(self, eos_id: int, mask_eos: bool, positions: bool = False) -> None:
         self.eos_id = eos_id
         self.mask_eos = mask_eos
+        self.positions = positions
 
-    def __call__(self, samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = torch.stack(samples)
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        x = torch.stack([s["tokens"] for s in samples])
         input_ids = x[:, :-1]
         labels = x[:, 1:].clone()
         if self.mask_eos:
             labels[input_ids == self.eos_id] = IGNORE_INDEX
-        return {"input_ids": input_ids.contiguous(), "labels": labels}
+        batch = {"input_ids": input_ids.contiguous(), "labels": labels}
+        if self.positions:
+            T = input_ids.shape[1]
+            batch["positions"] = torch.stack([document_positions(s["doc_lengths"], T) for s in samples])
+        return batch

@@ -73,6 +73,38 @@ def test_labels_are_next_tokens_masked_after_eos_by_config(corpus, mask):
     assert torch.equal(y == -100, (x == EOS) & mask)
 
 
+def brute_force_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position in its document, counted by hand: a document starts at the sequence's first
+    token and after every EOS (the byte tokenizer's documents hold no other EOS)."""
+    positions = torch.zeros_like(input_ids)
+    for row, ids in zip(positions, input_ids.tolist()):
+        for t in range(1, len(ids)):
+            row[t] = 0 if ids[t - 1] == EOS else row[t - 1] + 1
+    return positions
+
+
+def test_document_masking_gives_each_tokens_position_in_its_document(corpus):
+    cfg = data_config(corpus[1], seq_len=256, document_masking=True)
+    for batch in take(train(cfg, micro_batch=4, global_batch=4), 3):
+        assert torch.equal(batch["positions"], brute_force_positions(batch["input_ids"]))
+        assert (batch["positions"][:, 1:] == 0).any()  # several documents per sequence
+    assert "positions" not in next(iter(train(data_config(corpus[1]))))
+
+
+def test_document_positions_resume_and_split_over_ranks_with_the_samples(corpus):
+    cfg = data_config(corpus[1], document_masking=True)
+    reference = [b["positions"] for b in take(train(cfg, micro_batch=1), 8 * 3)]
+    first = train(cfg, micro_batch=1)
+    take(first, 8)
+    ranks = []
+    for r in range(2):
+        resumed = train(cfg, micro_batch=1, dp_rank=r, dp_size=2)
+        resumed.load_state_dict(first.state_dict())
+        ranks.append([b["positions"] for b in take(resumed, 4 * 2)])
+    got = [p for step in range(2) for r in range(2) for p in ranks[r][step * 4:(step + 1) * 4]]
+    assert all(torch.equal(a, b) for a, b in zip(got, reference[8:], strict=True))
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "2_workers"])
 def test_resume_from_state_continues_the_uninterrupted_order(corpus, workers):
     cfg = data_config(corpus[1], num_workers=workers)
