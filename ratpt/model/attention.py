@@ -2,8 +2,11 @@
 
 As the reference code: pre-norm `input_norm`, `in_proj` rows v, q, k (all H heads, no output
 gate), RoPE over token positions, `out_proj`, residual. With a window W a token sees itself and
-the W previous tokens; its cache is then a ring of the last W + 1 (k, v).
+the W previous tokens; its cache is then a ring of the last W + 1 (k, v). Over packed documents
+(`positions`) a token sees only its own document, with RoPE over its position there.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,8 +35,9 @@ class AttentionMixer(nn.Module):
         self.in_proj = nn.Linear(D, 3 * D, bias=False)
         self.out_proj = nn.Linear(D, D, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mix(x)[0]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D]; positions [B, T]: each token's position in its packed document (None: one per row)."""
+        return self._mix(x, positions)[0]
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVCache]:
         """Forward over a right-padded batch; cache (k, v) in slots for `capacity` tokens (attention)
@@ -95,7 +99,8 @@ class AttentionMixer(nn.Module):
                 attn_mask=allowed))
         return x + self.out_proj(self._merge(torch.cat(outputs, dim=2)))
 
-    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _mix(self, x: torch.Tensor, doc_positions: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # T from the projection: under tensor parallelism x is this rank's sequence slice and
         # in_proj returns the whole sequence for this rank's heads (ratpt.parallel.tensor_parallel)
         h = self.in_proj(self.input_norm(x))
@@ -104,6 +109,8 @@ class AttentionMixer(nn.Module):
         attend = ops.causal_attention
         if self.context_shard is not None:
             positions, attend = self.context_shard.positions(T, x.device), self.context_shard.causal_attention
+        if doc_positions is not None:
+            positions, attend = doc_positions, functools.partial(ops.document_attention, positions=doc_positions)
         q, k, v = self._qkv(h, positions, x.dtype)
         y = attend(q, k, v, window=self.window)
         return x + self.out_proj(self._merge(y)), k, v

@@ -5,13 +5,16 @@
                   x = x + FFN(RMSNorm(x))
     logits = RMSNorm(x) · Eᵀ            (head tied to the embedding)
 
-Mixer i is `cfg.mixers[i % len(cfg.mixers)]`, so ["rat", "swa"] is the paper's hybrid.
+Mixer i is `cfg.mixers[i % len(cfg.mixers)]`, so ["rat", "swa"] is the paper's hybrid. Packed documents
+that do not see each other are given as `positions` [B, T], each token's position in its document
+(docs/design.md#packed-documents); every mixer keeps them apart, and everything else is per token.
 Plain PyTorch, no distributed code: parallelism is applied to this module from outside.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ratpt import ops
 from ratpt.model.attention import AttentionMixer
 from ratpt.model.cache import LayerCache, ModelCache
 from ratpt.model.config import ModelConfig, mixer_of_layer, validate_model_config
@@ -45,8 +48,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FFN(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._ffn_residual(self.mixer(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self._ffn_residual(self.mixer(x, positions))
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, LayerCache]:
         x, cache = self.mixer.prefill(x, lengths, capacity)
@@ -83,20 +86,23 @@ class RATLM(nn.Module):
             elif isinstance(module, (RATMixer, RNNMixer)):
                 module.reset_gate_bias()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens [B, T], in the dtype of the computation; given labels [B, T],
-        the summed fp32 cross-entropy instead, head and loss fused so that the logits never exist whole."""
-        hidden = self.hidden_states(tokens)
+        the summed fp32 cross-entropy instead, head and loss fused so that the logits never exist whole.
+        `positions` [B, T]: each token's position in its packed document (None: one document per row)."""
+        hidden = self.hidden_states(tokens, positions)
         if labels is None:
             return self.logits(hidden)
         return linear_cross_entropy_sum(hidden, self.embedding.weight, labels,
                                         compile_backend=self.loss_compile_backend)
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, D]: a loss can be fused with `logits` from here."""
+        positions = ops.separate_documents(positions)  # one document per row: exactly the unmasked path
         x = self.embedding(tokens)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, positions)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@
     chunks' final (k̃, ṽ) and its own (k̃, ṽ)
     out = x + W_out (sigmoid(z) ⊙ y)
 
+Over packed documents (`positions`) the chunks restart at every document's first token and a token sees
+only its own document (docs/design.md#packed-documents).
+
 Parameter names follow the reference code (in_proj rows z, v, g, q, k; gate_bias; input_norm;
 out_proj) so that its checkpoints load without renaming.
 """
@@ -44,8 +47,9 @@ class RATMixer(nn.Module):
     def reset_gate_bias(self) -> None:
         chrono_init_(self.gate_bias, self.chunk_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mix(x)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D]; positions [B, T]: each token's position in its packed document (None: one per row)."""
+        return self._mix(x, positions)
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, RATCache]:
         """Forward over a right-padded batch; cache the chunk summaries (slots for `capacity` tokens)
@@ -106,7 +110,7 @@ class RATMixer(nn.Module):
         cache.running_v.copy_(v_state[:, -1])
         return x + self.out_proj(z * y)
 
-    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+    def _mix(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence forward.
 
         Recurrences, chunk RoPE, the softmax over summaries + own state and the output gate are one op
@@ -120,7 +124,7 @@ class RATMixer(nn.Module):
                                                   self.rope_base, kernels=self.kernels)
             return x + self.out_proj(z * mixed)
         gated = ops.rat_mixing(self._projection(x), self.gate_bias, self.chunk_size, self.head_dim, self.ngroups,
-                               self.rope_base, kernels=self.kernels)
+                               self.rope_base, kernels=self.kernels, positions=positions)
         return x + self.out_proj(gated)
 
     def _split(self, x: torch.Tensor):

@@ -2,6 +2,7 @@
 
     h = RMSNorm(x);  z, v, f = split(W_in h, [D, D, D]);  g = sigmoid(f + gate_bias) (fp32)
     ṽ[t] = g[t]·ṽ[t-1] + (1-g[t])·v[t];   out = x + W_out (sigmoid(z) ⊙ ṽ)
+    (over packed documents, ṽ[t-1] := 0 at each document's first token)
 
 Its in_proj rows are the first 3·D rows of RAT's (z, v, g), so RAT with L = T and these
 weights gives the same output (a softmax over the own state alone is 1).
@@ -30,9 +31,11 @@ class RNNMixer(nn.Module):
     def reset_gate_bias(self) -> None:
         chrono_init_(self.gate_bias, self.gate_horizon)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D]; positions [B, T]: each token's position in its packed document (None: one per row)."""
         z, v, g = self._project(x)
-        return x + self.out_proj(z * ops.chunk_scan(v, g, chunk_size=None))
+        state = ops.chunk_scan(v, g, chunk_size=None) if positions is None else ops.reset_scan(v, g, positions == 0)
+        return x + self.out_proj(z * state)
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, RNNCache]:
         """Forward over a right-padded batch; cache each sequence's state (whatever the capacity)."""

@@ -2,7 +2,8 @@
 
     y[t] = g[t] * y[t-1] + (1 - g[t]) * x[t],   y[-1] = 0 and y[t-1] := 0 at every chunk start
 
-With one chunk covering the whole sequence this is the RNN layer's recurrence.
+With one chunk covering the whole sequence this is the RNN layer's recurrence; `reset_scan` resets it at
+given positions instead (the RNN layer over packed documents).
 
 The recurrence is computed without a Python loop over T: the sequence is cut into blocks of
 `BLOCK` positions, a loop over those positions runs vectorised across all blocks, and the state
@@ -29,9 +30,7 @@ def chunk_scan(x: torch.Tensor, g: torch.Tensor, chunk_size: int | None) -> torc
     chunk_size=None means one chunk (no reset): the RNN layer. T need not be a multiple of
     chunk_size; the last chunk is then partial.
     """
-    compute = torch.promote_types(torch.promote_types(x.dtype, g.dtype), torch.float32)
-    g = g.to(compute)
-    u = (1 - g) * x.to(compute)
+    g, u = _gate_and_input(x, g)
     if chunk_size is None or chunk_size >= x.shape[1]:
         return linear_scan(g, u).to(x.dtype)
     B, T, D = x.shape
@@ -40,6 +39,20 @@ def chunk_scan(x: torch.Tensor, g: torch.Tensor, chunk_size: int | None) -> torc
     n_chunks = (T + pad) // chunk_size
     y = linear_scan(g.view(B * n_chunks, chunk_size, D), u.view(B * n_chunks, chunk_size, D))
     return y.view(B, T + pad, D)[:, :T].to(x.dtype)
+
+
+def reset_scan(x: torch.Tensor, g: torch.Tensor, reset: torch.Tensor) -> torch.Tensor:
+    """The recurrence of chunk_scan with the state reset wherever `reset` [B, T] is True (each document's
+    first token) rather than every chunk_size: there the carried state's factor g is 0."""
+    g, u = _gate_and_input(x, g)
+    return linear_scan(g.masked_fill(reset.unsqueeze(-1), 0), u).to(x.dtype)
+
+
+def _gate_and_input(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g and u = (1 − g)·x in the compute dtype (at least fp32)."""
+    compute = torch.promote_types(torch.promote_types(x.dtype, g.dtype), torch.float32)
+    g = g.to(compute)
+    return g, (1 - g) * x.to(compute)
 
 
 def linear_scan(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

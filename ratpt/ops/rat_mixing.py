@@ -11,10 +11,17 @@ gradient in place. The reference composes the readable ops of this package (rat_
 the ungated part on q, k, v, f); the Triton kernels (kernels/, imported as ratpt_kernels) fuse all of it (see kernels/NOTES.md).
 `kernels`: "auto" = Triton on CUDA where the shape is supported, the reference elsewhere; "torch" =
 always the reference; "triton" = always the kernels.
+
+Over packed documents (`positions`, ratpt.ops.documents) only the reference runs: the kernels do not mask
+documents yet, so "auto" falls back to it with a warning and "triton" is an error.
 """
+import functools
+import logging
+
 import torch
 
 from ratpt.ops.chunk_scan import chunk_scan, forget_gate
+from ratpt.ops.documents import DocumentChunks
 from ratpt.ops.inter_chunk_attention import inter_chunk_attention
 from ratpt.ops.rope import apply_rope, rope_cos_sin
 from ratpt_kernels.autograd import split_projection
@@ -22,15 +29,29 @@ from ratpt_kernels.common import interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 
+log = logging.getLogger(__name__)
+
 
 def rat_mixing(proj, gate_bias, chunk_size: int, head_dim: int, ngroups: int, rope_base: float,
-               kernels: str = "auto") -> torch.Tensor:
-    """sigmoid(z) ⊙ y [B, T, H·d] from the input projection, by the implementation `kernels` picks."""
+               kernels: str = "auto", positions: torch.Tensor | None = None) -> torch.Tensor:
+    """sigmoid(z) ⊙ y [B, T, H·d] from the input projection, by the implementation `kernels` picks;
+    `positions` [B, T]: each token's position in its packed document (None: one document per row)."""
     if use_triton(kernels, proj, chunk_size, head_dim):
-        from ratpt_kernels import rat_mixing as triton_rat_mixing
-        return triton_rat_mixing(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base)
+        if positions is None:
+            from ratpt_kernels import rat_mixing as triton_rat_mixing
+            return triton_rat_mixing(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base)
+        if kernels == "triton":
+            raise ValueError("the Triton kernels do not mask packed documents yet: set model.kernels=auto or torch "
+                             "(the PyTorch reference), or data.document_masking=false")
+        _warn_reference_for_documents()
     z, v, f, q, k = split_projection(proj, head_dim, ngroups)
-    return torch.sigmoid(z) * rat_mixing_reference(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base)
+    return torch.sigmoid(z) * rat_mixing_reference(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base, positions)
+
+
+@functools.cache
+def _warn_reference_for_documents() -> None:
+    log.warning("document masking: RAT runs its PyTorch reference, since the Triton kernels do not mask packed "
+                "documents yet (slower, more memory); data.document_masking=false runs the kernels")
 
 
 def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) -> bool:
@@ -53,10 +74,17 @@ def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) ->
 
 
 def rat_mixing_reference(q, k, v, f, gate_bias, chunk_size: int, head_dim: int,
-                         rope_base: float) -> torch.Tensor:
-    """Pure-PyTorch ground truth of rat_mixing (the steps of docs/design.md#the-rat-layer, composed)."""
+                         rope_base: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-PyTorch ground truth of rat_mixing (the steps of docs/design.md#the-rat-layer, composed). Over
+    packed documents the same steps run with every document padded to whole chunks (DocumentChunks)."""
+    first_chunk = None
+    if positions is not None:
+        chunks = DocumentChunks.of(positions, chunk_size)
+        q, k, v, f = (chunks.pad(t) for t in (q, k, v, f))
+        first_chunk = chunks.first_chunk
     k_state, v_state = recurrent_states_reference(k, v, forget_gate(f, gate_bias), chunk_size, head_dim)
-    return attend_states(q, k_state, v_state, chunk_size, head_dim, rope_base)
+    y = attend_states(q, k_state, v_state, chunk_size, head_dim, rope_base, first_chunk)
+    return y if positions is None else chunks.unpad(y)
 
 
 def recurrent_states_reference(k, v, g, chunk_size: int, head_dim: int):
@@ -66,17 +94,22 @@ def recurrent_states_reference(k, v, g, chunk_size: int, head_dim: int):
     return chunk_scan(k.repeat(1, 1, H // G), g, chunk_size), chunk_scan(v, g, chunk_size)
 
 
-def attend_states(q, k_state, v_state, chunk_size: int, head_dim: int, rope_base: float) -> torch.Tensor:
+def attend_states(q, k_state, v_state, chunk_size: int, head_dim: int, rope_base: float,
+                  first_chunk: torch.Tensor | None = None) -> torch.Tensor:
     """y [B, T, H·d]: q (tiled to H heads) and k̃ rotated by the chunk index, each token's softmax over the
-    earlier chunks' final states and its own."""
+    earlier chunks' final states and its own. With `first_chunk` [B, T] (packed documents padded to whole
+    chunks) the chunk index and the summaries are those of the token's own document."""
     B, T, D = v_state.shape
     H, G = D // head_dim, q.shape[-1] // head_dim
     chunk = torch.arange(T, device=v_state.device) // chunk_size
+    if first_chunk is not None:
+        chunk = (chunk - first_chunk).unsqueeze(1)  # [B, 1, T]: broadcast over the heads
     cos, sin = rope_cos_sin(chunk, head_dim, rope_base, v_state.dtype)
 
     def heads(t):
         return t.reshape(B, T, H, head_dim).transpose(1, 2)
 
     y = inter_chunk_attention(apply_rope(heads(q.repeat(1, 1, H // G)), cos, sin),
-                              apply_rope(heads(k_state), cos, sin), heads(v_state), chunk_size)
+                              apply_rope(heads(k_state), cos, sin), heads(v_state), chunk_size,
+                              first_chunk=first_chunk)
     return y.transpose(1, 2).reshape(B, T, D)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ratpt import ops
 from ratpt.ops.linear_cross_entropy import linear_cross_entropy_sum
 
 
@@ -72,13 +73,15 @@ class ModelStage(nn.Module):
     def set_input_tensor(self, tensor) -> None:
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits on the last stage ([B, T, vocab], or [T, B, vocab/TP] under TP), or given labels (the
         engine passes them only without TP) the summed loss, head and loss fused as in RATLM.forward;
-        hidden states [T, B, D] for the next stage."""
+        hidden states [T, B, D] for the next stage. `positions`: as RATLM.forward's, on every stage."""
+        positions = ops.separate_documents(positions)
         x = self.embedding(tokens) if self.first else self.input_tensor.transpose(0, 1)
         for layer in self.layers.values():
-            x = layer(x)
+            x = layer(x, positions)
         if not self.last:
             return x.transpose(0, 1).contiguous()
         hidden, weight = self.final_norm(x), self.shared_embedding_or_output_weight()

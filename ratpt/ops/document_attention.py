@@ -1,0 +1,56 @@
+"""Causal softmax attention inside each packed document, full or in a sliding window
+(docs/design.md#packed-documents): a block-diagonal causal mask.
+
+A query sees the keys of its own document at or before it (and, with a window W, at most W before it). On
+CUDA this is FlexAttention over a block mask built from the batch's document ids, compiled, so the key blocks
+of other documents are skipped; elsewhere the reference runs query blocks through SDPA with a boolean mask
+from the same rule, exact in float64.
+"""
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from ratpt.ops.documents import document_ids
+from ratpt.ops.sliding_window_attention import FLEX_BLOCK, QUERY_BLOCK, _compiled_flex_attention
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       window: int | None = None, query_block: int = QUERY_BLOCK) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d)) v over the keys `document_mask` allows; q, k, v [B, H, T, d] (RoPE applied),
+    positions [B, T] (ratpt.ops.documents)."""
+    visible = document_mask(document_ids(positions), window)
+    if q.is_cuda:
+        B, _, T, _ = q.shape
+        mask = create_block_mask(visible, B, None, T, T, device=q.device, BLOCK_SIZE=FLEX_BLOCK)
+        attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention
+        return attend(q, k, v, block_mask=mask)
+    return document_attention_reference(q, k, v, visible, window, query_block)
+
+
+def document_mask(documents: torch.Tensor, window: int | None) -> Callable:
+    """FlexAttention's mask_mod of document_attention over document ids [B, T]; it also takes broadcast index
+    tensors and returns the dense mask (the reference)."""
+    def visible(b, h, q_idx, kv_idx):
+        allowed = (kv_idx <= q_idx) & (documents[b, q_idx] == documents[b, kv_idx])
+        return allowed if window is None else allowed & (q_idx - kv_idx <= window)
+
+    return visible
+
+
+def document_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Callable,
+                                 window: int | None, query_block: int = QUERY_BLOCK) -> torch.Tensor:
+    """document_attention in query blocks, each against the keys up to its last query (only the window's,
+    with one): memory O(T·block), or O(block·(block + W))."""
+    B, _, T, _ = q.shape
+    batch = torch.arange(B, device=q.device)[:, None, None]
+    outputs = []
+    for lo in range(0, T, query_block):
+        hi = min(lo + query_block, T)
+        first = 0 if window is None else max(0, lo - window)
+        allowed = visible(batch, None, torch.arange(lo, hi, device=q.device)[None, :, None],
+                          torch.arange(first, hi, device=q.device)[None, None, :])
+        outputs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, first:hi], v[:, :, first:hi],
+                                                      attn_mask=allowed.unsqueeze(1)))
+    return torch.cat(outputs, dim=2)
