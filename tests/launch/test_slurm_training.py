@@ -1,8 +1,11 @@
-"""`sbatch launch/rat_1p3b.sh` on a real SLURM cluster: 2 tasks on one host stand for 2 nodes.
+"""`sbatch launch/rat_1p3b.sh` and `launch/rat_1p3b_128k.sh` on a real SLURM cluster: 2 tasks on one
+host stand for 2 nodes.
 
 The header's 4 nodes x 4 GPUs are overridden on the sbatch command line (as a user would for a
 smaller allocation) and the config is a seconds-long variant of configs/tiny.yaml on CPU, so what
-runs is the shipped script and launcher: rendezvous, srun, torchrun, preemption and requeue.
+runs is the shipped script and launcher: rendezvous, srun, torchrun, preemption and requeue. The
+preemption test runs the long-context recipe: a short run's weights continued at 16384 tokens with
+context parallelism 2, against one process.
 """
 import math
 import os
@@ -12,14 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, streams_override
-from ratpt.checkpoint import latest_checkpoint, load_checkpoint
-from run_helpers import losses_of
+from ratpt.checkpoint import latest_checkpoint
+from run_helpers import losses_of, ratpt
 
 STEPS = 80
 TWO_TASKS_ON_CPU = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=30")
+# the long-context recipe at a CPU's scale: 16384 tokens per sequence (1024 chunks, as 128K has 8192; a step
+# takes about a second on one core), one sequence per step, a constant learning rate
+LONG_STEPS = 8
+LONG = ("data.seq_len=16384", "train.global_batch=1", "train.micro_batch=1", "optimizer.lr=1e-3",
+        "schedule.kind=constant", "schedule.warmup_fraction=0")
 
 pytestmark = pytest.mark.slow
 
@@ -73,26 +80,32 @@ def test_two_task_job_trains_with_falling_loss_and_writes_a_checkpoint(uninterru
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{STEPS:08d}"
 
 
-def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slurm, tokenized, uninterrupted, tmp_path):
-    run_dir = tmp_path / "run"
-    job = submit(slurm, tokenized, run_dir)
-    wait_for_step(Path(f"{run_dir}.out"), 2)
+def test_a_long_context_job_over_cp2_extends_the_short_run_through_a_usr1_requeue_as_one_process_does(
+        slurm, tokenized, uninterrupted, tmp_path):
+    """launch/rat_1p3b_128k.sh's recipe: the short run's weights (checkpoint.init_from) continued at 16384
+    tokens with context parallelism 2, one rank per task; USR1 in the middle checkpoints and requeues."""
+    extend = [*tiny_run(tokenized, tmp_path / "cp2", LONG_STEPS), *LONG, f"checkpoint.init_from={uninterrupted[2]}"]
+    job = slurm.sbatch(*TWO_TASKS_ON_CPU, f"--output={tmp_path}/cp2.out", "launch/rat_1p3b_128k.sh", *extend,
+                       "parallel.context=2", cwd=REPO)
+    wait_for_step(tmp_path / "cp2.out", 2)
     slurm.signal_batch(job, "USR1")  # what --signal=B:USR1@300 does 5 minutes before the time limit
     record = slurm.wait(job, timeout=150)
-    log = Path(f"{run_dir}.out").read_text()
+    log = (tmp_path / "cp2.out").read_text()
 
     assert (record["JobState"], record["Restarts"]) == ("COMPLETED", "1"), log
     stopped_at = int(re.search(r"stopped at step (\d+) on request", log).group(1))
-    assert 2 <= stopped_at < STEPS
+    assert 2 <= stopped_at < LONG_STEPS
     assert "requeueing job" in log and "(restart 1)" in log
     assert re.search(rf"resumed from \S+step_{stopped_at:08d} at step {stopped_at}", log), log
+    assert "starting from the weights of" in log and "CP 2 × DP 1" in log
 
-    _, whole_log, whole_dir = uninterrupted
-    assert losses_of(log)[STEPS] == losses_of(whole_log)[STEPS]
-    resumed, whole = load_checkpoint(run_dir / "checkpoints"), load_checkpoint(whole_dir / "checkpoints")
-    assert resumed["step"] == whole["step"] == STEPS
-    for name, tensor in whole["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), name
+    one = ratpt("train", *[arg.replace("/cp2", "/one") for arg in extend], timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cp2_losses, one_losses = losses_of(log), losses_of(one.stdout)
+    assert sorted(cp2_losses) == sorted(one_losses) == list(range(1, LONG_STEPS + 1))
+    for step, loss in one_losses.items():
+        assert cp2_losses[step] == pytest.approx(loss, abs=2e-4), step
+    assert one_losses[1] < math.log(257) - 2, "it starts from the short run's weights, not from scratch"
 
 
 def training_rank_pid(run_dir: Path, rank: int) -> int:
