@@ -89,9 +89,25 @@ class ScheduleConfig:
 
 
 @dataclass
+class PasskeyConfig:
+    lengths: list[int] = field(default_factory=list)  # prompt lengths (tokens) of passkey retrieval at every
+    #                                                  evaluation, e.g. [4096, 32768]; [] = none
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # where the key hides (0: first, 1: last)
+    trials: int = 2  # random keys per (length, depth): the same keys at every evaluation (`evaluate-long --seed 0`)
+    piece: int = 8192  # prompt tokens prefilled at a time (a multiple of model.chunk_size): bounds the memory
+
+
+@dataclass
 class EvalConfig:
-    interval: int = 1000  # steps between validation passes; 0 disables
+    interval: int = 1000  # steps between evaluations (validation loss, and the tasks and passkey below); 0 disables
     max_samples: int = 512  # validation sequences per pass (over all ranks)
+    tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks scored at every evaluation on
+    #                                                 rank 0, e.g. [hellaswag, arc_easy]; [] = none
+    task_limit: int = 200  # documents per task (0: all of them)
+    task_batch_size: int = 8  # sequences per forward while scoring the tasks
+    task_num_fewshot: Optional[int] = None  # few-shot examples per prompt (null: each task's own)
+    task_include_path: str = ""  # a folder of task YAML files of your own (their data local: no download)
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)  # passkey retrieval accuracy (no download)
 
 
 @dataclass
@@ -279,6 +295,7 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     _require(cfg.eval.interval == 0 or cfg.eval.max_samples >= per_step,
              f"eval.max_samples ({cfg.eval.max_samples}) must be at least train.micro_batch × data-parallel size "
              f"= {per_step}, one validation micro-batch per rank (or set eval.interval=0 to skip validation)")
+    validate_downstream_eval(cfg)
     _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     validate_checkpoint_format(cfg)
@@ -312,6 +329,26 @@ def check_deepspeed_extra(extra: dict[str, Any], prefix: str = "") -> None:
             raise ConfigError(f"deepspeed.extra.{path} is set from the ratpt config: use {DEEPSPEED_OWNED[path]}")
         if isinstance(value, dict):
             check_deepspeed_extra(value, f"{path}.")
+
+
+def validate_downstream_eval(cfg: Config) -> None:
+    """The checks on eval.tasks and eval.passkey that need neither lm-eval nor files (the tasks, their folder
+    and the tokenizer are checked when the run starts: ratpt.train.downstream)."""
+    e, p = cfg.eval, cfg.eval.passkey
+    _require(not (e.tasks or p.lengths) or e.interval > 0, "eval.tasks and eval.passkey.lengths run at every "
+             "evaluation: set eval.interval > 0, or leave them empty")
+    _require(all(task.strip() for task in e.tasks) and len(set(e.tasks)) == len(e.tasks),
+             f"eval.tasks must name each lm-eval task once, got {e.tasks}")
+    _require(e.task_limit >= 0, f"eval.task_limit must be >= 0 (0: every document), got {e.task_limit}")
+    _require(e.task_batch_size >= 1, f"eval.task_batch_size must be >= 1, got {e.task_batch_size}")
+    _require(e.task_num_fewshot is None or e.task_num_fewshot >= 0,
+             f"eval.task_num_fewshot must be >= 0 or null (each task's own), got {e.task_num_fewshot}")
+    _require(all(length > 0 for length in p.lengths), f"eval.passkey.lengths must be positive, got {p.lengths}")
+    _require(len(p.depths) > 0 and all(0 <= depth <= 1 for depth in p.depths),
+             f"eval.passkey.depths must list depths in [0, 1], got {p.depths}")
+    _require(p.trials >= 1, f"eval.passkey.trials must be >= 1, got {p.trials}")
+    _require(p.piece > 0 and p.piece % cfg.model.chunk_size == 0, f"eval.passkey.piece ({p.piece}) must be a "
+             f"positive multiple of model.chunk_size ({cfg.model.chunk_size})")
 
 
 def validate_checkpoint_format(cfg: Config) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional, Protocol, runtime_checkable
 
+import torch
+
 
 @runtime_checkable
 class Engine(Protocol):
@@ -29,6 +31,11 @@ class Engine(Protocol):
 
     def evaluate(self, batches: Iterable[dict]) -> tuple[float, float]:
         """(sum of token losses, labelled tokens) over every rank's `batches`, without gradients."""
+
+    def model_weights(self) -> dict[str, torch.Tensor]:
+        """The whole plain model's weights by parameter name, as a checkpoint of this step holds them (the fp32
+        masters under mixed precision), on rank 0 at least (collective): for evaluations that run a plain model
+        (ratpt.train.downstream). Read them before the next `step`."""
 
     def save_checkpoint(self, directory: Path, step: int, train_state: dict[str, Any], config_yaml: str,
                         tokenizer_dir: Optional[Path], keep: int) -> Path:

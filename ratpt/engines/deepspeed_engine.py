@@ -239,6 +239,13 @@ class DeepSpeedEngine:
         totals = self._all_ranks_sum(totals)
         return totals[0].item(), totals[1].item()
 
+    def model_weights(self) -> dict[str, torch.Tensor]:
+        """The fp32 master weights, gathered from the ZeRO partitions (collective): what consolidation of a
+        checkpoint of this step gives."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in self.model.named_parameters()}
+
     def _local(self, batch: dict) -> dict:
         """This CP rank's part of a batch, cut by parallel.context_layout (the batch itself without CP)."""
         layout = self.cfg.parallel.context_layout

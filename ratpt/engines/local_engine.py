@@ -65,6 +65,9 @@ class LocalEngine:
         self.model.train()
         return loss, tokens
 
+    def model_weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
     # ----- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, directory: Path, step: int, train_state: dict[str, Any], config_yaml: str,
                         tokenizer_dir: Optional[Path], keep: int) -> Path:

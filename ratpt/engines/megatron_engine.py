@@ -271,21 +271,26 @@ class MegatronEngine:
         for chunk in self.chunks:
             yield from chunk.named_parameters()
 
-    def state_dict(self) -> dict:
-        """Full model (the master weights: fp32 under mixed precision) and AdamW moments by plain parameter
-        name (collective: every rank calls it): DP × CP shards of the optimizer gathered, TP shards
-        assembled, pipeline stages merged."""
+    def model_weights(self) -> dict[str, torch.Tensor]:
+        return self.state_dict(optimizer=False)["model"]
+
+    def state_dict(self, optimizer: bool = True) -> dict:
+        """Full model (the master weights: fp32 under mixed precision) and, with `optimizer`, AdamW moments by
+        plain parameter name (collective: every rank calls it): DP × CP shards of the optimizer gathered, TP
+        shards assembled, pipeline stages merged."""
         from megatron.core import parallel_state as ps
 
         tp_group = ps.get_tensor_model_parallel_group()
         adam_local = gather_optimizer_state(self.named_parameters(), self.optimizer,
-                                       ps.get_data_parallel_group(with_context_parallel=True))
+                                       ps.get_data_parallel_group(with_context_parallel=True), moments=optimizer)
         device = self.ctx.device
         model = to_plain({n: s[MASTER] for n, s in adam_local.items()}, self.placements, tp_group, device)
-        moments = {key: to_plain({n: s[key] for n, s in adam_local.items()}, self.placements, tp_group, device)
-                   for key in ADAM_KEYS}
-        steps = {self.plain_name(n): s["step"].cpu() for n, s in adam_local.items() if not self._duplicate(n)}
-        adam = {name: {"step": steps[name], **{key: moments[key][name] for key in ADAM_KEYS}} for name in model}
+        adam = {}
+        if optimizer:
+            moments = {key: to_plain({n: s[key] for n, s in adam_local.items()}, self.placements, tp_group, device)
+                       for key in ADAM_KEYS}
+            steps = {self.plain_name(n): s["step"].cpu() for n, s in adam_local.items() if not self._duplicate(n)}
+            adam = {name: {"step": steps[name], **{key: moments[key][name] for key in ADAM_KEYS}} for name in model}
         if self.mesh.pp > 1:  # every stage contributes its parameters
             parts = [None] * self.mesh.pp
             dist.all_gather_object(parts, (model, adam), group=ps.get_pipeline_model_parallel_group())

@@ -93,8 +93,7 @@ def run_evaluate_long(args: argparse.Namespace) -> int:
     import torch
 
     from ratpt.hf.convert import load_model_dir
-    from ratpt.hf.long_prefill import greedy_answer
-    from ratpt.hf.passkey import run_passkey, write_report
+    from ratpt.hf.passkey import evaluate_passkey, write_report
 
     lengths = [int(value) for value in args.lengths.split(",") if value.strip()]
     depths = [float(value) for value in args.depths.split(",") if value.strip()]
@@ -103,11 +102,7 @@ def run_evaluate_long(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_dir(args.model_dir, device)
     model = model.to(getattr(torch, args.dtype)).eval()
-
-    def answer(prompt: list[int], max_new_tokens: int) -> list[int]:
-        return greedy_answer(model, prompt, max_new_tokens, eos_id=tokenizer.eos_id, piece=args.piece)
-
-    results = run_passkey(answer, tokenizer, lengths, depths, trials=args.trials, seed=args.seed)
+    results = evaluate_passkey(model, tokenizer, lengths, depths, trials=args.trials, seed=args.seed, piece=args.piece)
     json_path, png_path = write_report(results, args.out)
     for length in lengths:
         row = " ".join(f"{results['accuracy'][str(length)][str(depth)]:.2f}" for depth in depths)

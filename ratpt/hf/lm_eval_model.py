@@ -12,6 +12,7 @@ import os
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ratpt.data.tokenizer import Tokenizer
@@ -24,8 +25,9 @@ MAX_LENGTH = 4096  # tokens of context a request keeps (the oldest are cut); RAT
 
 @register_model("ratpt")
 class RATPTLM(TemplateLM):
-    def __init__(self, path: str, batch_size: int | str = 8, device: str | None = None, dtype: str = "float32",
-                 max_length: int = MAX_LENGTH, model: RATLM | None = None, tokenizer: Tokenizer | None = None):
+    def __init__(self, path: str | None = None, batch_size: int | str = 8, device: str | None = None,
+                 dtype: str = "float32", max_length: int = MAX_LENGTH, model: RATLM | None = None,
+                 tokenizer: Tokenizer | None = None):
         """Load `path` (or take `model` and `tokenizer` as given, e.g. in the middle of training)."""
         super().__init__()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,10 +127,49 @@ def evaluate_tasks(model_dir: str | os.PathLike, tasks: list[str], batch_size: i
     """lm-eval's `simple_evaluate` of the model in `model_dir` on `tasks` (names lm-eval knows, or tasks of
     the YAML files under `include_path`); its results dict. `bootstrap_iters` resamplings estimate the
     standard errors (lm-eval's default; 0 skips them, which on a few documents saves most of the time)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
+    manager = task_manager(tasks, include_path)
     lm = RATPTLM(str(model_dir), batch_size=batch_size, device=device, dtype=dtype, max_length=max_length)
+    return evaluate_lm(lm, tasks, manager, limit=limit, num_fewshot=num_fewshot, log_samples=log_samples,
+                       bootstrap_iters=bootstrap_iters)
+
+
+def evaluate_lm(lm: RATPTLM, tasks: list[str], manager: TaskManager, limit: float | None = None,
+                num_fewshot: int | None = None, log_samples: bool = False, bootstrap_iters: int = 100000) -> dict:
+    """lm-eval's `simple_evaluate` of `lm` on `tasks`, which `manager` (task_manager) knows; its results dict."""
+    from lm_eval import simple_evaluate
+
     return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
-                           task_manager=TaskManager(include_path=include_path), batch_size=batch_size,
-                           bootstrap_iters=bootstrap_iters)
+                           task_manager=manager, batch_size=lm.batch_size, bootstrap_iters=bootstrap_iters)
+
+
+def task_manager(tasks: list[str], include_path: str | None = None) -> TaskManager:
+    """lm-eval's index of tasks holding every one of `tasks`, or a ValueError naming those it lacks. When the
+    YAML files under `include_path` define them all, only those are indexed: lm-eval's own thousands of task
+    files take about 20 s to index on two CPU cores."""
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if not _unknown_tasks(local, tasks):
+            return local
+    manager = TaskManager(include_path=include_path)
+    unknown = _unknown_tasks(manager, tasks)
+    if unknown:
+        raise ValueError(f"lm-eval knows no task {', '.join(map(repr, unknown))} (`lm_eval --tasks list` lists its "
+                         f"tasks; a task of your own is a YAML file in the include path"
+                         f"{f', {include_path}' if include_path else ''})")
+    return manager
+
+
+def _unknown_tasks(manager: TaskManager, tasks: list[str]) -> list[str]:
+    return [task for task in tasks if not manager.match_tasks([task])]
+
+
+def metric_values(results: dict) -> dict[str, float]:
+    """{"task/metric": value} of every number in lm-eval's results (standard errors left out); a metric's
+    filter is appended ("exact_match/strict-match") unless it is lm-eval's "none"."""
+    values = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if filter_name and not metric.endswith("_stderr") and type(value) in (int, float):  # "N/A" is a str
+                values[f"{task}/{metric}" + ("" if filter_name == "none" else f"/{filter_name}")] = float(value)
+    return values

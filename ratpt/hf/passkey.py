@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from ratpt.data.tokenizer import Tokenizer
+from ratpt.hf.long_prefill import PIECE, greedy_answer
+from ratpt.model.lm import RATLM
 
 INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the pass key.\n")
@@ -93,6 +95,22 @@ def run_passkey(answer: Answerer, tokenizer: Tokenizer, lengths: list[int], dept
             accuracy[str(length)][str(depth)] = right / trials
     return {"lengths": lengths, "depths": depths, "trials": trials, "seed": seed, "accuracy": accuracy,
             "records": records}
+
+
+def evaluate_passkey(model: RATLM, tokenizer: Tokenizer, lengths: list[int], depths: list[float], trials: int = 5,
+                     seed: int = 0, piece: int = PIECE) -> dict:
+    """run_passkey with `model` answering greedily, each prompt prefilled `piece` tokens at a time: what
+    `ratpt evaluate-long` runs, and training's eval.passkey."""
+    def answer(prompt: list[int], max_new_tokens: int) -> list[int]:
+        return greedy_answer(model, prompt, max_new_tokens, eos_id=tokenizer.eos_id, piece=piece)
+
+    return run_passkey(answer, tokenizer, lengths, depths, trials=trials, seed=seed)
+
+
+def accuracy_by_length(results: dict) -> dict[int, float]:
+    """Accuracy at each prompt length of run_passkey's results, averaged over the depths."""
+    return {length: sum(results["accuracy"][str(length)].values()) / len(results["depths"])
+            for length in results["lengths"]}
 
 
 def write_report(results: dict, out_dir: str | Path) -> tuple[Path, Path]:

@@ -61,13 +61,13 @@ def local_optimizer_state(opt, distributed: bool, param: nn.Parameter):
     return {MASTER: main, **opt.optimizer.state.get(main, {})}, slice(0, param.numel())
 
 
-def gather_optimizer_state(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer, group
-                           ) -> dict[str, dict[str, torch.Tensor]]:
-    """Full master weights and AdamW moments of every (name, parameter) of this rank's model part,
-    identical on every rank of `group` (the optimizer's data-parallel group). Collective: every rank
+def gather_optimizer_state(named_parameters: Iterable[tuple[str, nn.Parameter]], optimizer, group,
+                           moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Full master weights and (with `moments`) AdamW moments of every (name, parameter) of this rank's model
+    part, identical on every rank of `group` (the optimizer's data-parallel group). Collective: every rank
     of `group` calls it."""
     out: dict[str, dict[str, torch.Tensor]] = {}
-    keys = (MASTER, *ADAM_KEYS)
+    keys = (MASTER, *ADAM_KEYS) if moments else (MASTER,)
     for name, param in named_parameters:
         opt, distributed = owning_optimizer(optimizer, param)
         state, where = local_optimizer_state(opt, distributed, param)
@@ -75,7 +75,7 @@ def gather_optimizer_state(named_parameters: Iterable[tuple[str, nn.Parameter]],
         step = torch.zeros(1, dtype=torch.float32, device=param.device)
         if state is not None:
             full[0, where] = state[MASTER].detach().float().view(-1)
-            if "exp_avg" in state:
+            if moments and "exp_avg" in state:
                 for i, key in enumerate(ADAM_KEYS, start=1):
                     full[i, where] = state[key].detach().float().view(-1)
                 step[0] = float(state["step"])

@@ -26,6 +26,7 @@ from ratpt.model.flops import training_flops_per_token
 from ratpt.parallel.process_group import (DistributedContext, all_reduce_sum, init_distributed,
                                           naming_collective_timeouts)
 from ratpt.train.checkpointer import Checkpointer, initial_weights, resume_path, schedule_change
+from ratpt.train.downstream import DownstreamEval, downstream_enabled
 from ratpt.train.metrics import MetricsLogger, device_peak_tflops
 from ratpt.train.run_lock import hold_run_folder
 from ratpt.train.schedule import LRMultiplier
@@ -146,6 +147,7 @@ class Trainer:
         self.batches = iter(self.data)
         # opened now, so that a validation set too small for one micro-batch per rank fails before training
         self.val_batches = _val_batches(cfg, self.engine.dp_rank, self.engine.dp_size) if cfg.eval.interval else None
+        self.downstream = DownstreamEval(cfg, ctx.device) if downstream_enabled(cfg) else None
 
         self.metrics = MetricsLogger(
             out_dir, cfg.train.steps, training_flops_per_token(cfg.model, cfg.data.seq_len),
@@ -215,12 +217,15 @@ class Trainer:
             )
 
     def evaluate(self) -> float:
+        """Validation loss and perplexity, then the lm-eval tasks and passkey retrieval asked for (eval.*)."""
         val_sum, val_tokens = self.engine.evaluate(_with_progress(self.val_batches, self.engine.dp_rank))
         val_loss = val_sum / max(val_tokens, 1.0)
         perplexity = math.exp(min(val_loss, 50))
         self.metrics.scalars(self.step, {"val/loss": val_loss, "val/perplexity": perplexity})
         if self.ctx.is_main:
             log.info("step %d | val loss %.4f | val ppl %.2f", self.step, val_loss, perplexity)
+        if self.downstream is not None:
+            self.metrics.scalars(self.step, self.downstream(self.engine, self.step))
         return val_loss
 
     def save(self) -> Path:

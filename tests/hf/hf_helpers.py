@@ -1,4 +1,7 @@
-"""Helpers of the Hugging Face tests: small ratpt models with every weight away from its init."""
+"""Helpers of the Hugging Face tests: small ratpt models with every weight away from its init, and local
+lm-eval tasks (a task YAML beside its JSONL documents: no download)."""
+import json
+
 import torch
 
 from ratpt.model import ModelConfig, build_model
@@ -34,3 +37,54 @@ def hf_model_of(model: RATLM):
     hf_model = RATForCausalLM(RATConfig(**asdict(model.cfg))).eval()
     hf_model.model.load_state_dict(model.state_dict())
     return hf_model
+
+
+CHOICE_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+GENERATION_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 5
+metric_list:
+  - metric: exact_match
+"""
+
+ROLLING_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+"""
+
+
+def write_task(folder, name, template, docs):
+    """A local lm-eval task `name` in `folder`: its YAML (from `template`) and its documents as JSONL."""
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    (folder / f"{name}.yaml").write_text(template.format(name=name, data=folder / f"{name}.jsonl"))

@@ -3,60 +3,11 @@ import json
 
 import pytest
 import torch
-from hf_helpers import random_model, small_config
+from hf_helpers import CHOICE_TASK, GENERATION_TASK, ROLLING_TASK, random_model, small_config, write_task
 from run_helpers import ratpt
 
 from ratpt.hf.lm_eval_model import evaluate_tasks
 from ratpt.model.pretrained import save_pretrained
-
-CHOICE_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-"""
-
-GENERATION_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["."]
-  max_gen_toks: 5
-metric_list:
-  - metric: exact_match
-"""
-
-ROLLING_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-"""
-
-
-def write_task(folder, name, template, docs):
-    (folder / f"{name}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-    (folder / f"{name}.yaml").write_text(template.format(name=name, data=folder / f"{name}.jsonl"))
 
 
 def byte_logprob(model, context: str, continuation: str) -> float:

@@ -18,7 +18,8 @@ training's update, so an optimizer that does not step, or steps wrongly, fails.
 `skip` makes step 2 non-finite (NaN activations): both skip it, and the rest must still match.
 `resume` trains 2 steps, saves through DeepSpeed, trains 2 more; a fresh engine (other init) loads
 the checkpoint and must repeat those 2 losses bit for bit. `consolidate` checks that zero_to_fp32
-gives exactly the weights the engine holds. Prints `OK name` per case on rank 0; a mismatch raises.
+gives exactly the weights the engine holds (engine.model_weights(), which the parameter checks read
+too). Prints `OK name` per case on rank 0; a mismatch raises.
 RATPT_TEST_DEVICE=cuda runs it on GPUs through NCCL (one process per GPU).
 """
 from __future__ import annotations
@@ -77,13 +78,6 @@ def ds_step(engine, cfg, step: int) -> tuple[float, float]:
     return train_step(engine, cfg, step, rank_batches(global_batches(cfg, step), engine.dp_rank, engine.dp_size))
 
 
-def full_params(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
-    """The fp32 master weights, gathered from the ZeRO partitions (collective)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    return {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in engine.model.named_parameters()}
-
-
 def close(a: float, b: float, rel: float = 1e-5) -> bool:
     return abs(a - b) <= rel * abs(b)
 
@@ -129,12 +123,12 @@ def check_equal(name: str, spec: str, ctx) -> None:
     ref = dict(reference.model.named_parameters())
     if bf16:  # the fp32 masters' total update against fp32 training's, norm-wise (seen: 1.6%)
         updates = [(value - initial[pname], ref[pname].detach().cpu() - initial[pname])
-                   for pname, value in full_params(engine).items()]
+                   for pname, value in engine.model_weights().items()]
         off = torch.cat([(mine - theirs).flatten() for mine, theirs in updates]).norm()
         size = torch.cat([theirs.flatten() for _, theirs in updates]).norm()
         assert off <= 5e-2 * size, (name, "the weights' update differs from fp32 training's by", float(off / size))
     else:
-        for pname, value in full_params(engine).items():
+        for pname, value in engine.model_weights().items():
             torch.testing.assert_close(value, ref[pname].detach().cpu(), rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"{name} parameter {pname} after {STEPS} steps: {m}")
     if ctx.rank == 0:
@@ -180,7 +174,7 @@ def check_consolidate(name: str, spec: str, ctx) -> None:
     for step in range(2):
         ds_step(engine, cfg, step)
     engine.save_checkpoint(root / "checkpoints", 2, {"step": 2}, "name: test\n", None, keep=1)
-    held = full_params(engine)
+    held = engine.model_weights()
     if ctx.rank == 0:
         plain = consolidate(root / "checkpoints", root / "plain")
         state = torch.load(plain / "state.pt", weights_only=True)

@@ -12,7 +12,7 @@ under pipeline parallelism, whose two stages' gradients megatron adds in fp32 wh
 them in bf16, so it is held to the tensor-parallel bounds):
     loss              rtol 1e-6
     gradients         each rank's shard of the fp32 reduced gradient: rtol 1e-4, atol 1e-6
-    master weights    engine.state_dict()["model"] (gathered from the optimizer's fp32 copies) against
+    master weights    engine.model_weights() (gathered from the optimizer's fp32 copies) against
                       the reference's fp32 weights: rtol 1e-4, atol 1e-5 — the same bound as the fp32
                       layouts, so bf16-rounded masters (initial or saved: ≈ 4e-5 off) fail it
 and with tensor parallelism (the matmuls are split, so bf16 roundings differ) the loss within 2e-3,
@@ -111,7 +111,7 @@ def check_step(name: str, spec: str, ctx) -> None:
             assert (shard - expected).norm() <= 0.05 * expected.norm() + 1e-8, (name, "grad", pname)
     engine.set_lr(cfg.optimizer.lr)
     engine.step()
-    model = engine.state_dict()["model"]
+    model = engine.model_weights()
     for pname, ref in reference.model.named_parameters():
         if exact(pname):
             torch.testing.assert_close(model[pname].to(ref.device), ref.detach(), rtol=1e-4, atol=1e-5,
