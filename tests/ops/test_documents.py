@@ -44,3 +44,20 @@ def test_reset_scan_restarts_the_recurrence_at_each_document():
     g = torch.rand(1, positions.shape[1], 3, dtype=torch.float64)
     alone = torch.cat([chunk_scan(x[:, s], g[:, s], None) for s in docs], dim=1)
     torch.testing.assert_close(reset_scan(x, g, positions == 0), alone, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 100], ids=["full", "window100"])
+def test_bf16_flex_document_attention_matches_float64_with_gradients(window):  # pragma: no cover
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    positions = torch.cat([pieces([1, 127, 300, 596])[0], pieces([512, 512])[0]]).cuda()
+    q, k, v, dy = (torch.randn(2, 4, 1024, 128, device="cuda", generator=gen) for _ in range(4))
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    high = [t.double().cpu().requires_grad_() for t in (q, k, v)]
+    got = document_attention(*low, positions, window=window)
+    want = document_attention(*high, positions.cpu(), window=window)
+    grads = torch.autograd.grad(got, low, dy.bfloat16())
+    wants = torch.autograd.grad(want, high, dy.double().cpu())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (got, *grads), (want, *wants)):
+        error = (a.double().cpu() - b).norm() / b.norm()
+        assert error < 2e-2, f"{name}: relative error {error:.2e}"
