@@ -15,7 +15,8 @@ OPTIMIZER = ("multi_tensor_apply", "adam", "lpnorm", "foreach")
 
 
 def rat_kernel_names() -> set[str]:
-    """Names of the Triton kernels in kernels/ (the profiler reports a Triton kernel by its name)."""
+    """Names of RAT's Triton kernels in kernels/ (the profiler reports a Triton kernel by its name); the
+    attention decode kernel's count as attention."""
     import importlib
     import pkgutil
 
@@ -25,6 +26,8 @@ def rat_kernel_names() -> set[str]:
 
     names = set()
     for info in pkgutil.iter_modules(ratpt_kernels.__path__):
+        if info.name == "attention_decode":
+            continue
         module = importlib.import_module(f"ratpt_kernels.{info.name}")
         names |= {name for name, obj in vars(module).items() if isinstance(obj, triton.runtime.JITFunction)}
     return names

@@ -35,7 +35,6 @@ import torch
 
 from ratpt.config import load_config
 from ratpt.engines.compile import apply_activation_checkpointing, apply_compile
-from ratpt.engines.fp8 import apply_fp8
 from ratpt.engines.loss import sum_cross_entropy
 from ratpt.engines.optim import parameter_groups
 from ratpt.model import build_model
@@ -72,6 +71,8 @@ def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], dev
     model = build_model(cfg.model).to(device)
     cfg.train.fp8, cfg.train.micro_batch, cfg.data.seq_len = fp8_of(flags), micro_batch, seq_len
     if cfg.train.fp8 != "off":  # first, as prepare_model: checkpointing and compile then see the FP8 modules
+        from ratpt.engines.fp8 import apply_fp8  # needs torchao, which only FP8 cases need
+
         apply_fp8(model, cfg, device)
     if "ckpt" in flags:
         apply_activation_checkpointing(model)

@@ -21,7 +21,7 @@ from .common import LOG2E, interpreting
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_ptr,
+def _attention_decode_split(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_ptr,
                   sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sy_b, sy_h, qk_scale,
                   H: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
                   BLOCK_N: tl.constexpr):
@@ -42,12 +42,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_ptr,
         j = start + rows
         valid = j < hi
         kb = tl.load(k_head + j[:, None].to(tl.int64) * sk_s + cols[None, :], mask=valid[:, None], other=0.0)
+        vb = tl.load(v_head + j[:, None].to(tl.int64) * sv_s + cols[None, :], mask=valid[:, None], other=0.0)
         scores = tl.where(valid, tl.sum(kb.to(tl.float32) * q[None, :], 1), float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 0))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new)
         l_sum = l_sum * alpha + tl.sum(p, 0)
-        vb = tl.load(v_head + j[:, None].to(tl.int64) * sv_s + cols[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * vb.to(tl.float32), 0)
         m = m_new
     if SPLITS == 1:
@@ -60,7 +60,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
-def _merge_kernel(o_ptr, m_ptr, l_ptr, y_ptr, sy_b, sy_h,
+def _attention_decode_merge(o_ptr, m_ptr, l_ptr, y_ptr, sy_b, sy_h,
                   H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
@@ -80,17 +80,18 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def default_splits(batch_heads: int, slots: int, block: int, device: torch.device) -> int:
-    """Splits per (sequence, head) so that the grid has about 8 programs per SM (a short tail wave),
-    each split at least two blocks of slots."""
+    """Splits per (sequence, head): a power of two giving the grid at least 16 programs per SM (a short
+    tail wave), each split at least two blocks of slots (benchmarks/attention_decode.py measures them)."""
     if device.type != "cuda":
         return 1
     if device.index not in _SM_COUNT:
         _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(8 * _SM_COUNT[device.index], batch_heads), slots // (2 * block)))
+    return max(1, min(triton.next_power_of_2(triton.cdiv(16 * _SM_COUNT[device.index], batch_heads)),
+                      slots // (2 * block)))
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, visible: torch.Tensor,
-                     splits: int | None = None, block: int = 64, warps: int = 4, stages: int = 3) -> torch.Tensor:
+                     splits: int | None = None, block: int = 64, warps: int = 4, stages: int = 2) -> torch.Tensor:
     """Same contract as ratpt.ops.attention_decode: y [B, H, 1, d] in q's dtype.
 
     splits, block, warps, stages: the launch (None: default_splits)."""
@@ -107,12 +108,12 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     parts = B * H * splits if splits > 1 else 1  # one split writes y directly: its partials are unused
     partial = torch.empty(parts, d, device=q.device, dtype=torch.float32)
     stats = torch.empty(2, parts, device=q.device, dtype=torch.float32)
-    _split_kernel[(B * H, splits)](
+    _attention_decode_split[(B * H, splits)](
         q, k_cache, v_cache, visible, y, partial, stats[0], stats[1],
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], y.stride(0), y.stride(1),
         LOG2E / math.sqrt(d), H=H, D=d, SPLIT=split, SPLITS=splits, BLOCK_N=block, num_warps=warps,
         num_stages=stages)
     if splits > 1:
-        _merge_kernel[(B * H,)](partial, stats[0], stats[1], y, y.stride(0), y.stride(1), H=H, D=d,
+        _attention_decode_merge[(B * H,)](partial, stats[0], stats[1], y, y.stride(0), y.stride(1), H=H, D=d,
                                 SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
     return y
