@@ -18,6 +18,8 @@ so one GPU measures both.
 The same harness measures long context, e.g. one 131072-token sequence per step over CP = 2:
     torchrun --standalone --nproc-per-node 2 benchmarks/engines.py --engine megatron --global-batch 1 \
         --micro-batch 1 --seq-len 131072 --set parallel.context=2 --set train.activation_checkpointing=true
+A step that runs out of GPU memory (one process) is recorded as "does not fit", with the memory
+reached, instead of ending the script: memory settings are compared on what fits and what does not.
 """
 from __future__ import annotations
 
@@ -82,30 +84,30 @@ def main() -> None:
         engine.set_lr(cfg.optimizer.lr)
         engine.step()
 
-    for _ in range(args.warmup):
-        step()
-    sync(ctx.device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(ctx.device)
-    seconds = (time.perf_counter() - start) / args.steps
-    tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / seconds
-    peak = device_peak_tflops(ctx.device, cfg.logging.peak_tflops)
-    flops = training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_s
-    memory = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else 0.0
     result = {
         "engine": f"deepspeed-zero{args.zero_stage}" if args.engine == "deepspeed" else args.engine,
         "compile": backend, "device": torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu",
         "date": datetime.date.today().isoformat(), "commit": os.environ.get("RATPT_COMMIT"),
         "config": args.config, "processes": ctx.world_size, "global_batch": cfg.train.global_batch,
         "micro_batch": cfg.train.micro_batch, "seq_len": cfg.data.seq_len, "overrides": args.set,
-        "step_s": round(seconds, 4), "tokens_per_s": round(tokens_per_s), "tokens_per_s_per_gpu": round(
-            tokens_per_s / ctx.world_size), "mfu": round(flops / (peak * 1e12 * ctx.world_size), 4) if peak else None,
-        "max_memory_gib": round(memory, 2),
     }
-    if args.profile:
-        result["profile_ms"] = step_profile(step)
+    try:
+        seconds = timed_steps(step, args.warmup, args.steps, ctx.device)
+    except torch.OutOfMemoryError as err:
+        if ctx.world_size > 1:
+            raise  # the other ranks wait in a collective: only one process can note it and go on
+        result |= {"result": "does not fit", "max_memory_gib": round(peak_gib(ctx.device), 2),
+                   "error": ". ".join(str(err).split(". ")[:2])}  # "CUDA out of memory. Tried to allocate ..."
+    else:
+        tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / seconds
+        peak = device_peak_tflops(ctx.device, cfg.logging.peak_tflops)
+        flops = training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_s
+        result |= {"step_s": round(seconds, 4), "tokens_per_s": round(tokens_per_s),
+                   "tokens_per_s_per_gpu": round(tokens_per_s / ctx.world_size),
+                   "mfu": round(flops / (peak * 1e12 * ctx.world_size), 4) if peak else None,
+                   "max_memory_gib": round(peak_gib(ctx.device), 2)}
+        if args.profile:
+            result["profile_ms"] = step_profile(step)
     if ctx.is_main:
         print(json.dumps(result))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +116,22 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def timed_steps(step, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds per step after `warmup` untimed steps (compilation, allocator warm-up)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 def engine_class(name: str):

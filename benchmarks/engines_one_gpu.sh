@@ -3,10 +3,12 @@
 # compiled on a GPU): RAT-1.3B at 4K tokens with MICRO_BATCH sequences per micro-batch (8 fits an 80 GB
 # H100, 12 an H200) and two micro-batches per step, through the one-process engine, megatron-core's
 # engine in a group of one, and DeepSpeed ZeRO-1; then (with `long`) the 131072-token step of RAT-1.3B
-# and attention-1.3B through megatron's engine with activation checkpointing. JSON lines are appended
-# to OUT/engines.jsonl and OUT/long_context.jsonl (default OUT: benchmarks/results).
+# and attention-1.3B through megatron's engine with activation checkpointing off and on (a step that
+# runs out of memory is recorded as "does not fit"). JSON lines are appended to OUT/engines.jsonl and
+# OUT/long_context.jsonl (default OUT: benchmarks/results).
 #
 #     bash benchmarks/engines_one_gpu.sh [OUT] [MICRO_BATCH] [4k|long|all]
+#     (LONG_STEPS, LONG_WARMUP: timed and warm-up steps of each 131072-token run; default 3 and 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results}"
@@ -26,9 +28,11 @@ if [ "$part" != long ]; then
     done
 fi
 if [ "$part" != 4k ]; then
-    for model in rat_1p3b attention_1p3b; do
-        python benchmarks/engines.py --engine megatron --config "$model" --global-batch 1 --micro-batch 1 \
-            --seq-len 131072 --steps 3 --warmup 2 --set train.activation_checkpointing=true \
-            --out "$out/long_context.jsonl"
+    for checkpointing in false true; do
+        for model in rat_1p3b attention_1p3b; do
+            python benchmarks/engines.py --engine megatron --config "$model" --global-batch 1 --micro-batch 1 \
+                --seq-len 131072 --steps "${LONG_STEPS:-3}" --warmup "${LONG_WARMUP:-2}" \
+                --set train.activation_checkpointing=$checkpointing --out "$out/long_context.jsonl"
+        done
     done
 fi
