@@ -113,6 +113,8 @@ class Trainer:
         self.cfg, self.ctx, self.stop = cfg, ctx, stop
         dp_size = data_parallel_size(cfg, ctx.world_size)
         validate_config(cfg, dp_size=dp_size)
+        # checked first: lm-eval, its tasks and the tokenizer (eval.tasks, eval.passkey)
+        self.downstream = DownstreamEval(cfg, ctx.device) if downstream_enabled(cfg) else None
         self.micro_batches = micro_batches_per_step(cfg.train, dp_size)
         out_dir = Path(cfg.out_dir)
         self.config_yaml = config_yaml = to_yaml(cfg)
@@ -147,7 +149,6 @@ class Trainer:
         self.batches = iter(self.data)
         # opened now, so that a validation set too small for one micro-batch per rank fails before training
         self.val_batches = _val_batches(cfg, self.engine.dp_rank, self.engine.dp_size) if cfg.eval.interval else None
-        self.downstream = DownstreamEval(cfg, ctx.device) if downstream_enabled(cfg) else None
 
         self.metrics = MetricsLogger(
             out_dir, cfg.train.steps, training_flops_per_token(cfg.model, cfg.data.seq_len),
