@@ -301,6 +301,7 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     validate_checkpoint_format(cfg)
     _require(cfg.logging.interval >= 1, f"logging.interval must be >= 1, got {cfg.logging.interval}")
     validate_parallel_shape(cfg)
+    validate_document_masking(cfg)
     _require(cfg.parallel.bucket_size >= 0, f"parallel.bucket_size must be >= 0 (0: megatron's default), "
              f"got {cfg.parallel.bucket_size}")
     micro_batches = micro_batches_per_step(t, dp_size)
@@ -319,6 +320,20 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
         _require(p.tensor == 1 and p.pipeline == 1, "train.engine=deepspeed scales by data and context parallelism "
                  f"only: set parallel.tensor=1 and parallel.pipeline=1 (got {p.tensor}, {p.pipeline}), "
                  "or use train.engine=megatron")
+
+
+def validate_document_masking(cfg: Config) -> None:
+    """data.document_masking runs on the PyTorch reference ops, in one process or under megatron's data, tensor
+    and pipeline parallelism; what cannot carry the documents yet is refused here."""
+    if not cfg.data.document_masking:
+        return
+    _require(cfg.parallel.context == 1, "data.document_masking cannot cut the documents across context-parallel "
+             f"ranks yet (parallel.context={cfg.parallel.context}): set parallel.context=1, or "
+             "data.document_masking=false")
+    _require(cfg.train.engine == "megatron", "data.document_masking runs on train.engine=megatron (one process "
+             "or megatron-core's layouts), not deepspeed yet: set train.engine=megatron, or data.document_masking=false")
+    _require(cfg.model.kernels != "triton", "the Triton kernels do not mask packed documents yet "
+             "(model.kernels=triton): set model.kernels=auto or torch, or data.document_masking=false")
 
 
 def check_deepspeed_extra(extra: dict[str, Any], prefix: str = "") -> None:

@@ -2,8 +2,9 @@
 
 A case is `name:SPEC` (one configuration) or `name:A>B` (configuration A, then its state resumed in
 B), a SPEC being `key=value,key=value`; each worker maps the keys to config keys its own way. The
-batches are random tokens with a few unlabelled positions, cut into micro-batches, and each
-data-parallel rank reads its contiguous slice of them, as the data loader hands them out.
+batches are random tokens with a few unlabelled positions (and, with data.document_masking, documents of
+random lengths), cut into micro-batches, and each data-parallel rank reads its contiguous slice of them, as
+the data loader hands them out.
 """
 from __future__ import annotations
 
@@ -37,7 +38,15 @@ def global_batches(cfg, step: int, unlabelled: tuple[tuple[int, slice], ...] = (
     for row, positions in unlabelled:
         labels[row, positions] = -100
     mb = cfg.train.micro_batch
-    return [{"input_ids": tokens[i:i + mb, :-1], "labels": labels[i:i + mb]} for i in range(0, len(tokens), mb)]
+    batches = [{"input_ids": tokens[i:i + mb, :-1], "labels": labels[i:i + mb]} for i in range(0, len(tokens), mb)]
+    if cfg.data.document_masking:  # a document starts at about one token in eight
+        starts = torch.rand(labels.shape, generator=g) < 0.125
+        starts[:, 0] = True
+        index = torch.arange(labels.shape[1]).expand_as(labels)
+        positions = index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+        for i, batch in enumerate(batches):
+            batch["positions"] = positions[i * mb:(i + 1) * mb]
+    return batches
 
 
 def rank_batches(batches: list[dict], dp_rank: int, dp_size: int) -> list[dict]:

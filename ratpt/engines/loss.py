@@ -15,8 +15,8 @@ from torch import nn
 
 from ratpt.ops.linear_cross_entropy import IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "autocast_context", "cross_entropy_sum", "labelled_tokens", "sum_cross_entropy",
-           "uses_bf16"]
+__all__ = ["IGNORE_INDEX", "autocast_context", "cross_entropy_sum", "document_inputs", "labelled_tokens",
+           "sum_cross_entropy", "uses_bf16"]
 
 
 def uses_bf16(precision: str, device_type: str) -> bool:
@@ -38,11 +38,18 @@ def sum_cross_entropy(model: nn.Module, batch: dict[str, torch.Tensor], device: 
     with `compile_backend` if given (train.compile)."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
+    documents = document_inputs(batch, device)
     with autocast_context(device, precision):
         if fused:
-            return model(input_ids, labels=labels)
-        logits = model(input_ids)
+            return model(input_ids, labels=labels, **documents)
+        logits = model(input_ids, **documents)
     return (compiled_cross_entropy_sum(compile_backend) if compile_backend else cross_entropy_sum)(logits, labels)
+
+
+def document_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's `positions` keyword when the batch packs documents that do not see each other
+    (data.document_masking), else nothing: the model is then called exactly as without masking."""
+    return {"positions": batch["positions"].to(device, non_blocking=True)} if "positions" in batch else {}
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

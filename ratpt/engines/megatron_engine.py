@@ -33,7 +33,7 @@ from torch import nn
 
 from ratpt.checkpoint import load_checkpoint, resolve_checkpoint, save_gathered
 from ratpt.config import Config
-from ratpt.engines.loss import IGNORE_INDEX, compiled_cross_entropy_sum, cross_entropy_sum, uses_bf16
+from ratpt.engines.loss import IGNORE_INDEX, compiled_cross_entropy_sum, cross_entropy_sum, document_inputs, uses_bf16
 from ratpt.engines.megatron_checkpoint import DistributedCheckpointer, is_distributed, load_sharded
 from ratpt.parallel.context_parallel import sequence_slice
 from ratpt.parallel.mesh import Mesh, init_mesh
@@ -179,7 +179,9 @@ class MegatronEngine:
         # in the parameters' dtype (bf16 under mixed precision, no autocast); without TP the last stage
         # fuses head and loss (train.fused_loss) and outputs the summed loss
         fused = self.cfg.train.fused_loss and self.mesh.tp == 1
-        output = model(input_ids, labels=labels) if fused else model(input_ids)
+        # every stage keeps the documents apart; whole sequences (config validation: no context parallelism)
+        documents = document_inputs(batch, self.ctx.device)
+        output = model(input_ids, labels=labels, **documents) if fused else model(input_ids, **documents)
 
         def loss_func(output: torch.Tensor):
             labelled = labels != IGNORE_INDEX

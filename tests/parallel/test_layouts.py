@@ -72,6 +72,10 @@ def test_two_ranks_data_context_and_tensor_parallel_equal_one_process():
         "resume-pp2-to-tp2:pipeline=2>tensor=2",  # stages merged, then TP shards scattered
         # the last stage's logits, then the loss (train.fused_loss=false; the default fuses them)
         "pp2-logits:pipeline=2,fused_loss=false",
+        # packed documents that do not see each other (data.document_masking): the positions reach every
+        # mixer of every TP rank and pipeline stage
+        "tp2-documents:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,document_masking=true",
+        "pp2-documents:pipeline=2,mixers=rat+swa,document_masking=true",
     )
 
 

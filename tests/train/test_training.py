@@ -1,4 +1,5 @@
 """End-to-end training through the real CLI: falling loss, exact resume, preemption, NaN guard."""
+import json
 import math
 import os
 import re
@@ -129,6 +130,26 @@ def test_two_data_parallel_ranks_match_one_process(byte_data, tmp_path):
 def in_process_config(data: Path, out_dir: Path, *extra: str):
     config, *overrides = small_run(data, out_dir, *extra)
     return load_config(config, overrides)
+
+
+def test_loss_falls_with_document_masking_and_the_masks_reach_the_model(tmp_path):
+    from data_prep.__main__ import main as data_prep
+    from pydoc_data.topics import topics
+
+    # CPython's doc topics cut into paragraphs (176 bytes on average): several documents per sequence
+    paragraphs = [p for text in topics.values() for p in text.split("\n\n") if p.strip()]
+    (tmp_path / "paragraphs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    assert data_prep(["tokenize", str(tmp_path / "paragraphs.jsonl"), "--out", str(tmp_path / "data"),
+                      "--tokenizer", "byte", "--val-fraction", "0.05"]) == 0
+    # the hybrid, so that RAT's chunks and the window's mask both restart at every packed document
+    run = ("checkpoint.interval=0", "model.mixers=[rat,swa]", "model.window=16")
+    masked = trainer.train(in_process_config(tmp_path / "data", tmp_path / "masked", "train.steps=20", *run,
+                                             "data.document_masking=true")).losses
+    first, last = masked[0], sum(masked[-5:]) / 5
+    assert first > math.log(257) - 0.5, "a fresh model predicts close to uniform"
+    assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    unmasked = trainer.train(in_process_config(tmp_path / "data", tmp_path / "unmasked", "train.steps=1", *run)).losses
+    assert abs(unmasked[0] - first) > 1e-4, "the same weights and batch give the same loss: no mask reached the model"
 
 
 def test_activation_checkpointing_changes_no_loss(byte_data, tmp_path):

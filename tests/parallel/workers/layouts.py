@@ -43,16 +43,18 @@ BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.n
         "data.streams=[{path: unused}]"]
 MODEL_KEYS = {"mixers", "chunk_size", "window", "n_layers", "ffn", "ngroups", "head_dim", "kernels"}
 TRAIN_KEYS = {"micro_batch", "precision", "fused_loss", "compile", "compile_backend", "activation_checkpointing"}
+DATA_KEYS = {"document_masking"}
 
 
 def config(spec: str):
-    """The config of a layout SPEC: its keys are model.*, train.* (MODEL_KEYS, TRAIN_KEYS) or parallel.*;
-    mixers are `+`-joined (rat+swa)."""
+    """The config of a layout SPEC: its keys are model.*, train.*, data.* (MODEL_KEYS, TRAIN_KEYS, DATA_KEYS)
+    or parallel.*; mixers are `+`-joined (rat+swa)."""
     overrides = list(BASE)
     for key, value in parse_spec(spec).items():
         if key == "mixers":
             value = "[" + ",".join(value.split("+")) + "]"
-        section = "model" if key in MODEL_KEYS else "train" if key in TRAIN_KEYS else "parallel"
+        section = ("model" if key in MODEL_KEYS else "train" if key in TRAIN_KEYS else "data" if key in DATA_KEYS
+                   else "parallel")
         overrides.append(f"{section}.{key}={value}")
     return load_config(None, overrides)
 
