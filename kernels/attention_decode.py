@@ -90,10 +90,12 @@ def default_splits(batch_heads: int, slots: int, block: int, device: torch.devic
                       slots // (2 * block)))
 
 
+@torch.library.custom_op("ratpt::attention_decode", mutates_args=())
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, visible: torch.Tensor,
                      splits: int | None = None, block: int = 64, warps: int = 4, stages: int = 2) -> torch.Tensor:
     """Same contract as ratpt.ops.attention_decode: y [B, H, 1, d] in q's dtype.
 
+    A custom op, so that torch.compile of a decode step keeps both launches as one opaque call.
     splits, block, warps, stages: the launch (None: default_splits)."""
     B, H, _, d = q.shape
     S = k_cache.shape[2]
@@ -117,3 +119,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _attention_decode_merge[(B * H,)](partial, stats[0], stats[1], y, y.stride(0), y.stride(1), H=H, D=d,
                                 SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
     return y
+
+
+@attention_decode.register_fake
+def _attention_decode_shape(q, k_cache, v_cache, visible, *launch):
+    return torch.empty_like(q)
