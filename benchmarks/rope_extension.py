@@ -5,12 +5,14 @@ chunks of 16) and continued at 128K (8192 chunks) meets chunk positions 32 times
 it ever saw. This measures, at a CPU's scale, whether raising `model.rope_base` for the extension
 helps: a byte-level RAT is trained at --short tokens on CPython's documentation, then continued at
 --long tokens from those weights (`ratpt train ... checkpoint.init_from=...`, the real command) once
-per base in --bases, all with the same data order and steps. Validation loss at --long is taken
-before the extension (the short model with each base, unchanged weights) and after it; at --short
-too, to show what a new base costs the short context before it is trained. One JSON to --out.
+per base in --bases and data order in --seeds, with the same steps. Validation loss at --long is
+taken before the extension (the short model with each base, unchanged weights) and after it; at
+--short too, to show what a new base costs the short context before it is trained. The spread over
+--seeds says which differences between bases are more than the noise of one run. One JSON to --out.
 
     python benchmarks/rope_extension.py --out benchmarks/results/rope_extension.json
-    (options: --short 256 --long 4096 --short-steps 300 --long-steps 40 --bases 10000,40000,160000)
+    (options: --short 256 --long 4096 --short-steps 300 --long-steps 40 --bases 10000,40000,160000
+     --seeds 1234,1235)
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--long-steps", type=int, default=40)
     parser.add_argument("--bases", default="10000,40000,160000", help="RoPE bases of the extension; the first "
                                                                        "is the short run's")
+    parser.add_argument("--seeds", default="1234,1235", help="data.seed of the extensions (data orders)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "rope_extension.json"))
     args = parser.parse_args()
     bases = [float(b) for b in args.bases.split(",")]
@@ -74,16 +77,17 @@ def main() -> None:
                     "train.global_batch=16", "train.micro_batch=16", f"model.rope_base={bases[0]}")
         rows = []
         for base in bases:
-            extended = Path(tmp) / f"long_{base:g}"
-            ratpt_train(data, extended, f"data.seq_len={args.long}", f"train.steps={args.long_steps}",
-                        "train.global_batch=2", "train.micro_batch=2", "optimizer.lr=1e-3",
-                        "schedule.warmup_fraction=0.1", f"model.rope_base={base}", f"checkpoint.init_from={short}")
-            rows.append({"rope_base": base,
-                         "before": {"val_short": val_loss(short, args.short, base),
-                                    "val_long": val_loss(short, args.long, base)},
-                         "after": {"val_short": val_loss(extended, args.short, base),
-                                   "val_long": val_loss(extended, args.long, base)}})
-            print(json.dumps(rows[-1]), flush=True)
+            row = {"rope_base": base, "before": {"val_short": val_loss(short, args.short, base),
+                                                 "val_long": val_loss(short, args.long, base)}, "after": {}}
+            for seed in args.seeds.split(","):
+                extended = Path(tmp) / f"long_{base:g}_{seed}"
+                ratpt_train(data, extended, f"data.seq_len={args.long}", f"train.steps={args.long_steps}",
+                            "train.global_batch=2", "train.micro_batch=2", "optimizer.lr=1e-3", f"data.seed={seed}",
+                            "schedule.warmup_fraction=0.1", f"model.rope_base={base}", f"checkpoint.init_from={short}")
+                row["after"][seed] = {"val_short": val_loss(extended, args.short, base),
+                                      "val_long": val_loss(extended, args.long, base)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     result = {"date": datetime.date.today().isoformat(), "commit": os.environ.get("RATPT_COMMIT"),
               "device": f"cpu ({os.cpu_count()} threads)", "model": MODEL, "short": args.short, "long": args.long,
               "chunks": [args.short // 16, args.long // 16], "short_steps": args.short_steps,
