@@ -323,15 +323,13 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
 
 
 def validate_document_masking(cfg: Config) -> None:
-    """data.document_masking runs on the PyTorch reference ops, in one process or under megatron's data, tensor
-    and pipeline parallelism; what cannot carry the documents yet is refused here."""
+    """data.document_masking runs on the PyTorch reference ops, in one process, under megatron's data, tensor
+    and pipeline parallelism and under DeepSpeed; what cannot carry the documents yet is refused here."""
     if not cfg.data.document_masking:
         return
     _require(cfg.parallel.context == 1, "data.document_masking cannot cut the documents across context-parallel "
              f"ranks yet (parallel.context={cfg.parallel.context}): set parallel.context=1, or "
              "data.document_masking=false")
-    _require(cfg.train.engine == "megatron", "data.document_masking runs on train.engine=megatron (one process "
-             "or megatron-core's layouts), not deepspeed yet: set train.engine=megatron, or data.document_masking=false")
     _require(cfg.model.kernels != "triton", "the Triton kernels do not mask packed documents yet "
              "(model.kernels=triton): set model.kernels=auto or torch, or data.document_masking=false")
 

@@ -247,9 +247,11 @@ class DeepSpeedEngine:
         return {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in self.model.named_parameters()}
 
     def _local(self, batch: dict) -> dict:
-        """This CP rank's part of a batch, cut by parallel.context_layout (the batch itself without CP)."""
+        """This CP rank's part of a batch, cut by parallel.context_layout (the batch itself without CP); the
+        documents' `positions` with the tokens (data.document_masking)."""
         layout = self.cfg.parallel.context_layout
-        return {k: sequence_slice(batch[k], self.mesh, layout) for k in ("input_ids", "labels")}
+        return {k: sequence_slice(batch[k], self.mesh, layout) for k in ("input_ids", "labels", "positions")
+                if k in batch}
 
     def _all_ranks_sum(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.ctx.device)

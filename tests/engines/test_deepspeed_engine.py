@@ -35,6 +35,7 @@ TWO_RANK_CASES = {
     "skip-stage1": "stage=1", "skip-stage3": "stage=3",
     "recompute-stage3": "stage=3",
     "cp2-zigzag-stage3": "stage=3,cp=2,layout=zigzag",  # each rank holds blocks r and 3 - r of every sequence
+    "documents-stage3": "stage=3,documents=true",  # packed documents that do not see each other
     "resume-stage3": "stage=3", "resume-stage2-cp2": "stage=2,cp=2",
     "consolidate-stage1": "stage=1", "consolidate-stage3": "stage=3",
     # the blocks compiled (traced as inductor would be, without CPU code generation) equal eager one process
@@ -143,6 +144,11 @@ def test_context_parallel_times_zero_data_parallel_equals_one_process(four_rank_
 
 def test_zigzag_context_parallel_under_zero3_equals_one_process(two_rank_cases):
     assert passed(two_rank_cases, "cp2-zigzag-stage3")
+
+
+@pytest.mark.parametrize("case", ["documents-stage3"])
+def test_packed_documents_under_zero_equal_one_process_with_documents(two_rank_cases, case):
+    assert passed(two_rank_cases, case)
 
 
 @pytest.mark.parametrize("case", ["compiled-stage2", "compiled-cp2-stage3"])

@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc-per-node N tests/engines/workers/ds_cases.py CASE [CASE ...]
 
-A case is `name:key=value,...` over deepspeed.*, parallel.context and parallel.context_layout
-(`stage=3,offload=true,cp=2,layout=zigzag`, `compile=true,backend=aot_eager`: the blocks compiled);
+A case is `name:key=value,...` over deepspeed.*, parallel.context, parallel.context_layout and
+data.document_masking (`stage=3,offload=true,cp=2,layout=zigzag,documents=true`, `compile=true,backend=aot_eager`:
+the blocks compiled);
 a name starting `resume` or `consolidate` selects a checkpoint check, `skip` a non-finite step,
 `recompute` activation checkpointing.
 For each equality case, every rank also runs the single-process reference (ratpt.engines.local_engine.
@@ -50,7 +51,8 @@ BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.n
         "optimizer.eps=1e-4", "data.streams=[{path: unused}]"]
 KEYS = {"stage": "deepspeed.zero_stage", "offload": "deepspeed.offload_optimizer",
         "offload_params": "deepspeed.offload_params", "cp": "parallel.context", "layout": "parallel.context_layout",
-        "precision": "train.precision", "compile": "train.compile", "backend": "train.compile_backend"}
+        "precision": "train.precision", "compile": "train.compile", "backend": "train.compile_backend",
+        "documents": "data.document_masking"}
 STEPS = 4
 
 
