@@ -28,14 +28,14 @@ def split_projection(proj: Tensor, head_dim: int, ngroups: int) -> tuple[Tensor,
 
 @torch.library.custom_op("ratpt::rat_mixing_forward", mutates_args=())
 def _forward(proj: Tensor, gate_bias: Tensor, chunk_size: int, head_dim: int, ngroups: int,
-             rope_base: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             rope_base: float, first_chunk: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """sigmoid(z) ⊙ y, lse (base 2), Ks, Vs: ratpt_kernels.rat_fwd.rat_forward with the output gate."""
     z, v, f, q, k = split_projection(proj, head_dim, ngroups)
-    return rat_forward(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base, gate=z)
+    return rat_forward(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base, gate=z, first_chunk=first_chunk)
 
 
 @_forward.register_fake
-def _forward_shapes(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base):
+def _forward_shapes(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base, first_chunk=None):
     B, T, P = proj.shape
     D = (P - 2 * ngroups * head_dim) // 3
     summaries = proj.new_empty(B, D // head_dim, T // chunk_size, head_dim)
@@ -45,14 +45,15 @@ def _forward_shapes(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base):
 
 @torch.library.custom_op("ratpt::rat_mixing_backward", mutates_args=())
 def _backward(dout: Tensor, proj: Tensor, gate_bias: Tensor, out: Tensor, lse: Tensor, ks: Tensor, vs: Tensor,
-              chunk_size: int, head_dim: int, ngroups: int, rope_base: float) -> tuple[Tensor, Tensor]:
+              chunk_size: int, head_dim: int, ngroups: int, rope_base: float,
+              first_chunk: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The projection's gradient (every column slice written in place by the kernels, so nothing
     concatenates them) and the gate bias's: ratpt_kernels.rat_bwd.rat_backward with the output gate."""
     z, v, f, q, k = split_projection(proj, head_dim, ngroups)
     dproj = torch.empty_like(proj)
     dz, dv, df, dq, dk = split_projection(dproj, head_dim, ngroups)
     *_, dbias = rat_backward(dout, q, k, v, f, gate_bias, out, lse, ks, vs, chunk_size, head_dim, rope_base,
-                             gate=(z, dz), out=(dq, dk, dv, df))
+                             gate=(z, dz), out=(dq, dk, dv, df), first_chunk=first_chunk)
     return dproj, dbias
 
 
@@ -62,20 +63,24 @@ def _backward_shapes(dout, proj, gate_bias, *rest):
 
 
 def _save(ctx, inputs, output) -> None:
-    proj, gate_bias, chunk_size, head_dim, ngroups, rope_base = inputs
+    proj, gate_bias, chunk_size, head_dim, ngroups, rope_base, first_chunk = inputs
     ctx.set_materialize_grads(False)  # no zero gradients for the outputs only the backward uses
-    ctx.save_for_backward(proj, gate_bias, *output)
+    ctx.save_for_backward(proj, gate_bias, *output, first_chunk)
     ctx.config = (chunk_size, head_dim, ngroups, rope_base)
 
 
 def _gradients(ctx, dout, *unused):  # lse and the summaries are saved for the backward, not returned to users
-    return (*_backward(dout, *ctx.saved_tensors, *ctx.config), None, None, None, None)
+    *saved, first_chunk = ctx.saved_tensors
+    return (*_backward(dout, *saved, *ctx.config, first_chunk), None, None, None, None, None)
 
 
 _forward.register_autograd(_gradients, setup_context=_save)
 
 
-def rat_mixing(proj, gate_bias, chunk_size: int, head_dim: int, ngroups: int, rope_base: float) -> Tensor:
-    """Fused RAT sequence mixing with its output gate (same contract as ratpt.ops.rat_mixing)."""
+def rat_mixing(proj, gate_bias, chunk_size: int, head_dim: int, ngroups: int, rope_base: float,
+               first_chunk: Tensor | None = None) -> Tensor:
+    """Fused RAT sequence mixing with its output gate (same contract as ratpt.ops.rat_mixing). Packed documents
+    come laid out in whole chunks (ratpt.ops.documents.DocumentChunks) with `first_chunk` [B, T//L] (int32):
+    for each chunk, the chunk its document starts at."""
     proj = proj if proj.stride(-1) == 1 else proj.contiguous()
-    return _forward(proj, gate_bias, chunk_size, head_dim, ngroups, float(rope_base))[0]
+    return _forward(proj, gate_bias, chunk_size, head_dim, ngroups, float(rope_base), first_chunk)[0]

@@ -68,6 +68,25 @@ def first_chunk(offset_ptr, b):
 
 
 @triton.jit
+def document_start(doc_ptr, b, chunk, C, mask):
+    """Over packed documents: the global index of the chunk where the document of each local `chunk` of
+    sequence b starts, read from doc_ptr [B, C] (int32). Its summaries are the first a query of the document
+    sees, and RoPE's chunk index counts from it."""
+    return tl.load(doc_ptr + b * C + chunk, mask=mask, other=0)
+
+
+@triton.jit
+def document_summaries(doc_ptr, b, t0, T, L: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr, j_full):
+    """Over packed documents, for the query rows [t0, t0 + BQ) (whole chunks) of sequence b: j_lo, the first
+    block of BC summaries any row sees (its first row's document start), and j_doc (<= j_full), from which
+    every row's document start lets it see every summary (its last row's, rounded up to BC)."""
+    C = T // L
+    first_row = tl.load(doc_ptr + b * C + t0 // L)
+    last_row = tl.load(doc_ptr + b * C + tl.minimum(t0 + BQ - 1, T - 1) // L)
+    return first_row // BC * BC, tl.minimum(tl.cdiv(last_row, BC) * BC, j_full)
+
+
+@triton.jit
 def dot(a, b, DT: tl.constexpr, F32: tl.constexpr):
     """a @ b with fp32 accumulation; operands cast to DT, or fp32 (IEEE) when F32."""
     if F32:

@@ -43,12 +43,13 @@ import triton
 import triton.language as tl
 
 from .blocks import Blocks, blocks
-from .common import LOG2E, chunk_tile, dot, first_chunk, interpreting, rope_cos_sin, row_blocks
-from .rat_fwd import CHUNKS_PER_PROGRAM, inverse_frequencies, recurrent_states
+from .common import (LOG2E, chunk_tile, document_start, document_summaries, dot, first_chunk, interpreting,
+                     rope_cos_sin, row_blocks)
+from .rat_fwd import CHUNKS_PER_PROGRAM, check_documents, inverse_frequencies, recurrent_states
 
 
 @triton.jit
-def _prepare_kernel(q_ptr, y_ptr, dy_ptr, z_ptr, dz_ptr, dmix_ptr, inv_freq_ptr, offset_ptr, delta_ptr, qr_ptr,
+def _prepare_kernel(q_ptr, y_ptr, dy_ptr, z_ptr, dz_ptr, dmix_ptr, inv_freq_ptr, offset_ptr, doc_ptr, delta_ptr, qr_ptr,
                     sq_b, sq_t, sz_b, sz_t, T, qk_scale,
                     H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr, BQ: tl.constexpr,
                     GATED: tl.constexpr):
@@ -76,7 +77,10 @@ def _prepare_kernel(q_ptr, y_ptr, dy_ptr, z_ptr, dz_ptr, dmix_ptr, inv_freq_ptr,
         q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t + h * D_HEAD + cols[None, :]
         q1 = tl.load(q_rows, mask=mask, other=0.0).to(tl.float32)
         q2 = tl.load(q_rows + HALF, mask=mask, other=0.0).to(tl.float32)
-        cos, sin = rope_cos_sin(first_chunk(offset_ptr, b64) + rows // L, tl.load(inv_freq_ptr + cols))
+        angle = first_chunk(offset_ptr, b64) + rows // L
+        if doc_ptr is not None:  # packed documents: the chunk index within the document
+            angle -= document_start(doc_ptr, b64, rows // L, T // L, rmask)
+        cos, sin = rope_cos_sin(angle, tl.load(inv_freq_ptr + cols))
         out = qr_ptr + (b64 * T + rows[:, None]) * (G * D_HEAD) + h * D_HEAD + cols[None, :]
         QT = qr_ptr.dtype.element_ty
         tl.store(out, ((q1 * cos - q2 * sin) * qk_scale).to(QT), mask=mask)
@@ -84,8 +88,8 @@ def _prepare_kernel(q_ptr, y_ptr, dy_ptr, z_ptr, dz_ptr, dmix_ptr, inv_freq_ptr,
 
 
 @triton.jit
-def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, b, h, first, t_lo,
-                        t_hi, T, G: tl.constexpr, H: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
+def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, doc_ptr, b, h, first,
+                        t_lo, t_hi, T, G: tl.constexpr, H: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
                         BQ: tl.constexpr, MASKED: tl.constexpr, ACC_DQ: tl.constexpr, F32: tl.constexpr):
     """Accumulate dKs, dVs of one summary block over query rows [t_lo, t_hi); with ACC_DQ also add
     the block's share of each row's dq̂ (rotated space) into the fp32 accumulator `dq_target` [B, T, G·d]
@@ -96,7 +100,7 @@ def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_hea
     25% slower here than pointer loads.)
 
     Rows past T get lse = +inf, hence P = 0; MASKED adds the visibility j < c of each row (c: its
-    global chunk index, `first` + row // L).
+    global chunk index, `first` + row // L) and, over packed documents (doc_ptr), j >= its document start.
     """
     DT = kb.dtype
     dcols = tl.arange(0, D_HEAD)
@@ -107,7 +111,10 @@ def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_hea
         lse = tl.load(lse_head + rows, mask=rmask, other=float("inf"))
         pt = tl.exp2(dot(kb, qt, DT, F32) - lse[None, :])  # [BC, BQ]
         if MASKED:
-            pt = tl.where(j[:, None] < (first + rows // L)[None, :], pt, 0.0)
+            visible = j[:, None] < (first + rows // L)[None, :]
+            if doc_ptr is not None:
+                visible &= j[:, None] >= document_start(doc_ptr, b, rows // L, T // L, rmask)[None, :]
+            pt = tl.where(visible, pt, 0.0)
         dy = tl.load(dy_head + rows[:, None] * (H * D_HEAD) + dcols[None, :], mask=rmask[:, None], other=0.0)
         delta = tl.load(delta_head + rows, mask=rmask, other=0.0)
         dst = pt * (dot(vb, tl.trans(dy), DT, F32) - delta[None, :])
@@ -124,7 +131,7 @@ def _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_hea
 
 
 @triton.jit
-def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, ks_ptr, vs_ptr, dks_ptr, dvs_ptr, dq_target,
+def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, doc_ptr, ends_ptr, ks_ptr, vs_ptr, dks_ptr, dvs_ptr, dq_target,
                          T, CS, dk_scale,
                          H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
                          BQ: tl.constexpr, BC: tl.constexpr, ACC_DQ: tl.constexpr, F32: tl.constexpr):
@@ -153,18 +160,32 @@ def _summary_grad_kernel(qr_ptr, dy_ptr, lse_ptr, delta_ptr, offset_ptr, ks_ptr,
     first = first_chunk(offset_ptr, b64)
     t_lo = tl.maximum(j0 - first + 1, 0) * L // BQ * BQ
     t_mid = tl.minimum(tl.cdiv(tl.maximum(j0 + BC - first, 0) * L, BQ) * BQ, T)
-    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, b, h,
-                                 first, t_lo, t_mid, T, G, H, L, D_HEAD, BQ, True, ACC_DQ, F32)
-    dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, b, h,
-                                 first, t_mid, T, T, G, H, L, D_HEAD, BQ, False, ACC_DQ, F32)
+    if doc_ptr is None:
+        dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, None, b,
+                                     h, first, t_lo, t_mid, T, G, H, L, D_HEAD, BQ, True, ACC_DQ, F32)
+        dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, None, b,
+                                     h, first, t_mid, T, T, G, H, L, D_HEAD, BQ, False, ACC_DQ, F32)
+    else:  # packed documents: the rows of the block's documents, ends_ptr [B, CS] (rows_seeing)
+        t_end = tl.load(ends_ptr + b64 * CS + tl.minimum(j0 + BC, CS) - 1) * L  # past the last summary's document
+        t_all = tl.load(ends_ptr + b64 * CS + j0) * L // BQ * BQ  # up to here every row's document sees j0
+        t_mid = tl.minimum(t_mid, t_end)
+        dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, doc_ptr,
+                                     b, h, first, t_lo, t_mid, T, G, H, L, D_HEAD, BQ, True, ACC_DQ, F32)
+        dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, doc_ptr,
+                                     b, h, first, t_mid, t_all, T, G, H, L, D_HEAD, BQ, False, ACC_DQ, F32)
+        dk, dv = _summary_grad_steps(dk, dv, kb, vb, j, qr_head, dy_head, lse_head, delta_head, dq_target, doc_ptr,
+                                     b, h, first, tl.maximum(t_mid, t_all), t_end, T, G, H, L, D_HEAD, BQ, True,
+                                     ACC_DQ, F32)
     tl.store(dks_ptr + sp, dk * dk_scale, mask=jmask)
     tl.store(dvs_ptr + sp, dv, mask=jmask)
 
 
 @triton.jit
-def _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_lo, j_hi, n_visible,
-                      D_HEAD: tl.constexpr, BC: tl.constexpr, MASKED: tl.constexpr, F32: tl.constexpr):
-    """Accumulate dq̂ (rotated space) over summaries [j_lo, j_hi); MASKED: partly visible blocks."""
+def _query_grad_steps(dqr, qr, dy, lse, delta, chunk, lo, ks_head, vs_head, j_lo, j_hi, n_visible,
+                      D_HEAD: tl.constexpr, BC: tl.constexpr, MASKED: tl.constexpr, F32: tl.constexpr,
+                      DOC: tl.constexpr):
+    """Accumulate dq̂ (rotated space) over summaries [j_lo, j_hi); MASKED: partly visible blocks (with DOC,
+    packed documents, also below the rows' document starts `lo`)."""
     DT = qr.dtype
     dcols = tl.arange(0, D_HEAD)
     for j0 in range(j_lo, j_hi, BC):
@@ -178,14 +199,17 @@ def _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_lo, j_
             vt = tl.load(vs_head + t_ptrs)
         p = tl.exp2(dot(qr, kt, DT, F32) - lse[:, None])
         if MASKED:
-            p = tl.where(j[None, :] < chunk[:, None], p, 0.0)
+            visible = j[None, :] < chunk[:, None]
+            if DOC:
+                visible &= j[None, :] >= lo[:, None]
+            p = tl.where(visible, p, 0.0)
         ds = p * (dot(dy, vt, DT, F32) - delta[:, None])
         dqr += dot(ds, tl.trans(kt), DT, F32)
     return dqr
 
 
 @triton.jit
-def _query_grad_kernel(qr_ptr, offset_ptr, ks_ptr, vs_ptr, dy_ptr, lse_ptr, delta_ptr, dqr_ptr, T, CS,
+def _query_grad_kernel(qr_ptr, offset_ptr, doc_ptr, ks_ptr, vs_ptr, dy_ptr, lse_ptr, delta_ptr, dqr_ptr, T, CS,
                        H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, D_HEAD: tl.constexpr,
                        BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
@@ -210,10 +234,20 @@ def _query_grad_kernel(qr_ptr, offset_ptr, ks_ptr, vs_ptr, dy_ptr, lse_ptr, delt
     j_full = (first + t0 // L) // BC * BC  # summaries below are visible to every row of the block
     ks_head = ks_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
     vs_head = vs_ptr + pid_bh.to(tl.int64) * CS * D_HEAD
-    dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, 0, j_full, n_visible,
-                            D_HEAD, BC, False, F32)
-    dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, ks_head, vs_head, j_full, n_visible, n_visible,
-                            D_HEAD, BC, True, F32)
+    if doc_ptr is None:
+        dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, chunk, ks_head, vs_head, 0, j_full, n_visible,
+                                D_HEAD, BC, False, F32, False)
+        dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, chunk, ks_head, vs_head, j_full, n_visible,
+                                n_visible, D_HEAD, BC, True, F32, False)
+    else:  # packed documents: as the forward's _attention_kernel
+        lo = document_start(doc_ptr, b64, rows // L, T // L, rmask)
+        j_lo, j_doc = document_summaries(doc_ptr, b64, t0, T, L, BQ, BC, j_full)
+        dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, lo, ks_head, vs_head, j_lo, j_doc, n_visible,
+                                D_HEAD, BC, True, F32, True)
+        dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, lo, ks_head, vs_head, j_doc, j_full, n_visible,
+                                D_HEAD, BC, False, F32, True)
+        dqr = _query_grad_steps(dqr, qr, dy, lse, delta, chunk, lo, ks_head, vs_head, j_full, n_visible,
+                                n_visible, D_HEAD, BC, True, F32, True)
     tl.store(dqr_ptr + out, dqr, mask=mask)
 
 
@@ -236,7 +270,7 @@ def _reverse_step(lk, lv, g_next, direct_k, direct_v, ks, vs, f_ptrs, k_ptrs, v_
 
 
 @triton.jit
-def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, kst_ptr, vst_ptr, dy_ptr,
+def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, doc_ptr, kst_ptr, vst_ptr, dy_ptr,
                             lse_ptr, delta_ptr, dqr_ptr, dks_ptr, dvs_ptr, dq_ptr, dk_ptr, dv_ptr, df_ptr, dbias_ptr,
                             sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, sdv_b, sdv_t, B, T, C, qk_scale, scale,
                             H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
@@ -244,7 +278,10 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
     pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
     D_HEAD: tl.constexpr = 2 * HALF
     b64, chunks, cols, kc, vc, bias1, bias2 = chunk_tile(pid_c, pid_bh, bias_ptr, H, G, HALF, NCH)
-    cos, sin = rope_cos_sin(first_chunk(offset_ptr, b64) + chunks, tl.load(inv_freq_ptr + cols))  # per chunk
+    angle = first_chunk(offset_ptr, b64) + chunks
+    if doc_ptr is not None:  # packed documents: the chunk index within the document
+        angle -= document_start(doc_ptr, b64, chunks, C, chunks < C)
+    cos, sin = rope_cos_sin(angle, tl.load(inv_freq_ptr + cols))  # per chunk
     row_stats = pid_bh.to(tl.int64) * T  # lse, Δ: [B, H, T]
     own = ((pid_bh.to(tl.int64) * C + chunks) * D_HEAD)[:, None] + cols[None, :]  # this tile's summaries
     DQT = dq_ptr.dtype.element_ty
@@ -314,9 +351,20 @@ def group_sum(heads: torch.Tensor, width: int, out: torch.Tensor | None = None) 
     return torch.sum(heads.view(B, T, D // width, width), 2, out=out)
 
 
+def rows_seeing(first_chunk: torch.Tensor | None, n_summaries: int) -> torch.Tensor | None:
+    """Over packed documents, for each summary j < n_summaries: the number of this sequence's chunks whose
+    document starts at or before j ([B, n_summaries] int32). first_chunk never decreases along a sequence, so
+    these chunks are a prefix, past which no row sees summary j: where the summary side's loop over rows stops."""
+    if first_chunk is None:
+        return None
+    j = torch.arange(n_summaries, device=first_chunk.device, dtype=first_chunk.dtype)
+    return torch.searchsorted(first_chunk, j.expand(first_chunk.shape[0], -1).contiguous(), right=True).int()
+
+
 def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
                       chunk_offset: torch.Tensor | None = None, config: Blocks | None = None,
-                      atomic_dq: bool | None = None, gate: tuple[torch.Tensor, torch.Tensor] | None = None):
+                      atomic_dq: bool | None = None, gate: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      first_chunk: torch.Tensor | None = None):
     """The backward's first part: the gradients dKs, dVs (fp32) of every summary in Ks, Vs
     [B, H, CS, d] that this sequence's tokens attend to, and what the second part reuses (Δ, q̂, dq̂).
     Under context parallelism the summary gradients are reduced across ranks between the parts.
@@ -327,7 +375,8 @@ def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rop
     (summary, query) pair instead of 7. Off, every gradient is bit-reproducible.
 
     gate (z, dz): y is the gated output sigmoid(z) ⊙ mixing (rat_forward's `gate`) and dy its gradient;
-    z's gradient is written into dz (both [B, T, H·d], strided)."""
+    z's gradient is written into dz (both [B, T, H·d], strided). first_chunk: packed documents, as in
+    rat_fwd.rat_states."""
     B, T, D = dy.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
     cfg = config or blocks("summary_grad", L, d, ks.dtype)
@@ -336,9 +385,10 @@ def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rop
     qr = torch.empty(B, T, G * d, device=dy.device, dtype=ks.dtype)
     z, dz = gate if gate is not None else (None, None)
     dmix = torch.empty_like(dy) if gate is not None else dy  # the mixing's own output gradient
+    first_chunk = check_documents(first_chunk, T, L)
     prep_rows = 16 if interpreting() else 64
     _prepare_kernel[(triton.cdiv(T, prep_rows), B * H)](
-        q, y, dy, z, dz, dmix, inverse_frequencies(d, rope_base, dy.device), chunk_offset, delta, qr, q.stride(0),
+        q, y, dy, z, dz, dmix, inverse_frequencies(d, rope_base, dy.device), chunk_offset, first_chunk, delta, qr, q.stride(0),
         q.stride(1), *((z.stride(0), z.stride(1)) if gate is not None else (0, 0)), T, LOG2E / math.sqrt(d), H=H,
         G=G, L=L, HALF=d // 2, BQ=prep_rows, GATED=gate is not None, num_warps=4)
     CS = ks.shape[2]
@@ -351,29 +401,31 @@ def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rop
         f32 = ks.dtype == torch.float32 or interpreting()
         dq_target = dq_rotated if f32 or not atomic_dq else row_blocks(dq_rotated, cfg.bq, d)
         _summary_grad_kernel[(B * H, triton.cdiv(CS, cfg.bc))](
-            qr, dmix, lse, delta, chunk_offset, ks, vs, dks, dvs, dq_target, T, CS, 1.0 / LOG2E, H=H, G=G, L=L,
+            qr, dmix, lse, delta, chunk_offset, first_chunk, rows_seeing(first_chunk, CS), ks, vs, dks, dvs, dq_target, T, CS, 1.0 / LOG2E, H=H, G=G, L=L,
             D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, ACC_DQ=atomic_dq, F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
     return dks, dvs, (dmix, delta, qr, dq_rotated)
 
 
 def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own, chunk_size: int, head_dim: int,
                     rope_base: float, chunk_offset: torch.Tensor | None = None, config: Blocks | None = None,
-                    out: tuple[torch.Tensor, ...] | None = None):
+                    out: tuple[torch.Tensor, ...] | None = None, first_chunk: torch.Tensor | None = None):
     """The backward's second part: (dq, dk, dv, df, dgate_bias), given the total gradients dKs_own, dVs_own
     [B, H, T//L, d] of this sequence's own summaries and `reused` from summary_gradients. `out`: where
     to write dq, dk, dv, df (for example the column slices of one projection gradient; dq, dk with
-    equal strides, dv, df likewise); new tensors by default."""
+    equal strides, dv, df likewise); new tensors by default. first_chunk: packed documents, as in
+    rat_fwd.rat_states."""
     dy, delta, qr, dq_rotated = reused
     dks_own, dvs_own = dks_own.contiguous(), dvs_own.contiguous()
     B, T, D = v.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
     inv_freq = inverse_frequencies(d, rope_base, v.device)
     scale = 1.0 / math.sqrt(d)
+    first_chunk = check_documents(first_chunk, T, L)
     if dq_rotated is None:  # deterministic: the query side's own pass over the summaries
         cfg = config or blocks("query_grad", L, d, v.dtype)
         dq_heads_rotated = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
         _query_grad_kernel[(triton.cdiv(T, cfg.bq), B * H)](
-            qr, chunk_offset, ks, vs, dy, lse, delta, dq_heads_rotated, T, max(ks.shape[2], 1), H=H, G=G, L=L,
+            qr, chunk_offset, first_chunk, ks, vs, dy, lse, delta, dq_heads_rotated, T, max(ks.shape[2], 1), H=H, G=G, L=L,
             D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
             num_stages=cfg.stages)
         dq_rotated = group_sum(dq_heads_rotated, G * d)
@@ -389,7 +441,7 @@ def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own
     n_programs = triton.cdiv(triton.cdiv(T, L), CHUNKS_PER_PROGRAM)
     dbias = torch.empty(n_programs * B, D, device=v.device, dtype=torch.float32)
     _recurrence_grad_kernel[(n_programs, B * H)](
-        q, k, v, f, gate_bias, inv_freq, chunk_offset, kst, vst, dy, lse, delta, dq_rotated, dks_own, dvs_own,
+        q, k, v, f, gate_bias, inv_freq, chunk_offset, first_chunk, kst, vst, dy, lse, delta, dq_rotated, dks_own, dvs_own,
         dq_heads, dk_heads, dv, df, dbias, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), f.stride(0), f.stride(1), dv.stride(0), dv.stride(1), B, T, max(T // L, 1), LOG2E * scale,
         scale, H=H, G=G, L=L, HALF=d // 2, NCH=CHUNKS_PER_PROGRAM, num_warps=4)
@@ -400,14 +452,17 @@ def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own
 
 def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
                  configs: dict[str, Blocks] | None = None, atomic_dq: bool | None = None,
-                 gate: tuple[torch.Tensor, torch.Tensor] | None = None, out: tuple[torch.Tensor, ...] | None = None):
+                 gate: tuple[torch.Tensor, torch.Tensor] | None = None, out: tuple[torch.Tensor, ...] | None = None,
+                 first_chunk: torch.Tensor | None = None):
     """Gradients (dq, dk, dv, df, dgate_bias) of rat_forward's y: both parts, the summaries its own.
 
     `configs` ("summary_grad", "query_grad") override kernels/blocks.py's (kernels/tune.py); `atomic_dq`
-    and `gate` as in summary_gradients, `out` as in input_gradients.
+    and `gate` as in summary_gradients, `out` as in input_gradients, `first_chunk` (packed documents) as in
+    rat_fwd.rat_states.
     """
     configs = configs or {}
     dks, dvs, reused = summary_gradients(dy, q, y, lse, ks, vs, chunk_size, head_dim, rope_base,
-                                         config=configs.get("summary_grad"), atomic_dq=atomic_dq, gate=gate)
+                                         config=configs.get("summary_grad"), atomic_dq=atomic_dq, gate=gate,
+                                         first_chunk=first_chunk)
     return input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks, dvs, chunk_size, head_dim, rope_base,
-                           config=configs.get("query_grad"), out=out)
+                           config=configs.get("query_grad"), out=out, first_chunk=first_chunk)

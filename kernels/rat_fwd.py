@@ -26,14 +26,14 @@ import triton
 import triton.language as tl
 
 from .blocks import Blocks, blocks
-from .common import (LOG2E, chunk_tile, dot, first_chunk, interpreting, join_halves, rope_cos_sin, state_step,
-                            summary_blocks)
+from .common import (LOG2E, chunk_tile, document_start, document_summaries, dot, first_chunk, interpreting, join_halves, rope_cos_sin,
+                     state_step, summary_blocks)
 
 CHUNKS_PER_PROGRAM = 16  # rows of the [chunks, d/2] tiles of the sequential recurrence kernels
 
 
 @triton.jit
-def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, kst_ptr, vst_ptr, ks_ptr, vs_ptr,
+def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, doc_ptr, kst_ptr, vst_ptr, ks_ptr, vs_ptr,
                    sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, T, C,
                    H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                    NCH: tl.constexpr, SUMMARIES: tl.constexpr):
@@ -58,7 +58,10 @@ def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, kst_
         tl.store(vst_ptr + st, vs1, mask=mask)
         tl.store(vst_ptr + st + HALF, vs2, mask=mask)
     if SUMMARIES:  # the states after the loop are the chunk ends; only full chunks are summaries
-        cos, sin = rope_cos_sin(first_chunk(offset_ptr, b64) + chunks, tl.load(inv_freq_ptr + cols))
+        angle = first_chunk(offset_ptr, b64) + chunks
+        if doc_ptr is not None:  # packed documents: the chunk index within the document
+            angle -= document_start(doc_ptr, b64, chunks, C, chunks < C)
+        cos, sin = rope_cos_sin(angle, tl.load(inv_freq_ptr + cols))
         out = ((pid_bh.to(tl.int64) * C + chunks) * D_HEAD)[:, None] + cols[None, :]
         smask = (chunks < C)[:, None]
         DT = ks_ptr.dtype.element_ty
@@ -69,9 +72,11 @@ def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, kst_
 
 
 @triton.jit
-def _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, bh, chunk, j_lo, j_hi,
-                   D_HEAD: tl.constexpr, BC: tl.constexpr, MASKED: tl.constexpr, F32: tl.constexpr):
-    """Online-softmax steps over summaries [j_lo, j_hi); MASKED: the blocks where j < c differs by row.
+def _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, bh, chunk, lo, j_lo, j_hi,
+                   D_HEAD: tl.constexpr, BC: tl.constexpr, MASKED: tl.constexpr, F32: tl.constexpr,
+                   DOC: tl.constexpr):
+    """Online-softmax steps over summaries [j_lo, j_hi); MASKED: the blocks where j < c differs by row, and
+    with DOC (packed documents) also j >= lo, the row's document start.
 
     The summary tiles come through TMA descriptors of [B·H, CS, d] (past CS: zeros). A masked block may
     also hold summaries no row sees (j >= c): real, finite ones, whose scores the mask sets to -inf."""
@@ -80,7 +85,11 @@ def _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, bh, chunk, j_lo, j_hi,
         kb = ks_desc.load([bh, j0, 0]).reshape(BC, D_HEAD)
         s = dot(qr, tl.trans(kb), DT, F32)
         if MASKED:
-            s = tl.where((j0 + tl.arange(0, BC))[None, :] < chunk[:, None], s, float("-inf"))
+            j = (j0 + tl.arange(0, BC))[None, :]
+            visible = j < chunk[:, None]
+            if DOC:
+                visible &= j >= lo[:, None]
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -92,7 +101,7 @@ def _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, bh, chunk, j_lo, j_hi,
 
 
 @triton.jit
-def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_desc, vs_desc, y_ptr, lse_ptr, sq_b,
+def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, doc_ptr, ks_desc, vs_desc, y_ptr, lse_ptr, sq_b,
                       sq_t, T, qk_scale,
                       H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                       BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
@@ -123,15 +132,28 @@ def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, ks_desc
     m = (tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale
     l_sum = tl.full([BQ], 1.0, tl.float32)
     acc = join_halves(vs1, vs2, BQ, HALF)
-    cos, sin = rope_cos_sin(chunk, tl.load(inv_freq_ptr + cols))
+    if doc_ptr is None:
+        cos, sin = rope_cos_sin(chunk, tl.load(inv_freq_ptr + cols))
+    else:  # packed documents: each row's document start, the first summary it sees and RoPE's origin
+        lo = document_start(doc_ptr, b64, rows // L, T // L, rmask)
+        cos, sin = rope_cos_sin(chunk - lo, tl.load(inv_freq_ptr + cols))
     qr = join_halves((q1 * cos - q2 * sin) * qk_scale, (q2 * cos + q1 * sin) * qk_scale, BQ, HALF).to(DT)
     # summaries j < c_first are visible to every row of the block; the rest up to n_visible to some
     n_visible = first + tl.minimum(t0 + BQ - 1, T - 1) // L
     j_full = (first + t0 // L) // BC * BC
-    acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, pid_bh, chunk, 0, j_full, D_HEAD, BC,
-                                   False, F32)
-    acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, pid_bh, chunk, j_full, n_visible, D_HEAD,
-                                   BC, True, F32)
+    if doc_ptr is None:
+        acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, pid_bh, chunk, chunk, 0, j_full, D_HEAD,
+                                       BC, False, F32, False)
+        acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, pid_bh, chunk, chunk, j_full, n_visible,
+                                       D_HEAD, BC, True, F32, False)
+    else:  # nothing below the first row's document start; j >= the last row's is visible by that bound to all
+        j_lo, j_doc = document_summaries(doc_ptr, b64, t0, T, L, BQ, BC, j_full)
+        acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, pid_bh, chunk, lo, j_lo, j_doc, D_HEAD,
+                                       BC, True, F32, True)
+        acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, pid_bh, chunk, lo, j_doc, j_full, D_HEAD,
+                                       BC, False, F32, True)
+        acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, pid_bh, chunk, lo, j_full, n_visible,
+                                       D_HEAD, BC, True, F32, True)
     dcols = tl.arange(0, D_HEAD)
     y_rows = y_ptr + (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :]
     tl.store(y_rows, (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
@@ -161,40 +183,48 @@ def inverse_frequencies(head_dim: int, base: float, device) -> torch.Tensor:
 
 def recurrent_states(k, v, f, gate_bias, chunk_size: int, head_dim: int, inv_freq: torch.Tensor,
                      summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     chunk_offset: torch.Tensor | None = None):
+                     chunk_offset: torch.Tensor | None = None, first_chunk: torch.Tensor | None = None):
     """k̃, ṽ [B, T, H·d] (fp32); also writes the chunk summaries into `summaries` if given, rotated by
-    their global chunk index (chunk_offset [B] int32 + local index; None: 0)."""
+    their global chunk index (chunk_offset [B] int32 + local index; None: 0), less their document's first
+    chunk with `first_chunk` (rat_states)."""
     B, T, D = v.shape
     H, G, L = D // head_dim, k.shape[-1] // head_dim, chunk_size
     kst = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
     vst = torch.empty_like(kst)
     ks, vs = summaries if summaries is not None else (kst, vst)
     _states_kernel[(triton.cdiv(triton.cdiv(T, L), CHUNKS_PER_PROGRAM), B * H)](
-        k, v, f, gate_bias, inv_freq, chunk_offset, kst, vst, ks, vs, k.stride(0), k.stride(1), v.stride(0),
+        k, v, f, gate_bias, inv_freq, chunk_offset, first_chunk, kst, vst, ks, vs, k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), f.stride(0), f.stride(1), T, max(T // L, 1), H=H, G=G, L=L, HALF=head_dim // 2,
         NCH=CHUNKS_PER_PROGRAM, SUMMARIES=summaries is not None and T >= L, num_warps=4)
     return kst, vst
 
 
 def rat_states(k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
-               chunk_offset: torch.Tensor | None = None):
+               chunk_offset: torch.Tensor | None = None, first_chunk: torch.Tensor | None = None):
     """The forward's first pass: k̃, ṽ [B, T, H·d] (fp32 scratch) and the summaries Ks, Vs
-    [B, H, T//L, d] of the full chunks, rotated by their global chunk index."""
+    [B, H, T//L, d] of the full chunks, rotated by their global chunk index.
+
+    first_chunk [B, T//L] (int32, packed documents laid out in whole chunks, T a multiple of L): for each
+    chunk, the global index of the chunk its document starts at. The in-chunk recurrences restart at every
+    chunk, hence at every document; the summaries are rotated by their chunk index within the document."""
     B, T, D = v.shape
     ks = torch.empty(B, D // head_dim, T // chunk_size, head_dim, device=v.device, dtype=v.dtype)
     vs = torch.empty_like(ks)
     kst, vst = recurrent_states(k, v, f, gate_bias, chunk_size, head_dim,
-                                inverse_frequencies(head_dim, rope_base, v.device), (ks, vs), chunk_offset)
+                                inverse_frequencies(head_dim, rope_base, v.device), (ks, vs), chunk_offset,
+                                check_documents(first_chunk, T, chunk_size))
     return kst, vst, ks, vs
 
 
 def summary_attention(q, kst, vst, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
                       chunk_offset: torch.Tensor | None = None, config: Blocks | None = None,
-                      gate: torch.Tensor | None = None):
+                      gate: torch.Tensor | None = None, first_chunk: torch.Tensor | None = None):
     """The forward's second pass: y [B, T, H·d] and lse [B, H, T] (base 2, fp32) of each token's softmax
     over its own state and the summaries j < its global chunk index in Ks, Vs [B, H, CS, d] (the
     sequence's own, or, under context parallelism, those of the whole sequence it is a block of).
-    With `gate` (the layer's z before its sigmoid, [B, T, H·d], strided) y is sigmoid(z) ⊙ y."""
+    With `gate` (the layer's z before its sigmoid, [B, T, H·d], strided) y is sigmoid(z) ⊙ y. With
+    `first_chunk` (rat_states) a token sees only the summaries from its document's first chunk on, and RoPE
+    rotates it by its chunk index within the document."""
     B, T, D = kst.shape
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
     y = torch.empty(B, T, D, device=q.device, dtype=ks.dtype)
@@ -203,7 +233,8 @@ def summary_attention(q, kst, vst, ks, vs, chunk_size: int, head_dim: int, rope_
     f32 = ks.dtype == torch.float32 or interpreting()
     ks_desc, vs_desc = (summary_blocks(t, cfg.bc) for t in (ks, vs))
     _attention_kernel[(triton.cdiv(T, cfg.bq), B * H)](
-        q, kst, vst, inverse_frequencies(d, rope_base, q.device), chunk_offset, ks_desc, vs_desc, y, lse,
+        q, kst, vst, inverse_frequencies(d, rope_base, q.device), chunk_offset,
+        check_documents(first_chunk, T, L), ks_desc, vs_desc, y, lse,
         q.stride(0), q.stride(1), T, LOG2E / math.sqrt(d), H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq, BC=cfg.bc,
         F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
     if gate is not None:
@@ -214,15 +245,28 @@ def summary_attention(q, kst, vst, ks, vs, chunk_size: int, head_dim: int, rope_
 
 
 def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
-                config: Blocks | None = None, gate: torch.Tensor | None = None):
+                config: Blocks | None = None, gate: torch.Tensor | None = None,
+                first_chunk: torch.Tensor | None = None):
     """y [B, T, H·d], lse [B, H, T] (base 2, fp32), summaries Ks, Vs [B, H, T//L, d]: both passes.
 
     `config` overrides kernels/blocks.py's launch configuration (kernels/tune.py); `gate` as in
-    summary_attention.
+    summary_attention, `first_chunk` (packed documents) as in rat_states.
     """
-    kst, vst, ks, vs = rat_states(k, v, f, gate_bias, chunk_size, head_dim, rope_base)
-    y, lse = summary_attention(q, kst, vst, ks, vs, chunk_size, head_dim, rope_base, config=config, gate=gate)
+    kst, vst, ks, vs = rat_states(k, v, f, gate_bias, chunk_size, head_dim, rope_base, first_chunk=first_chunk)
+    y, lse = summary_attention(q, kst, vst, ks, vs, chunk_size, head_dim, rope_base, config=config, gate=gate,
+                               first_chunk=first_chunk)
     return y, lse, ks, vs
+
+
+def check_documents(first_chunk: torch.Tensor | None, T: int, chunk_size: int) -> torch.Tensor | None:
+    """first_chunk as the kernels read it ([B, T//L] int32, contiguous), or None (no packed documents)."""
+    if first_chunk is None:
+        return None
+    if T % chunk_size or first_chunk.shape[-1] != T // chunk_size:
+        raise ValueError(f"packed documents must be laid out in whole chunks (ratpt.ops.documents.DocumentChunks) "
+                         f"with one first_chunk per chunk: got T={T}, chunk_size={chunk_size}, first_chunk of shape "
+                         f"{tuple(first_chunk.shape)}")
+    return first_chunk.to(torch.int32).contiguous()
 
 
 def rat_prefill(q, k, v, f, gate_bias, lengths: torch.Tensor, chunk_size: int, head_dim: int, rope_base: float):

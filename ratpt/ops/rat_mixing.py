@@ -12,12 +12,9 @@ the ungated part on q, k, v, f); the Triton kernels (kernels/, imported as ratpt
 `kernels`: "auto" = Triton on CUDA where the shape is supported, the reference elsewhere; "torch" =
 always the reference; "triton" = always the kernels.
 
-Over packed documents (`positions`, ratpt.ops.documents) only the reference runs: the kernels do not mask
-documents yet, so "auto" falls back to it with a warning and "triton" is an error.
+Over packed documents (`positions`, ratpt.ops.documents) both lay the documents out in whole chunks
+(DocumentChunks), run on that and take the tokens' slots back; the gradient flows through both steps.
 """
-import functools
-import logging
-
 import torch
 
 from ratpt.ops.chunk_scan import chunk_scan, forget_gate
@@ -29,29 +26,21 @@ from ratpt_kernels.common import interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 
-log = logging.getLogger(__name__)
-
 
 def rat_mixing(proj, gate_bias, chunk_size: int, head_dim: int, ngroups: int, rope_base: float,
                kernels: str = "auto", positions: torch.Tensor | None = None) -> torch.Tensor:
     """sigmoid(z) ⊙ y [B, T, H·d] from the input projection, by the implementation `kernels` picks;
     `positions` [B, T]: each token's position in its packed document (None: one document per row)."""
     if use_triton(kernels, proj, chunk_size, head_dim):
+        from ratpt_kernels import rat_mixing as triton_rat_mixing
         if positions is None:
-            from ratpt_kernels import rat_mixing as triton_rat_mixing
             return triton_rat_mixing(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base)
-        if kernels == "triton":
-            raise ValueError("the Triton kernels do not mask packed documents yet: set model.kernels=auto or torch "
-                             "(the PyTorch reference), or data.document_masking=false")
-        _warn_reference_for_documents()
+        chunks = DocumentChunks.of(positions, chunk_size)
+        first_chunk = chunks.first_chunk[:, ::chunk_size].to(torch.int32)  # one per chunk
+        return chunks.unpad(triton_rat_mixing(chunks.pad(proj), gate_bias, chunk_size, head_dim, ngroups, rope_base,
+                                              first_chunk))
     z, v, f, q, k = split_projection(proj, head_dim, ngroups)
     return torch.sigmoid(z) * rat_mixing_reference(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base, positions)
-
-
-@functools.cache
-def _warn_reference_for_documents() -> None:
-    log.warning("document masking: RAT runs its PyTorch reference, since the Triton kernels do not mask packed "
-                "documents yet (slower, more memory); data.document_masking=false runs the kernels")
 
 
 def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) -> bool:
