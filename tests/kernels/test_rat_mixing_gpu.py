@@ -8,6 +8,8 @@ and the outputs, so it must be at least as close: we require kernel error <= 2 x
 reference's error + 2e-3, for the output and for every input gradient. fp32 inputs must match
 the fp32 reference to 1e-4 relative (IEEE dots, fp32 everywhere: only summation order differs).
 """
+import functools
+
 import pytest
 import torch
 
@@ -103,3 +105,20 @@ def test_deterministic_backward_is_bit_reproducible(deterministic):
     first, second = run(rat_mixing, xs, w, 16, 128, 2), run(rat_mixing, xs, w, 16, 128, 2)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"], indirect=True)
+def test_bf16_kernel_over_packed_documents_is_as_close_to_fp32_truth_as_the_bf16_reference(deterministic):
+    # documents shorter than a chunk, of exactly one, of many chunks with a partial last one; the same criterion
+    B, T, H, G, d, L = 2, 4096, 4, 2, 128, 16
+    rows = [[5, 16, 700, 2000, 1375], [3000, 15, 1081]]
+    positions = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in rows]).cuda()
+    xs = projection_inputs(B, T, H, G, d, torch.bfloat16)
+    w = torch.randn(B, T, H * d, device="cuda")
+    reference = functools.partial(ops.rat_mixing, kernels="torch", positions=positions)
+    truth = run(reference, [x.detach().float().requires_grad_() for x in xs], w, L, d, G)
+    ref = run(reference, xs, w, L, d, G)
+    got = run(functools.partial(ops.rat_mixing, kernels="triton", positions=positions), xs, w, L, d, G)
+    for name, a, r, t in zip(NAMES, got, ref, truth):
+        err, ref_err = rel(a, t), rel(r, t)
+        assert err <= 2 * ref_err + 2e-3, f"{name}: kernel error {err:.2e}, bf16 reference {ref_err:.2e}"
