@@ -330,8 +330,10 @@ def validate_document_masking(cfg: Config) -> None:
     _require(cfg.parallel.context == 1, "data.document_masking cannot cut the documents across context-parallel "
              f"ranks yet (parallel.context={cfg.parallel.context}): set parallel.context=1, or "
              "data.document_masking=false")
-    _require(cfg.model.kernels != "triton", "the Triton kernels do not mask packed documents yet "
-             "(model.kernels=triton): set model.kernels=auto or torch, or data.document_masking=false")
+    _require(cfg.model.kernels != "triton" or cfg.parallel.context == 1, "model.kernels=triton masks packed "
+             "documents within one context-parallel rank only (under parallel.context="
+             f"{cfg.parallel.context} RAT runs its PyTorch reference): set model.kernels=auto, or "
+             "parallel.context=1, or data.document_masking=false")
 
 
 def check_deepspeed_extra(extra: dict[str, Any], prefix: str = "") -> None:
