@@ -323,13 +323,10 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
 
 
 def validate_document_masking(cfg: Config) -> None:
-    """data.document_masking runs on the PyTorch reference ops, in one process, under megatron's data, tensor
-    and pipeline parallelism and under DeepSpeed; what cannot carry the documents yet is refused here."""
+    """data.document_masking runs on the PyTorch reference ops, in one process and under every parallel layout
+    of both engines; what cannot carry the documents yet is refused here."""
     if not cfg.data.document_masking:
         return
-    _require(cfg.parallel.context == 1, "data.document_masking cannot cut the documents across context-parallel "
-             f"ranks yet (parallel.context={cfg.parallel.context}): set parallel.context=1, or "
-             "data.document_masking=false")
     _require(cfg.model.kernels != "triton" or cfg.parallel.context == 1, "model.kernels=triton masks packed "
              "documents within one context-parallel rank only (under parallel.context="
              f"{cfg.parallel.context} RAT runs its PyTorch reference): set model.kernels=auto, or "

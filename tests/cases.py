@@ -42,6 +42,10 @@ def global_batches(cfg, step: int, unlabelled: tuple[tuple[int, slice], ...] = (
     if cfg.data.document_masking:  # a document starts at about one token in eight
         starts = torch.rand(labels.shape, generator=g) < 0.125
         starts[:, 0] = True
+        # the first row's: 5 tokens (shorter than the workers' chunk of 8), then one across the CP blocks'
+        # boundary at token 16 with a chunk that straddles it (tokens 13-20), then the rest
+        starts[0] = False
+        starts[0, [0, 5, 37]] = True
         index = torch.arange(labels.shape[1]).expand_as(labels)
         positions = index - torch.cummax(torch.where(starts, index, 0), dim=1).values
         for i, batch in enumerate(batches):

@@ -248,10 +248,11 @@ class DeepSpeedEngine:
 
     def _local(self, batch: dict) -> dict:
         """This CP rank's part of a batch, cut by parallel.context_layout (the batch itself without CP); the
-        documents' `positions` with the tokens (data.document_masking)."""
+        documents' `positions` (data.document_masking) whole, as every CP rank's mixers read them
+        (docs/design.md#packed-documents)."""
         layout = self.cfg.parallel.context_layout
-        return {k: sequence_slice(batch[k], self.mesh, layout) for k in ("input_ids", "labels", "positions")
-                if k in batch}
+        local = {k: sequence_slice(batch[k], self.mesh, layout) for k in ("input_ids", "labels")}
+        return {**local, "positions": batch["positions"]} if "positions" in batch else local
 
     def _all_ranks_sum(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.ctx.device)

@@ -179,7 +179,7 @@ class MegatronEngine:
         # in the parameters' dtype (bf16 under mixed precision, no autocast); without TP the last stage
         # fuses head and loss (train.fused_loss) and outputs the summed loss
         fused = self.cfg.train.fused_loss and self.mesh.tp == 1
-        # every stage keeps the documents apart; whole sequences (config validation: no context parallelism)
+        # every stage keeps the documents apart; positions of whole rows, which each CP rank's mixers cut
         documents = document_inputs(batch, self.ctx.device)
         output = model(input_ids, labels=labels, **documents) if fused else model(input_ids, **documents)
 

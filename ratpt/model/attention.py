@@ -107,10 +107,11 @@ class AttentionMixer(nn.Module):
         T = h.shape[1]
         positions = torch.arange(T, device=x.device)
         attend = ops.causal_attention
-        if self.context_shard is not None:
-            positions, attend = self.context_shard.positions(T, x.device), self.context_shard.causal_attention
         if doc_positions is not None:
             positions, attend = doc_positions, functools.partial(ops.document_attention, positions=doc_positions)
+        if self.context_shard is not None:  # this CP rank's tokens (packed documents' positions: whole rows)
+            positions = self.context_shard.positions(T, x.device, doc_positions)
+            attend = functools.partial(self.context_shard.causal_attention, positions=doc_positions)
         q, k, v = self._qkv(h, positions, x.dtype)
         y = attend(q, k, v, window=self.window)
         return x + self.out_proj(self._merge(y)), k, v

@@ -121,7 +121,7 @@ class RATMixer(nn.Module):
         if self.context_shard is not None:
             z, v, f, q, k = self._split(x)
             mixed = self.context_shard.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim,
-                                                  self.rope_base, kernels=self.kernels)
+                                                  self.rope_base, kernels=self.kernels, positions=positions)
             return x + self.out_proj(z * mixed)
         gated = ops.rat_mixing(self._projection(x), self.gate_bias, self.chunk_size, self.head_dim, self.ngroups,
                                self.rope_base, kernels=self.kernels, positions=positions)

@@ -54,8 +54,11 @@ def window_block_mask(window: int, q_start: int, k_start: int, q_len: int, kv_le
 
 
 def windowed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, q_start: int,
-                                 k_start: int, query_block: int = QUERY_BLOCK) -> torch.Tensor:
-    """windowed_attention in query blocks, each against only the keys its window reaches."""
+                                 k_start: int, query_block: int = QUERY_BLOCK,
+                                 documents: torch.Tensor | None = None) -> torch.Tensor:
+    """windowed_attention in query blocks, each against only the keys its window reaches. `documents`
+    [B, S]: the document id of every position of the rows (packed documents under context parallelism,
+    where the queries and keys are a part of them); a query then sees only its own document's keys."""
     T = q.shape[2]
     outputs = []
     for lo in range(0, T, query_block):
@@ -65,6 +68,9 @@ def windowed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         last = q_start + hi - k_start  # keys up to the block's last query
         k_pos = torch.arange(k_start + first, k_start + last, device=q.device)
         allowed = (k_pos <= q_pos) & (k_pos >= 0) & (q_pos - k_pos <= window)
+        if documents is not None:
+            same = documents[:, q_pos] == documents[:, k_pos.clamp(min=0)].unsqueeze(1)  # [B, queries, keys]
+            allowed = (allowed & same).unsqueeze(1)
         outputs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, first:last], v[:, :, first:last],
                                                       attn_mask=allowed))
     return torch.cat(outputs, dim=2)

@@ -27,7 +27,9 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from ratpt import ops
+from ratpt.ops.documents import document_ids
 from ratpt.ops.rat_mixing import recurrent_states_reference, use_triton
+from ratpt.ops.sliding_window_attention import windowed_attention_reference
 
 QUERY_BLOCK = 512  # queries per block: memory O(block × keys), as the single-process ops
 LAYOUTS = ("contiguous", "zigzag")
@@ -260,48 +262,97 @@ class ContextShard:
     def __init__(self, group, layout: ContextLayout) -> None:
         self.group, self.layout = group, layout
 
-    def positions(self, local_len: int, device=None) -> torch.Tensor:
-        return self.layout.positions(local_len, device)
+    def positions(self, local_len: int, device=None, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """RoPE positions of this rank's tokens: in the sequence, or given whole rows' positions in their
+        packed documents [B, S] (`documents`), this rank's part of those."""
+        return self.layout.positions(local_len, device) if documents is None else self.layout.local(documents)
 
     @torch.compiler.disable
     def rat_mixing(self, q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
-                   kernels: str = "auto") -> torch.Tensor:
+                   kernels: str = "auto", positions: torch.Tensor | None = None) -> torch.Tensor:
         """`ops.rat_mixing` for this rank's chunks: the recurrences are local, RoPE uses the global
         chunk index, the softmax sees the summaries of every earlier chunk. `kernels` as ops.rat_mixing:
-        the fused kernels' phases (`_RATMixingKernels`) or the reference composition."""
-        if use_triton(kernels, v, chunk_size, head_dim):
+        the fused kernels' phases (`_RATMixingKernels`) or the reference composition, which alone masks
+        packed documents: `positions` [B, S], each token's position in its document over whole rows
+        (docs/design.md#packed-documents)."""
+        if positions is None and use_triton(kernels, v, chunk_size, head_dim):
             return _RATMixingKernels.apply(q, k, v, f, gate_bias, self.layout, self.group, chunk_size, head_dim,
                                            rope_base)
         B, T, D = v.shape
         H, G = D // head_dim, q.shape[-1] // head_dim
-        k_state, v_state = recurrent_states_reference(k, v, ops.forget_gate(f, gate_bias), chunk_size, head_dim)
+        g = ops.forget_gate(f, gate_bias)
+        if positions is None:
+            k_state, v_state = recurrent_states_reference(k, v, g, chunk_size, head_dim)
+            chunk = self.positions(T, v.device) // chunk_size
+        else:
+            positions = self.layout.local(positions)
+            states = self._document_states(torch.cat((k.repeat(1, 1, H // G), v), dim=-1), g.repeat(1, 1, 2),
+                                           positions % chunk_size == 0, chunk_size)
+            k_state, v_state = states.split(D, dim=-1)
+            chunk = (positions // chunk_size).unsqueeze(1)  # within the document, [B, 1, T]: over the heads
         q = q.repeat(1, 1, H // G)
-        cos, sin = ops.rope_cos_sin(self.positions(T, v.device) // chunk_size, head_dim, rope_base, v.dtype)
+        cos, sin = ops.rope_cos_sin(chunk, head_dim, rope_base, v.dtype)
 
         def heads(t):
             return t.reshape(B, T, H, head_dim).transpose(1, 2)
 
         y = self.inter_chunk_attention(ops.apply_rope(heads(q), cos, sin), ops.apply_rope(heads(k_state), cos, sin),
-                                       heads(v_state), chunk_size)
+                                       heads(v_state), chunk_size, positions=positions)
         return y.transpose(1, 2).reshape(B, T, D)
 
+    def _document_states(self, x: torch.Tensor, g: torch.Tensor, restart: torch.Tensor, chunk_size: int
+                         ) -> torch.Tensor:
+        """The in-chunk recurrence of x [B, T, D] under gate g over packed documents, restarting where
+        `restart` [B, T] (each document chunk's first token). The blocks are cut every L tokens of the
+        sequence and a document's chunks from its first token, so a block may begin inside a document
+        chunk: its first tokens (fewer than L, up to the next restart) continue the state of the previous
+        block's last token, received from its rank and decayed by the gates in between."""
+        segments = self.layout.segments(x.shape[1])
+        starts = restart.clone()
+        starts[:, [lo for lo, _, _ in segments]] = True
+        local = ops.reset_scan(x, g, starts)  # each block alone
+        tails = torch.stack([local[:, hi - 1] for _, hi, _ in segments])  # [blocks per rank, B, D]
+        carried = PreviousWindowExchange.apply(tails, self.layout, self.group)
+        gates = g.to(torch.promote_types(g.dtype, x.dtype)).masked_fill(restart.unsqueeze(-1), 0)
+        pieces = []
+        for slot, (lo, hi, _) in enumerate(segments):
+            head = slice(lo, lo + chunk_size)  # a block holds at least one chunk: the carry ends in it
+            decay = torch.cumprod(gates[:, head], dim=1)  # 0 from the block's first restart on
+            pieces += [local[:, head] + decay * carried[slot].unsqueeze(1), local[:, lo + chunk_size:hi]]
+        return torch.cat([p.to(x.dtype) for p in pieces], dim=1)
 
     def inter_chunk_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
-                              query_block: int = QUERY_BLOCK) -> torch.Tensor:
-        """`ops.inter_chunk_attention` on this rank's chunks, seeing the summaries of every earlier chunk."""
+                              query_block: int = QUERY_BLOCK, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`ops.inter_chunk_attention` on this rank's chunks, seeing the summaries of every earlier chunk;
+        over packed documents (`positions` [B, T] of this rank's tokens), those of its own document's.
+
+        Every L tokens of the sequence hold one summary slot, exchanged across the ranks. Without documents
+        it is the chunk's last token. With them the summaries are the tokens at p mod L = L − 1, at least L
+        apart (within a document by L; the next document's first one L − 1 past its start), so each L
+        tokens hold at most one, in their slot (zeros in a slot without). A document starting at s has
+        its summaries in consecutive slots from ceil(s / L): a token at chunk c of it sees slots
+        [ceil(s / L), ceil(s / L) + c), which may include the slot of its own L tokens."""
         T, L = q.shape[2], chunk_size
-        own = torch.cat((k[:, :, L - 1::L], v[:, :, L - 1::L]), dim=-1)
+        kv = torch.cat((k, v), dim=-1)
+        if positions is None:
+            own, first_chunk, ahead = kv[:, :, L - 1::L], None, 0
+            query_chunk = (self.positions(T, q.device) // L).unsqueeze(0)
+        else:
+            summary = (positions % L == L - 1)[:, None, :, None]
+            own = torch.where(summary, kv, 0).unflatten(2, (T // L, L)).sum(3)
+            first_chunk = (self.positions(T, q.device) - positions + L - 1) // L  # ceil(document start / L)
+            query_chunk, ahead = first_chunk + positions // L, 1
         summaries = self.layout.to_sequence_order(ChunkSummaryAllGather.apply(own, self.group), dim=2)
         summary_k, summary_v = summaries.split(k.shape[-1], dim=-1)
-        chunk = self.positions(T, q.device) // L
         block = L * max(1, query_block // L)
         outputs = []
         for lo, hi, first in self.layout.segments(T):
             for start in range(lo, hi, block):
                 stop = min(start + block, hi)
-                visible = (first + stop - 1 - lo) // L  # the chunks before the query block's last token's
+                visible = (first + stop - 1 - lo) // L + ahead  # the chunks before the query block's last token's
                 args = (q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
-                        summary_k[:, :, :visible], summary_v[:, :, :visible], chunk[start:stop].unsqueeze(0))
+                        summary_k[:, :, :visible], summary_v[:, :, :visible], query_chunk[:, start:stop],
+                        None if first_chunk is None else first_chunk[:, start:stop])
                 if torch.is_grad_enabled():
                     outputs.append(checkpoint(ops.attend_summaries, *args, use_reentrant=False))
                 else:
@@ -310,15 +361,22 @@ class ContextShard:
 
     @torch.compiler.disable
     def causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
-                         query_block: int = QUERY_BLOCK) -> torch.Tensor:
+                         query_block: int = QUERY_BLOCK, positions: torch.Tensor | None = None) -> torch.Tensor:
         """`ops.causal_attention` for this rank's queries: full attention all-gathers K and V,
-        a sliding window receives the last W keys and values before each of the rank's blocks."""
+        a sliding window receives the last W keys and values before each of the rank's blocks. Over
+        packed documents (`positions` [B, S] of whole rows) a query sees only its own document's keys,
+        whose ids every rank reads from the whole rows (no exchange): the reference, in query blocks."""
         segments = self.layout.segments(q.shape[2])
         kv = torch.cat((k, v), dim=-1)
+        documents = None if positions is None else document_ids(positions)
         if window is None:
             gathered = _GatherAlongSequence.apply(kv.permute(2, 0, 1, 3), self.group)
             sequence = self.layout.to_sequence_order(gathered, dim=0).permute(1, 2, 0, 3).contiguous()
             keys, values = sequence.split(k.shape[-1], -1)
+            if documents is not None:  # a window as long as the rows: causal, masked by document
+                outputs = [windowed_attention_reference(q[:, :, lo:hi], keys, values, documents.shape[1], start, 0,
+                                                        query_block, documents) for lo, hi, start in segments]
+                return torch.cat(outputs, dim=2)
             outputs = [_attend_prefix(q[:, :, lo:hi], keys[:, :, :start + hi - lo], values[:, :, :start + hi - lo])
                        for lo, hi, start in segments]
             return torch.cat(outputs, dim=2)
@@ -329,8 +387,9 @@ class ContextShard:
         outputs = []
         for slot, (lo, hi, start) in enumerate(segments):
             keys, values = torch.cat((previous[slot], kv[:, :, lo:hi]), dim=2).split(k.shape[-1], dim=-1)
-            outputs.append(ops.windowed_attention(q[:, :, lo:hi], keys, values, window, start, start - window,
-                                                  query_block))
+            args = (q[:, :, lo:hi], keys, values, window, start, start - window, query_block)
+            outputs.append(ops.windowed_attention(*args) if documents is None
+                           else windowed_attention_reference(*args, documents))
         return torch.cat(outputs, dim=2)
 
 

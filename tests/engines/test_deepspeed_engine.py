@@ -36,6 +36,7 @@ TWO_RANK_CASES = {
     "recompute-stage3": "stage=3",
     "cp2-zigzag-stage3": "stage=3,cp=2,layout=zigzag",  # each rank holds blocks r and 3 - r of every sequence
     "documents-stage3": "stage=3,documents=true",  # packed documents that do not see each other
+    "documents-cp2-stage3": "stage=3,cp=2,layout=zigzag,documents=true",
     "resume-stage3": "stage=3", "resume-stage2-cp2": "stage=2,cp=2",
     "consolidate-stage1": "stage=1", "consolidate-stage3": "stage=3",
     # the blocks compiled (traced as inductor would be, without CPU code generation) equal eager one process
@@ -146,7 +147,7 @@ def test_zigzag_context_parallel_under_zero3_equals_one_process(two_rank_cases):
     assert passed(two_rank_cases, "cp2-zigzag-stage3")
 
 
-@pytest.mark.parametrize("case", ["documents-stage3"])
+@pytest.mark.parametrize("case", ["documents-stage3", "documents-cp2-stage3"])
 def test_packed_documents_under_zero_equal_one_process_with_documents(two_rank_cases, case):
     assert passed(two_rank_cases, case)
 

@@ -76,6 +76,11 @@ def test_two_ranks_data_context_and_tensor_parallel_equal_one_process():
         # mixer of every TP rank and pipeline stage
         "tp2-documents:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,document_masking=true",
         "pp2-documents:pipeline=2,mixers=rat+swa,document_masking=true",
+        # CP cuts whole chunks of the sequence, not of the documents (tests/cases.py: row 0 has a document of
+        # 5 tokens and one whose chunk straddles the blocks at token 16): the straddling chunk's state crosses
+        # ranks, the summaries and keys are masked by document, the window's exchanged tail too
+        "cp2-zigzag-documents:context=2,mixers=rat+swa+attention,n_layers=3,document_masking=true",
+        "cp2-contiguous-rat-documents:context=2,context_layout=contiguous,document_masking=true",
     )
 
 
@@ -119,6 +124,9 @@ def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():
         "tp2xdp2:tensor=2",
         "tp2xcp2-rat+swa:tensor=2,context=2,mixers=rat+swa,context_layout=contiguous",
         "tp2xcp2-zigzag-rat+swa:tensor=2,context=2,mixers=rat+swa,context_layout=zigzag",
+        "tp2xcp2-zigzag-documents:tensor=2,context=2,mixers=rat+swa+attention,n_layers=3,document_masking=true",
+        # blocks of one chunk: a straddling chunk at every block boundary
+        "cp4-zigzag-documents:context=4,mixers=rat+swa,document_masking=true",
         "pp2xdp2:pipeline=2",  # 1F1B; tied embedding/head all-reduced over the first and last stage
         "pp2xcp2-zigzag-rat+attention:pipeline=2,context=2,mixers=rat+attention,context_layout=zigzag",
         "pp2xtp2-interleaved-rat+swa:pipeline=2,tensor=2,virtual_stages=2,n_layers=4,mixers=rat+swa,micro_batch=2",

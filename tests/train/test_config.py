@@ -51,14 +51,13 @@ def test_overrides_win_over_yaml_and_interpolate_out_dir(tmp_path):
         (["data.num_workers=-1"], "data.num_workers"),
         (["eval.max_samples=0"], "eval.max_samples"),
         (["data.streams=[{path: data/x, min_doc_tokens: -1}]"], "data.streams[0].min_doc_tokens must be >= 0"),
-        (["data.document_masking=true", "parallel.context=2"], "parallel.context=1, or data.document_masking=false"),
         (["data.document_masking=true", "model.kernels=triton", "parallel.context=2"],
          "parallel.context=1, or data.document_masking=false"),
     ],
     ids=["unknown-key", "wrong-type", "unknown-mixer", "batch-indivisible", "seq-vs-chunk",
          "bad-schedule", "bad-betas", "width-vs-heads", "override-without-value", "bad-compile-backend",
          "infinite-lr", "negative-eps", "negative-weight-decay", "negative-workers", "no-validation-batch",
-         "negative-min-doc-tokens", "documents-under-cp", "documents-on-the-kernels-under-cp"],
+         "negative-min-doc-tokens", "documents-on-the-kernels-under-cp"],
 )
 def test_mistakes_raise_config_error_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
