@@ -10,6 +10,10 @@ Every sequence is cut into blocks of whole chunks and each CP rank holds some of
     sliding window  the previous block's last W keys and values (`PreviousWindowExchange`)
     attention       K and V, all-gathered (one FlashAttention call per block on GPUs)
 
+Over packed documents (data.document_masking) the blocks stay whole chunks of the sequence and a document
+may span them: every rank reads the whole rows' `positions`, RAT also sends each block's last state to the
+next block, and every exchange is masked by document (docs/design.md#packed-documents; reference ops).
+
 The model knows none of this: `apply_context_parallel` sets each mixer's `context_shard` (its seam,
 default None) to a `ContextShard`, which stands in for `ops.rat_mixing` / `ops.causal_attention` and
 gives the global positions of the rank's tokens; `sequence_slice` cuts the batch by the same layout.
