@@ -17,6 +17,9 @@ Layers:
   rnn             ratpt's RNN layer (RAT's projections minus q, k; one scan over T), eager
   NAME-compiled   any of the above with the whole layer torch.compile'd (norm, projections, gates,
                   residual fused by inductor; the RAT kernels stay opaque custom ops inside the graph)
+  NAME-packed     a RAT layer over packed documents (data.document_masking), at 4K and 128K only: rows of
+                  documents with log-normal lengths (mean 1K tokens, sigma 1), masked and unmasked fwd+bwd timed
+                  side by side on the same inputs (their ratio: what masking costs)
 
     python benchmarks/layer.py --out benchmarks/results/layer.json     # on one GPU
     python benchmarks/layer.py --plot benchmarks/results/layer.json     # PNG beside it
@@ -38,6 +41,8 @@ from ratpt_kernels.tune import time_ms
 
 D, HEAD_DIM, G, TOKENS = 2048, 128, 2, 131072
 COMPILED = "-compiled"  # suffix of a layer name: the whole layer torch.compile'd (static shapes)
+PACKED = "-packed"  # suffix of a RAT layer's name: over packed documents, masked beside unmasked
+PACKED_LENGTHS = (4096, 131072)
 LENGTHS = (4096, 16384, 32768, 131072)
 DTYPE = torch.bfloat16
 
@@ -161,6 +166,43 @@ def measure_sequence(name: str, layer: nn.Module, T: int, context, iters: int) -
     return {"fwd_bwd_ms": fwd_bwd, "prefill_ms": time_ms(prefill, iters, warmup=2), "peak_gib": peak, "B": B}
 
 
+def packed_positions(B: int, T: int, mean: float = 1024.0, sigma: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """positions [B, T] of rows packed end to end with documents of log-normal lengths (mean `mean` tokens),
+    the last one of a row cut at T, as the packer cuts them."""
+    gen = torch.Generator().manual_seed(seed)
+    mu = math.log(mean) - sigma ** 2 / 2  # the log-normal's mean is exp(mu + sigma²/2)
+    rows = []
+    for _ in range(B):
+        pieces, filled = [], 0
+        while filled < T:
+            length = min(max(1, int(torch.empty(1).log_normal_(mu, sigma, generator=gen))), T - filled)
+            pieces.append(torch.arange(length))
+            filled += length
+        rows.append(torch.cat(pieces))
+    return torch.stack(rows)
+
+
+def measure_packed(layer: nn.Module, T: int, iters: int) -> dict:
+    """fwd+bwd of a RAT layer over packed documents (masked) and over the same rows unmasked, alternated."""
+    B = TOKENS // T
+    x = torch.randn(B, T, D, device="cuda", dtype=DTYPE, requires_grad=True)
+    dy = torch.randn_like(x)
+    positions = packed_positions(B, T).cuda()
+
+    def train_step(documents):
+        layer(x, documents).backward(dy)
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+
+    torch.cuda.reset_peak_memory_stats()
+    masked = time_ms(lambda: train_step(positions), iters, warmup=2)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    unmasked = time_ms(lambda: train_step(None), iters, warmup=2)
+    return {"fwd_bwd_ms": masked, "unmasked_fwd_bwd_ms": unmasked, "masked_over_unmasked": masked / unmasked,
+            "documents": int((positions == 0).sum()), "peak_gib": peak, "B": B}
+
+
 # ----------------------------------------------------------------------------- decode
 def rat_static_decode(layer, x, cache, positions):
     """One RAT decode step with static shapes (CUDA-graph safe): ratpt.ops.rat_decode_mixing between
@@ -243,7 +285,8 @@ def build(name: str) -> tuple[nn.Module, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/layer.json")
-    parser.add_argument("--layers", default="rat-triton-L16-compiled,rat-triton-L16,rat-triton-L64,rat-public-L16,"
+    parser.add_argument("--layers", default="rat-triton-L16-compiled,rat-triton-L16,rat-triton-L16-packed,"
+                                            "rat-triton-L64,rat-public-L16,"
                                             "attn-cudnn-compiled,attn-cudnn,attn-flash,rnn-compiled,rnn,"
                                             "rat-reference-L16")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
@@ -283,17 +326,21 @@ def main() -> None:
         for T in map(int, args.lengths.split(",")):
             if not name.startswith("rat-triton-L16") and str(T) not in args.baseline_lengths.split(","):
                 continue
+            if name.endswith(PACKED) and T not in PACKED_LENGTHS:
+                continue
             if time.time() - start > args.budget_s:
                 entry[str(T)] = {"skipped": "time budget"}
                 continue
             try:
-                entry[str(T)] = measure_sequence(name, layer, T, context, args.iters)
+                entry[str(T)] = (measure_packed(layer, T, args.iters) if name.endswith(PACKED)
+                                 else measure_sequence(name, layer, T, context, args.iters))
             except Exception as error:  # record and go on: one failing baseline must not stop the run
                 entry[str(T)] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
                 traceback.print_exc()
             print(name, T, entry[str(T)], f"{time.time() - start:.0f}s", flush=True)
             torch.cuda.empty_cache()
-        if not name.startswith("rat-public") and not name.endswith(COMPILED) and time.time() - start < args.budget_s:
+        if (not name.startswith("rat-public") and not name.endswith((COMPILED, PACKED))
+                and time.time() - start < args.budget_s):
             try:
                 entry["decode"] = measure_decode(name, layer, 50)
             except Exception as error:
