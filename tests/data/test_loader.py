@@ -158,19 +158,24 @@ def test_ranks_split_the_same_global_order_without_duplicates(corpus, dp_size):
     assert len(set(single)) == len(single)
 
 
+def resumed_on_ranks(cfg, state: dict, dp_size: int, steps: int) -> list[tuple[int, ...]]:
+    """The samples of `steps` steps of 8 after `state`, read by `dp_size` ranks, put back in global order."""
+    per_rank = 8 // dp_size
+    ranks = []
+    for r in range(dp_size):
+        resumed = train(cfg, micro_batch=1, dp_rank=r, dp_size=dp_size)
+        resumed.load_state_dict(state)
+        ranks.append(sample_rows(take(resumed, steps * per_rank)))
+    return [row for step in range(steps) for r in range(dp_size)
+            for row in ranks[r][step * per_rank:(step + 1) * per_rank]]
+
+
 def test_resume_on_a_different_number_of_ranks_continues_the_global_order(corpus):
     cfg = data_config(corpus[1])
     reference = sample_rows(take(train(cfg, micro_batch=1), 8 * 5))
     first = train(cfg, micro_batch=1)
     take(first, 8 * 3)
-    state = first.state_dict()
-    ranks = []
-    for r in range(4):
-        resumed = train(cfg, micro_batch=1, dp_rank=r, dp_size=4)
-        resumed.load_state_dict(state)
-        ranks.append(sample_rows(take(resumed, 2 * 2)))
-    got = [row for step in range(2) for r in range(4) for row in ranks[r][step * 2 : (step + 1) * 2]]
-    assert got == reference[8 * 3 :]
+    assert resumed_on_ranks(cfg, first.state_dict(), 4, 2) == reference[8 * 3 :]
 
 
 def _rank_worker(rank: int, world: int, path: str, cache: str, result_dir: str) -> None:
@@ -238,12 +243,7 @@ def test_a_long_document_stream_resumes_on_other_ranks_and_a_changed_minimum_is_
     first = train(cfg, micro_batch=1)
     take(first, 8 * 2)
     state = first.state_dict()
-    ranks = []
-    for r in range(2):
-        resumed = train(cfg, micro_batch=1, dp_rank=r, dp_size=2)
-        resumed.load_state_dict(state)
-        ranks.append(sample_rows(take(resumed, 4 * 2)))
-    assert [row for step in range(2) for r in range(2) for row in ranks[r][step * 4:(step + 1) * 4]] == reference[16:]
+    assert resumed_on_ranks(cfg, state, 2, 2) == reference[8 * 2 :]
     cfg.streams[1].min_doc_tokens = 100
     with pytest.raises(ValueError, match="different data"):
         train(cfg).load_state_dict(state)
