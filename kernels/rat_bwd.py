@@ -33,7 +33,8 @@ dS = P ⊙ (dP − Δ), dP = dy·values:
 
 Steps 1–2 (`summary_gradients`) and 3–4 (`input_gradients`) are callable apart, with the forward's
 chunk offsets: under context parallelism a block's tokens attend to summaries of other ranks, whose
-gradients are reduce-scattered between the two parts.
+gradients are reduce-scattered between the two parts. Packed documents (`first_chunk`) as in rat_fwd: the
+summary side's rows stop at the end of its summaries' documents.
 """
 
 import math

@@ -17,6 +17,10 @@ The passes are also callable one by one (`rat_states`, `summary_attention`) with
 sequence: a sequence may be one block of a longer one, its chunks numbered from the offset and its
 tokens attending to the longer sequence's summaries. Context parallelism gathers every rank's
 summaries between the two passes (ratpt/parallel/context_parallel.py).
+
+Packed documents (`first_chunk`, each chunk's document start, on a layout where every document starts a
+chunk): the recurrences restart at every chunk as they are; a row sees the summaries from its document's
+first chunk on, and RoPE rotates by the chunk index within the document. A compile-time path of its own.
 """
 import functools
 import math
