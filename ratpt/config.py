@@ -323,8 +323,8 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
 
 
 def validate_document_masking(cfg: Config) -> None:
-    """data.document_masking runs on the PyTorch reference ops, in one process and under every parallel layout
-    of both engines; what cannot carry the documents yet is refused here."""
+    """data.document_masking runs under every parallel layout of both engines, on RAT's Triton kernels within
+    one context-parallel rank and on the PyTorch reference across ranks; what cannot be honoured is refused."""
     if not cfg.data.document_masking:
         return
     _require(cfg.model.kernels != "triton" or cfg.parallel.context == 1, "model.kernels=triton masks packed "
