@@ -53,9 +53,47 @@ class DocumentChunks:
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, C·L, D], zeros in the padding."""
-        B, _, D = t.shape
-        return t.new_zeros(B, self.first_chunk.shape[1], D).scatter(1, self.slot.unsqueeze(-1).expand(-1, -1, D), t)
+        B, T, D = t.shape
+        padded = _PlaceRows.apply(t.reshape(B * T, D), self._rows(), B * self.first_chunk.shape[1])
+        return padded.view(B, -1, D)
 
     def unpad(self, t: torch.Tensor) -> torch.Tensor:
         """[B, C·L, D] -> [B, T, D]: the tokens' slots."""
-        return t.gather(1, self.slot.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        B, _, D = t.shape
+        return _TakeRows.apply(t.reshape(-1, D), self._rows()).view(B, -1, D)
+
+    def _rows(self) -> torch.Tensor:
+        """Each token's row in the padded batch flattened to [B·C·L, D]."""
+        B, padded = self.first_chunk.shape
+        return (self.slot + padded * torch.arange(B, device=self.slot.device).unsqueeze(1)).flatten()
+
+
+class _PlaceRows(torch.autograd.Function):
+    """x's rows placed at distinct `rows` of n zero rows. The rows being distinct, the backward is a plain
+    row gather and the forward a row copy: no atomics and no per-element index, unlike scatter/gather
+    with an index expanded over the feature dimension."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        return x.new_zeros(n, x.shape[1]).index_copy_(0, rows, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return grad.index_select(0, rows), None, None
+
+
+class _TakeRows(torch.autograd.Function):
+    """The distinct `rows` of x; the backward places the gradient back in zeros (_PlaceRows' forward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.n = x.shape[0]
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n, grad.shape[1]).index_copy_(0, rows, grad), None
