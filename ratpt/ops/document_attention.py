@@ -1,19 +1,19 @@
 """Causal softmax attention inside each packed document, full or in a sliding window
 (docs/design.md#packed-documents): a block-diagonal causal mask.
 
-A query sees the keys of its own document at or before it (and, with a window W, at most W before it). On
-CUDA this is FlexAttention over a block mask built from the batch's document ids, compiled, so the key blocks
-of other documents are skipped; elsewhere the reference runs query blocks through SDPA with a boolean mask
-from the same rule, exact in float64.
+A query sees the keys of its own document at or before it (and, with a window W, at most W before it). In
+training on CUDA (`flex_runs`) this is FlexAttention over a block mask built from the batch's document ids,
+compiled, so the key blocks of other documents are skipped; elsewhere the reference runs query blocks
+through SDPA with a boolean mask from the same rule, exact in float64.
 """
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import create_block_mask
 
 from ratpt.ops.documents import document_ids
-from ratpt.ops.sliding_window_attention import FLEX_BLOCK, QUERY_BLOCK, _compiled_flex_attention
+from ratpt.ops.sliding_window_attention import FLEX_BLOCK, QUERY_BLOCK, flex, flex_runs
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -21,11 +21,9 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     """softmax(q kᵀ / sqrt(d)) v over the keys `document_mask` allows; q, k, v [B, H, T, d] (RoPE applied),
     positions [B, T] (ratpt.ops.documents)."""
     visible = document_mask(document_ids(positions), window)
-    if q.is_cuda:
+    if flex_runs(q):
         B, _, T, _ = q.shape
-        mask = create_block_mask(visible, B, None, T, T, device=q.device, BLOCK_SIZE=FLEX_BLOCK)
-        attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention
-        return attend(q, k, v, block_mask=mask)
+        return flex(q, k, v, create_block_mask(visible, B, None, T, T, device=q.device, BLOCK_SIZE=FLEX_BLOCK))
     return document_attention_reference(q, k, v, visible, window, query_block)
 
 

@@ -1,9 +1,9 @@
 """Causal softmax attention, full or restricted to a sliding window (docs/design.md#the-language-model).
 
 With a window W a token attends to itself and the W previous tokens (W + 1 keys). Full attention is
-one SDPA call (FlashAttention / cuDNN on GPUs). The window never builds a dense mask on CUDA: it runs
-as FlexAttention over a block mask, compiled, which skips the key blocks outside every query block's
-window (O(T·W) work and memory, forward and backward). Elsewhere it runs the reference, over query blocks
+one SDPA call (FlashAttention / cuDNN on GPUs). In training on CUDA the window runs as FlexAttention over
+a block mask, compiled, which skips the key blocks outside every query block's window (O(T·W) work and
+memory, forward and backward). Elsewhere (CPU, eager inference) it runs the reference, over query blocks
 each against only the keys its window can reach through SDPA with a boolean mask (O(T·(block + W))
 memory), exact in float64 (FlexAttention has no backward on CPU).
 """
@@ -31,13 +31,26 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
                        query_block: int = QUERY_BLOCK) -> torch.Tensor:
     """Sliding-window attention of queries at positions q_start + i over keys at k_start + j: a query
     sees the keys at its own position and the `window` before it, none at a position below 0 (context
-    parallelism passes a previous block's tail whose first rank has none). FlexAttention on CUDA, the
-    reference elsewhere."""
-    if q.is_cuda:
-        mask = window_block_mask(window, q_start, k_start, q.shape[2], k.shape[2], q.device)
-        attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention
-        return attend(q, k, v, block_mask=mask)
+    parallelism passes a previous block's tail whose first rank has none). FlexAttention on CUDA where
+    `flex_runs`, the reference elsewhere."""
+    if flex_runs(q):
+        return flex(q, k, v, window_block_mask(window, q_start, k_start, q.shape[2], k.shape[2], q.device))
     return windowed_attention_reference(q, k, v, window, q_start, k_start, query_block)
+
+
+def flex_runs(q: torch.Tensor) -> bool:
+    """Whether FlexAttention runs: on CUDA, inside a compiled graph or with gradients (training: the shapes
+    stay fixed, so it compiles once). Eager inference (prefill, generation, evaluation) takes the exact
+    reference instead, because its prompts change length batch to batch and every new length would
+    compile FlexAttention again."""
+    return q.is_cuda and (torch.compiler.is_compiling() or torch.is_grad_enabled())
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """FlexAttention over `block_mask`: traced into the graph being compiled, or through its own compiled
+    function when called eagerly (uncompiled FlexAttention materialises the scores)."""
+    attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention
+    return attend(q, k, v, block_mask=block_mask)
 
 
 @functools.lru_cache(maxsize=64)

@@ -6,13 +6,14 @@ exactly in float64, and the block mask's key blocks are checked against the dens
 compiled kernel itself, forward and backward, is checked in bf16 on a GPU.
 """
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 from ratpt.ops import causal_attention, windowed_attention
-from ratpt.ops.sliding_window_attention import window_block_mask
+from ratpt.ops.sliding_window_attention import flex_runs, window_block_mask
 
 
 def allowed_pairs(T, S, window, q_start=0, k_start=0, device="cpu"):
@@ -96,3 +97,12 @@ def test_bf16_flex_window_matches_float64_with_gradients(T, window, q_start, k_s
     for name, a, b in zip(("out", "dq", "dk", "dv"), (got, *grads), (want, *wants)):
         error = (a.double() - b).norm() / b.norm()
         assert error < 2e-2, f"{name}: relative error {error:.2e}"
+
+
+def test_flex_runs_in_training_and_compiled_graphs_not_in_eager_inference():
+    cuda_tensor = SimpleNamespace(is_cuda=True)  # the rule reads only the device
+    assert flex_runs(cuda_tensor)
+    with torch.no_grad():  # prefill and generation: prompt lengths vary, FlexAttention would recompile
+        assert not flex_runs(cuda_tensor)
+    assert not flex_runs(torch.zeros(1))
+
