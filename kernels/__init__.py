@@ -3,7 +3,15 @@ and attention's length-aware decode.
 
 The pure-PyTorch ground truth lives in ratpt/ops; ratpt.ops.rat_mixing chooses between the two.
 See NOTES.md for the data movement and roofline of each kernel.
+
+This folder installs as the package `ratpt_kernels`. Imported under any other name (as `kernels` from the
+repository root, which is what Hugging Face transformers tries when it probes for its own `kernels`
+package), it refuses before defining anything: a second import would register the custom ops again.
 """
+if __name__ != "ratpt_kernels":
+    raise ImportError(f"kernels/ holds ratpt's Triton kernels and imports only as ratpt_kernels (got {__name__!r}; "
+                      "install ratpt with `pip install -e .`); Hugging Face's `kernels` package is another one")
+
 from .attention_decode import attention_decode
 from .autograd import rat_mixing
 from .rat_decode import rat_decode

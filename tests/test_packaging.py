@@ -1,6 +1,7 @@
 """The built distribution holds every package under the names users import, and the Triton kernels'
 import name (`ratpt_kernels`) cannot be shadowed by Hugging Face's unrelated `kernels` package."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -50,3 +51,18 @@ def test_a_foreign_kernels_package_does_not_shadow_ratpts(tmp_path):
              "print(kernels.FOREIGN, m.split_projection is ratpt_kernels.autograd.split_projection)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_the_kernel_folder_refuses_to_import_as_kernels_and_registers_nothing_twice():
+    """transformers probes `from kernels import ...` (its hub package); from the repository root that
+    would find kernels/ under the wrong name and register ratpt's custom ops a second time."""
+    probe = ("import ratpt_kernels, torch\n"
+             "try:\n    import kernels\nexcept ImportError as err:\n    print('refused', 'ratpt_kernels' in str(err))\n"
+             "q = torch.zeros(1, 4); cache = torch.zeros(1, 1, 2, 4)\n"
+             "ratpt_kernels.rat_decode(q, q, q, q, torch.zeros(4), cache, cache.clone(), q.clone(), q.clone(),\n"
+             "                         torch.tensor([1]), 2, 4, 10000.0)\n"
+             "print('decoded')")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True, capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.stdout.split() == ["refused", "True", "decoded"]
+
