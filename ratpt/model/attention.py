@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ratpt import ops
-from ratpt.model.cache import EXTEND_QUERY_BLOCK, KVCache, ensure_slots, write_slots
+from ratpt.model.cache import KVCache, ensure_slots, write_slots
 from ratpt.model.config import ModelConfig, n_heads
 from ratpt.model.norm import RMSNorm
+from ratpt.ops.sliding_window_attention import QUERY_BLOCK
 
 
 class AttentionMixer(nn.Module):
@@ -87,8 +88,8 @@ class AttentionMixer(nn.Module):
             kept = torch.arange(start + P - n, start + P, device=x.device) % (W + 1)
             cache.k[:, :, kept], cache.v[:, :, kept] = keys[:, :, -n:], values[:, :, -n:]
         outputs = []
-        for a in range(0, P, EXTEND_QUERY_BLOCK):
-            b = min(a + EXTEND_QUERY_BLOCK, P)
+        for a in range(0, P, QUERY_BLOCK):
+            b = min(a + QUERY_BLOCK, P)
             low = first if W is None else max(first, start + a - W)  # the earliest position the block may see
             key_pos = torch.arange(low, start + b, device=x.device)
             allowed = key_pos <= positions[a:b, None]

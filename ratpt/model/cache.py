@@ -22,10 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Queries per attention block when a prefill is continued with many tokens (`extend`): bounds the
-# score matrices of a long piece.
-EXTEND_QUERY_BLOCK = 512
-
 
 @dataclass
 class RATCache:

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ratpt import ops
-from ratpt.model.cache import EXTEND_QUERY_BLOCK, RATCache, ensure_slots, summary_slots
+from ratpt.model.cache import RATCache, ensure_slots, summary_slots
 from ratpt.model.config import ModelConfig, n_heads
 from ratpt.model.gates import chrono_init_
 from ratpt.model.norm import RMSNorm
+from ratpt.ops.sliding_window_attention import QUERY_BLOCK
 
 
 class RATMixer(nn.Module):
@@ -99,8 +100,8 @@ class RATMixer(nn.Module):
         cache.summary_k[:, :, first:first + complete] = k_rot[:, :, L - 1::L][:, :, :complete]
         cache.summary_v[:, :, first:first + complete] = v_own[:, :, L - 1::L][:, :, :complete]
         outputs = []
-        for a in range(0, P, EXTEND_QUERY_BLOCK):
-            b = min(a + EXTEND_QUERY_BLOCK, P)
+        for a in range(0, P, QUERY_BLOCK):
+            b = min(a + QUERY_BLOCK, P)
             visible = (start + b - 1) // L  # summaries of the chunks before the block's last one
             outputs.append(ops.attend_summaries(q_rot[:, :, a:b], k_rot[:, :, a:b], v_own[:, :, a:b],
                                                 cache.summary_k[:, :, :visible], cache.summary_v[:, :, :visible],

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-QUERY_BLOCK = 512  # queries per block of the reference window path
+QUERY_BLOCK = 512  # queries per block of the reference window path and of a continued prefill (extend)
 FLEX_BLOCK = 128  # tokens per block of the FlexAttention block mask (the kernels' tile)
 _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
