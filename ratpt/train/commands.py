@@ -80,7 +80,7 @@ def load_trained_model(checkpoint: Path, cfg: Config):
 
 def run_eval(args: argparse.Namespace) -> int:
     from ratpt.data.dataset import check_trained_tokenizer
-    from ratpt.parallel.process_group import init_distributed
+    from ratpt.parallel.process_group import init_distributed, leave_distributed
     from ratpt.train.trainer import evaluate
 
     checkpoint = resolve_checkpoint(Path(args.checkpoint))
@@ -89,6 +89,7 @@ def run_eval(args: argparse.Namespace) -> int:
     check_trained_tokenizer(str(checkpoint), cfg.data.streams, cfg.model.vocab_size)
     model = load_trained_model(checkpoint, cfg).to(ctx.device)
     loss = evaluate(model, cfg, ctx)
+    leave_distributed()
     print(f"{checkpoint}: val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | "
           f"{cfg.eval.max_samples} sequences")
     return 0

@@ -24,7 +24,7 @@ from ratpt.engines.loss import IGNORE_INDEX, sum_cross_entropy
 from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
 from ratpt.parallel.process_group import (DistributedContext, all_reduce_sum, init_distributed,
-                                          naming_collective_timeouts)
+                                          leave_distributed, naming_collective_timeouts)
 from ratpt.train.checkpointer import Checkpointer, initial_weights, resume_path, schedule_change
 from ratpt.train.downstream import DownstreamEval, downstream_enabled
 from ratpt.train.metrics import MetricsLogger, device_peak_tflops
@@ -101,7 +101,9 @@ def train(cfg: Config) -> TrainResult:
     try:
         ctx = init_distributed(cfg.train.device)
         with hold_run_folder(Path(cfg.out_dir)), naming_collective_timeouts():
-            return Trainer(cfg, ctx, stop).train()
+            result = Trainer(cfg, ctx, stop).train()
+            leave_distributed()
+        return result
     finally:
         stop.restore()
 

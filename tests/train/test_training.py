@@ -244,6 +244,13 @@ def test_going_back_to_an_earlier_checkpoint_with_newer_ones_beside_it_is_refuse
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000004"
 
 
+def test_a_finished_run_leaves_no_process_group_behind(byte_data, tmp_path):
+    """Gloo's threads left to interpreter shutdown can abort a rank whose run succeeded (SIGABRT). DeepSpeed's
+    engine joins a process group even for one process."""
+    trainer.train(in_process_config(byte_data, tmp_path, "train.steps=1", "train.engine=deepspeed"))
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_skipped_step_leaves_weights_and_adam_state_untouched(byte_data, tmp_path, monkeypatch):
     cfg = in_process_config(byte_data, tmp_path, "train.steps=2", "checkpoint.interval=1")
     poison_losses(monkeypatch, lambda call: call in (3, 4))  # the second step's two micro-batches
