@@ -1,5 +1,5 @@
 """Triton kernels for RAT's sequence mixing (forward, backward, prefill, decode) and their autograd wrappers,
-and attention's length-aware decode.
+attention's length-aware decode, and the small-batch linear layers of a decode step.
 
 The pure-PyTorch ground truth lives in ratpt/ops; ratpt.ops.rat_mixing chooses between the two.
 See NOTES.md for the data movement and roofline of each kernel.
@@ -14,6 +14,7 @@ if __name__ != "ratpt_kernels":
 
 from .attention_decode import attention_decode
 from .autograd import rat_mixing
+from .decode_linear import decode_linear
 from .rat_decode import rat_decode
 from .rat_fwd import rat_prefill
 
@@ -23,4 +24,4 @@ def supports(chunk_size: int, head_dim: int) -> bool:
     return chunk_size & (chunk_size - 1) == 0 and 1 <= chunk_size <= 128 and head_dim in (32, 64, 128)
 
 
-__all__ = ["attention_decode", "rat_decode", "rat_mixing", "rat_prefill", "supports"]
+__all__ = ["attention_decode", "decode_linear", "rat_decode", "rat_mixing", "rat_prefill", "supports"]

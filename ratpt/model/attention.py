@@ -61,13 +61,14 @@ class AttentionMixer(nn.Module):
         written so far, and reads no other: slot s <= position, in the full cache (slot = position) and
         in the ring (slot = position mod (W + 1); once full, all W + 1 slots are the window). Static shapes.
         """
-        q, k, v = self._qkv(self.in_proj(self.input_norm(x)), positions.unsqueeze(-1), x.dtype)
+        h = ops.decode_linear(x, self.in_proj.weight, self.input_norm.weight, self.input_norm.eps, kernels=self.kernels)
+        q, k, v = self._qkv(h, positions.unsqueeze(-1), x.dtype)
         slots = cache.k.shape[2]
         slot = positions if self.window is None else positions % slots
         write_slots(cache.k, slot, k[:, :, 0])
         write_slots(cache.v, slot, v[:, :, 0])
         y = ops.attention_decode(q, cache.k, cache.v, torch.clamp(positions + 1, max=slots), self.kernels)
-        return x + self.out_proj(self._merge(y))
+        return ops.decode_linear(self._merge(y), self.out_proj.weight, residual=x, kernels=self.kernels)
 
     def extend(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Continue a prefill with x [B, P, D] at positions start … start + P - 1 of every sequence:

@@ -56,7 +56,7 @@ class Block(nn.Module):
         return self._ffn_residual(x), cache
 
     def decode(self, x: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> torch.Tensor:
-        return self._ffn_residual(self.mixer.decode(x, cache, positions))
+        return self.ffn.decode(self.mixer.decode(x, cache, positions), self.ffn_norm)
 
     def extend(self, x: torch.Tensor, cache: LayerCache, start: int) -> torch.Tensor:
         return self._ffn_residual(self.mixer.extend(x, cache, start))
@@ -163,7 +163,8 @@ class RATLM(nn.Module):
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer.decode(x, layer_cache, positions)
         cache.lengths.add_(1)
-        return self.logits(self.final_norm(x[:, 0]))
+        return ops.decode_linear(x[:, 0], self.embedding.weight, self.final_norm.weight, self.final_norm.eps,
+                                 kernels=self.cfg.kernels)
 
 
 def build_model(cfg: ModelConfig) -> RATLM:

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from ratpt import ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -10,7 +12,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The mean of squares is accumulated in fp32 even under bf16: a drifting norm is hard to debug.
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)

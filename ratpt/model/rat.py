@@ -66,14 +66,17 @@ class RATMixer(nn.Module):
     def decode(self, x: torch.Tensor, cache: RATCache, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence: x [B, 1, D] at `positions` [B]; updates `cache` in place.
 
-        Static shapes, no host sync (ops.rat_decode_mixing, which applies the output gate too): the
-        cache has a slot for every chunk up to its capacity.
+        Static shapes, no host sync: the cache has a slot for every chunk up to its capacity. Three
+        launches on the kernels: norm and input projection, the mixing with the output gate
+        (ops.rat_decode_mixing), output projection and residual (ops.decode_linear).
         """
-        z, v, f, q, k = ops.split_projection(self._projection(x)[:, 0], self.head_dim, self.ngroups)
+        projection = ops.decode_linear(x[:, 0], self.in_proj.weight, self.input_norm.weight, self.input_norm.eps,
+                                       kernels=self.kernels)
+        z, v, f, q, k = ops.split_projection(projection, self.head_dim, self.ngroups)
         gated = ops.rat_decode_mixing(q, k, v, f, self.gate_bias, cache.summary_k, cache.summary_v, cache.running_k,
                                       cache.running_v, positions, self.chunk_size, self.head_dim, self.rope_base,
                                       kernels=self.kernels, gate=z)
-        return x + self.out_proj(gated).unsqueeze(1)
+        return ops.decode_linear(gated.unsqueeze(1), self.out_proj.weight, residual=x, kernels=self.kernels)
 
     def extend(self, x: torch.Tensor, cache: RATCache, start: int) -> torch.Tensor:
         """Continue a prefill with x [B, P, D] at positions start … start + P - 1 of every sequence

@@ -1,0 +1,108 @@
+"""A decode step's linear layers with their neighbours fused in (the fast path of ratpt.ops.decode_linear).
+
+At a few rows a linear layer streams its weight once and does almost no arithmetic: its cost is the
+weight read plus a launch, and the RMSNorm before it, the activation after it and the residual add
+each cost a launch of their own that moves a few KB. One kernel does all of it:
+
+    y = act(RMSNorm(x) Wᵀ) + residual          x [M, K] (M <= MAX_ROWS), W [N, K] (nn.Linear's)
+
+Program n owns BLOCK_N output columns and every row (padded to a tile of 16 to MAX_ROWS), walking K in
+BLOCK_K steps: each weight element is read once, x (a few KB) from L2 by every program. The norm
+takes no pass of its own: Σ x² accumulates beside the dot of (x ⊙ norm weight) with W, and the row's
+1 / rms scales the accumulator at the end. That is the module's product up to rounding (the module
+rounds the normed x to the model dtype before multiplying by the norm weight; here x ⊙ norm weight is
+rounded once, and 1 / rms applied in fp32). SwiGLU (W [2F, K] packing gate and up rows) reads the gate
+rows n and the up rows F + n in the same program and returns silu(gate) ⊙ up.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot, interpreting
+
+MAX_ROWS = 64  # rows one program holds; larger batches use cuBLAS (ratpt.ops.decode_linear)
+ACTIVATIONS = ("none", "gelu", "swiglu")
+
+
+@triton.jit
+def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, M, N, K, sx, sw, sr, sy, eps,
+                          NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
+    rows = tl.arange(0, BM)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    row_ok = rows < M
+    col_ok = cols < N
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * sw
+    acc = tl.zeros((BM, BN), tl.float32)
+    up = tl.zeros((BM, BN), tl.float32)
+    squares = tl.zeros((BM,), tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            squares += tl.sum(xf * xf, 1)
+            x = xf * tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+        acc += dot(x, tl.trans(w), w.dtype, F32)
+        if ACT == 2:  # the up rows, F = N rows below the gate rows
+            u = tl.load(w_rows + N * sw + ks[None, :], mask=w_mask, other=0.0)
+            up += dot(x, tl.trans(u), w.dtype, F32)
+    if NORM:
+        scale = tl.rsqrt(squares / K + eps)[:, None]
+        acc *= scale
+        up *= scale
+    if ACT == 1:  # exact GELU, as F.gelu's default
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    if ACT == 2:
+        acc = acc * tl.sigmoid(acc) * up
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if RESIDUAL:
+        acc += tl.load(res_ptr + rows[:, None] * sr + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def default_block_n(n: int, device: torch.device) -> int:
+    """The widest column block (16 to 64) that still gives every SM two programs: with fewer, too few
+    weight loads are in flight to keep the memory busy."""
+    sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    block_n = 64
+    while block_n > 16 and triton.cdiv(n, block_n) < 2 * sms:
+        block_n //= 2
+    return block_n
+
+
+@torch.library.custom_op("ratpt::decode_linear", mutates_args=())
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                  activation: str, residual: torch.Tensor | None, block_n: int = 0, block_k: int = 128,
+                  warps: int = 4, stages: int = 4) -> torch.Tensor:
+    """act(RMSNorm(x) Wᵀ) + residual [M, N] in x's dtype, for x [M, K] with M <= MAX_ROWS; the norm if
+    `norm_weight` is given, the residual [M, N] if given; `activation` one of ACTIVATIONS (N = rows of W,
+    or half of them for swiglu). block_n (0: default_block_n), block_k, warps, stages: the launch
+    (benchmarks/profile_decode.py --sweep-linear measures them)."""
+    M, K = x.shape
+    if M > MAX_ROWS:
+        raise ValueError(f"decode_linear takes at most {MAX_ROWS} rows, got {M}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for name, t in {"x": x, "weight": weight, "residual": x if residual is None else residual}.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"decode_linear needs {name} contiguous in its last dim, got strides {t.stride()}")
+    N = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    block_n = block_n or default_block_n(N, x.device)
+    f32 = interpreting() or x.dtype == torch.float32
+    _decode_linear_kernel[(triton.cdiv(N, block_n),)](
+        x, weight, x if norm_weight is None else norm_weight, y if residual is None else residual, y,
+        M, N, K, x.stride(0), weight.stride(0), (y if residual is None else residual).stride(0), y.stride(0), eps,
+        NORM=norm_weight is not None, ACT=ACTIVATIONS.index(activation), RESIDUAL=residual is not None,
+        BM=max(16, triton.next_power_of_2(M)), BN=block_n, BK=block_k, F32=f32, num_warps=warps, num_stages=stages)
+    return y
+
+
+@decode_linear.register_fake
+def _decode_linear_shape(x, weight, norm_weight, eps, activation, residual, *launch):
+    n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
+    return x.new_empty(x.shape[0], n)

@@ -1,0 +1,49 @@
+"""A decode step's linear layer with the RMSNorm before it, the activation after it and the residual add
+as one op: y = act(RMSNorm(x) Wᵀ) + residual, each part optional.
+
+At the few rows of a small-batch decode step each part is its own kernel launch that moves a few KB
+beside the weight read; the Triton kernel (kernels/decode_linear.py) does all of them in one, where the
+rows fit its tile (at most ratpt_kernels.decode_linear.MAX_ROWS). `kernels` dispatches like rat_mixing;
+the reference composes the model's own ops, so the CPU path computes exactly what the modules do.
+"""
+import torch
+import torch.nn.functional as F
+
+from ratpt.ops.rat_mixing import use_triton
+from ratpt_kernels.decode_linear import MAX_ROWS
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight, the mean of squares in >= fp32 even under bf16 (a drifting norm
+    is hard to debug), the result in x's dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.to(x.dtype) * weight.to(x.dtype)
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """none; gelu (exact); swiglu: h packs (gate, up) halves, silu(gate) ⊙ up."""
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return h
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                  eps: float = 1e-6, activation: str = "none", residual: torch.Tensor | None = None,
+                  kernels: str = "auto") -> torch.Tensor:
+    """act(RMSNorm(x) Wᵀ) + residual for x [..., K] and W [N, K] (nn.Linear's weight): the norm with
+    `norm_weight` and `eps` if given, `activation` one of none | gelu | swiglu, `residual` [..., N] if
+    given. Returns [..., N] (N/2 for swiglu) in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= MAX_ROWS and use_triton(kernels, x, 1, 32):  # shape-free: chunk 1, d 32 are supported
+        from ratpt_kernels import decode_linear as triton_decode_linear
+        flat_residual = None if residual is None else residual.reshape(rows.shape[0], -1)
+        y = triton_decode_linear(rows, weight, norm_weight, eps, activation, flat_residual)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
+    y = activate(F.linear(x, weight), activation)
+    return y if residual is None else residual + y
