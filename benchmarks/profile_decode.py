@@ -9,17 +9,21 @@ give their achieved bandwidth, to compare with the H200's ≈ 4.3 TB/s copy rate
 
 --sweep times the RAT decode kernel alone (ratpt_kernels.rat_decode, one layer of RAT-1.3B's shape at
 the first model's batch and position, random caches) over its launch configurations, to choose
-the defaults of kernels/rat_decode.py.
+the defaults of kernels/rat_decode.py. --sweep-linear times each of a RAT-1.3B layer's fused decode
+linears (ratpt_kernels.decode_linear) over its launches at every --batches batch, beside the unfused
+cuBLAS path, to choose the defaults of kernels/decode_linear.py.
 
     python benchmarks/profile_decode.py --models rat_1p3b,attention_1p3b --batches 2048,128 \
         --out benchmarks/results/profile_decode.json
     python benchmarks/profile_decode.py --sweep --batches 2048 --out sweep.json
+    python benchmarks/profile_decode.py --sweep-linear --batches 1,64 --out sweep_linear.json
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +33,8 @@ from profiling import by_category, kernel_times, rat_kernel_names
 from ratpt.config import load_config
 from ratpt.decoder import GraphedDecodeStep, compile_decode
 from ratpt.model import build_model
+from ratpt.model.ffn import ffn_hidden
+from ratpt.ops import decode_linear
 
 
 @torch.inference_mode()
@@ -91,6 +97,63 @@ def sweep_decode_launch(batch: int, position: int, tokens: int, iters: int) -> l
     return rows
 
 
+def graphed_us(calls: list, repeats: int = 5) -> float:
+    """Microseconds per call of `calls` (argument-free functions) run in a row, replayed as one CUDA graph
+    (the decode step is one): each call's launch gap is the graph's, not Python's."""
+    for call in calls:  # compiles and sets up cuBLAS, which a capture cannot do
+        call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (repeats * len(calls))
+
+
+def sweep_linear_launch(batches: list[int]) -> list[dict]:
+    """µs per call of each fused decode linear of one RAT-1.3B layer, per launch (block_n, block_k, warps,
+    stages; block_n 0 the default) and for the unfused cuBLAS path (ops.decode_linear's reference), at
+    each batch. The calls cycle through > 200 MB of weight copies, so that none is read from the L2
+    cache; TB/s is the weight bytes over the time."""
+    from ratpt_kernels import decode_linear as fused
+
+    cfg = load_config(REPO / "configs" / "rat_1p3b.yaml").model
+    D, F, qk = cfg.d_model, ffn_hidden(cfg), cfg.ngroups * cfg.head_dim
+    layers = {"norm+in_proj": (3 * D + 2 * qk, D, True, "none", False),
+              "out_proj+residual": (D, D, False, "none", True),
+              "norm+fc1+gelu": (F, D, True, "gelu", False),
+              "fc2+residual": (D, F, False, "none", True)}
+    launches = [(0, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4)]
+    rows = []
+    for batch, (name, (n, k, norm, activation, residual)) in itertools.product(batches, layers.items()):
+        copies = -(-200 * 2**20 // (2 * n * k))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+        g = torch.ones(k, device="cuda", dtype=torch.bfloat16) if norm else None
+        r = torch.randn(batch, n, device="cuda", dtype=torch.bfloat16) if residual else None
+        candidates = {"cublas": partial(decode_linear, x, norm_weight=g, activation=activation, residual=r,
+                                        kernels="torch")}
+        for bn, bk, warps, stages in launches:
+            candidates[f"n{bn}_k{bk}_w{warps}_s{stages}"] = (
+                lambda w, launch=(bn, bk, warps, stages): fused(x, w, g, 1e-6, activation, r, *launch))
+        for label, fn in candidates.items():
+            try:
+                us = graphed_us([partial(fn, w) for w in weights])
+            except Exception as error:  # a launch that does not compile or fit: recorded, the sweep goes on
+                rows.append({"batch": batch, "layer": name, "launch": label, "error": str(error)[:200]})
+            else:
+                rows.append({"batch": batch, "layer": name, "launch": label, "us": us,
+                             "tb_per_s": 2 * n * k / us / 1e6})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="rat_1p3b,attention_1p3b")
@@ -102,8 +165,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile", default="none", help="as benchmarks/generate.py's --compile")
     parser.add_argument("--sweep", action="store_true", help="time the decode kernel's launches instead")
+    parser.add_argument("--sweep-linear", action="store_true", help="time the fused decode linears' launches instead")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "profile_decode.json")
     args = parser.parse_args()
+    if args.sweep_linear:
+        rows = sweep_linear_launch(list(map(int, args.batches.split(","))))
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "runs": rows}, indent=1))
+        return
     if args.sweep:
         batch = int(args.batches.split(",")[0])
         rows = sweep_decode_launch(batch, args.prompt + args.new // 2, args.prompt + args.new, 20)

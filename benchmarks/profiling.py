@@ -10,13 +10,14 @@ from torch.profiler import ProfilerActivity, profile
 
 CATEGORIES = ("matmul", "rat_mixing", "attention", "glue", "optimizer", "communication", "data")
 ATTENTION = ("flash", "fmha", "sdpa", "cudnn", "attention", "efficient")
-MATMUL = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "splitk", "sm90_", "sm80_", "sm100_")
+MATMUL = ("decode_linear", "gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "splitk", "sm90_", "sm80_",
+          "sm100_")
 OPTIMIZER = ("multi_tensor_apply", "adam", "lpnorm", "foreach")
 
 
 def rat_kernel_names() -> set[str]:
     """Names of RAT's Triton kernels in kernels/ (the profiler reports a Triton kernel by its name); the
-    attention decode kernel's count as attention."""
+    attention decode kernel's count as attention, the decode linears' as matmul."""
     import importlib
     import pkgutil
 
@@ -26,7 +27,7 @@ def rat_kernel_names() -> set[str]:
 
     names = set()
     for info in pkgutil.iter_modules(ratpt_kernels.__path__):
-        if info.name == "attention_decode":
+        if info.name in ("attention_decode", "decode_linear"):
             continue
         module = importlib.import_module(f"ratpt_kernels.{info.name}")
         names |= {name for name, obj in vars(module).items() if isinstance(obj, triton.runtime.JITFunction)}
