@@ -3,8 +3,11 @@ as one op: y = act(RMSNorm(x) Wᵀ) + residual, each part optional.
 
 At the few rows of a small-batch decode step each part is its own kernel launch that moves a few KB
 beside the weight read; the Triton kernel (kernels/decode_linear.py) does all of them in one, where the
-rows fit its tile (at most ratpt_kernels.decode_linear.MAX_ROWS). `kernels` dispatches like rat_mixing;
-the reference composes the model's own ops, so the CPU path computes exactly what the modules do.
+rows fit its tile (at most ratpt_kernels.decode_linear.MAX_ROWS). The reference composes the model's own
+ops (cuBLAS on CUDA), so it computes exactly what the modules do. `kernels`: "triton" runs the kernel
+where the rows fit; "auto" and "torch" the reference, until the kernel's launches are timed on a GPU
+against cuBLAS (benchmarks/profile_decode.py --sweep-linear; benchmarks/generate.py --set
+model.kernels=triton against the default).
 """
 import torch
 import torch.nn.functional as F
@@ -38,7 +41,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     `norm_weight` and `eps` if given, `activation` one of none | gelu | swiglu, `residual` [..., N] if
     given. Returns [..., N] (N/2 for swiglu) in x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= MAX_ROWS and use_triton(kernels, x, 1, 32):  # shape-free: chunk 1, d 32 are supported
+    fused = kernels == "triton" and use_triton(kernels, x, 1, 32)  # chunk 1, d 32: a shape-free check
+    if fused and rows.shape[0] <= MAX_ROWS:
         from ratpt_kernels import decode_linear as triton_decode_linear
         flat_residual = None if residual is None else residual.reshape(rows.shape[0], -1)
         y = triton_decode_linear(rows, weight, norm_weight, eps, activation, flat_residual)
