@@ -13,10 +13,10 @@ BATCHES = [PROMPTS[:3], PROMPTS[3:], PROMPTS[:3], PROMPTS[4:]]  # buckets 4 (1 p
 NEW = 9
 
 
-def tiny_model(mixers, head_dim=4, device="cpu"):
+def tiny_model(mixers, head_dim=4, device="cpu", kernels="auto"):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=37, d_model=4 * head_dim, n_layers=2, head_dim=head_dim, chunk_size=4,
-                      mixers=list(mixers), window=3, init_std=0.5)
+                      mixers=list(mixers), window=3, init_std=0.5, kernels=kernels)
     return build_model(cfg).to(device).eval()
 
 
@@ -54,11 +54,14 @@ def test_a_prompt_past_the_decoders_capacity_is_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mixers, compiled", [(("rat", "swa"), False), (("rat",), True)],
-                         ids=["graphed", "compiled+graphed"])
-def test_graphed_decoder_reused_across_batches_gives_the_eager_tokens(mixers, compiled):
-    """head_dim 32: RAT decodes with the Triton kernel (a custom op inside the compiled step)."""
-    model = tiny_model(mixers, head_dim=32, device="cuda")
+@pytest.mark.parametrize("mixers, compiled, kernels", [(("rat", "swa"), False, "auto"), (("rat",), True, "auto"),
+                                                       (("attention", "swa"), True, "auto"),
+                                                       (("rat",), True, "triton")],
+                         ids=["graphed", "compiled+graphed", "attention-compiled+graphed", "fused-compiled+graphed"])
+def test_graphed_decoder_reused_across_batches_gives_the_eager_tokens(mixers, compiled, kernels):
+    """head_dim 32: RAT and attention decode with their Triton kernels, custom ops inside the compiled step;
+    with model.kernels=triton the linears too (ops.decode_linear)."""
+    model = tiny_model(mixers, head_dim=32, device="cuda", kernels=kernels)
     eager = [greedy_by_decode_steps(model, batch, NEW) for batch in BATCHES]
     if compiled:
         compile_decode(model)
