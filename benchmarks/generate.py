@@ -15,7 +15,8 @@ size, doubling until the GPU runs out of memory:
     step attends to at the timed steps' middle position) over the copy bandwidth measured on
     the same device at the start of the run: the floor of a step, and the step's share of it.
 `--compile MODE` runs each block's decode through torch.compile (ratpt.decoder.compile_decode;
-"default" is torch.compile's default mode) inside the same CUDA graph.
+"default" is torch.compile's default mode) inside the same CUDA graph; `--set model.kernels=triton`
+takes the fused decode linears (ratpt.ops.decode_linear) instead of cuBLAS.
 The RAT/attention ratio compares each model's best decode tokens/s (its best batch).
 On CPU (smoke test) the decode runs eagerly.
 
@@ -23,6 +24,7 @@ On CPU (smoke test) the decode runs eagerly.
     python benchmarks/generate.py --models rat_1p3b --min-batch 1024 --update   # re-measure some batches
     python benchmarks/generate.py --plot benchmarks/results/generate.json       # PNG beside it
     python benchmarks/generate.py --models rat_1p3b,attention_1p3b --batches 1,64 --compile default
+    python benchmarks/generate.py --models rat_1p3b,attention_1p3b --batches 1,64 --set model.kernels=triton
     python benchmarks/generate.py --models tiny --prompt 16 --new 8 --batches 1,2 --device cpu
 """
 from __future__ import annotations
@@ -150,7 +152,8 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device, s
     with torch.inference_mode():  # kernels compiled, cuBLAS and SDPA set up for the prompt's shapes, untimed
         model.prefill(torch.zeros(1, args.prompt, dtype=torch.long, device=device))
     result = {"model": name, "mixers": list(cfg.model.mixers), "chunk_size": cfg.model.chunk_size,
-              "window": cfg.model.window, "compile": args.compile, "largest_batch": None, "best": None, "batches": []}
+              "window": cfg.model.window, "kernels": cfg.model.kernels, "compile": args.compile, "largest_batch": None,
+              "best": None, "batches": []}
     batches = iter(map(int, args.batches.split(","))) if args.batches else None
     batch = next(batches) if batches else args.min_batch
     while batch is not None and batch <= args.max_batch:
