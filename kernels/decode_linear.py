@@ -7,7 +7,7 @@ each cost a launch of their own that moves a few KB. One kernel does all of it:
     y = act(RMSNorm(x) Wᵀ) + residual          x [M, K] (M <= MAX_ROWS), W [N, K] (nn.Linear's)
 
 Program n owns BLOCK_N output columns and every row (padded to a tile of 16 to MAX_ROWS), walking K in
-BLOCK_K steps: each weight element is read once, x (a few KB) from L2 by every program. The norm
+BLOCK_K steps: each weight element is read once, x (M·K values) from L2 by every program. The norm
 takes no pass of its own: Σ x² accumulates beside the dot of (x ⊙ norm weight) with W, and the row's
 1 / rms scales the accumulator at the end. That is the module's product up to rounding (the module
 rounds the normed x to the model dtype before multiplying by the norm weight; here x ⊙ norm weight is
@@ -64,14 +64,15 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, M, N, K, sx, s
     tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-def default_block_n(n: int, device: torch.device) -> int:
+def default_block_n(n: int, rows: int, device: torch.device) -> int:
     """The widest column block (16 to 64) that still gives every SM two programs: with fewer, too few
-    weight loads are in flight to keep the memory busy."""
+    weight loads are in flight to keep the memory busy. But at least half the rows: every program reads
+    all of x from L2, M / BLOCK_N times the weight's bytes in all, which must stay small beside them."""
     sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
     block_n = 64
     while block_n > 16 and triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
-    return block_n
+    return max(block_n, min(64, triton.next_power_of_2(rows) // 2))
 
 
 @torch.library.custom_op("ratpt::decode_linear", mutates_args=())
@@ -92,7 +93,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
             raise ValueError(f"decode_linear needs {name} contiguous in its last dim, got strides {t.stride()}")
     N = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    block_n = block_n or default_block_n(N, x.device)
+    block_n = block_n or default_block_n(N, M, x.device)
     f32 = interpreting() or x.dtype == torch.float32
     _decode_linear_kernel[(triton.cdiv(N, block_n),)](
         x, weight, x if norm_weight is None else norm_weight, y if residual is None else residual, y,
