@@ -18,60 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import subprocess
-import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 
-from ratpt.config import load_config
-from ratpt.train import trainer
-
-REPO = Path(__file__).resolve().parents[1]
+from quality import REPO, device_name, stdlib_corpus, train_run
 
 
-def stdlib_corpus(work: Path) -> Path:
-    """The standard library's .py sources, byte-tokenized (once per --work folder); returns the data folder."""
-    data = work / "stdlib_bytes"
-    if (data / "train").exists():
-        return data
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = work / "stdlib.jsonl"
-    work.mkdir(parents=True, exist_ok=True)
-    with docs.open("w") as out:
-        for path in sorted(root.rglob("*.py")):
-            if "site-packages" in path.parts:
-                continue
-            try:
-                out.write(json.dumps({"text": path.read_text(encoding="utf-8")}) + "\n")
-            except (UnicodeDecodeError, OSError):
-                continue  # a test fixture in another encoding: not text for this corpus
-    subprocess.run([sys.executable, "-m", "data_prep", "tokenize", str(docs), "--tokenizer", "byte",
-                    "--out", str(data), "--val-fraction", "0.01", "--workers", "4"], check=True, cwd=REPO)
-    return data
-
-
-def train_run(args: argparse.Namespace, data: Path, recipe: str, steps: int) -> dict:
-    out_dir = args.work / f"run_{recipe}"
-    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: never resume an earlier one of this script
+def fp8_run(args: argparse.Namespace, data: Path, recipe: str, steps: int) -> dict:
+    """One run with train.fp8 = `recipe` ("off": bf16), the rest as the command line says."""
     overrides = [
-        f"name=fp8_quality_{recipe}", f"out_dir={out_dir}", f"data.streams=[{{path: {data}}}]",
-        "model.vocab_size=257", f"data.seq_len={args.seq_len}", f"train.steps={steps}",
+        f"name=fp8_quality_{recipe}", f"data.seq_len={args.seq_len}", f"train.steps={steps}",
         f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}", f"train.fp8={recipe}",
-        "eval.interval=0", "checkpoint.interval=0", "logging.interval=10", "logging.tensorboard=false",
         *(["train.fp8_emulate=true"] if args.emulate and recipe != "off" else []), *args.set,
     ]
-    cfg = load_config(args.config, overrides)
-    torch._dynamo.reset()  # each run compiles its own blocks
-    started = time.perf_counter()
-    result = trainer.train(cfg)
-    seconds = time.perf_counter() - started
-    tail = result.losses[-max(1, len(result.losses) // 10):]
-    return {"fp8": recipe, "losses": result.losses, "final_loss": sum(tail) / len(tail), "wall_s": seconds,
-            "tokens_per_s_with_compile": steps * args.global_batch * args.seq_len / seconds}
+    return {"fp8": recipe, **train_run(args.config, data, args.work / f"run_{recipe}", overrides)}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -110,11 +72,11 @@ def main() -> None:
     data = stdlib_corpus(args.work)
     tokens_per_step = args.global_batch * args.seq_len
     steps = math.ceil(args.tokens / tokens_per_step)
-    runs = [train_run(args, data, recipe, steps) for recipe in ["off", *args.recipes.split(",")]]
+    runs = [fp8_run(args, data, recipe, steps) for recipe in ["off", *args.recipes.split(",")]]
     bf16 = runs[0]["final_loss"]
     for run in runs[1:]:
         run["final_gap_to_bf16"] = (run["final_loss"] - bf16) / bf16
-    result = {"config": args.config.name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    result = {"config": args.config.name, "device": device_name(),
               "torch": torch.__version__, "tokens": steps * tokens_per_step, "steps": steps,
               "tokens_per_step": tokens_per_step, "runs": runs,
               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -184,13 +184,15 @@ def packed_positions(B: int, T: int, mean: float = 1024.0, sigma: float = 1.0, s
 
 def measure_packed(layer: nn.Module, T: int, iters: int) -> dict:
     """fwd+bwd of a RAT layer over packed documents (masked) and over the same rows unmasked, alternated."""
+    from ratpt.ops.documents import separate_documents
+
     B = TOKENS // T
     x = torch.randn(B, T, D, device="cuda", dtype=DTYPE, requires_grad=True)
     dy = torch.randn_like(x)
     positions = packed_positions(B, T).cuda()
 
-    def train_step(documents):
-        layer(x, documents).backward(dy)
+    def train_step(positions):  # the chunk table as a model builds it once per forward, here for its one layer
+        layer(x, separate_documents(positions, layer.chunk_size)).backward(dy)
         x.grad = None
         for p in layer.parameters():
             p.grad = None

@@ -76,6 +76,23 @@ def document_start(doc_ptr, b, chunk, C, mask):
 
 
 @triton.jit
+def token_rows(start_ptr, b, slots, T, n_tok, C, L: tl.constexpr):
+    """The token row of each of sequence b's slots (< T) and whether one is there. Without packed documents
+    (start_ptr None) the slots are the rows. Over packed documents slot c·L + l is the l-th token of chunk c,
+    which starts at token start_ptr[b, c] ([B, C] int32) and ends where chunk c + 1 starts (the last at n_tok,
+    the sequence's length): the kernels read and write the tokens in place, the slots past a chunk's end
+    read zeros and write nothing."""
+    if start_ptr is None:
+        return slots, slots < T
+    else:
+        chunk = slots // L
+        start = tl.load(start_ptr + b * C + chunk, mask=chunk < C, other=n_tok)
+        end = tl.load(start_ptr + b * C + chunk + 1, mask=chunk + 1 < C, other=n_tok)
+        rows = start + slots % L
+        return rows, rows < end
+
+
+@triton.jit
 def document_summaries(doc_ptr, b, t0, T, L: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr, j_full):
     """Over packed documents, for the query rows [t0, t0 + BQ) (whole chunks) of sequence b: j_lo, the first
     block of BC summaries any row sees (its first row's document start), and j_doc (<= j_full), from which

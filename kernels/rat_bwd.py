@@ -33,8 +33,10 @@ dS = P ⊙ (dP − Δ), dP = dy·values:
 
 Steps 1–2 (`summary_gradients`) and 3–4 (`input_gradients`) are callable apart, with the forward's
 chunk offsets: under context parallelism a block's tokens attend to summaries of other ranks, whose
-gradients are reduce-scattered between the two parts. Packed documents (`first_chunk`) as in rat_fwd: the
-summary side's rows stop at the end of its summaries' documents.
+gradients are reduce-scattered between the two parts. Packed documents as in rat_fwd: the kernels that touch
+the inputs and their gradients read and write the tokens in place, the rest (Δ, q̂, dq̂, the mixing's output
+gradient, which `_prepare_kernel` then writes in slots) run over the C·L slots; the summary side's rows stop
+at the end of its summaries' documents.
 """
 
 import math
@@ -45,13 +47,13 @@ import triton.language as tl
 
 from .blocks import Blocks, blocks
 from .common import (LOG2E, chunk_tile, document_start, document_summaries, dot, first_chunk, interpreting,
-                     rope_cos_sin, row_blocks)
-from .rat_fwd import CHUNKS_PER_PROGRAM, check_documents, inverse_frequencies, recurrent_states
+                     rope_cos_sin, row_blocks, token_rows)
+from .rat_fwd import CHUNKS_PER_PROGRAM, Documents, check_documents, inverse_frequencies, recurrent_states
 
 
 @triton.jit
-def _prepare_kernel(q_ptr, y_ptr, dy_ptr, z_ptr, dz_ptr, dmix_ptr, inv_freq_ptr, offset_ptr, doc_ptr, delta_ptr, qr_ptr,
-                    sq_b, sq_t, sz_b, sz_t, T, qk_scale,
+def _prepare_kernel(q_ptr, y_ptr, dy_ptr, z_ptr, dz_ptr, dmix_ptr, inv_freq_ptr, offset_ptr, doc_ptr, start_ptr,
+                    delta_ptr, qr_ptr, sq_b, sq_t, sz_b, sz_t, T, n_tok, qk_scale,
                     H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr, BQ: tl.constexpr,
                     GATED: tl.constexpr):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -61,23 +63,30 @@ def _prepare_kernel(q_ptr, y_ptr, dy_ptr, z_ptr, dz_ptr, dmix_ptr, inv_freq_ptr,
     rmask = rows < T
     mask = rmask[:, None]
     b64 = b.to(tl.int64)
+    src, present = token_rows(start_ptr, b64, rows, T, n_tok, T // L, L)  # y, dy, z, q in tokens
+    if start_ptr is None:
+        n_tok = T
+    tok = present[:, None]
     dcols = tl.arange(0, D_HEAD)
-    off = (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :]
-    y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    off = (b64 * n_tok + src[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :]
+    mix = (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :]  # slots
+    y = tl.load(y_ptr + off, mask=tok, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + off, mask=tok, other=0.0).to(tl.float32)
     # Δ = Σ dy·y; gated (y is sigmoid(z) ⊙ mixing, dy its gradient) that is Σ dy·y too, the mixing's own
     # gradient is dy ⊙ sigmoid(z), and z's is dy ⊙ y ⊙ (1 − sigmoid(z))
     tl.store(delta_ptr + pid_bh.to(tl.int64) * T + rows, tl.sum(y * dy, 1), mask=rmask)
     if GATED:
-        z_off = b64 * sz_b + rows[:, None] * sz_t + h * D_HEAD + dcols[None, :]
-        s = tl.sigmoid(tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32))
-        tl.store(dmix_ptr + off, (dy * s).to(dmix_ptr.dtype.element_ty), mask=mask)
-        tl.store(dz_ptr + z_off, (dy * y * (1 - s)).to(dz_ptr.dtype.element_ty), mask=mask)
+        z_off = b64 * sz_b + src[:, None] * sz_t + h * D_HEAD + dcols[None, :]
+        s = tl.sigmoid(tl.load(z_ptr + z_off, mask=tok, other=0.0).to(tl.float32))
+        tl.store(dmix_ptr + mix, (dy * s).to(dmix_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + z_off, (dy * y * (1 - s)).to(dz_ptr.dtype.element_ty), mask=tok)
+    elif start_ptr is not None:  # packed documents: the output gradient in slots, zeros past the chunks' ends
+        tl.store(dmix_ptr + mix, dy.to(dmix_ptr.dtype.element_ty), mask=mask)
     if h < G:  # one program per group writes its rotated queries
         cols = tl.arange(0, HALF)
-        q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t + h * D_HEAD + cols[None, :]
-        q1 = tl.load(q_rows, mask=mask, other=0.0).to(tl.float32)
-        q2 = tl.load(q_rows + HALF, mask=mask, other=0.0).to(tl.float32)
+        q_rows = q_ptr + b64 * sq_b + src[:, None] * sq_t + h * D_HEAD + cols[None, :]
+        q1 = tl.load(q_rows, mask=tok, other=0.0).to(tl.float32)
+        q2 = tl.load(q_rows + HALF, mask=tok, other=0.0).to(tl.float32)
         angle = first_chunk(offset_ptr, b64) + rows // L
         if doc_ptr is not None:  # packed documents: the chunk index within the document
             angle -= document_start(doc_ptr, b64, rows // L, T // L, rmask)
@@ -271,13 +280,16 @@ def _reverse_step(lk, lv, g_next, direct_k, direct_v, ks, vs, f_ptrs, k_ptrs, v_
 
 
 @triton.jit
-def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, doc_ptr, kst_ptr, vst_ptr, dy_ptr,
-                            lse_ptr, delta_ptr, dqr_ptr, dks_ptr, dvs_ptr, dq_ptr, dk_ptr, dv_ptr, df_ptr, dbias_ptr,
-                            sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, sdv_b, sdv_t, B, T, C, qk_scale, scale,
+def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, doc_ptr, start_ptr,
+                            kst_ptr, vst_ptr, dy_ptr, lse_ptr, delta_ptr, dqr_ptr, dks_ptr, dvs_ptr, dq_ptr, dk_ptr,
+                            dv_ptr, df_ptr, dbias_ptr, sq_b, sq_t, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, sdv_b, sdv_t, B, T,
+                            n_tok, C, qk_scale, scale,
                             H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                             NCH: tl.constexpr):
     pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
     D_HEAD: tl.constexpr = 2 * HALF
+    if start_ptr is None:
+        n_tok = T
     b64, chunks, cols, kc, vc, bias1, bias2 = chunk_tile(pid_c, pid_bh, bias_ptr, H, G, HALF, NCH)
     angle = first_chunk(offset_ptr, b64) + chunks
     if doc_ptr is not None:  # packed documents: the chunk index within the document
@@ -297,17 +309,20 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
     # dq̂ is per group: the group's first head (h < G) rotates it back, the group sum adds it once
     first_head = (chunks * 0 + pid_bh % H) < G  # a tensor: the interpreter masks no scalar
     for i in range(L):
-        rows = chunks * L + (L - 1 - i)
+        rows = chunks * L + (L - 1 - i)  # slots
         rmask = rows < T
-        mask = rmask[:, None]  # rows past T: zero direct gradients, so λ stays 0 there
-        st = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]  # [B, T, H·d] tensors
-        q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t + kc[None, :]
+        mask = rmask[:, None]  # rows past T (and slots past a chunk's end): zero direct gradients, so λ stays 0
+        src, present = token_rows(start_ptr, b64, rows, T, n_tok, C, L)  # q, k, v, f and their gradients in tokens
+        tok = present[:, None]
+        st = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]  # [B, T, H·d] scratch in slots
+        heads = (b64 * n_tok + src[:, None]) * (H * D_HEAD) + vc[None, :]  # dq, dk per head, in tokens
+        q_rows = q_ptr + b64 * sq_b + src[:, None] * sq_t + kc[None, :]
         ks1 = tl.load(kst_ptr + st, mask=mask, other=0.0)
         ks2 = tl.load(kst_ptr + st + HALF, mask=mask, other=0.0)
         vs1 = tl.load(vst_ptr + st, mask=mask, other=0.0)
         vs2 = tl.load(vst_ptr + st + HALF, mask=mask, other=0.0)
-        q1 = tl.load(q_rows, mask=mask, other=0.0).to(tl.float32)
-        q2 = tl.load(q_rows + HALF, mask=mask, other=0.0).to(tl.float32)
+        q1 = tl.load(q_rows, mask=tok, other=0.0).to(tl.float32)
+        q2 = tl.load(q_rows + HALF, mask=tok, other=0.0).to(tl.float32)
         dy1 = tl.load(dy_ptr + st, mask=mask, other=0.0).to(tl.float32)
         dy2 = tl.load(dy_ptr + st + HALF, mask=mask, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + row_stats + rows, mask=rmask, other=0.0)
@@ -320,8 +335,8 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
         group_mask = (rmask & first_head)[:, None]
         dqr1 = tl.load(dqr, mask=group_mask, other=0.0)
         dqr2 = tl.load(dqr + HALF, mask=group_mask, other=0.0)
-        tl.store(dq_ptr + st, ((dqr1 * cos + dqr2 * sin) * scale + ds_own[:, None] * ks1).to(DQT), mask=mask)
-        tl.store(dq_ptr + st + HALF, ((dqr2 * cos - dqr1 * sin) * scale + ds_own[:, None] * ks2).to(DQT), mask=mask)
+        tl.store(dq_ptr + heads, ((dqr1 * cos + dqr2 * sin) * scale + ds_own[:, None] * ks1).to(DQT), mask=tok)
+        tl.store(dq_ptr + heads + HALF, ((dqr2 * cos - dqr1 * sin) * scale + ds_own[:, None] * ks2).to(DQT), mask=tok)
         # direct gradients of k̃, ṽ: own score and value, and at chunk ends (i = 0) the summary's, rotated back
         end = mask & (i == 0)
         dsk1 = tl.load(dks_ptr + own, mask=end, other=0.0)
@@ -330,15 +345,15 @@ def _recurrence_grad_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, 
         direct_k2 = ds_own[:, None] * q2 + dsk2 * cos - dsk1 * sin
         direct_v1 = p_own[:, None] * dy1 + tl.load(dvs_ptr + own, mask=end, other=0.0)
         direct_v2 = p_own[:, None] * dy2 + tl.load(dvs_ptr + own + HALF, mask=end, other=0.0)
-        k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t + kc[None, :]
-        v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t + vc[None, :]
-        f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t + vc[None, :]
-        grad = b64 * sdv_b + rows[:, None] * sdv_t + vc[None, :]  # dv, df: [B, T, H·d], strided
+        k_rows = k_ptr + b64 * sk_b + src[:, None] * sk_t + kc[None, :]
+        v_rows = v_ptr + b64 * sv_b + src[:, None] * sv_t + vc[None, :]
+        f_rows = f_ptr + b64 * sf_b + src[:, None] * sf_t + vc[None, :]
+        grad = b64 * sdv_b + src[:, None] * sdv_t + vc[None, :]  # dv, df: [B, T, H·d], strided
         lk1, lv1, g1, part1 = _reverse_step(lk1, lv1, g1, direct_k1, direct_v1, ks1, vs1, f_rows, k_rows, v_rows,
-                                            bias1, dk_ptr + st, dv_ptr + grad, df_ptr + grad, mask)
+                                            bias1, dk_ptr + heads, dv_ptr + grad, df_ptr + grad, tok)
         lk2, lv2, g2, part2 = _reverse_step(lk2, lv2, g2, direct_k2, direct_v2, ks2, vs2, f_rows + HALF,
-                                            k_rows + HALF, v_rows + HALF, bias2, dk_ptr + st + HALF,
-                                            dv_ptr + grad + HALF, df_ptr + grad + HALF, mask)
+                                            k_rows + HALF, v_rows + HALF, bias2, dk_ptr + heads + HALF,
+                                            dv_ptr + grad + HALF, df_ptr + grad + HALF, tok)
         db1 += part1
         db2 += part2
     part = (pid_c.to(tl.int64) * B + b64) * (H * D_HEAD) + vc
@@ -365,7 +380,7 @@ def rows_seeing(first_chunk: torch.Tensor | None, n_summaries: int) -> torch.Ten
 def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
                       chunk_offset: torch.Tensor | None = None, config: Blocks | None = None,
                       atomic_dq: bool | None = None, gate: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      first_chunk: torch.Tensor | None = None):
+                      documents: Documents | None = None):
     """The backward's first part: the gradients dKs, dVs (fp32) of every summary in Ks, Vs
     [B, H, CS, d] that this sequence's tokens attend to, and what the second part reuses (Δ, q̂, dq̂).
     Under context parallelism the summary gradients are reduced across ranks between the parts.
@@ -376,61 +391,67 @@ def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rop
     (summary, query) pair instead of 7. Off, every gradient is bit-reproducible.
 
     gate (z, dz): y is the gated output sigmoid(z) ⊙ mixing (rat_forward's `gate`) and dy its gradient;
-    z's gradient is written into dz (both [B, T, H·d], strided). first_chunk: packed documents, as in
-    rat_fwd.rat_states."""
+    z's gradient is written into dz (both [B, T, H·d], strided). documents: packed documents, as in
+    rat_fwd.rat_states (what is reused is then in slots: lse's [B, H, S])."""
     B, T, D = dy.shape
+    S = lse.shape[-1]
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
     cfg = config or blocks("summary_grad", L, d, ks.dtype)
     dy = dy.contiguous()
-    delta = torch.empty(B, H, T, device=dy.device, dtype=torch.float32)
-    qr = torch.empty(B, T, G * d, device=dy.device, dtype=ks.dtype)
+    delta = torch.empty(B, H, S, device=dy.device, dtype=torch.float32)
+    qr = torch.empty(B, S, G * d, device=dy.device, dtype=ks.dtype)
     z, dz = gate if gate is not None else (None, None)
-    dmix = torch.empty_like(dy) if gate is not None else dy  # the mixing's own output gradient
-    first_chunk = check_documents(first_chunk, T, L)
+    documents = check_documents(documents, L)
+    first, start = documents or (None, None)
+    # the mixing's own output gradient, in slots
+    dmix = torch.empty(B, S, D, device=dy.device, dtype=dy.dtype) if gate is not None or documents is not None else dy
     prep_rows = 16 if interpreting() else 64
-    _prepare_kernel[(triton.cdiv(T, prep_rows), B * H)](
-        q, y, dy, z, dz, dmix, inverse_frequencies(d, rope_base, dy.device), chunk_offset, first_chunk, delta, qr, q.stride(0),
-        q.stride(1), *((z.stride(0), z.stride(1)) if gate is not None else (0, 0)), T, LOG2E / math.sqrt(d), H=H,
-        G=G, L=L, HALF=d // 2, BQ=prep_rows, GATED=gate is not None, num_warps=4)
+    _prepare_kernel[(triton.cdiv(S, prep_rows), B * H)](
+        q, y, dy, z, dz, dmix, inverse_frequencies(d, rope_base, dy.device), chunk_offset, first, start, delta, qr,
+        q.stride(0), q.stride(1), *((z.stride(0), z.stride(1)) if gate is not None else (0, 0)), S, T,
+        LOG2E / math.sqrt(d), H=H, G=G, L=L, HALF=d // 2, BQ=prep_rows, GATED=gate is not None, num_warps=4)
     CS = ks.shape[2]
     dks = torch.zeros(B, H, CS, d, device=dy.device, dtype=torch.float32)
     dvs = torch.zeros_like(dks)
     if atomic_dq is None:
         atomic_dq = not torch.are_deterministic_algorithms_enabled()
-    dq_rotated = torch.zeros(B, T, G * d, device=dy.device, dtype=torch.float32) if atomic_dq else None
+    dq_rotated = torch.zeros(B, S, G * d, device=dy.device, dtype=torch.float32) if atomic_dq else None
     if CS:
         f32 = ks.dtype == torch.float32 or interpreting()
         dq_target = dq_rotated if f32 or not atomic_dq else row_blocks(dq_rotated, cfg.bq, d)
         _summary_grad_kernel[(B * H, triton.cdiv(CS, cfg.bc))](
-            qr, dmix, lse, delta, chunk_offset, first_chunk, rows_seeing(first_chunk, CS), ks, vs, dks, dvs, dq_target, T, CS, 1.0 / LOG2E, H=H, G=G, L=L,
-            D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, ACC_DQ=atomic_dq, F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
+            qr, dmix, lse, delta, chunk_offset, first, rows_seeing(first, CS), ks, vs, dks, dvs, dq_target, S, CS,
+            1.0 / LOG2E, H=H, G=G, L=L, D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, ACC_DQ=atomic_dq, F32=f32,
+            num_warps=cfg.warps, num_stages=cfg.stages)
     return dks, dvs, (dmix, delta, qr, dq_rotated)
 
 
 def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own, chunk_size: int, head_dim: int,
                     rope_base: float, chunk_offset: torch.Tensor | None = None, config: Blocks | None = None,
-                    out: tuple[torch.Tensor, ...] | None = None, first_chunk: torch.Tensor | None = None):
+                    out: tuple[torch.Tensor, ...] | None = None, documents: Documents | None = None):
     """The backward's second part: (dq, dk, dv, df, dgate_bias), given the total gradients dKs_own, dVs_own
-    [B, H, T//L, d] of this sequence's own summaries and `reused` from summary_gradients. `out`: where
+    [B, H, S//L, d] of this sequence's own summaries and `reused` from summary_gradients. `out`: where
     to write dq, dk, dv, df (for example the column slices of one projection gradient; dq, dk with
-    equal strides, dv, df likewise); new tensors by default. first_chunk: packed documents, as in
+    equal strides, dv, df likewise); new tensors by default. documents: packed documents, as in
     rat_fwd.rat_states."""
     dy, delta, qr, dq_rotated = reused
     dks_own, dvs_own = dks_own.contiguous(), dvs_own.contiguous()
     B, T, D = v.shape
+    S = lse.shape[-1]
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
     inv_freq = inverse_frequencies(d, rope_base, v.device)
     scale = 1.0 / math.sqrt(d)
-    first_chunk = check_documents(first_chunk, T, L)
+    documents = check_documents(documents, L)
+    first, start = documents or (None, None)
     if dq_rotated is None:  # deterministic: the query side's own pass over the summaries
         cfg = config or blocks("query_grad", L, d, v.dtype)
-        dq_heads_rotated = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
-        _query_grad_kernel[(triton.cdiv(T, cfg.bq), B * H)](
-            qr, chunk_offset, first_chunk, ks, vs, dy, lse, delta, dq_heads_rotated, T, max(ks.shape[2], 1), H=H, G=G, L=L,
-            D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
+        dq_heads_rotated = torch.empty(B, S, D, device=v.device, dtype=torch.float32)
+        _query_grad_kernel[(triton.cdiv(S, cfg.bq), B * H)](
+            qr, chunk_offset, first, ks, vs, dy, lse, delta, dq_heads_rotated, S, max(ks.shape[2], 1), H=H, G=G,
+            L=L, D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
             num_stages=cfg.stages)
         dq_rotated = group_sum(dq_heads_rotated, G * d)
-    kst, vst = recurrent_states(k, v, f, gate_bias, L, d, inv_freq)
+    kst, vst = recurrent_states(k, v, f, gate_bias, L, d, inv_freq, documents=documents)
     if out is None:
         out = (torch.empty(B, T, G * d, device=v.device, dtype=q.dtype), torch.empty(B, T, G * d, device=v.device,
                dtype=k.dtype), torch.empty(B, T, D, device=v.device, dtype=v.dtype), torch.empty(B, T, D,
@@ -439,12 +460,12 @@ def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own
     assert dv.stride() == df.stride(), "dv, df share one layout"
     dq_heads = torch.empty(B, T, D, device=v.device, dtype=q.dtype)
     dk_heads = torch.empty(B, T, D, device=v.device, dtype=k.dtype)
-    n_programs = triton.cdiv(triton.cdiv(T, L), CHUNKS_PER_PROGRAM)
+    n_programs = triton.cdiv(triton.cdiv(S, L), CHUNKS_PER_PROGRAM)
     dbias = torch.empty(n_programs * B, D, device=v.device, dtype=torch.float32)
     _recurrence_grad_kernel[(n_programs, B * H)](
-        q, k, v, f, gate_bias, inv_freq, chunk_offset, first_chunk, kst, vst, dy, lse, delta, dq_rotated, dks_own, dvs_own,
-        dq_heads, dk_heads, dv, df, dbias, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), f.stride(0), f.stride(1), dv.stride(0), dv.stride(1), B, T, max(T // L, 1), LOG2E * scale,
+        q, k, v, f, gate_bias, inv_freq, chunk_offset, first, start, kst, vst, dy, lse, delta, dq_rotated, dks_own,
+        dvs_own, dq_heads, dk_heads, dv, df, dbias, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), f.stride(0), f.stride(1), dv.stride(0), dv.stride(1), B, S, T, max(S // L, 1), LOG2E * scale,
         scale, H=H, G=G, L=L, HALF=d // 2, NCH=CHUNKS_PER_PROGRAM, num_warps=4)
     group_sum(dq_heads, G * d, out=dq)  # accumulated in fp32, rounded once
     group_sum(dk_heads, G * d, out=dk)
@@ -454,16 +475,16 @@ def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own
 def rat_backward(dy, q, k, v, f, gate_bias, y, lse, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
                  configs: dict[str, Blocks] | None = None, atomic_dq: bool | None = None,
                  gate: tuple[torch.Tensor, torch.Tensor] | None = None, out: tuple[torch.Tensor, ...] | None = None,
-                 first_chunk: torch.Tensor | None = None):
+                 documents: Documents | None = None):
     """Gradients (dq, dk, dv, df, dgate_bias) of rat_forward's y: both parts, the summaries its own.
 
     `configs` ("summary_grad", "query_grad") override kernels/blocks.py's (kernels/tune.py); `atomic_dq`
-    and `gate` as in summary_gradients, `out` as in input_gradients, `first_chunk` (packed documents) as in
+    and `gate` as in summary_gradients, `out` as in input_gradients, `documents` (packed documents) as in
     rat_fwd.rat_states.
     """
     configs = configs or {}
     dks, dvs, reused = summary_gradients(dy, q, y, lse, ks, vs, chunk_size, head_dim, rope_base,
                                          config=configs.get("summary_grad"), atomic_dq=atomic_dq, gate=gate,
-                                         first_chunk=first_chunk)
+                                         documents=documents)
     return input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks, dvs, chunk_size, head_dim, rope_base,
-                           config=configs.get("query_grad"), out=out, first_chunk=first_chunk)
+                           config=configs.get("query_grad"), out=out, documents=documents)

@@ -18,9 +18,12 @@ sequence: a sequence may be one block of a longer one, its chunks numbered from 
 tokens attending to the longer sequence's summaries. Context parallelism gathers every rank's
 summaries between the two passes (ratpt/parallel/context_parallel.py).
 
-Packed documents (`first_chunk`, each chunk's document start, on a layout where every document starts a
-chunk): the recurrences restart at every chunk as they are; a row sees the summaries from its document's
-first chunk on, and RoPE rotates by the chunk index within the document. A compile-time path of its own.
+Packed documents (`first_chunk` and `chunk_start`, ratpt.ops.documents.DocumentChunks: every document cut into
+chunks from its first token, the last one shorter): the passes run over C·L slots, L per chunk, and read and
+write the tokens in place (common.token_rows), so the scratch (states, log-sum-exp) and the summaries are in
+slots, the inputs and y in tokens, and nothing is padded or copied outside. The recurrences restart at every
+chunk as they are; a row sees the summaries from its document's first chunk on, and RoPE rotates by the chunk
+index within the document. A compile-time path of its own.
 """
 import functools
 import math
@@ -30,15 +33,16 @@ import triton
 import triton.language as tl
 
 from .blocks import Blocks, blocks
-from .common import (LOG2E, chunk_tile, document_start, document_summaries, dot, first_chunk, interpreting, join_halves, rope_cos_sin,
-                     state_step, summary_blocks)
+from .common import (LOG2E, chunk_tile, document_start, document_summaries, dot, first_chunk, interpreting, join_halves,
+                     rope_cos_sin, state_step, summary_blocks, token_rows)
 
+Documents = tuple[torch.Tensor, torch.Tensor]  # packed documents: (first_chunk, chunk_start), rat_states
 CHUNKS_PER_PROGRAM = 16  # rows of the [chunks, d/2] tiles of the sequential recurrence kernels
 
 
 @triton.jit
-def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, doc_ptr, kst_ptr, vst_ptr, ks_ptr, vs_ptr,
-                   sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, T, C,
+def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, doc_ptr, start_ptr, kst_ptr, vst_ptr,
+                   ks_ptr, vs_ptr, sk_b, sk_t, sv_b, sv_t, sf_b, sf_t, T, n_tok, C,
                    H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                    NCH: tl.constexpr, SUMMARIES: tl.constexpr):
     pid_c, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -49,13 +53,15 @@ def _states_kernel(k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, offset_ptr, doc_
     vs1 = tl.zeros([NCH, HALF], tl.float32)
     vs2 = tl.zeros([NCH, HALF], tl.float32)
     for l in range(L):
-        rows = chunks * L + l
+        rows = chunks * L + l  # slots
         mask = (rows < T)[:, None]
-        k_rows = k_ptr + b64 * sk_b + rows[:, None] * sk_t + kc[None, :]
-        v_rows = v_ptr + b64 * sv_b + rows[:, None] * sv_t + vc[None, :]
-        f_rows = f_ptr + b64 * sf_b + rows[:, None] * sf_t + vc[None, :]
-        _, _, _, ks1, vs1 = state_step(ks1, vs1, f_rows, k_rows, v_rows, bias1, mask)
-        _, _, _, ks2, vs2 = state_step(ks2, vs2, f_rows + HALF, k_rows + HALF, v_rows + HALF, bias2, mask)
+        src, present = token_rows(start_ptr, b64, rows, T, n_tok, C, L)
+        load = present[:, None]
+        k_rows = k_ptr + b64 * sk_b + src[:, None] * sk_t + kc[None, :]
+        v_rows = v_ptr + b64 * sv_b + src[:, None] * sv_t + vc[None, :]
+        f_rows = f_ptr + b64 * sf_b + src[:, None] * sf_t + vc[None, :]
+        _, _, _, ks1, vs1 = state_step(ks1, vs1, f_rows, k_rows, v_rows, bias1, load)
+        _, _, _, ks2, vs2 = state_step(ks2, vs2, f_rows + HALF, k_rows + HALF, v_rows + HALF, bias2, load)
         st = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]
         tl.store(kst_ptr + st, ks1, mask=mask)
         tl.store(kst_ptr + st + HALF, ks2, mask=mask)
@@ -105,8 +111,8 @@ def _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, bh, chunk, lo, j_lo, j_h
 
 
 @triton.jit
-def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, doc_ptr, ks_desc, vs_desc, y_ptr, lse_ptr, sq_b,
-                      sq_t, T, qk_scale,
+def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, doc_ptr, start_ptr, ks_desc, vs_desc, y_ptr,
+                      lse_ptr, sq_b, sq_t, T, n_tok, qk_scale,
                       H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr,
                       BQ: tl.constexpr, BC: tl.constexpr, F32: tl.constexpr):
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
@@ -120,18 +126,21 @@ def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, doc_ptr
     rmask = rows < T
     mask = rmask[:, None]
     b64 = b.to(tl.int64)
+    src, present = token_rows(start_ptr, b64, rows, T, n_tok, T // L, L)  # q and y are in tokens
+    if start_ptr is None:
+        n_tok = T
     first = first_chunk(offset_ptr, b64)
     chunk = first + rows // L  # global chunk index: RoPE angle, and summaries j < chunk are visible
     kc = (h % G) * D_HEAD + cols
     vc = h * D_HEAD + cols
-    q_rows = q_ptr + b64 * sq_b + rows[:, None] * sq_t
+    q_rows = q_ptr + b64 * sq_b + src[:, None] * sq_t
     st = (b64 * T + rows[:, None]) * (H * D_HEAD) + vc[None, :]
     ks1 = tl.load(kst_ptr + st, mask=mask, other=0.0)
     ks2 = tl.load(kst_ptr + st + HALF, mask=mask, other=0.0)
     vs1 = tl.load(vst_ptr + st, mask=mask, other=0.0)
     vs2 = tl.load(vst_ptr + st + HALF, mask=mask, other=0.0)
-    q1 = tl.load(q_rows + kc[None, :], mask=mask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_rows + kc[None, :] + HALF, mask=mask, other=0.0).to(tl.float32)
+    q1 = tl.load(q_rows + kc[None, :], mask=present[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(q_rows + kc[None, :] + HALF, mask=present[:, None], other=0.0).to(tl.float32)
     # own state: softmax seeded with its score (max), weight 1 (sum) and value ṽ (accumulator)
     m = (tl.sum(q1 * ks1, 1) + tl.sum(q2 * ks2, 1)) * qk_scale
     l_sum = tl.full([BQ], 1.0, tl.float32)
@@ -159,8 +168,8 @@ def _attention_kernel(q_ptr, kst_ptr, vst_ptr, inv_freq_ptr, offset_ptr, doc_ptr
         acc, m, l_sum = _softmax_steps(acc, m, l_sum, qr, ks_desc, vs_desc, pid_bh, chunk, lo, j_full, n_visible,
                                        D_HEAD, BC, True, F32, True)
     dcols = tl.arange(0, D_HEAD)
-    y_rows = y_ptr + (b64 * T + rows[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :]
-    tl.store(y_rows, (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+    y_rows = y_ptr + (b64 * n_tok + src[:, None]) * (H * D_HEAD) + h * D_HEAD + dcols[None, :]
+    tl.store(y_rows, (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty), mask=present[:, None])
     tl.store(lse_ptr + pid_bh.to(tl.int64) * T + rows, m + tl.log2(l_sum), mask=rmask)
 
 
@@ -187,59 +196,63 @@ def inverse_frequencies(head_dim: int, base: float, device) -> torch.Tensor:
 
 def recurrent_states(k, v, f, gate_bias, chunk_size: int, head_dim: int, inv_freq: torch.Tensor,
                      summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     chunk_offset: torch.Tensor | None = None, first_chunk: torch.Tensor | None = None):
-    """k̃, ṽ [B, T, H·d] (fp32); also writes the chunk summaries into `summaries` if given, rotated by
-    their global chunk index (chunk_offset [B] int32 + local index; None: 0), less their document's first
-    chunk with `first_chunk` (rat_states)."""
+                     chunk_offset: torch.Tensor | None = None, documents: Documents | None = None):
+    """k̃, ṽ [B, S, H·d] (fp32; S = T, or the C·L slots of packed `documents`, check_documents); also writes the
+    chunk summaries into `summaries` if given, rotated by their global chunk index (chunk_offset [B] int32 +
+    local index; None: 0), less their document's first chunk over packed documents (rat_states)."""
     B, T, D = v.shape
     H, G, L = D // head_dim, k.shape[-1] // head_dim, chunk_size
-    kst = torch.empty(B, T, D, device=v.device, dtype=torch.float32)
+    S = slots(documents, T, L)
+    kst = torch.empty(B, S, D, device=v.device, dtype=torch.float32)
     vst = torch.empty_like(kst)
     ks, vs = summaries if summaries is not None else (kst, vst)
-    _states_kernel[(triton.cdiv(triton.cdiv(T, L), CHUNKS_PER_PROGRAM), B * H)](
-        k, v, f, gate_bias, inv_freq, chunk_offset, first_chunk, kst, vst, ks, vs, k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), f.stride(0), f.stride(1), T, max(T // L, 1), H=H, G=G, L=L, HALF=head_dim // 2,
-        NCH=CHUNKS_PER_PROGRAM, SUMMARIES=summaries is not None and T >= L, num_warps=4)
+    first, start = documents or (None, None)
+    _states_kernel[(triton.cdiv(triton.cdiv(S, L), CHUNKS_PER_PROGRAM), B * H)](
+        k, v, f, gate_bias, inv_freq, chunk_offset, first, start, kst, vst, ks, vs, k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), f.stride(0), f.stride(1), S, T, max(S // L, 1), H=H, G=G, L=L, HALF=head_dim // 2,
+        NCH=CHUNKS_PER_PROGRAM, SUMMARIES=summaries is not None and S >= L, num_warps=4)
     return kst, vst
 
 
 def rat_states(k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
-               chunk_offset: torch.Tensor | None = None, first_chunk: torch.Tensor | None = None):
-    """The forward's first pass: k̃, ṽ [B, T, H·d] (fp32 scratch) and the summaries Ks, Vs
-    [B, H, T//L, d] of the full chunks, rotated by their global chunk index.
+               chunk_offset: torch.Tensor | None = None, documents: Documents | None = None):
+    """The forward's first pass: k̃, ṽ [B, S, H·d] (fp32 scratch; S = T, or C·L slots over packed documents) and
+    the summaries Ks, Vs [B, H, S//L, d] of the full chunks, rotated by their global chunk index.
 
-    first_chunk [B, T//L] (int32, packed documents laid out in whole chunks, T a multiple of L): for each
-    chunk, the global index of the chunk its document starts at. The in-chunk recurrences restart at every
+    documents (first_chunk, chunk_start), both [B, C] int32 (ratpt.ops.documents.DocumentChunks): for each
+    chunk, the chunk its document starts at and its first token. The in-chunk recurrences restart at every
     chunk, hence at every document; the summaries are rotated by their chunk index within the document."""
     B, T, D = v.shape
-    ks = torch.empty(B, D // head_dim, T // chunk_size, head_dim, device=v.device, dtype=v.dtype)
+    documents = check_documents(documents, chunk_size)
+    S = slots(documents, T, chunk_size)
+    ks = torch.empty(B, D // head_dim, S // chunk_size, head_dim, device=v.device, dtype=v.dtype)
     vs = torch.empty_like(ks)
     kst, vst = recurrent_states(k, v, f, gate_bias, chunk_size, head_dim,
-                                inverse_frequencies(head_dim, rope_base, v.device), (ks, vs), chunk_offset,
-                                check_documents(first_chunk, T, chunk_size))
+                                inverse_frequencies(head_dim, rope_base, v.device), (ks, vs), chunk_offset, documents)
     return kst, vst, ks, vs
 
 
 def summary_attention(q, kst, vst, ks, vs, chunk_size: int, head_dim: int, rope_base: float,
                       chunk_offset: torch.Tensor | None = None, config: Blocks | None = None,
-                      gate: torch.Tensor | None = None, first_chunk: torch.Tensor | None = None):
-    """The forward's second pass: y [B, T, H·d] and lse [B, H, T] (base 2, fp32) of each token's softmax
-    over its own state and the summaries j < its global chunk index in Ks, Vs [B, H, CS, d] (the
-    sequence's own, or, under context parallelism, those of the whole sequence it is a block of).
-    With `gate` (the layer's z before its sigmoid, [B, T, H·d], strided) y is sigmoid(z) ⊙ y. With
-    `first_chunk` (rat_states) a token sees only the summaries from its document's first chunk on, and RoPE
+                      gate: torch.Tensor | None = None, documents: Documents | None = None):
+    """The forward's second pass: y [B, T, H·d] and lse [B, H, S] (base 2, fp32, per slot as the states kst,
+    vst [B, S, H·d]) of each token's softmax over its own state and the summaries j < its global chunk index in
+    Ks, Vs [B, H, CS, d] (the sequence's own, or, under context parallelism, those of the whole sequence it is a
+    block of). With `gate` (the layer's z before its sigmoid, [B, T, H·d], strided) y is sigmoid(z) ⊙ y. With
+    packed `documents` (rat_states) a token sees only the summaries from its document's first chunk on, and RoPE
     rotates it by its chunk index within the document."""
-    B, T, D = kst.shape
+    B, S, D = kst.shape
+    T = q.shape[1]
     H, G, L, d = D // head_dim, q.shape[-1] // head_dim, chunk_size, head_dim
     y = torch.empty(B, T, D, device=q.device, dtype=ks.dtype)
-    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     cfg = config or blocks("forward", L, d, ks.dtype)
     f32 = ks.dtype == torch.float32 or interpreting()
     ks_desc, vs_desc = (summary_blocks(t, cfg.bc) for t in (ks, vs))
-    _attention_kernel[(triton.cdiv(T, cfg.bq), B * H)](
-        q, kst, vst, inverse_frequencies(d, rope_base, q.device), chunk_offset,
-        check_documents(first_chunk, T, L), ks_desc, vs_desc, y, lse,
-        q.stride(0), q.stride(1), T, LOG2E / math.sqrt(d), H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq, BC=cfg.bc,
+    first, start = check_documents(documents, L) or (None, None)
+    _attention_kernel[(triton.cdiv(S, cfg.bq), B * H)](
+        q, kst, vst, inverse_frequencies(d, rope_base, q.device), chunk_offset, first, start, ks_desc, vs_desc, y,
+        lse, q.stride(0), q.stride(1), S, T, LOG2E / math.sqrt(d), H=H, G=G, L=L, HALF=d // 2, BQ=cfg.bq, BC=cfg.bc,
         F32=f32, num_warps=cfg.warps, num_stages=cfg.stages)
     if gate is not None:
         rows, cols = (16, 64) if interpreting() else (32, 256)
@@ -250,27 +263,34 @@ def summary_attention(q, kst, vst, ks, vs, chunk_size: int, head_dim: int, rope_
 
 def rat_forward(q, k, v, f, gate_bias, chunk_size: int, head_dim: int, rope_base: float,
                 config: Blocks | None = None, gate: torch.Tensor | None = None,
-                first_chunk: torch.Tensor | None = None):
-    """y [B, T, H·d], lse [B, H, T] (base 2, fp32), summaries Ks, Vs [B, H, T//L, d]: both passes.
+                documents: Documents | None = None):
+    """y [B, T, H·d], lse [B, H, S] (base 2, fp32), summaries Ks, Vs [B, H, S//L, d]: both passes.
 
     `config` overrides kernels/blocks.py's launch configuration (kernels/tune.py); `gate` as in
-    summary_attention, `first_chunk` (packed documents) as in rat_states.
+    summary_attention, `documents` (packed documents) as in rat_states.
     """
-    kst, vst, ks, vs = rat_states(k, v, f, gate_bias, chunk_size, head_dim, rope_base, first_chunk=first_chunk)
+    kst, vst, ks, vs = rat_states(k, v, f, gate_bias, chunk_size, head_dim, rope_base, documents=documents)
     y, lse = summary_attention(q, kst, vst, ks, vs, chunk_size, head_dim, rope_base, config=config, gate=gate,
-                               first_chunk=first_chunk)
+                               documents=documents)
     return y, lse, ks, vs
 
 
-def check_documents(first_chunk: torch.Tensor | None, T: int, chunk_size: int) -> torch.Tensor | None:
-    """first_chunk as the kernels read it ([B, T//L] int32, contiguous), or None (no packed documents)."""
-    if first_chunk is None:
+def check_documents(documents: Documents | None, chunk_size: int) -> Documents | None:
+    """(first_chunk, chunk_start) as the kernels read them ([B, C] int32, contiguous), or None (no packed
+    documents)."""
+    if documents is None:
         return None
-    if T % chunk_size or first_chunk.shape[-1] != T // chunk_size:
-        raise ValueError(f"packed documents must be laid out in whole chunks (ratpt.ops.documents.DocumentChunks) "
-                         f"with one first_chunk per chunk: got T={T}, chunk_size={chunk_size}, first_chunk of shape "
-                         f"{tuple(first_chunk.shape)}")
-    return first_chunk.to(torch.int32).contiguous()
+    first, start = documents
+    if start is None or first.dim() != 2 or first.shape != start.shape:
+        got = None if start is None else tuple(start.shape)
+        raise ValueError(f"packed documents come as first_chunk and chunk_start of one shape [B, C] "
+                         f"(ratpt.ops.documents.DocumentChunks): got {tuple(first.shape)} and {got}")
+    return first.to(torch.int32).contiguous(), start.to(torch.int32).contiguous()
+
+
+def slots(documents: Documents | None, T: int, chunk_size: int) -> int:
+    """The length of the passes' scratch: T, or C·L over packed documents (every chunk L slots)."""
+    return T if documents is None else documents[0].shape[1] * chunk_size
 
 
 def rat_prefill(q, k, v, f, gate_bias, lengths: torch.Tensor, chunk_size: int, head_dim: int, rope_base: float):

@@ -15,6 +15,7 @@ from ratpt import ops
 from ratpt.model.cache import KVCache, ensure_slots, write_slots
 from ratpt.model.config import ModelConfig, n_heads
 from ratpt.model.norm import RMSNorm
+from ratpt.ops.documents import Documents
 from ratpt.ops.sliding_window_attention import QUERY_BLOCK
 
 
@@ -36,9 +37,9 @@ class AttentionMixer(nn.Module):
         self.in_proj = nn.Linear(D, 3 * D, bias=False)
         self.out_proj = nn.Linear(D, D, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D]; positions [B, T]: each token's position in its packed document (None: one per row)."""
-        return self._mix(x, positions)[0]
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+        """x [B, T, D]; documents: the batch's packed documents (None: one per row)."""
+        return self._mix(x, documents)[0]
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVCache]:
         """Forward over a right-padded batch; cache (k, v) in slots for `capacity` tokens (attention)
@@ -101,7 +102,7 @@ class AttentionMixer(nn.Module):
                 attn_mask=allowed))
         return x + self.out_proj(self._merge(torch.cat(outputs, dim=2)))
 
-    def _mix(self, x: torch.Tensor, doc_positions: torch.Tensor | None = None
+    def _mix(self, x: torch.Tensor, documents: Documents | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # T from the projection: under tensor parallelism x is this rank's sequence slice and
         # in_proj returns the whole sequence for this rank's heads (ratpt.parallel.tensor_parallel)
@@ -109,8 +110,10 @@ class AttentionMixer(nn.Module):
         T = h.shape[1]
         positions = torch.arange(T, device=x.device)
         attend = ops.causal_attention
-        if doc_positions is not None:
-            positions, attend = doc_positions, functools.partial(ops.document_attention, positions=doc_positions)
+        doc_positions = None if documents is None else documents.positions
+        if documents is not None:
+            positions, attend = doc_positions, functools.partial(ops.document_attention, positions=doc_positions,
+                                                                 block_mask=documents.block_masks.get(self.window))
         if self.context_shard is not None:  # this CP rank's tokens (packed documents' positions: whole rows)
             positions = self.context_shard.positions(T, x.device, doc_positions)
             attend = functools.partial(self.context_shard.causal_attention, positions=doc_positions)

@@ -22,7 +22,10 @@ from ratpt.model.ffn import FFN
 from ratpt.model.norm import RMSNorm
 from ratpt.model.rat import RATMixer
 from ratpt.model.rnn import RNNMixer
+from ratpt.ops.document_attention import document_block_mask
+from ratpt.ops.documents import Documents
 from ratpt.ops.linear_cross_entropy import linear_cross_entropy_sum
+from ratpt.ops.sliding_window_attention import flex_runs
 
 Mixer = RATMixer | AttentionMixer | RNNMixer
 
@@ -40,6 +43,19 @@ def build_mixer(kind: str, cfg: ModelConfig) -> Mixer:
     raise ValueError(f"unknown mixer {kind!r}")
 
 
+def packed_documents(positions: torch.Tensor | None, layers) -> Documents | None:
+    """What `layers` read of the packed documents in `positions` (None: one document per row), built once for
+    all of them in each forward: RAT's chunk table (one host sync), FlexAttention's block mask of each window
+    where it runs. Mixers under context parallelism read only the positions."""
+    mixers = [layer.mixer for layer in layers]
+    rat = [m for m in mixers if isinstance(m, RATMixer) and m.context_shard is None]
+    documents = ops.separate_documents(positions, rat[0].chunk_size if rat else None)
+    if documents is not None and flex_runs(positions):
+        for window in {m.window for m in mixers if isinstance(m, AttentionMixer) and m.context_shard is None}:
+            documents.block_masks[window] = document_block_mask(positions, window)
+    return documents
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, kind: str):
         super().__init__()
@@ -48,8 +64,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FFN(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return self._ffn_residual(self.mixer(x, positions))
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+        return self._ffn_residual(self.mixer(x, documents))
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, LayerCache]:
         x, cache = self.mixer.prefill(x, lengths, capacity)
@@ -99,10 +115,10 @@ class RATLM(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, D]: a loss can be fused with `logits` from here."""
-        positions = ops.separate_documents(positions)  # one document per row: exactly the unmasked path
+        documents = packed_documents(positions, self.layers)  # one document per row: exactly the unmasked path
         x = self.embedding(tokens)
         for layer in self.layers:
-            x = layer(x, positions)
+            x = layer(x, documents)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from ratpt.model.cache import RATCache, ensure_slots, summary_slots
 from ratpt.model.config import ModelConfig, n_heads
 from ratpt.model.gates import chrono_init_
 from ratpt.model.norm import RMSNorm
+from ratpt.ops.documents import Documents
 from ratpt.ops.sliding_window_attention import QUERY_BLOCK
 
 
@@ -48,9 +49,10 @@ class RATMixer(nn.Module):
     def reset_gate_bias(self) -> None:
         chrono_init_(self.gate_bias, self.chunk_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D]; positions [B, T]: each token's position in its packed document (None: one per row)."""
-        return self._mix(x, positions)
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+        """x [B, T, D]; documents: the batch's packed documents (None: one per row), with their chunk table
+        at this layer's chunk size (ratpt.ops.documents.separate_documents)."""
+        return self._mix(x, documents)
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, RATCache]:
         """Forward over a right-padded batch; cache the chunk summaries (slots for `capacity` tokens)
@@ -114,7 +116,7 @@ class RATMixer(nn.Module):
         cache.running_v.copy_(v_state[:, -1])
         return x + self.out_proj(z * y)
 
-    def _mix(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def _mix(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
         """Full-sequence forward.
 
         Recurrences, chunk RoPE, the softmax over summaries + own state and the output gate are one op
@@ -125,10 +127,12 @@ class RATMixer(nn.Module):
         if self.context_shard is not None:
             z, v, f, q, k = self._split(x)
             mixed = self.context_shard.rat_mixing(q, k, v, f, self.gate_bias, self.chunk_size, self.head_dim,
-                                                  self.rope_base, kernels=self.kernels, positions=positions)
+                                                  self.rope_base, kernels=self.kernels,
+                                                  positions=None if documents is None else documents.positions)
             return x + self.out_proj(z * mixed)
         gated = ops.rat_mixing(self._projection(x), self.gate_bias, self.chunk_size, self.head_dim, self.ngroups,
-                               self.rope_base, kernels=self.kernels, positions=positions)
+                               self.rope_base, kernels=self.kernels,
+                               documents=None if documents is None else documents.chunks)
         return x + self.out_proj(gated)
 
     def _split(self, x: torch.Tensor):

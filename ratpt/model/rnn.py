@@ -15,6 +15,7 @@ from ratpt.model.cache import RNNCache, gather_positions
 from ratpt.model.config import ModelConfig
 from ratpt.model.gates import chrono_init_
 from ratpt.model.norm import RMSNorm
+from ratpt.ops.documents import Documents
 
 
 class RNNMixer(nn.Module):
@@ -31,10 +32,11 @@ class RNNMixer(nn.Module):
     def reset_gate_bias(self) -> None:
         chrono_init_(self.gate_bias, self.gate_horizon)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D]; positions [B, T]: each token's position in its packed document (None: one per row)."""
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+        """x [B, T, D]; documents: the batch's packed documents (None: one per row)."""
         z, v, g = self._project(x)
-        state = ops.chunk_scan(v, g, chunk_size=None) if positions is None else ops.reset_scan(v, g, positions == 0)
+        state = (ops.chunk_scan(v, g, chunk_size=None) if documents is None
+                 else ops.reset_scan(v, g, documents.positions == 0))
         return x + self.out_proj(z * state)
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, RNNCache]:

@@ -10,21 +10,29 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from ratpt.ops.documents import document_ids
 from ratpt.ops.sliding_window_attention import FLEX_BLOCK, QUERY_BLOCK, flex, flex_runs
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                       window: int | None = None, query_block: int = QUERY_BLOCK) -> torch.Tensor:
+                       window: int | None = None, query_block: int = QUERY_BLOCK,
+                       block_mask: BlockMask | None = None) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(d)) v over the keys `document_mask` allows; q, k, v [B, H, T, d] (RoPE applied),
-    positions [B, T] (ratpt.ops.documents)."""
-    visible = document_mask(document_ids(positions), window)
+    positions [B, T] (ratpt.ops.documents). `block_mask`: document_block_mask(positions, window), built once
+    for all the layers of a forward (else here, where FlexAttention runs)."""
     if flex_runs(q):
-        B, _, T, _ = q.shape
-        return flex(q, k, v, create_block_mask(visible, B, None, T, T, device=q.device, BLOCK_SIZE=FLEX_BLOCK))
-    return document_attention_reference(q, k, v, visible, window, query_block)
+        return flex(q, k, v, block_mask if block_mask is not None else document_block_mask(positions, window))
+    return document_attention_reference(q, k, v, document_mask(document_ids(positions), window), window, query_block)
+
+
+def document_block_mask(positions: torch.Tensor, window: int | None) -> BlockMask:
+    """FlexAttention's block mask of document_attention over positions [B, T]: the key blocks of other
+    documents (and outside the window) skipped, the partial ones masked per element."""
+    B, T = positions.shape
+    visible = document_mask(document_ids(positions), window)
+    return create_block_mask(visible, B, None, T, T, device=positions.device, BLOCK_SIZE=FLEX_BLOCK)
 
 
 def document_mask(documents: torch.Tensor, window: int | None) -> Callable:

@@ -4,25 +4,40 @@ A batch of packed sequences describes its documents by `positions` [B, T]: each 
 document, 0 at a document's first token and one more at each next token; every row starts a document. It has
 the tokens' shape, so it stacks over a batch and is cut along the sequence with them, and each op reads what it
 needs from it: document ids for attention masks, resets for the recurrences, RoPE positions, and RAT's chunks,
-which restart at every document start (`DocumentChunks`).
+which restart at every document start (`DocumentChunks`). A model derives what its layers read once per
+forward (`Documents`), not in every layer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
-def separate_documents(positions: torch.Tensor | None) -> torch.Tensor | None:
-    """`positions` if some row packs more than one document, else None: a batch of one document per row takes
-    exactly the unmasked path. One host sync (call it once per forward, not per layer)."""
+@dataclass
+class Documents:
+    """One batch's packed documents as the layers of one forward read them: `positions` [B, T]; `chunks`, RAT's
+    chunk table at the model's chunk size (None in a model without RAT layers); `block_masks`, FlexAttention's
+    document block mask by window (ratpt.ops.document_attention, built where FlexAttention runs)."""
+
+    positions: torch.Tensor
+    chunks: DocumentChunks | None = None
+    block_masks: dict = field(default_factory=dict)
+
+
+def separate_documents(positions: torch.Tensor | None, chunk_size: int | None = None) -> Documents | None:
+    """The documents of `positions` if some row packs more than one, else None: a batch of one document per row
+    takes exactly the unmasked path. With `chunk_size`, RAT's chunk table too. Host syncs: call it once per
+    forward, not per layer."""
     if positions is None:
         return None
     starts = positions == 0
     if not bool(starts[:, 0].all()):
         raise ValueError("positions must be 0 at every sequence's first token (each row starts a document); "
                          f"got first positions {positions[:, 0].tolist()}")
-    return positions if bool(starts[:, 1:].any()) else None
+    if not bool(starts[:, 1:].any()):
+        return None
+    return Documents(positions, None if chunk_size is None else DocumentChunks.of(positions, chunk_size))
 
 
 def document_ids(positions: torch.Tensor) -> torch.Tensor:
@@ -32,29 +47,41 @@ def document_ids(positions: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DocumentChunks:
-    """RAT's chunks over packed documents: every document is padded to whole chunks of L, so that its first
-    chunk begins at its first token, and the sequence is laid out as C chunks of L slots (the padding after a
-    document's last token is zeros, read by no query of any document).
+    """RAT's chunks over packed documents: every document cut into chunks of L from its first token (its last
+    chunk shorter), numbered in order along the row, C of them in the longest row.
 
-    slot [B, T]: each token's slot in the padded sequence; first_chunk [B, C·L]: for each slot, the chunk
-    where its document starts (its chunk index in the document is then chunk − first_chunk)."""
+    start [B, C] (int32): each chunk's first token (T for the chunks past a shorter row's end); a chunk ends where
+    the next one starts. first_chunk [B, C] (int32): the chunk where each chunk's document starts (its chunk
+    index in the document is then its own less that). The Triton kernels read the tokens in place through this
+    table. slot [B, T]: each token's slot in the same chunks padded to L slots each, the reference's layout
+    (`pad`, `unpad`; the padding is zeros, read by no query of any document).
 
+    `of` syncs with the host (C depends on the documents): a model builds it once per forward (Documents)."""
+
+    chunk_size: int
     slot: torch.Tensor
+    start: torch.Tensor
     first_chunk: torch.Tensor
 
     @classmethod
     def of(cls, positions: torch.Tensor, chunk_size: int) -> DocumentChunks:
-        L = chunk_size
-        chunk = torch.cumsum(positions % L == 0, dim=1) - 1  # each token's chunk in the padded sequence
-        n_chunks = int(chunk[:, -1].max()) + 1  # a host sync: the padded length depends on the documents
-        first = torch.arange(n_chunks, device=positions.device).expand(positions.shape[0], -1)
-        first = first.scatter(1, chunk, chunk - positions // L)  # chunks without tokens (a shorter row's tail): own
-        return cls(slot=chunk * L + positions % L, first_chunk=first.repeat_interleave(L, dim=1))
+        L, (B, T) = chunk_size, positions.shape
+        chunk = torch.cumsum(positions % L == 0, dim=1) - 1  # each token's chunk
+        n_chunks = int(chunk[:, -1].max()) + 1
+        own = torch.arange(n_chunks, device=positions.device).expand(B, -1)
+        first = own.scatter(1, chunk, chunk - positions // L)  # chunks without tokens (a shorter row's tail): own
+        tokens = torch.arange(T, device=positions.device).expand(B, -1)
+        start = torch.full_like(own, T).scatter_reduce(1, chunk, tokens, "amin")
+        return cls(chunk_size=L, slot=chunk * L + positions % L, start=start.int(), first_chunk=first.int())
+
+    def slot_first_chunk(self) -> torch.Tensor:
+        """[B, C·L]: first_chunk of each slot of the padded layout."""
+        return self.first_chunk.long().repeat_interleave(self.chunk_size, dim=1)
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, C·L, D], zeros in the padding."""
         B, T, D = t.shape
-        padded = _PlaceRows.apply(t.reshape(B * T, D), self._rows(), B * self.first_chunk.shape[1])
+        padded = _PlaceRows.apply(t.reshape(B * T, D), self._rows(), B * self._slots())
         return padded.view(B, -1, D)
 
     def unpad(self, t: torch.Tensor) -> torch.Tensor:
@@ -62,10 +89,13 @@ class DocumentChunks:
         B, _, D = t.shape
         return _TakeRows.apply(t.reshape(-1, D), self._rows()).view(B, -1, D)
 
+    def _slots(self) -> int:
+        return self.first_chunk.shape[1] * self.chunk_size
+
     def _rows(self) -> torch.Tensor:
         """Each token's row in the padded batch flattened to [B·C·L, D]."""
-        B, padded = self.first_chunk.shape
-        return (self.slot + padded * torch.arange(B, device=self.slot.device).unsqueeze(1)).flatten()
+        return (self.slot + self._slots() * torch.arange(self.slot.shape[0], device=self.slot.device).unsqueeze(1)
+                ).flatten()
 
 
 class _PlaceRows(torch.autograd.Function):

@@ -12,8 +12,9 @@ the ungated part on q, k, v, f); the Triton kernels (kernels/, imported as ratpt
 `kernels`: "auto" = Triton on CUDA where the shape is supported, the reference elsewhere; "torch" =
 always the reference; "triton" = always the kernels.
 
-Over packed documents (`positions`, ratpt.ops.documents) both lay the documents out in whole chunks
-(DocumentChunks), run on that and take the tokens' slots back; the gradient flows through both steps.
+Over packed documents (`documents`, their chunk table ratpt.ops.documents.DocumentChunks) the kernels read the
+tokens of each chunk in place; the reference lays the documents out padded to whole chunks, runs on that and
+takes the tokens' slots back (the gradient flows through both copies).
 """
 import torch
 
@@ -28,19 +29,17 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def rat_mixing(proj, gate_bias, chunk_size: int, head_dim: int, ngroups: int, rope_base: float,
-               kernels: str = "auto", positions: torch.Tensor | None = None) -> torch.Tensor:
+               kernels: str = "auto", documents: DocumentChunks | None = None) -> torch.Tensor:
     """sigmoid(z) ⊙ y [B, T, H·d] from the input projection, by the implementation `kernels` picks;
-    `positions` [B, T]: each token's position in its packed document (None: one document per row)."""
+    `documents`: the chunks of the packed documents (None: one document per row)."""
     if use_triton(kernels, proj, chunk_size, head_dim):
         from ratpt_kernels import rat_mixing as triton_rat_mixing
-        if positions is None:
+        if documents is None:
             return triton_rat_mixing(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base)
-        chunks = DocumentChunks.of(positions, chunk_size)
-        first_chunk = chunks.first_chunk[:, ::chunk_size].to(torch.int32)  # one per chunk
-        return chunks.unpad(triton_rat_mixing(chunks.pad(proj), gate_bias, chunk_size, head_dim, ngroups, rope_base,
-                                              first_chunk))
+        return triton_rat_mixing(proj, gate_bias, chunk_size, head_dim, ngroups, rope_base, documents.first_chunk,
+                                 documents.start)
     z, v, f, q, k = split_projection(proj, head_dim, ngroups)
-    return torch.sigmoid(z) * rat_mixing_reference(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base, positions)
+    return torch.sigmoid(z) * rat_mixing_reference(q, k, v, f, gate_bias, chunk_size, head_dim, rope_base, documents)
 
 
 def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) -> bool:
@@ -63,17 +62,16 @@ def use_triton(kernels: str, x: torch.Tensor, chunk_size: int, head_dim: int) ->
 
 
 def rat_mixing_reference(q, k, v, f, gate_bias, chunk_size: int, head_dim: int,
-                         rope_base: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+                         rope_base: float, documents: DocumentChunks | None = None) -> torch.Tensor:
     """Pure-PyTorch ground truth of rat_mixing (the steps of docs/design.md#the-rat-layer, composed). Over
-    packed documents the same steps run with every document padded to whole chunks (DocumentChunks)."""
+    packed `documents` the same steps run with every document padded to whole chunks (DocumentChunks.pad)."""
     first_chunk = None
-    if positions is not None:
-        chunks = DocumentChunks.of(positions, chunk_size)
-        q, k, v, f = (chunks.pad(t) for t in (q, k, v, f))
-        first_chunk = chunks.first_chunk
+    if documents is not None:
+        q, k, v, f = (documents.pad(t) for t in (q, k, v, f))
+        first_chunk = documents.slot_first_chunk()
     k_state, v_state = recurrent_states_reference(k, v, forget_gate(f, gate_bias), chunk_size, head_dim)
     y = attend_states(q, k_state, v_state, chunk_size, head_dim, rope_base, first_chunk)
-    return y if positions is None else chunks.unpad(y)
+    return y if documents is None else documents.unpad(y)
 
 
 def recurrent_states_reference(k, v, g, chunk_size: int, head_dim: int):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ratpt import ops
+from ratpt.model.lm import packed_documents
 from ratpt.ops.linear_cross_entropy import linear_cross_entropy_sum
 
 
@@ -78,10 +78,10 @@ class ModelStage(nn.Module):
         """Logits on the last stage ([B, T, vocab], or [T, B, vocab/TP] under TP), or given labels (the
         engine passes them only without TP) the summed loss, head and loss fused as in RATLM.forward;
         hidden states [T, B, D] for the next stage. `positions`: as RATLM.forward's, on every stage."""
-        positions = ops.separate_documents(positions)
+        documents = packed_documents(positions, self.layers.values())
         x = self.embedding(tokens) if self.first else self.input_tensor.transpose(0, 1)
         for layer in self.layers.values():
-            x = layer(x, positions)
+            x = layer(x, documents)
         if not self.last:
             return x.transpose(0, 1).contiguous()
         hidden, weight = self.final_norm(x), self.shared_embedding_or_output_weight()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ratpt import ops
+from ratpt.ops.documents import DocumentChunks
 
 ROPE_BASE = 10000.0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine the same tests run compiled
@@ -21,7 +22,8 @@ def packed_positions(rows: list[list[int]], device=DEVICE) -> torch.Tensor:
 
 
 def output_and_grads(proj, gate_bias, w, L, d, G, kernels, positions):
-    out = ops.rat_mixing(proj, gate_bias, L, d, G, ROPE_BASE, kernels=kernels, positions=positions)
+    documents = None if positions is None else DocumentChunks.of(positions, L)
+    out = ops.rat_mixing(proj, gate_bias, L, d, G, ROPE_BASE, kernels=kernels, documents=documents)
     dproj, dbias = torch.autograd.grad((out * w).sum(), (proj, gate_bias))
     return [out, *ops.split_projection(dproj, d, G), dbias]
 
@@ -64,9 +66,28 @@ def test_one_document_per_row_on_the_masked_kernels_equals_the_unmasked_kernels_
         assert torch.equal(a, b), name
 
 
-def test_kernels_refuse_documents_not_laid_out_in_whole_chunks():
+def test_kernels_refuse_a_chunk_table_without_the_chunks_first_tokens():
     from ratpt_kernels import rat_mixing
 
     proj, bias, _ = projection(1, 12, 2, 1, 32)
-    with pytest.raises(ValueError, match="whole chunks"):
-        rat_mixing(proj, bias, 8, 32, 1, ROPE_BASE, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="first_chunk and chunk_start"):
+        rat_mixing(proj, bias, 8, 32, 1, ROPE_BASE, torch.zeros(1, 2, dtype=torch.int32, device=DEVICE))
+
+
+def test_ungated_passes_over_packed_documents_equal_reference():
+    # the kernels' entry points without the output gate: the backward then copies the output gradient into slots
+    from ratpt_kernels.rat_bwd import rat_backward
+    from ratpt_kernels.rat_fwd import rat_forward
+
+    H, G, d, L, rows = CASES["L8"]
+    chunks = DocumentChunks.of(packed_positions(rows), L)
+    proj, bias, w = projection(len(rows), chunks.slot.shape[1], H, G, d)
+    _, v, f, q, k = ops.split_projection(proj.detach(), d, G)
+    documents = (chunks.first_chunk, chunks.start)
+    y, lse, ks, vs = rat_forward(q, k, v, f, bias.detach(), L, d, ROPE_BASE, documents=documents)
+    grads = rat_backward(w, q, k, v, f, bias.detach(), y, lse, ks, vs, L, d, ROPE_BASE, documents=documents)
+    wide = [t.double().requires_grad_() for t in (q, k, v, f, bias.detach())]
+    want = ops.rat_mixing_reference(*wide, L, d, ROPE_BASE, chunks)
+    want_grads = torch.autograd.grad((want * w.double()).sum(), wide)
+    for name, a, b in zip(["y", "dq", "dk", "dv", "df", "dgate_bias"], (y, *grads), (want, *want_grads)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")

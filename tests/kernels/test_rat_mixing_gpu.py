@@ -15,6 +15,7 @@ import torch
 
 from ratpt_kernels import rat_mixing
 from ratpt import ops
+from ratpt.ops.documents import DocumentChunks
 
 pytestmark = pytest.mark.gpu
 NAMES = ["out", "dz", "dv", "df", "dq", "dk", "dgate_bias"]
@@ -115,10 +116,11 @@ def test_bf16_kernel_over_packed_documents_is_as_close_to_fp32_truth_as_the_bf16
     positions = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in rows]).cuda()
     xs = projection_inputs(B, T, H, G, d, torch.bfloat16)
     w = torch.randn(B, T, H * d, device="cuda")
-    reference = functools.partial(ops.rat_mixing, kernels="torch", positions=positions)
+    documents = DocumentChunks.of(positions, L)
+    reference = functools.partial(ops.rat_mixing, kernels="torch", documents=documents)
     truth = run(reference, [x.detach().float().requires_grad_() for x in xs], w, L, d, G)
     ref = run(reference, xs, w, L, d, G)
-    got = run(functools.partial(ops.rat_mixing, kernels="triton", positions=positions), xs, w, L, d, G)
+    got = run(functools.partial(ops.rat_mixing, kernels="triton", documents=documents), xs, w, L, d, G)
     for name, a, r, t in zip(NAMES, got, ref, truth):
         err, ref_err = rel(a, t), rel(r, t)
         assert err <= 2 * ref_err + 2e-3, f"{name}: kernel error {err:.2e}, bf16 reference {ref_err:.2e}"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ratpt.ops import causal_attention, chunk_scan, document_attention, rat_mixing_reference, reset_scan
+from ratpt.ops.documents import DocumentChunks
 
 ROPE_BASE = 10000.0
 
@@ -23,7 +24,7 @@ def test_rat_mixing_over_packed_documents_equals_each_document_alone_across_quer
     q, k = (torch.randn(1, T, G * d, generator=gen, dtype=torch.float64) for _ in range(2))
     v, f = (torch.randn(1, T, H * d, generator=gen, dtype=torch.float64) for _ in range(2))
     bias = torch.randn(H * d, generator=gen, dtype=torch.float64)
-    packed = rat_mixing_reference(q, k, v, f, bias, L, d, ROPE_BASE, positions)
+    packed = rat_mixing_reference(q, k, v, f, bias, L, d, ROPE_BASE, DocumentChunks.of(positions, L))
     alone = torch.cat([rat_mixing_reference(q[:, s], k[:, s], v[:, s], f[:, s], bias, L, d, ROPE_BASE) for s in docs],
                       dim=1)
     torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-12)

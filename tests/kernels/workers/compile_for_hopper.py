@@ -75,13 +75,15 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
         dks, dvs, reused = summary_gradients(dy, q, y, lse, seq_k, seq_v, L, d, base, chunk_offset=offset)
         input_gradients(q, k, v, f, bias, lse, seq_k, seq_v, reused, dks[:, :, 3:], dvs[:, :, 3:], L, d, base,
                         chunk_offset=offset)
-    if "documents" in passes:  # packed documents in whole chunks (each chunk's document start), as "full" runs
+    if "documents" in passes:  # packed documents read in place through their chunk table, as "full" runs
         first_chunk = torch.tensor([0, 0, 2, 3, 3, 3, 3, 3, 3, 3, 10, 10, 12, 13, 13, 13], dtype=torch.int32)
-        first_chunk = first_chunk.expand(B, -1).contiguous()
-        y, lse, ks, vs = rat_forward(q, k, v, f, bias, L, d, base, gate=z, first_chunk=first_chunk)
+        chunk_start = torch.tensor([0, 16, 20, 30, 46, 62, 78, 94, 110, 126, 140, 156, 170, 190, 206, 222],
+                                   dtype=torch.int32)
+        documents = (first_chunk.expand(B, -1).contiguous(), chunk_start.expand(B, -1).contiguous())
+        y, lse, ks, vs = rat_forward(q, k, v, f, bias, L, d, base, gate=z, documents=documents)
         dz, dv, df, dq, dk = split_projection(torch.empty_like(proj), d, G)
         rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, gate=(z, dz), out=(dq, dk, dv, df),
-                     first_chunk=first_chunk)
+                     documents=documents)
     if "decode" in passes:
         cache = torch.zeros(B, H, 20, d).to(dtype)
         rat_decode(*(t[:, 0].contiguous() for t in (q, k, v, f)), bias, cache, cache.clone(), torch.zeros(B, H * d),
