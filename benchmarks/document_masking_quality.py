@@ -4,9 +4,9 @@ Trains configs/rat_125m.yaml (by default) through the trainer twice, with data.d
 on the standard library's sources cut at their top-level definitions and shuffled (quality.stdlib_corpus):
 byte-tokenized pieces of ~2.8 KB on average (median ~0.7 KB), so that a sequence of 2048 packs several
 documents that do not belong together. Every run sees the same batches in the same order; each is
-evaluated as it was trained (masked or not) on the same held-out sequences at the end. Blocks run eagerly
-(train.compile=false): the chunk table's size changes batch to batch, and each new size would compile the
-blocks again. Writes the per-step losses, final training and validation losses to <out>.json.
+evaluated as it was trained (masked or not) on the same held-out sequences at the end. Blocks run eagerly in
+both (train.compile=false): what is compared is quality, not speed. Writes the per-step losses, final
+training and validation losses to <out>.json.
 
     python benchmarks/document_masking_quality.py                       # ~10M tokens per run
     python benchmarks/document_masking_quality.py --config configs/tiny.yaml --tokens 2e4 --set train.device=cpu \\

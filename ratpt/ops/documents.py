@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The chunk table's width C is rounded up to a multiple of this: the chunks past a row's end are empty (cheap in
+# the kernels), and a compiled block then sees a few widths, not one per batch (a graph each).
+CHUNKS_MULTIPLE = 16
+
 
 @dataclass
 class Documents:
@@ -56,7 +60,8 @@ class DocumentChunks:
     table. slot [B, T]: each token's slot in the same chunks padded to L slots each, the reference's layout
     (`pad`, `unpad`; the padding is zeros, read by no query of any document).
 
-    `of` syncs with the host (C depends on the documents): a model builds it once per forward (Documents)."""
+    `of` syncs with the host (C depends on the documents, rounded up to a multiple of CHUNKS_MULTIPLE): a model
+    builds it once per forward (Documents)."""
 
     chunk_size: int
     slot: torch.Tensor
@@ -67,7 +72,7 @@ class DocumentChunks:
     def of(cls, positions: torch.Tensor, chunk_size: int) -> DocumentChunks:
         L, (B, T) = chunk_size, positions.shape
         chunk = torch.cumsum(positions % L == 0, dim=1) - 1  # each token's chunk
-        n_chunks = int(chunk[:, -1].max()) + 1
+        n_chunks = -(-(int(chunk[:, -1].max()) + 1) // CHUNKS_MULTIPLE) * CHUNKS_MULTIPLE
         own = torch.arange(n_chunks, device=positions.device).expand(B, -1)
         first = own.scatter(1, chunk, chunk - positions // L)  # chunks without tokens (a shorter row's tail): own
         tokens = torch.arange(T, device=positions.device).expand(B, -1)

@@ -62,3 +62,19 @@ def test_positions_that_do_not_start_a_document_are_refused():
     model = tiny(["rat"])
     with pytest.raises(ValueError, match="0 at every sequence's first token"):
         model(torch.zeros(1, 8, dtype=torch.long), positions=torch.arange(3, 11).unsqueeze(0))
+
+
+def test_a_compiled_block_takes_other_documents_without_compiling_again():
+    # the chunk table's width is rounded up (DocumentChunks), so batches of other documents share one graph
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from ratpt.ops import separate_documents
+
+    block = tiny(["rat"]).layers[0]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block.forward, dynamic=False, backend=counter)
+    x = torch.randn(2, 28, 16, dtype=torch.float64)
+    for rows in (ROWS, [[28], [5, 23]]):  # 9 and 8 chunks
+        documents = separate_documents(positions_of(rows), L)
+        torch.testing.assert_close(compiled(x, documents), block(x, documents), rtol=1e-12, atol=1e-12)
+    assert counter.frame_count == 1
