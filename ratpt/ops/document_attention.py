@@ -29,10 +29,13 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
 
 def document_block_mask(positions: torch.Tensor, window: int | None) -> BlockMask:
     """FlexAttention's block mask of document_attention over positions [B, T]: the key blocks of other
-    documents (and outside the window) skipped, the partial ones masked per element."""
+    documents (and outside the window) skipped, the partial ones masked per element. Built by a compiled
+    function where it is called eagerly (once per forward, Documents), so that the [B, T, T] element mask
+    never exists whole: at 128K it would not fit."""
     B, T = positions.shape
     visible = document_mask(document_ids(positions), window)
-    return create_block_mask(visible, B, None, T, T, device=positions.device, BLOCK_SIZE=FLEX_BLOCK)
+    return create_block_mask(visible, B, None, T, T, device=positions.device, BLOCK_SIZE=FLEX_BLOCK,
+                             _compile=not torch.compiler.is_compiling())
 
 
 def document_mask(documents: torch.Tensor, window: int | None) -> Callable:
