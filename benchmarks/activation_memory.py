@@ -4,8 +4,9 @@ A 131072-token step without activation checkpointing takes minutes to compile be
 memory, and a GPU to try it on. This counts it instead: the model runs forward (fused head and loss,
 as training runs it) and backward under torch's FakeTensorMode, which carries shapes and dtypes but
 no data, while torch.distributed's MemTracker follows every tensor alive. The layers of a model are
-alike, so a copy with one layer and a copy with two give the bytes one layer adds at the peak; the
-configured depth is extrapolated from them (a full-depth count at 131072 tokens takes minutes of
+alike, so a copy with one layer and a copy with two give the bytes one layer adds at the peak (a
+hybrid's: one and two periods of its `model.mixers` pattern); the configured depth is extrapolated
+from them (a full-depth count at 131072 tokens takes minutes of
 Python). That holds where the layers' activations make the peak, as at long sequences; a tiny model
 whose head makes it would need a direct count. Weights, gradients and AdamW's moments are 16 bytes per parameter, the one-process engine's
 fp32 weights and states.
@@ -68,14 +69,18 @@ def step_peak_bytes(cfg: Config, batch: int = 1) -> int:
 
 
 def count(config: str, seq_len: int, checkpointing: bool, overrides: list[str]) -> dict:
-    """The step's peak at `config`'s depth, from copies with one and two layers."""
+    """The step's peak at `config`'s depth, from copies with one and two periods of its mixer pattern."""
     settings = [f"data.seq_len={seq_len}", f"train.activation_checkpointing={str(checkpointing).lower()}",
                 "train.compile=false", "model.kernels=torch", *overrides]
     cfg = load_config(REPO / "configs" / f"{config}.yaml", settings)
+    period = len(cfg.model.mixers)
+    if cfg.model.n_layers % period:
+        raise ValueError(f"{config}: model.n_layers={cfg.model.n_layers} is not a whole number of periods of "
+                         f"model.mixers={cfg.model.mixers}; the count extrapolates by whole periods")
     one, two = (step_peak_bytes(load_config(REPO / "configs" / f"{config}.yaml", [*settings, f"model.n_layers={n}"]))
-                for n in (1, 2))
-    per_layer = two - one
-    activations = one + (cfg.model.n_layers - 1) * per_layer
+                for n in (period, 2 * period))
+    per_layer = (two - one) / period
+    activations = one + (cfg.model.n_layers - period) * per_layer
     with FakeTensorMode():
         params = sum(p.numel() for p in build_model(cfg.model).parameters())
     state = params * STATE_BYTES_PER_PARAM

@@ -184,9 +184,11 @@ def resolve_checkpoint(path: Path) -> Path:
         newest = latest_checkpoint(candidate)
         if newest is not None:
             return newest
+    exported = (f"; {path} is an exported model folder (model.safetensors): this command takes the training run "
+                "or checkpoint it was exported from" if (path / "model.safetensors").is_file() else "")
     raise CheckpointError(
         f"no complete checkpoint at {path}: expected a step_XXXXXXXX directory holding {STATE_FILE}, "
-        "or a run/checkpoints folder containing one"
+        f"or a run/checkpoints folder containing one{exported}"
     )
 
 

@@ -194,8 +194,8 @@ def run(args: argparse.Namespace) -> int:
     check_sampling(args)
     records = read_prompts(args.prompts) if args.prompts else [{"prompt": text} for text in args.prompt]
     start = time.perf_counter()
+    model, cfg = load_pretrained(args.model_dir, device=args.device)  # first: a wrong folder is named as such
     tokenizer = load_model_tokenizer(args.model_dir, args.tokenizer)
-    model, cfg = load_pretrained(args.model_dir, device=args.device)
     model = model.to(getattr(torch, args.dtype)).eval()
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "

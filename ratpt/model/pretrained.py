@@ -81,7 +81,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     if not weights.is_file():
         hint = (f": {folder} is a training run or checkpoint; write a pretrained folder from it with "
                 f"`ratpt export {folder} --out DIR`" if (folder / "checkpoints").is_dir()
-                or (folder / "state.pt").is_file() else "")  # a run folder, or a checkpoint's (its state.pt)
+                or (folder / "state.pt").is_file() or any(folder.glob("step_*/state.pt"))
+                else "")  # a run folder, a checkpoint's (its state.pt), or a run's checkpoints folder
         raise FileNotFoundError(f"{weights} not found: a pretrained folder holds {CONFIG} and {WEIGHTS}{hint}")
     broken = checksum_mismatch(folder)
     if broken is not None:

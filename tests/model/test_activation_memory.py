@@ -16,11 +16,11 @@ def tiny(config: str, checkpointing: bool, *extra: str):
                        [*TINY, f"train.activation_checkpointing={str(checkpointing).lower()}", *extra])
 
 
-@pytest.mark.parametrize("config", ["tiny", "attention_1p3b"])
+@pytest.mark.parametrize("config, period", [("attention_1p3b", 1), ("rat_swa_1p3b", 2)])  # the hybrid has RAT layers
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_layers_add_equal_bytes_so_two_counts_give_any_depth(config, checkpointing):
+def test_periods_of_layers_add_equal_bytes_so_two_counts_give_any_depth(config, period, checkpointing):
     one, two, three = (activation_memory.step_peak_bytes(tiny(config, checkpointing, f"model.n_layers={n}"), batch=3)
-                       for n in (1, 2, 3))
+                       for n in (period, 2 * period, 3 * period))
     assert three - two == two - one > 0
 
 

@@ -171,6 +171,15 @@ def test_cli_rejects_an_unknown_device_naming_the_flag(tmp_path):
         run(cli_args(tmp_path / "m", device="banana"))
 
 
+@pytest.mark.parametrize("where", ["run", "run/checkpoints", "run/checkpoints/step_00000002"])
+def test_cli_pointed_at_a_run_or_its_checkpoints_says_to_export_first(tmp_path, where):
+    """Named as a run, not as a folder without a tokenizer (the tokenizer was looked up first before)."""
+    (tmp_path / "run" / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000002" / "state.pt").touch()
+    with pytest.raises(FileNotFoundError, match=r"is a training run or checkpoint; .*`ratpt export "):
+        run(cli_args(tmp_path / where, tokenizer=None))  # the default: the folder's own tokenizer
+
+
 def test_cli_writes_one_jsonl_record_per_prompt_of_a_file_in_batches(tmp_path):
     model, cfg = tiny_model(vocab=257)
     save_pretrained(model, cfg, tmp_path / "m")

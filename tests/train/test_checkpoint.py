@@ -97,6 +97,12 @@ def test_missing_checkpoint_names_the_path(tmp_path):
         ckpt.load_checkpoint(tmp_path / "nothing")
 
 
+def test_an_exported_folder_given_for_a_checkpoint_is_named_as_such(tmp_path):
+    (tmp_path / "model.safetensors").touch()
+    with pytest.raises(ckpt.CheckpointError, match="is an exported model folder.*the training run or checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path)
+
+
 def test_every_file_of_a_checkpoint_is_listed_with_its_checksum(tmp_path):
     tokenizer = tmp_path / "tok"
     tokenizer.mkdir()
