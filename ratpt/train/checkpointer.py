@@ -93,7 +93,10 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
     """The model weights of checkpoint.init_from, for a run that starts from them (collective: rank 0
     verifies the files and checks the model, then every rank reads the weights, memory-mapped)."""
     def check() -> Path:
-        path = verify_checkpoint(Path(cfg.checkpoint.init_from))
+        try:
+            path = verify_checkpoint(Path(cfg.checkpoint.init_from))
+        except CheckpointError as err:  # named, so that the key to fix is clear among a run's settings
+            raise CheckpointError(f"checkpoint.init_from: {err}") from None
         check_same_model(cfg, path, INIT_MODEL_CHANGES, "checkpoint.init_from")
         check_trained_tokenizer(str(path), cfg.data.streams, cfg.model.vocab_size)
         trained_base = saved_model(path).get("rope_base", cfg.model.rope_base)

@@ -6,7 +6,9 @@ import re
 import pytest
 import torch
 
-from ratpt.checkpoint import latest_checkpoint, load_checkpoint
+from ratpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from ratpt.config import load_config
+from ratpt.train.checkpointer import initial_weights
 from run_helpers import losses_of, ratpt, small_run
 
 
@@ -53,3 +55,9 @@ def test_a_requeued_run_resumes_its_own_checkpoint_not_the_initial_weights(byte_
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(losses_of(again.stdout)) == [3, 4]
     assert "starting from the weights of" not in again.stdout + again.stderr
+
+
+def test_a_missing_init_from_is_named_by_its_key(tmp_path):
+    cfg = load_config(None, ["data.streams=[{path: unused}]", f"checkpoint.init_from={tmp_path / 'nothing'}"])
+    with pytest.raises(CheckpointError, match=r"^checkpoint.init_from: no complete checkpoint at .*nothing"):
+        initial_weights(cfg)
