@@ -19,7 +19,6 @@ from omegaconf.errors import OmegaConfBaseException
 from ratpt.data.config import DataConfig
 from ratpt.model.config import ModelConfig, validate_model_config
 
-
 COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
@@ -331,6 +330,17 @@ def validate_document_masking(cfg: Config) -> None:
              "documents within one context-parallel rank only (under parallel.context="
              f"{cfg.parallel.context} RAT runs its PyTorch reference): set model.kernels=auto, or "
              "parallel.context=1, or data.document_masking=false")
+
+
+def document_masking_note(cfg: Config) -> Optional[str]:
+    """What data.document_masking costs in this layout, for the start-up log: a run that can go on but
+    slower than its user may expect (under context parallelism RAT leaves its Triton kernels)."""
+    if not (cfg.data.document_masking and cfg.parallel.context > 1 and "rat" in cfg.model.mixers
+            and cfg.model.kernels == "auto"):
+        return None
+    return (f"data.document_masking under parallel.context={cfg.parallel.context}: RAT masks the documents with "
+            "its PyTorch reference, not the Triton kernels (slower, and more memory at long sequences); "
+            "parallel.context=1 keeps the kernels")
 
 
 def check_deepspeed_extra(extra: dict[str, Any], prefix: str = "") -> None:

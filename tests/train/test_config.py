@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ratpt.config import Config, ConfigError, load_config
+from ratpt.config import Config, ConfigError, document_masking_note, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 STREAM = ["data.streams=[{path: data/x}]"]
@@ -62,6 +62,14 @@ def test_overrides_win_over_yaml_and_interpolate_out_dir(tmp_path):
 def test_mistakes_raise_config_error_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
         load_config(None, STREAM + overrides)
+
+
+def test_documents_under_context_parallelism_note_that_rat_leaves_its_kernels():
+    masked = STREAM + ["data.document_masking=true"]
+    assert "RAT masks the documents with its PyTorch reference" in document_masking_note(
+        load_config(None, masked + ["parallel.context=2"]))
+    assert document_masking_note(load_config(None, masked + ["parallel.context=2", "model.mixers=[attention]"])) is None
+    assert document_masking_note(load_config(None, masked)) is None
 
 
 def test_empty_streams_is_an_error():
