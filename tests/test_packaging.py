@@ -1,5 +1,6 @@
-"""The built distribution holds every package under the names users import, and the Triton kernels'
-import name (`ratpt_kernels`) cannot be shadowed by Hugging Face's unrelated `kernels` package."""
+"""The built distribution holds every package under the names users import, the Triton kernels'
+import name (`ratpt_kernels`) cannot be shadowed by Hugging Face's unrelated `kernels` package, and
+importing ratpt loads no compiler until something compiles."""
 
 import os
 import shutil
@@ -66,3 +67,11 @@ def test_the_kernel_folder_refuses_to_import_as_kernels_and_registers_nothing_tw
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.stdout.split() == ["refused", "True", "decoded"]
 
+
+
+def test_importing_the_trainer_loads_no_compiler_backend():
+    """Every `ratpt` process (each rank, each CLI command) pays for what importing it loads: inductor, two
+    seconds, only once something compiles."""
+    probe = "import sys, ratpt.train.trainer, ratpt.generate; print('torch._inductor.compile_fx' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

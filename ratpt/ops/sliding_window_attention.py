@@ -15,7 +15,13 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 QUERY_BLOCK = 512  # queries per block of the reference window path and of a continued prefill (extend)
 FLEX_BLOCK = 128  # tokens per block of the FlexAttention block mask (the kernels' tile)
-_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """Built at first use: torch.compile imports dynamo and inductor, two seconds of every process's start
+    that runs no FlexAttention (CPU, generation, the data tools)."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -49,7 +55,7 @@ def flex_runs(q: torch.Tensor) -> bool:
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """FlexAttention over `block_mask`: traced into the graph being compiled, or through its own compiled
     function when called eagerly (uncompiled FlexAttention materialises the scores)."""
-    attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention
+    attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
     return attend(q, k, v, block_mask=block_mask)
 
 
