@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ratpt.files import CHECKSUMS, checksum_mismatch, file_checksum, publish_dir, write_checksums
+from ratpt.model.pretrained import WEIGHTS
 from ratpt.parallel.process_group import on_rank0
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,8 @@ def resolve_checkpoint(path: Path) -> Path:
         newest = latest_checkpoint(candidate)
         if newest is not None:
             return newest
-    exported = (f"; {path} is an exported model folder (model.safetensors): this command takes the training run "
-                "or checkpoint it was exported from" if (path / "model.safetensors").is_file() else "")
+    exported = (f"; {path} is an exported model folder ({WEIGHTS}): this command takes the training run "
+                "or checkpoint it was exported from" if (path / WEIGHTS).is_file() else "")
     raise CheckpointError(
         f"no complete checkpoint at {path}: expected a step_XXXXXXXX directory holding {STATE_FILE}, "
         f"or a run/checkpoints folder containing one{exported}"

@@ -7,9 +7,11 @@ view of one rank's coordinates that the rest of ratpt/parallel reads.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ratpt.config import ParallelConfig
 from ratpt.parallel import cpu_compat
@@ -69,10 +71,22 @@ def current_mesh(virtual_stages: int = 1) -> Mesh:
 
 
 def destroy_mesh() -> None:
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
+    """Forget megatron-core's process groups, if a mesh was built (megatron imported only by the runs that
+    built one: looking costs nothing elsewhere)."""
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+
+
+def leave_distributed() -> None:
+    """Destroy every process group once all ranks are done with them. A gloo group left for interpreter
+    shutdown can abort a rank that finished its work (SIGABRT, "terminate called without an active
+    exception": its worker threads outlive the interpreter), failing a run that succeeded."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    destroy_mesh()
+    dist.destroy_process_group()
 
 
 def on_gpu() -> bool:

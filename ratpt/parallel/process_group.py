@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
@@ -124,16 +123,3 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
     return value
 
-
-def leave_distributed() -> None:
-    """Destroy every process group once all ranks are done with them. A gloo group left for interpreter
-    shutdown can abort a rank that finished its work (SIGABRT, "terminate called without an active
-    exception": its worker threads outlive the interpreter), failing a run that succeeded."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    dist.barrier()
-    # megatron-core keeps handles to its groups; imported only by the runs that built them
-    parallel_state = sys.modules.get("megatron.core.parallel_state")
-    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()

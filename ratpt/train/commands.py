@@ -80,7 +80,8 @@ def load_trained_model(checkpoint: Path, cfg: Config):
 
 def run_eval(args: argparse.Namespace) -> int:
     from ratpt.data.dataset import check_trained_tokenizer
-    from ratpt.parallel.process_group import init_distributed, leave_distributed
+    from ratpt.parallel.mesh import leave_distributed
+    from ratpt.parallel.process_group import init_distributed
     from ratpt.train.trainer import evaluate
 
     checkpoint = resolve_checkpoint(Path(args.checkpoint))

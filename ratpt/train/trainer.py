@@ -24,8 +24,9 @@ from ratpt.engines import build_engine
 from ratpt.engines.loss import IGNORE_INDEX, sum_cross_entropy
 from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
+from ratpt.parallel.mesh import leave_distributed
 from ratpt.parallel.process_group import (DistributedContext, all_reduce_sum, init_distributed,
-                                          leave_distributed, naming_collective_timeouts)
+                                          naming_collective_timeouts)
 from ratpt.train.checkpointer import Checkpointer, initial_weights, resume_path, schedule_change
 from ratpt.train.downstream import DownstreamEval, downstream_enabled
 from ratpt.train.metrics import MetricsLogger, device_peak_tflops
