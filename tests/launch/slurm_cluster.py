@@ -172,12 +172,25 @@ class SlurmCluster:
             if info.get("JobState") in FINISHED_STATES:
                 return info
             time.sleep(0.25)
+        # the launcher exports PYTHONFAULTHANDLER: SIGABRT makes every Python process of the job print its
+        # threads' stacks into the job's log, which says where a hung run waits
+        subprocess.run(["scancel", "--signal=ABRT", str(job_id)], env=self.env)
+        time.sleep(3)
         subprocess.run(["scancel", str(job_id)], env=self.env)
-        raise TimeoutError(f"job {job_id} did not finish in {timeout:.0f} s: {self.job(job_id)}\n{self.daemon_logs()}")
+        record = self.job(job_id)
+        raise TimeoutError(f"job {job_id} did not finish in {timeout:.0f} s: {record}\n"
+                           f"--- job log\n{_tail(record.get('StdOut'))}\n{self.daemon_logs()}")
 
     def signal_batch(self, job_id: int, name: str) -> None:
         """What SLURM does before a time limit with --signal=B:<name>@N: signal the batch script."""
         self._run(["scancel", f"--signal={name}", "--batch", str(job_id)])
+
+
+def _tail(log: Optional[str], lines: int = 300) -> str:
+    try:
+        return "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:]) if log else "(none)"
+    except OSError as e:
+        return f"(unreadable: {e})"
 
 
 def _read_pid(pid_file: Path) -> Optional[int]:

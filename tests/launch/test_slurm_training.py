@@ -89,7 +89,7 @@ def test_a_long_context_job_over_cp2_extends_the_short_run_through_a_usr1_requeu
                        "parallel.context=2", cwd=REPO)
     wait_for_step(tmp_path / "cp2.out", 2)
     slurm.signal_batch(job, "USR1")  # what --signal=B:USR1@300 does 5 minutes before the time limit
-    record = slurm.wait(job, timeout=150)
+    record = slurm.wait(job, timeout=240)
     log = (tmp_path / "cp2.out").read_text()
 
     assert (record["JobState"], record["Restarts"]) == ("COMPLETED", "1"), log
