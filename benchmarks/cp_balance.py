@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from ratpt.config import load_config
-from ratpt.parallel.context_parallel import LAYOUTS, ContextLayout, ContextShard
+from ratpt.parallel.context_blocks import LAYOUTS, ContextLayout
+from ratpt.parallel.context_parallel import ContextShard
 
 TIMED = ("all_gather_into_tensor", "reduce_scatter_tensor", "batch_isend_irecv")
 

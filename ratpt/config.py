@@ -300,7 +300,6 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     validate_checkpoint_format(cfg)
     _require(cfg.logging.interval >= 1, f"logging.interval must be >= 1, got {cfg.logging.interval}")
     validate_parallel_shape(cfg)
-    validate_document_masking(cfg)
     _require(cfg.parallel.bucket_size >= 0, f"parallel.bucket_size must be >= 0 (0: megatron's default), "
              f"got {cfg.parallel.bucket_size}")
     micro_batches = micro_batches_per_step(t, dp_size)
@@ -319,28 +318,6 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
         _require(p.tensor == 1 and p.pipeline == 1, "train.engine=deepspeed scales by data and context parallelism "
                  f"only: set parallel.tensor=1 and parallel.pipeline=1 (got {p.tensor}, {p.pipeline}), "
                  "or use train.engine=megatron")
-
-
-def validate_document_masking(cfg: Config) -> None:
-    """data.document_masking runs under every parallel layout of both engines, on RAT's Triton kernels within
-    one context-parallel rank and on the PyTorch reference across ranks; what cannot be honoured is refused."""
-    if not cfg.data.document_masking:
-        return
-    _require(cfg.model.kernels != "triton" or cfg.parallel.context == 1, "model.kernels=triton masks packed "
-             "documents within one context-parallel rank only (under parallel.context="
-             f"{cfg.parallel.context} RAT runs its PyTorch reference): set model.kernels=auto, or "
-             "parallel.context=1, or data.document_masking=false")
-
-
-def document_masking_note(cfg: Config) -> Optional[str]:
-    """What data.document_masking costs in this layout, for the start-up log: a run that can go on but
-    slower than its user may expect (under context parallelism RAT leaves its Triton kernels)."""
-    if not (cfg.data.document_masking and cfg.parallel.context > 1 and "rat" in cfg.model.mixers
-            and cfg.model.kernels == "auto"):
-        return None
-    return (f"data.document_masking under parallel.context={cfg.parallel.context}: RAT masks the documents with "
-            "its PyTorch reference, not the Triton kernels (slower, and more memory at long sequences); "
-            "parallel.context=1 keeps the kernels")
 
 
 def check_deepspeed_extra(extra: dict[str, Any], prefix: str = "") -> None:

@@ -32,7 +32,8 @@ from ratpt.engines.deepspeed_checkpoint import load_deepspeed_checkpoint, save_d
 from ratpt.engines.deepspeed_config import deepspeed_json
 from ratpt.engines.loss import IGNORE_INDEX, sum_cross_entropy
 from ratpt.engines.optim import parameter_groups
-from ratpt.parallel.context_parallel import apply_context_parallel, sequence_slice
+from ratpt.parallel.context_blocks import sequence_slice
+from ratpt.parallel.context_parallel import apply_context_parallel
 from ratpt.parallel.mesh import Mesh
 from ratpt.parallel.process_group import DistributedContext, collective_timeout
 

@@ -35,7 +35,7 @@ from ratpt.checkpoint import load_checkpoint, resolve_checkpoint, save_gathered
 from ratpt.config import Config
 from ratpt.engines.loss import IGNORE_INDEX, compiled_cross_entropy_sum, cross_entropy_sum, document_inputs, uses_bf16
 from ratpt.engines.megatron_checkpoint import DistributedCheckpointer, is_distributed, load_sharded
-from ratpt.parallel.context_parallel import sequence_slice
+from ratpt.parallel.context_blocks import sequence_slice
 from ratpt.parallel.mesh import Mesh, init_mesh
 from ratpt.parallel.optimizer_state import (ADAM_KEYS, MASTER, gather_optimizer_state, load_master_weights,
                                             scatter_optimizer_state)

@@ -6,13 +6,17 @@ Every sequence is cut into blocks of whole chunks and each CP rank holds some of
 
     RAT             the chunk summaries (1/L of the tokens), all-gathered with their gradients
                     reduce-scattered; between the kernels' passes with the Triton kernels
-                    (`_RATMixingKernels`), `ChunkSummaryAllGather` with the reference ops
+                    (`RATMixingKernels`), `ChunkSummaryAllGather` with the reference ops
     sliding window  the previous block's last W keys and values (`PreviousWindowExchange`)
     attention       K and V, all-gathered (one FlashAttention call per block on GPUs)
 
 Over packed documents (data.document_masking) the blocks stay whole chunks of the sequence and a document
-may span them: every rank reads the whole rows' `positions`, RAT also sends each block's last state to the
-next block, and every exchange is masked by document (docs/design.md#packed-documents; reference ops).
+may span them: every rank reads the whole rows' `positions` and every exchange is masked by document
+(docs/design.md#packed-documents). RAT's kernels also receive the L − 1 tokens before each block (a document
+chunk may straddle two; `RATDocumentMixingKernels`); its reference receives the previous block's last state.
+
+The blocks and their exchanges are in ratpt.parallel.context_blocks, RAT's kernel phases in
+ratpt.parallel.context_rat_kernels.
 
 The model knows none of this: `apply_context_parallel` sets each mixer's `context_shard` (its seam,
 default None) to a `ContextShard`, which stands in for `ops.rat_mixing` / `ops.causal_attention` and
@@ -22,10 +26,7 @@ benchmarks/RESULTS.md#context-parallel-balance).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
@@ -34,225 +35,11 @@ from ratpt import ops
 from ratpt.ops.documents import document_ids
 from ratpt.ops.rat_mixing import recurrent_states_reference, use_triton
 from ratpt.ops.sliding_window_attention import windowed_attention_reference
+from ratpt.parallel.context_blocks import (LAYOUTS, ChunkSummaryAllGather, ContextLayout, GatherAlongSequence,
+                                          PreviousWindowExchange)
+from ratpt.parallel.context_rat_kernels import DocumentBlocks, RATDocumentMixingKernels, RATMixingKernels
 
 QUERY_BLOCK = 512  # queries per block: memory O(block × keys), as the single-process ops
-LAYOUTS = ("contiguous", "zigzag")
-
-
-@dataclass(frozen=True)
-class ContextLayout:
-    """Which blocks of every sequence CP rank `rank` of `size` holds, in its local order."""
-    kind: str
-    rank: int
-    size: int
-
-    def __post_init__(self) -> None:
-        if self.kind not in LAYOUTS:
-            raise ValueError(f"parallel.context_layout must be one of {'|'.join(LAYOUTS)}, got {self.kind!r}")
-
-    @property
-    def blocks_per_rank(self) -> int:
-        return 2 if self.kind == "zigzag" else 1
-
-    @property
-    def n_blocks(self) -> int:
-        return self.size * self.blocks_per_rank
-
-    def blocks(self, rank: int | None = None) -> tuple[int, ...]:
-        r = self.rank if rank is None else rank
-        return (r, 2 * self.size - 1 - r) if self.kind == "zigzag" else (r,)
-
-    def holder(self, block: int) -> tuple[int, int]:
-        """(rank, local slot) of a block."""
-        if self.kind == "zigzag" and block >= self.size:
-            return 2 * self.size - 1 - block, 1
-        return block, 0
-
-    def segments(self, local_len: int) -> list[tuple[int, int, int]]:
-        """(local start, local stop, global start) of each of this rank's blocks."""
-        n = local_len // self.blocks_per_rank
-        return [(slot * n, (slot + 1) * n, block * n) for slot, block in enumerate(self.blocks())]
-
-    def positions(self, local_len: int, device=None) -> torch.Tensor:
-        """Global positions of this rank's `local_len` tokens."""
-        return torch.cat([torch.arange(start, start + hi - lo, device=device)
-                          for lo, hi, start in self.segments(local_len)])
-
-    def local(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's part of whole sequences along `dim`."""
-        n = t.shape[dim] // self.n_blocks
-        return torch.cat([t.narrow(dim, block * n, n) for block in self.blocks()], dim=dim)
-
-    def to_sequence_order(self, gathered: torch.Tensor, dim: int) -> torch.Tensor:
-        """Every rank's local part, concatenated in rank order along `dim`, put in sequence order."""
-        return self._reorder(gathered, dim, self._rank_positions())
-
-    def to_rank_order(self, sequence: torch.Tensor, dim: int) -> torch.Tensor:
-        """The inverse of to_sequence_order: blocks in sequence order along `dim`, put in rank order."""
-        positions = self._rank_positions()
-        return self._reorder(sequence, dim, sorted(range(self.n_blocks), key=positions.__getitem__))
-
-    def _rank_positions(self) -> list[int]:
-        """Where each block of the sequence sits in rank order (rank · blocks per rank + slot)."""
-        return [r * self.blocks_per_rank + slot for r, slot in map(self.holder, range(self.n_blocks))]
-
-    def _reorder(self, t: torch.Tensor, dim: int, blocks: list[int]) -> torch.Tensor:
-        """The blocks of t along `dim`, in the order `blocks` lists them."""
-        if self.kind == "contiguous":
-            return t
-        index = torch.tensor(blocks, device=t.device)
-        return t.unflatten(dim, (self.n_blocks, -1)).index_select(dim, index).flatten(dim, dim + 1)
-
-
-def sequence_slice(t: torch.Tensor, mesh, layout: str) -> torch.Tensor:
-    """This CP rank's part of [B, T, ...] under `layout` (parallel.context_layout); the whole tensor without CP."""
-    if mesh.cp == 1:
-        return t
-    return ContextLayout(layout, mesh.cp_rank, mesh.cp).local(t)
-
-
-class _GatherAlongSequence(torch.autograd.Function):
-    """All-gather [N, ...] pieces into [CP·N, ...] (rank order); backward reduce-scatters."""
-
-    @staticmethod
-    def forward(ctx, piece: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return _all_gather(piece, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter(grad, ctx.group), None
-
-
-def _all_gather(piece: torch.Tensor, group) -> torch.Tensor:
-    """[N, ...] of every rank -> [CP·N, ...] in rank order."""
-    out = piece.new_empty((dist.get_world_size(group) * piece.shape[0], *piece.shape[1:]))
-    dist.all_gather_into_tensor(out, piece.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter(full: torch.Tensor, group) -> torch.Tensor:
-    """[CP·N, ...] of every rank, summed over the ranks -> this rank's [N, ...]."""
-    piece = full.new_empty((full.shape[0] // dist.get_world_size(group), *full.shape[1:]))
-    dist.reduce_scatter_tensor(piece, full.contiguous(), group=group)
-    return piece
-
-
-class ChunkSummaryAllGather:
-    """All ranks' chunk summaries [B, H, CP·C, d] (rank order) from this rank's [B, H, C, d]."""
-
-    @staticmethod
-    def apply(summaries: torch.Tensor, group) -> torch.Tensor:
-        chunks_first = summaries.permute(2, 0, 1, 3)  # [C, B, H, d]: gathered along dim 0
-        return _GatherAlongSequence.apply(chunks_first, group).permute(1, 2, 0, 3)
-
-
-class PreviousWindowExchange(torch.autograd.Function):
-    """For each local block, the last W positions of the block before it in the sequence (zeros
-    for block 0), from tails [blocks per rank, B, H, W, d]; backward returns the gradients the
-    same way, reversed."""
-
-    @staticmethod
-    def forward(ctx, tails: torch.Tensor, layout: ContextLayout, group) -> torch.Tensor:
-        ctx.layout, ctx.group = layout, group
-        return _route(tails.contiguous(), layout, group, step=1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _route(grad.contiguous(), ctx.layout, ctx.group, step=-1), None, None
-
-
-def _route(send: torch.Tensor, layout: ContextLayout, group, step: int) -> torch.Tensor:
-    """out[slot of block b + step] = send[slot of block b] for every block, across the ranks (a copy
-    where one rank holds both). Messages are posted in the order of their source block on both
-    ends, so two messages between the same ranks would still match."""
-    out = torch.zeros_like(send)
-    posted = []
-    for slot, block in enumerate(layout.blocks()):
-        if 0 <= block + step < layout.n_blocks:
-            rank, to_slot = layout.holder(block + step)
-            if rank == layout.rank:
-                out[to_slot] = send[slot]
-            else:
-                posted.append((block, dist.P2POp(dist.isend, send[slot], dist.get_global_rank(group, rank), group)))
-        if 0 <= block - step < layout.n_blocks:
-            rank, _ = layout.holder(block - step)
-            if rank != layout.rank:
-                posted.append((block - step, dist.P2POp(dist.irecv, out[slot], dist.get_global_rank(group, rank),
-                                                        group)))
-    if posted:
-        for req in dist.batch_isend_irecv([op for _, op in sorted(posted, key=lambda p: p[0])]):
-            req.wait()
-    return out
-
-
-class _RATMixingKernels(torch.autograd.Function):
-    """RAT mixing of this rank's blocks through the fused kernels' phases, with the chunk summaries
-    exchanged between them. Forward: every block's states and summaries (rotated by their global
-    chunk index), an all-gather of all ranks' summaries, then every block's softmax over its own
-    state and the sequence's summaries j < its chunk. Backward: every block's summary gradients,
-    summed over the blocks and reduce-scattered to the ranks that own the summaries, then every
-    block's input gradients. One softmax per token, as in one process: nothing to merge."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, f, gate_bias, layout: ContextLayout, group, chunk_size: int, head_dim: int,
-                rope_base: float):
-        from ratpt_kernels.rat_fwd import rat_states, summary_attention
-
-        B, T, D = v.shape
-        n = layout.blocks_per_rank
-        starts = [start // chunk_size for _, _, start in layout.segments(T)]
-        offset = torch.tensor(starts * B, dtype=torch.int32, device=v.device)  # entry b·n + slot
-        q_, k_, v_, f_ = (_blocks_as_batch(t, n) for t in (q, k, v, f))
-        kst, vst, ks_own, vs_own = rat_states(k_, v_, f_, gate_bias, chunk_size, head_dim, rope_base, offset)
-        ks, vs = _gather_summaries(ks_own, vs_own, B, layout, group)
-        y, lse = summary_attention(q_, kst, vst, ks, vs, chunk_size, head_dim, rope_base, offset)
-        ctx.save_for_backward(q, k, v, f, gate_bias, y, lse, ks, vs, offset)
-        ctx.setup = (layout, group, chunk_size, head_dim, rope_base)
-        return y.view(B, T, D)
-
-    @staticmethod
-    def backward(ctx, dy):
-        from ratpt_kernels.rat_bwd import input_gradients, summary_gradients
-
-        q, k, v, f, gate_bias, y, lse, ks, vs, offset = ctx.saved_tensors
-        layout, group, L, d, rope_base = ctx.setup
-        B, T, D = v.shape
-        n = layout.blocks_per_rank
-        q_, k_, v_, f_ = (_blocks_as_batch(t, n) for t in (q, k, v, f))
-        dks, dvs, reused = summary_gradients(dy.contiguous().view(y.shape), q_, y, lse, ks, vs, L, d, rope_base,
-                                             offset)
-        dks_own, dvs_own = _reduce_summary_gradients(dks, dvs, B, layout, group)
-        dq, dk, dv, df, dbias = input_gradients(q_, k_, v_, f_, gate_bias, lse, ks, vs, reused, dks_own, dvs_own,
-                                                L, d, rope_base, offset)
-        return (*(g.view(B, T, -1) for g in (dq, dk, dv, df)), dbias, None, None, None, None, None)
-
-
-def _blocks_as_batch(t: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, T, ...] -> [B·n, T/n, ...]: each of a rank's n blocks as a sequence of its own (a view of the
-    projection's column slices, entry b·n + slot)."""
-    return t.unflatten(1, (n, t.shape[1] // n)).flatten(0, 1)
-
-
-def _gather_summaries(ks_own: torch.Tensor, vs_own: torch.Tensor, batch: int, layout: ContextLayout, group):
-    """Every entry's Ks, Vs [B·n, H, CS, d]: the whole sequence's summaries, in sequence order, from
-    each rank's own [B·n, H, C, d] (C per block)."""
-    n, d = layout.blocks_per_rank, ks_own.shape[-1]
-    own = torch.cat((ks_own, vs_own), dim=-1).unflatten(0, (batch, n))  # [B, n, H, C, 2d]
-    piece = own.permute(1, 3, 0, 2, 4).flatten(0, 1)  # [n·C, B, H, 2d]: local sequence order
-    sequence = layout.to_sequence_order(_all_gather(piece, group), dim=0).permute(1, 2, 0, 3)  # [B, H, CS, 2d]
-    both = sequence.repeat_interleave(n, dim=0)
-    return both[..., :d].contiguous(), both[..., d:].contiguous()
-
-
-def _reduce_summary_gradients(dks: torch.Tensor, dvs: torch.Tensor, batch: int, layout: ContextLayout, group):
-    """The inverse of _gather_summaries for gradients: every entry's [B·n, H, CS, d] summed over the
-    blocks of a sequence and over the ranks, this rank's own [B·n, H, C, d] returned."""
-    n, d = layout.blocks_per_rank, dks.shape[-1]
-    both = torch.cat((dks, dvs), dim=-1).unflatten(0, (batch, n)).sum(1)  # [B, H, CS, 2d]
-    piece = _reduce_scatter(layout.to_rank_order(both.permute(2, 0, 1, 3), dim=0), group)  # [n·C, B, H, 2d]
-    own = piece.unflatten(0, (n, -1)).permute(2, 0, 3, 1, 4).flatten(0, 1)  # [B·n, H, C, 2d]
-    return own[..., :d], own[..., d:]
 
 
 class ContextShard:
@@ -265,6 +52,7 @@ class ContextShard:
 
     def __init__(self, group, layout: ContextLayout) -> None:
         self.group, self.layout = group, layout
+        self._document_blocks: tuple[torch.Tensor, int, int, DocumentBlocks] | None = None
 
     def positions(self, local_len: int, device=None, documents: torch.Tensor | None = None) -> torch.Tensor:
         """RoPE positions of this rank's tokens: in the sequence, or given whole rows' positions in their
@@ -276,12 +64,16 @@ class ContextShard:
                    kernels: str = "auto", positions: torch.Tensor | None = None) -> torch.Tensor:
         """`ops.rat_mixing` for this rank's chunks: the recurrences are local, RoPE uses the global
         chunk index, the softmax sees the summaries of every earlier chunk. `kernels` as ops.rat_mixing:
-        the fused kernels' phases (`_RATMixingKernels`) or the reference composition, which alone masks
-        packed documents: `positions` [B, S], each token's position in its document over whole rows
+        the fused kernels' phases (`RATMixingKernels`, `RATDocumentMixingKernels` over packed documents) or the
+        reference composition. `positions` [B, S]: each token's position in its packed document over whole rows
         (docs/design.md#packed-documents)."""
-        if positions is None and use_triton(kernels, v, chunk_size, head_dim):
-            return _RATMixingKernels.apply(q, k, v, f, gate_bias, self.layout, self.group, chunk_size, head_dim,
-                                           rope_base)
+        if use_triton(kernels, v, chunk_size, head_dim):
+            if positions is None:
+                return RATMixingKernels.apply(q, k, v, f, gate_bias, self.layout, self.group, chunk_size, head_dim,
+                                              rope_base)
+            return RATDocumentMixingKernels.apply(q, k, v, f, gate_bias,
+                                                  self.document_blocks(positions, v.shape[1], chunk_size),
+                                                  self.layout, self.group, chunk_size, head_dim, rope_base)
         B, T, D = v.shape
         H, G = D // head_dim, q.shape[-1] // head_dim
         g = ops.forget_gate(f, gate_bias)
@@ -303,6 +95,15 @@ class ContextShard:
         y = self.inter_chunk_attention(ops.apply_rope(heads(q), cos, sin), ops.apply_rope(heads(k_state), cos, sin),
                                        heads(v_state), chunk_size, positions=positions)
         return y.transpose(1, 2).reshape(B, T, D)
+
+    def document_blocks(self, positions: torch.Tensor, local_len: int, chunk_size: int) -> DocumentBlocks:
+        """The kernels' chunk tables of this rank's blocks (DocumentBlocks), built once per batch: every RAT
+        layer of a forward (and its recomputation) passes the same `positions`."""
+        cached = self._document_blocks
+        if cached is None or cached[0] is not positions or cached[1:3] != (local_len, chunk_size):
+            blocks = DocumentBlocks.of(positions, self.layout, local_len, chunk_size)
+            self._document_blocks = cached = (positions, local_len, chunk_size, blocks)
+        return cached[3]
 
     def _document_states(self, x: torch.Tensor, g: torch.Tensor, restart: torch.Tensor, chunk_size: int
                          ) -> torch.Tensor:
@@ -374,7 +175,7 @@ class ContextShard:
         kv = torch.cat((k, v), dim=-1)
         documents = None if positions is None else document_ids(positions)
         if window is None:
-            gathered = _GatherAlongSequence.apply(kv.permute(2, 0, 1, 3), self.group)
+            gathered = GatherAlongSequence.apply(kv.permute(2, 0, 1, 3), self.group)
             sequence = self.layout.to_sequence_order(gathered, dim=0).permute(1, 2, 0, 3).contiguous()
             keys, values = sequence.split(k.shape[-1], -1)
             if documents is not None:  # a window as long as the rows: causal, masked by document
@@ -454,5 +255,4 @@ def _mean_keys(kind: str, cfg, t: torch.Tensor) -> float:
     raise ValueError(f"unknown mixer {kind!r}")
 
 
-__all__ = ["LAYOUTS", "ChunkSummaryAllGather", "ContextLayout", "ContextShard", "PreviousWindowExchange",
-           "apply_context_parallel", "imbalance", "sequence_slice"]
+__all__ = ["ContextShard", "apply_context_parallel", "imbalance"]

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ratpt.config import (Config, data_parallel_size, document_masking_note, micro_batches_per_step, to_yaml,
-                          validate_config)
+from ratpt.config import Config, data_parallel_size, micro_batches_per_step, to_yaml, validate_config
 from ratpt.data import build_train_batches, build_val_batches
 from ratpt.engines import build_engine
 from ratpt.engines.loss import IGNORE_INDEX, sum_cross_entropy
@@ -117,9 +116,6 @@ class Trainer:
         self.cfg, self.ctx, self.stop = cfg, ctx, stop
         dp_size = data_parallel_size(cfg, ctx.world_size)
         validate_config(cfg, dp_size=dp_size)
-        note = document_masking_note(cfg)
-        if note and ctx.is_main:
-            log.warning(note)
         # checked first: lm-eval, its tasks and the tokenizer (eval.tasks, eval.passkey)
         self.downstream = DownstreamEval(cfg, ctx.device) if downstream_enabled(cfg) else None
         self.micro_batches = micro_batches_per_step(cfg.train, dp_size)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ratpt.config import load_config
-from ratpt.parallel.context_parallel import ContextLayout, imbalance
+from ratpt.parallel.context_blocks import ContextLayout
+from ratpt.parallel.context_parallel import imbalance
 from run_helpers import REPO, torchrun_cases
 
 
@@ -48,6 +49,9 @@ def test_context_parallel_with_the_fused_kernels_equals_one_process():
         2,
         "cp2-zigzag-rat-kernels:context=2,kernels=triton,head_dim=32",
         "cp2-contiguous-rat+swa-kernels:context=2,context_layout=contiguous,kernels=triton,head_dim=32,mixers=rat+swa",
+        # packed documents (tests/cases.py: row 0's chunk of tokens 13-20 straddles blocks 0 and 1, held by the two
+        # ranks): the L - 1 tokens before each block received, the summaries summed into the whole row's table
+        "cp2-zigzag-rat-kernels-documents:context=2,kernels=triton,head_dim=32,document_masking=true,n_layers=1",
     )
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ratpt.config import Config, ConfigError, document_masking_note, load_config
+from ratpt.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 STREAM = ["data.streams=[{path: data/x}]"]
@@ -51,25 +51,15 @@ def test_overrides_win_over_yaml_and_interpolate_out_dir(tmp_path):
         (["data.num_workers=-1"], "data.num_workers"),
         (["eval.max_samples=0"], "eval.max_samples"),
         (["data.streams=[{path: data/x, min_doc_tokens: -1}]"], "data.streams[0].min_doc_tokens must be >= 0"),
-        (["data.document_masking=true", "model.kernels=triton", "parallel.context=2"],
-         "parallel.context=1, or data.document_masking=false"),
     ],
     ids=["unknown-key", "wrong-type", "unknown-mixer", "batch-indivisible", "seq-vs-chunk",
          "bad-schedule", "bad-betas", "width-vs-heads", "override-without-value", "bad-compile-backend",
          "infinite-lr", "negative-eps", "negative-weight-decay", "negative-workers", "no-validation-batch",
-         "negative-min-doc-tokens", "documents-on-the-kernels-under-cp"],
+         "negative-min-doc-tokens"],
 )
 def test_mistakes_raise_config_error_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
         load_config(None, STREAM + overrides)
-
-
-def test_documents_under_context_parallelism_note_that_rat_leaves_its_kernels():
-    masked = STREAM + ["data.document_masking=true"]
-    assert "RAT masks the documents with its PyTorch reference" in document_masking_note(
-        load_config(None, masked + ["parallel.context=2"]))
-    assert document_masking_note(load_config(None, masked + ["parallel.context=2", "model.mixers=[attention]"])) is None
-    assert document_masking_note(load_config(None, masked)) is None
 
 
 def test_empty_streams_is_an_error():
