@@ -139,10 +139,11 @@ class DocumentBlocks:
         owned = valid & (next_start <= ends[None, :, None])
         first_local = torch.where(valid, first[rows, clamped], chunk)  # past the block: its own index (no document)
         covered = torch.arange(halo, device=start.device) >= local_start[..., :1]  # [B, n, halo]
-        flat = lambda t: t.flatten(0, 1)  # noqa: E731
-        return cls(halo=halo, n_chunks=n_chunks, offset=flat(c0).int(),
-                   documents=(flat(first_local).int().contiguous(), flat(local_start).int().contiguous()),
-                   chunk=flat(clamped), owned=flat(owned), halo_covered=flat(covered))
+        c0, first_local, local_start, clamped, owned, covered = (
+            t.flatten(0, 1) for t in (c0, first_local, local_start, clamped, owned, covered))  # entries b·n + slot
+        return cls(halo=halo, n_chunks=n_chunks, offset=c0.int(),
+                   documents=(first_local.int().contiguous(), local_start.int().contiguous()),
+                   chunk=clamped, owned=owned, halo_covered=covered)
 
     def share_summaries(self, ks_own: torch.Tensor, vs_own: torch.Tensor, batch: int, group):
         """Every entry's Ks, Vs [B·n, H, CS, d] of the whole sequence's chunks, from each entry's own local
