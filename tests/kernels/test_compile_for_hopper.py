@@ -13,13 +13,14 @@ from run_helpers import REPO
 
 KERNELS = ("_states_kernel", "_attention_kernel", "_gate_kernel", "_prepare_kernel", "_summary_grad_kernel",
            "_query_grad_kernel", "_recurrence_grad_kernel", "_decode_kernel")
+SERVING = ("_decode_linear_kernel", "_attention_decode_split", "_attention_decode_merge")  # bf16, as served
 
 
 # Two processes compile in parallel; fp32's IEEE dots compile about twice as slowly as bf16's, so the
 # fp32 deterministic pass runs beside bf16's (81 s on 2 cores, against 90 s for fp32 alone before). Packed
 # documents compile in bf16 only, the GPU training path (their deterministic backward is not compiled here).
 PROCESSES = (["bfloat16:full,deterministic,context,decode", "float32:deterministic"],
-             ["float32:full,context,decode", "bfloat16:documents"])
+             ["float32:full,context,decode", "bfloat16:documents,serving"])
 
 
 def compiled_by_dtype(stdout: str) -> dict[str, list[tuple[str, int]]]:
@@ -49,10 +50,11 @@ def test_every_kernel_compiles_to_a_hopper_cubin(tmp_path):
             launches.setdefault(dtype, []).extend(compiled)
     for dtype in ("bfloat16", "float32"):
         compiled = launches.get(dtype, [])
-        for kernel in KERNELS:
+        for kernel in KERNELS + (SERVING if dtype == "bfloat16" else ()):
             sizes = [size for name, size in compiled if name == kernel]
             assert sizes and min(sizes) > 0, f"{dtype}: {kernel} was not compiled: {compiled}"
         # forward 3 launches (states, attention, output gate); backward 4 (states, prepare with the gate, the
         # summary side with atomic dq, the token-local rest) and deterministic 5 (+ the query side, without
-        # the gate); the passes with chunk offsets 1 + 1 + 2 + 2; decode 1; bf16 over packed documents 3 + 4
-        assert len(compiled) == {"bfloat16": 26, "float32": 19}[dtype], f"{dtype}: {compiled}"
+        # the gate); the passes with chunk offsets 1 + 1 + 2 + 2; decode 1; bf16 over packed documents 3 + 4, and
+        # serving: decode_linear twice (norm + SwiGLU + residual, GELU alone), attention_decode's split and merge
+        assert len(compiled) == {"bfloat16": 30, "float32": 19}[dtype], f"{dtype}: {compiled}"

@@ -43,7 +43,7 @@ def compile_instead_of_launching() -> None:
     jit.JITFunction.run = run
 
 
-PASSES = ("full", "deterministic", "context", "decode", "documents")
+PASSES = ("full", "deterministic", "context", "decode", "documents", "serving")
 
 
 def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
@@ -84,6 +84,16 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
         dz, dv, df, dq, dk = split_projection(torch.empty_like(proj), d, G)
         rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, gate=(z, dz), out=(dq, dk, dv, df),
                      documents=documents)
+    if "serving" in passes:  # a decode step's other kernels: norm + linear + activation + residual in one, and
+        # attention over the valid slots of a cache, split over the slots and merged (ratpt.ops)
+        from ratpt_kernels.attention_decode import attention_decode
+        from ratpt_kernels.decode_linear import decode_linear
+        x, w = torch.randn(B, H * d).to(dtype), torch.randn(2 * 256, H * d).to(dtype)
+        decode_linear(x, w, torch.ones(H * d).to(dtype), 1e-5, "swiglu", torch.randn(B, 256).to(dtype))
+        decode_linear(x, w, None, 1e-5, "gelu", None)
+        cache = torch.randn(B, H, 512, d).to(dtype)
+        attention_decode(q[:, :1].reshape(B, 1, G, d).repeat(1, 1, H // G, 1).transpose(1, 2).contiguous(), cache,
+                         cache.clone(), torch.full((B,), 300), splits=4)
     if "decode" in passes:
         cache = torch.zeros(B, H, 20, d).to(dtype)
         rat_decode(*(t[:, 0].contiguous() for t in (q, k, v, f)), bias, cache, cache.clone(), torch.zeros(B, H * d),
