@@ -14,12 +14,11 @@ from typing import Optional
 from ratpt import convert, generate
 from ratpt.checkpoint import CheckpointError
 from ratpt.config import ConfigError
-from ratpt.data.shards import CorruptShardError
+from ratpt.errors import CorruptShardError, TrainingDiverged
 from ratpt.folder_lock import FolderLocked
 from ratpt.hf import commands as hf_commands
 from ratpt.parallel.process_group import CollectiveTimeout
 from ratpt.train import commands
-from ratpt.train.trainer import TrainingDiverged
 
 SUBCOMMAND_MODULES = (commands, generate, convert, hf_commands)
 # Errors whose message already tells the user what to fix: printed without a traceback

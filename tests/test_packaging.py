@@ -75,3 +75,12 @@ def test_importing_the_trainer_loads_no_compiler_backend():
     probe = "import sys, ratpt.train.trainer, ratpt.generate; print('torch._inductor.compile_fx' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_the_command_line_loads_the_data_loaders_libraries_only_for_a_command_that_reads_data():
+    """mosaicml-streaming (which imports transformers) costs seconds at start-up: `ratpt export` and
+    `ratpt generate` do without it, and `ratpt train` reports a mistake in its config before loading it."""
+    probe = ("import sys\nfrom ratpt.cli import main\ncode = main(['train', 'no_such_config.yaml'])\n"
+             "print(code, 'streaming' in sys.modules, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-3:] == ["2", "False", "False"], done.stdout + done.stderr

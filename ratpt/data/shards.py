@@ -34,13 +34,9 @@ from ratpt.data.layout import (
 )
 from ratpt.data.streaming_import import streaming
 from ratpt.data.tokenizer import file_sha256
+from ratpt.errors import CorruptShardError
 
 DOWNLOAD_TIMEOUT_S = 300.0  # per file fetched from a remote dataset
-
-
-class CorruptShardError(RuntimeError):
-    """A shard's size or hash differs from its index.json entry, the document table disagrees with
-    the shards, or a split's files cannot be read."""
 
 
 def is_remote(path: str) -> bool:

@@ -2,6 +2,6 @@
 export to and import from a Hugging Face folder, lm-evaluation-harness and long-context evaluation.
 
 transformers imports torchvision when it is installed; beside the CPU torch, PyPI's torchvision fails
-to import unless its operator schemas are declared first, which ratpt.data.streaming_import does.
+to import unless its operator schemas are declared first, which ratpt.torchvision_ops does.
 """
-import ratpt.data.streaming_import  # noqa: F401  (before any transformers import, see above)
+import ratpt.torchvision_ops  # noqa: F401  (before any transformers import, see above)

@@ -51,9 +51,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # first: a mistake in it is told before seconds of imports
     from ratpt.train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     if result.stopped_early:
         log.info("stopped at step %d on request; resume with the same command", result.step)

@@ -21,6 +21,7 @@ from ratpt.config import Config, data_parallel_size, micro_batches_per_step, to_
 from ratpt.data import build_train_batches, build_val_batches
 from ratpt.engines import build_engine
 from ratpt.engines.loss import IGNORE_INDEX, sum_cross_entropy
+from ratpt.errors import TrainingDiverged
 from ratpt.model import build_model
 from ratpt.model.flops import training_flops_per_token
 from ratpt.parallel.mesh import leave_distributed
@@ -34,10 +35,6 @@ from ratpt.train.schedule import LRMultiplier
 from ratpt.train.signals import StopRequest
 
 log = logging.getLogger("ratpt.train")
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 @dataclass

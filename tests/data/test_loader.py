@@ -14,7 +14,7 @@ from data_helpers import data_config, make_documents, prepare, write_jsonl
 from data_prep.part_writer import is_val
 from ratpt.data import build_train_batches, build_val_batches
 from ratpt.data.config import StreamConfig
-from ratpt.data.shards import CorruptShardError
+from ratpt.errors import CorruptShardError
 from ratpt.data.tokenizer import ByteTokenizer
 
 EOS = 256

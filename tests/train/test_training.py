@@ -16,6 +16,7 @@ import torch
 from ratpt.config import load_config
 from ratpt.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint
 from ratpt.engines import local_engine
+from ratpt.errors import TrainingDiverged
 from ratpt.folder_lock import hold_folder
 from ratpt.train import trainer
 
@@ -194,7 +195,7 @@ def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, m
     cfg = in_process_config(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")
     # micro-batches 3-4 (step 2) are poisoned once, then every step from step 4 on
     poison_losses(monkeypatch, lambda call: call in (3, 4) or call > 6)
-    with pytest.raises(trainer.TrainingDiverged, match="3 consecutive non-finite steps at step 6"):
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps at step 6"):
         trainer.train(cfg)
 
 
