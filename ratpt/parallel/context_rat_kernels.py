@@ -181,29 +181,32 @@ class RATDocumentMixingKernels(torch.autograd.Function):
         from ratpt_kernels.rat_fwd import rat_states, summary_attention
 
         B, T, D = v.shape
-        n = layout.blocks_per_rank
+        n, h = layout.blocks_per_rank, blocks.halo
         kvf = _blocks_as_batch(torch.cat((k, v, f), dim=-1), n)  # [B·n, T/n, G·d + 2·H·d]
-        kx, vx, fx = _extend(kvf, blocks.halo, layout, group).split([k.shape[-1], D, D], dim=-1)
-        qx = _extend(_blocks_as_batch(q, n), blocks.halo)
+        received = _route_tails(kvf, h, layout, group)
+        qx, kx, vx, fx = _extended(q, kvf, received, n, (k.shape[-1], D, D))
         kst, vst, ks_own, vs_own = rat_states(kx, vx, fx, gate_bias, chunk_size, head_dim, rope_base, blocks.offset,
                                               blocks.documents)
         ks, vs = blocks.share_summaries(ks_own, vs_own, B, group)
         y, lse = summary_attention(qx, kst, vst, ks, vs, chunk_size, head_dim, rope_base, blocks.offset,
                                    documents=blocks.documents)
-        y[:, :blocks.halo] = 0  # the previous block's tokens: their outputs are that block's (Δ = Σ dy·y reads 0)
-        ctx.save_for_backward(qx, kx, vx, fx, gate_bias, y, lse, ks, vs)
+        y[:, :h] = 0  # the previous block's tokens: their outputs are that block's (Δ = Σ dy·y reads 0)
+        # the inputs, not their extended copies (a projection's worth per layer): the backward rebuilds those
+        ctx.save_for_backward(q, k, v, f, received, gate_bias, y, lse, ks, vs)
         ctx.setup = (blocks, layout, group, chunk_size, head_dim, rope_base)
-        return y[:, blocks.halo:].reshape(B, T, D)
+        return y[:, h:].reshape(B, T, D)
 
     @staticmethod
     def backward(ctx, dy):
         from ratpt_kernels.rat_bwd import input_gradients, summary_gradients
 
-        qx, kx, vx, fx, gate_bias, y, lse, ks, vs = ctx.saved_tensors
+        q, k, v, f, received, gate_bias, y, lse, ks, vs = ctx.saved_tensors
         blocks, layout, group, L, d, rope_base = ctx.setup
         B, T, D = dy.shape
         n, h = layout.blocks_per_rank, blocks.halo
-        dyx = _extend(_blocks_as_batch(dy, n), h)
+        kvf = _blocks_as_batch(torch.cat((k, v, f), dim=-1), n)
+        qx, kx, vx, fx = _extended(q, kvf, received, n, (k.shape[-1], D, D))
+        dyx = _after_zeros(_blocks_as_batch(dy, n), h)
         dks, dvs, reused = summary_gradients(dyx, qx, y, lse, ks, vs, L, d, rope_base, blocks.offset,
                                              documents=blocks.documents)
         dks_own, dvs_own = blocks.own_summary_gradients(dks, dvs, B, group)
@@ -217,15 +220,24 @@ class RATDocumentMixingKernels(torch.autograd.Function):
         return dq[:, h:].reshape(B, T, -1), dk, dv, df, dbias, None, None, None, None, None, None
 
 
-def _extend(entries: torch.Tensor, halo: int, layout: ContextLayout | None = None, group=None) -> torch.Tensor:
-    """Entries [B·n, m, W] with `halo` rows before each: the last ones of the block before it in the sequence
-    (from its rank, routed), or zeros without a layout (or for the sequence's first block)."""
-    if layout is None:
-        return torch.cat((entries.new_zeros(entries.shape[0], halo, entries.shape[-1]), entries), dim=1)
+def _route_tails(entries: torch.Tensor, halo: int, layout: ContextLayout, group) -> torch.Tensor:
+    """[B·n, halo, W]: for each entry [B·n, m, W], the last `halo` rows of the block before it in the sequence,
+    from its rank (zeros for the sequence's first block)."""
     n = layout.blocks_per_rank
     tails = entries[:, entries.shape[1] - halo:].unflatten(0, (-1, n)).transpose(0, 1)  # [n, B, halo, W]
-    received = route(tails.contiguous(), layout, group, step=1).transpose(0, 1).flatten(0, 1)
-    return torch.cat((received, entries), dim=1)
+    return route(tails.contiguous(), layout, group, step=1).transpose(0, 1).flatten(0, 1)
+
+
+def _extended(q: torch.Tensor, kvf: torch.Tensor, received: torch.Tensor, n: int, widths: tuple[int, int, int]):
+    """q, k, v, f of the extended blocks: the received rows before each entry's (q: zeros there, its rows'
+    outputs are the previous block's)."""
+    qx = _after_zeros(_blocks_as_batch(q, n), received.shape[1])
+    return qx, *torch.cat((received, kvf), dim=1).split(list(widths), dim=-1)
+
+
+def _after_zeros(entries: torch.Tensor, rows: int) -> torch.Tensor:
+    """Entries [B·n, m, W] with `rows` rows of zeros before each."""
+    return torch.cat((entries.new_zeros(entries.shape[0], rows, entries.shape[-1]), entries), dim=1)
 
 
 def _tail_gradient(halo_grad: torch.Tensor, layout: ContextLayout, group) -> torch.Tensor:
