@@ -172,6 +172,7 @@ def test_two_gpus_nccl_equal_one_process():  # pragma: no cover - needs 2 GPUs
         # the kernels' phases per block, the summaries exchanged between them
         "cp2-zigzag-rat-kernels:context=2,kernels=triton,head_dim=32",
         "cp2-contiguous-rat+swa-kernels:context=2,context_layout=contiguous,kernels=triton,head_dim=32,mixers=rat+swa",
+        "cp2-zigzag-rat+swa-kernels-documents:context=2,kernels=triton,head_dim=32,mixers=rat+swa,document_masking=true",
         "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu,micro_batch=2",
         "pp2-interleaved-rat+swa:pipeline=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
         "resume-pp2-to-tp2:pipeline=2>tensor=2",
