@@ -45,9 +45,10 @@ def test_context_parallel_with_the_fused_kernels_equals_one_process():
     # the kernels' phases per block (Triton interpreter here), the summaries all-gathered between the
     # states and the attention and their gradients reduce-scattered between the two backward parts;
     # contiguous rank 0 attends to no other rank's summaries, yet joins both collectives
+    # (one layer where the model is RAT alone: a second adds no path through the exchange, only interpreter time)
     run_layouts(
         2,
-        "cp2-zigzag-rat-kernels:context=2,kernels=triton,head_dim=32",
+        "cp2-zigzag-rat-kernels:context=2,kernels=triton,head_dim=32,n_layers=1",
         "cp2-contiguous-rat+swa-kernels:context=2,context_layout=contiguous,kernels=triton,head_dim=32,mixers=rat+swa",
         # packed documents (tests/cases.py: row 0's chunk of tokens 13-20 straddles blocks 0 and 1, held by the two
         # ranks): the L - 1 tokens before each block received, the summaries summed into the whole row's table
