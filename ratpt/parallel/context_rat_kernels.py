@@ -161,10 +161,10 @@ class DocumentBlocks:
         """The inverse of share_summaries for gradients: every entry's [B·n, H, CS, d], summed over the blocks
         and the ranks, each entry's owned local chunks' [B·n, H, C, d] (zeros for the rest)."""
         d = dks.shape[-1]
-        total = torch.cat((dks, dvs), dim=-1).unflatten(0, (batch, -1)).sum(1)
+        total = torch.cat((dks, dvs), dim=-1).unflatten(0, (batch, -1)).sum(1)  # [B, H, CS, 2d]
         dist.all_reduce(total, group=group)
-        total = total.repeat_interleave(self.offset.shape[0] // batch, dim=0)
-        own = total.gather(2, self.chunk[:, None, :, None].expand(*total.shape[:2], -1, 2 * d))
+        sequence = torch.arange(batch, device=total.device).repeat_interleave(self.offset.shape[0] // batch)
+        own = total[sequence[:, None], :, self.chunk].permute(0, 2, 1, 3)  # [B·n, H, C, 2d]
         own = own * self.owned[:, None, :, None]
         return own[..., :d].contiguous(), own[..., d:].contiguous()
 
@@ -182,9 +182,9 @@ class RATDocumentMixingKernels(torch.autograd.Function):
 
         B, T, D = v.shape
         n, h = layout.blocks_per_rank, blocks.halo
-        kvf = _blocks_as_batch(torch.cat((k, v, f), dim=-1), n)  # [B·n, T/n, G·d + 2·H·d]
-        received = _route_tails(kvf, h, layout, group)
-        qx, kx, vx, fx = _extended(q, kvf, received, n, (k.shape[-1], D, D))
+        tails = torch.cat([_blocks_as_batch(t, n)[:, T // n - h:] for t in (k, v, f)], dim=-1)  # [B·n, h, W]
+        received = _route_entries(tails, layout, group, step=1)  # the previous block's (zeros for the first)
+        qx, kx, vx, fx = _extended(q, k, v, f, received, n)
         kst, vst, ks_own, vs_own = rat_states(kx, vx, fx, gate_bias, chunk_size, head_dim, rope_base, blocks.offset,
                                               blocks.documents)
         ks, vs = blocks.share_summaries(ks_own, vs_own, B, group)
@@ -204,8 +204,7 @@ class RATDocumentMixingKernels(torch.autograd.Function):
         blocks, layout, group, L, d, rope_base = ctx.setup
         B, T, D = dy.shape
         n, h = layout.blocks_per_rank, blocks.halo
-        kvf = _blocks_as_batch(torch.cat((k, v, f), dim=-1), n)
-        qx, kx, vx, fx = _extended(q, kvf, received, n, (k.shape[-1], D, D))
+        qx, kx, vx, fx = _extended(q, k, v, f, received, n)
         dyx = _after_zeros(_blocks_as_batch(dy, n), h)
         dks, dvs, reused = summary_gradients(dyx, qx, y, lse, ks, vs, L, d, rope_base, blocks.offset,
                                              documents=blocks.documents)
@@ -215,34 +214,31 @@ class RATDocumentMixingKernels(torch.autograd.Function):
         dkvf = torch.cat((dk, dv, df), dim=-1)
         halo = torch.where(blocks.halo_covered.unsqueeze(-1), dkvf[:, :h], 0)  # the rest was written by no kernel
         own = dkvf[:, h:].clone()
-        own[:, own.shape[1] - h:] += _tail_gradient(halo, layout, group)
+        own[:, own.shape[1] - h:] += _route_entries(halo, layout, group, step=-1)  # from the next block's halo
         dk, dv, df = own.reshape(B, T, -1).split([dk.shape[-1], D, D], dim=-1)
         return dq[:, h:].reshape(B, T, -1), dk, dv, df, dbias, None, None, None, None, None, None
 
 
-def _route_tails(entries: torch.Tensor, halo: int, layout: ContextLayout, group) -> torch.Tensor:
-    """[B·n, halo, W]: for each entry [B·n, m, W], the last `halo` rows of the block before it in the sequence,
-    from its rank (zeros for the sequence's first block)."""
-    n = layout.blocks_per_rank
-    tails = entries[:, entries.shape[1] - halo:].unflatten(0, (-1, n)).transpose(0, 1)  # [n, B, halo, W]
-    return route(tails.contiguous(), layout, group, step=1).transpose(0, 1).flatten(0, 1)
+def _route_entries(rows: torch.Tensor, layout: ContextLayout, group, step: int) -> torch.Tensor:
+    """`route` of entries [B·n, r, W] (entry b·n + slot): each entry's rows to the entry of the block `step`
+    after it in the sequence, from whichever rank holds that one (zeros where no block sends)."""
+    by_slot = rows.unflatten(0, (-1, layout.blocks_per_rank)).transpose(0, 1).contiguous()  # [n, B, r, W]
+    return route(by_slot, layout, group, step).transpose(0, 1).flatten(0, 1)
 
 
-def _extended(q: torch.Tensor, kvf: torch.Tensor, received: torch.Tensor, n: int, widths: tuple[int, int, int]):
-    """q, k, v, f of the extended blocks: the received rows before each entry's (q: zeros there, its rows'
-    outputs are the previous block's)."""
-    qx = _after_zeros(_blocks_as_batch(q, n), received.shape[1])
-    return qx, *torch.cat((received, kvf), dim=1).split(list(widths), dim=-1)
+def _extended(q, k, v, f, received: torch.Tensor, n: int):
+    """q, k, v, f of the extended blocks [B·n, halo + T/n, ·]: the received rows of k, v, f (columns as
+    `received`) before each entry's own, written once into one buffer; q has zeros there (those rows' outputs
+    are the previous block's)."""
+    E, h = received.shape[:2]
+    kvf = received.new_empty(E, h + k.shape[1] // n, received.shape[-1])
+    kvf[:, :h] = received
+    widths = [k.shape[-1], v.shape[-1], f.shape[-1]]
+    for part, t in zip(kvf[:, h:].split(widths, dim=-1), (k, v, f)):
+        part.copy_(_blocks_as_batch(t, n))
+    return (_after_zeros(_blocks_as_batch(q, n), h), *kvf.split(widths, dim=-1))
 
 
 def _after_zeros(entries: torch.Tensor, rows: int) -> torch.Tensor:
     """Entries [B·n, m, W] with `rows` rows of zeros before each."""
     return torch.cat((entries.new_zeros(entries.shape[0], rows, entries.shape[-1]), entries), dim=1)
-
-
-def _tail_gradient(halo_grad: torch.Tensor, layout: ContextLayout, group) -> torch.Tensor:
-    """The gradient of each entry's last `halo` rows [B·n, halo, W] through the block after it in the sequence:
-    that block's halo gradient, from its rank (zeros for the sequence's last block)."""
-    n = layout.blocks_per_rank
-    back = route(halo_grad.unflatten(0, (-1, n)).transpose(0, 1).contiguous(), layout, group, step=-1)
-    return back.transpose(0, 1).flatten(0, 1)
