@@ -48,7 +48,7 @@ def test_a_foreign_kernels_package_does_not_shadow_ratpts(tmp_path):
     foreign = tmp_path / "kernels"
     foreign.mkdir()
     (foreign / "__init__.py").write_text("FOREIGN = True\n")
-    probe = ("import importlib, kernels, ratpt_kernels.autograd; m = importlib.import_module('ratpt.ops.rat_mixing'); "
+    probe = ("import importlib, ratpt, kernels, ratpt_kernels.autograd; m = importlib.import_module('ratpt.ops.rat_mixing'); "
              "print(kernels.FOREIGN, m.split_projection is ratpt_kernels.autograd.split_projection)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert out.stdout.split() == ["True", "True"]
@@ -67,6 +67,14 @@ def test_the_kernel_folder_refuses_to_import_as_kernels_and_registers_nothing_tw
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.stdout.split() == ["refused", "True", "decoded"]
 
+
+def test_from_the_repository_root_importing_ratpt_hides_the_kernel_folder_from_transformers_probe():
+    """Newer transformers import whatever `importlib.util.find_spec("kernels")` finds, without catching
+    the ImportError kernels/ raises under that name; after `import ratpt` the probe must find nothing."""
+    probe = ("import importlib.util\nprint(importlib.util.find_spec('kernels') is not None)\n"
+             "import ratpt\nprint(importlib.util.find_spec('kernels') is not None)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "False"]
 
 
 def test_importing_the_trainer_loads_no_compiler_backend():
