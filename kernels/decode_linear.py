@@ -64,24 +64,26 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, M, N, K, sx, s
     tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-def default_block_n(n: int, rows: int, device: torch.device) -> int:
-    """The widest column block (16 to 64) that still gives every SM two programs: with fewer, too few
-    weight loads are in flight to keep the memory busy. But at least half the rows: every program reads
-    all of x from L2, M / BLOCK_N times the weight's bytes in all, which must stay small beside them."""
+def default_launch(n: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(block_n, block_k, warps, stages) for an N-column weight, from the launch sweep on an H100
+    (benchmarks/profile_decode.py --sweep-linear, batches 1 and 64, kernels/NOTES.md): where 64-column
+    blocks still give most SMs a program (N >= 6656 in RAT-1.3B: norm + in_proj, fc1), they stream the
+    most weight per program and win (at one row 19.7 µs against 52 µs for the 16-column blocks the old
+    default chose); narrower weights (N = D = 2048: out_proj, fc2) take 16-column blocks walking K in
+    256-wide steps."""
     sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
-    block_n = 64
-    while block_n > 16 and triton.cdiv(n, block_n) < 2 * sms:
-        block_n //= 2
-    return max(block_n, min(64, triton.next_power_of_2(rows) // 2))
+    if triton.cdiv(n, 64) * 4 >= 3 * sms:
+        return 64, 64, 4, 4
+    return 16, 256, 4, 3
 
 
 @torch.library.custom_op("ratpt::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
-                  activation: str, residual: torch.Tensor | None, block_n: int = 0, block_k: int = 128,
-                  warps: int = 4, stages: int = 4) -> torch.Tensor:
+                  activation: str, residual: torch.Tensor | None, block_n: int = 0, block_k: int = 0,
+                  warps: int = 0, stages: int = 0) -> torch.Tensor:
     """act(RMSNorm(x) Wᵀ) + residual [M, N] in x's dtype, for x [M, K] with M <= MAX_ROWS; the norm if
     `norm_weight` is given, the residual [M, N] if given; `activation` one of ACTIVATIONS (N = rows of W,
-    or half of them for swiglu). block_n (0: default_block_n), block_k, warps, stages: the launch
+    or half of them for swiglu). block_n, block_k, warps, stages: the launch, each 0 for default_launch's
     (benchmarks/profile_decode.py --sweep-linear measures them)."""
     M, K = x.shape
     if M > MAX_ROWS:
@@ -93,7 +95,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
             raise ValueError(f"decode_linear needs {name} contiguous in its last dim, got strides {t.stride()}")
     N = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    block_n = block_n or default_block_n(N, M, x.device)
+    launch = default_launch(N, x.device)
+    block_n, block_k, warps, stages = (given or default for given, default in
+                                       zip((block_n, block_k, warps, stages), launch))
     f32 = interpreting() or x.dtype == torch.float32
     _decode_linear_kernel[(triton.cdiv(N, block_n),)](
         x, weight, x if norm_weight is None else norm_weight, y if residual is None else residual, y,
