@@ -118,8 +118,8 @@ def graphed_us(calls: list, repeats: int = 5) -> float:
 
 def sweep_linear_launch(batches: list[int]) -> list[dict]:
     """µs per call of each fused decode linear of one RAT-1.3B layer, per launch (block_n, block_k, warps,
-    stages; all 0: the kernel's default_launch) and for the unfused cuBLAS path (ops.decode_linear's reference), at
-    each batch. The calls cycle through > 200 MB of weight copies, so that none is read from the L2
+    stages, K split; "default": the kernel's default_launch, unsplit) and for the unfused cuBLAS path
+    (ops.decode_linear's reference), at each batch. The calls cycle through > 200 MB of weight copies, so that none is read from the L2
     cache; TB/s is the weight bytes over the time."""
     from ratpt_kernels import decode_linear as fused
 
@@ -129,8 +129,10 @@ def sweep_linear_launch(batches: list[int]) -> list[dict]:
               "out_proj+residual": (D, D, False, "none", True),
               "norm+fc1+gelu": (F, D, True, "gelu", False),
               "fc2+residual": (D, F, False, "none", True)}
-    launches = [(0, 0, 0, 0), (16, 256, 4, 3), (16, 512, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 64, 4, 4),
-                (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)]
+    launches = [(0, 0, 0, 0, 1), (16, 256, 4, 3, 1), (16, 512, 4, 3, 1), (32, 128, 4, 3, 1), (32, 256, 4, 3, 1),
+                (64, 64, 4, 4, 1), (64, 128, 4, 3, 1), (64, 128, 8, 3, 1), (128, 64, 8, 3, 1),
+                (16, 256, 4, 3, 2), (16, 256, 4, 3, 4), (32, 128, 4, 3, 4), (64, 64, 4, 4, 2), (64, 128, 4, 3, 2),
+                (64, 64, 4, 4, 4)]
     rows = []
     for batch, (name, (n, k, norm, activation, residual)) in itertools.product(batches, layers.items()):
         copies = -(-200 * 2**20 // (2 * n * k))
@@ -140,9 +142,9 @@ def sweep_linear_launch(batches: list[int]) -> list[dict]:
         r = torch.randn(batch, n, device="cuda", dtype=torch.bfloat16) if residual else None
         candidates = {"cublas": partial(decode_linear, x, norm_weight=g, activation=activation, residual=r,
                                         kernels="torch")}
-        for bn, bk, warps, stages in launches:
-            candidates["default" if bn == 0 else f"n{bn}_k{bk}_w{warps}_s{stages}"] = (
-                lambda w, launch=(bn, bk, warps, stages): fused(x, w, g, 1e-6, activation, r, *launch))
+        for launch in launches:
+            label = "default" if launch[0] == 0 else "n{}_k{}_w{}_s{}_split{}".format(*launch)
+            candidates[label] = lambda w, launch=launch: fused(x, w, g, 1e-6, activation, r, *launch)
         for label, fn in candidates.items():
             try:
                 us = graphed_us([partial(fn, w) for w in weights])

@@ -13,6 +13,12 @@ takes no pass of its own: Σ x² accumulates beside the dot of (x ⊙ norm weigh
 rounds the normed x to the model dtype before multiplying by the norm weight; here x ⊙ norm weight is
 rounded once, and 1 / rms applied in fp32). SwiGLU (W [2F, K] packing gate and up rows) reads the gate
 rows n and the up rows F + n in the same program and returns silu(gate) ⊙ up.
+
+Split K (`split` > 1): a weight too narrow to give every SM its own column blocks (fc2: N 2048, K 8192)
+is also cut along K. Program (n, s) then writes its fp32 partial products and partial Σ x² to a scratch
+buffer, and a second launch sums the `split` pieces of each column block and applies the norm's scale,
+the activation and the residual: the norm scale and the sums commute, so the result is the unsplit one
+up to the order of the fp32 additions.
 """
 import torch
 import triton
@@ -25,8 +31,27 @@ ACTIVATIONS = ("none", "gelu", "swiglu")
 
 
 @triton.jit
-def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, M, N, K, sx, sw, sr, sy, eps,
-                          NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
+def _epilogue(acc, up, squares, res_ptr, y_ptr, rows, cols, M, N, K, sr, sy, eps,
+              NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y = act(acc · 1/rms) (⊙ up's scaled half for SwiGLU) + residual, stored for these rows and columns."""
+    if NORM:
+        scale = tl.rsqrt(squares / K + eps)[:, None]
+        acc *= scale
+        up *= scale
+    if ACT == 1:  # exact GELU, as F.gelu's default
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    if ACT == 2:
+        acc = acc * tl.sigmoid(acc) * up
+    out_mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if RESIDUAL:
+        acc += tl.load(res_ptr + rows[:, None] * sr + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, part_ptr, M, N, K, k_per_split,
+                          sx, sw, sr, sy, eps,
+                          NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
     rows = tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -36,7 +61,8 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, M, N, K, sx, s
     acc = tl.zeros((BM, BN), tl.float32)
     up = tl.zeros((BM, BN), tl.float32)
     squares = tl.zeros((BM,), tl.float32)
-    for k0 in range(0, K, BK):
+    k_first = tl.program_id(1) * k_per_split
+    for k0 in range(k_first, tl.minimum(k_first + k_per_split, K), BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < K
         x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -50,18 +76,37 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, M, N, K, sx, s
         if ACT == 2:  # the up rows, F = N rows below the gate rows
             u = tl.load(w_rows + N * sw + ks[None, :], mask=w_mask, other=0.0)
             up += dot(x, tl.trans(u), w.dtype, F32)
-    if NORM:
-        scale = tl.rsqrt(squares / K + eps)[:, None]
-        acc *= scale
-        up *= scale
-    if ACT == 1:  # exact GELU, as F.gelu's default
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    if ACT == 2:
-        acc = acc * tl.sigmoid(acc) * up
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    if RESIDUAL:
-        acc += tl.load(res_ptr + rows[:, None] * sr + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    if SPLIT == 1:
+        _epilogue(acc, up, squares, res_ptr, y_ptr, rows, cols, M, N, K, sr, sy, eps, NORM, ACT, RESIDUAL)
+    else:  # partials [SPLIT, 2 (acc, up), BM, N + 1]: column N holds the row's partial Σ x²
+        part = part_ptr + tl.program_id(1) * 2 * BM * (N + 1) + rows[:, None] * (N + 1) + cols[None, :]
+        tl.store(part, acc, mask=col_ok[None, :])
+        if ACT == 2:
+            tl.store(part + BM * (N + 1), up, mask=col_ok[None, :])
+        if NORM:
+            if tl.program_id(0) == 0:  # every column block has the same Σ x²; one stores it
+                tl.store(part_ptr + tl.program_id(1) * 2 * BM * (N + 1) + rows * (N + 1) + N, squares)
+
+
+@triton.jit
+def _decode_linear_reduce(part_ptr, res_ptr, y_ptr, M, N, K, sr, sy, eps,
+                          NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr):
+    """The split-K launch's second pass: sums the SPLIT partials of BN columns, then the epilogue."""
+    rows = tl.arange(0, BM)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    acc = tl.zeros((BM, BN), tl.float32)
+    up = tl.zeros((BM, BN), tl.float32)
+    squares = tl.zeros((BM,), tl.float32)
+    for s in range(SPLIT):
+        part = part_ptr + s * 2 * BM * (N + 1) + rows[:, None] * (N + 1) + cols[None, :]
+        acc += tl.load(part, mask=col_ok[None, :], other=0.0)
+        if ACT == 2:
+            up += tl.load(part + BM * (N + 1), mask=col_ok[None, :], other=0.0)
+        if NORM:
+            squares += tl.load(part_ptr + s * 2 * BM * (N + 1) + rows * (N + 1) + N)
+    _epilogue(acc, up, squares, res_ptr, y_ptr, rows, cols, M, N, K, sr, sy, eps, NORM, ACT, RESIDUAL)
 
 
 def default_launch(n: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -80,11 +125,12 @@ def default_launch(n: int, device: torch.device) -> tuple[int, int, int, int]:
 @torch.library.custom_op("ratpt::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
                   activation: str, residual: torch.Tensor | None, block_n: int = 0, block_k: int = 0,
-                  warps: int = 0, stages: int = 0) -> torch.Tensor:
+                  warps: int = 0, stages: int = 0, split: int = 1) -> torch.Tensor:
     """act(RMSNorm(x) Wᵀ) + residual [M, N] in x's dtype, for x [M, K] with M <= MAX_ROWS; the norm if
     `norm_weight` is given, the residual [M, N] if given; `activation` one of ACTIVATIONS (N = rows of W,
-    or half of them for swiglu). block_n, block_k, warps, stages: the launch, each 0 for default_launch's
-    (benchmarks/profile_decode.py --sweep-linear measures them)."""
+    or half of them for swiglu). block_n, block_k, warps, stages: the launch, each 0 for default_launch's;
+    split: pieces of K run by separate programs and summed by a second launch (benchmarks/profile_decode.py
+    --sweep-linear measures them)."""
     M, K = x.shape
     if M > MAX_ROWS:
         raise ValueError(f"decode_linear takes at most {MAX_ROWS} rows, got {M}")
@@ -98,12 +144,20 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     launch = default_launch(N, x.device)
     block_n, block_k, warps, stages = (given or default for given, default in
                                        zip((block_n, block_k, warps, stages), launch))
-    f32 = interpreting() or x.dtype == torch.float32
-    _decode_linear_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, x if norm_weight is None else norm_weight, y if residual is None else residual, y,
-        M, N, K, x.stride(0), weight.stride(0), (y if residual is None else residual).stride(0), y.stride(0), eps,
-        NORM=norm_weight is not None, ACT=ACTIVATIONS.index(activation), RESIDUAL=residual is not None,
-        BM=max(16, triton.next_power_of_2(M)), BN=block_n, BK=block_k, F32=f32, num_warps=warps, num_stages=stages)
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per_split)  # no empty piece
+    bm = max(16, triton.next_power_of_2(M))
+    parts = x.new_empty((split, 2, bm, N + 1) if split > 1 else (1,), dtype=torch.float32)
+    flags = dict(NORM=norm_weight is not None, ACT=ACTIVATIONS.index(activation), RESIDUAL=residual is not None,
+                 SPLIT=split, BM=bm, BN=block_n)
+    res = y if residual is None else residual
+    _decode_linear_kernel[(triton.cdiv(N, block_n), split)](
+        x, weight, x if norm_weight is None else norm_weight, res, y, parts, M, N, K, k_per_split,
+        x.stride(0), weight.stride(0), res.stride(0), y.stride(0), eps, **flags, BK=block_k,
+        F32=interpreting() or x.dtype == torch.float32, num_warps=warps, num_stages=stages)
+    if split > 1:
+        _decode_linear_reduce[(triton.cdiv(N, block_n),)](parts, res, y, M, N, K, res.stride(0), y.stride(0), eps,
+                                                          **flags, num_warps=4)
     return y
 
 

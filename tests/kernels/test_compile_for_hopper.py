@@ -13,7 +13,7 @@ from run_helpers import REPO
 
 KERNELS = ("_states_kernel", "_attention_kernel", "_gate_kernel", "_prepare_kernel", "_summary_grad_kernel",
            "_query_grad_kernel", "_recurrence_grad_kernel", "_decode_kernel")
-SERVING = ("_decode_linear_kernel", "_attention_decode_split", "_attention_decode_merge")  # bf16, as served
+SERVING = ("_decode_linear_kernel", "_decode_linear_reduce", "_attention_decode_split", "_attention_decode_merge")
 
 
 # Two processes compile in parallel; fp32's IEEE dots compile about twice as slowly as bf16's, so the
@@ -56,5 +56,6 @@ def test_every_kernel_compiles_to_a_hopper_cubin(tmp_path):
         # forward 3 launches (states, attention, output gate); backward 4 (states, prepare with the gate, the
         # summary side with atomic dq, the token-local rest) and deterministic 5 (+ the query side, without
         # the gate); the passes with chunk offsets 1 + 1 + 2 + 2; decode 1; bf16 over packed documents 3 + 4, and
-        # serving: decode_linear twice (norm + SwiGLU + residual, GELU alone), attention_decode's split and merge
-        assert len(compiled) == {"bfloat16": 30, "float32": 19}[dtype], f"{dtype}: {compiled}"
+        # serving: decode_linear three times (norm + SwiGLU + residual, GELU alone, norm + residual split over K
+        # with its reduce), attention_decode's split and merge
+        assert len(compiled) == {"bfloat16": 32, "float32": 19}[dtype], f"{dtype}: {compiled}"

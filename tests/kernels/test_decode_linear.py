@@ -30,17 +30,19 @@ def inputs(rows, activation, seed=0):
     return [t.to(DEVICE) for t in (x, w, norm, residual)]
 
 
+@pytest.mark.parametrize("split", [1, 3], ids=["whole-k", "split-k3"])
 @pytest.mark.parametrize("rows", [1, 5, 64], ids=lambda r: f"rows{r}")
 @pytest.mark.parametrize("activation, norm, residual", [("none", True, False), ("gelu", True, False),
                                                         ("swiglu", True, False), ("none", False, True),
                                                         ("swiglu", False, True)],
                          ids=["norm", "norm-gelu", "norm-swiglu", "residual", "swiglu-residual"])
-def test_triton_decode_linear_equals_reference(rows, activation, norm, residual):
+def test_triton_decode_linear_equals_reference(rows, activation, norm, residual, split):
+    """split 3 cuts K = 40 into pieces of 16, 16 and 8 (a short last one), summed by the second launch."""
     x, w, g, r = inputs(rows, activation)
     g, r = (g if norm else None), (r if residual else None)
     want = decode_linear(x.double(), w.double(), None if g is None else g.double(), EPS, activation,
                          None if r is None else r.double(), kernels="torch")
-    got = triton_decode_linear(x, w, g, EPS, activation, r, block_k=16)
+    got = triton_decode_linear(x, w, g, EPS, activation, r, block_k=16, split=split)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
@@ -56,21 +58,22 @@ def test_reference_is_the_modules_norm_linear_activation_and_residual(ffn):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [1, 4], ids=["whole-k", "split-k4"])
 @pytest.mark.parametrize("rows", [1, 64], ids=lambda r: f"rows{r}")
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_bf16_decode_linear_at_model_width_is_within_bf16_rounding(rows, activation):
-    """D 2048, F 8192 (RAT-1.3B's FFN) in bf16 with the default launch: fc1 with norm and activation,
-    fc2 with the residual, against the fp32 reference on the same bf16 inputs. Outputs are O(1) and the
-    reference rounds once to bf16 (≈ 4e-3 relative): 2e-2 allows the kernel's other rounding order."""
+def test_bf16_decode_linear_at_model_width_is_within_bf16_rounding(rows, activation, split):
+    """D 2048, F 8192 (RAT-1.3B's FFN) in bf16 with the default launch (K split in 4 or not): fc1 with norm
+    and activation, fc2 with the residual, against the fp32 reference on the same bf16 inputs. Outputs are
+    O(1) and the reference rounds once to bf16 (≈ 4e-3 relative): 2e-2 allows the kernel's other rounding order."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     D, F = 2048, 8192
     x = torch.randn(rows, D, device="cuda", generator=gen).bfloat16()
     w1 = (torch.randn(2 * F if activation == "swiglu" else F, D, device="cuda", generator=gen) / D ** 0.5).bfloat16()
     w2 = (torch.randn(D, F, device="cuda", generator=gen) / F ** 0.5).bfloat16()
     g = (torch.rand(D, device="cuda", generator=gen) + 0.5).bfloat16()
-    h = triton_decode_linear(x, w1, g, EPS, activation, None)
+    h = triton_decode_linear(x, w1, g, EPS, activation, None, split=split)
     want_h = decode_linear(x.float(), w1.float(), g.float(), EPS, activation, kernels="torch")
     torch.testing.assert_close(h.float(), want_h, rtol=2e-2, atol=2e-2)
-    y = triton_decode_linear(h, w2, None, EPS, "none", x)
+    y = triton_decode_linear(h, w2, None, EPS, "none", x, split=split)
     torch.testing.assert_close(y.float(), decode_linear(h.float(), w2.float(), residual=x.float(), kernels="torch"),
                                rtol=2e-2, atol=2e-2)

@@ -91,6 +91,8 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
         x, w = torch.randn(B, H * d).to(dtype), torch.randn(2 * 256, H * d).to(dtype)
         decode_linear(x, w, torch.ones(H * d).to(dtype), 1e-5, "swiglu", torch.randn(B, 256).to(dtype))
         decode_linear(x, w, None, 1e-5, "gelu", None)
+        decode_linear(x, w, torch.ones(H * d).to(dtype), 1e-5, "none", torch.randn(B, 2 * 256).to(dtype), block_k=64,
+                      split=2)  # and its reduce
         cache = torch.randn(B, H, 512, d).to(dtype)
         attention_decode(q[:, :1].reshape(B, 1, G, d).repeat(1, 1, H // G, 1).transpose(1, 2).contiguous(), cache,
                          cache.clone(), torch.full((B,), 300), splits=4)
