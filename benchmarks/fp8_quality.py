@@ -10,6 +10,7 @@ and the wall time per run to <out>.json, and both curves to <out>.png.
 
     python benchmarks/fp8_quality.py                                  # ~20M tokens, bf16 vs tensorwise
     python benchmarks/fp8_quality.py --recipes tensorwise,rowwise --tokens 2e7
+    python benchmarks/fp8_quality.py --fp32-reference        # and an fp32 run: which of bf16 and FP8 drifts
     python benchmarks/fp8_quality.py --config configs/tiny.yaml --tokens 3e4 --emulate --set train.device=cpu \\
         --global-batch 8 --micro-batch 4 --seq-len 256    # the code path on a CPU, in a minute
 """
@@ -26,14 +27,18 @@ import torch
 from quality import REPO, device_name, stdlib_corpus, train_run
 
 
-def fp8_run(args: argparse.Namespace, data: Path, recipe: str, steps: int) -> dict:
-    """One run with train.fp8 = `recipe` ("off": bf16), the rest as the command line says."""
+def fp8_run(args: argparse.Namespace, data: Path, recipe: str, steps: int, precision: str = "auto") -> dict:
+    """One run with train.fp8 = `recipe` ("off": bf16) and train.precision = `precision`, the rest as the
+    command line says."""
+    label = recipe if precision == "auto" else f"{recipe}_{precision}"
     overrides = [
-        f"name=fp8_quality_{recipe}", f"data.seq_len={args.seq_len}", f"train.steps={steps}",
+        f"name=fp8_quality_{label}", f"data.seq_len={args.seq_len}", f"train.steps={steps}",
         f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}", f"train.fp8={recipe}",
+        f"train.precision={precision}",
         *(["train.fp8_emulate=true"] if args.emulate and recipe != "off" else []), *args.set,
     ]
-    return {"fp8": recipe, **train_run(args.config, data, args.work / f"run_{recipe}", overrides)}
+    return {"fp8": recipe, "precision": precision, "label": label,
+            **train_run(args.config, data, args.work / f"run_{label}", overrides)}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -44,7 +49,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in result["runs"]:
-        label = f"train.fp8={run['fp8']}"
+        label = f"train.fp8={run['fp8']}" + (f", train.precision={run['precision']}" if run["precision"] != "auto" else "")
         ax.plot(range(1, len(run["losses"]) + 1), run["losses"], label=f"{label}: final {run['final_loss']:.4f}",
                 linewidth=1)
     ax.set_xlabel(f"step ({result['tokens_per_step']} tokens each)")
@@ -64,6 +69,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--emulate", action="store_true", help="FP8 runs emulated (train.fp8_emulate: CPU)")
+    parser.add_argument("--fp32-reference", action="store_true",
+                        help="one more run in fp32 (train.precision=fp32), against which bf16 and FP8 are both compared")
     parser.add_argument("--set", action="append", default=[], help="one more config override key=value")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "fp8_quality", help="data and run folders")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fp8_quality",
@@ -76,6 +83,10 @@ def main() -> None:
     bf16 = runs[0]["final_loss"]
     for run in runs[1:]:
         run["final_gap_to_bf16"] = (run["final_loss"] - bf16) / bf16
+    if args.fp32_reference:
+        runs.append(fp8_run(args, data, "off", steps, "fp32"))
+        for run in runs[:-1]:
+            run["final_gap_to_fp32"] = (run["final_loss"] - runs[-1]["final_loss"]) / runs[-1]["final_loss"]
     result = {"config": args.config.name, "device": device_name(),
               "torch": torch.__version__, "tokens": steps * tokens_per_step, "steps": steps,
               "tokens_per_step": tokens_per_step, "runs": runs,
@@ -84,8 +95,10 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
     for run in runs:
-        gap = f" ({100 * run['final_gap_to_bf16']:+.2f}% against bf16)" if "final_gap_to_bf16" in run else ""
-        print(f"{run['fp8']:>10}: final loss {run['final_loss']:.4f}{gap}, {run['wall_s']:.0f} s", flush=True)
+        gaps = [f"{100 * run[key]:+.2f}% against {key.rsplit('_', 1)[1]}" for key in ("final_gap_to_bf16", "final_gap_to_fp32")
+                if key in run]
+        gap = f" ({', '.join(gaps)})" if gaps else ""
+        print(f"{run['label']:>10}: final loss {run['final_loss']:.4f}{gap}, {run['wall_s']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
