@@ -10,6 +10,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -83,6 +85,18 @@ def test_importing_the_trainer_loads_no_compiler_backend():
     probe = "import sys, ratpt.train.trainer, ratpt.generate; print('torch._inductor.compile_fx' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--tasks", "arc_easy"], ["evaluate-long"], ["export-hf", "--out", "x"]],
+                         ids=lambda c: c[0])
+def test_a_missing_model_folder_is_named_before_the_evaluation_libraries_load(command, tmp_path):
+    missing = str(tmp_path / "no_such_export")
+    probe = ("import sys\nfrom ratpt.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exit:\n"
+             "    print(exit.code, 'transformers' in sys.modules, 'lm_eval' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, command[0], missing, *command[1:]], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-3:] == ["2", "False", "False"], done.stdout + done.stderr
+    assert f"pretrained folder {missing} does not exist" in done.stderr
 
 
 def test_the_command_line_loads_the_data_loaders_libraries_only_for_a_command_that_reads_data():
