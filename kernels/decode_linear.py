@@ -162,6 +162,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
 
 
 @decode_linear.register_fake
-def _decode_linear_shape(x, weight, norm_weight, eps, activation, residual, *launch):
+def _decode_linear_shape(x, weight, norm_weight, eps, activation, residual, block_n=0, block_k=0, warps=0, stages=0,
+                         split=1):
     n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
     return x.new_empty(x.shape[0], n)
