@@ -6,7 +6,7 @@ byte-tokenized pieces of ~2.8 KB on average (median ~0.7 KB), so that a sequence
 documents that do not belong together. Every run sees the same batches in the same order; each is
 evaluated as it was trained (masked or not) on the same held-out sequences at the end. Blocks run eagerly in
 both (train.compile=false): what is compared is quality, not speed. Writes the per-step losses, final
-training and validation losses to <out>.json.
+training and validation losses to <out>.json and both curves to <out>.png (`--plot <out>.json` redraws it).
 
     python benchmarks/document_masking_quality.py                       # ~10M tokens per run
     python benchmarks/document_masking_quality.py --config configs/tiny.yaml --tokens 2e4 --set train.device=cpu \\
@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 
-from quality import REPO, device_name, stdlib_corpus, train_run
+from quality import REPO, device_name, plot_losses, stdlib_corpus, train_run
+
+
+def plot(result: dict, path: Path) -> None:
+    labels = [f"data.document_masking={str(run['document_masking']).lower()}: validation {run['val_loss']:.4f}"
+              for run in result["runs"]]
+    plot_losses(result, labels, "without and with document masking", path)
 
 
 def main() -> None:
@@ -37,7 +43,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "document_masking_quality",
                         help="data and run folders")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "document_masking_quality.json")
+    parser.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON (beside it)")
     args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
     data = stdlib_corpus(args.work, pieces=True)
     tokens_per_step = args.global_batch * args.seq_len
     steps = math.ceil(args.tokens / tokens_per_step)
@@ -54,6 +64,7 @@ def main() -> None:
               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    plot(result, args.out.with_suffix(".png"))
     for run in runs:
         print(f"document_masking={run['document_masking']}: final training loss {run['final_loss']:.4f}, "
               f"validation loss {run['val_loss']:.4f}, {run['wall_s']:.0f} s", flush=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from quality import REPO, device_name, stdlib_corpus, train_run
+from quality import REPO, device_name, plot_losses, stdlib_corpus, train_run
 
 
 def fp8_run(args: argparse.Namespace, data: Path, recipe: str, steps: int, precision: str = "auto") -> dict:
@@ -42,22 +42,10 @@ def fp8_run(args: argparse.Namespace, data: Path, recipe: str, steps: int, preci
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in result["runs"]:
-        label = f"train.fp8={run['fp8']}" + (f", train.precision={run['precision']}" if run["precision"] != "auto" else "")
-        ax.plot(range(1, len(run["losses"]) + 1), run["losses"], label=f"{label}: final {run['final_loss']:.4f}",
-                linewidth=1)
-    ax.set_xlabel(f"step ({result['tokens_per_step']} tokens each)")
-    ax.set_ylabel("training loss (nats per byte)")
-    ax.set_title(f"{result['config']}: bf16 against FP8, {result['tokens'] / 1e6:.3g}M tokens, {result['device']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    labels = [f"train.fp8={run['fp8']}" + (f", train.precision={run['precision']}"
+                                           if run.get("precision", "auto") != "auto" else "")
+              + f": final {run['final_loss']:.4f}" for run in result["runs"]]
+    plot_losses(result, labels, "bf16 against FP8", path)
 
 
 def main() -> None:

@@ -70,3 +70,21 @@ def train_run(config: Path, data: Path, out_dir: Path, overrides: list[str]) -> 
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def plot_losses(result: dict, labels: list[str], title: str, path: Path) -> None:
+    """Each run's training loss per step (labels[i] names result["runs"][i]) in one PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run, label in zip(result["runs"], labels):
+        ax.plot(range(1, len(run["losses"]) + 1), run["losses"], label=label, linewidth=1)
+    ax.set_xlabel(f"step ({result['tokens_per_step']} tokens each)")
+    ax.set_ylabel("training loss (nats per byte)")
+    ax.set_title(f"{result['config']}: {title}, {result['tokens'] / 1e6:.3g}M tokens, {result['device']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
