@@ -157,6 +157,36 @@ def sweep_linear_launch(batches: list[int]) -> list[dict]:
     return rows
 
 
+def plot_linear_sweep(path: Path) -> None:
+    """The --sweep-linear JSON at `path` as bars beside it (PNG): per batch and linear layer, cuBLAS, the
+    kernel's default launch and its best launch, in µs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads(path.read_text())
+    rows = [r for r in result["runs"] if "us" in r]
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        layers = list(dict.fromkeys(r["layer"] for r in rows if r["batch"] == batch))
+        times = {name: {r["launch"]: r["us"] for r in rows if r["batch"] == batch and r["layer"] == name}
+                 for name in layers}
+        series = {"cuBLAS and its neighbours": [times[n]["cublas"] for n in layers],
+                  "fused, default launch": [times[n].get("default", float("nan")) for n in layers],
+                  "fused, best launch": [min(us for launch, us in times[n].items() if launch != "cublas")
+                                         for n in layers]}
+        for i, (label, values) in enumerate(series.items()):
+            ax.bar([x + 0.27 * (i - 1) for x in range(len(layers))], values, width=0.27, label=label)
+        ax.set_xticks(range(len(layers)), layers, fontsize=8)
+        ax.set_ylabel("µs per call (CUDA graph)")
+        ax.set_title(f"batch {batch}, {result['device']}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="rat_1p3b,attention_1p3b")
@@ -170,10 +200,15 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time the decode kernel's launches instead")
     parser.add_argument("--sweep-linear", action="store_true", help="time the fused decode linears' launches instead")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "profile_decode.json")
+    parser.add_argument("--plot-sweep-linear", type=Path, help="only draw the PNG of an existing --sweep-linear JSON")
     args = parser.parse_args()
+    if args.plot_sweep_linear:
+        plot_linear_sweep(args.plot_sweep_linear)
+        return
     if args.sweep_linear:
         rows = sweep_linear_launch(list(map(int, args.batches.split(","))))
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "runs": rows}, indent=1))
+        plot_linear_sweep(args.out)
         return
     if args.sweep:
         batch = int(args.batches.split(",")[0])
