@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--emulate", action="store_true", help="FP8 runs emulated (train.fp8_emulate: CPU)")
     parser.add_argument("--fp32-reference", action="store_true",
-                        help="one more run in fp32 (train.precision=fp32), against which bf16 and FP8 are both compared")
+                        help="one more run in fp32 (train.precision=fp32), the reference of both bf16 and FP8")
     parser.add_argument("--set", action="append", default=[], help="one more config override key=value")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "fp8_quality", help="data and run folders")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fp8_quality",
@@ -83,8 +83,8 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
     for run in runs:
-        gaps = [f"{100 * run[key]:+.2f}% against {key.rsplit('_', 1)[1]}" for key in ("final_gap_to_bf16", "final_gap_to_fp32")
-                if key in run]
+        gaps = [f"{100 * run[key]:+.2f}% against {key.rsplit('_', 1)[1]}"
+                for key in ("final_gap_to_bf16", "final_gap_to_fp32") if key in run]
         gap = f" ({', '.join(gaps)})" if gaps else ""
         print(f"{run['label']:>10}: final loss {run['final_loss']:.4f}{gap}, {run['wall_s']:.0f} s", flush=True)
 

@@ -119,8 +119,8 @@ def graphed_us(calls: list, repeats: int = 5) -> float:
 def sweep_linear_launch(batches: list[int]) -> list[dict]:
     """µs per call of each fused decode linear of one RAT-1.3B layer, per launch (block_n, block_k, warps,
     stages, K split; "default": the kernel's default_launch, unsplit) and for the unfused cuBLAS path
-    (ops.decode_linear's reference), at each batch. The calls cycle through > 200 MB of weight copies, so that none is read from the L2
-    cache; TB/s is the weight bytes over the time."""
+    (ops.decode_linear's reference), at each batch. The calls cycle through > 200 MB of weight copies, so
+    that none is read from the L2 cache; TB/s is the weight bytes over the time."""
     from ratpt_kernels import decode_linear as fused
 
     cfg = load_config(REPO / "configs" / "rat_1p3b.yaml").model

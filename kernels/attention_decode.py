@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, interpreting
+from .common import LOG2E, interpreting, sm_count
 
 
 @triton.jit
@@ -76,17 +76,12 @@ def _attention_decode_merge(o_ptr, m_ptr, l_ptr, y_ptr, sy_b, sy_h,
     tl.store(y_ptr + b.to(tl.int64) * sy_b + h * sy_h + cols, y.to(y_ptr.dtype.element_ty))
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def default_splits(batch_heads: int, slots: int, block: int, device: torch.device) -> int:
     """Splits per (sequence, head): a power of two giving the grid at least 16 programs per SM (a short
     tail wave), each split at least two blocks of slots (benchmarks/attention_decode.py measures them)."""
     if device.type != "cuda":
         return 1
-    if device.index not in _SM_COUNT:
-        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.next_power_of_2(triton.cdiv(16 * _SM_COUNT[device.index], batch_heads)),
+    return max(1, min(triton.next_power_of_2(triton.cdiv(16 * sm_count(device.index), batch_heads)),
                       slots // (2 * block)))
 
 

@@ -13,6 +13,7 @@ fp32; tensor-core dots take their operands in the input dtype (bf16/fp16), or fp
 products when the inputs are fp32 or when running in the Triton interpreter (whose bf16 dot is
 broken).
 """
+import functools
 import os
 
 import torch
@@ -25,6 +26,12 @@ LOG2E = 1.4426950408889634
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device, read once (launch choices ask on every call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def row_blocks(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:

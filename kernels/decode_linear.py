@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot, interpreting
+from .common import dot, interpreting, sm_count
 
 MAX_ROWS = 64  # rows one program holds; larger batches use cuBLAS (ratpt.ops.decode_linear)
 ACTIVATIONS = ("none", "gelu", "swiglu")
@@ -116,7 +116,7 @@ def default_launch(n: int, device: torch.device) -> tuple[int, int, int, int]:
     most weight per program and win (at one row 19.7 µs against 52 µs for the 16-column blocks the old
     default chose); narrower weights (N = D = 2048: out_proj, fc2) take 16-column blocks walking K in
     256-wide steps."""
-    sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = 4 if device.type != "cuda" else sm_count(device.index)
     if triton.cdiv(n, 64) * 4 >= 3 * sms:
         return 64, 64, 4, 4
     return 16, 256, 4, 3
@@ -147,7 +147,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     split = triton.cdiv(K, k_per_split)  # no empty piece
     bm = max(16, triton.next_power_of_2(M))
-    parts = x.new_empty((split, 2, bm, N + 1) if split > 1 else (1,), dtype=torch.float32)
+    # the partials' scratch; unsplit, the kernel stores none (y stands in for the pointer)
+    parts = x.new_empty((split, 2, bm, N + 1), dtype=torch.float32) if split > 1 else y
     flags = dict(NORM=norm_weight is not None, ACT=ACTIVATIONS.index(activation), RESIDUAL=residual is not None,
                  SPLIT=split, BM=bm, BN=block_n)
     res = y if residual is None else residual

@@ -50,7 +50,8 @@ def test_a_foreign_kernels_package_does_not_shadow_ratpts(tmp_path):
     foreign = tmp_path / "kernels"
     foreign.mkdir()
     (foreign / "__init__.py").write_text("FOREIGN = True\n")
-    probe = ("import importlib, ratpt, kernels, ratpt_kernels.autograd; m = importlib.import_module('ratpt.ops.rat_mixing'); "
+    probe = ("import importlib, ratpt, kernels, ratpt_kernels.autograd\n"
+             "m = importlib.import_module('ratpt.ops.rat_mixing')\n"
              "print(kernels.FOREIGN, m.split_projection is ratpt_kernels.autograd.split_projection)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert out.stdout.split() == ["True", "True"]
@@ -87,8 +88,8 @@ def test_importing_the_trainer_loads_no_compiler_backend():
     assert done.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("command", [["evaluate", "--tasks", "arc_easy"], ["evaluate-long"], ["export-hf", "--out", "x"]],
-                         ids=lambda c: c[0])
+@pytest.mark.parametrize("command", [["evaluate", "--tasks", "arc_easy"], ["evaluate-long"],
+                                     ["export-hf", "--out", "x"]], ids=lambda c: c[0])
 def test_a_missing_model_folder_is_named_before_the_evaluation_libraries_load(command, tmp_path):
     missing = str(tmp_path / "no_such_export")
     probe = ("import sys\nfrom ratpt.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exit:\n"

@@ -22,7 +22,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         description="Write EXPORT_DIR (from `ratpt export`) as a folder that transformers loads with "
                     "AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) and AutoTokenizer.",
     )
-    parser.add_argument("model_dir", type=existing_folder, help="a pretrained folder written by `ratpt export` or `ratpt convert`")
+    parser.add_argument("model_dir", type=existing_folder,
+                        help="a pretrained folder written by `ratpt export` or `ratpt convert`")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.set_defaults(func=run_export_hf)
 
@@ -32,7 +33,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                     "ratpt's own model and tokenizer. Task data comes from the Hugging Face hub unless the "
                     "tasks are local YAML files under --include-path.",
     )
-    parser.add_argument("model_dir", type=existing_folder, help="a pretrained folder (ratpt export, convert or export-hf)")
+    parser.add_argument("model_dir", type=existing_folder,
+                        help="a pretrained folder (ratpt export, convert or export-hf)")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     parser.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
@@ -51,7 +53,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
         description="Hide a random number at each depth of a haystack of CPython's documentation, in prompts "
                     "of each length (tokens), and ask MODEL_DIR for it; writes passkey.json and passkey.png.",
     )
-    parser.add_argument("model_dir", type=existing_folder, help="a pretrained folder (ratpt export, convert or export-hf)")
+    parser.add_argument("model_dir", type=existing_folder,
+                        help="a pretrained folder (ratpt export, convert or export-hf)")
     parser.add_argument("--lengths", default="1024,4096,16384", help="comma-separated prompt lengths in tokens")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
     parser.add_argument("--trials", type=int, default=5, help="random keys per (length, depth)")
