@@ -39,7 +39,7 @@ from ratpt.ops import decode_linear
 
 @torch.inference_mode()
 def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
-    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", args.set)
     torch.manual_seed(0)
     model = build_model(cfg.model).to("cuda", torch.bfloat16).eval()
     if args.compile != "none":
@@ -56,14 +56,16 @@ def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
         nonlocal tokens
         tokens = step(tokens).argmax(-1)
 
-    per_kernel = kernel_times(decode, args.steps)  # after one more untimed step
+    launches: dict[str, float] = {}
+    per_kernel = kernel_times(decode, args.steps, launches)  # after one more untimed step
     rat_names = rat_kernel_names()
     per_category = by_category(per_kernel, rat_names)
     mixing_ms = per_category["rat_mixing"] + per_category["attention"]
     position = args.prompt + args.warmup + 1 + args.steps // 2
     read = cache_bytes_read(cfg.model, batch, position, 2)
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
-    return {"model": name, "batch": batch, "compile": args.compile, "position": position, "kernel_ms_per_step": sum(per_kernel.values()),
+    return {"model": name, "batch": batch, "compile": args.compile, "set": args.set, "position": position,
+            "kernel_ms_per_step": sum(per_kernel.values()), "launches_per_step": round(sum(launches.values())),
             "by_category_ms": per_category, "cache_gb_read": read / 1e9,
             "mixing_tb_per_s": read / (mixing_ms / 1000) / 1e12 if mixing_ms else None,
             "top_kernels_ms": {k[:120]: round(v, 3) for k, v in top}}
@@ -122,6 +124,7 @@ def sweep_linear_launch(batches: list[int]) -> list[dict]:
     (ops.decode_linear's reference), at each batch. The calls cycle through > 200 MB of weight copies, so
     that none is read from the L2 cache; TB/s is the weight bytes over the time."""
     from ratpt_kernels import decode_linear as fused
+    from ratpt_kernels.decode_linear import FMA_ROWS
 
     cfg = load_config(REPO / "configs" / "rat_1p3b.yaml").model
     D, F, qk = cfg.d_model, ffn_hidden(cfg), cfg.ngroups * cfg.head_dim
@@ -129,12 +132,19 @@ def sweep_linear_launch(batches: list[int]) -> list[dict]:
               "out_proj+residual": (D, D, False, "none", True),
               "norm+fc1+gelu": (F, D, True, "gelu", False),
               "fc2+residual": (D, F, False, "none", True)}
-    launches = [(0, 0, 0, 0, 1), (16, 256, 4, 3, 1), (16, 512, 4, 3, 1), (32, 128, 4, 3, 1), (32, 256, 4, 3, 1),
-                (64, 64, 4, 4, 1), (64, 128, 4, 3, 1), (64, 128, 8, 3, 1), (128, 64, 8, 3, 1),
-                (16, 256, 4, 3, 2), (16, 256, 4, 3, 4), (32, 128, 4, 3, 4), (64, 64, 4, 4, 2), (64, 128, 4, 3, 2),
-                (64, 64, 4, 4, 4), (64, 64, 4, 6, 1), (64, 64, 4, 6, 2), (16, 256, 4, 5, 4)]
+    tile_launches = [(0, 0, 0, 0, 1), (16, 256, 4, 3, 1), (16, 512, 4, 3, 1), (32, 128, 4, 3, 1),
+                     (32, 256, 4, 3, 1), (64, 64, 4, 4, 1), (64, 128, 4, 3, 1), (64, 128, 8, 3, 1),
+                     (128, 64, 8, 3, 1), (16, 256, 4, 3, 2), (16, 256, 4, 3, 4), (32, 128, 4, 3, 4),
+                     (64, 64, 4, 4, 2), (64, 128, 4, 3, 2), (64, 64, 4, 4, 4), (64, 64, 4, 6, 1), (64, 64, 4, 6, 2),
+                     (16, 256, 4, 5, 4)]
+    fma_launches = [(0, 0, 0, 0, 1), (4, 1024, 4, 2, 1), (8, 256, 4, 3, 1), (8, 512, 4, 2, 1), (8, 512, 4, 3, 1),
+                    (8, 1024, 4, 2, 1), (8, 512, 8, 2, 1), (16, 256, 4, 3, 1), (16, 512, 4, 2, 1),
+                    (16, 512, 8, 2, 1), (16, 1024, 8, 2, 1), (32, 256, 4, 2, 1), (32, 512, 8, 2, 1),
+                    (8, 256, 4, 3, 2), (8, 512, 4, 2, 2), (16, 256, 4, 3, 2), (16, 512, 4, 2, 2), (8, 512, 4, 2, 4),
+                    (16, 512, 8, 2, 4), (8, 256, 2, 3, 1), (4, 512, 2, 3, 1)]
     rows = []
     for batch, (name, (n, k, norm, activation, residual)) in itertools.product(batches, layers.items()):
+        launches = fma_launches if batch <= FMA_ROWS else tile_launches
         copies = -(-200 * 2**20 // (2 * n * k))
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
@@ -197,6 +207,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile", default="none", help="as benchmarks/generate.py's --compile")
+    parser.add_argument("--set", action="append", default=[], help="config override key=value for every model")
     parser.add_argument("--sweep", action="store_true", help="time the decode kernel's launches instead")
     parser.add_argument("--sweep-linear", action="store_true", help="time the fused decode linears' launches instead")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "profile_decode.json")

@@ -59,8 +59,9 @@ def by_category(per_kernel: dict[str, float], rat_names: set[str]) -> dict[str, 
     return totals
 
 
-def kernel_times(fn, iters: int) -> dict[str, float]:
-    """Mean GPU milliseconds per call of fn, by kernel name, longest first."""
+def kernel_times(fn, iters: int, launches: dict[str, float] | None = None) -> dict[str, float]:
+    """Mean GPU milliseconds per call of fn, by kernel name, longest first; `launches`, if given, gets the
+    launches per call by name (at a few rows a step's kernel count, not its bytes, sets its time)."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -71,4 +72,6 @@ def kernel_times(fn, iters: int) -> dict[str, float]:
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:
             totals[event.name] += event.device_time / 1000 / iters
+            if launches is not None:
+                launches[event.name] = launches.get(event.name, 0) + 1 / iters
     return dict(sorted(((name, round(ms, 3)) for name, ms in totals.items()), key=lambda item: -item[1]))

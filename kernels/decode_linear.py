@@ -14,6 +14,12 @@ rounds the normed x to the model dtype before multiplying by the norm weight; he
 rounded once, and 1 / rms applied in fp32). SwiGLU (W [2F, K] packing gate and up rows) reads the gate
 rows n and the up rows F + n in the same program and returns silu(gate) ⊙ up.
 
+A few rows (M <= FMA_ROWS, batch 1 above all): a tensor-core tile would be 16 rows for one, and the launch
+that feeds it (64-column blocks, one per SM) streams the weight at half the copy rate. There the kernel
+multiplies each [BLOCK_N, BLOCK_K] weight tile with every row by fp32 FMAs and sums along K, so narrow
+column blocks (many programs per SM, many loads in flight) carry the weight read; x and the norm's product
+stay in fp32.
+
 Split K (`split` > 1): a weight too narrow to give every SM its own column blocks (fc2: N 2048, K 8192)
 is also cut along K. Program (n, s) then writes its fp32 partial products and partial Σ x² to a scratch
 buffer, and a second launch sums the `split` pieces of each column block and applies the norm's scale,
@@ -27,6 +33,7 @@ import triton.language as tl
 from .common import dot, interpreting, sm_count
 
 MAX_ROWS = 64  # rows one program holds; larger batches use cuBLAS (ratpt.ops.decode_linear)
+FMA_ROWS = 4  # at most this many rows: FMAs instead of a tensor-core tile
 ACTIVATIONS = ("none", "gelu", "swiglu")
 
 
@@ -52,7 +59,8 @@ def _epilogue(acc, up, squares, res_ptr, y_ptr, rows, cols, M, N, K, sr, sy, eps
 def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, part_ptr, M, N, K, k_per_split,
                           sx, sw, sr, sy, eps,
                           NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
+                          FMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          F32: tl.constexpr):
     rows = tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     row_ok = rows < M
@@ -65,17 +73,35 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, part_ptr, M, N
     for k0 in range(k_first, tl.minimum(k_first + k_per_split, K), BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < K
-        x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:
-            xf = x.to(tl.float32)
-            squares += tl.sum(xf * xf, 1)
-            x = xf * tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         w_mask = col_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
-        acc += dot(x, tl.trans(w), w.dtype, F32)
         if ACT == 2:  # the up rows, F = N rows below the gate rows
             u = tl.load(w_rows + N * sw + ks[None, :], mask=w_mask, other=0.0)
-            up += dot(x, tl.trans(u), w.dtype, F32)
+        if FMA:
+            wf = w.to(tl.float32)
+            if ACT == 2:
+                uf = u.to(tl.float32)
+            if NORM:
+                g = tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            for r in tl.static_range(BM):
+                # a padded row (r >= M) reads the last real one again; the epilogue does not store it
+                xr = tl.load(x_ptr + tl.minimum(r, M - 1) * sx + ks, mask=k_ok, other=0.0).to(tl.float32)
+                here = (rows == r)[:, None]
+                if NORM:
+                    squares += tl.where(rows == r, tl.sum(xr * xr, 0), 0.0)
+                    xr *= g
+                acc += tl.where(here, tl.sum(wf * xr[None, :], 1)[None, :], 0.0)
+                if ACT == 2:
+                    up += tl.where(here, tl.sum(uf * xr[None, :], 1)[None, :], 0.0)
+        else:
+            x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                xf = x.to(tl.float32)
+                squares += tl.sum(xf * xf, 1)
+                x = xf * tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc += dot(x, tl.trans(w), w.dtype, F32)
+            if ACT == 2:
+                up += dot(x, tl.trans(u), w.dtype, F32)
     if SPLIT == 1:
         _epilogue(acc, up, squares, res_ptr, y_ptr, rows, cols, M, N, K, sr, sy, eps, NORM, ACT, RESIDUAL)
     else:  # partials [SPLIT, 2 (acc, up), BM, N + 1]: column N holds the row's partial Σ x²
@@ -109,14 +135,17 @@ def _decode_linear_reduce(part_ptr, res_ptr, y_ptr, M, N, K, sr, sy, eps,
     _epilogue(acc, up, squares, res_ptr, y_ptr, rows, cols, M, N, K, sr, sy, eps, NORM, ACT, RESIDUAL)
 
 
-def default_launch(n: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(block_n, block_k, warps, stages) for an N-column weight, from the launch sweep on an H100
-    (benchmarks/profile_decode.py --sweep-linear, batches 1 and 64, kernels/NOTES.md): where 64-column
-    blocks still give most SMs a program (N >= 6656 in RAT-1.3B: norm + in_proj, fc1), they stream the
-    most weight per program and win (at one row 19.7 µs against 52 µs for the 16-column blocks the old
-    default chose); narrower weights (N = D = 2048: out_proj, fc2) take 16-column blocks walking K in
-    256-wide steps."""
+def default_launch(n: int, rows: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(block_n, block_k, warps, stages) for an N-column weight at `rows` rows, from the launch sweep on an
+    H100 (benchmarks/profile_decode.py --sweep-linear, batches 1 and 64, kernels/NOTES.md). Tensor-core
+    tiles (more than FMA_ROWS rows): where 64-column blocks still give most SMs a program (N >= 6656 in
+    RAT-1.3B: norm + in_proj, fc1), they stream the most weight per program and win (at one row 19.7 µs
+    against 52 µs for 16-column blocks); narrower weights (N = D = 2048: out_proj, fc2) take 16-column
+    blocks walking K in 256-wide steps. FMA rows: 16-column blocks, 8 where that would leave fewer than
+    two programs per SM."""
     sms = 4 if device.type != "cuda" else sm_count(device.index)
+    if rows <= FMA_ROWS:
+        return (16 if triton.cdiv(n, 16) >= 2 * sms else 8), 256, 4, 3
     if triton.cdiv(n, 64) * 4 >= 3 * sms:
         return 64, 64, 4, 4
     return 16, 256, 4, 3
@@ -126,9 +155,9 @@ def default_launch(n: int, device: torch.device) -> tuple[int, int, int, int]:
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
                   activation: str, residual: torch.Tensor | None, block_n: int = 0, block_k: int = 0,
                   warps: int = 0, stages: int = 0, split: int = 1) -> torch.Tensor:
-    """act(RMSNorm(x) Wᵀ) + residual [M, N] in x's dtype, for x [M, K] with M <= MAX_ROWS; the norm if
-    `norm_weight` is given, the residual [M, N] if given; `activation` one of ACTIVATIONS (N = rows of W,
-    or half of them for swiglu). block_n, block_k, warps, stages: the launch, each 0 for default_launch's;
+    """act(RMSNorm(x) Wᵀ) + residual [M, N] in x's dtype, for x [M, K] with M <= MAX_ROWS (by FMAs up to
+    FMA_ROWS, a tensor-core tile above); the norm if `norm_weight` is given, the residual [M, N] if given;
+    `activation` one of ACTIVATIONS (N = rows of W, or half of them for swiglu). block_n, block_k, warps, stages: the launch, each 0 for default_launch's;
     split: pieces of K run by separate programs and summed by a second launch (benchmarks/profile_decode.py
     --sweep-linear measures them)."""
     M, K = x.shape
@@ -141,12 +170,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
             raise ValueError(f"decode_linear needs {name} contiguous in its last dim, got strides {t.stride()}")
     N = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    launch = default_launch(N, x.device)
+    launch = default_launch(N, M, x.device)
     block_n, block_k, warps, stages = (given or default for given, default in
                                        zip((block_n, block_k, warps, stages), launch))
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     split = triton.cdiv(K, k_per_split)  # no empty piece
-    bm = max(16, triton.next_power_of_2(M))
+    fma = M <= FMA_ROWS
+    bm = triton.next_power_of_2(M) if fma else max(16, triton.next_power_of_2(M))
     # the partials' scratch; unsplit, the kernel stores none (y stands in for the pointer)
     parts = x.new_empty((split, 2, bm, N + 1), dtype=torch.float32) if split > 1 else y
     flags = dict(NORM=norm_weight is not None, ACT=ACTIVATIONS.index(activation), RESIDUAL=residual is not None,
@@ -154,7 +184,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     res = y if residual is None else residual
     _decode_linear_kernel[(triton.cdiv(N, block_n), split)](
         x, weight, x if norm_weight is None else norm_weight, res, y, parts, M, N, K, k_per_split,
-        x.stride(0), weight.stride(0), res.stride(0), y.stride(0), eps, **flags, BK=block_k,
+        x.stride(0), weight.stride(0), res.stride(0), y.stride(0), eps, **flags, FMA=fma, BK=block_k,
         F32=interpreting() or x.dtype == torch.float32, num_warps=warps, num_stages=stages)
     if split > 1:
         _decode_linear_reduce[(triton.cdiv(N, block_n),)](parts, res, y, M, N, K, res.stride(0), y.stride(0), eps,

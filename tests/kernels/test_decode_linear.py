@@ -31,13 +31,14 @@ def inputs(rows, activation, seed=0):
 
 
 @pytest.mark.parametrize("split", [1, 3], ids=["whole-k", "split-k3"])
-@pytest.mark.parametrize("rows", [1, 5, 64], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("rows", [1, 3, 5, 64], ids=lambda r: f"rows{r}")
 @pytest.mark.parametrize("activation, norm, residual", [("none", True, False), ("gelu", True, False),
                                                         ("swiglu", True, False), ("none", False, True),
                                                         ("swiglu", False, True)],
                          ids=["norm", "norm-gelu", "norm-swiglu", "residual", "swiglu-residual"])
 def test_triton_decode_linear_equals_reference(rows, activation, norm, residual, split):
-    """split 3 cuts K = 40 into pieces of 16, 16 and 8 (a short last one), summed by the second launch."""
+    """Rows 1 and 3 take the FMA path (3: a padded fourth row), 5 and 64 the tensor-core tile; split 3 cuts
+    K = 40 into pieces of 16, 16 and 8 (a short last one), summed by the second launch."""
     x, w, g, r = inputs(rows, activation)
     g, r = (g if norm else None), (r if residual else None)
     want = decode_linear(x.double(), w.double(), None if g is None else g.double(), EPS, activation,
@@ -59,10 +60,11 @@ def test_reference_is_the_modules_norm_linear_activation_and_residual(ffn):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("split", [1, 4], ids=["whole-k", "split-k4"])
-@pytest.mark.parametrize("rows", [1, 64], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("rows", [1, 3, 64], ids=lambda r: f"rows{r}")
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_bf16_decode_linear_at_model_width_is_within_bf16_rounding(rows, activation, split):
-    """D 2048, F 8192 (RAT-1.3B's FFN) in bf16 with the default launch (K split in 4 or not): fc1 with norm
+    """D 2048, F 8192 (RAT-1.3B's FFN) in bf16 with the default launch (K split in 4 or not; FMAs at 1 and 3
+    rows, the tensor-core tile at 64): fc1 with norm
     and activation, fc2 with the residual, against the fp32 reference on the same bf16 inputs. Outputs are
     O(1) and the reference rounds once to bf16 (≈ 4e-3 relative): 2e-2 allows the kernel's other rounding order."""
     gen = torch.Generator(device="cuda").manual_seed(0)

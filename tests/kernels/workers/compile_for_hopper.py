@@ -88,11 +88,15 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
         # attention over the valid slots of a cache, split over the slots and merged (ratpt.ops)
         from ratpt_kernels.attention_decode import attention_decode
         from ratpt_kernels.decode_linear import decode_linear
-        x, w = torch.randn(B, H * d).to(dtype), torch.randn(2 * 256, H * d).to(dtype)
-        decode_linear(x, w, torch.ones(H * d).to(dtype), 1e-5, "swiglu", torch.randn(B, 256).to(dtype))
+        # 16 rows take the tensor-core tile: norm + SwiGLU + residual, GELU alone, norm + residual split over K
+        # (and its reduce); one and three rows the FMA path: everything at one, norm + GELU split at three
+        rows, w, g = 16, torch.randn(2 * 256, H * d).to(dtype), torch.ones(H * d).to(dtype)
+        x = torch.randn(rows, H * d).to(dtype)
+        decode_linear(x, w, g, 1e-5, "swiglu", torch.randn(rows, 256).to(dtype))
         decode_linear(x, w, None, 1e-5, "gelu", None)
-        decode_linear(x, w, torch.ones(H * d).to(dtype), 1e-5, "none", torch.randn(B, 2 * 256).to(dtype), block_k=64,
-                      split=2)  # and its reduce
+        decode_linear(x, w, g, 1e-5, "none", torch.randn(rows, 2 * 256).to(dtype), block_k=64, split=2)
+        decode_linear(x[:1], w, g, 1e-5, "swiglu", torch.randn(1, 256).to(dtype))
+        decode_linear(x[:3], w, g, 1e-5, "gelu", None, block_k=64, split=2)
         cache = torch.randn(B, H, 512, d).to(dtype)
         attention_decode(q[:, :1].reshape(B, 1, G, d).repeat(1, 1, H // G, 1).transpose(1, 2).contiguous(), cache,
                          cache.clone(), torch.full((B,), 300), splits=4)
