@@ -5,8 +5,9 @@ autocast over fp32 masters, AdamW, cosine) once with train.fp8=off and once per 
 real text that needs no network: the Python standard library's own sources (the running interpreter's,
 one document per .py file, in path order), byte-tokenized by data_prep. Every run sees the same
 batches in the same order (the data order has its own seed), so the curves differ only by the FP8
-GEMMs. Writes the per-step losses, the gap of the final loss (mean of the last 10% of steps) to bf16's
-and the wall time per run to <out>.json, and both curves to <out>.png.
+GEMMs. Writes the per-step losses, the gap of the final loss (mean of the last 10% of steps) to bf16's,
+the validation loss at the end (held-out sequences: a training loss alone could hide a wrongly computed
+loss) and the wall time per run to <out>.json, and both curves to <out>.png.
 
     python benchmarks/fp8_quality.py                                  # ~20M tokens, bf16 vs tensorwise
     python benchmarks/fp8_quality.py --recipes tensorwise,rowwise --tokens 2e7
@@ -34,7 +35,7 @@ def fp8_run(args: argparse.Namespace, data: Path, recipe: str, steps: int, preci
     overrides = [
         f"name=fp8_quality_{label}", f"data.seq_len={args.seq_len}", f"train.steps={steps}",
         f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}", f"train.fp8={recipe}",
-        f"train.precision={precision}",
+        f"train.precision={precision}", f"eval.interval={steps}", f"eval.max_samples={args.eval_samples}",
         *(["train.fp8_emulate=true"] if args.emulate and recipe != "off" else []), *args.set,
     ]
     return {"fp8": recipe, "precision": precision, "label": label,
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--emulate", action="store_true", help="FP8 runs emulated (train.fp8_emulate: CPU)")
     parser.add_argument("--fp32-reference", action="store_true",
                         help="one more run in fp32 (train.precision=fp32), the reference of both bf16 and FP8")
+    parser.add_argument("--eval-samples", type=int, default=256,
+                        help="held-out sequences of each run's final evaluation (its validation loss)")
     parser.add_argument("--set", action="append", default=[], help="one more config override key=value")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "fp8_quality", help="data and run folders")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fp8_quality",
@@ -86,7 +89,8 @@ def main() -> None:
         gaps = [f"{100 * run[key]:+.2f}% against {key.rsplit('_', 1)[1]}"
                 for key in ("final_gap_to_bf16", "final_gap_to_fp32") if key in run]
         gap = f" ({', '.join(gaps)})" if gaps else ""
-        print(f"{run['label']:>10}: final loss {run['final_loss']:.4f}{gap}, {run['wall_s']:.0f} s", flush=True)
+        print(f"{run['label']:>10}: final loss {run['final_loss']:.4f}{gap}, validation loss {run['val_loss']:.4f}, "
+              f"{run['wall_s']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
