@@ -141,25 +141,33 @@ def default_launch(n: int, rows: int, device: torch.device) -> tuple[int, int, i
     tiles (more than FMA_ROWS rows): where 64-column blocks still give most SMs a program (N >= 6656 in
     RAT-1.3B: norm + in_proj, fc1), they stream the most weight per program and win (at one row 19.7 µs
     against 52 µs for 16-column blocks); narrower weights (N = D = 2048: out_proj, fc2) take 16-column
-    blocks walking K in 256-wide steps. FMA rows: 16-column blocks, 8 where that would leave fewer than
-    two programs per SM."""
-    sms = 4 if device.type != "cuda" else sm_count(device.index)
+    blocks walking K in 256-wide steps. FMA rows: 8-column blocks walking K in 512-wide steps, the best or
+    within 2% of it on every RAT-1.3B linear at one row (norm + in_proj 11.3 µs, cuBLAS with its
+    neighbours 22.5; norm + fc1 13.6 against 29.7; out_proj 6.4 against 7.6)."""
     if rows <= FMA_ROWS:
-        return (16 if triton.cdiv(n, 16) >= 2 * sms else 8), 256, 4, 3
+        return 8, 512, 4, 2
+    sms = 4 if device.type != "cuda" else sm_count(device.index)
     if triton.cdiv(n, 64) * 4 >= 3 * sms:
         return 64, 64, 4, 4
     return 16, 256, 4, 3
 
 
+def default_split(n: int, k: int, rows: int) -> int:
+    """Pieces of K: 4 for a weight at least four times deeper than wide (fc2) at FMA rows, where 256
+    column blocks alone leave the SMs short of loads (one row: 14.8 µs split in 4, 25.9 whole, cuBLAS's
+    split-K 16.5); else 1."""
+    return 4 if rows <= FMA_ROWS and k >= 4 * n else 1
+
+
 @torch.library.custom_op("ratpt::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
                   activation: str, residual: torch.Tensor | None, block_n: int = 0, block_k: int = 0,
-                  warps: int = 0, stages: int = 0, split: int = 1) -> torch.Tensor:
+                  warps: int = 0, stages: int = 0, split: int = 0) -> torch.Tensor:
     """act(RMSNorm(x) Wᵀ) + residual [M, N] in x's dtype, for x [M, K] with M <= MAX_ROWS (by FMAs up to
     FMA_ROWS, a tensor-core tile above); the norm if `norm_weight` is given, the residual [M, N] if given;
     `activation` one of ACTIVATIONS (N = rows of W, or half of them for swiglu). block_n, block_k, warps, stages: the launch, each 0 for default_launch's;
     split: pieces of K run by separate programs and summed by a second launch (benchmarks/profile_decode.py
-    --sweep-linear measures them)."""
+    --sweep-linear measures them), 0 for default_split's."""
     M, K = x.shape
     if M > MAX_ROWS:
         raise ValueError(f"decode_linear takes at most {MAX_ROWS} rows, got {M}")
@@ -173,7 +181,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     launch = default_launch(N, M, x.device)
     block_n, block_k, warps, stages = (given or default for given, default in
                                        zip((block_n, block_k, warps, stages), launch))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    k_per_split = triton.cdiv(triton.cdiv(K, split or default_split(N, K, M)), block_k) * block_k
     split = triton.cdiv(K, k_per_split)  # no empty piece
     fma = M <= FMA_ROWS
     bm = triton.next_power_of_2(M) if fma else max(16, triton.next_power_of_2(M))
@@ -194,6 +202,6 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
 
 @decode_linear.register_fake
 def _decode_linear_shape(x, weight, norm_weight, eps, activation, residual, block_n=0, block_k=0, warps=0, stages=0,
-                         split=1):
+                         split=0):
     n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
     return x.new_empty(x.shape[0], n)

@@ -2,20 +2,20 @@
 as one op: y = act(RMSNorm(x) Wᵀ) + residual, each part optional.
 
 At the few rows of a small-batch decode step each part is its own kernel launch that moves a few KB
-beside the weight read; the Triton kernel (kernels/decode_linear.py) does all of them in one, where the
-rows fit its tile (at most ratpt_kernels.decode_linear.MAX_ROWS). The reference composes the model's own
-ops (cuBLAS on CUDA), so it computes exactly what the modules do. `kernels`: "triton" runs the kernel
-where the rows fit and the weight is not much deeper than wide (K <= 2N); "auto" and "torch" the
-reference. Measured on an H100 (benchmarks/profile_decode.py --sweep-linear, kernels/NOTES.md): at 1 and
-64 rows the kernel beats cuBLAS with its neighbours on norm + in_proj and norm + fc1 (by 12-33%) and
-matches it on out_proj, but cuBLAS's split-K reads fc2's deep weight (K = 4N) 18% faster; "auto" stays
-on the reference until a whole decode step is measured faster with the kernel.
+beside the weight read; the Triton kernel (kernels/decode_linear.py) does all of them in one. The
+reference composes the model's own ops (cuBLAS on CUDA), so it computes exactly what the modules do.
+`kernels`: "triton" runs the kernel at up to ratpt_kernels.decode_linear.FMA_ROWS rows (its FMA path),
+the reference above; "auto" and "torch" the reference. Measured on an H100 (benchmarks/profile_decode.py
+--sweep-linear, kernels/NOTES.md): at one row the kernel takes 46 µs for a RAT-1.3B layer's four linears
+against 76 for cuBLAS with its neighbours; at 64 rows its tensor-core tile made the whole compiled step
+slower than cuBLAS (3.41 against 2.79 ms), so larger batches stay on the reference. "auto" stays on the
+reference until a whole decode step is measured faster with the kernel.
 """
 import torch
 import torch.nn.functional as F
 
 from ratpt.ops.rat_mixing import use_triton
-from ratpt_kernels.decode_linear import MAX_ROWS
+from ratpt_kernels.decode_linear import FMA_ROWS
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -44,7 +44,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     given. Returns [..., N] (N/2 for swiglu) in x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
     fused = kernels == "triton" and use_triton(kernels, x, 1, 32)  # chunk 1, d 32: a shape-free check
-    if fused and rows.shape[0] <= MAX_ROWS and weight.shape[1] <= 2 * weight.shape[0]:
+    if fused and rows.shape[0] <= FMA_ROWS:
         from ratpt_kernels import decode_linear as triton_decode_linear
         flat_residual = None if residual is None else residual.reshape(rows.shape[0], -1)
         y = triton_decode_linear(rows, weight, norm_weight, eps, activation, flat_residual)
