@@ -5,14 +5,12 @@ TRITON_INTERPRET must be set before any `@triton.jit` function is defined, i.e. 
 test module imports ratpt (whose ops import the kernels): this root conftest is loaded first.
 """
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from run_helpers import REPO
+from run_helpers import train_here
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -29,8 +27,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def byte_data(tmp_path_factory) -> Path:
-    """CPython's doc topics, byte-tokenized once per session by the real data_prep CLI."""
+    """CPython's doc topics, byte-tokenized once per session by the data_prep command line (in this process)."""
+    from data_prep.__main__ import main as data_prep
+
     out = tmp_path_factory.mktemp("data") / "pydoc"
-    subprocess.run([sys.executable, "-m", "data_prep", "tokenize", "pydoc", "--out", str(out),
-                    "--tokenizer", "byte", "--val-fraction", "0.05"], check=True, cwd=REPO, capture_output=True)
+    assert data_prep(["tokenize", "pydoc", "--out", str(out), "--tokenizer", "byte", "--val-fraction", "0.05"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(byte_data, tmp_path_factory) -> Path:
+    """The folder of a finished 2-step run of run_helpers.small_run, trained once per session for the tests
+    that export it, resume it or refuse to; a test that may change the folder takes a copy."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train_here(byte_data, run_dir, "train.steps=2")
+    return run_dir

@@ -1,4 +1,5 @@
-"""Helpers of the end-to-end tests: a seconds-long run config and running the real CLI."""
+"""Helpers of the end-to-end tests: a seconds-long run config, running the real CLI, or its trainer in this
+process."""
 import os
 import re
 import subprocess
@@ -17,6 +18,17 @@ def small_run(data: Path, out_dir: Path, *extra: str) -> list[str]:
         "train.global_batch=8", "train.micro_batch=4", "eval.interval=0", "logging.interval=1",
         "logging.tensorboard=false", *extra,
     ]
+
+
+def train_here(data: Path, out_dir: Path, *extra: str):
+    """What `ratpt train` runs for small_run's arguments (the config loaded, then the trainer), in this
+    process: for a run that only feeds a test (a reference, weights to start from), without the seconds
+    of imports of a process of its own."""
+    from ratpt.config import load_config
+    from ratpt.train.trainer import train
+
+    config, *overrides = small_run(data, out_dir, *extra)
+    return train(load_config(config, overrides))
 
 
 def ratpt(*args: str, **kwargs) -> subprocess.CompletedProcess:

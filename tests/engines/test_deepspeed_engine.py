@@ -207,14 +207,17 @@ def test_deepspeed_engine_refuses_a_checkpoint_of_another_engine(tmp_path):
 RUN = ("train.engine=deepspeed", "deepspeed.zero_stage=3", "train.steps=8", "checkpoint.interval=2")
 
 
-def train_command(data: Path, out_dir: Path, *extra: str, ranks: int = 2) -> list[str]:
-    """`ratpt train` of the DeepSpeed run on `ranks` torchrun processes, or, with ranks 0, in this one."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks else []
-    return [sys.executable, *launcher, "-m", "ratpt",
-            "train", str(REPO / "configs" / "tiny.yaml"), f"out_dir={out_dir}", f"data.streams=[{{path: {data}}}]",
-            "model.vocab_size=257", "model.d_model=64", "model.n_layers=2", "data.seq_len=64",
-            "train.global_batch=8", "train.micro_batch=2", "eval.interval=0", "logging.interval=1",
-            "logging.tensorboard=false", *RUN, *extra]
+def run_overrides(data: Path, out_dir: Path, *extra: str) -> list[str]:
+    """The overrides of configs/tiny.yaml that make the DeepSpeed run."""
+    return [f"out_dir={out_dir}", f"data.streams=[{{path: {data}}}]", "model.vocab_size=257", "model.d_model=64",
+            "model.n_layers=2", "data.seq_len=64", "train.global_batch=8", "train.micro_batch=2", "eval.interval=0",
+            "logging.interval=1", "logging.tensorboard=false", *RUN, *extra]
+
+
+def train_command(data: Path, out_dir: Path, *extra: str) -> list[str]:
+    """`ratpt train` of the DeepSpeed run on 2 torchrun processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ratpt",
+            "train", str(REPO / "configs" / "tiny.yaml"), *run_overrides(data, out_dir, *extra)]
 
 
 
@@ -231,19 +234,19 @@ def uninterrupted(byte_data, tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def one_process(byte_data, tmp_path_factory) -> tuple[Path, dict[int, float]]:
-    """The same run in one process (the default engine, which is plain torch AdamW there): the reference."""
-    run_dir = tmp_path_factory.mktemp("one_process")
-    done = subprocess.run(train_command(byte_data, run_dir, *WHOLE_RUN, "train.engine=megatron", ranks=0), cwd=REPO,
-                          env=ENV, text=True, capture_output=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
-    return run_dir, losses_of(done.stdout + done.stderr)
+def one_process(byte_data, tmp_path_factory) -> dict[int, float]:
+    """The losses of the same run in one process (the default engine, which is plain torch AdamW there),
+    trained by what `ratpt train` runs, in this process: the reference."""
+    from ratpt.train.trainer import train
+
+    overrides = run_overrides(byte_data, tmp_path_factory.mktemp("one_process"), *WHOLE_RUN, "train.engine=megatron")
+    return dict(enumerate(train(load_config(REPO / "configs" / "tiny.yaml", overrides)).losses, start=1))
 
 
 @pytest.mark.slow
 def test_trainer_runs_deepspeed_with_tensorboard_metrics_and_evaluation(uninterrupted, one_process):
     run_dir, output = uninterrupted
-    losses, reference = losses_of(output), one_process[1]
+    losses, reference = losses_of(output), one_process
     assert losses.keys() == reference.keys() == set(range(1, 9)) and "val loss" in output
     for step in losses:
         assert losses[step] == pytest.approx(reference[step], abs=2e-4), step
@@ -286,7 +289,7 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_deepspeed_run_resumes_to_the_same_losses(byte_data, uninterrupted, tmp_path):
+def test_killed_deepspeed_run_resumes_to_the_same_losses(byte_data, uninterrupted, whole_plain, tmp_path):
     proc = subprocess.Popen(train_command(byte_data, tmp_path), cwd=REPO, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -309,8 +312,8 @@ def test_killed_deepspeed_run_resumes_to_the_same_losses(byte_data, uninterrupte
     again = losses_of(output)
     assert min(again) == killed_at + 1 and max(again) == 8
     assert again == {s: whole[s] for s in again}
-    whole_model, resumed_model = (load_checkpoint(consolidated(run, tmp_path / name))["model"]
-                                  for run, name in ((uninterrupted[0], "whole"), (tmp_path, "resumed")))
+    whole_model = load_checkpoint(whole_plain)["model"]
+    resumed_model = load_checkpoint(consolidated(tmp_path, tmp_path / "resumed"))["model"]
     for name, value in whole_model.items():
         assert torch.equal(value, resumed_model[name]), name
 
@@ -323,16 +326,21 @@ def consolidated(run_dir: Path, out: Path) -> Path:
     return latest_checkpoint(out)
 
 
+@pytest.fixture(scope="module")
+def whole_plain(uninterrupted, tmp_path_factory) -> Path:
+    """The uninterrupted run's final checkpoint as a plain one, consolidated once for the tests that read it."""
+    return consolidated(uninterrupted[0], tmp_path_factory.mktemp("ds_plain"))
+
+
 @pytest.mark.slow
-def test_final_checkpoint_consolidates_into_an_exportable_plain_checkpoint(uninterrupted, tmp_path):
-    plain = consolidated(uninterrupted[0], tmp_path / "plain")
-    assert plain.name == "step_00000008"
-    assert set(load_checkpoint(plain)) == {"model", "step"}
-    export = subprocess.run([sys.executable, "-m", "ratpt", "export", str(plain), "--out", str(tmp_path / "hf")],
-                            cwd=REPO, env=ENV, text=True, capture_output=True)
+def test_final_checkpoint_consolidates_into_an_exportable_plain_checkpoint(whole_plain, tmp_path):
+    assert whole_plain.name == "step_00000008"
+    assert set(load_checkpoint(whole_plain)) == {"model", "step"}
+    export = subprocess.run([sys.executable, "-m", "ratpt", "export", str(whole_plain), "--out",
+                             str(tmp_path / "hf")], cwd=REPO, env=ENV, text=True, capture_output=True)
     assert export.returncode == 0, export.stderr[-5000:]
     exported, model_cfg = load_pretrained(tmp_path / "hf")
     plain_model = build_model(model_cfg)
-    plain_model.load_state_dict(load_checkpoint(plain)["model"])
+    plain_model.load_state_dict(load_checkpoint(whole_plain)["model"])
     tokens = torch.randint(0, model_cfg.vocab_size, (2, 40))
     torch.testing.assert_close(exported(tokens), plain_model(tokens), rtol=0, atol=0)

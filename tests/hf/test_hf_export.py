@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from hf_helpers import VOCAB, random_model, small_config
-from run_helpers import REPO, ratpt, small_run
+from run_helpers import REPO, ratpt
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ratpt as ratpt_lib
@@ -140,13 +140,11 @@ def test_the_quickstart_model_exports_through_the_cli_and_loads_back(corpus, tmp
     assert done.returncode == 2 and "not empty" in done.stderr
 
 
-def test_a_training_checkpoint_exports_to_hugging_face_with_the_trained_logits(byte_data, tmp_path):
-    run = tmp_path / "run"
-    assert ratpt("train", *small_run(byte_data, run, "train.steps=2")).returncode == 0
-    done = ratpt("export", str(run), "--out", str(tmp_path / "hf"), "--format", "hf")
+def test_a_training_checkpoint_exports_to_hugging_face_with_the_trained_logits(trained_run, tmp_path):
+    done = ratpt("export", str(trained_run), "--out", str(tmp_path / "hf"), "--format", "hf")
     assert done.returncode == 0, done.stderr
-    trained = load_checkpoint(run / "checkpoints")["model"]
-    model = build_model(load_config(run / "config.yaml").model)
+    trained = load_checkpoint(trained_run / "checkpoints")["model"]
+    model = build_model(load_config(trained_run / "config.yaml").model)
     model.load_state_dict(trained)
     tokens = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "hf")(TEXTS[0]).input_ids])
     assert tokens[0].tolist() == list(TEXTS[0].encode())  # the run's byte tokenizer, exported with it

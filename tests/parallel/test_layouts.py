@@ -1,7 +1,8 @@
 """Every parallel layout equals one process on the same batch: loss, gradients, grad norm and the
 parameters after one optimizer step (tests/parallel/workers/layouts.py states the checks and tolerances).
-Each such test is one torchrun launch that runs several layouts, to keep the CPU time small; the
-first two tests pin the zigzag context layout itself (which blocks a rank holds, the balance)."""
+Each such test reads one torchrun launch that runs several layouts, to keep the CPU time small (the
+two-rank tests share theirs); the first two tests pin the zigzag context layout itself (which blocks a
+rank holds, the balance)."""
 import re
 
 import pytest
@@ -41,77 +42,92 @@ def run_layouts(nproc: int, *cases: str, **env_vars: str) -> str:
     return torchrun_cases(REPO / "tests" / "parallel" / "workers" / "layouts.py", nproc, cases=cases, **env_vars)
 
 
-def test_context_parallel_with_the_fused_kernels_equals_one_process():
-    # the kernels' phases per block (Triton interpreter here), the summaries all-gathered between the
-    # states and the attention and their gradients reduce-scattered between the two backward parts;
-    # contiguous rank 0 attends to no other rank's summaries, yet joins both collectives
-    # (one layer where the model is RAT alone: a second adds no path through the exchange, only interpreter time)
-    run_layouts(
-        2,
-        "cp2-zigzag-rat-kernels:context=2,kernels=triton,head_dim=32,n_layers=1",
-        "cp2-contiguous-rat+swa-kernels:context=2,context_layout=contiguous,kernels=triton,head_dim=32,mixers=rat+swa",
-        # packed documents (tests/cases.py: row 0's chunk of tokens 13-20 straddles blocks 0 and 1, held by the two
-        # ranks): the L - 1 tokens before each block received, the summaries summed into the whole row's table
-        "cp2-zigzag-rat-kernels-documents:context=2,kernels=triton,head_dim=32,document_masking=true,n_layers=1",
-    )
-
-
-def test_two_ranks_data_context_and_tensor_parallel_equal_one_process():
-    run_layouts(
-        2,
-        "dp2:",  # megatron DDP + distributed optimizer, 2 micro-batches per rank (accumulation)
-        "cp2-rat:context=2,context_layout=contiguous",  # chunk summaries all-gathered / reduce-scattered
-        "cp2-rat+swa:context=2,mixers=rat+swa,context_layout=contiguous",  # sliding window: previous rank's last window
-        "cp2-attention:context=2,mixers=attention,context_layout=contiguous",  # all-gather of K and V
-        # zigzag: rank 0 holds blocks 0 and 3, rank 1 blocks 1 and 2 (block 2's window is its own block 1)
-        "cp2-zigzag-rat:context=2,context_layout=zigzag",
-        "cp2-zigzag-rat+swa:context=2,mixers=rat+swa,context_layout=zigzag",
-        "cp2-zigzag-rat+attention:context=2,mixers=rat+attention,context_layout=zigzag",
-        "resume-dp2-to-cp2:>context=2",  # state gathered in one layout, loaded into another
-        # TP + SP: every mixer and the SwiGLU FFN as column/row-parallel linears, vocab-parallel
-        # embedding, head and cross-entropy, norms' gradients all-reduced over TP
-        "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu,micro_batch=2",
-        "resume-tp2-to-one-process:tensor=2>local",  # TP shards gathered into the plain checkpoint
-        # PP, interleaved 1F1B (2 virtual stages per rank; p2p across the two ranks both ways)
-        "pp2-interleaved-rat+swa:pipeline=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
-        "resume-pp2-to-tp2:pipeline=2>tensor=2",  # stages merged, then TP shards scattered
-        # the last stage's logits, then the loss (train.fused_loss=false; the default fuses them)
-        "pp2-logits:pipeline=2,fused_loss=false",
-        # packed documents that do not see each other (data.document_masking): the positions reach every
-        # mixer of every TP rank and pipeline stage
-        "tp2-documents:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,document_masking=true",
-        "pp2-documents:pipeline=2,mixers=rat+swa,document_masking=true",
-        # CP cuts whole chunks of the sequence, not of the documents (tests/cases.py: row 0 has a document of
-        # 5 tokens and one whose chunk straddles the blocks at token 16): the straddling chunk's state crosses
-        # ranks, the summaries and keys are masked by document, the window's exchanged tail too
-        "cp2-zigzag-documents:context=2,mixers=rat+swa+attention,n_layers=3,document_masking=true",
-        "cp2-contiguous-rat-documents:context=2,context_layout=contiguous,document_masking=true",
-    )
-
-
+# the kernels' phases per block (Triton interpreter here), the summaries all-gathered between the
+# states and the attention and their gradients reduce-scattered between the two backward parts;
+# contiguous rank 0 attends to no other rank's summaries, yet joins both collectives
+# (one layer where the model is RAT alone: a second adds no path through the exchange, only interpreter time;
+# a global batch of 2: still 2 micro-batches accumulated, half the interpreter time of 4)
+KERNEL_CASES = (
+    "cp2-zigzag-rat-kernels:context=2,kernels=triton,head_dim=32,n_layers=1,global_batch=2",
+    "cp2-contiguous-rat+swa-kernels:context=2,context_layout=contiguous,kernels=triton,head_dim=32,mixers=rat+swa,"
+    "global_batch=2",
+    # packed documents (tests/cases.py: row 0's chunk of tokens 13-20 straddles blocks 0 and 1, held by the two
+    # ranks): the L - 1 tokens before each block received, the summaries summed into the whole row's table
+    "cp2-zigzag-rat-kernels-documents:context=2,kernels=triton,head_dim=32,document_masking=true,n_layers=1,"
+    "global_batch=2",
+)
+TWO_RANK_CASES = (
+    "dp2:",  # megatron DDP + distributed optimizer, 2 micro-batches per rank (accumulation)
+    "cp2-rat:context=2,context_layout=contiguous",  # chunk summaries all-gathered / reduce-scattered
+    "cp2-rat+swa:context=2,mixers=rat+swa,context_layout=contiguous",  # sliding window: previous rank's last window
+    "cp2-attention:context=2,mixers=attention,context_layout=contiguous",  # all-gather of K and V
+    # zigzag: rank 0 holds blocks 0 and 3, rank 1 blocks 1 and 2 (block 2's window is its own block 1)
+    "cp2-zigzag-rat:context=2,context_layout=zigzag",
+    "cp2-zigzag-rat+swa:context=2,mixers=rat+swa,context_layout=zigzag",
+    "cp2-zigzag-rat+attention:context=2,mixers=rat+attention,context_layout=zigzag",
+    "resume-dp2-to-cp2:>context=2",  # state gathered in one layout, loaded into another
+    # TP + SP: every mixer and the SwiGLU FFN as column/row-parallel linears, vocab-parallel
+    # embedding, head and cross-entropy, norms' gradients all-reduced over TP
+    "tp2-all-mixers:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,ffn=swiglu,micro_batch=2",
+    "resume-tp2-to-one-process:tensor=2>local",  # TP shards gathered into the plain checkpoint
+    # PP, interleaved 1F1B (2 virtual stages per rank; p2p across the two ranks both ways)
+    "pp2-interleaved-rat+swa:pipeline=2,virtual_stages=2,n_layers=4,mixers=rat+swa",
+    "resume-pp2-to-tp2:pipeline=2>tensor=2",  # stages merged, then TP shards scattered
+    # the last stage's logits, then the loss (train.fused_loss=false; the default fuses them)
+    "pp2-logits:pipeline=2,fused_loss=false",
+    # packed documents that do not see each other (data.document_masking): the positions reach every
+    # mixer of every TP rank and pipeline stage
+    "tp2-documents:tensor=2,mixers=rat+swa+attention+rnn,n_layers=4,document_masking=true",
+    "pp2-documents:pipeline=2,mixers=rat+swa,document_masking=true",
+    # CP cuts whole chunks of the sequence, not of the documents (tests/cases.py: row 0 has a document of
+    # 5 tokens and one whose chunk straddles the blocks at token 16): the straddling chunk's state crosses
+    # ranks, the summaries and keys are masked by document, the window's exchanged tail too
+    "cp2-zigzag-documents:context=2,mixers=rat+swa+attention,n_layers=3,document_masking=true",
+    "cp2-contiguous-rat-documents:context=2,context_layout=contiguous,document_masking=true",
+)
 COMPILED = ",compile=true,compile_backend=aot_eager"  # traced as inductor would be, without CPU code generation
+COMPILED_CASES = (
+    f"dp2-compiled:{COMPILED}",
+    f"pp2-compiled:pipeline=2{COMPILED}",  # 1F1B
+    f"pp2-interleaved-compiled:pipeline=2,virtual_stages=2,n_layers=4{COMPILED}",
+    f"tp2-compiled:tensor=2,ffn=swiglu{COMPILED}",
+    f"cp2-zigzag-rat+swa-compiled:context=2,mixers=rat+swa,context_layout=zigzag{COMPILED}",
+    f"cp2-attention-compiled:context=2,mixers=attention,context_layout=contiguous{COMPILED}",
+    # a compiled run resumes an eager run's state and vice versa
+    f"resume-eager-to-compiled:>tensor=2{COMPILED}",
+    f"resume-compiled-to-eager:context=2{COMPILED}>local",
+)
 
 
-def test_compiled_layouts_equal_one_process_eager_and_break_the_graph_only_at_collectives():
+@pytest.fixture(scope="module")
+def two_ranks() -> str:
+    """Every two-rank case of the tests below in one torchrun launch (the ranks start once, not three
+    times: seconds of imports each); each test reads its cases' verdicts."""
+    return run_layouts(2, *TWO_RANK_CASES, *KERNEL_CASES, *COMPILED_CASES)
+
+
+def reported_ok(output: str, cases: tuple[str, ...]) -> bool:
+    return all(re.search(rf"^OK {re.escape(case.split(':')[0])} ", output, re.MULTILINE) for case in cases)
+
+
+def test_context_parallel_with_the_fused_kernels_equals_one_process(two_ranks):
+    assert reported_ok(two_ranks, KERNEL_CASES), two_ranks
+
+
+def test_two_ranks_data_context_and_tensor_parallel_equal_one_process(two_ranks):
+    assert reported_ok(two_ranks, TWO_RANK_CASES), two_ranks
+
+
+def test_compiled_layouts_equal_one_process_eager_and_break_the_graph_only_at_collectives(two_ranks):
     # The graph breaks per block the design has (docs/parallelism.md, "Compiled engines"): none for DP
     # and PP; one per TP linear (megatron's sequence-parallel collectives: in_proj, out_proj, fc1, fc2);
     # one per context-parallel mixer (the chunk-summary or key/value exchange).
     breaks = {"dp2-compiled": 0, "pp2-compiled": 0, "pp2-interleaved-compiled": 0, "tp2-compiled": 4,
               "cp2-zigzag-rat+swa-compiled": 1, "cp2-attention-compiled": 1}
-    out = run_layouts(
-        2,
-        f"dp2-compiled:{COMPILED}",
-        f"pp2-compiled:pipeline=2{COMPILED}",  # 1F1B
-        f"pp2-interleaved-compiled:pipeline=2,virtual_stages=2,n_layers=4{COMPILED}",
-        f"tp2-compiled:tensor=2,ffn=swiglu{COMPILED}",
-        f"cp2-zigzag-rat+swa-compiled:context=2,mixers=rat+swa,context_layout=zigzag{COMPILED}",
-        f"cp2-attention-compiled:context=2,mixers=attention,context_layout=contiguous{COMPILED}",
-        # a compiled run resumes an eager run's state and vice versa
-        f"resume-eager-to-compiled:>tensor=2{COMPILED}",
-        f"resume-compiled-to-eager:context=2{COMPILED}>local",
-    )
+    assert reported_ok(two_ranks, COMPILED_CASES), two_ranks
     for name, expected in breaks.items():
-        assert re.search(rf"^OK {re.escape(name)} .* graph breaks per block {expected}$", out, re.MULTILINE), out
+        pattern = rf"^OK {re.escape(name)} .* graph breaks per block {expected}$"
+        assert re.search(pattern, two_ranks, re.MULTILINE), two_ranks
 
 
 def test_four_ranks_combined_layouts_pp_dp_cp_tp_equal_one_process():

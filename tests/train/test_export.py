@@ -11,24 +11,27 @@ from ratpt.model import build_model
 from ratpt.checkpoint import load_checkpoint
 from ratpt.files import write_checksums
 
-from run_helpers import ratpt as run_ratpt, small_run
+from run_helpers import ratpt as run_ratpt, train_here
 
 
 @pytest.fixture(scope="module")
 def trained(byte_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    done = run_ratpt("train", *small_run(byte_data, run_dir, "train.steps=6", "eval.interval=6",
-                                         "eval.max_samples=8", "model.mixers=[rat, swa]", "model.window=8"))
-    assert done.returncode == 0, done.stderr
-    val = float(re.search(r"val loss ([0-9.]+)", done.stdout).group(1))
-    return run_dir, val
+    result = train_here(byte_data, run_dir, "train.steps=6", "eval.interval=6", "eval.max_samples=8",
+                        "model.mixers=[rat, swa]", "model.window=8")
+    return run_dir, result.val_loss
 
 
-def test_eval_of_the_final_checkpoint_matches_the_trainers_validation(trained):
-    run_dir, trainer_val = trained
-    done = run_ratpt("eval", str(run_dir))
+@pytest.fixture(scope="module")
+def evaluated(trained) -> str:
+    """`ratpt eval` of the run, once for the tests that read what it says."""
+    done = run_ratpt("eval", str(trained[0]))
     assert done.returncode == 0, done.stderr
-    assert float(re.search(r"val loss ([0-9.]+)", done.stdout).group(1)) == pytest.approx(trainer_val, abs=1e-4)
+    return done.stdout
+
+
+def test_eval_of_the_final_checkpoint_matches_the_trainers_validation(trained, evaluated):
+    assert float(re.search(r"val loss ([0-9.]+)", evaluated).group(1)) == pytest.approx(trained[1], abs=1e-4)
 
 
 def test_export_gives_the_checkpoints_logits_and_generates(trained, tmp_path):
@@ -67,10 +70,8 @@ def test_an_unconsolidated_deepspeed_checkpoint_is_refused_with_the_command_to_f
     assert done.returncode == 2 and "python -m ratpt.engines.deepspeed_checkpoint" in done.stderr
 
 
-def test_eval_says_which_checkpoint_it_evaluated(trained):
-    done = run_ratpt("eval", str(trained[0]))
-    assert done.returncode == 0, done.stderr
-    assert f"{trained[0] / 'checkpoints' / 'step_00000006'}: val loss" in done.stdout
+def test_eval_says_which_checkpoint_it_evaluated(trained, evaluated):
+    assert f"{trained[0] / 'checkpoints' / 'step_00000006'}: val loss" in evaluated
 
 
 def test_eval_with_another_model_is_refused_naming_the_keys(trained):

@@ -9,20 +9,18 @@ import torch
 from ratpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from ratpt.config import load_config
 from ratpt.train.checkpointer import initial_weights
-from run_helpers import losses_of, ratpt, small_run
+from run_helpers import losses_of, ratpt, small_run, train_here
 
 
 @pytest.fixture(scope="module")
 def short(byte_data, tmp_path_factory):
-    """A run of 30 steps at 64 tokens per sequence, and its losses."""
+    """A run of 30 steps at 64 tokens per sequence, and its first loss."""
     run = tmp_path_factory.mktemp("short") / "run"
-    done = ratpt("train", *small_run(byte_data, run, "train.steps=30", "optimizer.lr=3e-3"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run, losses_of(done.stdout)
+    return run, train_here(byte_data, run, "train.steps=30", "optimizer.lr=3e-3").losses[0]
 
 
 def test_a_longer_context_run_starts_from_the_short_runs_weights_and_its_loss_falls(byte_data, short, tmp_path):
-    short_run, short_losses = short
+    short_run, short_first_loss = short
     trained = load_checkpoint(short_run / "checkpoints")["model"]
     extended = ratpt("train", *small_run(byte_data, tmp_path / "long", "data.seq_len=256", "train.steps=6",
                                          "optimizer.lr=1e-3", "schedule.warmup_fraction=0",
@@ -32,7 +30,7 @@ def test_a_longer_context_run_starts_from_the_short_runs_weights_and_its_loss_fa
     assert re.search(r"model.rope_base: 10000.0 in \S+, 40000.0 here", extended.stdout + extended.stderr)
     first = losses_of(extended.stdout)
     assert sorted(first) == list(range(1, 7)), "a new schedule and data position: steps 1..6"
-    assert first[1] < short_losses[1] - 1.0  # it starts trained (from scratch the byte-level loss is ~ln 257 = 5.5)
+    assert first[1] < short_first_loss - 1.0  # it starts trained (from scratch the byte-level loss is ~ln 257 = 5.5)
     assert first[6] < first[1]
     state = load_checkpoint(tmp_path / "long" / "checkpoints")
     assert state["step"] == 6 and state["data"]["samples"] == 6 * 8  # its own data position, from zero
@@ -48,10 +46,9 @@ def test_another_model_shape_is_refused_naming_the_keys(byte_data, short, tmp_pa
 
 
 def test_a_requeued_run_resumes_its_own_checkpoint_not_the_initial_weights(byte_data, short, tmp_path):
-    run = small_run(byte_data, tmp_path / "long", "data.seq_len=128", "checkpoint.interval=2",
-                    f"checkpoint.init_from={short[0]}")
-    assert ratpt("train", *run, "train.steps=2").returncode == 0
-    again = ratpt("train", *run, "train.steps=4")
+    settings = ("data.seq_len=128", "checkpoint.interval=2", f"checkpoint.init_from={short[0]}")
+    train_here(byte_data, tmp_path / "long", *settings, "train.steps=2")
+    again = ratpt("train", *small_run(byte_data, tmp_path / "long", *settings, "train.steps=4"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(losses_of(again.stdout)) == [3, 4]
     assert "starting from the weights of" not in again.stdout + again.stderr

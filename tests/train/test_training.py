@@ -4,6 +4,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,8 @@ INTERRUPTIBLE = ("train.steps=16", "checkpoint.interval=4")
 
 @pytest.fixture(scope="module")
 def uninterrupted(byte_data, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """The whole run of INTERRUPTIBLE: its folder keeps the checkpoints of steps 12 and 16 (tiny.yaml keeps 2),
+    which the tests of going back and of broken checkpoints take copies of."""
     run_dir = tmp_path_factory.mktemp("whole")
     done = ratpt("train", *small_run(byte_data, run_dir, *INTERRUPTIBLE))
     assert done.returncode == 0, done.stderr
@@ -108,26 +111,6 @@ def test_a_stop_signal_checkpoints_stops_and_resumes_identically(byte_data, unin
     resumed = ratpt("train", *small_run(byte_data, tmp_path, *INTERRUPTIBLE))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_model(final_state(uninterrupted[0]), final_state(tmp_path))
-
-
-def test_two_data_parallel_ranks_match_one_process(byte_data, tmp_path):
-    steps = ["train.steps=3", "checkpoint.interval=0"]
-    single = ratpt("train", *small_run(byte_data, tmp_path / "one", *steps))
-    assert single.returncode == 0, single.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ratpt",
-         "train", *small_run(byte_data, tmp_path / "two", *steps)],
-        cwd=REPO, env=env, text=True, capture_output=True,
-    )
-    assert two.returncode == 0, two.stdout + two.stderr
-    one_losses, two_losses = losses_of(single.stdout), losses_of(two.stdout)
-    assert two_losses.keys() == one_losses.keys() == {1, 2, 3}
-    for step in one_losses:
-        assert two_losses[step] == pytest.approx(one_losses[step], abs=2e-4)
-    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
 
 
 def in_process_config(data: Path, out_dir: Path, *extra: str):
@@ -237,14 +220,13 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(byte_data, tmp_path,
     assert signal.getsignal(signal.SIGINT) is handler_before
 
 
-def test_going_back_to_an_earlier_checkpoint_with_newer_ones_beside_it_is_refused(byte_data, tmp_path):
-    run = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "checkpoint.interval=2"))
-    assert run.returncode == 0, run.stderr[-2000:]
-    earlier = tmp_path / "checkpoints" / "step_00000002"
-    again = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=6", f"checkpoint.resume={earlier}"))
-    assert again.returncode == 2 and "holds newer checkpoints (step_00000004)" in again.stderr, again.stderr[-2000:]
+def test_going_back_to_an_earlier_checkpoint_with_newer_ones_beside_it_is_refused(byte_data, uninterrupted, tmp_path):
+    run_dir = shutil.copytree(uninterrupted[0], tmp_path / "run")
+    earlier = run_dir / "checkpoints" / "step_00000012"
+    again = ratpt("train", *small_run(byte_data, run_dir, "train.steps=20", f"checkpoint.resume={earlier}"))
+    assert again.returncode == 2 and "holds newer checkpoints (step_00000016)" in again.stderr, again.stderr[-2000:]
     assert "checkpoint.resume=auto" in again.stderr
-    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000004"
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000016"
 
 
 def test_a_finished_run_leaves_no_process_group_behind(byte_data, tmp_path):
@@ -287,28 +269,23 @@ def test_a_validation_set_too_small_fails_before_the_first_step(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_resuming_with_another_model_is_refused_naming_the_keys(byte_data, tmp_path):
-    first = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=2"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    other = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=4", "model.n_layers=3"))
+def test_resuming_with_another_model_is_refused_naming_the_keys(byte_data, trained_run, tmp_path):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    other = ratpt("train", *small_run(byte_data, run_dir, "train.steps=4", "model.n_layers=3"))
     assert other.returncode == 2 and "model.n_layers: 2 there, 3 here" in other.stderr, other.stderr[-2000:]
-    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
-    assert load_config(tmp_path / "run" / "config.yaml").model.n_layers == 2, "a refused run leaves the config"
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000002"
+    assert load_config(run_dir / "config.yaml").model.n_layers == 2, "a refused run leaves the config"
 
 
-def test_eval_and_resume_on_another_tokenizers_data_are_refused(byte_data, tmp_path):
-    import json
-    import shutil
-
-    run = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=2"))
-    assert run.returncode == 0, run.stderr[-2000:]
+def test_eval_and_resume_on_another_tokenizers_data_are_refused(byte_data, trained_run, tmp_path):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
     other = tmp_path / "other"  # the same shards under another tokenizer's record
     shutil.copytree(byte_data, other)
     meta_file = other / "tokenizer" / "meta.json"
     meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "name": "bpe", "kind": "hf"}))
     stream = f"data.streams=[{{path: {other}}}]"
-    evaluated = ratpt("eval", str(tmp_path / "run"), stream)
-    resumed = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=4"), stream)
+    evaluated = ratpt("eval", str(run_dir), stream)
+    resumed = ratpt("train", *small_run(byte_data, run_dir, "train.steps=4"), stream)
     for done in (evaluated, resumed):
         assert done.returncode == 2 and "was trained on 'byte' tokens" in done.stderr, done.stderr[-2000:]
 
@@ -338,16 +315,16 @@ def test_a_refused_run_fails_on_every_rank_at_once(byte_data, tmp_path):
     assert two.stderr.count(f"is in use by training (pid {os.getpid()}") == 2, two.stderr[-3000:]  # both ranks
 
 
-def test_a_failed_save_names_the_file_removes_the_partial_folder_and_keeps_the_previous(byte_data, tmp_path):
-    first = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=2"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    args = " ".join(shlex.quote(a) for a in small_run(byte_data, tmp_path, "train.steps=4"))
+def test_a_failed_save_names_the_file_removes_the_partial_folder_and_keeps_the_previous(byte_data, trained_run,
+                                                                                       tmp_path):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    args = " ".join(shlex.quote(a) for a in small_run(byte_data, run_dir, "train.steps=4"))
     full = subprocess.run(["bash", "-c", f"ulimit -f 1000; exec {shlex.quote(sys.executable)} -m ratpt train {args}"],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, capture_output=True)
     assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-2000:]
     stderr = full.stderr.strip()
     assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
-    step_dir = tmp_path / "checkpoints"
+    step_dir = run_dir / "checkpoints"
     assert f"saving checkpoint step_00000004 failed writing {step_dir / 'step_00000004.tmp' / 'state.pt'}" in stderr
     assert "File too large" in stderr and f"the newest checkpoint, {step_dir / 'step_00000002'}, is kept" in stderr
     assert sorted(p.name for p in step_dir.iterdir()) == ["step_00000002"]
@@ -360,48 +337,48 @@ def corrupt_the_middle_of(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_resume_auto_moves_a_corrupt_newest_checkpoint_aside_and_resumes_the_one_before(byte_data, tmp_path):
-    run = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "checkpoint.interval=2"))
-    assert run.returncode == 0, run.stderr[-2000:]
-    newest = tmp_path / "checkpoints" / "step_00000004"
+def test_resume_auto_moves_a_corrupt_newest_checkpoint_aside_and_resumes_the_one_before(byte_data, uninterrupted,
+                                                                                        tmp_path):
+    run_dir = shutil.copytree(uninterrupted[0], tmp_path / "run")
+    newest = run_dir / "checkpoints" / "step_00000016"
     corrupt_the_middle_of(newest / "state.pt")
-    again = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "checkpoint.interval=2"))
+    again = ratpt("train", *small_run(byte_data, run_dir, *INTERRUPTIBLE))
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"{newest / 'state.pt'} differs from its checksum" in again.stdout
     assert f"moved it aside to {newest}.broken" in again.stdout
-    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000002'} at step 2" in again.stdout
-    assert (tmp_path / "checkpoints" / "step_00000004.broken").is_dir() and load_checkpoint(newest)["step"] == 4
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000012'} at step 12" in again.stdout
+    assert (run_dir / "checkpoints" / "step_00000016.broken").is_dir() and load_checkpoint(newest)["step"] == 16
 
 
-def test_the_advice_for_a_truncated_checkpoint_without_checksums_works(byte_data, tmp_path):
+def test_the_advice_for_a_truncated_checkpoint_without_checksums_works(byte_data, uninterrupted, tmp_path):
     """A checkpoint written before checksums (none to tell it is broken): the error says what to run."""
-    run = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "checkpoint.interval=2"))
-    assert run.returncode == 0, run.stderr[-2000:]
-    newest = tmp_path / "checkpoints" / "step_00000004"
+    run_dir = shutil.copytree(uninterrupted[0], tmp_path / "run")
+    newest = run_dir / "checkpoints" / "step_00000016"
     (newest / "checksums.json").unlink()
     state = newest / "state.pt"
     state.write_bytes(state.read_bytes()[:1000])
-    refused = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=6", "checkpoint.interval=2"))
+    longer = small_run(byte_data, run_dir, "train.steps=20", "checkpoint.interval=4")
+    refused = ratpt("train", *longer)
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     advice = re.search(r"`mv (\S+) (\S+)`", refused.stderr)
     assert advice and "the one before it is" in refused.stderr, refused.stderr
     subprocess.run(["mv", advice.group(1), advice.group(2)], check=True)
-    again = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=6", "checkpoint.interval=2"))
+    again = ratpt("train", *longer)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resumed from" in again.stdout and "at step 2" in again.stdout
-    assert load_checkpoint(tmp_path / "checkpoints")["step"] == 6
+    assert "resumed from" in again.stdout and "at step 12" in again.stdout
+    assert load_checkpoint(run_dir / "checkpoints")["step"] == 20
 
 
-def test_resuming_with_other_steps_says_the_schedule_changes_in_the_log_and_tensorboard(byte_data, tmp_path):
+def test_resuming_with_other_steps_says_the_schedule_changes_in_the_log_and_tensorboard(byte_data, trained_run,
+                                                                                       tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    first = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=2"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    longer = ratpt("train", *small_run(byte_data, tmp_path, "train.steps=4", "logging.tensorboard=true"))
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    longer = ratpt("train", *small_run(byte_data, run_dir, "train.steps=4", "logging.tensorboard=true"))
     assert longer.returncode == 0, longer.stderr[-2000:]
     note = "with another learning-rate schedule (train.steps: 2 there, 4 here)"
     assert note in longer.stdout
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     texts = [t.tensor_proto.string_val[0].decode() for t in events.Tensors("config/text_summary")]
     assert any(note in text for text in texts), texts

@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc-per-node N tests/parallel/workers/layouts.py CASE [CASE ...]
 
-A case is `name:key=value,key=value` over parallel.*, model.* keys and train.micro_batch, e.g.
+A case is `name:key=value,key=value` over parallel.*, model.* keys, train.micro_batch and train.global_batch, e.g.
 `cp2-hybrid:context=2,mixers=rat+swa`, or `resume:A>B` (train one step in layout A, carry the
 gathered state into layout B, train a second step there; B = `local` is one process,
 `LocalEngine`, on every rank). For each case, every rank also runs
@@ -42,7 +42,8 @@ BASE = ["model.vocab_size=96", "model.d_model=64", "model.head_dim=16", "model.n
         "schedule.warmup_fraction=0", "schedule.kind=constant", "optimizer.lr=1e-2", "optimizer.grad_clip=0.5", "optimizer.eps=1e-4",
         "data.streams=[{path: unused}]"]
 MODEL_KEYS = {"mixers", "chunk_size", "window", "n_layers", "ffn", "ngroups", "head_dim", "kernels"}
-TRAIN_KEYS = {"micro_batch", "precision", "fused_loss", "compile", "compile_backend", "activation_checkpointing"}
+TRAIN_KEYS = {"global_batch", "micro_batch", "precision", "fused_loss", "compile", "compile_backend",
+              "activation_checkpointing"}
 DATA_KEYS = {"document_masking"}
 
 
