@@ -86,13 +86,13 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, part_ptr, M, N
             for r in tl.static_range(BM):
                 # a padded row (r >= M) reads the last real one again; the epilogue does not store it
                 xr = tl.load(x_ptr + tl.minimum(r, M - 1) * sx + ks, mask=k_ok, other=0.0).to(tl.float32)
-                here = (rows == r)[:, None]
+                here = rows == r
                 if NORM:
-                    squares += tl.where(rows == r, tl.sum(xr * xr, 0), 0.0)
+                    squares += tl.where(here, tl.sum(xr * xr, 0), 0.0)
                     xr *= g
-                acc += tl.where(here, tl.sum(wf * xr[None, :], 1)[None, :], 0.0)
+                acc += tl.where(here[:, None], tl.sum(wf * xr[None, :], 1)[None, :], 0.0)
                 if ACT == 2:
-                    up += tl.where(here, tl.sum(uf * xr[None, :], 1)[None, :], 0.0)
+                    up += tl.where(here[:, None], tl.sum(uf * xr[None, :], 1)[None, :], 0.0)
         else:
             x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if NORM:
@@ -165,9 +165,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
                   warps: int = 0, stages: int = 0, split: int = 0) -> torch.Tensor:
     """act(RMSNorm(x) Wᵀ) + residual [M, N] in x's dtype, for x [M, K] with M <= MAX_ROWS (by FMAs up to
     FMA_ROWS, a tensor-core tile above); the norm if `norm_weight` is given, the residual [M, N] if given;
-    `activation` one of ACTIVATIONS (N = rows of W, or half of them for swiglu). block_n, block_k, warps, stages: the launch, each 0 for default_launch's;
-    split: pieces of K run by separate programs and summed by a second launch (benchmarks/profile_decode.py
-    --sweep-linear measures them), 0 for default_split's."""
+    `activation` one of ACTIVATIONS (N = rows of W, or half of them for swiglu). block_n, block_k, warps,
+    stages: the launch, each 0 for default_launch's; split: pieces of K run by separate programs and summed
+    by a second launch (benchmarks/profile_decode.py --sweep-linear measures them), 0 for default_split's."""
     M, K = x.shape
     if M > MAX_ROWS:
         raise ValueError(f"decode_linear takes at most {MAX_ROWS} rows, got {M}")
