@@ -20,15 +20,20 @@ def small_run(data: Path, out_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def train_here(data: Path, out_dir: Path, *extra: str):
-    """What `ratpt train` runs for small_run's arguments (the config loaded, then the trainer), in this
-    process: for a run that only feeds a test (a reference, weights to start from), without the seconds
-    of imports of a process of its own."""
+def small_run_config(data: Path, out_dir: Path, *extra: str):
+    """small_run's arguments loaded as `ratpt train` loads them, for a run in this process."""
     from ratpt.config import load_config
-    from ratpt.train.trainer import train
 
     config, *overrides = small_run(data, out_dir, *extra)
-    return train(load_config(config, overrides))
+    return load_config(config, overrides)
+
+
+def train_here(data: Path, out_dir: Path, *extra: str):
+    """What `ratpt train` runs for small_run's arguments, in this process: for a run that only feeds a test
+    (a reference, weights to start from), without the seconds of imports of a process of its own."""
+    from ratpt.train.trainer import train
+
+    return train(small_run_config(data, out_dir, *extra))
 
 
 def ratpt(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ from ratpt.errors import TrainingDiverged
 from ratpt.folder_lock import hold_folder
 from ratpt.train import trainer
 
-from run_helpers import LOSS_LINE, REPO, losses_of, ratpt, small_run
+from run_helpers import LOSS_LINE, REPO, losses_of, ratpt, small_run, small_run_config
 
 def final_state(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "checkpoints")
@@ -113,11 +113,6 @@ def test_a_stop_signal_checkpoints_stops_and_resumes_identically(byte_data, unin
     assert_same_model(final_state(uninterrupted[0]), final_state(tmp_path))
 
 
-def in_process_config(data: Path, out_dir: Path, *extra: str):
-    config, *overrides = small_run(data, out_dir, *extra)
-    return load_config(config, overrides)
-
-
 def test_loss_falls_with_document_masking_and_the_masks_reach_the_model(tmp_path):
     from data_prep.__main__ import main as data_prep
     from pydoc_data.topics import topics
@@ -129,18 +124,18 @@ def test_loss_falls_with_document_masking_and_the_masks_reach_the_model(tmp_path
                       "--tokenizer", "byte", "--val-fraction", "0.05"]) == 0
     # the hybrid, so that RAT's chunks and the window's mask both restart at every packed document
     run = ("checkpoint.interval=0", "model.mixers=[rat,swa]", "model.window=16")
-    masked = trainer.train(in_process_config(tmp_path / "data", tmp_path / "masked", "train.steps=20", *run,
+    masked = trainer.train(small_run_config(tmp_path / "data", tmp_path / "masked", "train.steps=20", *run,
                                              "data.document_masking=true")).losses
     first, last = masked[0], sum(masked[-5:]) / 5
     assert first > math.log(257) - 0.5, "a fresh model predicts close to uniform"
     assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
-    unmasked = trainer.train(in_process_config(tmp_path / "data", tmp_path / "unmasked", "train.steps=1", *run)).losses
+    unmasked = trainer.train(small_run_config(tmp_path / "data", tmp_path / "unmasked", "train.steps=1", *run)).losses
     assert abs(unmasked[0] - first) > 1e-4, "the same weights and batch give the same loss: no mask reached the model"
 
 
 def test_activation_checkpointing_changes_no_loss(byte_data, tmp_path):
-    plain = trainer.train(in_process_config(byte_data, tmp_path / "plain", "train.steps=3"))
-    recomputed = trainer.train(in_process_config(byte_data, tmp_path / "ckpt", "train.steps=3",
+    plain = trainer.train(small_run_config(byte_data, tmp_path / "plain", "train.steps=3"))
+    recomputed = trainer.train(small_run_config(byte_data, tmp_path / "ckpt", "train.steps=3",
                                                  "train.activation_checkpointing=true"))
     assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
 
@@ -151,10 +146,10 @@ def test_compiled_blocks_and_loss_under_activation_checkpointing_change_no_loss(
     # 2 cores); inductor with the RAT kernels is tested in tests/kernels (test_rat_layer_with_triton_...)
     from torch._dynamo.utils import counters
 
-    plain = trainer.train(in_process_config(byte_data, tmp_path / "plain", "train.steps=2"))
+    plain = trainer.train(small_run_config(byte_data, tmp_path / "plain", "train.steps=2"))
     torch._dynamo.reset()  # compile afresh: graphs cached by an earlier case would count as none
     counters.clear()
-    compiled = trainer.train(in_process_config(byte_data, tmp_path / "compiled", "train.steps=2",
+    compiled = trainer.train(small_run_config(byte_data, tmp_path / "compiled", "train.steps=2",
                                                "train.compile=true", "train.compile_backend=aot_eager",
                                                "train.activation_checkpointing=true"))
     assert counters["stats"]["unique_graphs"] >= 2  # the blocks and the fused loss's chunk math did run compiled
@@ -175,7 +170,7 @@ def poison_losses(monkeypatch, poisoned) -> None:
 
 
 def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, monkeypatch):
-    cfg = in_process_config(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")
+    cfg = small_run_config(byte_data, tmp_path / "nan", "train.steps=10", "train.max_bad_steps=3")
     # micro-batches 3-4 (step 2) are poisoned once, then every step from step 4 on
     poison_losses(monkeypatch, lambda call: call in (3, 4) or call > 6)
     with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps at step 6"):
@@ -184,7 +179,7 @@ def test_non_finite_steps_are_skipped_then_training_stops(byte_data, tmp_path, m
 
 def test_a_stop_signal_during_start_up_checkpoints_after_the_first_step(byte_data, tmp_path, monkeypatch):
     """SLURM's warning signal can come while the model is built or the data opened: it is kept."""
-    cfg = in_process_config(byte_data, tmp_path, "train.steps=6", "eval.interval=1", "eval.max_samples=8")
+    cfg = small_run_config(byte_data, tmp_path, "train.steps=6", "eval.interval=1", "eval.max_samples=8")
     real = trainer.build_model
 
     def build_then_signalled(model_cfg):
@@ -202,7 +197,7 @@ def test_a_stop_signal_during_start_up_checkpoints_after_the_first_step(byte_dat
 
 
 def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(byte_data, tmp_path, monkeypatch, caplog):
-    cfg = in_process_config(byte_data, tmp_path, "train.steps=6")
+    cfg = small_run_config(byte_data, tmp_path, "train.steps=6")
     real = trainer.build_model
 
     def build_then_interrupted_twice(model_cfg):
@@ -232,12 +227,12 @@ def test_going_back_to_an_earlier_checkpoint_with_newer_ones_beside_it_is_refuse
 def test_a_finished_run_leaves_no_process_group_behind(byte_data, tmp_path):
     """Gloo's threads left to interpreter shutdown can abort a rank whose run succeeded (SIGABRT). DeepSpeed's
     engine joins a process group even for one process."""
-    trainer.train(in_process_config(byte_data, tmp_path, "train.steps=1", "train.engine=deepspeed"))
+    trainer.train(small_run_config(byte_data, tmp_path, "train.steps=1", "train.engine=deepspeed"))
     assert not torch.distributed.is_initialized()
 
 
 def test_a_skipped_step_leaves_weights_and_adam_state_untouched(byte_data, tmp_path, monkeypatch):
-    cfg = in_process_config(byte_data, tmp_path, "train.steps=2", "checkpoint.interval=1")
+    cfg = small_run_config(byte_data, tmp_path, "train.steps=2", "checkpoint.interval=1")
     poison_losses(monkeypatch, lambda call: call in (3, 4))  # the second step's two micro-batches
     result = trainer.train(cfg)
     assert math.isnan(result.losses[1]) and math.isfinite(result.losses[0])
