@@ -16,7 +16,8 @@ size, doubling until the GPU runs out of memory:
     the same device at the start of the run: the floor of a step, and the step's share of it.
 `--compile MODE` runs each block's decode through torch.compile (ratpt.decoder.compile_decode;
 "default" is torch.compile's default mode) inside the same CUDA graph; `--set model.kernels=triton`
-takes the fused decode linears (ratpt.ops.decode_linear) instead of cuBLAS.
+takes the fused decode linears (ratpt.ops.decode_linear) instead of cuBLAS. On Hopper the decode kernels
+launch as programmatic dependents; `--no-dependent-launch` launches them plainly.
 The RAT/attention ratio compares each model's best decode tokens/s (its best batch).
 On CPU (smoke test) the decode runs eagerly.
 
@@ -25,6 +26,7 @@ On CPU (smoke test) the decode runs eagerly.
     python benchmarks/generate.py --plot benchmarks/results/generate.json       # PNG beside it
     python benchmarks/generate.py --models rat_1p3b,attention_1p3b --batches 1,64 --compile default
     python benchmarks/generate.py --models rat_1p3b,attention_1p3b --batches 1,64 --set model.kernels=triton
+    python benchmarks/generate.py --models rat_1p3b --batches 1,64 --set model.kernels=triton --no-dependent-launch
     python benchmarks/generate.py --models tiny --prompt 16 --new 8 --batches 1,2 --device cpu
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ratpt.config import load_config
 from ratpt.decoder import GraphedDecodeStep, compile_decode
 from ratpt.model import build_model
 from ratpt.model.config import mixer_of_layer
+from ratpt_kernels import common as kernel_common
 
 REPO = Path(__file__).resolve().parents[1]
 UNTIMED_STEPS = 3  # eager warmup steps + the capture step of GraphedDecodeStep
@@ -208,7 +211,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "prompt": args.prompt, "new_tokens": args.new,
               "copy_tb_per_s": args.bandwidth / 1e12 if args.bandwidth else None,
-              "prefill_batch": args.prefill_batch, "models": [], "ratio_to_attention": {}}
+              "prefill_batch": args.prefill_batch, "dependent_launches": kernel_common.dependent_launch(device),
+              "models": [], "ratio_to_attention": {}}
     earlier = {}
     if args.update and args.out.exists():
         result["models"] = json.loads(args.out.read_text())["models"]
@@ -266,6 +270,8 @@ def main() -> None:
     parser.add_argument("--batches", help="comma-separated batch sizes to measure instead of doubling from --min-batch")
     parser.add_argument("--compile", default="none",
                         help="torch.compile mode of each block's decode: none, default, max-autotune-no-cudagraphs")
+    parser.add_argument("--no-dependent-launch", action="store_true",
+                        help="launch the decode kernels plainly, not as programmatic dependents (Hopper), for the A/B")
     parser.add_argument("--prefill-batch", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=300, help="per model: start no batch after this many seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -277,6 +283,7 @@ def main() -> None:
     if args.plot:
         plot(args.plot)
         return
+    kernel_common.DEPENDENT_LAUNCHES = not args.no_dependent_launch
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(json.dumps(benchmark(args)["ratio_to_attention"], indent=1))
 

@@ -8,14 +8,14 @@ step reads (every visible summary or key/value slot, model dtype) over the mixin
 give their achieved bandwidth, to compare with the H200's ≈ 4.3 TB/s copy rate.
 
 --sweep times the RAT decode kernel alone (ratpt_kernels.rat_decode, one layer of RAT-1.3B's shape at
-the first model's batch and position, random caches) over its launch configurations, to choose
-the defaults of kernels/rat_decode.py. --sweep-linear times each of a RAT-1.3B layer's fused decode
+the first model's batch and position, random caches, replayed in a CUDA graph over a step's layers) over
+its launch configurations, to choose the defaults of kernels/rat_decode.py. --sweep-linear times each of a RAT-1.3B layer's fused decode
 linears (ratpt_kernels.decode_linear) over its launches at every --batches batch, beside the unfused
 cuBLAS path, to choose the defaults of kernels/decode_linear.py.
 
     python benchmarks/profile_decode.py --models rat_1p3b,attention_1p3b --batches 2048,128 \
         --out benchmarks/results/profile_decode.json
-    python benchmarks/profile_decode.py --sweep --batches 2048 --out sweep.json
+    python benchmarks/profile_decode.py --sweep --batches 1 --out sweep.json
     python benchmarks/profile_decode.py --sweep-linear --batches 1,64 --out sweep_linear.json
 """
 from __future__ import annotations
@@ -71,10 +71,13 @@ def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
             "top_kernels_ms": {k[:120]: round(v, 3) for k, v in top}}
 
 
-def sweep_decode_launch(batch: int, position: int, tokens: int, iters: int) -> list[dict]:
-    """Kernel time of one RAT-1.3B layer's decode step per (slots, warps, stages), at `position`."""
+def sweep_decode_launch(batch: int, position: int, tokens: int) -> list[dict]:
+    """µs per call of one RAT-1.3B layer's decode kernel per launch (slots per loop step, warps, programs per
+    (sequence, head), programmatic dependent or plain; "default": the kernel's own choice) at `position`,
+    replayed in a CUDA graph as in a decode step. The calls cycle through copies of the caches (> 200 MB,
+    at most a step's layers), so that none is read from the L2 cache; TB/s is a layer's visible cache
+    bytes over the time."""
     from ratpt_kernels import rat_decode
-    from ratpt_kernels.tune import time_ms
 
     cfg = load_config(REPO / "configs" / "rat_1p3b.yaml").model
     D, d, G, L = cfg.d_model, cfg.head_dim, cfg.ngroups, cfg.chunk_size
@@ -84,17 +87,21 @@ def sweep_decode_launch(batch: int, position: int, tokens: int, iters: int) -> l
     def rand(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
 
-    q, k, v, f = rand(batch, G * d), rand(batch, G * d), rand(batch, D), rand(batch, D)
+    q, k, v, f, z = rand(batch, G * d), rand(batch, G * d), rand(batch, D), rand(batch, D), rand(batch, D)
     bias = rand(D, dtype=torch.float32)
-    caches = [rand(batch, D // d, capacity, d), rand(batch, D // d, capacity, d),
-              rand(batch, D, dtype=torch.float32), rand(batch, D, dtype=torch.float32)]
+    copies = min(cfg.n_layers, -(-200 * 2**20 // (2 * 2 * batch * D * capacity)))
+    caches = [[rand(batch, D // d, capacity, d), rand(batch, D // d, capacity, d),
+               rand(batch, D, dtype=torch.float32), rand(batch, D, dtype=torch.float32)] for _ in range(copies)]
     positions = torch.full((batch,), position, device="cuda", dtype=torch.long)
-    read_gb = cache_bytes_read(cfg, batch, position, 2) / cfg.n_layers / 1e9  # one layer's
+    read_bytes = cache_bytes_read(cfg, batch, position, 2) / cfg.n_layers  # one layer's
+    launches = [(0, 0, 0, None), *itertools.product((16, 32, 64), (1, 2, 4), (1, 2, 4, 8), (True, False))]
     rows = []
-    for slots, warps, stages in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 3)):
-        ms = time_ms(lambda: rat_decode(q, k, v, f, bias, *caches, positions, L, d, cfg.rope_base,
-                                        slots=slots, warps=warps, stages=stages), iters, warmup=2)
-        rows.append({"slots": slots, "warps": warps, "stages": stages, "ms": ms, "tb_per_s": read_gb / ms})
+    for slots, warps, splits, pdl in launches:
+        launch = dict(slots=slots or 32, warps=warps or 2, splits=splits, pdl=pdl)
+        us = graphed_us([partial(rat_decode, q, k, v, f, bias, *cache, positions, L, d, cfg.rope_base, gate=z,
+                                 **launch) for cache in caches])
+        label = "default" if not slots else f"slots{slots}_w{warps}_splits{splits}_{'pdl' if pdl else 'plain'}"
+        rows.append({"launch": label, **launch, "us": us, "tb_per_s": read_bytes / us / 1e6})
         print(rows[-1], flush=True)
     return rows
 
@@ -220,7 +227,7 @@ def main() -> None:
         return
     if args.sweep:
         batch = int(args.batches.split(",")[0])
-        rows = sweep_decode_launch(batch, args.prompt + args.new // 2, args.prompt + args.new, 20)
+        rows = sweep_decode_launch(batch, args.prompt + args.new // 2, args.prompt + args.new)
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "batch": batch, "runs": rows},
                                        indent=1))
         return

@@ -4,9 +4,9 @@
 Split-K over the slots (flash-decoding): program (b·H + h, s) runs an online softmax over slots
 [s·SPLIT, min((s + 1)·SPLIT, n_b)) in blocks of BLOCK_N, n_b = visible[b] read on the device; a
 split starting at or past n_b reads nothing and leaves an empty partial (max −inf, sum 0). With one
-split the program writes the output itself, else a second kernel merges the splits' partials. The
-grid and the split count depend on shapes only: the launches are static, never wait for the host,
-and can be captured in a CUDA graph.
+split the program writes the output itself, else a second kernel (merge_splits, shared with RAT's
+decode) merges the splits' partials. The grid and the split count depend on shapes only: the launches
+are static, never wait for the host, and can be captured in a CUDA graph.
 
 Bytes per step: the visible (k, v) rows, 2·n_b·d values per head (in bf16 at B 64, H 16, d 128 and
 3584 visible slots, 1.88 GB per layer).
@@ -17,19 +17,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, interpreting, sm_count
+from .common import LOG2E, after_predecessor, dependent_launch, interpreting, launch_options, sm_count
 
 
 @triton.jit
 def _attention_decode_split(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_ptr,
                   sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sy_b, sy_h, qk_scale,
                   H: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     bh, s = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     b64 = b.to(tl.int64)
     cols = tl.arange(0, D)
     rows = tl.arange(0, BLOCK_N)
+    after_predecessor(PDL)
     q = tl.load(q_ptr + b64 * sq_b + h * sq_h + cols).to(tl.float32) * qk_scale
     k_head = k_ptr + b64 * sk_b + h * sk_h
     v_head = v_ptr + b64 * sv_b + h * sv_h
@@ -60,20 +61,52 @@ def _attention_decode_split(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_p
 
 
 @triton.jit
-def _attention_decode_merge(o_ptr, m_ptr, l_ptr, y_ptr, sy_b, sy_h,
-                  H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+def merge_splits(o_ptr, m_ptr, l_ptr, y_ptr, z_ptr, sy_b, sy_h, sz_b, sz_h,
+                 H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                 GATE: tl.constexpr, PDL: tl.constexpr):
+    """y = the softmax over every split of one (sequence, head), from each split's fp32 partial (unnormalised
+    output, max, sum), times sigmoid(z) when GATE (RAT's output gate). Split 0 is never empty (attention:
+    it holds slot 0; RAT: it holds the own running state), so the max is finite."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
+    after_predecessor(PDL)
     splits = tl.arange(0, SPLITS_P2)
     used = splits < SPLITS
     part = bh.to(tl.int64) * SPLITS + splits
     m = tl.load(m_ptr + part, mask=used, other=float("-inf"))
-    weight = tl.exp2(m - tl.max(m, 0))  # split 0 always holds slot 0, so the max is finite
+    weight = tl.exp2(m - tl.max(m, 0))
     l_sum = tl.sum(weight * tl.load(l_ptr + part, mask=used, other=0.0), 0)
     cols = tl.arange(0, D)
     o = tl.load(o_ptr + part[:, None] * D + cols[None, :], mask=used[:, None], other=0.0)
     y = tl.sum(weight[:, None] * o, 0) / l_sum
+    if GATE:
+        y = y * tl.sigmoid(tl.load(z_ptr + b.to(tl.int64) * sz_b + h * sz_h + cols).to(tl.float32))
     tl.store(y_ptr + b.to(tl.int64) * sy_b + h * sy_h + cols, y.to(y_ptr.dtype.element_ty))
+
+
+def split_runs(slots: int, splits: int, block: int) -> tuple[int, int]:
+    """(slots per split, splits) for `slots` cut in at most `splits` runs of whole blocks, none empty
+    of slots (a run may still hold no visible token: the kernels leave an empty partial there)."""
+    split = triton.cdiv(triton.cdiv(slots, splits), block) * block
+    return split, triton.cdiv(slots, split)
+
+
+def split_scratch(batch_heads: int, splits: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial outputs [B·H·splits, d] and (max, sum) [2, B·H·splits] of a split launch; one split
+    writes y directly, so it gets a one-row placeholder."""
+    parts = batch_heads * splits if splits > 1 else 1
+    return (torch.empty(parts, d, device=device, dtype=torch.float32),
+            torch.empty(2, parts, device=device, dtype=torch.float32))
+
+
+def merge_into(y: torch.Tensor, partial: torch.Tensor, stats: torch.Tensor, heads: int, splits: int,
+               sy: tuple[int, int], pdl: bool, gate: torch.Tensor | None = None, sz: tuple[int, int] = (0, 0)) -> None:
+    """Launch merge_splits over a split launch's partials into y (strides sy per sequence and head), gated
+    by sigmoid(gate) (strides sz) if given; as a programmatic dependent if pdl."""
+    merge_splits[(partial.shape[0] // splits,)](
+        partial, stats[0], stats[1], y, y if gate is None else gate, *sy, *sz, H=heads, D=partial.shape[1],
+        SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), GATE=gate is not None, PDL=pdl, num_warps=4,
+        **launch_options(pdl))
 
 
 def default_splits(batch_heads: int, slots: int, block: int, device: torch.device) -> int:
@@ -87,11 +120,13 @@ def default_splits(batch_heads: int, slots: int, block: int, device: torch.devic
 
 @torch.library.custom_op("ratpt::attention_decode", mutates_args=())
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, visible: torch.Tensor,
-                     splits: int | None = None, block: int = 64, warps: int = 4, stages: int = 2) -> torch.Tensor:
+                     splits: int | None = None, block: int = 64, warps: int = 4, stages: int = 2,
+                     pdl: bool | None = None) -> torch.Tensor:
     """Same contract as ratpt.ops.attention_decode: y [B, H, 1, d] in q's dtype.
 
     A custom op, so that torch.compile of a decode step keeps both launches as one opaque call.
-    splits, block, warps, stages: the launch (None: default_splits)."""
+    splits, block, warps, stages: the launch (None: default_splits); pdl: launch as programmatic
+    dependents (None: common.dependent_launch's answer for q's device)."""
     B, H, _, d = q.shape
     S = k_cache.shape[2]
     for name, t in {"q": q, "k_cache": k_cache, "v_cache": v_cache}.items():
@@ -99,20 +134,17 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise ValueError(f"attention_decode needs {name} contiguous in its last dim, got strides {t.stride()}")
     block = 16 if interpreting() else block
     splits = splits or default_splits(B * H, S, block, q.device)
-    split = triton.cdiv(triton.cdiv(S, splits), block) * block
-    splits = triton.cdiv(S, split)
+    split, splits = split_runs(S, splits, block)
     y = torch.empty(B, H, 1, d, device=q.device, dtype=q.dtype)
-    parts = B * H * splits if splits > 1 else 1  # one split writes y directly: its partials are unused
-    partial = torch.empty(parts, d, device=q.device, dtype=torch.float32)
-    stats = torch.empty(2, parts, device=q.device, dtype=torch.float32)
+    partial, stats = split_scratch(B * H, splits, d, q.device)
+    pdl = dependent_launch(q.device) if pdl is None else pdl
     _attention_decode_split[(B * H, splits)](
         q, k_cache, v_cache, visible, y, partial, stats[0], stats[1],
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], y.stride(0), y.stride(1),
-        LOG2E / math.sqrt(d), H=H, D=d, SPLIT=split, SPLITS=splits, BLOCK_N=block, num_warps=warps,
-        num_stages=stages)
+        LOG2E / math.sqrt(d), H=H, D=d, SPLIT=split, SPLITS=splits, BLOCK_N=block, PDL=pdl, num_warps=warps,
+        num_stages=stages, **launch_options(pdl))
     if splits > 1:
-        _attention_decode_merge[(B * H,)](partial, stats[0], stats[1], y, y.stride(0), y.stride(1), H=H, D=d,
-                                SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+        merge_into(y, partial, stats, H, splits, (y.stride(0), y.stride(1)), pdl)
     return y
 
 

@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
@@ -32,6 +33,41 @@ def interpreting() -> bool:
 def sm_count(device_index: int) -> int:
     """Streaming multiprocessors of a CUDA device, read once (launch choices ask on every call)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+# Decode kernels launch as programmatic dependents on Hopper and later (dependent_launch); a benchmark
+# sets this False to time the plain launches beside them.
+DEPENDENT_LAUNCHES = True
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the decode kernels launch as programmatic dependents (PDL, sm_90+) on `device`.
+
+    A decode step is ~150 small kernels replayed in a CUDA graph; between two of them the GPU drains
+    one grid before starting the next. Launched as a dependent, a kernel's programs start while its
+    predecessor finishes, do what needs none of its results (address arithmetic, the first weight
+    tile), and wait at after_predecessor for the predecessor's writes."""
+    return DEPENDENT_LAUNCHES and device.type == "cuda" and _capability(device.index) >= (9, 0)
+
+
+def launch_options(pdl: bool) -> dict[str, bool]:
+    """The launch keywords of a kernel that calls after_predecessor(PDL=pdl)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def after_predecessor(PDL: tl.constexpr):
+    """Wait until the kernel before has finished and its writes are visible, then let the kernel after
+    this one start launching (it waits in turn before it reads what this one writes). Nothing when the
+    kernel is launched plainly."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def row_blocks(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot, interpreting, sm_count
+from .common import after_predecessor, dependent_launch, dot, interpreting, launch_options, sm_count
 
 MAX_ROWS = 64  # rows one program holds; larger batches use cuBLAS (ratpt.ops.decode_linear)
 FMA_ROWS = 4  # at most this many rows: FMAs instead of a tensor-core tile
@@ -56,52 +56,74 @@ def _epilogue(acc, up, squares, res_ptr, y_ptr, rows, cols, M, N, K, sr, sy, eps
 
 
 @triton.jit
+def _weight_tile(w_rows, ks, col_ok, N, K, sw, ACT: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] weight tile at columns ks, and SwiGLU's up rows beside it (else w again)."""
+    w_mask = col_ok[:, None] & (ks < K)[None, :]
+    w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+    if ACT == 2:  # the up rows, F = N rows below the gate rows
+        u = tl.load(w_rows + N * sw + ks[None, :], mask=w_mask, other=0.0)
+    else:
+        u = w
+    return w, u
+
+
+@triton.jit
+def _accumulate(acc, up, squares, w, u, x_ptr, norm_ptr, rows, ks, M, K, sx,
+                NORM: tl.constexpr, ACT: tl.constexpr, FMA: tl.constexpr, BM: tl.constexpr, F32: tl.constexpr):
+    """acc (and SwiGLU's up) += the rows of x at columns ks (times the norm weight) by this weight tile;
+    squares += their Σ x²."""
+    k_ok = ks < K
+    if FMA:
+        wf = w.to(tl.float32)
+        uf = u.to(tl.float32)
+        if NORM:
+            g = tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        for r in tl.static_range(BM):
+            # a padded row (r >= M) reads the last real one again; the epilogue does not store it
+            xr = tl.load(x_ptr + tl.minimum(r, M - 1) * sx + ks, mask=k_ok, other=0.0).to(tl.float32)
+            here = rows == r
+            if NORM:
+                squares += tl.where(here, tl.sum(xr * xr, 0), 0.0)
+                xr *= g
+            acc += tl.where(here[:, None], tl.sum(wf * xr[None, :], 1)[None, :], 0.0)
+            if ACT == 2:
+                up += tl.where(here[:, None], tl.sum(uf * xr[None, :], 1)[None, :], 0.0)
+    else:
+        x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :], mask=(rows < M)[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            squares += tl.sum(xf * xf, 1)
+            x = xf * tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc += dot(x, tl.trans(w), w.dtype, F32)
+        if ACT == 2:
+            up += dot(x, tl.trans(u), w.dtype, F32)
+    return acc, up, squares
+
+
+@triton.jit
 def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, part_ptr, M, N, K, k_per_split,
                           sx, sw, sr, sy, eps,
                           NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr,
                           FMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                          F32: tl.constexpr):
+                          F32: tl.constexpr, PDL: tl.constexpr):
     rows = tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    row_ok = rows < M
     col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * sw
-    acc = tl.zeros((BM, BN), tl.float32)
-    up = tl.zeros((BM, BN), tl.float32)
-    squares = tl.zeros((BM,), tl.float32)
     k_first = tl.program_id(1) * k_per_split
-    for k0 in range(k_first, tl.minimum(k_first + k_per_split, K), BK):
+    k_end = tl.minimum(k_first + k_per_split, K)
+    # the first weight tile streams in while the previous kernel finishes: no kernel of a step writes weights
+    ks = k_first + tl.arange(0, BK)
+    w, u = _weight_tile(w_rows, ks, col_ok, N, K, sw, ACT)
+    after_predecessor(PDL)
+    acc, up, squares = _accumulate(tl.zeros((BM, BN), tl.float32), tl.zeros((BM, BN), tl.float32),
+                                   tl.zeros((BM,), tl.float32), w, u, x_ptr, norm_ptr, rows, ks, M, K, sx,
+                                   NORM, ACT, FMA, BM, F32)
+    for k0 in range(k_first + BK, k_end, BK):
         ks = k0 + tl.arange(0, BK)
-        k_ok = ks < K
-        w_mask = col_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
-        if ACT == 2:  # the up rows, F = N rows below the gate rows
-            u = tl.load(w_rows + N * sw + ks[None, :], mask=w_mask, other=0.0)
-        if FMA:
-            wf = w.to(tl.float32)
-            if ACT == 2:
-                uf = u.to(tl.float32)
-            if NORM:
-                g = tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            for r in tl.static_range(BM):
-                # a padded row (r >= M) reads the last real one again; the epilogue does not store it
-                xr = tl.load(x_ptr + tl.minimum(r, M - 1) * sx + ks, mask=k_ok, other=0.0).to(tl.float32)
-                here = rows == r
-                if NORM:
-                    squares += tl.where(here, tl.sum(xr * xr, 0), 0.0)
-                    xr *= g
-                acc += tl.where(here[:, None], tl.sum(wf * xr[None, :], 1)[None, :], 0.0)
-                if ACT == 2:
-                    up += tl.where(here[:, None], tl.sum(uf * xr[None, :], 1)[None, :], 0.0)
-        else:
-            x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if NORM:
-                xf = x.to(tl.float32)
-                squares += tl.sum(xf * xf, 1)
-                x = xf * tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            acc += dot(x, tl.trans(w), w.dtype, F32)
-            if ACT == 2:
-                up += dot(x, tl.trans(u), w.dtype, F32)
+        w, u = _weight_tile(w_rows, ks, col_ok, N, K, sw, ACT)
+        acc, up, squares = _accumulate(acc, up, squares, w, u, x_ptr, norm_ptr, rows, ks, M, K, sx,
+                                       NORM, ACT, FMA, BM, F32)
     if SPLIT == 1:
         _epilogue(acc, up, squares, res_ptr, y_ptr, rows, cols, M, N, K, sr, sy, eps, NORM, ACT, RESIDUAL)
     else:  # partials [SPLIT, 2 (acc, up), BM, N + 1]: column N holds the row's partial Σ x²
@@ -117,8 +139,9 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, part_ptr, M, N
 @triton.jit
 def _decode_linear_reduce(part_ptr, res_ptr, y_ptr, M, N, K, sr, sy, eps,
                           NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
     """The split-K launch's second pass: sums the SPLIT partials of BN columns, then the epilogue."""
+    after_predecessor(PDL)
     rows = tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < N
@@ -162,12 +185,13 @@ def default_split(n: int, k: int, rows: int) -> int:
 @torch.library.custom_op("ratpt::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
                   activation: str, residual: torch.Tensor | None, block_n: int = 0, block_k: int = 0,
-                  warps: int = 0, stages: int = 0, split: int = 0) -> torch.Tensor:
+                  warps: int = 0, stages: int = 0, split: int = 0, pdl: bool | None = None) -> torch.Tensor:
     """act(RMSNorm(x) Wᵀ) + residual [M, N] in x's dtype, for x [M, K] with M <= MAX_ROWS (by FMAs up to
     FMA_ROWS, a tensor-core tile above); the norm if `norm_weight` is given, the residual [M, N] if given;
     `activation` one of ACTIVATIONS (N = rows of W, or half of them for swiglu). block_n, block_k, warps,
     stages: the launch, each 0 for default_launch's; split: pieces of K run by separate programs and summed
-    by a second launch (benchmarks/profile_decode.py --sweep-linear measures them), 0 for default_split's."""
+    by a second launch (benchmarks/profile_decode.py --sweep-linear measures them), 0 for default_split's;
+    pdl: launch as programmatic dependents (None: common.dependent_launch's answer for x's device)."""
     M, K = x.shape
     if M > MAX_ROWS:
         raise ValueError(f"decode_linear takes at most {MAX_ROWS} rows, got {M}")
@@ -188,20 +212,21 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     # the partials' scratch; unsplit, the kernel stores none (y stands in for the pointer)
     parts = x.new_empty((split, 2, bm, N + 1), dtype=torch.float32) if split > 1 else y
     flags = dict(NORM=norm_weight is not None, ACT=ACTIVATIONS.index(activation), RESIDUAL=residual is not None,
-                 SPLIT=split, BM=bm, BN=block_n)
+                 SPLIT=split, BM=bm, BN=block_n, PDL=dependent_launch(x.device) if pdl is None else pdl)
     res = y if residual is None else residual
     _decode_linear_kernel[(triton.cdiv(N, block_n), split)](
         x, weight, x if norm_weight is None else norm_weight, res, y, parts, M, N, K, k_per_split,
         x.stride(0), weight.stride(0), res.stride(0), y.stride(0), eps, **flags, FMA=fma, BK=block_k,
-        F32=interpreting() or x.dtype == torch.float32, num_warps=warps, num_stages=stages)
+        F32=interpreting() or x.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        **launch_options(flags["PDL"]))
     if split > 1:
         _decode_linear_reduce[(triton.cdiv(N, block_n),)](parts, res, y, M, N, K, res.stride(0), y.stride(0), eps,
-                                                          **flags, num_warps=4)
+                                                          **flags, num_warps=4, **launch_options(flags["PDL"]))
     return y
 
 
 @decode_linear.register_fake
 def _decode_linear_shape(x, weight, norm_weight, eps, activation, residual, block_n=0, block_k=0, warps=0, stages=0,
-                         split=0):
+                         split=0, pdl=None):
     n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
     return x.new_empty(x.shape[0], n)

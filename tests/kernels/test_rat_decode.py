@@ -9,7 +9,8 @@ the Triton decode kernel against the reference.
    several slot blocks. Output, both summary caches and both running states are compared with a
    float64 evaluation of the reference on the same inputs. The kernel keeps everything in fp32
    (reductions over <= d products and <= 50 slots), so its error is ~1e-6 on these O(1) values;
-   1e-4 leaves room without hiding a wrong term.
+   1e-4 leaves room without hiding a wrong term. Cut in runs of slots (the small-batch launch), the
+   positions leave some runs empty: the merge must ignore them.
 """
 import pytest
 import torch
@@ -65,8 +66,9 @@ CASES = {  # name: (H, G, d, L, positions)
 }
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-program", "slots-split-in-3"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_triton_decode_equals_reference(case):
+def test_triton_decode_equals_reference(case, splits):
     H, G, d, L, positions = case
     B = len(positions)
     positions = torch.tensor(positions, device=DEVICE)
@@ -74,14 +76,15 @@ def test_triton_decode_equals_reference(case):
     tokens, caches = decode_state(B, H, G, d, capacity, torch.float32, DEVICE)
     wide = [t.double() for t in caches]
     want = rat_decode_mixing(*(t.double() for t in tokens), *wide, positions, L, d, ROPE_BASE, kernels="torch")
-    got = rat_decode(*tokens, *caches, positions, L, d, ROPE_BASE)
+    got = rat_decode(*tokens, *caches, positions, L, d, ROPE_BASE, splits=splits)
     for name, a, b in zip(["y", "summary_k", "summary_v", "running_k", "running_v"], [got, *caches], [want, *wide]):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_triton_decode_applies_the_output_gate():
+@pytest.mark.parametrize("splits", [1, 2], ids=["one-program", "merged-from-2"])
+def test_triton_decode_applies_the_output_gate(splits):
     """With z given, the kernel returns sigmoid(z) ⊙ y (the reference's gated output) and updates the
-    caches exactly as without it."""
+    caches exactly as without it; split, the merge applies the gate."""
     H, G, d, L, positions = CASES["L16-d64-groups2"]
     B = len(positions)
     positions = torch.tensor(positions, device=DEVICE)
@@ -91,6 +94,6 @@ def test_triton_decode_applies_the_output_gate():
     wide = [t.double() for t in caches]
     want = rat_decode_mixing(*(t.double() for t in tokens), *wide, positions, L, d, ROPE_BASE, kernels="torch",
                              gate=z.double())
-    got = rat_decode(*tokens, *caches, positions, L, d, ROPE_BASE, gate=z)
+    got = rat_decode(*tokens, *caches, positions, L, d, ROPE_BASE, gate=z, splits=splits)
     for name, a, b in zip(["y", "summary_k", "summary_v", "running_k", "running_v"], [got, *caches], [want, *wide]):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")

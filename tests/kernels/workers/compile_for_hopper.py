@@ -85,26 +85,30 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
         rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, gate=(z, dz), out=(dq, dk, dv, df),
                      documents=documents)
     if "serving" in passes:  # a decode step's other kernels: norm + linear + activation + residual in one, and
-        # attention over the valid slots of a cache, split over the slots and merged (ratpt.ops)
+        # attention over the valid slots of a cache, split over the slots and merged (ratpt.ops), each launched as
+        # a programmatic dependent as on a Hopper GPU
         from ratpt_kernels.attention_decode import attention_decode
         from ratpt_kernels.decode_linear import decode_linear
         # 16 rows take the tensor-core tile: norm + SwiGLU + residual, GELU alone, norm + residual split over K
         # (and its reduce); one and three rows the FMA path: everything at one, norm + GELU split at three
         rows, w, g = 16, torch.randn(2 * 256, H * d).to(dtype), torch.ones(H * d).to(dtype)
         x = torch.randn(rows, H * d).to(dtype)
-        decode_linear(x, w, g, 1e-5, "swiglu", torch.randn(rows, 256).to(dtype))
-        decode_linear(x, w, None, 1e-5, "gelu", None)
-        decode_linear(x, w, g, 1e-5, "none", torch.randn(rows, 2 * 256).to(dtype), block_k=64, split=2)
-        decode_linear(x[:1], w, g, 1e-5, "swiglu", torch.randn(1, 256).to(dtype))
-        decode_linear(x[:3], w, g, 1e-5, "gelu", None, block_k=64, split=2)
+        decode_linear(x, w, g, 1e-5, "swiglu", torch.randn(rows, 256).to(dtype), pdl=True)
+        decode_linear(x, w, None, 1e-5, "gelu", None, pdl=True)
+        decode_linear(x, w, g, 1e-5, "none", torch.randn(rows, 2 * 256).to(dtype), block_k=64, split=2, pdl=True)
+        decode_linear(x[:1], w, g, 1e-5, "swiglu", torch.randn(1, 256).to(dtype), pdl=True)
+        decode_linear(x[:3], w, g, 1e-5, "gelu", None, block_k=64, split=2, pdl=True)
         cache = torch.randn(B, H, 512, d).to(dtype)
         attention_decode(q[:, :1].reshape(B, 1, G, d).repeat(1, 1, H // G, 1).transpose(1, 2).contiguous(), cache,
-                         cache.clone(), torch.full((B,), 300), splits=4)
-    if "decode" in passes:
-        cache = torch.zeros(B, H, 20, d).to(dtype)
-        rat_decode(*(t[:, 0].contiguous() for t in (q, k, v, f)), bias, cache, cache.clone(), torch.zeros(B, H * d),
-                   torch.zeros(B, H * d), torch.full((B,), 100), L, d, base)
-
+                         cache.clone(), torch.full((B,), 300), splits=4, pdl=True)
+    if "decode" in passes:  # one program per (sequence, head), launched plainly; and the small-batch launch: the
+        # slots split over 2 programs, merged with the output gate, as programmatic dependents
+        cache = torch.zeros(B, H, 80, d).to(dtype)
+        step = [*(t[:, 0].contiguous() for t in (q, k, v, f)), bias]
+        rat_decode(*step, cache, cache.clone(), torch.zeros(B, H * d), torch.zeros(B, H * d), torch.full((B,), 100),
+                   L, d, base)
+        rat_decode(*step, cache, cache.clone(), torch.zeros(B, H * d), torch.zeros(B, H * d), torch.full((B,), 100),
+                   L, d, base, gate=z[:, 0].contiguous(), splits=2, pdl=True)
 
 if __name__ == "__main__":
     triton.runtime.driver.set_active(HopperWithoutDevice())
