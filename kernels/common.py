@@ -40,9 +40,10 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-# Decode kernels launch as programmatic dependents on Hopper and later (dependent_launch); a benchmark
-# sets this False to time the plain launches beside them.
-DEPENDENT_LAUNCHES = True
+# Whether the decode kernels launch as programmatic dependents on Hopper and later (dependent_launch). Off
+# until a GPU run has timed the whole decode step both ways (kernels/NOTES.md); benchmarks/generate.py
+# --dependent-launch and the GPU decode tests turn it on.
+DEPENDENT_LAUNCHES = False
 
 
 def dependent_launch(device: torch.device) -> bool:
