@@ -94,7 +94,7 @@ def sweep_decode_launch(batch: int, position: int, tokens: int) -> list[dict]:
                rand(batch, D, dtype=torch.float32), rand(batch, D, dtype=torch.float32)] for _ in range(copies)]
     positions = torch.full((batch,), position, device="cuda", dtype=torch.long)
     read_bytes = cache_bytes_read(cfg, batch, position, 2) / cfg.n_layers  # one layer's
-    launches = [(0, 0, 0, None), *itertools.product((16, 32, 64), (1, 2, 4), (1, 2, 4, 8), (True, False))]
+    launches = [(0, 0, 0, None), *itertools.product((32, 64), (2, 4), (1, 2, 4, 8), (True, False))]
     rows = []
     for slots, warps, splits, pdl in launches:
         launch = dict(slots=slots or 32, warps=warps or 2, splits=splits, pdl=pdl)
