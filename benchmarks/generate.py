@@ -16,8 +16,8 @@ size, doubling until the GPU runs out of memory:
     the same device at the start of the run: the floor of a step, and the step's share of it.
 `--compile MODE` runs each block's decode through torch.compile (ratpt.decoder.compile_decode;
 "default" is torch.compile's default mode) inside the same CUDA graph; `--set model.kernels=triton`
-takes the fused decode linears (ratpt.ops.decode_linear) instead of cuBLAS. `--dependent-launch` launches the
-decode kernels as programmatic dependents (Hopper), for the comparison with plain launches.
+takes the fused decode linears (ratpt.ops.decode_linear) instead of cuBLAS. On Hopper the decode kernels launch
+as programmatic dependents; `--no-dependent-launch` launches them plainly, for the comparison.
 The RAT/attention ratio compares each model's best decode tokens/s (its best batch).
 On CPU (smoke test) the decode runs eagerly.
 
@@ -26,7 +26,7 @@ On CPU (smoke test) the decode runs eagerly.
     python benchmarks/generate.py --plot benchmarks/results/generate.json       # PNG beside it
     python benchmarks/generate.py --models rat_1p3b,attention_1p3b --batches 1,64 --compile default
     python benchmarks/generate.py --models rat_1p3b,attention_1p3b --batches 1,64 --set model.kernels=triton
-    python benchmarks/generate.py --models rat_1p3b --batches 1,64 --set model.kernels=triton --dependent-launch
+    python benchmarks/generate.py --models rat_1p3b --batches 1,64 --set model.kernels=triton --no-dependent-launch
     python benchmarks/generate.py --models tiny --prompt 16 --new 8 --batches 1,2 --device cpu
 """
 from __future__ import annotations
@@ -270,8 +270,8 @@ def main() -> None:
     parser.add_argument("--batches", help="comma-separated batch sizes to measure instead of doubling from --min-batch")
     parser.add_argument("--compile", default="none",
                         help="torch.compile mode of each block's decode: none, default, max-autotune-no-cudagraphs")
-    parser.add_argument("--dependent-launch", action="store_true",
-                        help="launch the decode kernels as programmatic dependents (Hopper), for the A/B")
+    parser.add_argument("--no-dependent-launch", action="store_true",
+                        help="launch the decode kernels plainly, not as programmatic dependents (Hopper), for the A/B")
     parser.add_argument("--prefill-batch", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=300, help="per model: start no batch after this many seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -283,7 +283,7 @@ def main() -> None:
     if args.plot:
         plot(args.plot)
         return
-    kernel_common.DEPENDENT_LAUNCHES = args.dependent_launch
+    kernel_common.DEPENDENT_LAUNCHES = not args.no_dependent_launch
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(json.dumps(benchmark(args)["ratio_to_attention"], indent=1))
 

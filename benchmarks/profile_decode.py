@@ -97,7 +97,7 @@ def sweep_decode_launch(batch: int, position: int, tokens: int) -> list[dict]:
     launches = [(0, 0, 0, None), *itertools.product((32, 64), (2, 4), (1, 2, 4, 8), (True, False))]
     rows = []
     for slots, warps, splits, pdl in launches:
-        launch = dict(slots=slots or 32, warps=warps or 2, splits=splits, pdl=pdl)
+        launch = dict(slots=slots, warps=warps, splits=splits, pdl=pdl)
         us = graphed_us([partial(rat_decode, q, k, v, f, bias, *cache, positions, L, d, cfg.rope_base, gate=z,
                                  **launch) for cache in caches])
         label = "default" if not slots else f"slots{slots}_w{warps}_splits{splits}_{'pdl' if pdl else 'plain'}"

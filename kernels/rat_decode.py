@@ -124,15 +124,17 @@ def _own_state(q1, q2, k_ptr, v_ptr, f_ptr, bias_ptr, rk_ptr, rv_ptr, sk_head, s
     return m, m * 0.0 + 1.0, tl.reshape(join_halves(vs1[None, :], vs2[None, :], 1, HALF), (2 * HALF,))
 
 
-def default_splits(batch_heads: int, capacity: int, slots: int, device: torch.device) -> int:
-    """Programs per (sequence, head). Where the grid of one per (sequence, head) leaves SMs idle (batch 1:
-    16 programs on 132 SMs), the slots are cut in runs, a power of two giving at least two programs per SM,
-    each run at least two loop steps of `slots`; else 1 (the slot c write and the own term stay in the
-    first program, and no merge launch)."""
+def default_launch(batch_heads: int, capacity: int, device: torch.device) -> tuple[int, int, int]:
+    """(summary slots per loop step, warps, programs per (sequence, head)). Where one program per (sequence,
+    head) fills the SMs: 32 slots and 2 warps (the batch-2048 sweep, benchmarks/results/decode_sweep.json).
+    Where it leaves SMs idle (batch 1 of RAT-1.3B: 16 programs on 132 SMs), the slots are cut in runs of at
+    least one 64-slot loop step, 4 warps each, as many as give two programs per SM: on one H200 at batch 1
+    and position 3584 a layer's kernel takes 6.7 µs in 4 runs against 22 µs whole (profile_decode.py --sweep,
+    benchmarks/results/decode_sweep_b1.json)."""
     if device.type != "cuda" or batch_heads >= sm_count(device.index):
-        return 1
+        return 32, 2, 1
     wanted = triton.next_power_of_2(triton.cdiv(2 * sm_count(device.index), batch_heads))
-    return max(1, min(wanted, capacity // (2 * slots)))
+    return 64, 4, max(1, min(wanted, capacity // 64))
 
 
 @torch.library.custom_op("ratpt::rat_decode",
@@ -140,26 +142,27 @@ def default_splits(batch_heads: int, capacity: int, slots: int, device: torch.de
 def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, gate_bias: torch.Tensor,
                summary_k: torch.Tensor, summary_v: torch.Tensor, running_k: torch.Tensor, running_v: torch.Tensor,
                positions: torch.Tensor, chunk_size: int, head_dim: int, rope_base: float,
-               gate: torch.Tensor | None = None, slots: int = 32, warps: int = 2, stages: int = 2,
+               gate: torch.Tensor | None = None, slots: int = 0, warps: int = 0, stages: int = 2,
                splits: int = 0, pdl: bool | None = None) -> torch.Tensor:
     """Same contract as ratpt.ops.rat_decode_mixing (caches updated in place, y returned).
 
     A custom op that declares its in-place cache writes, so that torch.compile of a whole decode
     step keeps the launch as one opaque call and fuses the glue around it.
     slots, warps, stages: the launch (summary slots per loop step); splits: programs per (sequence,
-    head), each over a run of the slots, merged by a second launch (0: default_splits).
-    benchmarks/profile_decode.py --sweep measures them. pdl: launch as programmatic dependents (None:
-    common.dependent_launch's answer for the device)."""
+    head), each over a run of the slots, merged by a second launch; slots, warps and splits 0 for
+    default_launch's (benchmarks/profile_decode.py --sweep measures them). pdl: launch as programmatic
+    dependents (None: common.dependent_launch's answer for the device)."""
     B, D = v.shape
     H, G, d = D // head_dim, q.shape[-1] // head_dim, head_dim
     for name, t in {"q": q, "k": k, "v": v, "f": f, "summary_k": summary_k, "summary_v": summary_v,
                     "running_k": running_k, "running_v": running_v, "gate": v if gate is None else gate}.items():
         if t.stride(-1) != 1:
             raise ValueError(f"rat_decode needs {name} contiguous in its last dim, got strides {t.stride()}")
-    slots = 16 if interpreting() else slots
     capacity = summary_k.shape[2]
-    split_len, splits = split_runs(max(capacity, 1), splits or default_splits(B * H, capacity, slots, v.device),
-                                   slots)
+    slots, warps, splits = (given or default for given, default in
+                            zip((slots, warps, splits), default_launch(B * H, capacity, v.device)))
+    slots = 16 if interpreting() else slots
+    split_len, splits = split_runs(max(capacity, 1), splits, slots)
     y = torch.empty(B, D, device=v.device, dtype=v.dtype)
     partial, stats = split_scratch(B * H, splits, d, v.device)
     z = v if gate is None or splits > 1 else gate

@@ -14,7 +14,7 @@ import torch
 
 from ratpt.ops import rat_decode_mixing, rat_mixing_reference
 from ratpt_kernels import common as kernel_common
-from ratpt_kernels.rat_decode import default_splits
+from ratpt_kernels.rat_decode import default_launch
 
 pytestmark = pytest.mark.gpu
 ROPE_BASE = 10000.0
@@ -70,7 +70,7 @@ def test_graphed_bf16_decode_equals_eager_and_full_sequence(B, T, H, G, d, L, de
         pytest.skip("programmatic dependent launch needs sm_90 or later")
     monkeypatch.setattr(kernel_common, "DEPENDENT_LAUNCHES", dependent)
     if B == 1:  # RAT-1.3B's shape at batch 1: the slots are split over several programs and merged
-        assert default_splits(B * H, -(-T // L), 32, torch.device("cuda")) > 1
+        assert default_launch(B * H, -(-T // L), torch.device("cuda"))[2] > 1
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k = (torch.randn(B, T, G * d, device="cuda", generator=gen).bfloat16() for _ in range(2))
     v, f = (torch.randn(B, T, H * d, device="cuda", generator=gen).bfloat16() for _ in range(2))
