@@ -129,7 +129,7 @@ def default_launch(batch_heads: int, capacity: int, device: torch.device) -> tup
     head) fills the SMs: 32 slots and 2 warps (the batch-2048 sweep, benchmarks/results/decode_sweep.json).
     Where it leaves SMs idle (batch 1 of RAT-1.3B: 16 programs on 132 SMs), the slots are cut in runs of at
     least one 64-slot loop step, 4 warps each, as many as give two programs per SM: on one H200 at batch 1
-    and position 3584 a layer's kernel takes 6.7 µs in 4 runs against 22 µs whole (profile_decode.py --sweep,
+    and position 3584 a layer's kernel takes 6.7 µs in 4 runs against 26 µs whole (profile_decode.py --sweep,
     benchmarks/results/decode_sweep_b1.json)."""
     if device.type != "cuda" or batch_heads >= sm_count(device.index):
         return 32, 2, 1
