@@ -9,9 +9,9 @@ give their achieved bandwidth, to compare with the H200's ≈ 4.3 TB/s copy rate
 
 --sweep times the RAT decode kernel alone (ratpt_kernels.rat_decode, one layer of RAT-1.3B's shape at
 the first model's batch and position, random caches, replayed in a CUDA graph over a step's layers) over
-its launch configurations, to choose the defaults of kernels/rat_decode.py. --sweep-linear times each of a RAT-1.3B layer's fused decode
-linears (ratpt_kernels.decode_linear) over its launches at every --batches batch, beside the unfused
-cuBLAS path, to choose the defaults of kernels/decode_linear.py.
+its launch configurations, to choose the defaults of kernels/rat_decode.py. --sweep-linear times each of
+a RAT-1.3B layer's fused decode linears (ratpt_kernels.decode_linear) over its launches at every
+--batches batch, beside the unfused cuBLAS path, to choose the defaults of kernels/decode_linear.py.
 
     python benchmarks/profile_decode.py --models rat_1p3b,attention_1p3b --batches 2048,128 \
         --out benchmarks/results/profile_decode.json

@@ -100,11 +100,13 @@ def split_scratch(batch_heads: int, splits: int, d: int, device: torch.device) -
 
 
 def merge_into(y: torch.Tensor, partial: torch.Tensor, stats: torch.Tensor, heads: int, splits: int,
-               sy: tuple[int, int], pdl: bool, gate: torch.Tensor | None = None, sz: tuple[int, int] = (0, 0)) -> None:
+               sy: tuple[int, int], pdl: bool, gate: torch.Tensor | None = None) -> None:
     """Launch merge_splits over a split launch's partials into y (strides sy per sequence and head), gated
-    by sigmoid(gate) (strides sz) if given; as a programmatic dependent if pdl."""
+    by sigmoid(gate) ([B, H·d], as the layer's output gate) if given; as a programmatic dependent if pdl."""
+    d = partial.shape[1]
+    sz = (0, 0) if gate is None else (gate.stride(0), d)
     merge_splits[(partial.shape[0] // splits,)](
-        partial, stats[0], stats[1], y, y if gate is None else gate, *sy, *sz, H=heads, D=partial.shape[1],
+        partial, stats[0], stats[1], y, y if gate is None else gate, *sy, *sz, H=heads, D=d,
         SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), GATE=gate is not None, PDL=pdl, num_warps=4,
         **launch_options(pdl))
 

@@ -41,7 +41,7 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 
 # Whether the decode kernels launch as programmatic dependents on Hopper and later (dependent_launch): on one
-# H200 RAT-1.3B's compiled batch-1 step took 1.208 ms so against 1.302 launched plainly, batch 64 the same
+# H200 RAT-1.3B's compiled batch-1 step took 1.208 ms against 1.302 launched plainly, batch 64 the same
 # (kernels/NOTES.md). benchmarks/generate.py --no-dependent-launch and the GPU decode tests turn it off.
 DEPENDENT_LAUNCHES = True
 

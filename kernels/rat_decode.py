@@ -176,8 +176,7 @@ def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tenso
         H=H, G=G, L=chunk_size, HALF=d // 2, BC=slots, GATE=gate is not None and splits == 1, SPLITS=splits,
         PDL=pdl, num_warps=warps, num_stages=stages, **launch_options(pdl))
     if splits > 1:
-        merge_into(y, partial, stats, H, splits, (y.stride(0), d), pdl, gate,
-                   (0, 0) if gate is None else (gate.stride(0), d))
+        merge_into(y, partial, stats, H, splits, (y.stride(0), d), pdl, gate)
     return y
 
 
