@@ -3,7 +3,7 @@
 One layer of attention-1.3B's shape (H 16, d 128, bf16), random caches of `--slots` slots, every
 sequence at `--position` (visible slots = position + 1), each timed as the median of CUDA-event timings:
   - the kernel (ratpt_kernels.attention_decode) over its launches (slots per block, warps, stages,
-    splits; splits 0 = its default),
+    splits; splits 0 = its default) and its products (FMAs, or tensor-core dots with --dots 1),
   - the reference (ratpt.ops.attention_decode_reference: SDPA with a mask over every slot, the
     path the kernel replaces),
   - the copy ceiling: a device-to-device copy of as many bytes as the visible (k, v) rows, whose
@@ -48,12 +48,12 @@ def benchmark(args: argparse.Namespace) -> dict:
               "head_dim": d, "slots": S, "position": args.position, "visible_gb": read / 1e9,
               "copy": {"ms": copy_ms, "tb_per_s_read_and_written": rate(copy_ms, 2 * read)},
               "reference": {"ms": reference_ms, "tb_per_s": rate(reference_ms)}, "kernel": []}
-    for block, warps, stages, splits in itertools.product(*(map(int, a.split(",")) for a in
-                                                            (args.blocks, args.warps, args.stages, args.splits))):
+    for block, warps, stages, splits, dots in itertools.product(
+            *(map(int, a.split(",")) for a in (args.blocks, args.warps, args.stages, args.splits, args.dots))):
         ms = time_ms(lambda: attention_decode(q, k, v, visible, splits=splits or None, block=block, warps=warps,
-                                              stages=stages), args.iters, warmup=2)
-        result["kernel"].append({"block": block, "warps": warps, "stages": stages, "splits": splits, "ms": ms,
-                                 "tb_per_s": rate(ms)})
+                                              stages=stages, dots=bool(dots)), args.iters, warmup=2)
+        result["kernel"].append({"block": block, "warps": warps, "stages": stages, "splits": splits,
+                                 "dots": bool(dots), "ms": ms, "tb_per_s": rate(ms)})
         print(json.dumps(result["kernel"][-1]), flush=True)
     result["best"] = min(result["kernel"], key=lambda r: r["ms"])
     return result
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,3")
     parser.add_argument("--splits", default="0,1", help="splits per (sequence, head); 0 = the kernel's default")
+    parser.add_argument("--dots", default="0,1", help="1: tensor-core products (the kernel's `dots`), 0: FMAs")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "attention_decode.json")
     args = parser.parse_args()

@@ -8,6 +8,11 @@ split the program writes the output itself, else a second kernel (merge_splits, 
 decode) merges the splits' partials. The grid and the split count depend on shapes only: the launches
 are static, never wait for the host, and can be captured in a CUDA graph.
 
+The products: by default each block's scores (q · kᵀ) and weighted values (p · v) are fp32 FMAs and sums
+on the CUDA cores; with `dots` they are tensor-core dots of a 16-row tile whose first row is the query
+(the others zero, so the tile's column sums are that row): no fp32 copy of the k and v blocks, fewer
+instructions per byte read. p enters its dot rounded to the cache dtype (as FlashAttention's P · V).
+
 Bytes per step: the visible (k, v) rows, 2·n_b·d values per head (in bf16 at B 64, H 16, d 128 and
 3584 visible slots, 1.88 GB per layer).
 """
@@ -17,21 +22,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, after_predecessor, dependent_launch, interpreting, launch_options, sm_count
+from .common import LOG2E, after_predecessor, dependent_launch, dot, interpreting, launch_options, sm_count
+
+DOT_ROWS = tl.constexpr(16)  # a tensor-core dot's fewest rows: the query's tile with `dots`
 
 
 @triton.jit
 def _attention_decode_split(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_ptr,
                   sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sy_b, sy_h, qk_scale,
                   H: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_N: tl.constexpr, DOTS: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr):
     bh, s = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     b64 = b.to(tl.int64)
     cols = tl.arange(0, D)
     rows = tl.arange(0, BLOCK_N)
     after_predecessor(PDL)
-    q = tl.load(q_ptr + b64 * sq_b + h * sq_h + cols).to(tl.float32) * qk_scale
+    q = tl.load(q_ptr + b64 * sq_b + h * sq_h + cols)
+    if DOTS:
+        first = (tl.arange(0, DOT_ROWS) == 0)[:, None]
+        q_tile = tl.where(first, q[None, :], 0.0).to(q.dtype)
+    else:
+        q = q.to(tl.float32) * qk_scale
     k_head = k_ptr + b64 * sk_b + h * sk_h
     v_head = v_ptr + b64 * sv_b + h * sv_h
     lo = s * SPLIT
@@ -44,12 +56,20 @@ def _attention_decode_split(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_p
         valid = j < hi
         kb = tl.load(k_head + j[:, None].to(tl.int64) * sk_s + cols[None, :], mask=valid[:, None], other=0.0)
         vb = tl.load(v_head + j[:, None].to(tl.int64) * sv_s + cols[None, :], mask=valid[:, None], other=0.0)
-        scores = tl.where(valid, tl.sum(kb.to(tl.float32) * q[None, :], 1), float("-inf"))
+        if DOTS:
+            scores = tl.sum(dot(q_tile, tl.trans(kb), kb.dtype, F32), 0) * qk_scale
+        else:
+            scores = tl.sum(kb.to(tl.float32) * q[None, :], 1)
+        scores = tl.where(valid, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 0))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new)
         l_sum = l_sum * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * vb.to(tl.float32), 0)
+        if DOTS:
+            weighted = tl.sum(dot(tl.where(first, p[None, :], 0.0), vb, vb.dtype, F32), 0)
+        else:
+            weighted = tl.sum(p[:, None] * vb.to(tl.float32), 0)
+        acc = acc * alpha + weighted
         m = m_new
     if SPLITS == 1:
         tl.store(y_ptr + b64 * sy_b + h * sy_h + cols, (acc / l_sum).to(y_ptr.dtype.element_ty))
@@ -123,12 +143,12 @@ def default_splits(batch_heads: int, slots: int, block: int, device: torch.devic
 @torch.library.custom_op("ratpt::attention_decode", mutates_args=())
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, visible: torch.Tensor,
                      splits: int | None = None, block: int = 64, warps: int = 4, stages: int = 2,
-                     pdl: bool | None = None) -> torch.Tensor:
+                     pdl: bool | None = None, dots: bool = False) -> torch.Tensor:
     """Same contract as ratpt.ops.attention_decode: y [B, H, 1, d] in q's dtype.
 
     A custom op, so that torch.compile of a decode step keeps both launches as one opaque call.
     splits, block, warps, stages: the launch (None: default_splits); pdl: launch as programmatic
-    dependents (None: common.dependent_launch's answer for q's device)."""
+    dependents (None: common.dependent_launch's answer for q's device); dots: tensor-core products."""
     B, H, _, d = q.shape
     S = k_cache.shape[2]
     for name, t in {"q": q, "k_cache": k_cache, "v_cache": v_cache}.items():
@@ -143,7 +163,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _attention_decode_split[(B * H, splits)](
         q, k_cache, v_cache, visible, y, partial, stats[0], stats[1],
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], y.stride(0), y.stride(1),
-        LOG2E / math.sqrt(d), H=H, D=d, SPLIT=split, SPLITS=splits, BLOCK_N=block, PDL=pdl, num_warps=warps,
+        LOG2E / math.sqrt(d), H=H, D=d, SPLIT=split, SPLITS=splits, BLOCK_N=block, DOTS=dots,
+        F32=interpreting() or q.dtype == torch.float32, PDL=pdl, num_warps=warps,
         num_stages=stages, **launch_options(pdl))
     if splits > 1:
         merge_into(y, partial, stats, H, splits, (y.stride(0), y.stride(1)), pdl)

@@ -23,10 +23,11 @@ def softmax_over_visible(q, k, v, visible):
     return attention_decode_reference(q, k, v, visible)
 
 
+@pytest.mark.parametrize("dots", [False, True], ids=["fma", "dots"])
 @pytest.mark.parametrize("splits", [1, 3], ids=lambda s: f"splits{s}")
-def test_kernel_equals_softmax_over_the_visible_slots(splits):
+def test_kernel_equals_softmax_over_the_visible_slots(splits, dots):
     q, k, v, visible = inputs(4, 2, 70, 16, [1, 17, 40, 70], torch.float32, DEVICE)
-    got = attention_decode(q, k, v, visible, splits=splits)
+    got = attention_decode(q, k, v, visible, splits=splits, dots=dots)
     torch.testing.assert_close(got.double(), softmax_over_visible(q, k, v, visible), rtol=1e-4, atol=1e-4)
 
 
@@ -39,10 +40,11 @@ def test_slots_past_the_visible_ones_are_never_read():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dots", [False, True], ids=["fma", "dots"])
 @pytest.mark.parametrize("splits", [None, 1], ids=["default-splits", "one-split"])
-def test_bf16_kernel_equals_float64_softmax(splits):  # pragma: no cover - needs CUDA
+def test_bf16_kernel_equals_float64_softmax(splits, dots):  # pragma: no cover - needs CUDA
     q, k, v, visible = inputs(8, 16, 4096, 128, [1, 63, 64, 1000, 3072, 3584, 4095, 4096], torch.bfloat16, "cuda")
-    got = attention_decode(q, k, v, visible, splits=splits)
+    got = attention_decode(q, k, v, visible, splits=splits, dots=dots)
     want = softmax_over_visible(q, k, v, visible)
     # bf16 output rounding (2^-8 relative) of an fp32 accumulation
     assert (got.double() - want).norm() / want.norm() < 1e-2

@@ -85,7 +85,8 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
         rat_backward(dy, q, k, v, f, bias, y, lse, ks, vs, L, d, base, gate=(z, dz), out=(dq, dk, dv, df),
                      documents=documents)
     if "serving" in passes:  # a decode step's other kernels: norm + linear + activation + residual in one, and
-        # attention over the valid slots of a cache, split over the slots and merged (ratpt.ops), each launched as
+        # attention over the valid slots of a cache, split over the slots (by FMAs and by tensor-core dots) and
+        # merged (ratpt.ops), each launched as
         # a programmatic dependent as on a Hopper GPU
         from ratpt_kernels.attention_decode import attention_decode
         from ratpt_kernels.decode_linear import decode_linear
@@ -99,8 +100,9 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
         decode_linear(x[:1], w, g, 1e-5, "swiglu", torch.randn(1, 256).to(dtype), pdl=True)
         decode_linear(x[:3], w, g, 1e-5, "gelu", None, block_k=64, split=2, pdl=True)
         cache = torch.randn(B, H, 512, d).to(dtype)
-        attention_decode(q[:, :1].reshape(B, 1, G, d).repeat(1, 1, H // G, 1).transpose(1, 2).contiguous(), cache,
-                         cache.clone(), torch.full((B,), 300), splits=4, pdl=True)
+        query = q[:, :1].reshape(B, 1, G, d).repeat(1, 1, H // G, 1).transpose(1, 2).contiguous()
+        for dots in (False, True):  # FMA products, then tensor-core dots
+            attention_decode(query, cache, cache.clone(), torch.full((B,), 300), splits=4, pdl=True, dots=dots)
     if "decode" in passes:  # one program per (sequence, head), launched plainly; and the small-batch launch: the
         # slots split over 2 programs, merged with the output gate, as programmatic dependents
         cache = torch.zeros(B, H, 80, d).to(dtype)
