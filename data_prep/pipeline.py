@@ -9,7 +9,9 @@ index.json), record the tokenizer and write stats.json. See ratpt/data/layout.py
 
 Workers die with the process that started them (Linux's parent-death signal), and any error or
 signal that ends the run in the parent kills them first: a worker that outlived its run would
-go on writing parts beside a later --resume.
+go on writing parts beside a later --resume. While the pool runs, SIGTERM and SIGINT are held
+and handled between two waits for the workers (`_HeldSignals`), never in the middle of the
+pool's own code, whatever the moment they arrive.
 """
 from __future__ import annotations
 
@@ -197,13 +199,17 @@ def _run_pool(
     ctx = mp.get_context("fork")  # fork: workers start in milliseconds instead of re-importing torch
     progress_queue = ctx.Queue()
     results: dict[int, PartResult] = {}
+    pending: dict[Future, int] = {}
     others = set(mp.active_children())
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(progress_queue, tokenizer_spec, os.getpid())) as pool:
-        pending: dict[Future, int] = {pool.submit(_worker_part, out, i, sources[i], settings): i for i in todo}
+    with _HeldSignals() as held, ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue, tokenizer_spec, os.getpid())
+    ) as pool:
         try:
+            for i in todo:  # the first submit forks the workers: in the try, so that a failed fork kills the others
+                pending[pool.submit(_worker_part, out, i, sources[i], settings)] = i
             while pending:
                 finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                held.deliver()
                 _drain(progress_queue, progress)
                 for future in finished:
                     i = pending.pop(future)
@@ -217,6 +223,60 @@ def _run_pool(
             raise
         _drain(progress_queue, progress)
     return results
+
+
+class _HeldSignals:
+    """While the pool starts, runs and shuts down, SIGTERM and SIGINT are only recorded; `deliver`
+    (and the end of the block) hands a recorded one to the handlers that were there before, which
+    may raise (data_prep's `Stopped`, KeyboardInterrupt) or end the process.
+
+    Why: a raising handler runs wherever the main thread happens to be, and during the pool that is
+    mostly library code. Raised inside `submit`, just after a worker was forked, the exception
+    escaped the cleanup that kills the workers: the pool's shutdown, or multiprocessing's exit
+    handler, then waited forever for workers blocked on their input. Raised inside an at-fork hook
+    (logging's), it was printed as "Exception ignored" and lost, and the run went on."""
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _HeldSignals:
+        self._hold()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._restore()
+        self._raise_received()
+
+    def deliver(self) -> None:
+        """Raise a recorded signal now, under the previous handlers: call it where an exception
+        unwinds the pool cleanly. Holding goes on after, through that unwinding too."""
+        if self.received is not None:
+            self._restore()
+            try:
+                self._raise_received()
+            finally:
+                self._hold()
+
+    def _hold(self) -> None:
+        self.previous = {s: signal.signal(s, self._record) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.owner:  # a worker forked before `_init_worker` replaced this handler: die of it
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        if self.received is None:
+            self.received = signum
+
+    def _restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _raise_received(self) -> None:
+        signum, self.received = self.received, None
+        if signum is not None:
+            signal.raise_signal(signum)
 
 
 def _drain(progress_queue: Any, progress: Callable[[int, int], None]) -> None:
