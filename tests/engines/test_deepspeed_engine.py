@@ -220,7 +220,6 @@ def train_command(data: Path, out_dir: Path, *extra: str) -> list[str]:
             "train", str(REPO / "configs" / "tiny.yaml"), *run_overrides(data, out_dir, *extra)]
 
 
-
 WHOLE_RUN = ("logging.tensorboard=true", "eval.interval=4", "eval.max_samples=8")
 
 
