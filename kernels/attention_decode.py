@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, after_predecessor, dependent_launch, dot, interpreting, launch_options, sm_count
+from .common import (LOG2E, after_predecessor, dependent_launch, dot, ieee_dots, interpreting, launch_options,
+                     sm_count)
 
 DOT_ROWS = tl.constexpr(16)  # a tensor-core dot's fewest rows: the query's tile with `dots`
 
@@ -166,7 +167,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, visible, y, partial, stats[0], stats[1],
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], y.stride(0), y.stride(1),
         LOG2E / math.sqrt(d), H=H, D=d, SPLIT=split, SPLITS=splits, BLOCK_N=block, DOTS=dots,
-        F32=interpreting() or q.dtype == torch.float32, PDL=pdl, num_warps=warps,
+        F32=ieee_dots(q), PDL=pdl, num_warps=warps,
         num_stages=stages, **launch_options(pdl))
     if splits > 1:
         merge_into(y, partial, stats, H, splits, (y.stride(0), y.stride(1)), pdl)

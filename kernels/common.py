@@ -29,6 +29,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def ieee_dots(t: torch.Tensor) -> bool:
+    """The `F32` of a kernel's dots over t's dtype: fp32 IEEE products for fp32 inputs, and in the Triton
+    interpreter (whose bf16 dot is broken)."""
+    return t.dtype == torch.float32 or interpreting()
+
+
 @functools.cache
 def sm_count(device_index: int) -> int:
     """Streaming multiprocessors of a CUDA device, read once (launch choices ask on every call)."""

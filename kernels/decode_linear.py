@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import after_predecessor, dependent_launch, dot, interpreting, launch_options, sm_count
+from .common import after_predecessor, dependent_launch, dot, ieee_dots, launch_options, sm_count
 
 MAX_ROWS = 64  # rows one program holds; larger batches use cuBLAS (ratpt.ops.decode_linear)
 FMA_ROWS = 4  # at most this many rows: FMAs instead of a tensor-core tile
@@ -217,7 +217,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     _decode_linear_kernel[(triton.cdiv(N, block_n), split)](
         x, weight, x if norm_weight is None else norm_weight, res, y, parts, M, N, K, k_per_split,
         x.stride(0), weight.stride(0), res.stride(0), y.stride(0), eps, **flags, FMA=fma, BK=block_k,
-        F32=interpreting() or x.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        F32=ieee_dots(x), num_warps=warps, num_stages=stages,
         **launch_options(flags["PDL"]))
     if split > 1:
         _decode_linear_reduce[(triton.cdiv(N, block_n),)](parts, res, y, M, N, K, res.stride(0), y.stride(0), eps,

@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 
 from .blocks import Blocks, blocks
-from .common import (LOG2E, chunk_tile, document_start, document_summaries, dot, first_chunk, interpreting,
-                     rope_cos_sin, row_blocks, token_rows)
+from .common import (LOG2E, chunk_tile, document_start, document_summaries, dot, first_chunk, ieee_dots,
+                     interpreting, rope_cos_sin, row_blocks, token_rows)
 from .rat_fwd import CHUNKS_PER_PROGRAM, Documents, check_documents, inverse_frequencies, recurrent_states
 
 
@@ -417,7 +417,7 @@ def summary_gradients(dy, q, y, lse, ks, vs, chunk_size: int, head_dim: int, rop
         atomic_dq = not torch.are_deterministic_algorithms_enabled()
     dq_rotated = torch.zeros(B, S, G * d, device=dy.device, dtype=torch.float32) if atomic_dq else None
     if CS:
-        f32 = ks.dtype == torch.float32 or interpreting()
+        f32 = ieee_dots(ks)
         dq_target = dq_rotated if f32 or not atomic_dq else row_blocks(dq_rotated, cfg.bq, d)
         _summary_grad_kernel[(B * H, triton.cdiv(CS, cfg.bc))](
             qr, dmix, lse, delta, chunk_offset, first, rows_seeing(first, CS), ks, vs, dks, dvs, dq_target, S, CS,
@@ -448,7 +448,7 @@ def input_gradients(q, k, v, f, gate_bias, lse, ks, vs, reused, dks_own, dvs_own
         dq_heads_rotated = torch.empty(B, S, D, device=v.device, dtype=torch.float32)
         _query_grad_kernel[(triton.cdiv(S, cfg.bq), B * H)](
             qr, chunk_offset, first, ks, vs, dy, lse, delta, dq_heads_rotated, S, max(ks.shape[2], 1), H=H, G=G,
-            L=L, D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, F32=v.dtype == torch.float32 or interpreting(), num_warps=cfg.warps,
+            L=L, D_HEAD=d, BQ=cfg.bq, BC=cfg.bc, F32=ieee_dots(v), num_warps=cfg.warps,
             num_stages=cfg.stages)
         dq_rotated = group_sum(dq_heads_rotated, G * d)
     kst, vst = recurrent_states(k, v, f, gate_bias, L, d, inv_freq, documents=documents)

@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .blocks import Blocks, blocks
-from .common import (LOG2E, chunk_tile, document_start, document_summaries, dot, first_chunk, interpreting, join_halves,
-                     rope_cos_sin, state_step, summary_blocks, token_rows)
+from .common import (LOG2E, chunk_tile, document_start, document_summaries, dot, first_chunk, ieee_dots,
+                     interpreting, join_halves, rope_cos_sin, state_step, summary_blocks, token_rows)
 
 Documents = tuple[torch.Tensor, torch.Tensor]  # packed documents: (first_chunk, chunk_start), rat_states
 CHUNKS_PER_PROGRAM = 16  # rows of the [chunks, d/2] tiles of the sequential recurrence kernels
@@ -247,7 +247,7 @@ def summary_attention(q, kst, vst, ks, vs, chunk_size: int, head_dim: int, rope_
     y = torch.empty(B, T, D, device=q.device, dtype=ks.dtype)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     cfg = config or blocks("forward", L, d, ks.dtype)
-    f32 = ks.dtype == torch.float32 or interpreting()
+    f32 = ieee_dots(ks)
     ks_desc, vs_desc = (summary_blocks(t, cfg.bc) for t in (ks, vs))
     first, start = check_documents(documents, L) or (None, None)
     _attention_kernel[(triton.cdiv(S, cfg.bq), B * H)](

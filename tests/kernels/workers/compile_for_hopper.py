@@ -86,8 +86,7 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
                      documents=documents)
     if "serving" in passes:  # a decode step's other kernels: norm + linear + activation + residual in one, and
         # attention over the valid slots of a cache, split over the slots (by FMAs and by tensor-core dots) and
-        # merged (ratpt.ops), each launched as
-        # a programmatic dependent as on a Hopper GPU
+        # merged (ratpt.ops), each launched as a programmatic dependent as on a Hopper GPU
         from ratpt_kernels.attention_decode import attention_decode
         from ratpt_kernels.decode_linear import decode_linear
         # 16 rows take the tensor-core tile: norm + SwiGLU + residual, GELU alone, norm + residual split over K
