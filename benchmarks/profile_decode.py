@@ -72,8 +72,8 @@ def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
 
 
 def sweep_decode_launch(batch: int, position: int, tokens: int) -> list[dict]:
-    """µs per call of one RAT-1.3B layer's decode kernel per launch (slots per loop step, warps, programs per
-    (sequence, head), programmatic dependent or plain; "default": the kernel's own choice) at `position`,
+    """µs per call of one RAT-1.3B layer's decode kernel per launch (slots per loop step, warps, stages,
+    programs per (sequence, head), tensor-core dots or FMAs; "default": the kernel's own choice) at `position`,
     replayed in a CUDA graph as in a decode step. The calls cycle through copies of the caches (> 200 MB,
     at most a step's layers), so that none is read from the L2 cache; TB/s is a layer's visible cache
     bytes over the time."""
@@ -94,13 +94,15 @@ def sweep_decode_launch(batch: int, position: int, tokens: int) -> list[dict]:
                rand(batch, D, dtype=torch.float32), rand(batch, D, dtype=torch.float32)] for _ in range(copies)]
     positions = torch.full((batch,), position, device="cuda", dtype=torch.long)
     read_bytes = cache_bytes_read(cfg, batch, position, 2) / cfg.n_layers  # one layer's
-    launches = [(0, 0, 0, None), *itertools.product((32, 64), (2, 4), (1, 2, 4, 8), (True, False))]
+    names = ("slots", "warps", "stages", "splits", "dots")
+    launches = [{}, *(dict(zip(names, launch)) for launch in
+                      itertools.product((32, 64), (2, 4, 8), (2, 3), (1, 2, 4, 8), (False, True)))]
     rows = []
-    for slots, warps, splits, pdl in launches:
-        launch = dict(slots=slots, warps=warps, splits=splits, pdl=pdl)
+    for launch in launches:
         us = graphed_us([partial(rat_decode, q, k, v, f, bias, *cache, positions, L, d, cfg.rope_base, gate=z,
                                  **launch) for cache in caches])
-        label = "default" if not slots else f"slots{slots}_w{warps}_splits{splits}_{'pdl' if pdl else 'plain'}"
+        label = ("default" if not launch else "slots{slots}_w{warps}_s{stages}_splits{splits}_{kind}".format(
+            **launch, kind="dots" if launch["dots"] else "fma"))
         rows.append({"launch": label, **launch, "us": us, "tb_per_s": read_bytes / us / 1e6})
         print(rows[-1], flush=True)
     return rows

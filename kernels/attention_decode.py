@@ -29,29 +29,19 @@ DOT_ROWS = tl.constexpr(16)  # a tensor-core dot's fewest rows: the query's tile
 
 
 @triton.jit
-def _attention_decode_split(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_ptr,
-                  sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sy_b, sy_h, qk_scale,
-                  H: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOTS: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr):
-    bh, s = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    b64 = b.to(tl.int64)
+def softmax_over_slots(q, k_head, v_head, sk_s, sv_s, lo, hi, m, l_sum, acc, qk_scale,
+                       D: tl.constexpr, BLOCK_N: tl.constexpr, DOTS: tl.constexpr, F32: tl.constexpr):
+    """One query's online softmax carried on from (max m, sum l_sum, unnormalised output acc [D], fp32)
+    over one head's cache rows [lo, hi), BLOCK_N at a time; returns the new (m, l_sum, acc). q [D] is
+    unscaled (the scores are q · k · qk_scale, in log2 units). Attention's decode runs it over its key and
+    value slots, RAT's over its chunk summaries."""
     cols = tl.arange(0, D)
     rows = tl.arange(0, BLOCK_N)
-    after_predecessor(PDL)
-    q = tl.load(q_ptr + b64 * sq_b + h * sq_h + cols)
+    first = (tl.arange(0, DOT_ROWS) == 0)[:, None]
     if DOTS:
-        first = (tl.arange(0, DOT_ROWS) == 0)[:, None]
-        q_tile = tl.where(first, q[None, :], 0.0).to(q.dtype)
+        q_tile = tl.where(first, q[None, :], 0.0).to(k_head.dtype.element_ty)
     else:
-        q = q.to(tl.float32) * qk_scale
-    k_head = k_ptr + b64 * sk_b + h * sk_h
-    v_head = v_ptr + b64 * sv_b + h * sv_h
-    lo = s * SPLIT
-    hi = tl.minimum(lo + SPLIT, tl.load(n_ptr + b).to(tl.int32))
-    m = tl.full((), float("-inf"), tl.float32)
-    l_sum = tl.zeros((), tl.float32)
-    acc = tl.zeros((D,), tl.float32)
+        q_row = q.to(tl.float32) * qk_scale
     for start in range(lo, hi, BLOCK_N):
         j = start + rows
         valid = j < hi
@@ -60,7 +50,7 @@ def _attention_decode_split(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_p
         if DOTS:
             scores = tl.sum(dot(q_tile, tl.trans(kb), kb.dtype, F32), 0) * qk_scale
         else:
-            scores = tl.sum(kb.to(tl.float32) * q[None, :], 1)
+            scores = tl.sum(kb.to(tl.float32) * q_row[None, :], 1)
         scores = tl.where(valid, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 0))
         alpha = tl.exp2(m - m_new)
@@ -72,6 +62,25 @@ def _attention_decode_split(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_p
             weighted = tl.sum(p[:, None] * vb.to(tl.float32), 0)
         acc = acc * alpha + weighted
         m = m_new
+    return m, l_sum, acc
+
+
+@triton.jit
+def _attention_decode_split(q_ptr, k_ptr, v_ptr, n_ptr, y_ptr, o_ptr, m_ptr, l_ptr,
+                  sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sy_b, sy_h, qk_scale,
+                  H: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOTS: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr):
+    bh, s = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    b64 = b.to(tl.int64)
+    cols = tl.arange(0, D)
+    after_predecessor(PDL)
+    q = tl.load(q_ptr + b64 * sq_b + h * sq_h + cols)
+    lo = s * SPLIT
+    m, l_sum, acc = softmax_over_slots(q, k_ptr + b64 * sk_b + h * sk_h, v_ptr + b64 * sv_b + h * sv_h, sk_s, sv_s,
+                                       lo, tl.minimum(lo + SPLIT, tl.load(n_ptr + b).to(tl.int32)),
+                                       tl.full((), float("-inf"), tl.float32), tl.zeros((), tl.float32),
+                                       tl.zeros((D,), tl.float32), qk_scale, D, BLOCK_N, DOTS, F32)
     if SPLITS == 1:
         tl.store(y_ptr + b64 * sy_b + h * sy_h + cols, (acc / l_sum).to(y_ptr.dtype.element_ty))
     else:

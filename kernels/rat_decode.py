@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_decode import merge_into, split_runs, split_scratch
-from .common import LOG2E, after_predecessor, dependent_launch, interpreting, join_halves, launch_options, sm_count
+from .attention_decode import merge_into, softmax_over_slots, split_runs, split_scratch
+from .common import (LOG2E, after_predecessor, dependent_launch, ieee_dots, interpreting, join_halves,
+                     launch_options, sm_count)
 from .rat_fwd import inverse_frequencies
 
 
@@ -34,7 +35,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
                    ssk_b, ssk_h, ssk_c, ssv_b, ssv_h, ssv_c,
                    capacity, split_len, qk_scale,
                    H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr, BC: tl.constexpr,
-                   GATE: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+                   GATE: tl.constexpr, SPLITS: tl.constexpr, DOTS: tl.constexpr, F32: tl.constexpr,
+                   PDL: tl.constexpr):
     b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     D_HEAD: tl.constexpr = 2 * HALF
     b64 = b.to(tl.int64)
@@ -60,24 +62,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
         m = tl.full((), float("-inf"), tl.float32)
         l_sum = tl.zeros((), tl.float32)
         acc = tl.zeros((D_HEAD,), tl.float32)
-    # --- online softmax over this program's run of the visible summary slots j < c (full-width rows)
-    qr = join_halves(((q1 * cos - q2 * sin) * qk_scale)[None, :], ((q2 * cos + q1 * sin) * qk_scale)[None, :],
-                     1, HALF)
+    # --- online softmax over this program's run of the visible summary slots j < c (q rotated by c)
+    qr = tl.reshape(join_halves((q1 * cos - q2 * sin)[None, :], (q2 * cos + q1 * sin)[None, :], 1, HALF), (D_HEAD,))
     lo = split * split_len
-    hi = tl.minimum(lo + split_len, tl.minimum(chunk, capacity))
-    jr = tl.arange(0, BC)
-    for j0 in range(lo, hi, BC):
-        j = j0 + jr
-        jmask = j < hi
-        kb = tl.load(sk_head + j[:, None] * ssk_c + full[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
-        s = tl.where(jmask, tl.sum(kb * qr, 1), float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 0))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, 0)
-        vb = tl.load(sv_head + j[:, None] * ssv_c + full[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * vb, 0)
-        m = m_new
+    m, l_sum, acc = softmax_over_slots(qr, sk_head, sv_head, ssk_c, ssv_c, lo,
+                                       tl.minimum(lo + split_len, tl.minimum(chunk, capacity)), m, l_sum, acc,
+                                       qk_scale, D_HEAD, BC, DOTS, F32)
     if SPLITS == 1:
         y = acc / l_sum
         if GATE:  # the layer's output gate sigmoid(z)
@@ -143,7 +133,7 @@ def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tenso
                summary_k: torch.Tensor, summary_v: torch.Tensor, running_k: torch.Tensor, running_v: torch.Tensor,
                positions: torch.Tensor, chunk_size: int, head_dim: int, rope_base: float,
                gate: torch.Tensor | None = None, slots: int = 0, warps: int = 0, stages: int = 2,
-               splits: int = 0, pdl: bool | None = None) -> torch.Tensor:
+               splits: int = 0, pdl: bool | None = None, dots: bool = False) -> torch.Tensor:
     """Same contract as ratpt.ops.rat_decode_mixing (caches updated in place, y returned).
 
     A custom op that declares its in-place cache writes, so that torch.compile of a whole decode
@@ -151,7 +141,8 @@ def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tenso
     slots, warps, stages: the launch (summary slots per loop step); splits: programs per (sequence,
     head), each over a run of the slots, merged by a second launch; slots, warps and splits 0 for
     default_launch's (benchmarks/profile_decode.py --sweep measures them). pdl: launch as programmatic
-    dependents (None: common.dependent_launch's answer for the device)."""
+    dependents (None: common.dependent_launch's answer for the device); dots: the summary products as
+    tensor-core dots (attention_decode.softmax_over_slots), else fp32 FMAs."""
     B, D = v.shape
     H, G, d = D // head_dim, q.shape[-1] // head_dim, head_dim
     for name, t in {"q": q, "k": k, "v": v, "f": f, "summary_k": summary_k, "summary_v": summary_v,
@@ -174,7 +165,7 @@ def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tenso
         z.stride(0), *summary_k.stride()[:3], *summary_v.stride()[:3],
         capacity, split_len, LOG2E / math.sqrt(d),
         H=H, G=G, L=chunk_size, HALF=d // 2, BC=slots, GATE=gate is not None and splits == 1, SPLITS=splits,
-        PDL=pdl, num_warps=warps, num_stages=stages, **launch_options(pdl))
+        DOTS=dots, F32=ieee_dots(q), PDL=pdl, num_warps=warps, num_stages=stages, **launch_options(pdl))
     if splits > 1:
         merge_into(y, partial, stats, H, splits, (y.stride(0), d), pdl, gate)
     return y

@@ -10,7 +10,8 @@ the Triton decode kernel against the reference.
    float64 evaluation of the reference on the same inputs. The kernel keeps everything in fp32
    (reductions over <= d products and <= 50 slots), so its error is ~1e-6 on these O(1) values;
    1e-4 leaves room without hiding a wrong term. Cut in runs of slots (the small-batch launch), the
-   positions leave some runs empty: the merge must ignore them.
+   positions leave some runs empty: the merge must ignore them. The summary products run both as FMAs
+   and as (IEEE fp32, in the interpreter) tensor-core dots of the query's 16-row tile.
 """
 import pytest
 import torch
@@ -66,9 +67,10 @@ CASES = {  # name: (H, G, d, L, positions)
 }
 
 
+@pytest.mark.parametrize("dots", [False, True], ids=["fma", "dots"])
 @pytest.mark.parametrize("splits", [1, 3], ids=["one-program", "slots-split-in-3"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_triton_decode_equals_reference(case, splits):
+def test_triton_decode_equals_reference(case, splits, dots):
     H, G, d, L, positions = case
     B = len(positions)
     positions = torch.tensor(positions, device=DEVICE)
@@ -76,13 +78,14 @@ def test_triton_decode_equals_reference(case, splits):
     tokens, caches = decode_state(B, H, G, d, capacity, torch.float32, DEVICE)
     wide = [t.double() for t in caches]
     want = rat_decode_mixing(*(t.double() for t in tokens), *wide, positions, L, d, ROPE_BASE, kernels="torch")
-    got = rat_decode(*tokens, *caches, positions, L, d, ROPE_BASE, splits=splits)
+    got = rat_decode(*tokens, *caches, positions, L, d, ROPE_BASE, splits=splits, dots=dots)
     for name, a, b in zip(["y", "summary_k", "summary_v", "running_k", "running_v"], [got, *caches], [want, *wide]):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dots", [False, True], ids=["fma", "dots"])
 @pytest.mark.parametrize("splits", [1, 2], ids=["one-program", "merged-from-2"])
-def test_triton_decode_applies_the_output_gate(splits):
+def test_triton_decode_applies_the_output_gate(splits, dots):
     """With z given, the kernel returns sigmoid(z) ⊙ y (the reference's gated output) and updates the
     caches exactly as without it; split, the merge applies the gate."""
     H, G, d, L, positions = CASES["L16-d64-groups2"]
@@ -94,6 +97,6 @@ def test_triton_decode_applies_the_output_gate(splits):
     wide = [t.double() for t in caches]
     want = rat_decode_mixing(*(t.double() for t in tokens), *wide, positions, L, d, ROPE_BASE, kernels="torch",
                              gate=z.double())
-    got = rat_decode(*tokens, *caches, positions, L, d, ROPE_BASE, gate=z, splits=splits)
+    got = rat_decode(*tokens, *caches, positions, L, d, ROPE_BASE, gate=z, splits=splits, dots=dots)
     for name, a, b in zip(["y", "summary_k", "summary_v", "running_k", "running_v"], [got, *caches], [want, *wide]):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -102,14 +102,17 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
         query = q[:, :1].reshape(B, 1, G, d).repeat(1, 1, H // G, 1).transpose(1, 2).contiguous()
         for dots in (False, True):  # FMA products, then tensor-core dots
             attention_decode(query, cache, cache.clone(), torch.full((B,), 300), splits=4, pdl=True, dots=dots)
-    if "decode" in passes:  # one program per (sequence, head), launched plainly; and the small-batch launch: the
-        # slots split over 2 programs, merged with the output gate, as programmatic dependents
+    if "decode" in passes:  # one program per (sequence, head), launched plainly; the small-batch launch: the
+        # slots split over 2 programs, merged with the output gate, as programmatic dependents; and that launch
+        # with the summary products as tensor-core dots
         cache = torch.zeros(B, H, 80, d).to(dtype)
         step = [*(t[:, 0].contiguous() for t in (q, k, v, f)), bias]
         rat_decode(*step, cache, cache.clone(), torch.zeros(B, H * d), torch.zeros(B, H * d), torch.full((B,), 100),
                    L, d, base)
         rat_decode(*step, cache, cache.clone(), torch.zeros(B, H * d), torch.zeros(B, H * d), torch.full((B,), 100),
                    L, d, base, gate=z[:, 0].contiguous(), splits=2, pdl=True)
+        rat_decode(*step, cache, cache.clone(), torch.zeros(B, H * d), torch.zeros(B, H * d), torch.full((B,), 100),
+                   L, d, base, gate=z[:, 0].contiguous(), splits=2, pdl=True, dots=True)
 
 if __name__ == "__main__":
     triton.runtime.driver.set_active(HopperWithoutDevice())
