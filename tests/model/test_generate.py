@@ -140,14 +140,17 @@ def test_cuda_graph_generation_equals_eager_generation(mixers):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prompts", [[[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]],
+                                     [[1 + i, 2 * i + 3, 5] for i in range(8)] + [[7, 8, 9, 10, 11, 12]]],
+                         ids=["3-prompts", "9-prompts"])
 @pytest.mark.parametrize("mixers", [("rat",), ("attention",), ("rat", "swa")], ids="+".join)
-def test_greedy_through_the_fused_decode_kernels_equals_full_forward_on_the_gpu(mixers):
+def test_greedy_through_the_fused_decode_kernels_equals_full_forward_on_the_gpu(mixers, prompts):
     """With model.kernels=triton a decode step runs the Triton kernels throughout (head_dim 32): the fused
-    norm, projections, activation, residuals and head (ops.decode_linear) and the mixing; replayed as a
-    CUDA graph, greedy decoding still gives the full forward's tokens."""
+    norm, projections, activation, residuals and head (ops.decode_linear, at 3 prompts; at 9, past its
+    FMA rows, cuBLAS) and the mixing; replayed as a CUDA graph, greedy decoding still gives the full
+    forward's tokens."""
     model, _ = tiny_model(mixers, head_dim=32, kernels="triton")
     model = model.cuda()
-    prompts = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]]
     assert generate(model, prompts, max_new_tokens=12, cuda_graph=True) == [
         greedy_by_full_forward(model, p, 12) for p in prompts]
 
