@@ -8,9 +8,9 @@ reference composes the model's own ops (cuBLAS on CUDA), so it computes exactly 
 the reference above; "auto" and "torch" the reference. Measured on an H100 (benchmarks/profile_decode.py
 --sweep-linear, kernels/NOTES.md): at one row the kernel takes 46 µs for a RAT-1.3B layer's four linears
 against 76 for cuBLAS with its neighbours; at 64 rows its tensor-core tile made the whole compiled step
-slower than cuBLAS (3.41 against 2.79 ms; 3.69 against 2.55 with the tile only on the weights no deeper
-than wide, though alone each of those ran 10-30% faster than cuBLAS), so larger batches stay on the
-reference. "auto" stays on the
+slower than cuBLAS (3.41 against 2.79 ms; 3.66 against 2.54 with the tile only on the weights no deeper
+than wide, 3.08 launched plainly, though alone each of those ran 10-30% faster than cuBLAS), so larger
+batches stay on the reference. "auto" stays on the
 reference until a whole decode step is measured faster with the kernel.
 """
 import torch
