@@ -155,7 +155,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def check_sampling(args: argparse.Namespace) -> None:
-    """Reject sampling flags that have no meaning, naming the flag (before any model is loaded)."""
+    """Reject sampling flags that have no meaning and an --out that cannot be written, naming the flag
+    (before any model is loaded: a capture or compile can take minutes)."""
     checks = ((args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
               (args.temperature >= 0, f"--temperature must be >= 0 (0: greedy), got {args.temperature}"),
               (args.top_k >= 0, f"--top-k must be >= 0 (0: off), got {args.top_k}"),
@@ -170,6 +171,19 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise ValueError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    if args.out:
+        check_output(Path(args.out), args.prompts)
+
+
+def check_output(out: Path, prompts: str | None) -> None:
+    """--out names a new or existing file in an existing folder, and not the prompt file it would overwrite."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name the JSONL file to write, e.g. {out / 'outputs.jsonl'}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
+    if prompts and out.resolve() == Path(prompts).resolve():
+        raise ValueError(f"--out {out} is the --prompts file: writing the outputs would overwrite the prompts; "
+                         f"name another file")
 
 
 def load_model_tokenizer(model_dir: str, spec: str | None) -> Tokenizer:

@@ -15,8 +15,14 @@ def read_prompts(path: str | Path) -> list[dict]:
         raise ValueError(f"--prompts {path}: no such file (one prompt per line, or a .jsonl file of "
                          f"{{\"prompt\": ...}} objects)")
     jsonl = path.suffix == ".jsonl"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise ValueError(f"--prompts {path} line {line}: not UTF-8 (byte {error.object[error.start]:#04x}); save "
+                         f"the file as UTF-8") from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         records.append(_record(line, path, number) if jsonl else {"prompt": line})

@@ -202,9 +202,26 @@ def test_cli_writes_one_jsonl_record_per_prompt_of_a_file_in_batches(tmp_path):
     ("blank.txt", "\n  \n", "holds no prompt"),
     ("bad.jsonl", '{"prompt": "a"}\n{"prompt": "b",}\n', "line 2: not JSON"),
     ("no-prompt.jsonl", '{"text": "a"}\n', 'line 1: no "prompt" string'),
-], ids=["missing", "empty", "bad-json-line", "no-prompt-field"])
+    ("latin1.txt", "hello\ncaf\xe9\n".encode("latin-1"), "line 2: not UTF-8 .byte 0xe9.; save the file as UTF-8"),
+], ids=["missing", "empty", "bad-json-line", "no-prompt-field", "not-utf8"])
 def test_cli_rejects_a_bad_prompt_file_naming_file_and_line(tmp_path, name, text, error):
-    if text is not None:
+    if isinstance(text, bytes):
+        (tmp_path / name).write_bytes(text)
+    elif text is not None:
         (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=f"--prompts {tmp_path / name}.*{error}"):
         run(cli_args(tmp_path / "never-loaded", prompt=None, prompts=str(tmp_path / name)))
+
+
+@pytest.mark.parametrize("out, error", [
+    ("missing-folder/out.jsonl", "the folder .*missing-folder does not exist"),
+    (".", "is a folder: name the JSONL file"),
+    ("prompts.txt", "is the --prompts file: writing the outputs would overwrite the prompts"),
+], ids=["folder-missing", "a-folder", "the-prompt-file"])
+def test_cli_rejects_an_unwritable_out_before_loading_the_model(tmp_path, out, error):
+    """The model folder does not exist: the --out check must come first, before any load or capture."""
+    (tmp_path / "prompts.txt").write_text("hello\n")
+    with pytest.raises(ValueError, match=f"--out .*{error}"):
+        run(cli_args(tmp_path / "never-loaded", prompt=None, prompts=str(tmp_path / "prompts.txt"),
+                     out=str(tmp_path / out)))
+    assert (tmp_path / "prompts.txt").read_text() == "hello\n"
