@@ -12,8 +12,19 @@ import xxhash
 
 def check_new_folder(out: Path) -> None:
     """Refuse an output folder (`--out`) that holds anything: an export never mixes with older files."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder: name a new folder")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export folder {out} is not empty: choose a new --out or remove it")
+
+
+def check_output_file(out: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output file that cannot be written at the end: a folder, or a file in a
+    folder that does not exist (an evaluation or a batch of generations can take hours)."""
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a folder: name the file to write in it")
+    if not out.parent.is_dir():
+        raise ValueError(f"{flag} {out}: the folder {out.parent} does not exist; create it or write elsewhere")
 
 
 def fsync_tree(root: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from ratpt.data.tokenizer import Tokenizer, load_tokenizer, same_tokenizer
 from ratpt.decoder import Decoder, compile_decode
+from ratpt.files import check_output_file
 from ratpt.model.lm import RATLM
 from ratpt.model.pretrained import TOKENIZER, load_pretrained
 from ratpt.prompts import read_prompts
@@ -177,10 +178,7 @@ def check_sampling(args: argparse.Namespace) -> None:
 
 def check_output(out: Path, prompts: str | None) -> None:
     """--out names a new or existing file in an existing folder, and not the prompt file it would overwrite."""
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder: name the JSONL file to write, e.g. {out / 'outputs.jsonl'}")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
+    check_output_file(out)
     if prompts and out.resolve() == Path(prompts).resolve():
         raise ValueError(f"--out {out} is the --prompts file: writing the outputs would overwrite the prompts; "
                          f"name another file")

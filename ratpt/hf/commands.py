@@ -81,6 +81,26 @@ def run_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_evaluate(args: argparse.Namespace) -> list[str]:
+    """The task names, once every flag that lm-eval would take silently or reject deep inside (or an --out
+    written only after hours of evaluation) has been checked, naming the flag."""
+    from ratpt.files import check_output_file
+
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    checks = ((tasks, "--tasks names no task"),
+              (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+              (args.limit is None or args.limit > 0, f"--limit must be > 0 (a fraction if < 1), got {args.limit}"),
+              (args.num_fewshot is None or args.num_fewshot >= 0, f"--num-fewshot must be >= 0, got {args.num_fewshot}"),
+              (args.max_length >= 1, f"--max-length must be >= 1, got {args.max_length}"),
+              (args.bootstrap_iters >= 0, f"--bootstrap-iters must be >= 0 (0: none), got {args.bootstrap_iters}"))
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if args.out:
+        check_output_file(Path(args.out))
+    return tasks
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -88,16 +108,34 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from ratpt.hf.lm_eval_model import evaluate_tasks
 
-    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    if not tasks:
-        raise ValueError("--tasks names no task")
-    results = evaluate_tasks(args.model_dir, tasks, batch_size=args.batch_size, limit=args.limit,
-                             num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device,
-                             dtype=args.dtype, max_length=args.max_length, bootstrap_iters=args.bootstrap_iters)
+    tasks = check_evaluate(args)
+    try:
+        results = evaluate_tasks(args.model_dir, tasks, batch_size=args.batch_size, limit=args.limit,
+                                 num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device,
+                                 dtype=args.dtype, max_length=args.max_length, bootstrap_iters=args.bootstrap_iters)
+    except ConnectionError as error:  # datasets' message names the hub repository it could not reach
+        raise ValueError(f"lm-eval could not fetch a task's data: {error}. Run where the Hugging Face hub is "
+                         f"reachable, or with the datasets already in HF_HOME (HF_DATASETS_OFFLINE=1), or give "
+                         f"tasks over local files with --include-path") from None
     print(make_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
     return 0
+
+
+def number_list(text: str, kind: type, flag: str, example: str) -> list:
+    """The comma-separated numbers of `flag`, at least one, each parsed by `kind` (int or float)."""
+    values = []
+    for value in (part.strip() for part in text.split(",")):
+        if value:
+            try:
+                values.append(kind(value))
+            except ValueError:
+                raise ValueError(f"{flag} {text!r}: {value!r} is not a{'n integer' if kind is int else ' number'}; "
+                                 f"give comma-separated values, e.g. {flag} {example}") from None
+    if not values:
+        raise ValueError(f"{flag} names no value; give comma-separated values, e.g. {flag} {example}")
+    return values
 
 
 def run_evaluate_long(args: argparse.Namespace) -> int:
@@ -106,10 +144,12 @@ def run_evaluate_long(args: argparse.Namespace) -> int:
     from ratpt.hf.convert import load_model_dir
     from ratpt.hf.passkey import evaluate_passkey, write_report
 
-    lengths = [int(value) for value in args.lengths.split(",") if value.strip()]
-    depths = [float(value) for value in args.depths.split(",") if value.strip()]
-    if not lengths or not depths or args.trials < 1:
-        raise ValueError("--lengths and --depths must name at least one value and --trials be >= 1")
+    lengths = number_list(args.lengths, int, "--lengths", "1024,4096")
+    depths = number_list(args.depths, float, "--depths", "0,0.5,1")
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file: name the folder for passkey.json and passkey.png")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_dir(args.model_dir, device)
     model = model.to(getattr(torch, args.dtype)).eval()

@@ -215,7 +215,7 @@ def test_cli_rejects_a_bad_prompt_file_naming_file_and_line(tmp_path, name, text
 
 @pytest.mark.parametrize("out, error", [
     ("missing-folder/out.jsonl", "the folder .*missing-folder does not exist"),
-    (".", "is a folder: name the JSONL file"),
+    (".", "is a folder: name the file to write in it"),
     ("prompts.txt", "is the --prompts file: writing the outputs would overwrite the prompts"),
 ], ids=["folder-missing", "a-folder", "the-prompt-file"])
 def test_cli_rejects_an_unwritable_out_before_loading_the_model(tmp_path, out, error):
