@@ -111,6 +111,9 @@ def _load(path: str, allow_pickle: bool) -> Any:
             raise ValueError(f"{path} holds an object of class {unsupported.group(1)}, which is neither a tensor, a "
                              f"container nor the public code's run config; if you trust the file, pass "
                              f"--allow-pickle") from err
+        reason = re.search(r"WeightsUnpickler error: (.*?) Check the documentation", detail)
+        if reason:  # torch's advice to drop weights_only would be wrong here: the bytes are not a pickle it knows
+            detail = f"the unpickler stopped at: {reason.group(1)}"
         raise ValueError(f"{path} cannot be read as a PyTorch checkpoint ({type(err).__name__}: "
                          f"{detail[:300]}): is it a checkpoint?") from err
 
