@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         ".model (e.g. Llama-2's), or a folder with meta.json (another dataset's DIR/tokenizer)",
     )
     tok.add_argument("--text-field", default="text", help="JSON key / parquet column that holds the text")
-    tok.add_argument("--workers", type=int, default=1, help="processes; each tokenizes whole input files")
+    tok.add_argument("--workers", type=positive_int, default=1, help="processes; each tokenizes whole input files")
     tok.add_argument(
         "--val-fraction", type=float, default=0.01, help="share of documents (chosen by a hash of their text) put in val/"
     )
@@ -82,10 +82,23 @@ def shard_size(text: str) -> str:
     from ratpt.data.streaming_import import streaming
 
     try:
-        streaming.base.util.bytes_to_int(text)
+        size = streaming.base.util.bytes_to_int(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is no size: give a positive size, e.g. 64mb")
     return text
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1, checked before any output folder is claimed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 class Stopped(BaseException):
@@ -145,7 +158,8 @@ def run_command(args: argparse.Namespace) -> int:
         stats = tokenize_to_shards(
             sources, args.out, args.tokenizer, settings, args.workers, resume=args.resume, overwrite=args.overwrite
         )
-    except (BadInputError, OutputExistsError, FolderLocked, FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (BadInputError, OutputExistsError, FolderLocked, FileNotFoundError, FileExistsError, NotADirectoryError,
+            ValueError) as e:
         log.error("%s", e)
         return 1
     except OSError as e:  # a full disk, a quota, a file size limit: the message, not a traceback

@@ -7,6 +7,7 @@ embedded pydoc corpus) gives a demo model far more text per token than raw bytes
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -29,7 +30,12 @@ def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: 
         raise ValueError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and EOS), got {vocab_size}")
     out = Path(out)
     if out.suffix != ".json":
+        if out.is_file():
+            raise ValueError(f"--out {out} is a file: give a .json path, or a folder for tokenizer.json")
         out = out / "tokenizer.json"
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists, and shards may have been tokenized with it: remove it or "
+                              f"choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     skipped, documents = [0], [0]
 
@@ -56,6 +62,8 @@ def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: 
     if not documents[0]:
         raise ValueError(f"no documents in {' '.join(sources)} ({skipped[0]} bad records): is --text-field "
                          f"{text_field!r} the field that holds the text?")
-    tokenizer.save(str(out))
+    partial = out.with_name(out.name + ".partial")  # a killed save leaves no half-written tokenizer at `out`
+    tokenizer.save(str(partial))
+    os.replace(partial, out)
     log.info("trained BPE vocab %d -> %s (%d bad records skipped)", tokenizer.get_vocab_size(), out, skipped[0])
     return out

@@ -182,12 +182,31 @@ def test_train_tokenizer_rejects_a_vocabulary_smaller_than_the_bytes(tmp_path, c
     assert "--vocab-size must be at least 257" in caplog.text and not (tmp_path / "tok").exists()
 
 
-def test_a_bad_shard_size_is_rejected_before_any_output(tmp_path, capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--shard-size-limit", "lots", "Unsupported value/suffix lots"),
+    ("--shard-size-limit", "0", "'0' is no size: give a positive size"),
+    ("--workers", "0", "must be >= 1, got 0"),
+], ids=["shard-size-not-a-size", "shard-size-zero", "no-workers"])
+def test_a_bad_option_is_rejected_before_any_output(tmp_path, capsys, flag, value, message):
     write_jsonl(tmp_path / "a.jsonl", make_documents(5, seed=6))
     with pytest.raises(SystemExit):
-        data_prep_main(["tokenize", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"),
-                        "--shard-size-limit", "lots"])
-    assert "--shard-size-limit" in capsys.readouterr().err and not (tmp_path / "out").exists()
+        data_prep_main(["tokenize", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"), flag, value])
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {message}" in err and not (tmp_path / "out").exists()
+
+
+def test_train_tokenizer_never_overwrites_a_tokenizer_or_writes_into_a_file(tmp_path, caplog):
+    """An existing tokenizer.json may be the one shards were written with: replacing it would make them decode
+    to garbage. A --out that is some other file is no folder to write tokenizer.json in."""
+    write_jsonl(tmp_path / "a.jsonl", make_documents(50, seed=5))
+    train = ["train-tokenizer", str(tmp_path / "a.jsonl"), "--vocab-size", "300", "--out"]
+    assert data_prep_main([*train, str(tmp_path / "tok.json")]) == 0
+    first = (tmp_path / "tok.json").read_bytes()
+    assert data_prep_main([*train, str(tmp_path / "tok.json")]) == 1
+    assert "tok.json exists, and shards may have been tokenized with it" in caplog.text
+    assert (tmp_path / "tok.json").read_bytes() == first and not list(tmp_path.glob("*.partial"))
+    assert data_prep_main([*train, str(tmp_path / "a.jsonl")]) == 1
+    assert "a.jsonl is a file: give a .json path, or a folder for tokenizer.json" in caplog.text
 
 
 def test_help_explains_every_option(capsys):
