@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
+from ratpt.files import check_new_folder
 from ratpt.model.config import MIXERS
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", choices=["reference", "hf"],
                         help="checkpoint format: reference (CLAIRE-Labo/RAT) or hf (a Hugging Face folder of ratpt's)")
     parser.add_argument("checkpoint", help="the reference .pt file, or the Hugging Face folder")
-    parser.add_argument("--out", required=True, help="output folder (model.safetensors + config.yaml)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (model.safetensors + config.yaml); must not exist or be empty")
     # reference: a file with the public trainers' run config states these; a flag given must agree with it
     parser.add_argument("--chunk-size", type=int, help="RAT chunk length L (reference without a run config: required)")
     parser.add_argument("--head-dim", type=int, help="head width d (reference without a run config: required)")
@@ -33,6 +36,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_new_folder(Path(args.out))  # before a multi-GB checkpoint loads; an export is never replaced
     if args.source == "hf":  # a Hugging Face folder states its whole config: no flags to check
         from ratpt.hf.convert import convert_hf
 

@@ -153,6 +153,20 @@ def test_a_flag_that_disagrees_with_the_stored_config_is_an_error_naming_both(tm
     assert not (tmp_path / "out").exists()
 
 
+def test_an_existing_export_is_never_replaced(tmp_path, capsys):
+    """A non-empty --out (an earlier export, say with its tokenizer) or a file is refused before the checkpoint
+    loads, and left as it was."""
+    path, _, _ = write_public_file(tmp_path, "rat")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.yaml").write_text("model: {}\n")
+    (tmp_path / "a-file").write_text("keep\n")
+    assert convert_cli(path, "--out", tmp_path / "export") == 2
+    assert "export folder " + str(tmp_path / "export") + " is not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "export").iterdir()] == ["config.yaml"]
+    assert convert_cli(path, "--out", tmp_path / "a-file") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "keep\n"
+
+
 def test_training_state_is_ignored_and_said_so(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     path, _, _ = write_public_file(tmp_path, "rat", "fsdp")
