@@ -24,7 +24,7 @@ SUBCOMMAND_MODULES = (commands, generate, convert, hf_commands)
 # Errors whose message already tells the user what to fix: printed without a traceback
 # (unless --log-level DEBUG).
 USER_ERRORS = (ConfigError, CheckpointError, TrainingDiverged, CorruptShardError, FileNotFoundError, FileExistsError,
-               ValueError, FolderLocked, CollectiveTimeout)
+               NotADirectoryError, ValueError, FolderLocked, CollectiveTimeout)
 
 
 def build_parser() -> argparse.ArgumentParser:

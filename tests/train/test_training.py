@@ -298,6 +298,14 @@ def test_a_run_on_a_held_out_dir_is_refused_naming_the_holder_and_writes_nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"], "no config.yaml, no TensorBoard events"
 
 
+def test_an_out_dir_that_is_a_file_is_refused_in_one_line(byte_data, tmp_path):
+    (tmp_path / "run").write_text("notes\n")
+    done = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=2"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"error: {tmp_path / 'run'} is a file, not a folder" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "run").read_text() == "notes\n"
+
+
 def test_a_refused_run_fails_on_every_rank_at_once(byte_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with hold_folder(tmp_path, purpose="training"):
