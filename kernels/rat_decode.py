@@ -47,8 +47,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
     inv_freq = tl.load(inv_freq_ptr + cols)  # a constant table: read before the inputs are ready
     sk_head = sk_ptr + b64 * ssk_b + h * ssk_h
     sv_head = sv_ptr + b64 * ssv_b + h * ssv_h
+    lo = split * split_len  # this program's run of summary slots starts here
     if PREFETCH:  # the run's summaries, written by earlier steps, requested while the projection runs
-        lo = split * split_len
         _prefetch_slots(sk_head, sv_head, ssk_c, ssv_c, lo,
                         tl.minimum(lo + split_len, tl.minimum(tl.load(pos_ptr + b) // L, capacity)), BC, D_HEAD, LINE)
     after_predecessor(PDL)
@@ -68,7 +68,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
         acc = tl.zeros((D_HEAD,), tl.float32)
     # --- online softmax over this program's run of the visible summary slots j < c (q rotated by c)
     qr = tl.reshape(join_halves((q1 * cos - q2 * sin)[None, :], (q2 * cos + q1 * sin)[None, :], 1, HALF), (D_HEAD,))
-    lo = split * split_len
     m, l_sum, acc = softmax_over_slots(qr, sk_head, sv_head, ssk_c, ssv_c, lo,
                                        tl.minimum(lo + split_len, tl.minimum(chunk, capacity)), m, l_sum, acc,
                                        qk_scale, D_HEAD, BC, DOTS, F32)

@@ -18,13 +18,13 @@ def check_new_folder(out: Path) -> None:
         raise FileExistsError(f"export folder {out} is not empty: choose a new --out or remove it")
 
 
-def check_output_file(out: Path, flag: str = "--out") -> None:
-    """Refuse, before any work, an output file that cannot be written at the end: a folder, or a file in a
-    folder that does not exist (an evaluation or a batch of generations can take hours)."""
+def check_output_file(out: Path) -> None:
+    """Refuse, before any work, an output file (`--out`) that cannot be written at the end: a folder, or a file
+    in a folder that does not exist (an evaluation or a batch of generations can take hours)."""
     if out.is_dir():
-        raise ValueError(f"{flag} {out} is a folder: name the file to write in it")
+        raise ValueError(f"--out {out} is a folder: name the file to write in it")
     if not out.parent.is_dir():
-        raise ValueError(f"{flag} {out}: the folder {out.parent} does not exist; create it or write elsewhere")
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
 
 
 def fsync_tree(root: Path) -> None:

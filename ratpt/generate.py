@@ -16,6 +16,7 @@ import torch
 
 from ratpt.data.tokenizer import Tokenizer, load_tokenizer, same_tokenizer
 from ratpt.decoder import Decoder, compile_decode
+from ratpt.errors import raise_first_failed
 from ratpt.files import check_output_file
 from ratpt.model.lm import RATLM
 from ratpt.model.pretrained import TOKENIZER, load_pretrained
@@ -163,9 +164,7 @@ def check_sampling(args: argparse.Namespace) -> None:
               (args.top_k >= 0, f"--top-k must be >= 0 (0: off), got {args.top_k}"),
               (0 < args.top_p <= 1, f"--top-p must be in (0, 1] (1: off), got {args.top_p}"),
               (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"))
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    raise_first_failed(checks)
     try:
         torch.device(args.device)
     except RuntimeError:  # torch's message lists every device type it knows; the flag is what to fix

@@ -18,7 +18,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        line = error.object[:error.start].count(b"\n") + 1  # the bytes read, not the file again
         raise ValueError(f"--prompts {path} line {line}: not UTF-8 (byte {error.object[error.start]:#04x}); save "
                          f"the file as UTF-8") from None
     records = []

@@ -5,6 +5,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from ratpt.errors import raise_first_failed
+from ratpt.files import check_new_folder, check_output_file
+
 log = logging.getLogger("ratpt")
 
 
@@ -68,7 +71,6 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export_hf(args: argparse.Namespace) -> int:
-    from ratpt.files import check_new_folder
     from ratpt.hf.export import export_hf
     from ratpt.model.pretrained import TOKENIZER, load_pretrained
 
@@ -84,8 +86,6 @@ def run_export_hf(args: argparse.Namespace) -> int:
 def check_evaluate(args: argparse.Namespace) -> list[str]:
     """The task names, once every flag that lm-eval would take silently or reject deep inside (or an --out
     written only after hours of evaluation) has been checked, naming the flag."""
-    from ratpt.files import check_output_file
-
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     checks = ((tasks, "--tasks names no task"),
               (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
@@ -93,9 +93,7 @@ def check_evaluate(args: argparse.Namespace) -> list[str]:
               (args.num_fewshot is None or args.num_fewshot >= 0, f"--num-fewshot must be >= 0, got {args.num_fewshot}"),
               (args.max_length >= 1, f"--max-length must be >= 1, got {args.max_length}"),
               (args.bootstrap_iters >= 0, f"--bootstrap-iters must be >= 0 (0: none), got {args.bootstrap_iters}"))
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    raise_first_failed(checks)
     if args.out:
         check_output_file(Path(args.out))
     return tasks
