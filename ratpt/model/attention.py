@@ -63,7 +63,8 @@ class AttentionMixer(nn.Module):
         in the ring (slot = position mod (W + 1); once full, all W + 1 slots are the window). Static shapes.
         """
         h = ops.decode_linear(x, self.in_proj.weight, self.input_norm.weight, self.input_norm.eps, kernels=self.kernels)
-        q, k, v = self._qkv(h, positions.unsqueeze(-1), x.dtype)
+        # one position per sequence: the tables are q's size, so compiled they fuse into the rotation
+        q, k, v = self._qkv(h, positions.unsqueeze(-1), x.dtype, tables=ops.rope_tables)
         slots = cache.k.shape[2]
         slot = positions if self.window is None else positions % slots
         write_slots(cache.k, slot, k[:, :, 0])
@@ -121,13 +122,13 @@ class AttentionMixer(nn.Module):
         y = attend(q, k, v, window=self.window)
         return x + self.out_proj(self._merge(y)), k, v
 
-    def _qkv(self, h: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    def _qkv(self, h: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, tables=ops.rope_cos_sin):
         """Rotated q, k and v as [B, H, T, d] from h = in_proj(input_norm(x)); positions broadcastable
-        to [B, T]; RoPE tables in the dtype of x."""
+        to [B, T]; RoPE tables (from `tables`) in the dtype of x."""
         B, T, _ = h.shape
         v, q, k = (t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                    for t in h.split(self.d_model, dim=-1))
-        cos, sin = ops.rope_cos_sin(positions, self.head_dim, self.rope_base, dtype)
+        cos, sin = tables(positions, self.head_dim, self.rope_base, dtype)
         if cos.dim() == 3:  # per-sequence positions [B, T, d] -> [B, 1, T, d]
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin), v

@@ -18,11 +18,11 @@ from ratpt.ops.inter_chunk_attention import attend_summaries, inter_chunk_attent
 from ratpt.ops.rat_decode import rat_decode_mixing, rat_decode_reference
 from ratpt.ops.rat_mixing import rat_mixing, rat_mixing_reference, split_projection
 from ratpt.ops.rat_prefill import rat_prefill_mixing, rat_prefill_reference
-from ratpt.ops.rope import apply_rope, rope_cos_sin
+from ratpt.ops.rope import apply_rope, rope_cos_sin, rope_tables
 from ratpt.ops.sliding_window_attention import causal_attention, windowed_attention
 
 __all__ = ["activate", "apply_rope", "attend_summaries", "attention_decode", "attention_decode_reference",
            "causal_attention", "chunk_scan", "decode_linear", "document_attention", "forget_gate",
            "inter_chunk_attention", "linear_scan", "rat_decode_mixing", "rat_decode_reference", "rat_mixing",
            "rat_mixing_reference", "rat_prefill_mixing", "rat_prefill_reference", "reset_scan", "rms_norm",
-           "rope_cos_sin", "separate_documents", "split_projection", "windowed_attention"]
+           "rope_cos_sin", "rope_tables", "separate_documents", "split_projection", "windowed_attention"]
