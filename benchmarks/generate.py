@@ -17,9 +17,7 @@ size, doubling until the GPU runs out of memory:
 `--compile MODE` runs each block's decode through torch.compile (ratpt.decoder.compile_decode;
 "default" is torch.compile's default mode) inside the same CUDA graph; `--set model.kernels=triton`
 takes the fused decode linears (ratpt.ops.decode_linear) instead of cuBLAS. On Hopper the decode kernels launch
-as programmatic dependents; `--no-dependent-launch` launches them plainly, for the comparison, and
-`--l2-prefetch` has the decode kernels request what they will read into L2 before they wait for the
-kernel before them (ratpt_kernels.common.l2_prefetch).
+as programmatic dependents; `--no-dependent-launch` launches them plainly, for the comparison.
 The RAT/attention ratio compares each model's best decode tokens/s (its best batch).
 On CPU (smoke test) the decode runs eagerly.
 
@@ -29,7 +27,6 @@ On CPU (smoke test) the decode runs eagerly.
     python benchmarks/generate.py --models rat_1p3b,attention_1p3b --batches 1,64 --compile default
     python benchmarks/generate.py --models rat_1p3b,attention_1p3b --batches 1,64 --set model.kernels=triton
     python benchmarks/generate.py --models rat_1p3b --batches 1,64 --set model.kernels=triton --no-dependent-launch
-    python benchmarks/generate.py --models rat_1p3b --batches 1 --set model.kernels=triton --compile default --l2-prefetch
     python benchmarks/generate.py --models tiny --prompt 16 --new 8 --batches 1,2 --device cpu
 """
 from __future__ import annotations
@@ -215,7 +212,6 @@ def benchmark(args: argparse.Namespace) -> dict:
               "torch": torch.__version__, "prompt": args.prompt, "new_tokens": args.new,
               "copy_tb_per_s": args.bandwidth / 1e12 if args.bandwidth else None,
               "prefill_batch": args.prefill_batch, "dependent_launches": kernel_common.dependent_launch(device),
-              "l2_prefetch": kernel_common.L2_PREFETCH,
               "models": [], "ratio_to_attention": {}}
     earlier = {}
     if args.update and args.out.exists():
@@ -276,8 +272,6 @@ def main() -> None:
                         help="torch.compile mode of each block's decode: none, default, max-autotune-no-cudagraphs")
     parser.add_argument("--no-dependent-launch", action="store_true",
                         help="launch the decode kernels plainly, not as programmatic dependents (Hopper), for the A/B")
-    parser.add_argument("--l2-prefetch", action="store_true",
-                        help="decode kernels launched as dependents prefetch their weights and summaries into L2 while waiting")
     parser.add_argument("--prefill-batch", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=300, help="per model: start no batch after this many seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -290,7 +284,6 @@ def main() -> None:
         plot(args.plot)
         return
     kernel_common.DEPENDENT_LAUNCHES = not args.no_dependent_launch
-    kernel_common.L2_PREFETCH = args.l2_prefetch
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(json.dumps(benchmark(args)["ratio_to_attention"], indent=1))
 

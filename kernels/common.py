@@ -50,7 +50,6 @@ def _capability(device_index: int) -> tuple[int, int]:
 # H200 RAT-1.3B's compiled batch-1 step took 1.208 ms against 1.302 launched plainly, batch 64 the same
 # (kernels/NOTES.md). benchmarks/generate.py --no-dependent-launch and the GPU decode tests turn it off.
 DEPENDENT_LAUNCHES = True
-L2_PREFETCH = False  # see l2_prefetch; off until a decode step is timed with it (benchmarks/generate.py --l2-prefetch)
 
 
 def dependent_launch(device: torch.device) -> bool:
@@ -63,26 +62,9 @@ def dependent_launch(device: torch.device) -> bool:
     return DEPENDENT_LAUNCHES and device.type == "cuda" and _capability(device.index) >= (9, 0)
 
 
-def l2_prefetch(pdl: bool, wanted: bool | None = None) -> bool:
-    """Whether a decode kernel launched with `pdl` requests into L2, before it waits for its predecessor, the
-    bytes it will read that no kernel of the step writes (the linears' weights, RAT's earlier summaries):
-    they then stream while the kernels before it run. `wanted`: the caller's choice (None: L2_PREFETCH).
-    Only a dependent starts early enough to gain, and the interpreter has no inline PTX."""
-    return (L2_PREFETCH if wanted is None else wanted) and pdl and not interpreting()
-
-
 def launch_options(pdl: bool) -> dict[str, bool]:
     """The launch keywords of a kernel that calls after_predecessor(PDL=pdl)."""
     return {"launch_pdl": True} if pdl else {}
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask the L2 cache for the lines holding ptrs: a hint, nothing returned or waited for, so a program can
-    start the bytes it will need moving before it may use them (the decode linears' weights, before
-    after_predecessor). Every address must be valid. Not in the interpreter (inline PTX)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit

@@ -30,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (after_predecessor, dependent_launch, dot, ieee_dots, l2_prefetch, launch_options, prefetch_l2,
-                     sm_count)
+from .common import after_predecessor, dependent_launch, dot, ieee_dots, launch_options, sm_count
 
 MAX_ROWS = 64  # rows one program holds; larger batches use cuBLAS (ratpt.ops.decode_linear)
 FMA_ROWS = 4  # at most this many rows: FMAs instead of a tensor-core tile
@@ -102,38 +101,20 @@ def _accumulate(acc, up, squares, w, u, x_ptr, norm_ptr, rows, ks, M, K, sx,
 
 
 @triton.jit
-def _prefetch_weight(w_rows, first, k_start, k_end, col_ok, N, sw, ACT: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for this program's weight columns [k_start, k_end), and SwiGLU's up rows: one request per
-    LINE elements (a 128-byte line) of each row, 16 lines a row at a time; masked requests go to `first`,
-    an address of the slice, so none is out of bounds."""
-    lines = tl.arange(0, 16) * LINE
-    for k0 in range(k_start, k_end, 16 * LINE):
-        ks = k0 + lines
-        ok = col_ok[:, None] & (ks < k_end)[None, :]
-        prefetch_l2(tl.where(ok, w_rows + ks[None, :], first))
-        if ACT == 2:
-            prefetch_l2(tl.where(ok, w_rows + N * sw + ks[None, :], first))
-
-
-@triton.jit
 def _decode_linear_kernel(x_ptr, w_ptr, norm_ptr, res_ptr, y_ptr, part_ptr, M, N, K, k_per_split,
                           sx, sw, sr, sy, eps,
                           NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr,
                           FMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                          F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):
+                          F32: tl.constexpr, PDL: tl.constexpr):
     rows = tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * sw
     k_first = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_first + k_per_split, K)
-    # the first weight tile streams in while the previous kernel finishes: no kernel of a step writes weights;
-    # with PREFETCH the rest of the program's slice is requested into L2 as well
+    # the first weight tile streams in while the previous kernel finishes: no kernel of a step writes weights
     ks = k_first + tl.arange(0, BK)
     w, u = _weight_tile(w_rows, ks, col_ok, N, K, sw, ACT)
-    if PREFETCH:
-        _prefetch_weight(w_rows, w_ptr + (tl.program_id(0) * BN).to(tl.int64) * sw + k_first, k_first + BK, k_end,
-                         col_ok, N, sw, ACT, LINE)
     after_predecessor(PDL)
     acc, up, squares = _accumulate(tl.zeros((BM, BN), tl.float32), tl.zeros((BM, BN), tl.float32),
                                    tl.zeros((BM,), tl.float32), w, u, x_ptr, norm_ptr, rows, ks, M, K, sx,
@@ -204,16 +185,13 @@ def default_split(n: int, k: int, rows: int) -> int:
 @torch.library.custom_op("ratpt::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
                   activation: str, residual: torch.Tensor | None, block_n: int = 0, block_k: int = 0,
-                  warps: int = 0, stages: int = 0, split: int = 0, pdl: bool | None = None,
-                  prefetch: bool | None = None) -> torch.Tensor:
+                  warps: int = 0, stages: int = 0, split: int = 0, pdl: bool | None = None) -> torch.Tensor:
     """act(RMSNorm(x) Wᵀ) + residual [M, N] in x's dtype, for x [M, K] with M <= MAX_ROWS (by FMAs up to
     FMA_ROWS, a tensor-core tile above); the norm if `norm_weight` is given, the residual [M, N] if given;
     `activation` one of ACTIVATIONS (N = rows of W, or half of them for swiglu). block_n, block_k, warps,
     stages: the launch, each 0 for default_launch's; split: pieces of K run by separate programs and summed
     by a second launch (benchmarks/profile_decode.py --sweep-linear measures them), 0 for default_split's;
-    pdl: launch as programmatic dependents (None: common.dependent_launch's answer for x's device).
-    prefetch: request each program's whole weight slice into L2 before waiting for the predecessor
-    (None: common.l2_prefetch's answer; only as a dependent, never in the interpreter)."""
+    pdl: launch as programmatic dependents (None: common.dependent_launch's answer for x's device)."""
     M, K = x.shape
     if M > MAX_ROWS:
         raise ValueError(f"decode_linear takes at most {MAX_ROWS} rows, got {M}")
@@ -236,11 +214,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
     flags = dict(NORM=norm_weight is not None, ACT=ACTIVATIONS.index(activation), RESIDUAL=residual is not None,
                  SPLIT=split, BM=bm, BN=block_n, PDL=dependent_launch(x.device) if pdl is None else pdl)
     res = y if residual is None else residual
-    prefetch = l2_prefetch(flags["PDL"], prefetch)
     _decode_linear_kernel[(triton.cdiv(N, block_n), split)](
         x, weight, x if norm_weight is None else norm_weight, res, y, parts, M, N, K, k_per_split,
         x.stride(0), weight.stride(0), res.stride(0), y.stride(0), eps, **flags, FMA=fma, BK=block_k,
-        F32=ieee_dots(x), PREFETCH=prefetch, LINE=128 // weight.element_size(), num_warps=warps, num_stages=stages,
+        F32=ieee_dots(x), num_warps=warps, num_stages=stages,
         **launch_options(flags["PDL"]))
     if split > 1:
         _decode_linear_reduce[(triton.cdiv(N, block_n),)](parts, res, y, M, N, K, res.stride(0), y.stride(0), eps,
@@ -250,6 +227,6 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tens
 
 @decode_linear.register_fake
 def _decode_linear_shape(x, weight, norm_weight, eps, activation, residual, block_n=0, block_k=0, warps=0, stages=0,
-                         split=0, pdl=None, prefetch=None):
+                         split=0, pdl=None):
     n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
     return x.new_empty(x.shape[0], n)

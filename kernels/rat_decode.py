@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .attention_decode import merge_into, softmax_over_slots, split_runs, split_scratch
 from .common import (LOG2E, after_predecessor, dependent_launch, ieee_dots, interpreting, join_halves,
-                     l2_prefetch, launch_options, prefetch_l2, sm_count)
+                     launch_options, sm_count)
 from .rat_fwd import inverse_frequencies
 
 
@@ -36,7 +36,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
                    capacity, split_len, qk_scale,
                    H: tl.constexpr, G: tl.constexpr, L: tl.constexpr, HALF: tl.constexpr, BC: tl.constexpr,
                    GATE: tl.constexpr, SPLITS: tl.constexpr, DOTS: tl.constexpr, F32: tl.constexpr,
-                   PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):
+                   PDL: tl.constexpr):
     b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     D_HEAD: tl.constexpr = 2 * HALF
     b64 = b.to(tl.int64)
@@ -45,12 +45,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
     kc = (h % G) * D_HEAD + cols
     vc = h * D_HEAD + cols
     inv_freq = tl.load(inv_freq_ptr + cols)  # a constant table: read before the inputs are ready
-    sk_head = sk_ptr + b64 * ssk_b + h * ssk_h
-    sv_head = sv_ptr + b64 * ssv_b + h * ssv_h
-    lo = split * split_len  # this program's run of summary slots starts here
-    if PREFETCH:  # the run's summaries, written by earlier steps, requested while the projection runs
-        _prefetch_slots(sk_head, sv_head, ssk_c, ssv_c, lo,
-                        tl.minimum(lo + split_len, tl.minimum(tl.load(pos_ptr + b) // L, capacity)), BC, D_HEAD, LINE)
     after_predecessor(PDL)
     pos = tl.load(pos_ptr + b)
     chunk = pos // L
@@ -58,6 +52,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
     q2 = tl.load(q_ptr + b64 * sq_b + kc + HALF).to(tl.float32)
     angle = chunk.to(tl.float32) * inv_freq
     cos, sin = tl.cos(angle), tl.sin(angle)
+    sk_head = sk_ptr + b64 * ssk_b + h * ssk_h
+    sv_head = sv_ptr + b64 * ssv_b + h * ssv_h
+    lo = split * split_len  # this program's run of summary slots starts here
     if split == 0:  # the own running state: updated, seeding the softmax, written to slot c
         m, l_sum, acc = _own_state(q1, q2, k_ptr, v_ptr, f_ptr, bias_ptr, rk_ptr, rv_ptr, sk_head, sv_head,
                                    b64, kc, vc, cols, pos, chunk, cos, sin, capacity,
@@ -81,19 +78,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, f_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
         tl.store(o_ptr + part * D_HEAD + full, acc)
         tl.store(m_ptr + part, m)
         tl.store(l_ptr + part, l_sum)
-
-
-@triton.jit
-def _prefetch_slots(sk_head, sv_head, ssk_c, ssv_c, lo, hi, BC: tl.constexpr, D_HEAD: tl.constexpr,
-                    LINE: tl.constexpr):
-    """Ask L2 for the summary rows [lo, hi) of one head (k and v), one request per LINE elements (a 128-byte
-    line). A stale position only moves the requests: rows past hi repeat row hi − 1, and hi <= capacity, so
-    every address lies in the cache."""
-    parts = tl.arange(0, D_HEAD // LINE) * LINE
-    for j0 in range(lo, hi, BC):
-        rows = tl.minimum(j0 + tl.arange(0, BC), hi - 1).to(tl.int64)
-        prefetch_l2(sk_head + rows[:, None] * ssk_c + parts[None, :])
-        prefetch_l2(sv_head + rows[:, None] * ssv_c + parts[None, :])
 
 
 @triton.jit
@@ -149,8 +133,7 @@ def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tenso
                summary_k: torch.Tensor, summary_v: torch.Tensor, running_k: torch.Tensor, running_v: torch.Tensor,
                positions: torch.Tensor, chunk_size: int, head_dim: int, rope_base: float,
                gate: torch.Tensor | None = None, slots: int = 0, warps: int = 0, stages: int = 2,
-               splits: int = 0, pdl: bool | None = None, dots: bool = True,
-               prefetch: bool | None = None) -> torch.Tensor:
+               splits: int = 0, pdl: bool | None = None, dots: bool = True) -> torch.Tensor:
     """Same contract as ratpt.ops.rat_decode_mixing (caches updated in place, y returned).
 
     A custom op that declares its in-place cache writes, so that torch.compile of a whole decode
@@ -161,9 +144,7 @@ def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tenso
     dependents (None: common.dependent_launch's answer for the device); dots: the summary products as
     tensor-core dots (attention_decode.softmax_over_slots), else fp32 FMAs: on one H100 at position 3100,
     5.56 against 6.90 µs a layer at batch 1 (the default split launch) and 46.3 against 47.0 at batch 64
-    (one program per head), benchmarks/results/decode_sweep_h100.json. prefetch: a split launch's programs
-    request their runs of summaries into L2 before waiting for the predecessor (None: common.l2_prefetch's
-    answer; only as a dependent; one program per head, at large batch, reads more than L2 holds)."""
+    (one program per head), benchmarks/results/decode_sweep_h100.json."""
     B, D = v.shape
     H, G, d = D // head_dim, q.shape[-1] // head_dim, head_dim
     for name, t in {"q": q, "k": k, "v": v, "f": f, "summary_k": summary_k, "summary_v": summary_v,
@@ -179,7 +160,6 @@ def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tenso
     partial, stats = split_scratch(B * H, splits, d, v.device)
     z = v if gate is None or splits > 1 else gate
     pdl = dependent_launch(v.device) if pdl is None else pdl
-    prefetch = splits > 1 and l2_prefetch(pdl, prefetch)
     _decode_kernel[(B, H, splits)](
         q, k, v, f, gate_bias, inverse_frequencies(d, rope_base, v.device), positions,
         summary_k, summary_v, running_k, running_v, y, z, partial, stats[0], stats[1],
@@ -187,7 +167,7 @@ def rat_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tenso
         z.stride(0), *summary_k.stride()[:3], *summary_v.stride()[:3],
         capacity, split_len, LOG2E / math.sqrt(d),
         H=H, G=G, L=chunk_size, HALF=d // 2, BC=slots, GATE=gate is not None and splits == 1, SPLITS=splits,
-        DOTS=dots, F32=ieee_dots(q), PDL=pdl, PREFETCH=prefetch, LINE=128 // summary_k.element_size(), num_warps=warps, num_stages=stages, **launch_options(pdl))
+        DOTS=dots, F32=ieee_dots(q), PDL=pdl, num_warps=warps, num_stages=stages, **launch_options(pdl))
     if splits > 1:
         merge_into(y, partial, stats, H, splits, (y.stride(0), d), pdl, gate)
     return y

@@ -98,14 +98,13 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
         decode_linear(x, w, g, 1e-5, "none", torch.randn(rows, 2 * 256).to(dtype), block_k=64, split=2, pdl=True)
         decode_linear(x[:1], w, g, 1e-5, "swiglu", torch.randn(1, 256).to(dtype), pdl=True)
         decode_linear(x[:3], w, g, 1e-5, "gelu", None, block_k=64, split=2, pdl=True)
-        decode_linear(x[:1], w, g, 1e-5, "swiglu", None, block_k=64, pdl=True, prefetch=True)
         cache = torch.randn(B, H, 512, d).to(dtype)
         query = q[:, :1].reshape(B, 1, G, d).repeat(1, 1, H // G, 1).transpose(1, 2).contiguous()
         for dots in (False, True):  # FMA products, then tensor-core dots
             attention_decode(query, cache, cache.clone(), torch.full((B,), 300), splits=4, pdl=True, dots=dots)
     if "decode" in passes:  # one program per (sequence, head), launched plainly; the small-batch launch: the
         # slots split over 2 programs, merged with the output gate, as programmatic dependents; and that launch
-        # with the summary products as tensor-core dots, and with the L2 prefetch of the summaries
+        # with the summary products as tensor-core dots
         cache = torch.zeros(B, H, 80, d).to(dtype)
         step = [*(t[:, 0].contiguous() for t in (q, k, v, f)), bias]
         rat_decode(*step, cache, cache.clone(), torch.zeros(B, H * d), torch.zeros(B, H * d), torch.full((B,), 100),
@@ -114,8 +113,6 @@ def compile_passes(dtype: torch.dtype, passes: list[str]) -> None:
                    L, d, base, gate=z[:, 0].contiguous(), splits=2, pdl=True)
         rat_decode(*step, cache, cache.clone(), torch.zeros(B, H * d), torch.zeros(B, H * d), torch.full((B,), 100),
                    L, d, base, gate=z[:, 0].contiguous(), splits=2, pdl=True, dots=True)
-        rat_decode(*step, cache, cache.clone(), torch.zeros(B, H * d), torch.zeros(B, H * d), torch.full((B,), 100),
-                   L, d, base, gate=z[:, 0].contiguous(), splits=2, pdl=True, prefetch=True)
 
 if __name__ == "__main__":
     triton.runtime.driver.set_active(HopperWithoutDevice())
