@@ -64,9 +64,9 @@ def test_reference_is_the_modules_norm_linear_activation_and_residual(ffn):
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_bf16_decode_linear_at_model_width_is_within_bf16_rounding(rows, activation, split):
     """D 2048, F 8192 (RAT-1.3B's FFN) in bf16 with the default launch (K split in 4 or not; FMAs at 1 and 3
-    rows, the tensor-core tile at 64): fc1 with norm
-    and activation, fc2 with the residual, against the fp32 reference on the same bf16 inputs. Outputs are
-    O(1) and the reference rounds once to bf16 (≈ 4e-3 relative): 2e-2 allows the kernel's other rounding order."""
+    rows, the tensor-core tile at 64): fc1 with norm and activation, fc2 with the residual, against the fp32
+    reference on the same bf16 inputs. Outputs are O(1) and the reference rounds once to bf16 (≈ 4e-3
+    relative): 2e-2 allows the kernel's other rounding order."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     D, F = 2048, 8192
     x = torch.randn(rows, D, device="cuda", generator=gen).bfloat16()
