@@ -12,11 +12,15 @@ the first model's batch and position, random caches, replayed in a CUDA graph ov
 its launch configurations, to choose the defaults of kernels/rat_decode.py. --sweep-linear times each of
 a RAT-1.3B layer's fused decode linears (ratpt_kernels.decode_linear) over its launches at every
 --batches batch, beside the unfused cuBLAS path, to choose the defaults of kernels/decode_linear.py.
+--read-floor times a kernel that only reads a layer's visible summaries (no softmax, no writes) beside the
+decode kernel at the same batch and position, and the same read spanning 1, 2 and 4 layers in one launch:
+what one launch of that many bytes can reach, and what each launch boundary costs.
 
     python benchmarks/profile_decode.py --models rat_1p3b,attention_1p3b --batches 2048,128 \
         --out benchmarks/results/profile_decode.json
     python benchmarks/profile_decode.py --sweep --batches 1 --out sweep.json
     python benchmarks/profile_decode.py --sweep-linear --batches 1,64 --out sweep_linear.json
+    python benchmarks/profile_decode.py --read-floor --batches 64 --out read_floor.json
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 from generate import REPO, cache_bytes_read
 from profiling import by_category, kernel_times, rat_kernel_names
@@ -105,6 +111,61 @@ def sweep_decode_launch(batch: int, position: int, tokens: int) -> list[dict]:
             **launch, kind="dots" if launch["dots"] else "fma"))
         rows.append({"launch": label, **launch, "us": us, "tb_per_s": read_bytes / us / 1e6})
         print(rows[-1], flush=True)
+    return rows
+
+
+@triton.jit
+def _read_slabs(x_ptr, out_ptr, slab_stride, n, BLOCK: tl.constexpr):
+    """Program i sums the first n elements of slab i: the decode kernel's reads of one (sequence, head)'s
+    visible summaries, without its arithmetic or writes."""
+    slab = x_ptr + tl.program_id(0).to(tl.int64) * slab_stride
+    total = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        total += tl.load(slab + offsets, mask=offsets < n).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(total, 0))
+
+
+def read_floor(batch: int, position: int, tokens: int) -> list[dict]:
+    """µs per layer of RAT-1.3B's decode kernel (default launch) beside a read-only kernel over the same
+    visible summaries (K and V of every (sequence, head): one program per slab), per block and warps, with
+    1, 2 or 4 layers' summaries in one launch; replayed in a CUDA graph over > 200 MB of copies, as the
+    sweep. The gap to the decode kernel is its arithmetic and writes; the gap between 1 and 4 layers a
+    launch is what a launch boundary costs at this size."""
+    from ratpt_kernels import rat_decode
+
+    cfg = load_config(REPO / "configs" / "rat_1p3b.yaml").model
+    D, d, G, L = cfg.d_model, cfg.head_dim, cfg.ngroups, cfg.chunk_size
+    H, capacity = D // d, -(-tokens // L)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+
+    layer_bytes = cache_bytes_read(cfg, batch, position, 2) / cfg.n_layers
+    copies = min(cfg.n_layers, -(-200 * 2**20 // (2 * 2 * batch * D * capacity)))
+    q, k, v, f, z = rand(batch, G * d), rand(batch, G * d), rand(batch, D), rand(batch, D), rand(batch, D)
+    bias = rand(D, dtype=torch.float32)
+    caches = [[rand(batch, H, capacity, d), rand(batch, H, capacity, d),
+               rand(batch, D, dtype=torch.float32), rand(batch, D, dtype=torch.float32)] for _ in range(copies)]
+    positions = torch.full((batch,), position, device="cuda", dtype=torch.long)
+    us = graphed_us([partial(rat_decode, q, k, v, f, bias, *cache, positions, L, d, cfg.rope_base, gate=z)
+                     for cache in caches])
+    rows = [{"kernel": "rat_decode default", "layers_per_launch": 1, "us_per_layer": us,
+             "tb_per_s": layer_bytes / us / 1e6}]
+    print(rows[-1], flush=True)
+    del caches
+    visible = (position // L) * d
+    for layers, block, warps in itertools.product((1, 2, 4), (1024, 4096, 8192), (4, 8)):
+        slabs = [rand(layers * 2 * batch * H, capacity * d) for _ in range(max(1, copies // layers))]
+        out = torch.empty(layers * 2 * batch * H, device="cuda", dtype=torch.float32)
+        calls = [partial(_read_slabs[(x.shape[0],)], x, out, x.stride(0), visible, BLOCK=block, num_warps=warps)
+                 for x in slabs]
+        us = graphed_us(calls) / layers
+        rows.append({"kernel": f"read only, block {block}, {warps} warps", "layers_per_launch": layers,
+                     "us_per_layer": us, "tb_per_s": layer_bytes / us / 1e6})
+        print(rows[-1], flush=True)
+        del slabs
     return rows
 
 
@@ -216,6 +277,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override key=value for every model")
     parser.add_argument("--sweep", action="store_true", help="time the decode kernel's launches instead")
     parser.add_argument("--sweep-linear", action="store_true", help="time the fused decode linears' launches instead")
+    parser.add_argument("--read-floor", action="store_true",
+                        help="time a read-only kernel over the decode kernel's bytes beside it instead")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "profile_decode.json")
     parser.add_argument("--plot-sweep-linear", type=Path, help="only draw the PNG of an existing --sweep-linear JSON")
     args = parser.parse_args()
@@ -226,6 +289,12 @@ def main() -> None:
         rows = sweep_linear_launch(list(map(int, args.batches.split(","))))
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "runs": rows}, indent=1))
         plot_linear_sweep(args.out)
+        return
+    if args.read_floor:
+        batch = int(args.batches.split(",")[0])
+        rows = read_floor(batch, args.prompt + args.new // 2, args.prompt + args.new)
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "batch": batch, "runs": rows},
+                                       indent=1))
         return
     if args.sweep:
         batch = int(args.batches.split(",")[0])

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import generate as generate_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,3 +72,19 @@ def test_decode_profile_counts_the_cache_slots_each_mixer_reads():
     assert read("attention_1p3b", 128, 3584) == 128 * 24 * 3585 * row
     assert read("rat_swa_1p3b", 1, 3584) == 12 * (224 + 1025) * row
     assert read("rat_swa_1p3b", 1, 100) == 12 * (6 + 101) * row
+
+
+def test_read_floor_kernel_sums_each_slabs_visible_prefix():
+    """benchmarks/profile_decode.py --read-floor's kernel reads the first n elements of each slab (the
+    visible summaries of a (sequence, head)) and nothing past them: its sums against torch's, with a
+    prefix that is not a multiple of the block and poison beyond it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import profile_decode
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    slabs = torch.randn(6, 300, dtype=torch.float64).to(torch.bfloat16)
+    slabs[:, 200:] = float("nan")  # past the visible prefix
+    out = torch.empty(6)
+    profile_decode._read_slabs[(6,)](slabs, out, slabs.stride(0), 200, BLOCK=64)
+    torch.testing.assert_close(out, slabs[:, :200].float().sum(1), rtol=1e-5, atol=1e-5)
