@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -77,12 +78,10 @@ def profile_model(name: str, batch: int, args: argparse.Namespace) -> dict:
             "top_kernels_ms": {k[:120]: round(v, 3) for k, v in top}}
 
 
-def sweep_decode_launch(batch: int, position: int, tokens: int) -> list[dict]:
-    """µs per call of one RAT-1.3B layer's decode kernel per launch (slots per loop step, warps, stages,
-    programs per (sequence, head), tensor-core dots or FMAs; "default": the kernel's own choice) at `position`,
-    replayed in a CUDA graph as in a decode step. The calls cycle through copies of the caches (> 200 MB,
-    at most a step's layers), so that none is read from the L2 cache; TB/s is a layer's visible cache
-    bytes over the time."""
+def decode_layer_calls(batch: int, position: int, tokens: int) -> tuple[Callable[..., list], float]:
+    """(launch keywords -> one RAT-1.3B layer's decode kernel calls, the layer's visible cache bytes) at
+    `position`, random inputs. The calls cycle through copies of the caches (> 200 MB, at most a step's
+    layers), so that none is read from the L2 cache."""
     from ratpt_kernels import rat_decode
 
     cfg = load_config(REPO / "configs" / "rat_1p3b.yaml").model
@@ -99,14 +98,25 @@ def sweep_decode_launch(batch: int, position: int, tokens: int) -> list[dict]:
     caches = [[rand(batch, D // d, capacity, d), rand(batch, D // d, capacity, d),
                rand(batch, D, dtype=torch.float32), rand(batch, D, dtype=torch.float32)] for _ in range(copies)]
     positions = torch.full((batch,), position, device="cuda", dtype=torch.long)
-    read_bytes = cache_bytes_read(cfg, batch, position, 2) / cfg.n_layers  # one layer's
+
+    def calls(**launch) -> list:
+        return [partial(rat_decode, q, k, v, f, bias, *cache, positions, L, d, cfg.rope_base, gate=z, **launch)
+                for cache in caches]
+
+    return calls, cache_bytes_read(cfg, batch, position, 2) / cfg.n_layers
+
+
+def sweep_decode_launch(batch: int, position: int, tokens: int) -> list[dict]:
+    """µs per call of one RAT-1.3B layer's decode kernel per launch (slots per loop step, warps, stages,
+    programs per (sequence, head), tensor-core dots or FMAs; "default": the kernel's own choice) at `position`,
+    replayed in a CUDA graph as in a decode step; TB/s is a layer's visible cache bytes over the time."""
+    calls, read_bytes = decode_layer_calls(batch, position, tokens)
     names = ("slots", "warps", "stages", "splits", "dots")
     launches = [{}, *(dict(zip(names, launch)) for launch in
                       itertools.product((32, 64), (2, 4, 8), (2, 3), (1, 2, 4, 8), (False, True)))]
     rows = []
     for launch in launches:
-        us = graphed_us([partial(rat_decode, q, k, v, f, bias, *cache, positions, L, d, cfg.rope_base, gate=z,
-                                 **launch) for cache in caches])
+        us = graphed_us(calls(**launch))
         label = ("default" if not launch else "slots{slots}_w{warps}_s{stages}_splits{splits}_{kind}".format(
             **launch, kind="dots" if launch["dots"] else "fma"))
         rows.append({"launch": label, **launch, "us": us, "tb_per_s": read_bytes / us / 1e6})
@@ -129,39 +139,25 @@ def _read_slabs(x_ptr, out_ptr, slab_stride, n, BLOCK: tl.constexpr):
 def read_floor(batch: int, position: int, tokens: int) -> list[dict]:
     """µs per layer of RAT-1.3B's decode kernel (default launch) beside a read-only kernel over the same
     visible summaries (K and V of every (sequence, head): one program per slab), per block and warps, with
-    1, 2 or 4 layers' summaries in one launch; replayed in a CUDA graph over > 200 MB of copies, as the
-    sweep. The gap to the decode kernel is its arithmetic and writes; the gap between 1 and 4 layers a
-    launch is what a launch boundary costs at this size."""
-    from ratpt_kernels import rat_decode
-
+    1, 2 or 4 layers' summaries in one launch; replayed in a CUDA graph over > 200 MB, as the sweep. The
+    gap to the decode kernel is its arithmetic and writes; the gap between 1 and 4 layers a launch is what
+    a launch boundary costs at this size."""
     cfg = load_config(REPO / "configs" / "rat_1p3b.yaml").model
-    D, d, G, L = cfg.d_model, cfg.head_dim, cfg.ngroups, cfg.chunk_size
-    H, capacity = D // d, -(-tokens // L)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*shape, dtype=torch.bfloat16):
-        return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
-
-    layer_bytes = cache_bytes_read(cfg, batch, position, 2) / cfg.n_layers
-    copies = min(cfg.n_layers, -(-200 * 2**20 // (2 * 2 * batch * D * capacity)))
-    q, k, v, f, z = rand(batch, G * d), rand(batch, G * d), rand(batch, D), rand(batch, D), rand(batch, D)
-    bias = rand(D, dtype=torch.float32)
-    caches = [[rand(batch, H, capacity, d), rand(batch, H, capacity, d),
-               rand(batch, D, dtype=torch.float32), rand(batch, D, dtype=torch.float32)] for _ in range(copies)]
-    positions = torch.full((batch,), position, device="cuda", dtype=torch.long)
-    us = graphed_us([partial(rat_decode, q, k, v, f, bias, *cache, positions, L, d, cfg.rope_base, gate=z)
-                     for cache in caches])
+    calls, layer_bytes = decode_layer_calls(batch, position, tokens)
+    us = graphed_us(calls())
     rows = [{"kernel": "rat_decode default", "layers_per_launch": 1, "us_per_layer": us,
              "tb_per_s": layer_bytes / us / 1e6}]
     print(rows[-1], flush=True)
-    del caches
-    visible = (position // L) * d
+    del calls
+    capacity, visible = -(-tokens // cfg.chunk_size), (position // cfg.chunk_size) * cfg.head_dim
+    slabs_per_layer = 2 * batch * cfg.d_model // cfg.head_dim  # K and V of every (sequence, head)
     for layers, block, warps in itertools.product((1, 2, 4), (1024, 4096, 8192), (4, 8)):
-        slabs = [rand(layers * 2 * batch * H, capacity * d) for _ in range(max(1, copies // layers))]
-        out = torch.empty(layers * 2 * batch * H, device="cuda", dtype=torch.float32)
-        calls = [partial(_read_slabs[(x.shape[0],)], x, out, x.stride(0), visible, BLOCK=block, num_warps=warps)
-                 for x in slabs]
-        us = graphed_us(calls) / layers
+        copies = max(1, -(-200 * 2**20 // (2 * layers * slabs_per_layer * capacity * cfg.head_dim)))
+        slabs = [torch.randn(layers * slabs_per_layer, capacity * cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+                 for _ in range(copies)]
+        out = torch.empty(layers * slabs_per_layer, device="cuda", dtype=torch.float32)
+        us = graphed_us([partial(_read_slabs[(x.shape[0],)], x, out, x.stride(0), visible, BLOCK=block,
+                                 num_warps=warps) for x in slabs]) / layers
         rows.append({"kernel": f"read only, block {block}, {warps} warps", "layers_per_launch": layers,
                      "us_per_layer": us, "tb_per_s": layer_bytes / us / 1e6})
         print(rows[-1], flush=True)
@@ -290,15 +286,10 @@ def main() -> None:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "runs": rows}, indent=1))
         plot_linear_sweep(args.out)
         return
-    if args.read_floor:
+    if args.sweep or args.read_floor:  # one layer's decode kernel at the first batch, mid-way through the new tokens
         batch = int(args.batches.split(",")[0])
-        rows = read_floor(batch, args.prompt + args.new // 2, args.prompt + args.new)
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "batch": batch, "runs": rows},
-                                       indent=1))
-        return
-    if args.sweep:
-        batch = int(args.batches.split(",")[0])
-        rows = sweep_decode_launch(batch, args.prompt + args.new // 2, args.prompt + args.new)
+        rows = (read_floor if args.read_floor else sweep_decode_launch)(batch, args.prompt + args.new // 2,
+                                                                        args.prompt + args.new)
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "batch": batch, "runs": rows},
                                        indent=1))
         return
