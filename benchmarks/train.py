@@ -10,6 +10,7 @@ fused AdamW, clipping — the trainer's single-process path) on random tokens, f
            fused chunked head + loss (train.fused_loss, the default)
   fp8      FP8 GEMMs in the blocks' projections, tensorwise scaling (train.fp8=tensorwise: torchao)
   fp8row   the same with rowwise scaling (train.fp8=rowwise)
+  tune     with `compile`: inductor's coordinate-descent tuning of the blocks' kernels (train.compile_tuning)
 all in one process so the ratios are comparable. --accumulation N runs N micro-batches per
 optimizer step, as the trainer does when train.global_batch exceeds the micro-batch. MFU uses the
 model's own FLOP count (ratpt.model.flops, mask-aware) over the device's dense bf16 peak, and over its
@@ -21,6 +22,7 @@ model and flags are skipped, so each row set ends at the largest micro-batch tha
     python benchmarks/train.py --out benchmarks/results/train.json
     python benchmarks/train.py --cases rat_1p3b:8:compile,attention_1p3b:8:compile
     python benchmarks/train.py --cases rat_1p3b:8:compile,rat_1p3b:8:compile+fp8,rat_1p3b:8:compile+fp8row
+    python benchmarks/train.py --cases rat_1p3b:12:compile+fp8,rat_1p3b:12:compile+fp8+tune
     python benchmarks/train.py --cases rat_1p3b:8:compile --accumulation 8 --update
     python benchmarks/train.py --plot benchmarks/results/train.json
 """
@@ -42,7 +44,7 @@ from ratpt.model.flops import training_flops_per_token
 from ratpt.train.metrics import device_peak_tflops
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = ("ckpt", "compile", "logits", "fp8", "fp8row")
+FLAGS = ("ckpt", "compile", "logits", "fp8", "fp8row", "tune")
 FP8_RECIPES = {"fp8": "tensorwise", "fp8row": "rowwise"}  # flag -> train.fp8
 
 
@@ -54,6 +56,8 @@ def parse_case(case: str) -> tuple[str, int, set[str]]:
         raise ValueError(f"unknown flags {flags - set(FLAGS)} in {case!r}; choose from {FLAGS}")
     if len(flags & set(FP8_RECIPES)) > 1:
         raise ValueError(f"{case!r}: fp8 and fp8row are two recipes of one option; choose one")
+    if "tune" in flags and "compile" not in flags:
+        raise ValueError(f"{case!r}: tune tunes the compiled kernels; add compile")
     return config, int(micro_batch), flags
 
 
@@ -77,7 +81,7 @@ def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], dev
     if "ckpt" in flags:
         apply_activation_checkpointing(model)
     if "compile" in flags:
-        apply_compile(model)
+        apply_compile(model, tuning="tune" in flags)
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                   fused=True)
@@ -118,8 +122,8 @@ def run_case(case: str, seq_len: int, steps: int, warmup: int, accumulation: int
     peak, fp8_peak = device_peak_tflops(device, 0.0), device_peak_tflops(device, 0.0, fp8=True)
     return {
         "model": config, "micro_batch": micro_batch, "seq_len": seq_len, "activation_checkpointing": "ckpt" in flags,
-        "compile": "compile" in flags, "fused_loss": "logits" not in flags, "fp8": fp8_of(flags),
-        "accumulation": accumulation, "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
+        "compile": "compile" in flags, "compile_tuning": "tune" in flags, "fused_loss": "logits" not in flags,
+        "fp8": fp8_of(flags), "accumulation": accumulation, "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
         "tflops": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
         "mfu_fp8_peak": tokens_per_s * flops / (fp8_peak * 1e12) if fp8_peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30, "final_loss": float(loss),
@@ -135,7 +139,7 @@ def default_cases(models: str, micro_batches: str) -> list[str]:
 def row_key(row: dict) -> tuple:
     return (row["model"], row["micro_batch"], row["activation_checkpointing"], row.get("compile", False),
             row.get("fused_loss", False), row.get("accumulation", 1),  # rows before the fused loss: logits
-            row.get("fp8", "off"))
+            row.get("fp8", "off"), row.get("compile_tuning", False))
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -149,8 +153,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     for case in cases:
         config, micro_batch, flags = parse_case(case)
         row = {"model": config, "micro_batch": micro_batch, "activation_checkpointing": "ckpt" in flags,
-               "compile": "compile" in flags, "fused_loss": "logits" not in flags, "fp8": fp8_of(flags),
-               "accumulation": args.accumulation}
+               "compile": "compile" in flags, "compile_tuning": "tune" in flags, "fused_loss": "logits" not in flags,
+               "fp8": fp8_of(flags), "accumulation": args.accumulation}
         too_large = smaller_out_of_memory(out_of_memory, config, flags, micro_batch)
         if time.time() > deadline:
             row["skipped"] = "time budget"
@@ -188,7 +192,7 @@ def plot(path: Path) -> None:
 
     rows = [r for r in json.loads(path.read_text())["results"] if "tokens_per_s" in r]
     labels = [f"{r['model']}\nmb {r['micro_batch']}{' ckpt' if r['activation_checkpointing'] else ''}"
-              f"{' compile' if r.get('compile') else ''}"
+              f"{' compile' if r.get('compile') else ''}{' tuned' if r.get('compile_tuning') else ''}"
               f"{'' if r.get('fused_loss') else ' logits'}"
               f"{' fp8 ' + r['fp8'] if r.get('fp8', 'off') != 'off' else ''}"
               f"{' acc ' + str(r['accumulation']) if r.get('accumulation', 1) > 1 else ''}" for r in rows]

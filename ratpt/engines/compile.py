@@ -30,14 +30,25 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = _checkpointed(layer.forward)
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor", tuning: bool = False) -> None:
     """torch.compile each block's forward with static shapes. The block's own hooks stay outside the
     graph (an engine's per-block hooks, e.g. megatron's parameter all-gather, run eagerly around it).
     The loss: the fused head + loss compiles its per-chunk softmax (model.loss_compile_backend); the
-    unfused one is compiled by the engine (ratpt.engines.loss.compiled_cross_entropy_sum)."""
+    unfused one is compiled by the engine (ratpt.engines.loss.compiled_cross_entropy_sum).
+
+    `tuning` (train.compile_tuning): inductor's coordinate-descent tuning of the blocks' generated
+    kernels. An FP8 step spends a third of its time in the casts' pointwise and amax kernels
+    (benchmarks/RESULTS.md#fp8-training-on-one-gpu), whose default block sizes leave bandwidth unused."""
     for layer in model.layers:
-        layer.forward = torch.compile(layer.forward, dynamic=False, backend=backend)
+        layer.forward = torch.compile(layer.forward, dynamic=False, backend=backend,
+                                      options=compile_options(backend, tuning))
     model.loss_compile_backend = backend
+
+
+def compile_options(backend: str, tuning: bool) -> Optional[dict[str, bool]]:
+    """torch.compile's inductor options for the blocks: coordinate-descent tuning if asked (only inductor
+    generates kernels to tune)."""
+    return {"coordinate_descent_tuning": True} if tuning and backend == "inductor" else None
 
 
 def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> Optional[str]:
@@ -53,7 +64,7 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> Option
         apply_activation_checkpointing(model)
     backend = compile_backend(cfg, device)
     if backend is not None:
-        apply_compile(model, backend)
+        apply_compile(model, backend, cfg.train.compile_tuning)
     return backend
 
 
