@@ -113,7 +113,7 @@ def sweep_decode_launch(batch: int, position: int, tokens: int) -> list[dict]:
     calls, read_bytes = decode_layer_calls(batch, position, tokens)
     names = ("slots", "warps", "stages", "splits", "dots")
     launches = [{}, *(dict(zip(names, launch)) for launch in
-                      itertools.product((32, 64), (2, 4, 8), (2, 3), (1, 2, 4, 8), (False, True)))]
+                      itertools.product((16, 32, 64), (2, 4, 8), (2, 3), (1, 2, 4, 8), (False, True)))]
     rows = []
     for launch in launches:
         us = graphed_us(calls(**launch))
