@@ -102,6 +102,13 @@ def build_step(config: str, micro_batch: int, seq_len: int, flags: set[str], dev
     return cfg, step
 
 
+def case_fields(config: str, micro_batch: int, flags: set[str], accumulation: int) -> dict:
+    """What a case is, as its result row names it (also the row of a case skipped or out of memory)."""
+    return {"model": config, "micro_batch": micro_batch, "activation_checkpointing": "ckpt" in flags,
+            "compile": "compile" in flags, "compile_tuning": "tune" in flags, "fused_loss": "logits" not in flags,
+            "fp8": fp8_of(flags), "accumulation": accumulation}
+
+
 def run_case(case: str, seq_len: int, steps: int, warmup: int, accumulation: int = 1) -> dict:
     config, micro_batch, flags = parse_case(case)
     device = torch.device("cuda")
@@ -121,9 +128,8 @@ def run_case(case: str, seq_len: int, steps: int, warmup: int, accumulation: int
     flops = training_flops_per_token(cfg.model, seq_len)
     peak, fp8_peak = device_peak_tflops(device, 0.0), device_peak_tflops(device, 0.0, fp8=True)
     return {
-        "model": config, "micro_batch": micro_batch, "seq_len": seq_len, "activation_checkpointing": "ckpt" in flags,
-        "compile": "compile" in flags, "compile_tuning": "tune" in flags, "fused_loss": "logits" not in flags,
-        "fp8": fp8_of(flags), "accumulation": accumulation, "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
+        **case_fields(config, micro_batch, flags, accumulation), "seq_len": seq_len,
+        "step_ms": 1000 * seconds, "tokens_per_s": tokens_per_s,
         "tflops": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
         "mfu_fp8_peak": tokens_per_s * flops / (fp8_peak * 1e12) if fp8_peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30, "final_loss": float(loss),
@@ -152,9 +158,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     out_of_memory: dict[tuple, int] = {}  # (model, flags) -> the smallest micro-batch that ran out of memory
     for case in cases:
         config, micro_batch, flags = parse_case(case)
-        row = {"model": config, "micro_batch": micro_batch, "activation_checkpointing": "ckpt" in flags,
-               "compile": "compile" in flags, "compile_tuning": "tune" in flags, "fused_loss": "logits" not in flags,
-               "fp8": fp8_of(flags), "accumulation": args.accumulation}
+        row = case_fields(config, micro_batch, flags, args.accumulation)
         too_large = smaller_out_of_memory(out_of_memory, config, flags, micro_batch)
         if time.time() > deadline:
             row["skipped"] = "time budget"

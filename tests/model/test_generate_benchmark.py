@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 import generate as generate_benchmark
+import profile_decode
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "generate.py"
@@ -53,23 +54,11 @@ def test_update_keeps_the_batches_a_run_did_not_measure():
     assert skipped["batches"][0] == {"batch": 32, "decode_tokens_per_s": 5.0}  # a batch not run keeps its row
 
 
-def profile_decode_module():
-    """benchmarks/profile_decode.py, imported as its own folder on the path would (it imports generate)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import profile_decode
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return profile_decode
-
-
 def test_decode_profile_counts_the_cache_slots_each_mixer_reads():
     """benchmarks/profile_decode.py's bandwidth denominator, against hand counts at 1.3B (D 2048,
     24 layers, bf16): RAT reads the position // 16 complete summaries, attention every key up to and
     including the token's own, the hybrid's sliding-window layers the window and the token."""
     from ratpt.config import load_config
-
-    profile_decode = profile_decode_module()
 
     def read(name, batch, position):
         return profile_decode.cache_bytes_read(load_config(REPO / "configs" / f"{name}.yaml").model, batch, position, 2)
@@ -85,7 +74,6 @@ def test_read_floor_kernel_sums_each_slabs_visible_prefix():
     """benchmarks/profile_decode.py --read-floor's kernel reads the first n elements of each slab (the
     visible summaries of a (sequence, head)) and nothing past them: its sums against torch's, with a
     prefix that is not a multiple of the block and poison beyond it."""
-    profile_decode = profile_decode_module()
     slabs = torch.randn(6, 300, dtype=torch.float64).to(torch.bfloat16)
     slabs[:, 200:] = float("nan")  # past the visible prefix
     out = torch.empty(6)
