@@ -1,0 +1,40 @@
+"""benchmarks/persistent_linears.py: its chain of linears computes the chain, one launch per linear (the
+interpreter) and one persistent launch with grid barriers (GPU), against float64 matmuls."""
+import pytest
+import torch
+
+import persistent_linears as probe
+
+
+def small_chain(device, dtype) -> probe.Chain:
+    """Two layers at widths that leave in_proj a partial last column tile (208 = 3·64 + 16)."""
+    torch.manual_seed(0)
+    return probe.Chain.random(layers=2, d=64, n1=208, f=256, rows=16, device=device, dtype=dtype)
+
+
+def float64_chain(chain: probe.Chain) -> torch.Tensor:
+    return probe.reference(probe.Chain(*(t.double() for t in (chain.w_in, chain.w_out, chain.w_fc1, chain.w_fc2,
+                                                              chain.x))))
+
+
+@pytest.mark.parametrize("widths", [(64, 16, 64, 16), (32, 32, 128, 16)])
+def test_chain_by_launches_equals_float64_matmuls(widths):
+    chain = small_chain("cpu", torch.float32)
+    expected = float64_chain(chain)
+    out = probe.run_by_launches(chain, probe.Launch(*widths, bk=32))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_persistent_chain_equals_the_same_tiles_launched_one_linear_at_a_time(prefetch):
+    """The barriers order the linears: the persistent launch gives the per-launch chain's bits, and
+    bf16 rounding's distance from float64."""
+    chain = small_chain("cuda", torch.bfloat16)
+    x0, expected = chain.x.clone(), float64_chain(chain)
+    launch = probe.Launch(bk=64, prefetch=prefetch)
+    by_launches = probe.run_by_launches(chain, launch).clone()
+    chain.x.copy_(x0)
+    probe.persistent_call(chain, launch)()
+    torch.testing.assert_close(chain.x, by_launches, rtol=0, atol=0)
+    torch.testing.assert_close(chain.x.double(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
