@@ -28,13 +28,15 @@ def test_chain_by_launches_equals_float64_matmuls(widths):
 @pytest.mark.gpu
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_persistent_chain_equals_the_same_tiles_launched_one_linear_at_a_time(prefetch):
-    """The barriers order the linears: the persistent launch gives the per-launch chain's bits, and
-    bf16 rounding's distance from float64."""
+    """The barriers order the linears: a linear that read its input before the one before had written
+    all of it would be far off. The two launches may round differently (the compiler may pick other
+    tensor-core instructions inside the persistent loops), so they agree to bf16's rounding."""
     chain = small_chain("cuda", torch.bfloat16)
     x0, expected = chain.x.clone(), float64_chain(chain)
     launch = probe.Launch(bk=64, prefetch=prefetch)
     by_launches = probe.run_by_launches(chain, launch).clone()
     chain.x.copy_(x0)
     probe.persistent_call(chain, launch)()
-    torch.testing.assert_close(chain.x, by_launches, rtol=0, atol=0)
+    scale = by_launches.abs().max().item()
+    torch.testing.assert_close(chain.x, by_launches, rtol=1e-2, atol=1e-2 * scale)
     torch.testing.assert_close(chain.x.double(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
