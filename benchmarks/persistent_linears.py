@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from generate import REPO, copy_bandwidth
+from profile_decode import graphed_us
 from ratpt.config import load_config
 from ratpt.model.ffn import ffn_hidden
 from ratpt_kernels.common import dot, ieee_dots
@@ -208,19 +209,9 @@ def timed_us(chain: Chain, x0: torch.Tensor, call, repeats: int) -> tuple[float,
     def run():
         chain.x.copy_(x0)
         call()
-    run()  # compiles, and sets up cuBLAS, which a capture cannot
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    out = chain.x.clone()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / repeats, out
+    us = graphed_us([run], repeats)
+    run()
+    return us, chain.x.clone()
 
 
 def launches(args: argparse.Namespace) -> list[Launch]:
