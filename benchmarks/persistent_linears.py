@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from generate import REPO, copy_bandwidth
 from profile_decode import graphed_us
@@ -41,31 +42,50 @@ ROWS = 64  # the batch: one token of each sequence
 
 
 @triton.jit
-def _linear_tiles(x_ptr, sx, w_ptr, y_ptr, N, K, first, step,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
-    """y[:, cols] = x Wᵀ for column tiles first, first + step, … of y [BM, N] (row stride N), where
-    x is [BM, K] with row stride sx and W is [N, K]. K must be a multiple of BK."""
+def _linear_tiles(x_ptr, sx, w_ptr, y_ptr, N, K, first, step, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr):
+    """y = x Wᵀ over tiles first, first + step, … of (column block, piece of K), for x [BM, K] (row stride
+    sx) and W [N, K]. Unsplit (SPLIT 1) y is [BM, N]; split, piece s of K writes its fp32 partial product
+    to y[s] of y [SPLIT, BM, N], and _sum_pieces adds them. K must be a multiple of SPLIT · BK."""
     rows = tl.arange(0, BM)
-    for tile in range(first, tl.cdiv(N, BN), step):
-        cols = tile * BN + tl.arange(0, BN)
+    k_piece = K // SPLIT
+    for tile in range(first, tl.cdiv(N, BN) * SPLIT, step):
+        piece = tile % SPLIT
+        cols = (tile // SPLIT) * BN + tl.arange(0, BN)
         col_ok = cols < N
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
         acc = tl.zeros((BM, BN), tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in range(piece * k_piece, (piece + 1) * k_piece, BK):
             ks = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :])
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
             acc += dot(x, tl.trans(w), w.dtype, F32)
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=col_ok[None, :])
+        out = y_ptr + piece * BM * N + rows[:, None] * N + cols[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
 @triton.jit
-def _prefetch_tile(w_ptr, N, K, tile, BN: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for the weight rows of column tile `tile` of W [N, K] (bf16): one request per 128-byte line."""
-    rows = tile * BN + tl.arange(0, BN)
-    for k0 in range(0, K, LINES * 64):
+def _sum_pieces(part_ptr, y_ptr, size, first, step, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """y = Σ_s part[s] (part [SPLIT, size] fp32, y [size]) over element blocks first, first + step, …"""
+    for block in range(first, tl.cdiv(size, BLOCK), step):
+        offsets = block * BLOCK + tl.arange(0, BLOCK)
+        ok = offsets < size
+        total = tl.zeros((BLOCK,), tl.float32)
+        for s in tl.static_range(SPLIT):
+            total += tl.load(part_ptr + s * size + offsets, mask=ok, other=0.0)
+        tl.store(y_ptr + offsets, total.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _prefetch_tile(w_ptr, N, K, tile, BN: tl.constexpr, SPLIT: tl.constexpr, LINES: tl.constexpr):
+    """Ask L2 for the weights of tile `tile` (as _linear_tiles numbers them) of W [N, K] (bf16): one
+    request per 128-byte line."""
+    rows = (tile // SPLIT) * BN + tl.arange(0, BN)
+    k_piece = K // SPLIT
+    k_first = (tile % SPLIT) * k_piece
+    for k0 in range(k_first, k_first + k_piece, LINES * 64):
         line = k0 + tl.arange(0, LINES) * 64
-        ok = (rows < N)[:, None] & (line < K)[None, :]
+        ok = (rows < N)[:, None] & (line < k_first + k_piece)[None, :]
         ptrs = tl.where(ok, w_ptr + rows.to(tl.int64)[:, None] * K + line[None, :], w_ptr)
         tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                                   is_pure=False, pack=1)
@@ -83,59 +103,83 @@ def _grid_barrier(counter_ptr, target):
 
 
 @triton.jit
-def _chain_kernel(x_ptr, h1_ptr, h2_ptr, h3_ptr, w_in, w_out, w_fc1, w_fc2, counter_ptr, LAYERS, D, N1, F,
+def _phase(x_ptr, sx, w_ptr, y_ptr, part_ptr, N, K, next_w, next_n, next_k, counter_ptr, passed, pid, programs,
+           BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, NEXT_BN: tl.constexpr,
+           NEXT_SPLIT: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, F32: tl.constexpr):
+    """One linear of the chain by every program (split: its partials, a barrier, their sum), then the
+    L2 prefetch of this program's first tile of the next linear, then the barrier before it. Returns
+    the barriers passed so far."""
+    if SPLIT == 1:
+        _linear_tiles(x_ptr, sx, w_ptr, y_ptr, N, K, pid, programs, BM, BN, BK, 1, F32)
+    else:
+        _linear_tiles(x_ptr, sx, w_ptr, part_ptr, N, K, pid, programs, BM, BN, BK, SPLIT, F32)
+        passed += 1
+        _grid_barrier(counter_ptr, passed * programs)
+        _sum_pieces(part_ptr, y_ptr, BM * N, pid, programs, SPLIT, 1024)
+    if PREFETCH:
+        _prefetch_tile(next_w, next_n, next_k, pid, NEXT_BN, NEXT_SPLIT, 32)
+    passed += 1
+    _grid_barrier(counter_ptr, passed * programs)
+    return passed
+
+
+@triton.jit
+def _chain_kernel(x_ptr, h1_ptr, h2_ptr, h3_ptr, part_ptr, w_in, w_out, w_fc1, w_fc2, counter_ptr, LAYERS, D, N1, F,
                   BM: tl.constexpr, BN_IN: tl.constexpr, BN_OUT: tl.constexpr, BN_FC1: tl.constexpr,
-                  BN_FC2: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, F32: tl.constexpr):
+                  BN_FC2: tl.constexpr, SPLIT_OUT: tl.constexpr, SPLIT_FC2: tl.constexpr, BK: tl.constexpr,
+                  PREFETCH: tl.constexpr, F32: tl.constexpr):
     """The whole chain in one grid: per layer in_proj (x → h1), out_proj (h1[:, :D] → h2), fc1 (h2 → h3),
-    fc2 (h3 → x), with a grid barrier after each."""
+    fc2 (h3 → x), each followed by a grid barrier."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
+    passed = 0
     for layer in range(LAYERS):
         w_in_l = w_in + layer.to(tl.int64) * N1 * D
         w_out_l = w_out + layer.to(tl.int64) * D * D
         w_fc1_l = w_fc1 + layer.to(tl.int64) * F * D
         w_fc2_l = w_fc2 + layer.to(tl.int64) * D * F
-        arrivals = layer * 4 * programs
-        _linear_tiles(x_ptr, D, w_in_l, h1_ptr, N1, D, pid, programs, BM, BN_IN, BK, F32)
-        if PREFETCH:
-            _prefetch_tile(w_out_l, D, D, pid, BN_OUT, 32)
-        _grid_barrier(counter_ptr, arrivals + programs)
-        _linear_tiles(h1_ptr, N1, w_out_l, h2_ptr, D, D, pid, programs, BM, BN_OUT, BK, F32)
-        if PREFETCH:
-            _prefetch_tile(w_fc1_l, F, D, pid, BN_FC1, 32)
-        _grid_barrier(counter_ptr, arrivals + 2 * programs)
-        _linear_tiles(h2_ptr, D, w_fc1_l, h3_ptr, F, D, pid, programs, BM, BN_FC1, BK, F32)
-        if PREFETCH:
-            _prefetch_tile(w_fc2_l, D, F, pid, BN_FC2, 32)
-        _grid_barrier(counter_ptr, arrivals + 3 * programs)
-        _linear_tiles(h3_ptr, F, w_fc2_l, x_ptr, D, F, pid, programs, BM, BN_FC2, BK, F32)
-        if PREFETCH:
-            if layer + 1 < LAYERS:
-                _prefetch_tile(w_in_l + N1 * D, N1, D, pid, BN_IN, 32)
-        _grid_barrier(counter_ptr, arrivals + 4 * programs)
+        # the last layer prefetches its own in_proj again: harmless, and it keeps the branch out of the loop
+        w_in_next = w_in + tl.minimum(layer + 1, LAYERS - 1).to(tl.int64) * N1 * D
+        passed = _phase(x_ptr, D, w_in_l, h1_ptr, part_ptr, N1, D, w_out_l, D, D, counter_ptr, passed, pid,
+                        programs, BM, BN_IN, 1, BN_OUT, SPLIT_OUT, BK, PREFETCH, F32)
+        passed = _phase(h1_ptr, N1, w_out_l, h2_ptr, part_ptr, D, D, w_fc1_l, F, D, counter_ptr, passed, pid,
+                        programs, BM, BN_OUT, SPLIT_OUT, BN_FC1, 1, BK, PREFETCH, F32)
+        passed = _phase(h2_ptr, D, w_fc1_l, h3_ptr, part_ptr, F, D, w_fc2_l, D, F, counter_ptr, passed, pid,
+                        programs, BM, BN_FC1, 1, BN_FC2, SPLIT_FC2, BK, PREFETCH, F32)
+        passed = _phase(h3_ptr, F, w_fc2_l, x_ptr, part_ptr, D, F, w_in_next, N1, D, counter_ptr, passed, pid,
+                        programs, BM, BN_FC2, SPLIT_FC2, BN_IN, 1, BK, PREFETCH, F32)
 
 
 @triton.jit
 def _linear_kernel(x_ptr, sx, w_ptr, y_ptr, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   F32: tl.constexpr):
+                   SPLIT: tl.constexpr, F32: tl.constexpr):
     """One linear of the chain as a launch of its own (the same tiles, no barrier): how the chain runs in
     the Triton interpreter, whose programs run one after another and so could never meet at a barrier."""
-    _linear_tiles(x_ptr, sx, w_ptr, y_ptr, N, K, tl.program_id(0), tl.num_programs(0), BM, BN, BK, F32)
+    _linear_tiles(x_ptr, sx, w_ptr, y_ptr, N, K, tl.program_id(0), tl.num_programs(0), BM, BN, BK, SPLIT, F32)
+
+
+@triton.jit
+def _sum_kernel(part_ptr, y_ptr, size, SPLIT: tl.constexpr):
+    _sum_pieces(part_ptr, y_ptr, size, tl.program_id(0), tl.num_programs(0), SPLIT, 1024)
 
 
 @dataclass(frozen=True)
 class Launch:
-    """Column tile widths per linear, the K step, warps, pipeline stages, L2 prefetch before each barrier."""
+    """Column tile widths per linear, pieces of K for out_proj and fc2 (the two weights too narrow to give
+    every SM a column block of 64), the K step, warps, pipeline stages, L2 prefetch before each barrier."""
     bn_in: int = 64
-    bn_out: int = 16
+    bn_out: int = 64
     bn_fc1: int = 64
-    bn_fc2: int = 16
-    bk: int = 128
+    bn_fc2: int = 64
+    split_out: int = 4
+    split_fc2: int = 4
+    bk: int = 64
     warps: int = 4
     stages: int = 3
     prefetch: bool = False
 
-    def widths(self) -> tuple[int, int, int, int]:
-        return self.bn_in, self.bn_out, self.bn_fc1, self.bn_fc2
+    def tiles(self) -> tuple[tuple[int, int], ...]:
+        """(column block, pieces of K) of in_proj, out_proj, fc1, fc2."""
+        return (self.bn_in, 1), (self.bn_out, self.split_out), (self.bn_fc1, 1), (self.bn_fc2, self.split_fc2)
 
 
 @dataclass
@@ -158,9 +202,11 @@ class Chain:
     def weight_bytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in (self.w_in, self.w_out, self.w_fc1, self.w_fc2))
 
-    def scratch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows, n1, f = self.x.shape[0], self.w_in.shape[1], self.w_fc1.shape[1]
-        return self.x.new_empty(rows, n1), self.x.new_empty(rows, self.x.shape[1]), self.x.new_empty(rows, f)
+    def scratch(self, pieces: int) -> tuple[torch.Tensor, ...]:
+        """h1, h2, h3 (the outputs of in_proj, out_proj, fc1) and the partial products of a split linear."""
+        rows, d, n1, f = self.x.shape[0], self.x.shape[1], self.w_in.shape[1], self.w_fc1.shape[1]
+        part = self.x.new_empty(pieces, rows, d, dtype=torch.float32)
+        return self.x.new_empty(rows, n1), self.x.new_empty(rows, d), self.x.new_empty(rows, f), part
 
 
 def reference(chain: Chain) -> torch.Tensor:
@@ -172,34 +218,37 @@ def reference(chain: Chain) -> torch.Tensor:
 
 
 def run_by_launches(chain: Chain, launch: Launch = Launch()) -> torch.Tensor:
-    """The chain as one `_linear_kernel` launch per linear, x updated in place; returns x."""
-    h1, h2, h3 = chain.scratch()
+    """The chain as one `_linear_kernel` launch per linear (and a `_sum_kernel` launch after a split one),
+    x updated in place; returns x."""
+    h1, h2, h3, part = chain.scratch(max(launch.split_out, launch.split_fc2))
     x, d = chain.x, chain.x.shape[1]
     f32 = ieee_dots(x)
     programs = 4 if x.device.type != "cuda" else torch.cuda.get_device_properties(x.device).multi_processor_count
-    bn_in, bn_out, bn_fc1, bn_fc2 = launch.widths()
-    for w_in, w_out, w_fc1, w_fc2 in zip(chain.w_in, chain.w_out, chain.w_fc1, chain.w_fc2):
-        for src, sx, w, dst, bn in ((x, d, w_in, h1, bn_in), (h1, h1.shape[1], w_out, h2, bn_out),
-                                    (h2, d, w_fc1, h3, bn_fc1), (h3, h3.shape[1], w_fc2, x, bn_fc2)):
-            _linear_kernel[(programs,)](src, sx, w, dst, w.shape[0], w.shape[1], BM=x.shape[0], BN=bn,
-                                        BK=launch.bk, F32=f32, num_warps=launch.warps, num_stages=launch.stages)
+    for weights in zip(chain.w_in, chain.w_out, chain.w_fc1, chain.w_fc2):
+        for (src, sx, dst), w, (bn, split) in zip(((x, d, h1), (h1, h1.shape[1], h2), (h2, d, h3), (h3, h3.shape[1], x)),
+                                                  weights, launch.tiles()):
+            _linear_kernel[(programs,)](src, sx, w, dst if split == 1 else part, w.shape[0], w.shape[1],
+                                        BM=x.shape[0], BN=bn, BK=launch.bk, SPLIT=split, F32=f32,
+                                        num_warps=launch.warps, num_stages=launch.stages)
+            if split > 1:
+                _sum_kernel[(programs,)](part, dst, dst.numel(), SPLIT=split)
     return x
 
 
 def persistent_call(chain: Chain, launch: Launch):
     """An argument-free function that runs the whole chain in one persistent launch (x in place)."""
-    h1, h2, h3 = chain.scratch()
+    h1, h2, h3, part = chain.scratch(max(launch.split_out, launch.split_fc2))
     counter = torch.zeros(1, device=chain.x.device, dtype=torch.int32)
     programs = torch.cuda.get_device_properties(chain.x.device).multi_processor_count
     layers, n1, d = chain.w_in.shape
-    bn_in, bn_out, bn_fc1, bn_fc2 = launch.widths()
 
     def call():
         counter.zero_()
-        _chain_kernel[(programs,)](chain.x, h1, h2, h3, chain.w_in, chain.w_out, chain.w_fc1, chain.w_fc2, counter,
-                                   layers, d, n1, chain.w_fc1.shape[1], BM=chain.x.shape[0], BN_IN=bn_in,
-                                   BN_OUT=bn_out, BN_FC1=bn_fc1, BN_FC2=bn_fc2, BK=launch.bk,
-                                   PREFETCH=launch.prefetch, F32=False, num_warps=launch.warps,
+        _chain_kernel[(programs,)](chain.x, h1, h2, h3, part, chain.w_in, chain.w_out, chain.w_fc1, chain.w_fc2,
+                                   counter, layers, d, n1, chain.w_fc1.shape[1], BM=chain.x.shape[0],
+                                   BN_IN=launch.bn_in, BN_OUT=launch.bn_out, BN_FC1=launch.bn_fc1,
+                                   BN_FC2=launch.bn_fc2, SPLIT_OUT=launch.split_out, SPLIT_FC2=launch.split_fc2,
+                                   BK=launch.bk, PREFETCH=launch.prefetch, F32=False, num_warps=launch.warps,
                                    num_stages=launch.stages, launch_cooperative_grid=True)
     return call
 
@@ -215,11 +264,13 @@ def timed_us(chain: Chain, x0: torch.Tensor, call, repeats: int) -> tuple[float,
 
 
 def launches(args: argparse.Namespace) -> list[Launch]:
-    widths = [tuple(map(int, w.split("/"))) for w in args.widths.split(",")]
-    return [Launch(*w, bk=bk, warps=warps, stages=stages, prefetch=bool(pf))
-            for w, bk, warps, stages, pf in itertools.product(
-                widths, map(int, args.bk.split(",")), map(int, args.warps.split(",")),
-                map(int, args.stages.split(",")), map(int, args.prefetch.split(",")))]
+    """Every combination of the command line's choices."""
+    def choices(text: str, sep: str) -> list[tuple[int, ...]]:
+        return [tuple(map(int, choice.split(sep))) for choice in text.split(",")]
+    return [Launch(*tiles, bk=bk, stages=stages, warps=warps, prefetch=bool(prefetch))
+            for tiles, (bk, stages), (warps,), (prefetch,) in itertools.product(
+                choices(args.tiles, "/"), choices(args.pipelines, "x"), choices(args.warps, "/"),
+                choices(args.prefetch, "/"))]
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -241,7 +292,12 @@ def benchmark(args: argparse.Namespace) -> dict:
     us, expected = timed_us(chain, x0, lambda: chain.x.copy_(reference(chain)), args.repeats)
     record("cuBLAS, one launch per linear", us, expected, expected)
     for launch in launches(args):
-        us, out = timed_us(chain, x0, persistent_call(chain, launch), args.repeats)
+        try:
+            us, out = timed_us(chain, x0, persistent_call(chain, launch), args.repeats)
+        except (OutOfResources, RuntimeError) as err:  # more shared memory than an SM has, or no co-residency
+            rows.append({"path": "persistent", **launch.__dict__, "error": str(err)[:300]})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         record("persistent", us, out, expected, **launch.__dict__)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "config": args.config, "rows": ROWS, "layers": chain.w_in.shape[0], "weight_gb": chain.weight_bytes / 1e9,
@@ -252,11 +308,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="rat_1p3b", help="the model whose linears are chained")
     parser.add_argument("--layers", type=int, default=0, help="0: the model's")
-    parser.add_argument("--widths", default="64/16/64/16,32/16/64/16,64/16/128/16",
-                        help="column tile widths in_proj/out_proj/fc1/fc2, comma-separated choices")
-    parser.add_argument("--bk", default="128")
+    parser.add_argument("--tiles", default="64/64/64/64/4/4,32/32/64/32/2/2",
+                        help="column tile widths in_proj/out_proj/fc1/fc2 and pieces of K out_proj/fc2, "
+                             "comma-separated choices")
+    parser.add_argument("--pipelines", default="128x4,64x8,64x12",
+                        help="K step x pipeline stages, comma-separated choices")
     parser.add_argument("--warps", default="4")
-    parser.add_argument("--stages", default="3,4")
     parser.add_argument("--prefetch", default="0,1")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "persistent_linears.json")

@@ -7,9 +7,9 @@ import persistent_linears as probe
 
 
 def small_chain(device, dtype) -> probe.Chain:
-    """Two layers at widths that leave in_proj a partial last column tile (208 = 3·64 + 16)."""
+    """Two layers at widths that leave in_proj a partial last column tile (400 = 6·64 + 16)."""
     torch.manual_seed(0)
-    return probe.Chain.random(layers=2, d=64, n1=208, f=256, rows=16, device=device, dtype=dtype)
+    return probe.Chain.random(layers=2, d=128, n1=400, f=512, rows=16, device=device, dtype=dtype)
 
 
 def float64_chain(chain: probe.Chain) -> torch.Tensor:
@@ -17,23 +17,25 @@ def float64_chain(chain: probe.Chain) -> torch.Tensor:
                                                               chain.x))))
 
 
-@pytest.mark.parametrize("widths", [(64, 16, 64, 16), (32, 32, 128, 16)])
-def test_chain_by_launches_equals_float64_matmuls(widths):
+@pytest.mark.parametrize("tiles", [(64, 16, 64, 16, 1, 1), (32, 32, 128, 64, 4, 2)])
+def test_chain_by_launches_equals_float64_matmuls(tiles):
+    """Column tiles, unsplit and in pieces of K whose partial products are summed after."""
     chain = small_chain("cpu", torch.float32)
     expected = float64_chain(chain)
-    out = probe.run_by_launches(chain, probe.Launch(*widths, bk=32))
+    out = probe.run_by_launches(chain, probe.Launch(*tiles, bk=32))
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_persistent_chain_equals_the_same_tiles_launched_one_linear_at_a_time(prefetch):
+@pytest.mark.parametrize("tiles", [(64, 64, 64, 64, 4, 4), (32, 32, 64, 32, 1, 1)])
+def test_persistent_chain_equals_the_same_tiles_launched_one_linear_at_a_time(tiles, prefetch):
     """The barriers order the linears: a linear that read its input before the one before had written
     all of it would be far off. The two launches may round differently (the compiler may pick other
     tensor-core instructions inside the persistent loops), so they agree to bf16's rounding."""
     chain = small_chain("cuda", torch.bfloat16)
     x0, expected = chain.x.clone(), float64_chain(chain)
-    launch = probe.Launch(bk=64, prefetch=prefetch)
+    launch = probe.Launch(*tiles, bk=32, prefetch=prefetch)
     by_launches = probe.run_by_launches(chain, launch).clone()
     chain.x.copy_(x0)
     probe.persistent_call(chain, launch)()
