@@ -10,7 +10,9 @@ reading the output of the one before. The norms, the mixing and the activations 
 
 - cuBLAS: one matmul launch per linear, the whole chain replayed as one CUDA graph.
 - persistent: one launch of one program per SM for the whole chain. Each linear's column tiles are
-  spread over the programs, and a grid barrier (an atomic counter) separates consecutive linears.
+  spread over the programs, and a grid barrier (an atomic counter) separates consecutive linears;
+  out_proj and fc2 (N 2048, too narrow to give every SM a 64-column tile) run in pieces of K whose
+  partial products are summed after one more barrier.
   With `prefetch`, each program asks L2 for its next tile's weights before it waits at the barrier.
 
 Both read the same weights, one copy per layer (2.47 GB for 24 layers, far more than L2 holds). The
