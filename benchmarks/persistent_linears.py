@@ -38,7 +38,7 @@ from generate import REPO, copy_bandwidth
 from profile_decode import graphed_us
 from ratpt.config import load_config
 from ratpt.model.ffn import ffn_hidden
-from ratpt_kernels.common import dot, ieee_dots
+from ratpt_kernels.common import dot, ieee_dots, sm_count
 
 ROWS = 64  # the batch: one token of each sequence
 
@@ -186,7 +186,7 @@ class Launch:
 
 @dataclass
 class Chain:
-    """A chain's weights and its activation buffers. x holds the chain's input and, after a run, its output."""
+    """A chain's weights and its input x, which a run overwrites with the output (scratch() gives the rest)."""
     w_in: torch.Tensor  # [layers, N1, D]
     w_out: torch.Tensor  # [layers, D, D]
     w_fc1: torch.Tensor  # [layers, F, D]
@@ -225,7 +225,7 @@ def run_by_launches(chain: Chain, launch: Launch = Launch()) -> torch.Tensor:
     h1, h2, h3, part = chain.scratch(max(launch.split_out, launch.split_fc2))
     x, d = chain.x, chain.x.shape[1]
     f32 = ieee_dots(x)
-    programs = 4 if x.device.type != "cuda" else torch.cuda.get_device_properties(x.device).multi_processor_count
+    programs = 4 if x.device.type != "cuda" else sm_count(x.device.index)
     for weights in zip(chain.w_in, chain.w_out, chain.w_fc1, chain.w_fc2):
         for (src, sx, dst), w, (bn, split) in zip(((x, d, h1), (h1, h1.shape[1], h2), (h2, d, h3), (h3, h3.shape[1], x)),
                                                   weights, launch.tiles()):
@@ -241,7 +241,7 @@ def persistent_call(chain: Chain, launch: Launch):
     """An argument-free function that runs the whole chain in one persistent launch (x in place)."""
     h1, h2, h3, part = chain.scratch(max(launch.split_out, launch.split_fc2))
     counter = torch.zeros(1, device=chain.x.device, dtype=torch.int32)
-    programs = torch.cuda.get_device_properties(chain.x.device).multi_processor_count
+    programs = sm_count(chain.x.device.index)
     layers, n1, d = chain.w_in.shape
 
     def call():
