@@ -14,6 +14,9 @@ reading the output of the one before. The norms, the mixing and the activations 
   out_proj and fc2 (N 2048, too narrow to give every SM a 64-column tile) run in pieces of K whose
   partial products are summed after one more barrier.
   With `prefetch`, each program asks L2 for its next tile's weights before it waits at the barrier.
+  With `tma`, the weight tiles come through TMA descriptors (the copy engine, one request per tile)
+  instead of per-thread loads: the question after the first answer, whether the 64-row tile itself
+  streams faster that way.
 
 Both read the same weights, one copy per layer (2.47 GB for 24 layers, far more than L2 holds). The
 report gives µs per chain, the weight bytes over that time, and the largest difference from cuBLAS's
@@ -34,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from generate import REPO, copy_bandwidth
 from profile_decode import graphed_us
@@ -46,23 +50,28 @@ ROWS = 64  # the batch: one token of each sequence
 
 
 @triton.jit
-def _linear_tiles(x_ptr, sx, w_ptr, y_ptr, N, K, first, step, BM: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr):
+def _linear_tiles(x_ptr, sx, w_ptr, w_desc, layer, y_ptr, N, K, first, step, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr, TMA: tl.constexpr):
     """y = x Wᵀ over tiles first, first + step, … of (column block, piece of K), for x [BM, K] (row stride
-    sx) and W [N, K]. Unsplit (SPLIT 1) y is [BM, N]; split, piece s of K writes its fp32 partial product
-    to y[s] of y [SPLIT, BM, N], and _sum_pieces adds them. K must be a multiple of SPLIT · BK."""
+    sx) and W = layer `layer` of the stacked weights [layers, N, K] at w_ptr (TMA: loaded through w_desc,
+    their descriptor in [1, BN, BK] blocks). Unsplit (SPLIT 1)
+    y is [BM, N]; split, piece s of K writes its fp32 partial product to y[s] of y [SPLIT, BM, N], and
+    _sum_pieces adds them. K must be a multiple of SPLIT · BK."""
     rows = tl.arange(0, BM)
     k_piece = K // SPLIT
     for tile in range(first, tl.cdiv(N, BN) * SPLIT, step):
         piece = tile % SPLIT
         cols = (tile // SPLIT) * BN + tl.arange(0, BN)
         col_ok = cols < N
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
+        w_rows = w_ptr + (layer.to(tl.int64) * N + cols.to(tl.int64))[:, None] * K
         acc = tl.zeros((BM, BN), tl.float32)
         for k0 in range(piece * k_piece, (piece + 1) * k_piece, BK):
             ks = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rows[:, None] * sx + ks[None, :])
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
+            if TMA:
+                w = w_desc.load([layer, (tile // SPLIT) * BN, k0]).reshape(BN, BK)
+            else:
+                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
             acc += dot(x, tl.trans(w), w.dtype, F32)
         out = y_ptr + piece * BM * N + rows[:, None] * N + cols[None, :]
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=col_ok[None, :])
@@ -107,16 +116,17 @@ def _grid_barrier(counter_ptr, target):
 
 
 @triton.jit
-def _phase(x_ptr, sx, w_ptr, y_ptr, part_ptr, N, K, next_w, next_n, next_k, counter_ptr, passed, pid, programs,
-           BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, NEXT_BN: tl.constexpr,
-           NEXT_SPLIT: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, F32: tl.constexpr):
+def _phase(x_ptr, sx, w_ptr, w_desc, layer, y_ptr, part_ptr, N, K, next_w, next_n, next_k, counter_ptr, passed, pid,
+           programs, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, NEXT_BN: tl.constexpr,
+           NEXT_SPLIT: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, F32: tl.constexpr,
+           TMA: tl.constexpr):
     """One linear of the chain by every program (split: its partials, a barrier, their sum), then the
     L2 prefetch of this program's first tile of the next linear, then the barrier before it. Returns
     the barriers passed so far."""
     if SPLIT == 1:
-        _linear_tiles(x_ptr, sx, w_ptr, y_ptr, N, K, pid, programs, BM, BN, BK, 1, F32)
+        _linear_tiles(x_ptr, sx, w_ptr, w_desc, layer, y_ptr, N, K, pid, programs, BM, BN, BK, 1, F32, TMA)
     else:
-        _linear_tiles(x_ptr, sx, w_ptr, part_ptr, N, K, pid, programs, BM, BN, BK, SPLIT, F32)
+        _linear_tiles(x_ptr, sx, w_ptr, w_desc, layer, part_ptr, N, K, pid, programs, BM, BN, BK, SPLIT, F32, TMA)
         passed += 1
         _grid_barrier(counter_ptr, passed * programs)
         _sum_pieces(part_ptr, y_ptr, BM * N, pid, programs, SPLIT, 1024)
@@ -128,37 +138,38 @@ def _phase(x_ptr, sx, w_ptr, y_ptr, part_ptr, N, K, next_w, next_n, next_k, coun
 
 
 @triton.jit
-def _chain_kernel(x_ptr, h1_ptr, h2_ptr, h3_ptr, part_ptr, w_in, w_out, w_fc1, w_fc2, counter_ptr, LAYERS, D, N1, F,
-                  BM: tl.constexpr, BN_IN: tl.constexpr, BN_OUT: tl.constexpr, BN_FC1: tl.constexpr,
-                  BN_FC2: tl.constexpr, SPLIT_OUT: tl.constexpr, SPLIT_FC2: tl.constexpr, BK: tl.constexpr,
-                  PREFETCH: tl.constexpr, F32: tl.constexpr):
+def _chain_kernel(x_ptr, h1_ptr, h2_ptr, h3_ptr, part_ptr, w_in, w_out, w_fc1, w_fc2, d_in, d_out, d_fc1, d_fc2,
+                  counter_ptr, LAYERS, D, N1, F, BM: tl.constexpr, BN_IN: tl.constexpr, BN_OUT: tl.constexpr,
+                  BN_FC1: tl.constexpr, BN_FC2: tl.constexpr, SPLIT_OUT: tl.constexpr, SPLIT_FC2: tl.constexpr,
+                  BK: tl.constexpr, PREFETCH: tl.constexpr, F32: tl.constexpr, TMA: tl.constexpr):
     """The whole chain in one grid: per layer in_proj (x → h1), out_proj (h1[:, :D] → h2), fc1 (h2 → h3),
-    fc2 (h3 → x), each followed by a grid barrier."""
+    fc2 (h3 → x), each followed by a grid barrier. d_*: the weights' TMA descriptors."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
     passed = 0
     for layer in range(LAYERS):
-        w_in_l = w_in + layer.to(tl.int64) * N1 * D
+        # where the prefetch of each phase's next weights reads; the last layer prefetches its own in_proj
+        # again: harmless, and it keeps the branch out of the loop
         w_out_l = w_out + layer.to(tl.int64) * D * D
         w_fc1_l = w_fc1 + layer.to(tl.int64) * F * D
         w_fc2_l = w_fc2 + layer.to(tl.int64) * D * F
-        # the last layer prefetches its own in_proj again: harmless, and it keeps the branch out of the loop
         w_in_next = w_in + tl.minimum(layer + 1, LAYERS - 1).to(tl.int64) * N1 * D
-        passed = _phase(x_ptr, D, w_in_l, h1_ptr, part_ptr, N1, D, w_out_l, D, D, counter_ptr, passed, pid,
-                        programs, BM, BN_IN, 1, BN_OUT, SPLIT_OUT, BK, PREFETCH, F32)
-        passed = _phase(h1_ptr, N1, w_out_l, h2_ptr, part_ptr, D, D, w_fc1_l, F, D, counter_ptr, passed, pid,
-                        programs, BM, BN_OUT, SPLIT_OUT, BN_FC1, 1, BK, PREFETCH, F32)
-        passed = _phase(h2_ptr, D, w_fc1_l, h3_ptr, part_ptr, F, D, w_fc2_l, D, F, counter_ptr, passed, pid,
-                        programs, BM, BN_FC1, 1, BN_FC2, SPLIT_FC2, BK, PREFETCH, F32)
-        passed = _phase(h3_ptr, F, w_fc2_l, x_ptr, part_ptr, D, F, w_in_next, N1, D, counter_ptr, passed, pid,
-                        programs, BM, BN_FC2, SPLIT_FC2, BN_IN, 1, BK, PREFETCH, F32)
+        passed = _phase(x_ptr, D, w_in, d_in, layer, h1_ptr, part_ptr, N1, D, w_out_l, D, D, counter_ptr, passed,
+                        pid, programs, BM, BN_IN, 1, BN_OUT, SPLIT_OUT, BK, PREFETCH, F32, TMA)
+        passed = _phase(h1_ptr, N1, w_out, d_out, layer, h2_ptr, part_ptr, D, D, w_fc1_l, F, D, counter_ptr, passed,
+                        pid, programs, BM, BN_OUT, SPLIT_OUT, BN_FC1, 1, BK, PREFETCH, F32, TMA)
+        passed = _phase(h2_ptr, D, w_fc1, d_fc1, layer, h3_ptr, part_ptr, F, D, w_fc2_l, D, F, counter_ptr, passed,
+                        pid, programs, BM, BN_FC1, 1, BN_FC2, SPLIT_FC2, BK, PREFETCH, F32, TMA)
+        passed = _phase(h3_ptr, F, w_fc2, d_fc2, layer, x_ptr, part_ptr, D, F, w_in_next, N1, D, counter_ptr, passed,
+                        pid, programs, BM, BN_FC2, SPLIT_FC2, BN_IN, 1, BK, PREFETCH, F32, TMA)
 
 
 @triton.jit
-def _linear_kernel(x_ptr, sx, w_ptr, y_ptr, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   SPLIT: tl.constexpr, F32: tl.constexpr):
+def _linear_kernel(x_ptr, sx, w_ptr, w_desc, layer, y_ptr, N, K, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr, TMA: tl.constexpr):
     """One linear of the chain as a launch of its own (the same tiles, no barrier): how the chain runs in
     the Triton interpreter, whose programs run one after another and so could never meet at a barrier."""
-    _linear_tiles(x_ptr, sx, w_ptr, y_ptr, N, K, tl.program_id(0), tl.num_programs(0), BM, BN, BK, SPLIT, F32)
+    _linear_tiles(x_ptr, sx, w_ptr, w_desc, layer, y_ptr, N, K, tl.program_id(0), tl.num_programs(0), BM, BN, BK,
+                  SPLIT, F32, TMA)
 
 
 @triton.jit
@@ -169,7 +180,8 @@ def _sum_kernel(part_ptr, y_ptr, size, SPLIT: tl.constexpr):
 @dataclass(frozen=True)
 class Launch:
     """Column tile widths per linear, pieces of K for out_proj and fc2 (the two weights too narrow to give
-    every SM a column block of 64), the K step, warps, pipeline stages, L2 prefetch before each barrier."""
+    every SM a column block of 64), the K step, warps, pipeline stages, L2 prefetch before each barrier,
+    weight tiles through TMA."""
     bn_in: int = 64
     bn_out: int = 64
     bn_fc1: int = 64
@@ -180,10 +192,16 @@ class Launch:
     warps: int = 4
     stages: int = 3
     prefetch: bool = False
+    tma: bool = False
 
     def tiles(self) -> tuple[tuple[int, int], ...]:
         """(column block, pieces of K) of in_proj, out_proj, fc1, fc2."""
         return (self.bn_in, 1), (self.bn_out, self.split_out), (self.bn_fc1, 1), (self.bn_fc2, self.split_fc2)
+
+    def descriptors(self, chain: "Chain") -> tuple[TensorDescriptor, ...]:
+        """TMA descriptors of in_proj's, out_proj's, fc1's and fc2's stacked weights in this launch's tiles."""
+        return tuple(TensorDescriptor.from_tensor(w, [1, bn, self.bk])
+                     for w, (bn, _) in zip(chain.weights, self.tiles()))
 
 
 @dataclass
@@ -203,8 +221,12 @@ class Chain:
         return cls(weight(n1, d), weight(d, d), weight(f, d), weight(d, f), torch.randn(rows, d, device=device).to(dtype))
 
     @property
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return self.w_in, self.w_out, self.w_fc1, self.w_fc2
+
+    @property
     def weight_bytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in (self.w_in, self.w_out, self.w_fc1, self.w_fc2))
+        return sum(w.numel() * w.element_size() for w in self.weights)
 
     def scratch(self, pieces: int) -> tuple[torch.Tensor, ...]:
         """h1, h2, h3 (the outputs of in_proj, out_proj, fc1) and the partial products of a split linear."""
@@ -228,11 +250,13 @@ def run_by_launches(chain: Chain, launch: Launch = Launch()) -> torch.Tensor:
     x, d = chain.x, chain.x.shape[1]
     f32 = ieee_dots(x)
     programs = 4 if x.device.type != "cuda" else sm_count(x.device.index)
-    for weights in zip(chain.w_in, chain.w_out, chain.w_fc1, chain.w_fc2):
-        for (src, sx, dst), w, (bn, split) in zip(((x, d, h1), (h1, h1.shape[1], h2), (h2, d, h3), (h3, h3.shape[1], x)),
-                                                  weights, launch.tiles()):
-            _linear_kernel[(programs,)](src, sx, w, dst if split == 1 else part, w.shape[0], w.shape[1],
-                                        BM=x.shape[0], BN=bn, BK=launch.bk, SPLIT=split, F32=f32,
+    descriptors = launch.descriptors(chain)
+    for layer in range(chain.w_in.shape[0]):
+        for (src, sx, dst), w, w_desc, (bn, split) in zip(
+                ((x, d, h1), (h1, h1.shape[1], h2), (h2, d, h3), (h3, h3.shape[1], x)), chain.weights, descriptors,
+                launch.tiles()):
+            _linear_kernel[(programs,)](src, sx, w, w_desc, layer, dst if split == 1 else part, w.shape[1], w.shape[2],
+                                        BM=x.shape[0], BN=bn, BK=launch.bk, SPLIT=split, F32=f32, TMA=launch.tma,
                                         num_warps=launch.warps, num_stages=launch.stages)
             if split > 1:
                 _sum_kernel[(programs,)](part, dst, dst.numel(), SPLIT=split)
@@ -245,14 +269,15 @@ def persistent_call(chain: Chain, launch: Launch):
     counter = torch.zeros(1, device=chain.x.device, dtype=torch.int32)
     programs = sm_count(chain.x.device.index)
     layers, n1, d = chain.w_in.shape
+    descriptors = launch.descriptors(chain)
 
     def call():
         counter.zero_()
-        _chain_kernel[(programs,)](chain.x, h1, h2, h3, part, chain.w_in, chain.w_out, chain.w_fc1, chain.w_fc2,
-                                   counter, layers, d, n1, chain.w_fc1.shape[1], BM=chain.x.shape[0],
-                                   BN_IN=launch.bn_in, BN_OUT=launch.bn_out, BN_FC1=launch.bn_fc1,
-                                   BN_FC2=launch.bn_fc2, SPLIT_OUT=launch.split_out, SPLIT_FC2=launch.split_fc2,
-                                   BK=launch.bk, PREFETCH=launch.prefetch, F32=False, num_warps=launch.warps,
+        _chain_kernel[(programs,)](chain.x, h1, h2, h3, part, *chain.weights, *descriptors, counter, layers, d, n1,
+                                   chain.w_fc1.shape[1], BM=chain.x.shape[0], BN_IN=launch.bn_in,
+                                   BN_OUT=launch.bn_out, BN_FC1=launch.bn_fc1, BN_FC2=launch.bn_fc2,
+                                   SPLIT_OUT=launch.split_out, SPLIT_FC2=launch.split_fc2, BK=launch.bk,
+                                   PREFETCH=launch.prefetch, F32=False, TMA=launch.tma, num_warps=launch.warps,
                                    num_stages=launch.stages, launch_cooperative_grid=True)
     return call
 
@@ -284,10 +309,10 @@ def launches(args: argparse.Namespace) -> list[Launch]:
     """Every combination of the command line's choices."""
     def choices(text: str, sep: str) -> list[tuple[int, ...]]:
         return [tuple(map(int, choice.split(sep))) for choice in text.split(",")]
-    return [Launch(*tiles, bk=bk, stages=stages, warps=warps, prefetch=bool(prefetch))
-            for tiles, (bk, stages), (warps,), (prefetch,) in itertools.product(
+    return [Launch(*tiles, bk=bk, stages=stages, warps=warps, prefetch=bool(prefetch), tma=bool(tma))
+            for tiles, (bk, stages), (warps,), (prefetch,), (tma,) in itertools.product(
                 choices(args.tiles, "/"), choices(args.pipelines, "x"), choices(args.warps, "/"),
-                choices(args.prefetch, "/"))]
+                choices(args.prefetch, "/"), choices(args.tma, "/"))]
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -326,13 +351,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="rat_1p3b", help="the model whose linears are chained")
     parser.add_argument("--layers", type=int, default=0, help="0: the model's")
-    parser.add_argument("--tiles", default="64/64/64/64/4/4,32/32/64/32/2/2",
+    parser.add_argument("--tiles", default="64/64/64/64/2/2,32/32/64/32/2/2",
                         help="column tile widths in_proj/out_proj/fc1/fc2 and pieces of K out_proj/fc2, "
                              "comma-separated choices")
-    parser.add_argument("--pipelines", default="128x4,64x8,64x12",
+    parser.add_argument("--pipelines", default="128x4,64x8,64x6",
                         help="K step x pipeline stages, comma-separated choices")
     parser.add_argument("--warps", default="4")
-    parser.add_argument("--prefetch", default="0,1")
+    parser.add_argument("--prefetch", default="0")
+    parser.add_argument("--tma", default="0,1", help="weight tiles through TMA descriptors: 0, 1 or both")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "persistent_linears.json")
     args = parser.parse_args()

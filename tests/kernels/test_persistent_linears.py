@@ -17,25 +17,27 @@ def float64_chain(chain: probe.Chain) -> torch.Tensor:
                                                               chain.x))))
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("tiles", [(64, 16, 64, 16, 1, 1), (32, 32, 128, 64, 4, 2)])
-def test_chain_by_launches_equals_float64_matmuls(tiles):
-    """Column tiles, unsplit and in pieces of K whose partial products are summed after."""
+def test_chain_by_launches_equals_float64_matmuls(tiles, tma):
+    """Column tiles, unsplit and in pieces of K whose partial products are summed after; weights loaded by
+    pointers or through TMA descriptors (whose blocks past the last column read zeros)."""
     chain = small_chain("cpu", torch.float32)
     expected = float64_chain(chain)
-    out = probe.run_by_launches(chain, probe.Launch(*tiles, bk=32))
+    out = probe.run_by_launches(chain, probe.Launch(*tiles, bk=32, tma=tma))
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize(("prefetch", "tma"), [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("tiles", [(64, 64, 64, 64, 4, 4), (32, 32, 64, 32, 1, 1)])
-def test_persistent_chain_equals_the_same_tiles_launched_one_linear_at_a_time(tiles, prefetch):
+def test_persistent_chain_equals_the_same_tiles_launched_one_linear_at_a_time(tiles, prefetch, tma):
     """The barriers order the linears: a linear that read its input before the one before had written
     all of it would be far off. The two launches may round differently (the compiler may pick other
     tensor-core instructions inside the persistent loops), so they agree to bf16's rounding."""
     chain = small_chain("cuda", torch.bfloat16)
     x0, expected = chain.x.clone(), float64_chain(chain)
-    launch = probe.Launch(*tiles, bk=32, prefetch=prefetch)
+    launch = probe.Launch(*tiles, bk=32, prefetch=prefetch, tma=tma)
     by_launches = probe.run_by_launches(chain, launch).clone()
     chain.x.copy_(x0)
     probe.persistent_call(chain, launch)()
