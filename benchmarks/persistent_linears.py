@@ -40,7 +40,7 @@ from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from generate import REPO, copy_bandwidth
-from profile_decode import graphed_us
+from profile_decode import cuda_us, graphed_us
 from ratpt.config import load_config
 from ratpt.model.ffn import ffn_hidden
 from ratpt_kernels.common import dot, ieee_dots, sm_count
@@ -54,9 +54,9 @@ def _linear_tiles(x_ptr, sx, w_ptr, w_desc, layer, y_ptr, N, K, first, step, BM:
                   BK: tl.constexpr, SPLIT: tl.constexpr, F32: tl.constexpr, TMA: tl.constexpr):
     """y = x Wᵀ over tiles first, first + step, … of (column block, piece of K), for x [BM, K] (row stride
     sx) and W = layer `layer` of the stacked weights [layers, N, K] at w_ptr (TMA: loaded through w_desc,
-    their descriptor in [1, BN, BK] blocks). Unsplit (SPLIT 1)
-    y is [BM, N]; split, piece s of K writes its fp32 partial product to y[s] of y [SPLIT, BM, N], and
-    _sum_pieces adds them. K must be a multiple of SPLIT · BK."""
+    their descriptor in [1, BN, BK] blocks). Unsplit (SPLIT 1) y is [BM, N]; split, piece s of K writes its
+    fp32 partial product to y[s] of y [SPLIT, BM, N], and _sum_pieces adds them. K must be a multiple of
+    SPLIT · BK."""
     rows = tl.arange(0, BM)
     k_piece = K // SPLIT
     for tile in range(first, tl.cdiv(N, BN) * SPLIT, step):
@@ -90,9 +90,10 @@ def _sum_pieces(part_ptr, y_ptr, size, first, step, SPLIT: tl.constexpr, BLOCK: 
 
 
 @triton.jit
-def _prefetch_tile(w_ptr, N, K, tile, BN: tl.constexpr, SPLIT: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for the weights of tile `tile` (as _linear_tiles numbers them) of W [N, K] (bf16): one
-    request per 128-byte line."""
+def _prefetch_tile(w_ptr, layer, N, K, tile, BN: tl.constexpr, SPLIT: tl.constexpr, LINES: tl.constexpr):
+    """Ask L2 for the weights of tile `tile` (as _linear_tiles numbers them) of W = layer `layer` of the
+    stacked weights [layers, N, K] (bf16) at w_ptr: one request per 128-byte line."""
+    w_ptr += layer.to(tl.int64) * N * K
     rows = (tile // SPLIT) * BN + tl.arange(0, BN)
     k_piece = K // SPLIT
     k_first = (tile % SPLIT) * k_piece
@@ -116,8 +117,8 @@ def _grid_barrier(counter_ptr, target):
 
 
 @triton.jit
-def _phase(x_ptr, sx, w_ptr, w_desc, layer, y_ptr, part_ptr, N, K, next_w, next_n, next_k, counter_ptr, passed, pid,
-           programs, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, NEXT_BN: tl.constexpr,
+def _phase(x_ptr, sx, w_ptr, w_desc, layer, y_ptr, part_ptr, N, K, next_w, next_layer, next_n, next_k, counter_ptr,
+           passed, pid, programs, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, NEXT_BN: tl.constexpr,
            NEXT_SPLIT: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, F32: tl.constexpr,
            TMA: tl.constexpr):
     """One linear of the chain by every program (split: its partials, a barrier, their sum), then the
@@ -131,7 +132,7 @@ def _phase(x_ptr, sx, w_ptr, w_desc, layer, y_ptr, part_ptr, N, K, next_w, next_
         _grid_barrier(counter_ptr, passed * programs)
         _sum_pieces(part_ptr, y_ptr, BM * N, pid, programs, SPLIT, 1024)
     if PREFETCH:
-        _prefetch_tile(next_w, next_n, next_k, pid, NEXT_BN, NEXT_SPLIT, 32)
+        _prefetch_tile(next_w, next_layer, next_n, next_k, pid, NEXT_BN, NEXT_SPLIT, 32)
     passed += 1
     _grid_barrier(counter_ptr, passed * programs)
     return passed
@@ -147,20 +148,16 @@ def _chain_kernel(x_ptr, h1_ptr, h2_ptr, h3_ptr, part_ptr, w_in, w_out, w_fc1, w
     pid, programs = tl.program_id(0), tl.num_programs(0)
     passed = 0
     for layer in range(LAYERS):
-        # where the prefetch of each phase's next weights reads; the last layer prefetches its own in_proj
-        # again: harmless, and it keeps the branch out of the loop
-        w_out_l = w_out + layer.to(tl.int64) * D * D
-        w_fc1_l = w_fc1 + layer.to(tl.int64) * F * D
-        w_fc2_l = w_fc2 + layer.to(tl.int64) * D * F
-        w_in_next = w_in + tl.minimum(layer + 1, LAYERS - 1).to(tl.int64) * N1 * D
-        passed = _phase(x_ptr, D, w_in, d_in, layer, h1_ptr, part_ptr, N1, D, w_out_l, D, D, counter_ptr, passed,
-                        pid, programs, BM, BN_IN, 1, BN_OUT, SPLIT_OUT, BK, PREFETCH, F32, TMA)
-        passed = _phase(h1_ptr, N1, w_out, d_out, layer, h2_ptr, part_ptr, D, D, w_fc1_l, F, D, counter_ptr, passed,
-                        pid, programs, BM, BN_OUT, SPLIT_OUT, BN_FC1, 1, BK, PREFETCH, F32, TMA)
-        passed = _phase(h2_ptr, D, w_fc1, d_fc1, layer, h3_ptr, part_ptr, F, D, w_fc2_l, D, F, counter_ptr, passed,
-                        pid, programs, BM, BN_FC1, 1, BN_FC2, SPLIT_FC2, BK, PREFETCH, F32, TMA)
-        passed = _phase(h3_ptr, F, w_fc2, d_fc2, layer, x_ptr, part_ptr, D, F, w_in_next, N1, D, counter_ptr, passed,
-                        pid, programs, BM, BN_FC2, SPLIT_FC2, BN_IN, 1, BK, PREFETCH, F32, TMA)
+        # the last layer prefetches its own in_proj again: harmless, and it keeps the branch out of the loop
+        next_layer = tl.minimum(layer + 1, LAYERS - 1)
+        passed = _phase(x_ptr, D, w_in, d_in, layer, h1_ptr, part_ptr, N1, D, w_out, layer, D, D, counter_ptr,
+                        passed, pid, programs, BM, BN_IN, 1, BN_OUT, SPLIT_OUT, BK, PREFETCH, F32, TMA)
+        passed = _phase(h1_ptr, N1, w_out, d_out, layer, h2_ptr, part_ptr, D, D, w_fc1, layer, F, D, counter_ptr,
+                        passed, pid, programs, BM, BN_OUT, SPLIT_OUT, BN_FC1, 1, BK, PREFETCH, F32, TMA)
+        passed = _phase(h2_ptr, D, w_fc1, d_fc1, layer, h3_ptr, part_ptr, F, D, w_fc2, layer, D, F, counter_ptr,
+                        passed, pid, programs, BM, BN_FC1, 1, BN_FC2, SPLIT_FC2, BK, PREFETCH, F32, TMA)
+        passed = _phase(h3_ptr, F, w_fc2, d_fc2, layer, x_ptr, part_ptr, D, F, w_in, next_layer, N1, D, counter_ptr,
+                        passed, pid, programs, BM, BN_FC2, SPLIT_FC2, BN_IN, 1, BK, PREFETCH, F32, TMA)
 
 
 @triton.jit
@@ -290,13 +287,7 @@ def timed_us(chain: Chain, x0: torch.Tensor, call, repeats: int) -> tuple[dict, 
         chain.x.copy_(x0)
         call()
     run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        run()
-    end.record()
-    end.synchronize()
-    times = {"eager_us": start.elapsed_time(end) * 1000 / repeats, "graphed_us": None}
+    times = {"eager_us": cuda_us(run, repeats), "graphed_us": None}
     try:
         times["graphed_us"] = graphed_us([run], repeats)
     except RuntimeError as err:

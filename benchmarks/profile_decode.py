@@ -175,13 +175,18 @@ def graphed_us(calls: list, repeats: int = 5) -> float:
         for call in calls:
             call()
     graph.replay()
+    return cuda_us(graph.replay, repeats) / len(calls)
+
+
+def cuda_us(call, repeats: int) -> float:
+    """Microseconds per call of `call` (argument-free), by CUDA events around `repeats` calls in a row."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
-        graph.replay()
+        call()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1000 / (repeats * len(calls))
+    return start.elapsed_time(end) * 1000 / repeats
 
 
 def sweep_linear_launch(batches: list[int]) -> list[dict]:
