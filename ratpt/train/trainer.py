@@ -159,6 +159,11 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg = self.cfg
+        if self.step >= cfg.train.steps:  # a finished run started again (a requeued job, a repeated command)
+            log.info("%s is at step %d, train.steps is %d: nothing to train (raise train.steps to go on)",
+                     cfg.out_dir, self.step, cfg.train.steps)
+            self.metrics.close()
+            return TrainResult(self.step, [], None, None, False)
         if self.ctx.is_main:  # only now, built and restored: a run refused at start-up leaves the last one's
             (Path(cfg.out_dir) / "config.yaml").write_text(self.config_yaml)
         log.info("training %s: %d steps from step %d, %d micro-batches of %d per data-parallel rank per step, "

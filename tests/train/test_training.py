@@ -385,3 +385,15 @@ def test_resuming_with_other_steps_says_the_schedule_changes_in_the_log_and_tens
     events.Reload()
     texts = [t.tensor_proto.string_val[0].decode() for t in events.Tensors("config/text_summary")]
     assert any(note in text for text in texts), texts
+
+
+def test_a_finished_run_started_again_says_so_and_changes_nothing(byte_data, trained_run, tmp_path):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    config_before = (run_dir / "config.yaml").read_text()
+    checkpoints_before = list_checkpoints(run_dir / "checkpoints")
+    shorter = ratpt("train", *small_run(byte_data, run_dir, "train.steps=1"))
+    assert shorter.returncode == 0, shorter.stderr[-2000:]
+    assert "is at step 2, train.steps is 1: nothing to train" in shorter.stdout
+    assert not LOSS_LINE.search(shorter.stdout)
+    assert (run_dir / "config.yaml").read_text() == config_before
+    assert list_checkpoints(run_dir / "checkpoints") == checkpoints_before
