@@ -15,7 +15,7 @@ from ratpt import convert, generate
 from ratpt.checkpoint import CheckpointError
 from ratpt.config import ConfigError
 from ratpt.errors import CorruptShardError, TrainingDiverged
-from ratpt.folder_lock import FolderLocked
+from ratpt.folder_lock import FolderLocked, FolderUnwritable
 from ratpt.hf import commands as hf_commands
 from ratpt.parallel.process_group import CollectiveTimeout
 from ratpt.train import commands
@@ -24,7 +24,7 @@ SUBCOMMAND_MODULES = (commands, generate, convert, hf_commands)
 # Errors whose message already tells the user what to fix: printed without a traceback
 # (unless --log-level DEBUG).
 USER_ERRORS = (ConfigError, CheckpointError, TrainingDiverged, CorruptShardError, FileNotFoundError, FileExistsError,
-               NotADirectoryError, ValueError, FolderLocked, CollectiveTimeout)
+               NotADirectoryError, ValueError, FolderLocked, FolderUnwritable, CollectiveTimeout)
 
 
 def build_parser() -> argparse.ArgumentParser:

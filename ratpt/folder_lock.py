@@ -51,6 +51,10 @@ class FolderLocked(RuntimeError):
         return FolderLocked, (self.folder, self.holder)
 
 
+class FolderUnwritable(OSError):
+    """The folder cannot be created or its lock file cannot be written."""
+
+
 @contextmanager
 def hold_folder(folder: str | os.PathLike, purpose: str) -> Iterator[Path]:
     """Hold `folder` (created if missing) for this process until the block ends, else raise
@@ -58,9 +62,13 @@ def hold_folder(folder: str | os.PathLike, purpose: str) -> Iterator[Path]:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder: choose a folder path")
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = _lock(path, folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _lock(path, folder)
+    except OSError as err:  # a parent that cannot hold folders (/proc), no permission, a read-only disk
+        raise FolderUnwritable(f"cannot write {folder} for {purpose} ({err.strerror}: {err.filename}): "
+                               "choose a folder this user can create and write") from None
     owner = os.getpid()
     try:
         record = {"purpose": purpose, "host": socket.gethostname(), "pid": owner,

@@ -168,7 +168,8 @@ def build_val_batches(
     streams = open_streams(cfg, VAL, shuffle=False, skip_empty=True)
     if not streams:
         raise ValueError(
-            "no stream has a val/ split large enough for one sample: re-run data_prep with a larger --val-fraction"
+            f"no stream has a val/ split that fills one sample of data.seq_len + 1 = {cfg.seq_len + 1} tokens: "
+            "lower data.seq_len, re-run data_prep with a larger --val-fraction, or set eval.interval=0"
         )
     return ValBatches(cfg, streams, meta["eos_id"], micro_batch, dp_rank, dp_size, max_samples)
 

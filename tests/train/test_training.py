@@ -246,7 +246,11 @@ def test_a_skipped_step_leaves_weights_and_adam_state_untouched(byte_data, tmp_p
     assert after_skipped["bad_in_a_row"] == 1
 
 
-def test_a_validation_set_too_small_fails_before_the_first_step(tmp_path):
+@pytest.mark.parametrize("seq_len, message", [
+    (256, "fewer than one micro-batch"),
+    (1024, r"no stream has a val/ split that fills one sample of data.seq_len \+ 1 = 1025 tokens: lower data.seq_len"),
+])
+def test_a_validation_set_too_small_fails_before_the_first_step(tmp_path, seq_len, message):
     """Found when the validation batches are opened, before training, not at the first evaluation
     (where up to eval.interval steps of training would be lost)."""
     from data_prep.__main__ import main as data_prep_main
@@ -257,9 +261,9 @@ def test_a_validation_set_too_small_fails_before_the_first_step(tmp_path):
     assert data_prep_main(["tokenize", str(docs), "--out", str(data), "--tokenizer", "byte",
                            "--val-fraction", "0.05"]) == 0
     path, *overrides = small_run(data, tmp_path / "run", "eval.interval=2", "checkpoint.interval=1", "train.steps=3",
-                                 "data.seq_len=256")
+                                 f"data.seq_len={seq_len}")
     cfg = load_config(path, overrides)
-    with pytest.raises(ValueError, match="fewer than one micro-batch"):
+    with pytest.raises(ValueError, match=message):
         trainer.train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -298,11 +302,15 @@ def test_a_run_on_a_held_out_dir_is_refused_naming_the_holder_and_writes_nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"], "no config.yaml, no TensorBoard events"
 
 
-def test_an_out_dir_that_is_a_file_is_refused_in_one_line(byte_data, tmp_path):
+@pytest.mark.parametrize("out_dir, message", [
+    ("run", "{out_dir} is a file, not a folder"),
+    ("run/sub", "cannot write {out_dir} for training (Not a directory: {out_dir}): choose a folder"),
+])
+def test_an_out_dir_that_is_a_file_or_inside_one_is_refused_in_one_line(byte_data, tmp_path, out_dir, message):
     (tmp_path / "run").write_text("notes\n")
-    done = ratpt("train", *small_run(byte_data, tmp_path / "run", "train.steps=2"))
+    done = ratpt("train", *small_run(byte_data, tmp_path / out_dir, "train.steps=2"))
     assert done.returncode == 2, done.stdout + done.stderr
-    assert f"error: {tmp_path / 'run'} is a file, not a folder" in done.stderr and "Traceback" not in done.stderr
+    assert "error: " + message.format(out_dir=tmp_path / out_dir) in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "run").read_text() == "notes\n"
 
 
