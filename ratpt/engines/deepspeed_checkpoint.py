@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,7 +33,7 @@ from ratpt.files import fsync_path
 from ratpt.checkpoint import (CONFIG_FILE, STATE_FILE, TOKENIZER_DIR, CheckpointError, checkpoint_name,
                               checksums_by_rank, finish_checkpoint, resolve_checkpoint, save_checkpoint,
                               start_checkpoint, temporary_dir, verify_checkpoint, weights_only_loads)
-from ratpt.folder_lock import hold_folder
+from ratpt.folder_lock import FolderLocked, FolderUnwritable, hold_folder
 from ratpt.parallel.process_group import on_rank0
 
 
@@ -63,7 +64,8 @@ def deepspeed_checkpoint_dir(path: Path) -> Path:
     checkpoint = resolve_checkpoint(path)
     if not (checkpoint / TAG).is_dir():
         raise CheckpointError(f"{checkpoint} was not written by train.engine=deepspeed (no {TAG}/ folder): "
-                              "the DeepSpeed engine resumes its own checkpoints only")
+                              "a plain checkpoint, which eval, export and generate read as it is, and which the DeepSpeed "
+                              "engine cannot resume")
     return checkpoint
 
 
@@ -115,7 +117,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("out", help="folder to write the plain step_XXXXXXXX checkpoint into")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    print(consolidate(Path(args.checkpoint), Path(args.out)))
+    try:
+        print(consolidate(Path(args.checkpoint), Path(args.out)))
+    except (CheckpointError, FileExistsError, FolderLocked, FolderUnwritable) as err:  # the message names the fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

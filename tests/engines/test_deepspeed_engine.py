@@ -343,3 +343,14 @@ def test_final_checkpoint_consolidates_into_an_exportable_plain_checkpoint(whole
     plain_model.load_state_dict(load_checkpoint(whole_plain)["model"])
     tokens = torch.randint(0, model_cfg.vocab_size, (2, 40))
     torch.testing.assert_close(exported(tokens), plain_model(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("what", ["missing", "plain"])
+def test_consolidating_a_missing_or_plain_checkpoint_is_one_line_naming_it(trained_run, tmp_path, what):
+    checkpoint = tmp_path / "nothing" if what == "missing" else latest_checkpoint(trained_run / "checkpoints")
+    done = subprocess.run([sys.executable, "-m", "ratpt.engines.deepspeed_checkpoint", str(checkpoint),
+                           str(tmp_path / "out")], cwd=REPO, env=ENV, text=True, capture_output=True, timeout=600)
+    expected = "no complete checkpoint at" if what == "missing" else "a plain checkpoint, which eval, export and generate"
+    assert done.returncode == 2 and "error: " in done.stderr and expected in done.stderr, done.stderr[-2000:]
+    assert str(checkpoint) in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
