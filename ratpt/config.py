@@ -305,6 +305,8 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     validate_checkpoint_format(cfg)
     _require(cfg.logging.interval >= 1, f"logging.interval must be >= 1, got {cfg.logging.interval}")
+    _require(cfg.logging.peak_tflops >= 0 and math.isfinite(cfg.logging.peak_tflops),
+             f"logging.peak_tflops must be >= 0 and finite (0: look up the GPU), got {cfg.logging.peak_tflops}")
     validate_parallel_shape(cfg)
     _require(cfg.parallel.bucket_size >= 0, f"parallel.bucket_size must be >= 0 (0: megatron's default), "
              f"got {cfg.parallel.bucket_size}")

@@ -51,11 +51,12 @@ def test_overrides_win_over_yaml_and_interpolate_out_dir(tmp_path):
         (["data.num_workers=-1"], "data.num_workers"),
         (["eval.max_samples=0"], "eval.max_samples"),
         (["data.streams=[{path: data/x, min_doc_tokens: -1}]"], "data.streams[0].min_doc_tokens must be >= 0"),
+        (["logging.peak_tflops=-5"], "logging.peak_tflops must be >= 0"),
     ],
     ids=["unknown-key", "wrong-type", "unknown-mixer", "batch-indivisible", "seq-vs-chunk",
          "bad-schedule", "bad-betas", "width-vs-heads", "override-without-value", "bad-compile-backend",
          "infinite-lr", "negative-eps", "negative-weight-decay", "negative-workers", "no-validation-batch",
-         "negative-min-doc-tokens"],
+         "negative-min-doc-tokens", "negative-peak"],
 )
 def test_mistakes_raise_config_error_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
