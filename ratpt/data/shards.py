@@ -31,6 +31,7 @@ from ratpt.data.layout import (
     STATS_FILE,
     TOKENIZER_DIR,
     TOKENS_COLUMN,
+    read_record,
 )
 from ratpt.data.streaming_import import streaming
 from ratpt.data.tokenizer import file_sha256
@@ -67,7 +68,7 @@ def fetch(path: str, local: str | None, relative: str) -> Path:
 
 def read_meta(path: str, local: str | None) -> dict[str, Any]:
     """The tokenizer identity recorded beside the shards (DIR/tokenizer/meta.json)."""
-    return json.loads(fetch(path, local, f"{TOKENIZER_DIR}/{META_FILE}").read_text())
+    return read_record(fetch(path, local, f"{TOKENIZER_DIR}/{META_FILE}"), ("name", "kind", "vocab_size", "eos_id"))
 
 
 class ShardedDocuments:
@@ -172,7 +173,10 @@ class ShardedDocuments:
             raise CorruptShardError(f"{table}: sha256 differs from the one {self.index_file} records: the document "
                                     f"table was changed or replaced; {fix}")
         stats_file = fetch(self.path, self.local, STATS_FILE)
-        written = json.loads(stats_file.read_text())["tokens"][self.split]
+        tokens_by_split = read_record(stats_file, ("tokens",))["tokens"]
+        if not isinstance(tokens_by_split, dict) or self.split not in tokens_by_split:
+            raise CorruptShardError(f"{stats_file} records no token count of {self.split}/; {fix}")
+        written = tokens_by_split[self.split]
         total = int(self.doc_tokens.sum(dtype=np.int64))
         if total != written:
             raise CorruptShardError(f"{table}: its document lengths add up to {total} tokens, but data_prep wrote "
