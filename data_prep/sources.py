@@ -146,6 +146,10 @@ def _checked(location: str, text_field: str, text: object) -> Record:
         return BadRecord(location, "not_a_string", f"{text_field!r} is {kind}, not a string")
     if not text.strip():
         return BadRecord(location, "empty_document", "no text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a JSON escape such as "\ud800": a string, but no text that UTF-8 can hold
+        return BadRecord(location, "not_utf8", f"a lone surrogate {text[e.start]!r} at character {e.start}")
     return Document(location, text)
 
 

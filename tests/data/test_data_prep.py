@@ -357,3 +357,16 @@ def test_out_inside_an_input_folder_is_refused(tmp_path, caplog):
     assert data_prep_main(["tokenize", str(tmp_path / "in"), "--out", str(tmp_path / "in" / "out")]) == 1
     assert f"--out {tmp_path / 'in' / 'out'} is inside the input folder {tmp_path / 'in'}" in error_lines(caplog)
     assert not (tmp_path / "in" / "out").exists()
+
+
+def test_a_lone_surrogate_is_a_bad_record_not_the_end_of_the_run(tmp_path):
+    """A JSON escape such as \\ud800 decodes to a string that UTF-8 cannot encode: it stopped tokenize and
+    train-tokenizer with a UnicodeEncodeError naming neither the file nor the line."""
+    (tmp_path / "x.jsonl").write_text('{"text": "ok one"}\n{"text": "half \\ud800 a pair"}\n{"text": "ok two"}\n')
+    out = prepare([str(tmp_path / "x.jsonl")], tmp_path / "out", "--val-fraction", "0")
+    bad = json.loads((out / "stats.json").read_text())["bad_records"]["records"]
+    assert [(b["location"], b["kind"]) for b in bad] == [(f"{tmp_path / 'x.jsonl'}:2", "not_utf8")]
+    assert "lone surrogate" in bad[0]["detail"]
+    assert read_split(out, "train") == ["ok one", "ok two"]
+    assert data_prep_main(["train-tokenizer", str(tmp_path / "x.jsonl"), "--vocab-size", "300",
+                           "--out", str(tmp_path / "tok.json")]) == 0
