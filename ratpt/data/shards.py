@@ -119,7 +119,12 @@ class ShardedDocuments:
         shard = self.shards[shard_id]
         if shard_id not in self._checked:
             self._prepare(shard_id)
-        return shard.get_item(doc - int(self.shard_starts[shard_id]))[TOKENS_COLUMN]
+        try:
+            return shard.get_item(doc - int(self.shard_starts[shard_id]))[TOKENS_COLUMN]
+        except Exception as e:  # what damaged bytes make streaming's decoder raise: ValueError, IndexError, ...
+            raise CorruptShardError(f"{self._raw_file(shard_id)}: document {doc} cannot be read ({type(e).__name__}: "
+                                    f"{e}): the shard is corrupt; re-copy the dataset or re-run data_prep (with "
+                                    "data.verify_shards on, each shard is checked when first read)") from e
 
     def _raw_file(self, shard_id: int) -> Path:
         return Path(self.stream.local) / self.split / self.shards[shard_id].raw_data.basename

@@ -364,3 +364,12 @@ def test_a_damaged_record_of_the_dataset_is_an_error_naming_it(tmp_path, record,
     (out / record).write_text(content)
     with pytest.raises(error, match=f"{out / record}{message}"):
         train(data_config(out))
+
+
+def test_an_unreadable_shard_is_an_error_naming_it_when_shards_are_not_verified(tmp_path):
+    """With data.verify_shards off, a truncated shard was streaming's "not enough values to unpack"."""
+    out = prepare([str(write_jsonl(tmp_path / "a.jsonl", make_documents(60, seed=8)))], tmp_path / "out")
+    shard = next((out / "train").rglob("shard.00000.mds"))
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.raises(CorruptShardError, match=f"{shard}: document .* cannot be read"):
+        next(iter(train(data_config(out, verify_shards=False))))
