@@ -1,6 +1,7 @@
 """data_prep tokenize: inputs, layout, split, bad records, strictness, overwrite and resume."""
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -370,3 +371,15 @@ def test_a_lone_surrogate_is_a_bad_record_not_the_end_of_the_run(tmp_path):
     assert read_split(out, "train") == ["ok one", "ok two"]
     assert data_prep_main(["train-tokenizer", str(tmp_path / "x.jsonl"), "--vocab-size", "300",
                            "--out", str(tmp_path / "tok.json")]) == 0
+
+
+def test_resume_redoes_a_finished_part_whose_files_are_gone(tmp_path, caplog):
+    """A part with its completion marker but without its folder made --resume fail in streaming's merge_index
+    with a RuntimeError traceback."""
+    inputs = [str(write_jsonl(tmp_path / f"{i}.jsonl", make_documents(20, seed=30 + i))) for i in range(2)]
+    out = prepare(inputs, tmp_path / "out", "--val-fraction", "0.3")
+    expected = {split: read_split(out, split) for split in ("train", "val")}
+    shutil.rmtree(out / "train" / "part-00000")
+    prepare(inputs, out, "--val-fraction", "0.3", "--resume")
+    assert f"{out}: train/part-00000/index.json is missing, so this part is tokenized again" in caplog.text
+    assert {split: read_split(out, split) for split in ("train", "val")} == expected
