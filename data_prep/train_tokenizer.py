@@ -20,6 +20,8 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 MIN_VOCAB = 257  # the byte-level alphabet and EOS
+MAX_VOCAB = 1 << 24  # far above any vocabulary in use (Llama-3 128K, Gemma 256K); the trainer allocates for the
+#                      whole size up front, and 10^11 aborted the process for want of 4.5 TB
 
 
 def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: str = "text") -> Path:
@@ -27,8 +29,9 @@ def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: 
     tokenizer.json at `out` (a file path, or a folder that gets `tokenizer.json`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < MIN_VOCAB:
-        raise ValueError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and EOS), got {vocab_size}")
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and EOS) and at most {MAX_VOCAB}, "
+                         f"got {vocab_size}")
     out = Path(out)
     if out.suffix != ".json":
         if out.is_file():

@@ -373,6 +373,15 @@ def test_a_lone_surrogate_is_a_bad_record_not_the_end_of_the_run(tmp_path):
                            "--out", str(tmp_path / "tok.json")]) == 0
 
 
+def test_train_tokenizer_rejects_a_vocabulary_too_large_to_allocate(tmp_path, caplog):
+    """10^11 made the BPE trainer allocate 4.5 TB and abort the process (exit 134, no message)."""
+    write_jsonl(tmp_path / "a.jsonl", make_documents(5, seed=6))
+    assert data_prep_main(["train-tokenizer", str(tmp_path / "a.jsonl"), "--vocab-size", "99999999999",
+                           "--out", str(tmp_path / "tok.json")]) == 1
+    assert "--vocab-size must be at least 257 (the 256 bytes and EOS) and at most 16777216, got 99999999999" in \
+        error_lines(caplog)
+
+
 def test_resume_redoes_a_finished_part_whose_files_are_gone(tmp_path, caplog):
     """A part with its completion marker but without its folder made --resume fail in streaming's merge_index
     with a RuntimeError traceback."""
