@@ -4,14 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 from data_prep.part_writer import BadInputError, WriterSettings
 from data_prep.pipeline import OutputExistsError, tokenize_to_shards
-from data_prep.sources import PYDOC, SUFFIXES, expand_inputs
+from data_prep.sources import PYDOC, SUFFIXES, expand_inputs, why_no_documents
 from data_prep.train_tokenizer import train_bpe
 from ratpt.folder_lock import FolderLocked
 
@@ -33,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenize",
         help="tokenize text into MDS shards (DIR/train, DIR/val, DIR/tokenizer, DIR/stats.json)",
         description="Tokenize documents, append EOS to each, split train/val by document hash and write "
-        "mosaicml-streaming MDS shards. Bad records (unreadable file, invalid JSON, missing field, "
-        "non-UTF-8 bytes, empty document) are counted, logged with file and line, and skipped.",
+        "mosaicml-streaming MDS shards. Bad records (unreadable file, invalid JSON, missing field, a field "
+        "that is not a string, non-UTF-8 bytes, empty document) are counted, logged with file and line, and skipped.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     tok.add_argument("inputs", nargs="+", metavar="INPUT", help=INPUT_HELP)
@@ -147,6 +149,7 @@ def run_command(args: argparse.Namespace) -> int:
             return 0
         if not 0.0 <= args.val_fraction < 1.0:
             raise ValueError("--val-fraction must be in [0, 1)")
+        check_out_outside_inputs(args.out, args.inputs)
         settings = WriterSettings(
             text_field=args.text_field,
             val_fraction=args.val_fraction,
@@ -177,21 +180,13 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def why_no_documents(bad_records: list[dict[str, str]], text_field: str) -> str:
-    """The likely cause, from what the records were rejected for: an unreadable file is named, and
-    --text-field is suspected only when records lacked that field."""
-    by_kind: dict[str, list[dict[str, str]]] = {}
-    for record in bad_records:
-        by_kind.setdefault(record["kind"], []).append(record)
-    reasons = []
-    if "unreadable_file" in by_kind:
-        files = by_kind["unreadable_file"]
-        reasons.append(f"{len(files)} input file(s) cannot be read, first {files[0]['location']} cannot be read "
-                       f"({files[0]['detail']}): replace or remove them")
-    if "missing_field" in by_kind:
-        reasons.append(f"{len(by_kind['missing_field'])} record(s) lack the text field: is --text-field "
-                       f"{text_field!r} the field that holds the text?")
-    return "; ".join(reasons) or f"all {len(bad_records)} records were bad"
+def check_out_outside_inputs(out: str, specs: list[str]) -> None:
+    """--out may not lie in an input folder: the next run over that folder (a --resume, an --overwrite)
+    would read the output's own .json files as inputs."""
+    for spec in specs:
+        if os.path.isdir(spec) and Path(out).resolve().is_relative_to(Path(spec).resolve()):
+            raise ValueError(f"--out {out} is inside the input folder {spec}, whose files are all read as inputs: "
+                             "choose an --out outside it")
 
 
 if __name__ == "__main__":

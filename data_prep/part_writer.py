@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -18,9 +19,11 @@ from typing import Callable
 import numpy as np
 
 from data_prep.sources import BadRecord, Document, read_records
-from ratpt.data.layout import DOC_TOKENS_FILE, SPLITS, TOKENS_COLUMN, TRAIN, VAL, token_dtype
+from ratpt.data.layout import DOC_TOKENS_FILE, INDEX_FILE, SPLITS, TOKENS_COLUMN, TRAIN, VAL, token_dtype
 from ratpt.data.streaming_import import streaming
 from ratpt.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 PARTS_DIR = ".parts"  # completion markers, one JSON per finished part
 ENCODE_BATCH_DOCS = 256  # documents handed to the tokenizer at once (HF/SentencePiece batch in C++/Rust)
@@ -67,8 +70,18 @@ def marker_path(out: Path, part: str) -> Path:
 
 
 def load_done(out: Path, part: str) -> PartResult | None:
+    """The result of a part an earlier attempt finished, or None to (re)do it: no marker, or a marker
+    whose part lost its index or document table since (deleted, an incomplete copy), which made the
+    merge of a --resume fail in streaming's merge_index."""
     path = marker_path(out, part)
-    return PartResult(**json.loads(path.read_text())) if path.is_file() else None
+    if not path.is_file():
+        return None
+    lost = [f"{split}/{part}/{name}" for split in SPLITS for name in (INDEX_FILE, DOC_TOKENS_FILE)
+            if not (out / split / part / name).is_file()]
+    if lost:
+        log.warning("%s: %s is missing, so this part is tokenized again", out, lost[0])
+        return None
+    return PartResult(**json.loads(path.read_text()))
 
 
 def write_part(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-from data_prep.sources import Document, read_records
+from data_prep.sources import Document, read_records, why_no_documents
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,8 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 MIN_VOCAB = 257  # the byte-level alphabet and EOS
+MAX_VOCAB = 1 << 24  # far above any vocabulary in use (Llama-3 128K, Gemma 256K); the trainer allocates for the
+#                      whole size up front, and 10^11 aborted the process for want of 4.5 TB
 
 
 def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: str = "text") -> Path:
@@ -26,8 +29,9 @@ def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: 
     tokenizer.json at `out` (a file path, or a folder that gets `tokenizer.json`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < MIN_VOCAB:
-        raise ValueError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and EOS), got {vocab_size}")
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"--vocab-size must be at least {MIN_VOCAB} (the 256 bytes and EOS) and at most {MAX_VOCAB}, "
+                         f"got {vocab_size}")
     out = Path(out)
     if out.suffix != ".json":
         if out.is_file():
@@ -37,7 +41,8 @@ def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: 
         raise FileExistsError(f"--out {out} exists, and shards may have been tokenized with it: remove it or "
                               f"choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    skipped, documents = [0], [0]
+    bad_records: list[dict[str, str]] = []
+    documents = [0]
 
     def texts() -> Iterator[str]:
         for source in sources:
@@ -46,7 +51,7 @@ def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: 
                     documents[0] += 1
                     yield record.text
                 else:
-                    skipped[0] += 1
+                    bad_records.append(asdict(record))
                     log.warning("bad record %s: %s: %s", record.location, record.kind, record.detail)
 
     tokenizer = Tokenizer(models.BPE())
@@ -60,10 +65,9 @@ def train_bpe(sources: list[str], vocab_size: int, out: str | Path, text_field: 
     )
     tokenizer.train_from_iterator(texts(), trainer=trainer)
     if not documents[0]:
-        raise ValueError(f"no documents in {' '.join(sources)} ({skipped[0]} bad records): is --text-field "
-                         f"{text_field!r} the field that holds the text?")
+        raise ValueError(f"no documents in {' '.join(sources)}: {why_no_documents(bad_records, text_field)}")
     partial = out.with_name(out.name + ".partial")  # a killed save leaves no half-written tokenizer at `out`
     tokenizer.save(str(partial))
     os.replace(partial, out)
-    log.info("trained BPE vocab %d -> %s (%d bad records skipped)", tokenizer.get_vocab_size(), out, skipped[0])
+    log.info("trained BPE vocab %d -> %s (%d bad records skipped)", tokenizer.get_vocab_size(), out, len(bad_records))
     return out

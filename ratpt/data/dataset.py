@@ -5,7 +5,6 @@ which samples a rank reads is decided by the batch sampler in batches.py, not he
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -57,7 +56,7 @@ def check_tokenizers(streams: list[StreamConfig], vocab_size: int) -> dict[str, 
     for s in streams:
         try:
             meta = read_meta(s.path, s.local)
-        except (FileNotFoundError, json.JSONDecodeError) as e:
+        except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"stream {s.path}: cannot read its tokenizer record: {e}") from e
         if meta["vocab_size"] > vocab_size:
             raise ValueError(

@@ -16,6 +16,10 @@ offset to a document without opening every shard at start-up; as it decides whic
 up every sample, the loader checks it before training (its hash, its count against the shards'
 samples, its total against stats.json's tokens of the split).
 """
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
 import numpy as np
 
 TRAIN = "train"
@@ -28,6 +32,21 @@ DOC_TOKENS_FILE = "doc_tokens.npy"
 DOC_TOKENS_SHA256 = "doc_tokens_sha256"  # key of a split's index.json: the sha256 of its doc_tokens.npy
 INDEX_FILE = "index.json"
 TOKENS_COLUMN = "tokens"
+
+
+def read_record(path: Path, required: Iterable[str]) -> dict[str, Any]:
+    """A JSON object of the layout (meta.json, stats.json) holding the `required` keys. A truncated copy
+    or an edit is a ValueError naming the file, not a JSONDecodeError that names none or a KeyError."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): it is truncated or damaged; re-copy it from where "
+                         "it came from, or re-run data_prep tokenize") from None
+    missing = [key for key in required if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a data_prep record or was edited; re-copy "
+                         "it from where it came from, or re-run data_prep tokenize")
+    return record
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

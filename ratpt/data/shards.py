@@ -31,6 +31,7 @@ from ratpt.data.layout import (
     STATS_FILE,
     TOKENIZER_DIR,
     TOKENS_COLUMN,
+    read_record,
 )
 from ratpt.data.streaming_import import streaming
 from ratpt.data.tokenizer import file_sha256
@@ -67,7 +68,7 @@ def fetch(path: str, local: str | None, relative: str) -> Path:
 
 def read_meta(path: str, local: str | None) -> dict[str, Any]:
     """The tokenizer identity recorded beside the shards (DIR/tokenizer/meta.json)."""
-    return json.loads(fetch(path, local, f"{TOKENIZER_DIR}/{META_FILE}").read_text())
+    return read_record(fetch(path, local, f"{TOKENIZER_DIR}/{META_FILE}"), ("name", "kind", "vocab_size", "eos_id"))
 
 
 class ShardedDocuments:
@@ -118,7 +119,12 @@ class ShardedDocuments:
         shard = self.shards[shard_id]
         if shard_id not in self._checked:
             self._prepare(shard_id)
-        return shard.get_item(doc - int(self.shard_starts[shard_id]))[TOKENS_COLUMN]
+        try:
+            return shard.get_item(doc - int(self.shard_starts[shard_id]))[TOKENS_COLUMN]
+        except Exception as e:  # what damaged bytes make streaming's decoder raise: ValueError, IndexError, ...
+            raise CorruptShardError(f"{self._raw_file(shard_id)}: document {doc} cannot be read ({type(e).__name__}: "
+                                    f"{e}): the shard is corrupt; re-copy the dataset or re-run data_prep (with "
+                                    "data.verify_shards on, each shard is checked when first read)") from e
 
     def _raw_file(self, shard_id: int) -> Path:
         return Path(self.stream.local) / self.split / self.shards[shard_id].raw_data.basename
@@ -172,7 +178,10 @@ class ShardedDocuments:
             raise CorruptShardError(f"{table}: sha256 differs from the one {self.index_file} records: the document "
                                     f"table was changed or replaced; {fix}")
         stats_file = fetch(self.path, self.local, STATS_FILE)
-        written = json.loads(stats_file.read_text())["tokens"][self.split]
+        tokens_by_split = read_record(stats_file, ("tokens",))["tokens"]
+        if not isinstance(tokens_by_split, dict) or self.split not in tokens_by_split:
+            raise CorruptShardError(f"{stats_file} records no token count of {self.split}/; {fix}")
+        written = tokens_by_split[self.split]
         total = int(self.doc_tokens.sum(dtype=np.int64))
         if total != written:
             raise CorruptShardError(f"{table}: its document lengths add up to {total} tokens, but data_prep wrote "

@@ -8,12 +8,11 @@ refuse shards whose tokenizer does not fit the model instead of training on garb
 from __future__ import annotations
 
 import hashlib
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from ratpt.data.layout import META_FILE
+from ratpt.data.layout import META_FILE, read_record
 
 # Special tokens accepted as EOS in a tokenizer.json, first match wins.
 HF_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[EOS]", "<|eos|>")
@@ -107,7 +106,9 @@ class HFTokenizer(Tokenizer):
         except Exception as err:  # the Rust parser's error names neither the file nor the kind of file
             raise ValueError(f"{self.path} is not a Hugging Face tokenizers JSON file ({err}); pass one written by "
                              "data_prep train-tokenizer or a tokenizer.json of a Hugging Face model") from None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # One more than the largest id, not get_vocab_size() (the number of tokens): a vocabulary with holes in its
+        # ids has ids beyond its size, which overflowed the token dtype or passed the model's vocab_size check.
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.eos_id = eos_id if eos_id is not None else self._find_eos()
         self.name = name or _default_name(self.path)
 
@@ -140,7 +141,11 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
 
         self.path = Path(path)
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as err:  # protobuf's "could not parse ModelProto", "unk is not defined"
+            raise ValueError(f"{self.path} is not a SentencePiece model ({err}); pass a tokenizer.model such as "
+                             "Llama-2's, or a tokenizer.json") from None
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = eos_id if eos_id is not None else self._sp.eos_id()
         if self.eos_id < 0:
@@ -198,8 +203,8 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
 
 def _load_from_meta(folder: Path) -> Tokenizer:
     """Rebuild the tokenizer recorded by data_prep and check the file is the one it used."""
-    meta = json.loads((folder / META_FILE).read_text())
-    kind = meta.get("kind")
+    meta = read_record(folder / META_FILE, ("kind",))
+    kind = meta["kind"]
     if kind == "byte":
         return ByteTokenizer()
     loaders = {"hf": HFTokenizer, "sentencepiece": SentencePieceTokenizer}

@@ -1,6 +1,7 @@
 """data_prep tokenize: inputs, layout, split, bad records, strictness, overwrite and resume."""
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,141 @@ def test_a_write_error_is_one_line_naming_the_output_folder(tmp_path):
     assert "Traceback" not in done.stderr
     assert f"cannot write {tmp_path / 'out'}" in done.stderr and "File too large" in done.stderr
     assert "--resume" in done.stderr
+
+
+def test_a_suffix_matches_in_any_case_and_a_file_of_another_type_is_refused(tmp_path, caplog):
+    """A .JSONL file was read as one plain-text document of raw JSON; a .csv named outright likewise."""
+    write_jsonl(tmp_path / "UPPER.JSONL", ["one", "two"])
+    out = prepare([str(tmp_path / "UPPER.JSONL")], tmp_path / "out", "--val-fraction", "0")
+    assert read_split(out, "train") == ["one", "two"]
+    (tmp_path / "table.csv").write_text("text\none\n")
+    assert data_prep_main(["tokenize", str(tmp_path / "table.csv"), "--out", str(tmp_path / "csv")]) == 1
+    assert f"input '{tmp_path / 'table.csv'}' is not a supported file type" in error_lines(caplog)
+    assert not (tmp_path / "csv").exists()
+
+
+def test_a_folder_names_the_files_of_other_types_it_leaves_out(tmp_path, caplog):
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", ["kept"])
+    (tmp_path / "in" / "b.jsonl.bz2").write_bytes(b"BZh9")
+    out = prepare([str(tmp_path / "in")], tmp_path / "out", "--val-fraction", "0")
+    assert read_split(out, "train") == ["kept"]
+    assert f"1 file(s) of unsupported types left out, e.g. {tmp_path / 'in' / 'b.jsonl.bz2'}" in caplog.text
+
+
+def test_a_file_given_under_several_spellings_is_read_once(tmp_path):
+    """`a.jsonl`, `./a.jsonl`, its folder and a glob over it: every document was tokenized once per spelling."""
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", ["only once"])
+    spellings = [str(tmp_path / "in" / "a.jsonl"), f"{tmp_path}/in/./a.jsonl", str(tmp_path / "in"),
+                 f"{tmp_path}/in/../in/*.jsonl"]
+    out = prepare(spellings, tmp_path / "out", "--val-fraction", "0")
+    assert read_split(out, "train") == ["only once"]
+
+
+def test_a_byte_order_mark_is_not_part_of_a_record(tmp_path):
+    """A file saved with a UTF-8 byte order mark lost its first JSON line as invalid_json."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "first"}\n' + bom + b'{"text": "second"}\n')
+    (tmp_path / "b.txt").write_bytes(bom + "third".encode())
+    out = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], tmp_path / "out", "--val-fraction", "0")
+    assert read_split(out, "train") == ["first", "second", "third"]
+    assert json.loads((out / "stats.json").read_text())["bad_records"]["total"] == 0
+
+
+def zstd_jsonl(docs: list[str], frames: int = 1) -> bytes:
+    import zstandard
+
+    lines = [(json.dumps({"text": d}) + "\n").encode() for d in docs]
+    per_frame = -(-len(lines) // frames)
+    return b"".join(zstandard.ZstdCompressor().compress(b"".join(lines[i:i + per_frame]))
+                    for i in range(0, len(lines), per_frame))
+
+
+def test_a_zst_file_of_several_frames_is_read_whole(tmp_path):
+    docs = make_documents(6, seed=11)
+    (tmp_path / "a.jsonl.zst").write_bytes(zstd_jsonl(docs, frames=3))
+    out = prepare([str(tmp_path / "a.jsonl.zst")], tmp_path / "out", "--val-fraction", "0")
+    assert read_split(out, "train") == docs
+
+
+@pytest.mark.parametrize("damage, detail", [
+    ("truncated", "EOFError: the file ends inside a zstd frame: it is truncated"),
+    ("not_zstd", "ValueError: corrupt zstd data"),
+])
+def test_a_truncated_or_corrupt_zst_file_is_an_unreadable_file(tmp_path, damage, detail):
+    """A truncated .zst file lost its documents without a bad record; one that is not zstd was a traceback."""
+    data = zstd_jsonl(make_documents(40, seed=12))
+    (tmp_path / "bad.jsonl.zst").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not zstd" * 8)
+    write_jsonl(tmp_path / "good.jsonl", ["fine text"])
+    out = prepare([str(tmp_path / "bad.jsonl.zst"), str(tmp_path / "good.jsonl")], tmp_path / "out",
+                  "--val-fraction", "0")
+    bad = json.loads((out / "stats.json").read_text())["bad_records"]["records"]
+    assert [(b["location"], b["kind"]) for b in bad] == [(str(tmp_path / "bad.jsonl.zst"), "unreadable_file")]
+    assert bad[0]["detail"].startswith(detail)
+    assert read_split(out, "train") == ["fine text"]
+
+
+NO_DOCUMENT_CASES = {  # content of x.jsonl -> what the error says instead of blaming --text-field
+    "empty": (b"", "the inputs hold no records: they are empty"),
+    "utf16": ('{"text": "wide"}\n'.encode("utf-16"), "not_utf8, first {x}:1"),
+    "json_array": (b'[{"text": "a"}, {"text": "b"}]\n', "invalid_json, first {x}:1 (a JSON list, not an object)"),
+    "not_a_string": (b'{"text": ["a", "b"]}\n{"text": null}\n',
+                     "2 record(s) not_a_string, first {x}:1 ('text' is list, not a string)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_DOCUMENT_CASES))
+@pytest.mark.parametrize("command", [["tokenize"], ["train-tokenizer", "--vocab-size", "300"]], ids=lambda c: c[0])
+def test_inputs_without_a_document_name_what_was_wrong(tmp_path, caplog, command, case):
+    """These said 'all N records were bad', or asked whether --text-field was the right field."""
+    content, message = NO_DOCUMENT_CASES[case]
+    (tmp_path / "x.jsonl").write_bytes(content)
+    assert data_prep_main([*command, str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "out.json")]) == 1
+    errors = error_lines(caplog)
+    assert "no documents" in errors and message.format(x=tmp_path / "x.jsonl") in errors
+    assert "is --text-field" not in errors
+
+
+def test_out_inside_an_input_folder_is_refused(tmp_path, caplog):
+    """The next run over the folder read the output's own .json files as inputs (a --resume was refused
+    for 'different sources', an --overwrite tokenized index.json and stats.json)."""
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", ["text"])
+    assert data_prep_main(["tokenize", str(tmp_path / "in"), "--out", str(tmp_path / "in" / "out")]) == 1
+    assert f"--out {tmp_path / 'in' / 'out'} is inside the input folder {tmp_path / 'in'}" in error_lines(caplog)
+    assert not (tmp_path / "in" / "out").exists()
+
+
+def test_a_lone_surrogate_is_a_bad_record_not_the_end_of_the_run(tmp_path):
+    """A JSON escape such as \\ud800 decodes to a string that UTF-8 cannot encode: it stopped tokenize and
+    train-tokenizer with a UnicodeEncodeError naming neither the file nor the line."""
+    (tmp_path / "x.jsonl").write_text('{"text": "ok one"}\n{"text": "half \\ud800 a pair"}\n{"text": "ok two"}\n')
+    out = prepare([str(tmp_path / "x.jsonl")], tmp_path / "out", "--val-fraction", "0")
+    bad = json.loads((out / "stats.json").read_text())["bad_records"]["records"]
+    assert [(b["location"], b["kind"]) for b in bad] == [(f"{tmp_path / 'x.jsonl'}:2", "not_utf8")]
+    assert "lone surrogate" in bad[0]["detail"]
+    assert read_split(out, "train") == ["ok one", "ok two"]
+    assert data_prep_main(["train-tokenizer", str(tmp_path / "x.jsonl"), "--vocab-size", "300",
+                           "--out", str(tmp_path / "tok.json")]) == 0
+
+
+def test_train_tokenizer_rejects_a_vocabulary_too_large_to_allocate(tmp_path, caplog):
+    """10^11 made the BPE trainer allocate 4.5 TB and abort the process (exit 134, no message)."""
+    write_jsonl(tmp_path / "a.jsonl", make_documents(5, seed=6))
+    assert data_prep_main(["train-tokenizer", str(tmp_path / "a.jsonl"), "--vocab-size", "99999999999",
+                           "--out", str(tmp_path / "tok.json")]) == 1
+    assert "--vocab-size must be at least 257 (the 256 bytes and EOS) and at most 16777216, got 99999999999" in \
+        error_lines(caplog)
+
+
+def test_resume_redoes_a_finished_part_whose_files_are_gone(tmp_path, caplog):
+    """A part with its completion marker but without its folder made --resume fail in streaming's merge_index
+    with a RuntimeError traceback."""
+    inputs = [str(write_jsonl(tmp_path / f"{i}.jsonl", make_documents(20, seed=30 + i))) for i in range(2)]
+    out = prepare(inputs, tmp_path / "out", "--val-fraction", "0.3")
+    expected = {split: read_split(out, split) for split in ("train", "val")}
+    shutil.rmtree(out / "train" / "part-00000")
+    prepare(inputs, out, "--val-fraction", "0.3", "--resume")
+    assert f"{out}: train/part-00000/index.json is missing, so this part is tokenized again" in caplog.text
+    assert {split: read_split(out, split) for split in ("train", "val")} == expected

@@ -350,3 +350,26 @@ def test_a_stream_config_reads_train_and_val_of_the_same_folder(corpus):
     assert StreamConfig(path=str(corpus[1])).weight == 1.0
     assert next(iter(build_val_batches(data_config(corpus[1]), vocab_size=300, micro_batch=1, dp_rank=0,
                                        dp_size=1, max_samples=1)))["input_ids"].shape == (1, 64)
+
+
+@pytest.mark.parametrize("record, content, error, message", [
+    ("stats.json", "{broken", ValueError, " is not valid JSON"),
+    ("stats.json", '{"tokens": {}}', CorruptShardError, " records no token count of train/"),
+    ("tokenizer/meta.json", "{}", ValueError, " lacks name, kind, vocab_size, eos_id"),
+], ids=["stats-not-json", "stats-without-the-split", "meta-without-keys"])
+def test_a_damaged_record_of_the_dataset_is_an_error_naming_it(tmp_path, record, content, error, message):
+    """A truncated copy of stats.json was a JSONDecodeError naming no file; a record without its keys a
+    KeyError traceback."""
+    out = prepare([str(write_jsonl(tmp_path / "a.jsonl", make_documents(20, seed=9)))], tmp_path / "out")
+    (out / record).write_text(content)
+    with pytest.raises(error, match=f"{out / record}{message}"):
+        train(data_config(out))
+
+
+def test_an_unreadable_shard_is_an_error_naming_it_when_shards_are_not_verified(tmp_path):
+    """With data.verify_shards off, a truncated shard was streaming's "not enough values to unpack"."""
+    out = prepare([str(write_jsonl(tmp_path / "a.jsonl", make_documents(60, seed=8)))], tmp_path / "out")
+    shard = next((out / "train").rglob("shard.00000.mds"))
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.raises(CorruptShardError, match=f"{shard}: document .* cannot be read"):
+        next(iter(train(data_config(out, verify_shards=False))))

@@ -81,3 +81,42 @@ def test_unknown_spec_is_a_clear_error(tmp_path):
     (tmp_path / "broken.json").write_text('{"model": ')
     with pytest.raises(ValueError, match="broken.json is not a Hugging Face tokenizers JSON file"):
         load_tokenizer(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize("content", [b"garbage", b""], ids=["garbage", "empty"])
+def test_a_sentencepiece_file_that_does_not_parse_is_an_error_naming_it(tmp_path, content):
+    """It was sentencepiece's RuntimeError, a traceback in data_prep."""
+    (tmp_path / "tok.model").write_bytes(content)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tok.model'} is not a SentencePiece model"):
+        load_tokenizer(tmp_path / "tok.model")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{broken", "meta.json is not valid JSON"),
+    ("[1, 2]", "meta.json lacks kind"),
+], ids=["not-json", "not-an-object"])
+def test_a_damaged_tokenizer_record_is_an_error_naming_it(tmp_path, content, message):
+    """A JSONDecodeError that named no file, or an AttributeError traceback."""
+    (tmp_path / "meta.json").write_text(content)
+    with pytest.raises(ValueError, match=f"{tmp_path / message}"):
+        load_tokenizer(tmp_path)
+
+
+def word_level_tokenizer_json(path: Path, eos_id: int) -> Path:
+    """A character-level tokenizer.json whose ids have a hole: a..z are 0..25, space 26, EOS `eos_id`."""
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {" ": 26, "<|endoftext|>": eos_id}
+    path.write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
+        "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<|endoftext|>"},
+    }))
+    return path
+
+
+def test_the_vocabulary_size_covers_every_id_of_a_vocabulary_with_holes(tmp_path):
+    """Its size was the number of tokens (28), below the EOS id: the token dtype overflowed (a traceback in
+    data_prep), or, for ids below 65536, a model of vocab_size 28 passed the check and got ids beyond it."""
+    tok = load_tokenizer(word_level_tokenizer_json(tmp_path / "tokenizer.json", eos_id=70000))
+    assert (tok.vocab_size, tok.eos_id) == (70001, 70000)
+    assert max(tok.encode("hello world")) < tok.vocab_size
