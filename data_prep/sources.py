@@ -116,6 +116,7 @@ def why_no_documents(bad_records: list[dict[str, str]], text_field: str) -> str:
                        f"{fixes.get(kind, 'see stats.json')}")
     return "; ".join(reasons)
 
+
 def read_records(source: str, text_field: str = "text") -> Iterator[Record]:
     """Yield the documents of one source in order, and a `BadRecord` for each bad one."""
     if source == PYDOC:
