@@ -15,7 +15,7 @@ from data_prep.part_writer import BadInputError, WriterSettings
 from data_prep.pipeline import OutputExistsError, tokenize_to_shards
 from data_prep.sources import PYDOC, SUFFIXES, expand_inputs, why_no_documents
 from data_prep.train_tokenizer import train_bpe
-from ratpt.folder_lock import FolderLocked
+from ratpt.folder_lock import FolderLocked, FolderUnwritable
 
 log = logging.getLogger("data_prep")
 
@@ -161,8 +161,8 @@ def run_command(args: argparse.Namespace) -> int:
         stats = tokenize_to_shards(
             sources, args.out, args.tokenizer, settings, args.workers, resume=args.resume, overwrite=args.overwrite
         )
-    except (BadInputError, OutputExistsError, FolderLocked, FileNotFoundError, FileExistsError, NotADirectoryError,
-            ValueError) as e:
+    except (BadInputError, OutputExistsError, FolderLocked, FolderUnwritable, FileNotFoundError, FileExistsError,
+            NotADirectoryError, ValueError) as e:
         log.error("%s", e)
         return 1
     except OSError as e:  # a full disk, a quota, a file size limit: the message, not a traceback

@@ -230,11 +230,16 @@ def test_a_corrupt_parquet_file_is_named_instead_of_blaming_the_text_field(tmp_p
     assert f"{tmp_path / 'x.parquet'} cannot be read" in errors and "--text-field" not in errors
 
 
-def test_out_naming_an_existing_file_is_a_clear_error(tmp_path, caplog):
+@pytest.mark.parametrize("out, message", [
+    ("out", "{out} is a file"),
+    ("out/sub", "cannot write {out} for data_prep tokenize (Not a directory: {out}): choose a folder"),
+])
+def test_out_naming_an_existing_file_or_a_folder_inside_one_is_a_clear_error(tmp_path, caplog, out, message):
     write_jsonl(tmp_path / "a.jsonl", ["some text"])
     (tmp_path / "out").write_text("precious")
-    assert data_prep_main(["tokenize", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out")]) == 1
-    assert f"{tmp_path / 'out'} is a file" in error_lines(caplog)
+    assert data_prep_main(["tokenize", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / out)]) == 1
+    errors = error_lines(caplog)
+    assert message.format(out=tmp_path / out) in errors and "--resume" not in errors
     assert (tmp_path / "out").read_text() == "precious"
 
 
