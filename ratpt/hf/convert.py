@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from ratpt.data.layout import META_FILE
 from ratpt.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from ratpt.hf.export import PREFIX
-from ratpt.model.config import ModelConfig, validate_model_config
+from ratpt.model.config import ModelConfig
 from ratpt.model.lm import RATLM, build_model
 from ratpt.model.pretrained import TOKENIZER as RATPT_TOKENIZER
-from ratpt.model.pretrained import load_matching_state, load_pretrained, save_pretrained
+from ratpt.model.pretrained import load_matching_state, load_pretrained, model_config_from, save_pretrained
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 
@@ -30,11 +30,15 @@ def read_hf_folder(path: str | os.PathLike) -> tuple[RATLM, ModelConfig]:
     for name in (CONFIG, WEIGHTS):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: a Hugging Face RAT folder holds {CONFIG} and {WEIGHTS}")
-    config = json.loads((folder / CONFIG).read_text())
-    if config.get("model_type") != "rat":
-        raise ValueError(f"{folder / CONFIG}: model_type is {config.get('model_type')!r}, not 'rat'")
-    cfg = ModelConfig(**{f.name: config[f.name] for f in fields(ModelConfig) if f.name in config})
-    validate_model_config(cfg)
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder / CONFIG} is not a JSON file ({err}): export the folder again") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "rat":
+        raise ValueError(f"{folder / CONFIG}: model_type is {model_type!r}, not 'rat'")
+    cfg = model_config_from({f.name: config[f.name] for f in fields(ModelConfig) if f.name in config},
+                            folder / CONFIG)
     try:
         weights = load_file(str(folder / WEIGHTS))
     except SafetensorError as err:

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -60,15 +61,30 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     config_file = Path(path) / CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: a pretrained folder holds {CONFIG} and {WEIGHTS}")
-    loaded = OmegaConf.load(config_file)
-    if "model" not in loaded:
-        raise ValueError(f"{config_file} has no 'model:' section")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded.model)
+        loaded = OmegaConf.load(config_file)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(loaded, DictConfig) or "model" not in loaded:
+        raise ValueError(f"{config_file} has no 'model:' section")
+    return model_config_from(loaded.model, config_file)
+
+
+def model_config_from(fields: Any, source: Path) -> ModelConfig:
+    """The ModelConfig of `fields` (the mapping of its fields read from the file `source`): typed by the schema
+    (an unknown key or a value of the wrong type is an error) and validated; a one-line ValueError naming
+    `source` and the key otherwise, since a config file is what a user edits."""
+    if not isinstance(fields, (dict, DictConfig)):
+        raise ValueError(f"{source}: the model's config is {fields!r}, not a mapping of its fields (vocab_size, "
+                         f"d_model, ...)")
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), fields))
     except OmegaConfBaseException as err:
-        raise ValueError(f"{config_file}: {err}") from err
-    cfg = OmegaConf.to_object(merged)
-    validate_model_config(cfg)
+        raise ValueError(f"{source}: model.{err.full_key}: {str(err).splitlines()[0]}") from None
+    try:
+        validate_model_config(cfg)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
     return cfg
 
 
