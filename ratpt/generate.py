@@ -19,7 +19,7 @@ from ratpt.decoder import Decoder, compile_decode
 from ratpt.errors import raise_first_failed
 from ratpt.files import check_output_file
 from ratpt.model.lm import RATLM
-from ratpt.model.pretrained import TOKENIZER, load_pretrained
+from ratpt.model.pretrained import TOKENIZER, check_device, load_pretrained
 from ratpt.prompts import read_prompts
 
 
@@ -165,12 +165,7 @@ def check_sampling(args: argparse.Namespace) -> None:
               (0 < args.top_p <= 1, f"--top-p must be in (0, 1] (1: off), got {args.top_p}"),
               (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"))
     raise_first_failed(checks)
-    try:
-        torch.device(args.device)
-    except RuntimeError:  # torch's message lists every device type it knows; the flag is what to fix
-        raise ValueError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    check_device(args.device, "--device")
     if args.out:
         check_output(Path(args.out), args.prompts)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ratpt.errors import raise_first_failed
 from ratpt.files import check_new_folder, check_output_file
+from ratpt.model.pretrained import check_device
 
 log = logging.getLogger("ratpt")
 
@@ -94,6 +95,8 @@ def check_evaluate(args: argparse.Namespace) -> list[str]:
               (args.max_length >= 1, f"--max-length must be >= 1, got {args.max_length}"),
               (args.bootstrap_iters >= 0, f"--bootstrap-iters must be >= 0 (0: none), got {args.bootstrap_iters}"))
     raise_first_failed(checks)
+    if args.device is not None:
+        check_device(args.device, "--device")
     if args.out:
         check_output_file(Path(args.out))
     return tasks
@@ -146,6 +149,8 @@ def run_evaluate_long(args: argparse.Namespace) -> int:
     depths = number_list(args.depths, float, "--depths", "0,0.5,1")
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    if args.device is not None:
+        check_device(args.device, "--device")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file: name the folder for passkey.json and passkey.png")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -88,8 +88,23 @@ def model_config_from(fields: Any, source: Path) -> ModelConfig:
     return cfg
 
 
+def check_device(device: str | torch.device, name: str = "device") -> None:
+    """A ValueError naming `name` (a command's flag) unless torch can place tensors on `device` here: checked
+    before a load, where torch's own error would print a traceback or read as a fault of the weights' file."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:  # torch's message lists every device type it knows; the value is what to fix
+        raise ValueError(f"{name} {str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {device}: CUDA is not available here (use {name} cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[RATLM, ModelConfig]:
     """Load (model, cfg) from a folder written by `save_pretrained` (or `ratpt convert`)."""
+    check_device(device)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"pretrained folder {folder} does not exist")

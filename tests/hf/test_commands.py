@@ -31,8 +31,10 @@ def empty_model(tmp_path):
     (["--tasks", "t", "--bootstrap-iters", "-1"], r"--bootstrap-iters must be >= 0 \(0: none\), got -1"),
     (["--tasks", "t", "--out", "{tmp}/missing/results.json"], "the folder .*missing does not exist"),
     (["--tasks", "t", "--out", "{tmp}"], "is a folder: name the file to write in it"),
+    (["--tasks", "t", "--device", "banana"], "--device 'banana' is not a device: use cpu, cuda or cuda:N"),
+    (["--tasks", "t", "--device", "cuda:99"], "--device cuda:99: (CUDA is not available here|this machine has)"),
 ], ids=["no-task", "batch-size", "limit", "num-fewshot", "max-length", "bootstrap-iters", "out-folder-missing",
-        "out-a-folder"])
+        "out-a-folder", "device-unknown", "device-absent"])
 def test_evaluate_refuses_bad_flags_before_loading(tmp_path, capsys, empty_model, flags, message):
     flags = [flag.format(tmp=tmp_path) for flag in flags]
     assert re.search(message, refused(capsys, "evaluate", empty_model, *flags))
@@ -54,7 +56,10 @@ def test_evaluate_without_the_hub_says_how_to_run_offline(capsys, empty_model, m
     (["--depths", "0.5,half"], "--depths '0.5,half': 'half' is not a number; .* e.g. --depths 0,0.5,1"),
     (["--trials", "0"], "--trials must be >= 1, got 0"),
     (["--out", "{tmp}/a-file"], "--out .*a-file is a file: name the folder for passkey.json"),
-], ids=["length-not-integer", "no-length", "depth-not-number", "no-trials", "out-a-file"])
+    (["--device", "banana"], "--device 'banana' is not a device: use cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "--device cuda:99: (CUDA is not available here|this machine has)"),
+], ids=["length-not-integer", "no-length", "depth-not-number", "no-trials", "out-a-file", "device-unknown",
+        "device-absent"])
 def test_evaluate_long_refuses_bad_flags_before_loading(tmp_path, capsys, empty_model, flags, message):
     (tmp_path / "a-file").touch()
     flags = [flag.format(tmp=tmp_path) for flag in flags]

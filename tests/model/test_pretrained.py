@@ -88,6 +88,15 @@ def test_a_broken_config_file_is_one_error_naming_the_file_and_the_key(tmp_path,
     assert "\n" not in str(error.value)
 
 
+def test_a_device_that_is_not_one_is_named_as_the_device_not_as_a_corrupt_file(tmp_path):
+    cfg = tiny_cfg()
+    save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    with pytest.raises(ValueError, match="^device 'banana' is not a device: use cpu, cuda or cuda:N$"):
+        ratpt.load_pretrained(tmp_path / "m", device="banana")
+    with pytest.raises(ValueError, match="^device cuda:99: (CUDA is not available here|this machine has)"):
+        ratpt.load_pretrained(tmp_path / "m", device="cuda:99")
+
+
 def test_truncated_weights_are_an_error_naming_the_file(tmp_path):
     cfg = tiny_cfg()
     save_pretrained(build_model(cfg), cfg, tmp_path / "m")
