@@ -9,6 +9,7 @@ import ratpt
 from ratpt.config import load_config
 from ratpt.model import build_model
 from ratpt.checkpoint import load_checkpoint
+from ratpt.cli import main
 from ratpt.files import write_checksums
 
 from run_helpers import ratpt as run_ratpt, train_here
@@ -89,6 +90,20 @@ def test_eval_and_export_of_a_corrupt_checkpoint_name_the_file(trained, tmp_path
     state.write_bytes(bytes(data))
     for done in (run_ratpt("eval", str(copy)), run_ratpt("export", str(copy), "--out", str(tmp_path / "out"))):
         assert done.returncode == 2 and f"{state} differs from its checksum" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_checkpoint_whose_config_was_edited_names_the_tensors_not_a_traceback(trained, tmp_path, capsys):
+    """A checkpoint without checksums.json (written before ratpt kept them) whose config.yaml says one layer
+    fewer than its weights hold."""
+    copy = tmp_path / "step_00000006"
+    shutil.copytree(trained[0] / "checkpoints" / "step_00000006", copy)
+    (copy / "checksums.json").unlink()
+    config = copy / "config.yaml"
+    config.write_text(config.read_text().replace("n_layers: 2", "n_layers: 1"))
+    assert main(["export", str(copy), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {copy} does not match {config}: missing [], unexpected ['layers.1." in err
     assert not (tmp_path / "out").exists()
 
 
