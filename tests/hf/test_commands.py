@@ -33,8 +33,9 @@ def empty_model(tmp_path):
     (["--tasks", "t", "--out", "{tmp}"], "is a folder: name the file to write in it"),
     (["--tasks", "t", "--device", "banana"], "--device 'banana' is not a device: use cpu, cuda or cuda:N"),
     (["--tasks", "t", "--device", "cuda:99"], "--device cuda:99: (CUDA is not available here|this machine has)"),
+    (["--tasks", "t", "--include-path", "{tmp}/tasks"], "--include-path .*tasks is not a folder"),
 ], ids=["no-task", "batch-size", "limit", "num-fewshot", "max-length", "bootstrap-iters", "out-folder-missing",
-        "out-a-folder", "device-unknown", "device-absent"])
+        "out-a-folder", "device-unknown", "device-absent", "include-path-missing"])
 def test_evaluate_refuses_bad_flags_before_loading(tmp_path, capsys, empty_model, flags, message):
     flags = [flag.format(tmp=tmp_path) for flag in flags]
     assert re.search(message, refused(capsys, "evaluate", empty_model, *flags))
@@ -54,12 +55,15 @@ def test_evaluate_without_the_hub_says_how_to_run_offline(capsys, empty_model, m
     (["--lengths", "1024,abc"], "--lengths '1024,abc': 'abc' is not an integer; .* e.g. --lengths 1024,4096"),
     (["--lengths", " , "], "--lengths names no value"),
     (["--depths", "0.5,half"], "--depths '0.5,half': 'half' is not a number; .* e.g. --depths 0,0.5,1"),
+    (["--lengths", "4096,0"], "--lengths must be positive token counts, got 0"),
+    (["--depths", "0,1.5"], r"--depths must be fractions of the haystack in \[0, 1\], got 0,1.5"),
+    (["--piece", "-16"], "--piece must be >= 1 .*, got -16"),
     (["--trials", "0"], "--trials must be >= 1, got 0"),
     (["--out", "{tmp}/a-file"], "--out .*a-file is a file: name the folder for passkey.json"),
     (["--device", "banana"], "--device 'banana' is not a device: use cpu, cuda or cuda:N"),
     (["--device", "cuda:99"], "--device cuda:99: (CUDA is not available here|this machine has)"),
-], ids=["length-not-integer", "no-length", "depth-not-number", "no-trials", "out-a-file", "device-unknown",
-        "device-absent"])
+], ids=["length-not-integer", "no-length", "depth-not-number", "length-not-positive", "depth-outside",
+        "piece-not-positive", "no-trials", "out-a-file", "device-unknown", "device-absent"])
 def test_evaluate_long_refuses_bad_flags_before_loading(tmp_path, capsys, empty_model, flags, message):
     (tmp_path / "a-file").touch()
     flags = [flag.format(tmp=tmp_path) for flag in flags]
