@@ -16,7 +16,8 @@ def existing_folder(path: str) -> str:
     """argparse's type of a model folder: checked while parsing, before transformers, lm-eval and torch load
     (5 to 12 seconds), so that a mistyped path fails at once; what the folder holds is checked when it loads."""
     if not Path(path).is_dir():
-        raise argparse.ArgumentTypeError(f"pretrained folder {path} does not exist")
+        what = "is a file: name the folder that holds it" if Path(path).exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"pretrained folder {path} {what}")
     return path
 
 

@@ -18,15 +18,22 @@ from ratpt.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from ratpt.hf.export import PREFIX
 from ratpt.model.config import ModelConfig
 from ratpt.model.lm import RATLM, build_model
+from ratpt.model.pretrained import CONFIG as RATPT_CONFIG
+from ratpt.model.pretrained import HF_CONFIG as CONFIG
 from ratpt.model.pretrained import TOKENIZER as RATPT_TOKENIZER
 from ratpt.model.pretrained import load_matching_state, load_pretrained, model_config_from, save_pretrained
 
-CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+WEIGHTS, TOKENIZER = "model.safetensors", "tokenizer.json"
 
 
 def read_hf_folder(path: str | os.PathLike) -> tuple[RATLM, ModelConfig]:
     """The ratpt model and config of a Hugging Face RAT folder; ValueError if config and weights disagree."""
     folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Hugging Face folder {folder} does not exist")
+    if (folder / RATPT_CONFIG).is_file() and not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG} not found: {folder} is a ratpt pretrained folder ({RATPT_CONFIG}) "
+                                f"already, for load_pretrained and `ratpt generate` as it is")
     for name in (CONFIG, WEIGHTS):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: a Hugging Face RAT folder holds {CONFIG} and {WEIGHTS}")

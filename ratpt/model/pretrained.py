@@ -29,6 +29,7 @@ from ratpt.model.lm import RATLM, build_model
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"  # the folder `ratpt generate` reads its tokenizer from
+HF_CONFIG = "config.json"  # what a Hugging Face folder (ratpt.hf.export) holds in place of CONFIG
 
 
 def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike,
@@ -106,8 +107,13 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Load (model, cfg) from a folder written by `save_pretrained` (or `ratpt convert`)."""
     check_device(device)
     folder = Path(path)
+    if folder.is_file():
+        raise NotADirectoryError(f"{folder} is a file: name the pretrained folder that holds {CONFIG} and {WEIGHTS}")
     if not folder.is_dir():
         raise FileNotFoundError(f"pretrained folder {folder} does not exist")
+    if (folder / HF_CONFIG).is_file() and not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG} not found: {folder} is a Hugging Face folder ({HF_CONFIG}); "
+                                f"`ratpt convert hf {folder} --out DIR` writes it as a pretrained folder")
     weights = folder / WEIGHTS
     if not weights.is_file():
         hint = (f": {folder} is a training run or checkpoint; write a pretrained folder from it with "

@@ -74,3 +74,10 @@ def test_export_hf_refuses_an_out_that_is_a_file(tmp_path, capsys, empty_model):
     (tmp_path / "a-file").touch()
     assert "--out " + str(tmp_path / "a-file") + " is a file, not a folder: name a new folder" in refused(
         capsys, "export-hf", empty_model, "--out", str(tmp_path / "a-file"))
+
+
+def test_a_file_given_for_the_model_folder_is_named_as_a_file(tmp_path, capsys):
+    (tmp_path / "model.safetensors").touch()
+    with pytest.raises(SystemExit):
+        main(["export-hf", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "hf")])
+    assert f"pretrained folder {tmp_path / 'model.safetensors'} is a file: name the folder" in capsys.readouterr().err

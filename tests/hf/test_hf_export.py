@@ -108,6 +108,17 @@ def test_a_broken_config_json_is_one_error_naming_the_file(exported, tmp_path, t
         read_hf_folder(broken)
 
 
+def test_each_format_given_for_the_other_is_named_with_the_command_that_reads_it(exported, tmp_path):
+    model, folder = exported
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{folder} is a Hugging Face folder (config.json); "
+                                                          f"`ratpt convert hf {folder} --out DIR`")):
+        ratpt_lib.load_pretrained(folder)  # what `ratpt generate` and `ratpt export-hf` load
+    save_pretrained(model, model.cfg, tmp_path / "ratpt")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'ratpt'} is a ratpt pretrained folder "
+                                                          f"(config.yaml) already")):
+        read_hf_folder(tmp_path / "ratpt")  # what `ratpt convert hf` reads
+
+
 def sentencepiece_file(corpus, tmp_path, **options):
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400,
                                    model_type="bpe", byte_fallback=True, minloglevel=2, **options)

@@ -47,6 +47,13 @@ def test_missing_folder_and_missing_weights_are_clear(tmp_path):
         ratpt.load_pretrained(tmp_path / "run")
 
 
+def test_a_file_given_for_the_folder_is_named_as_a_file(tmp_path):
+    cfg = tiny_cfg()
+    save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    with pytest.raises(NotADirectoryError, match="model.safetensors is a file: name the pretrained folder"):
+        ratpt.load_pretrained(tmp_path / "m" / "model.safetensors")
+
+
 def test_config_that_disagrees_with_the_weights_is_an_error(tmp_path):
     cfg = tiny_cfg()
     save_pretrained(build_model(cfg), cfg, tmp_path / "m")
