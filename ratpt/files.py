@@ -1,11 +1,12 @@
-"""Durable writes: a folder assembled under a temporary name is flushed, entries and all, before the
-rename that publishes it, so that after a crash the published name never points at missing data;
+"""Durable writes: a folder (or an output file) assembled under a temporary name is flushed, entries and all,
+before the rename that publishes it, so that after a crash the published name never points at missing data;
 and checksums, so that a folder damaged later is found when it is read."""
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, TextIO
 
 import xxhash
 
@@ -25,6 +26,22 @@ def check_output_file(out: Path) -> None:
         raise ValueError(f"--out {out} is a folder: name the file to write in it")
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
+
+
+@contextlib.contextmanager
+def whole_text_file(out: Path) -> Iterator[TextIO]:
+    """A text file to write that appears at `out` only whole: written under a hidden name beside it, flushed,
+    and renamed into place when the block ends without error. A run that fails or is interrupted part-way
+    leaves no half output, and any earlier file at `out` as it was."""
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_tree(root: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 from ratpt.data.tokenizer import Tokenizer, load_tokenizer, same_tokenizer
 from ratpt.decoder import Decoder, compile_decode
 from ratpt.errors import raise_first_failed
-from ratpt.files import check_output_file
+from ratpt.files import check_output_file, whole_text_file
 from ratpt.model.lm import RATLM
 from ratpt.model.pretrained import TOKENIZER, check_device, load_pretrained
 from ratpt.prompts import read_prompts
@@ -139,7 +139,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     source.add_argument("--prompts", help="file of prompts: one per line, or .jsonl objects with a \"prompt\" field")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
-    parser.add_argument("--out", help="write the outputs as JSONL here (default: stdout; as text for --prompt)")
+    parser.add_argument("--out", help="write the outputs as JSONL here, the file whole once every prompt is done "
+                                      "(default: stdout; as text for --prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
 
     timings = Timings()
     jsonl = bool(args.prompts or args.out)
-    with open(args.out, "w", encoding="utf-8") if args.out else nullcontext(sys.stdout) as sink:
+    with whole_text_file(Path(args.out)) if args.out else nullcontext(sys.stdout) as sink:
         for batch in batches:
             outputs = generate(model, [prompts[i] for i in batch], args.max_new_tokens, args.temperature, args.top_k,
                                args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, decoder=decoder, timings=timings)

@@ -197,6 +197,28 @@ def test_cli_writes_one_jsonl_record_per_prompt_of_a_file_in_batches(tmp_path):
         assert record["completion"] == tokenizer.decode(new)
 
 
+def test_an_interrupted_run_leaves_no_half_output_and_the_earlier_file_as_it_was(tmp_path, monkeypatch):
+    """Ctrl-C (or any failure) in the second of three batches: --out keeps what it held, nothing is half written."""
+    model, cfg = tiny_model(vocab=257)
+    save_pretrained(model, cfg, tmp_path / "m")
+    (tmp_path / "prompts.txt").write_text("one\ntwo\nthree\n")
+    (tmp_path / "out.jsonl").write_text('{"prompt": "earlier run"}\n')
+    batches = []
+
+    def interrupted_on_the_second_batch(*args, **kwargs):
+        batches.append(args[1])
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr("ratpt.generate.generate", interrupted_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(cli_args(tmp_path / "m", prompt=None, prompts=str(tmp_path / "prompts.txt"), batch_size=1,
+                     out=str(tmp_path / "out.jsonl")))
+    assert (tmp_path / "out.jsonl").read_text() == '{"prompt": "earlier run"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out.jsonl", "prompts.txt"]
+
+
 @pytest.mark.parametrize("name, text, error", [
     ("missing.txt", None, "no such file"),
     ("blank.txt", "\n  \n", "holds no prompt"),
