@@ -51,6 +51,14 @@ def test_cli_converts_a_compiled_checkpoint_file_and_load_pretrained_reads_it(tm
     torch.testing.assert_close(model(tokens[None])[0].double(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_mixers_naming_no_mixer_is_refused_not_read_as_the_default(tmp_path):
+    state = random_reference_state(VOCAB, D, n_layers=2, mixers=["rat"], head_dim=HEAD_DIM, ngroups=2, ffn=FFN)
+    torch.save({"task": state}, tmp_path / "ref.pt")
+    with pytest.raises(ValueError, match="--mixers ' , ' names no mixer: give a comma-separated pattern from rat,"):
+        run(convert_args(tmp_path / "ref.pt", tmp_path / "out", mixers=" , "))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags,message", [
     (dict(ngroups=1), "--ngroups 2"),
     (dict(mixers=["attention"]), "is a RAT layer .* --mixers makes layer 0 'attention'"),
