@@ -92,10 +92,9 @@ def run_eval(args: argparse.Namespace) -> int:
     ctx = init_distributed(cfg.train.device)
     check_trained_tokenizer(str(checkpoint), cfg.data.streams, cfg.model.vocab_size)
     model = load_trained_model(checkpoint, cfg).to(ctx.device)
-    loss = evaluate(model, cfg, ctx)
+    loss, sequences = evaluate(model, cfg, ctx)
     leave_distributed()
-    print(f"{checkpoint}: val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | "
-          f"{cfg.eval.max_samples} sequences")
+    print(f"{checkpoint}: val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | {sequences} sequences")
     return 0
 
 

@@ -75,6 +75,19 @@ def test_eval_says_which_checkpoint_it_evaluated(trained, evaluated):
     assert f"{trained[0] / 'checkpoints' / 'step_00000006'}: val loss" in evaluated
 
 
+def test_eval_says_how_many_sequences_it_evaluated_not_how_many_were_asked_for(trained):
+    """eval.max_samples beyond the split's size: the line counts the sequences the loss is over (the whole
+    split, in whole micro-batches), not the number asked for."""
+    from ratpt.data.batches import build_val_batches
+
+    cfg = load_config(trained[0] / "config.yaml")
+    micro_batches = len(build_val_batches(cfg.data, vocab_size=cfg.model.vocab_size, micro_batch=cfg.train.micro_batch,
+                                          dp_rank=0, dp_size=1, max_samples=None))
+    done = run_ratpt("eval", str(trained[0]), "eval.max_samples=100000")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"| {micro_batches * cfg.train.micro_batch} sequences" in done.stdout, done.stdout
+
+
 def test_eval_with_another_model_is_refused_naming_the_keys(trained):
     done = run_ratpt("eval", str(trained[0]), "model.n_layers=3")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
