@@ -186,8 +186,9 @@ def test_cli_pointed_at_a_run_or_its_checkpoints_says_to_export_first(tmp_path, 
 def test_cli_writes_one_jsonl_record_per_prompt_of_a_file_in_batches(tmp_path):
     model, cfg = tiny_model(vocab=257)
     save_pretrained(model, cfg, tmp_path / "m")
-    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hello", "id": 7}\n\n{"prompt": "a"}\n{"prompt": "to be"}\n')
-    assert run(cli_args(tmp_path / "m", prompt=None, prompts=str(tmp_path / "prompts.jsonl"), batch_size=2,
+    (tmp_path / "prompts.JSONL").write_text(  # the suffix in any case
+        '{"prompt": "hello", "id": 7}\n\n{"prompt": "a"}\n{"prompt": "to be"}\n')
+    assert run(cli_args(tmp_path / "m", prompt=None, prompts=str(tmp_path / "prompts.JSONL"), batch_size=2,
                         out=str(tmp_path / "out.jsonl"))) == 0
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     tokenizer = load_tokenizer("byte")
@@ -225,7 +226,9 @@ def test_an_interrupted_run_leaves_no_half_output_and_the_earlier_file_as_it_was
     ("bad.jsonl", '{"prompt": "a"}\n{"prompt": "b",}\n', "line 2: not JSON"),
     ("no-prompt.jsonl", '{"text": "a"}\n', 'line 1: no "prompt" string'),
     ("latin1.txt", "hello\ncaf\xe9\n".encode("latin-1"), "line 2: not UTF-8 .byte 0xe9.; save the file as UTF-8"),
-], ids=["missing", "empty", "bad-json-line", "no-prompt-field", "not-utf8"])
+    ("records.json", 'hello\n {"prompt": "a", "id": 1}\n',
+     r'line 2 is a JSON object with a "prompt" field, but only a \.jsonl file .*: rename it to records\.jsonl'),
+], ids=["missing", "empty", "bad-json-line", "no-prompt-field", "not-utf8", "jsonl-records-not-named-jsonl"])
 def test_cli_rejects_a_bad_prompt_file_naming_file_and_line(tmp_path, name, text, error):
     if isinstance(text, bytes):
         (tmp_path / name).write_bytes(text)
