@@ -198,8 +198,12 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
 
 def _load_from_meta(folder: Path) -> Tokenizer:
     """Rebuild the tokenizer recorded by data_prep and check the file is the one it used."""
-    meta = json.loads((folder / META_FILE).read_text())
-    kind = meta.get("kind")
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder / META_FILE} is not a JSON file ({err}): the tokenizer record is damaged; "
+                         f"copy {folder} again from where it came from") from None
+    kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind == "byte":
         return ByteTokenizer()
     loaders = {"hf": HFTokenizer, "sentencepiece": SentencePieceTokenizer}

@@ -1,5 +1,6 @@
 """Tokenizers: round trips, EOS, identity, and loading from a data_prep tokenizer folder."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -81,3 +82,12 @@ def test_unknown_spec_is_a_clear_error(tmp_path):
     (tmp_path / "broken.json").write_text('{"model": ')
     with pytest.raises(ValueError, match="broken.json is not a Hugging Face tokenizers JSON file"):
         load_tokenizer(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{bad", "meta.json is not a JSON file (Expecting property name"), ("[1]", "meta.json: unknown tokenizer kind None"),
+], ids=["not-json", "not-an-object"])
+def test_a_damaged_meta_json_is_named(tmp_path, text, message):
+    (tmp_path / "meta.json").write_text(text)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{tmp_path}/{message}")):
+        load_tokenizer(tmp_path)
