@@ -183,6 +183,9 @@ def load_model_tokenizer(model_dir: str, spec: str | None) -> Tokenizer:
     """The tokenizer exported with the model, or `spec` if it is the same one: another tokenizer's ids
     (--tokenizer byte for a BPE model, say) decode to garbage without any error."""
     exported = Path(model_dir) / TOKENIZER
+    if spec is None and not exported.is_dir():
+        raise FileNotFoundError(f"{model_dir} has no {TOKENIZER}/ folder (exported with --no-tokenizer): name the "
+                                f"tokenizer the model was trained with, --tokenizer byte, FILE or FOLDER")
     if spec is None:
         return load_tokenizer(exported)
     tokenizer = load_tokenizer(spec)

@@ -167,6 +167,14 @@ def test_cli_refuses_a_tokenizer_other_than_the_one_the_model_was_exported_with(
     assert run(cli_args(tmp_path / "m", tokenizer=str(bpe))) == 0  # the same tokenizer, named by its file
 
 
+def test_cli_on_an_export_without_a_tokenizer_asks_for_one(tmp_path):
+    model, cfg = tiny_model(vocab=257)
+    save_pretrained(model, cfg, tmp_path / "m")  # as `ratpt export --no-tokenizer` writes it
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'm'} has no tokenizer/ folder .*--tokenizer byte"):
+        run(cli_args(tmp_path / "m", tokenizer=None))
+    assert run(cli_args(tmp_path / "m", tokenizer="byte")) == 0
+
+
 def test_cli_rejects_an_unknown_device_naming_the_flag(tmp_path):
     model, cfg = tiny_model(vocab=257)
     save_pretrained(model, cfg, tmp_path / "m")
