@@ -59,6 +59,12 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     assert generate(model, prompts, 10, temperature=1.0, top_p=1e-6, seed=7) == generate(model, prompts, 10)
 
 
+def test_a_temperature_near_zero_samples_the_top_token_rather_than_failing_on_overflow():
+    logits = torch.tensor([[3.0, 9.5, -2.0, 9.0], [-40.0, -41.0, -45.0, -60.0]])
+    for temperature in (1e-45, 1e-30):  # logits / temperature overflow float32
+        assert sample_next(logits, temperature=temperature).tolist() == [1, 0]
+
+
 def test_top_k_and_top_p_only_sample_allowed_tokens():
     logits = torch.tensor([[4.0, 3.0, 2.0, -1.0, -2.0]]).repeat(500, 1)
     gen = torch.Generator().manual_seed(0)
