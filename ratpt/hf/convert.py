@@ -83,11 +83,14 @@ def load_model_dir(path: str | os.PathLike, device: str) -> tuple[RATLM, Tokeniz
     """The model and tokenizer of a ratpt pretrained folder or of a Hugging Face RAT folder."""
     folder = Path(path)
     if (folder / CONFIG).is_file():
-        model, _ = read_hf_folder(folder)
+        model, cfg = read_hf_folder(folder)
         tokenizer = read_hf_tokenizer(folder)
     else:
-        model, _ = load_pretrained(folder, device=device)
+        model, cfg = load_pretrained(folder, device=device)
         tokenizer = load_tokenizer(folder / RATPT_TOKENIZER) if (folder / RATPT_TOKENIZER).exists() else None
     if tokenizer is None:
         raise FileNotFoundError(f"{folder} has no tokenizer: evaluation needs the text's tokens")
+    if tokenizer.vocab_size > cfg.vocab_size:  # its larger ids would index past the embedding
+        raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocabulary ({cfg.vocab_size}): it is not the tokenizer the model was trained with")
     return model.to(device), tokenizer

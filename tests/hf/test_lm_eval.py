@@ -10,6 +10,7 @@ from run_helpers import ratpt
 from ratpt.data.tokenizer import load_tokenizer
 from ratpt.generate import generate
 from ratpt.hf import lm_eval_model
+from ratpt.hf.convert import load_model_dir
 from ratpt.hf.lm_eval_model import RATPTLM, evaluate_tasks
 from ratpt.model.pretrained import save_pretrained
 
@@ -108,3 +109,12 @@ def test_a_generation_request_keeps_the_end_of_its_context_within_max_length(mon
     request = SimpleNamespace(args=("abcdefgh", {"until": ["."], "max_gen_toks": max_new}))
     lm.generate_until([request])
     assert prompts == [list(b"abcdefgh")[-max(4 - max_new, 1):]]
+
+
+def test_a_folder_whose_tokenizer_outgrows_the_models_vocabulary_is_refused_naming_both(tmp_path):
+    """What `ratpt evaluate` and `evaluate-long` load: the byte tokenizer's 257 ids against 100 embeddings would
+    index past the embedding (an IndexError mid-evaluation, a device assert on a GPU)."""
+    folder = export_with_byte_tokenizer(random_model(small_config(["rat"], vocab_size=100)), tmp_path / "model")
+    with pytest.raises(ValueError, match=f"{folder}: the tokenizer has 257 tokens, more than the model's vocabulary "
+                                         r"\(100\)"):
+        load_model_dir(folder, "cpu")
