@@ -12,8 +12,8 @@ def read_prompts(path: str | Path) -> list[dict]:
     """One record per prompt, each with a non-empty "prompt" string, in file order."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--prompts {path}: no such file (one prompt per line, or a .jsonl file of "
-                         f"{{\"prompt\": ...}} objects)")
+        raise ValueError(f"--prompts {path}: {'a folder, not a file' if path.is_dir() else 'no such file'} (one "
+                         f"prompt per line, or a .jsonl file of {{\"prompt\": ...}} objects)")
     jsonl = path.suffix.lower() == ".jsonl"
     try:
         text = path.read_text(encoding="utf-8")

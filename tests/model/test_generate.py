@@ -236,13 +236,15 @@ def test_an_interrupted_run_leaves_no_half_output_and_the_earlier_file_as_it_was
 
 @pytest.mark.parametrize("name, text, error", [
     ("missing.txt", None, "no such file"),
+    (".", None, "a folder, not a file"),
     ("blank.txt", "\n  \n", "holds no prompt"),
     ("bad.jsonl", '{"prompt": "a"}\n{"prompt": "b",}\n', "line 2: not JSON"),
     ("no-prompt.jsonl", '{"text": "a"}\n', 'line 1: no "prompt" string'),
     ("latin1.txt", "hello\ncaf\xe9\n".encode("latin-1"), "line 2: not UTF-8 .byte 0xe9.; save the file as UTF-8"),
     ("records.json", 'hello\n {"prompt": "a", "id": 1}\n',
      r'line 2 is a JSON object with a "prompt" field, but only a \.jsonl file .*: rename it to records\.jsonl'),
-], ids=["missing", "empty", "bad-json-line", "no-prompt-field", "not-utf8", "jsonl-records-not-named-jsonl"])
+], ids=["missing", "a-folder", "empty", "bad-json-line", "no-prompt-field", "not-utf8",
+        "jsonl-records-not-named-jsonl"])
 def test_cli_rejects_a_bad_prompt_file_naming_file_and_line(tmp_path, name, text, error):
     if isinstance(text, bytes):
         (tmp_path / name).write_bytes(text)
