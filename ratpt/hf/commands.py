@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from ratpt.errors import raise_first_failed
-from ratpt.files import check_new_folder, check_output_file
+from ratpt.files import check_new_folder, check_output_file, check_writable_place
 from ratpt.model.pretrained import check_device
 
 log = logging.getLogger("ratpt")
@@ -160,6 +160,7 @@ def run_evaluate_long(args: argparse.Namespace) -> int:
         check_device(args.device, "--device")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file: name the folder for passkey.json and passkey.png")
+    check_writable_place(Path(args.out), inside=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_dir(args.model_dir, device)
     model = model.to(getattr(torch, args.dtype)).eval()

@@ -2,6 +2,7 @@
 loads (an evaluation can take hours, and its results are written at the end), naming the flag and the fix.
 The model folder exists but is empty: a command that got past its checks would fail loading it, with
 another message."""
+import os
 import re
 
 import pytest
@@ -62,8 +63,9 @@ def test_evaluate_without_the_hub_says_how_to_run_offline(capsys, empty_model, m
     (["--out", "{tmp}/a-file"], "--out .*a-file is a file: name the folder for passkey.json"),
     (["--device", "banana"], "--device 'banana' is not a device: use cpu, cuda or cuda:N"),
     (["--device", "cuda:99"], "--device cuda:99: (CUDA is not available here|this machine has)"),
+    (["--out", "{tmp}/a-file/passkey"], "--out .*a-file/passkey: .*a-file is a file, so nothing can be made under it"),
 ], ids=["length-not-integer", "no-length", "depth-not-number", "length-not-positive", "depth-outside",
-        "piece-not-positive", "no-trials", "out-a-file", "device-unknown", "device-absent"])
+        "piece-not-positive", "no-trials", "out-a-file", "device-unknown", "device-absent", "out-under-a-file"])
 def test_evaluate_long_refuses_bad_flags_before_loading(tmp_path, capsys, empty_model, flags, message):
     (tmp_path / "a-file").touch()
     flags = [flag.format(tmp=tmp_path) for flag in flags]
@@ -81,3 +83,18 @@ def test_a_file_given_for_the_model_folder_is_named_as_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export-hf", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "hf")])
     assert f"pretrained folder {tmp_path / 'model.safetensors'} is a file: name the folder" in capsys.readouterr().err
+
+
+def test_export_hf_refuses_an_out_under_a_file(tmp_path, capsys, empty_model):
+    (tmp_path / "a-file").touch()
+    err = refused(capsys, "export-hf", empty_model, "--out", str(tmp_path / "a-file" / "hf"))
+    assert f"{tmp_path / 'a-file'} is a file, so nothing can be made under it" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder")
+@pytest.mark.parametrize("command", [["export-hf"], ["evaluate-long"], ["evaluate", "--tasks", "t"]])
+def test_an_out_in_a_folder_this_user_cannot_write_is_refused_before_loading(tmp_path, capsys, empty_model, command):
+    """Found before the work, not by a PermissionError traceback after it (evaluate-long writes at the end)."""
+    (tmp_path / "locked").mkdir(mode=0o500)
+    err = refused(capsys, command[0], empty_model, *command[1:], "--out", str(tmp_path / "locked" / "out"))
+    assert f"{tmp_path / 'locked'} is not writable by this user" in err
