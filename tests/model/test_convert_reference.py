@@ -91,6 +91,8 @@ def test_untied_head_and_unknown_keys_are_errors():
 def test_missing_file_and_non_reference_payloads_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_reference_state(str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match=f"reference checkpoint {tmp_path} is a folder: name the .pt file"):
+        load_reference_state(str(tmp_path))
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="'task'"):
         load_reference_state(str(tmp_path / "other.pt"))
