@@ -52,7 +52,8 @@ def val_loss(run: Path, seq_len: int, base: float) -> float:
                                          "eval.max_samples=64", "train.micro_batch=1"])
     model = build_model(cfg.model)
     model.load_state_dict(trained_weights(checkpoint))
-    return round(evaluate(model, cfg, init_distributed("cpu")), 4)
+    loss, _ = evaluate(model, cfg, init_distributed("cpu"))
+    return round(loss, 4)
 
 
 def main() -> None:

@@ -48,11 +48,14 @@ def run(args: argparse.Namespace) -> int:
                                      reference_settings)
     from ratpt.model.pretrained import save_pretrained
 
+    mixers = [m.strip() for m in args.mixers.split(",") if m.strip()] if args.mixers is not None else None
+    if mixers == []:  # before the checkpoint loads; left as given, it would fall back to rat without a word
+        raise ValueError(f"--mixers {args.mixers!r} names no mixer: give a comma-separated pattern from "
+                         f"{','.join(MIXERS)}, e.g. --mixers rat,swa")
     ckpt = load_reference_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
     if ckpt.ignored:
         log.info("ignoring %s of %s: training state; only the weights and the run config are imported",
                  ", ".join(ckpt.ignored), args.checkpoint)
-    mixers = [m.strip() for m in args.mixers.split(",") if m.strip()] if args.mixers is not None else None
     flags = dict(chunk_size=args.chunk_size, head_dim=args.head_dim, ngroups=args.ngroups, mixers=mixers,
                  window=args.window)
     converted, cfg = convert_reference_state(ckpt.state, **reference_settings(flags, ckpt.run_config))

@@ -1,30 +1,62 @@
-"""Durable writes: a folder assembled under a temporary name is flushed, entries and all, before the
-rename that publishes it, so that after a crash the published name never points at missing data;
+"""Durable writes: a folder (or an output file) assembled under a temporary name is flushed, entries and all,
+before the rename that publishes it, so that after a crash the published name never points at missing data;
 and checksums, so that a folder damaged later is found when it is read."""
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, TextIO
 
 import xxhash
 
 
 def check_new_folder(out: Path) -> None:
-    """Refuse an output folder (`--out`) that holds anything: an export never mixes with older files."""
+    """Refuse an output folder (`--out`) that holds anything (an export never mixes with older files), or that
+    cannot be written where it is, before any work: the folder is assembled beside it and renamed into place."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder: name a new folder")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export folder {out} is not empty: choose a new --out or remove it")
+    check_writable_place(out)
 
 
 def check_output_file(out: Path) -> None:
-    """Refuse, before any work, an output file (`--out`) that cannot be written at the end: a folder, or a file
-    in a folder that does not exist (an evaluation or a batch of generations can take hours)."""
+    """Refuse, before any work, an output file (`--out`) that cannot be written at the end: a folder, a file in a
+    folder that does not exist or that this user cannot write (an evaluation or a batch of generations can
+    take hours)."""
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder: name the file to write in it")
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
+    check_writable_place(out)
+
+
+def check_writable_place(out: Path, inside: bool = False) -> None:
+    """ValueError unless `out` can be made where it is: its nearest existing ancestor (whose missing folders
+    would be created) must be a folder this user may write in, not a file. `inside`: the files go into the
+    folder `out` itself, which is then the first place looked at."""
+    place = next(p for p in [out.absolute()] * inside + list(out.absolute().parents) if p.exists())
+    if not place.is_dir():
+        raise ValueError(f"--out {out}: {place} is a file, so nothing can be made under it; name another place")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {place} is not writable by this user; name a folder you may write in")
+
+
+@contextlib.contextmanager
+def whole_text_file(out: Path) -> Iterator[TextIO]:
+    """A text file to write that appears at `out` only whole: written under a hidden name beside it, flushed,
+    and renamed into place when the block ends without error. A run that fails or is interrupted part-way
+    leaves no half output, and any earlier file at `out` as it was."""
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_tree(root: Path) -> None:

@@ -17,9 +17,9 @@ import torch
 from ratpt.data.tokenizer import Tokenizer, load_tokenizer, same_tokenizer
 from ratpt.decoder import Decoder, compile_decode
 from ratpt.errors import raise_first_failed
-from ratpt.files import check_output_file
+from ratpt.files import check_output_file, whole_text_file
 from ratpt.model.lm import RATLM
-from ratpt.model.pretrained import TOKENIZER, load_pretrained
+from ratpt.model.pretrained import TOKENIZER, check_device, load_pretrained
 from ratpt.prompts import read_prompts
 
 
@@ -28,7 +28,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     """Next token [B] from logits [B, vocab]."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # the top logit shifted to 0: a tiny temperature then sends the others to -inf, never the top one to inf
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -139,7 +141,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     source.add_argument("--prompts", help="file of prompts: one per line, or .jsonl objects with a \"prompt\" field")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
-    parser.add_argument("--out", help="write the outputs as JSONL here (default: stdout; as text for --prompt)")
+    parser.add_argument("--out", help="write the outputs as JSONL here, the file whole once every prompt is done "
+                                      "(default: stdout; as text for --prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -165,12 +168,7 @@ def check_sampling(args: argparse.Namespace) -> None:
               (0 < args.top_p <= 1, f"--top-p must be in (0, 1] (1: off), got {args.top_p}"),
               (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"))
     raise_first_failed(checks)
-    try:
-        torch.device(args.device)
-    except RuntimeError:  # torch's message lists every device type it knows; the flag is what to fix
-        raise ValueError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    check_device(args.device, "--device")
     if args.out:
         check_output(Path(args.out), args.prompts)
 
@@ -187,6 +185,9 @@ def load_model_tokenizer(model_dir: str, spec: str | None) -> Tokenizer:
     """The tokenizer exported with the model, or `spec` if it is the same one: another tokenizer's ids
     (--tokenizer byte for a BPE model, say) decode to garbage without any error."""
     exported = Path(model_dir) / TOKENIZER
+    if spec is None and not exported.is_dir():
+        raise FileNotFoundError(f"{model_dir} has no {TOKENIZER}/ folder (exported with --no-tokenizer): name the "
+                                f"tokenizer the model was trained with, --tokenizer byte, FILE or FOLDER")
     if spec is None:
         return load_tokenizer(exported)
     tokenizer = load_tokenizer(spec)
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
 
     timings = Timings()
     jsonl = bool(args.prompts or args.out)
-    with open(args.out, "w", encoding="utf-8") if args.out else nullcontext(sys.stdout) as sink:
+    with whole_text_file(Path(args.out)) if args.out else nullcontext(sys.stdout) as sink:
         for batch in batches:
             outputs = generate(model, [prompts[i] for i in batch], args.max_new_tokens, args.temperature, args.top_k,
                                args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, decoder=decoder, timings=timings)

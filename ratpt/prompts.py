@@ -12,9 +12,9 @@ def read_prompts(path: str | Path) -> list[dict]:
     """One record per prompt, each with a non-empty "prompt" string, in file order."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--prompts {path}: no such file (one prompt per line, or a .jsonl file of "
-                         f"{{\"prompt\": ...}} objects)")
-    jsonl = path.suffix == ".jsonl"
+        raise ValueError(f"--prompts {path}: {'a folder, not a file' if path.is_dir() else 'no such file'} (one "
+                         f"prompt per line, or a .jsonl file of {{\"prompt\": ...}} objects)")
+    jsonl = path.suffix.lower() == ".jsonl"
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -25,11 +25,25 @@ def read_prompts(path: str | Path) -> list[dict]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        records.append(_record(line, path, number) if jsonl else {"prompt": line})
+        records.append(_record(line, path, number) if jsonl else _line_record(line, path, number))
     if not records:
         raise ValueError(f"--prompts {path} holds no prompt: write one per line (in a .jsonl file, one "
                          f"{{\"prompt\": ...}} object per line)")
     return records
+
+
+def _line_record(line: str, path: Path, number: int) -> dict:
+    """A line of a plain prompt file, the prompt as written; unless it is a JSONL record in a file not named
+    .jsonl, which would be prompted verbatim, braces and all, without a word."""
+    if line.lstrip().startswith("{"):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and "prompt" in record:
+            raise ValueError(f"--prompts {path} line {number} is a JSON object with a \"prompt\" field, but only a "
+                             f".jsonl file is read as JSON lines: rename it to {path.with_suffix('.jsonl').name}")
+    return {"prompt": line}
 
 
 def _record(line: str, path: Path, number: int) -> dict:

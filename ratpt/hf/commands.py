@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 from ratpt.errors import raise_first_failed
-from ratpt.files import check_new_folder, check_output_file
+from ratpt.files import check_new_folder, check_output_file, check_writable_place
+from ratpt.model.pretrained import check_device
 
 log = logging.getLogger("ratpt")
 
@@ -15,7 +16,8 @@ def existing_folder(path: str) -> str:
     """argparse's type of a model folder: checked while parsing, before transformers, lm-eval and torch load
     (5 to 12 seconds), so that a mistyped path fails at once; what the folder holds is checked when it loads."""
     if not Path(path).is_dir():
-        raise argparse.ArgumentTypeError(f"pretrained folder {path} does not exist")
+        what = "is a file: name the folder that holds it" if Path(path).exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"pretrained folder {path} {what}")
     return path
 
 
@@ -92,8 +94,12 @@ def check_evaluate(args: argparse.Namespace) -> list[str]:
               (args.limit is None or args.limit > 0, f"--limit must be > 0 (a fraction if < 1), got {args.limit}"),
               (args.num_fewshot is None or args.num_fewshot >= 0, f"--num-fewshot must be >= 0, got {args.num_fewshot}"),
               (args.max_length >= 1, f"--max-length must be >= 1, got {args.max_length}"),
-              (args.bootstrap_iters >= 0, f"--bootstrap-iters must be >= 0 (0: none), got {args.bootstrap_iters}"))
+              (args.bootstrap_iters >= 0, f"--bootstrap-iters must be >= 0 (0: none), got {args.bootstrap_iters}"),
+              (args.include_path is None or Path(args.include_path).is_dir(),
+               f"--include-path {args.include_path} is not a folder: name the folder of your task YAML files"))
     raise_first_failed(checks)
+    if args.device is not None:
+        check_device(args.device, "--device")
     if args.out:
         check_output_file(Path(args.out))
     return tasks
@@ -144,10 +150,17 @@ def run_evaluate_long(args: argparse.Namespace) -> int:
 
     lengths = number_list(args.lengths, int, "--lengths", "1024,4096")
     depths = number_list(args.depths, float, "--depths", "0,0.5,1")
-    if args.trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    raise_first_failed((
+        (min(lengths) >= 1, f"--lengths must be positive token counts, got {min(lengths)}"),
+        (all(0 <= depth <= 1 for depth in depths),
+         f"--depths must be fractions of the haystack in [0, 1], got {args.depths}"),
+        (args.trials >= 1, f"--trials must be >= 1, got {args.trials}"),
+        (args.piece >= 1, f"--piece must be >= 1 (a multiple of the chunk size), got {args.piece}")))
+    if args.device is not None:
+        check_device(args.device, "--device")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file: name the folder for passkey.json and passkey.png")
+    check_writable_place(Path(args.out), inside=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_dir(args.model_dir, device)
     model = model.to(getattr(torch, args.dtype)).eval()

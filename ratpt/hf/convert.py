@@ -16,25 +16,36 @@ from safetensors.torch import load_file
 from ratpt.data.layout import META_FILE
 from ratpt.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from ratpt.hf.export import PREFIX
-from ratpt.model.config import ModelConfig, validate_model_config
+from ratpt.model.config import ModelConfig
 from ratpt.model.lm import RATLM, build_model
+from ratpt.model.pretrained import CONFIG as RATPT_CONFIG
+from ratpt.model.pretrained import HF_CONFIG as CONFIG
 from ratpt.model.pretrained import TOKENIZER as RATPT_TOKENIZER
-from ratpt.model.pretrained import load_matching_state, load_pretrained, save_pretrained
+from ratpt.model.pretrained import load_matching_state, load_pretrained, model_config_from, save_pretrained
 
-CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+WEIGHTS, TOKENIZER = "model.safetensors", "tokenizer.json"
 
 
 def read_hf_folder(path: str | os.PathLike) -> tuple[RATLM, ModelConfig]:
     """The ratpt model and config of a Hugging Face RAT folder; ValueError if config and weights disagree."""
     folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Hugging Face folder {folder} does not exist")
+    if (folder / RATPT_CONFIG).is_file() and not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG} not found: {folder} is a ratpt pretrained folder ({RATPT_CONFIG}) "
+                                f"already, for load_pretrained and `ratpt generate` as it is")
     for name in (CONFIG, WEIGHTS):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: a Hugging Face RAT folder holds {CONFIG} and {WEIGHTS}")
-    config = json.loads((folder / CONFIG).read_text())
-    if config.get("model_type") != "rat":
-        raise ValueError(f"{folder / CONFIG}: model_type is {config.get('model_type')!r}, not 'rat'")
-    cfg = ModelConfig(**{f.name: config[f.name] for f in fields(ModelConfig) if f.name in config})
-    validate_model_config(cfg)
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder / CONFIG} is not a JSON file ({err}): export the folder again") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "rat":
+        raise ValueError(f"{folder / CONFIG}: model_type is {model_type!r}, not 'rat'")
+    cfg = model_config_from({f.name: config[f.name] for f in fields(ModelConfig) if f.name in config},
+                            folder / CONFIG)
     try:
         weights = load_file(str(folder / WEIGHTS))
     except SafetensorError as err:
@@ -72,11 +83,14 @@ def load_model_dir(path: str | os.PathLike, device: str) -> tuple[RATLM, Tokeniz
     """The model and tokenizer of a ratpt pretrained folder or of a Hugging Face RAT folder."""
     folder = Path(path)
     if (folder / CONFIG).is_file():
-        model, _ = read_hf_folder(folder)
+        model, cfg = read_hf_folder(folder)
         tokenizer = read_hf_tokenizer(folder)
     else:
-        model, _ = load_pretrained(folder, device=device)
+        model, cfg = load_pretrained(folder, device=device)
         tokenizer = load_tokenizer(folder / RATPT_TOKENIZER) if (folder / RATPT_TOKENIZER).exists() else None
     if tokenizer is None:
         raise FileNotFoundError(f"{folder} has no tokenizer: evaluation needs the text's tokens")
+    if tokenizer.vocab_size > cfg.vocab_size:  # its larger ids would index past the embedding
+        raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocabulary ({cfg.vocab_size}): it is not the tokenizer the model was trained with")
     return model.to(device), tokenizer

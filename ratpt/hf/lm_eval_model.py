@@ -71,8 +71,8 @@ class RATPTLM(TemplateLM):
         for index, (_, gen_kwargs) in enumerate(request.args for request in requests):
             groups.setdefault(_generation_key(gen_kwargs, self.eot_token_id), []).append(index)
         for (stops, max_new), indices in groups.items():
-            prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] or [self.eot_token_id]
-                       for i in indices}
+            prompts = {i: generation_context(self.tok_encode(requests[i].args[0]), self.max_length, max_new,
+                                             self.eot_token_id) for i in indices}
             order = sorted(indices, key=lambda i: -len(prompts[i]))
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
@@ -103,6 +103,14 @@ def score_continuations(model: RATLM, pairs: list[tuple[list[int], list[int]]], 
             results[i] = (float(scored.gather(-1, continuation[:, None]).sum()),
                           bool((scored.argmax(-1) == continuation).all()))
     return results
+
+
+def generation_context(tokens: list[int], max_length: int, max_new_tokens: int, eos_id: int) -> list[int]:
+    """The last tokens of a generation request's context, as many as leave room for its max_new_tokens within
+    max_length, and at least one (the EOS for an empty context): a request that asks for max_length new tokens
+    or more keeps only its last token, where a plain `tokens[-(max_length - max_new_tokens):]` would keep the
+    whole context (at 0) or cut its start instead (below 0)."""
+    return tokens[-max(max_length - max_new_tokens, 1):] or [eos_id]
 
 
 def _generation_key(gen_kwargs: dict, eos_id: int) -> tuple[tuple[str, ...], int]:

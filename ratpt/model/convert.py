@@ -89,6 +89,8 @@ def load_reference_state(path: str, allow_pickle: bool = False) -> dict[str, tor
 def _load(path: str, allow_pickle: bool) -> Any:
     """torch.load weights-only, admitting the run config's EasyDict; errors that say what is wrong.
     A zip checkpoint is memory-mapped, so the optimizer state it also holds is never read."""
+    if Path(path).is_dir():
+        raise ValueError(f"reference checkpoint {path} is a folder: name the .pt file the public code saved")
     if not Path(path).is_file():
         raise FileNotFoundError(f"reference checkpoint {path} does not exist")
     form = _zip_form(Path(path))

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -28,6 +29,7 @@ from ratpt.model.lm import RATLM, build_model
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"  # the folder `ratpt generate` reads its tokenizer from
+HF_CONFIG = "config.json"  # what a Hugging Face folder (ratpt.hf.export) holds in place of CONFIG
 
 
 def save_pretrained(model: RATLM, cfg: ModelConfig, out_dir: str | os.PathLike,
@@ -60,23 +62,58 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     config_file = Path(path) / CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: a pretrained folder holds {CONFIG} and {WEIGHTS}")
-    loaded = OmegaConf.load(config_file)
-    if "model" not in loaded:
-        raise ValueError(f"{config_file} has no 'model:' section")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded.model)
+        loaded = OmegaConf.load(config_file)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(loaded, DictConfig) or "model" not in loaded:
+        raise ValueError(f"{config_file} has no 'model:' section")
+    return model_config_from(loaded.model, config_file)
+
+
+def model_config_from(fields: Any, source: Path) -> ModelConfig:
+    """The ModelConfig of `fields` (the mapping of its fields read from the file `source`): typed by the schema
+    (an unknown key or a value of the wrong type is an error) and validated; a one-line ValueError naming
+    `source` and the key otherwise, since a config file is what a user edits."""
+    if not isinstance(fields, (dict, DictConfig)):
+        raise ValueError(f"{source}: the model's config is {fields!r}, not a mapping of its fields (vocab_size, "
+                         f"d_model, ...)")
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), fields))
     except OmegaConfBaseException as err:
-        raise ValueError(f"{config_file}: {err}") from err
-    cfg = OmegaConf.to_object(merged)
-    validate_model_config(cfg)
+        raise ValueError(f"{source}: model.{err.full_key}: {str(err).splitlines()[0]}") from None
+    try:
+        validate_model_config(cfg)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
     return cfg
+
+
+def check_device(device: str | torch.device, name: str = "device") -> None:
+    """A ValueError naming `name` (a command's flag) unless torch can place tensors on `device` here: checked
+    before a load, where torch's own error would print a traceback or read as a fault of the weights' file."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:  # torch's message lists every device type it knows; the value is what to fix
+        raise ValueError(f"{name} {str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {device}: CUDA is not available here (use {name} cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[RATLM, ModelConfig]:
     """Load (model, cfg) from a folder written by `save_pretrained` (or `ratpt convert`)."""
+    check_device(device)
     folder = Path(path)
+    if folder.is_file():
+        raise NotADirectoryError(f"{folder} is a file: name the pretrained folder that holds {CONFIG} and {WEIGHTS}")
     if not folder.is_dir():
         raise FileNotFoundError(f"pretrained folder {folder} does not exist")
+    if (folder / HF_CONFIG).is_file() and not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG} not found: {folder} is a Hugging Face folder ({HF_CONFIG}); "
+                                f"`ratpt convert hf {folder} --out DIR` writes it as a pretrained folder")
     weights = folder / WEIGHTS
     if not weights.is_file():
         hint = (f": {folder} is a training run or checkpoint; write a pretrained folder from it with "

@@ -67,14 +67,17 @@ def checkpoint_config(checkpoint: Path, overrides: list[str] | None = None) -> C
 
 def load_trained_model(checkpoint: Path, cfg: Config):
     """The plain model of a gathered or distributed checkpoint (a DeepSpeed one must be consolidated first),
-    its files verified against their checksums, its model checked against `cfg.model`."""
+    its files verified against their checksums, its model checked against `cfg.model`, and its weights against
+    the model built from it (a config.yaml edited in a checkpoint without checksums would otherwise fail in
+    torch's load_state_dict with a traceback)."""
     from ratpt.model import build_model
+    from ratpt.model.pretrained import load_matching_state
     from ratpt.train.checkpointer import check_same_model, trained_weights
 
     checkpoint = verify_checkpoint(checkpoint)
     check_same_model(cfg, checkpoint)
     model = build_model(cfg.model)
-    model.load_state_dict(trained_weights(checkpoint))
+    load_matching_state(model, trained_weights(checkpoint), checkpoint, checkpoint / CONFIG_FILE)
     return model
 
 
@@ -89,10 +92,9 @@ def run_eval(args: argparse.Namespace) -> int:
     ctx = init_distributed(cfg.train.device)
     check_trained_tokenizer(str(checkpoint), cfg.data.streams, cfg.model.vocab_size)
     model = load_trained_model(checkpoint, cfg).to(ctx.device)
-    loss = evaluate(model, cfg, ctx)
+    loss, sequences = evaluate(model, cfg, ctx)
     leave_distributed()
-    print(f"{checkpoint}: val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | "
-          f"{cfg.eval.max_samples} sequences")
+    print(f"{checkpoint}: val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | {sequences} sequences")
     return 0
 
 

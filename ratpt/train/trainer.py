@@ -47,17 +47,19 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg: Config, ctx: DistributedContext) -> float:
-    """Mean validation loss per token of a plain model over `eval.max_samples` sequences, every
-    process a data-parallel replica (`ratpt eval`)."""
+def evaluate(model: nn.Module, cfg: Config, ctx: DistributedContext) -> tuple[float, int]:
+    """Mean validation loss per token of a plain model, every process a data-parallel replica (`ratpt eval`),
+    and the sequences it covered: up to `eval.max_samples`, fewer where the split holds fewer, in whole
+    micro-batches on every rank."""
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, tokens, sequences
     for batch in _with_progress(_val_batches(cfg, ctx.rank, ctx.world_size), ctx.rank):
         totals[0] += sum_cross_entropy(model, batch, ctx.device, cfg.train.precision).double()
         totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
+        totals[2] += batch["labels"].shape[0]
     all_reduce_sum(totals)
     model.train()
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[2])
 
 
 def _val_batches(cfg: Config, dp_rank: int, dp_size: int):

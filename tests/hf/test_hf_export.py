@@ -1,6 +1,7 @@
 """The exported Hugging Face folder: what transformers loads from it, byte-stable re-saving, clear errors,
 tokenizers with ratpt's ids, and the way back to ratpt."""
 import json
+import re
 import shutil
 import sys
 
@@ -17,6 +18,7 @@ from ratpt.checkpoint import load_checkpoint
 from ratpt.config import load_config
 from ratpt.data.tokenizer import load_tokenizer
 from ratpt.generate import generate as ratpt_generate
+from ratpt.hf.convert import read_hf_folder
 from ratpt.hf.export import export_hf
 from ratpt.model import build_model
 from ratpt.model.pretrained import save_pretrained
@@ -87,6 +89,34 @@ def test_a_config_that_does_not_fit_the_weights_is_an_error(exported, tmp_path, 
         load_hf(broken)
     done = ratpt("convert", "hf", str(broken), "--out", str(tmp_path / "back"))
     assert done.returncode == 2 and "does not match" in done.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"model_type": "rat",', "config.json is not a JSON file (Expecting property name"),
+    ("[1, 2]", "config.json: model_type is None, not 'rat'"),
+    ({"n_layers": "four"}, "config.json: model.n_layers: Value 'four' of type 'str' could not be converted"),
+    ({"head_dim": 0}, "config.json: model.head_dim must be >= 1, got 0"),
+], ids=["not-json", "a-list", "wrong-type", "out-of-range"])
+def test_a_broken_config_json_is_one_error_naming_the_file(exported, tmp_path, text, message):
+    """`ratpt convert hf` and `ratpt evaluate` read config.json as data: a ValueError naming it, never a
+    TypeError or AttributeError from deep inside."""
+    _, folder = exported
+    broken = shutil.copytree(folder, tmp_path / "broken")
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(text if isinstance(text, str) else json.dumps(config | text))
+    with pytest.raises(ValueError, match=re.escape(f"{broken}/{message}")):
+        read_hf_folder(broken)
+
+
+def test_each_format_given_for_the_other_is_named_with_the_command_that_reads_it(exported, tmp_path):
+    model, folder = exported
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{folder} is a Hugging Face folder (config.json); "
+                                                          f"`ratpt convert hf {folder} --out DIR`")):
+        ratpt_lib.load_pretrained(folder)  # what `ratpt generate` and `ratpt export-hf` load
+    save_pretrained(model, model.cfg, tmp_path / "ratpt")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'ratpt'} is a ratpt pretrained folder "
+                                                          f"(config.yaml) already")):
+        read_hf_folder(tmp_path / "ratpt")  # what `ratpt convert hf` reads
 
 
 def sentencepiece_file(corpus, tmp_path, **options):

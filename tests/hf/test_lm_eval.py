@@ -1,12 +1,17 @@
 """`ratpt evaluate` through lm-evaluation-harness on local tasks: every score is ratpt's own."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hf_helpers import CHOICE_TASK, GENERATION_TASK, ROLLING_TASK, random_model, small_config, write_task
 from run_helpers import ratpt
 
-from ratpt.hf.lm_eval_model import evaluate_tasks
+from ratpt.data.tokenizer import load_tokenizer
+from ratpt.generate import generate
+from ratpt.hf import lm_eval_model
+from ratpt.hf.convert import load_model_dir
+from ratpt.hf.lm_eval_model import RATPTLM, evaluate_tasks
 from ratpt.model.pretrained import save_pretrained
 
 
@@ -88,3 +93,28 @@ def test_limit_evaluates_only_the_first_documents(tmp_path):
     write_task(tmp_path, "limited", CHOICE_TASK, [{"context": "aa", "choices": ["a", "b"], "label": i % 2} for i in range(6)])
     results = evaluate_tasks(folder, ["limited"], limit=2, include_path=str(tmp_path), log_samples=True, bootstrap_iters=0)
     assert len(results["samples"]["limited"]) == 2
+
+
+@pytest.mark.parametrize("max_new", [4, 6, 2], ids=["as-many-as-max-length", "more-than-max-length", "fewer"])
+def test_a_generation_request_keeps_the_end_of_its_context_within_max_length(monkeypatch, max_new):
+    """max_length 4: the prompt is the context's last max(4 - max_new, 1) tokens, never its whole or its middle."""
+    prompts = []
+
+    def recording(model, batch, *args, **kwargs):  # the real generate, noting the prompts it is given
+        prompts.extend(batch)
+        return generate(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(lm_eval_model, "generate", recording)
+    lm = RATPTLM(model=copying_model(), tokenizer=load_tokenizer("byte"), max_length=4)
+    request = SimpleNamespace(args=("abcdefgh", {"until": ["."], "max_gen_toks": max_new}))
+    lm.generate_until([request])
+    assert prompts == [list(b"abcdefgh")[-max(4 - max_new, 1):]]
+
+
+def test_a_folder_whose_tokenizer_outgrows_the_models_vocabulary_is_refused_naming_both(tmp_path):
+    """What `ratpt evaluate` and `evaluate-long` load: the byte tokenizer's 257 ids against 100 embeddings would
+    index past the embedding (an IndexError mid-evaluation, a device assert on a GPU)."""
+    folder = export_with_byte_tokenizer(random_model(small_config(["rat"], vocab_size=100)), tmp_path / "model")
+    with pytest.raises(ValueError, match=f"{folder}: the tokenizer has 257 tokens, more than the model's vocabulary "
+                                         r"\(100\)"):
+        load_model_dir(folder, "cpu")

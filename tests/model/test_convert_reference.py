@@ -51,6 +51,14 @@ def test_cli_converts_a_compiled_checkpoint_file_and_load_pretrained_reads_it(tm
     torch.testing.assert_close(model(tokens[None])[0].double(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_mixers_naming_no_mixer_is_refused_not_read_as_the_default(tmp_path):
+    state = random_reference_state(VOCAB, D, n_layers=2, mixers=["rat"], head_dim=HEAD_DIM, ngroups=2, ffn=FFN)
+    torch.save({"task": state}, tmp_path / "ref.pt")
+    with pytest.raises(ValueError, match="--mixers ' , ' names no mixer: give a comma-separated pattern from rat,"):
+        run(convert_args(tmp_path / "ref.pt", tmp_path / "out", mixers=" , "))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags,message", [
     (dict(ngroups=1), "--ngroups 2"),
     (dict(mixers=["attention"]), "is a RAT layer .* --mixers makes layer 0 'attention'"),
@@ -83,6 +91,8 @@ def test_untied_head_and_unknown_keys_are_errors():
 def test_missing_file_and_non_reference_payloads_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_reference_state(str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match=f"reference checkpoint {tmp_path} is a folder: name the .pt file"):
+        load_reference_state(str(tmp_path))
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="'task'"):
         load_reference_state(str(tmp_path / "other.pt"))

@@ -59,6 +59,12 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     assert generate(model, prompts, 10, temperature=1.0, top_p=1e-6, seed=7) == generate(model, prompts, 10)
 
 
+def test_a_temperature_near_zero_samples_the_top_token_rather_than_failing_on_overflow():
+    logits = torch.tensor([[3.0, 9.5, -2.0, 9.0], [-40.0, -41.0, -45.0, -60.0]])
+    for temperature in (1e-45, 1e-30):  # logits / temperature overflow float32
+        assert sample_next(logits, temperature=temperature).tolist() == [1, 0]
+
+
 def test_top_k_and_top_p_only_sample_allowed_tokens():
     logits = torch.tensor([[4.0, 3.0, 2.0, -1.0, -2.0]]).repeat(500, 1)
     gen = torch.Generator().manual_seed(0)
@@ -167,6 +173,14 @@ def test_cli_refuses_a_tokenizer_other_than_the_one_the_model_was_exported_with(
     assert run(cli_args(tmp_path / "m", tokenizer=str(bpe))) == 0  # the same tokenizer, named by its file
 
 
+def test_cli_on_an_export_without_a_tokenizer_asks_for_one(tmp_path):
+    model, cfg = tiny_model(vocab=257)
+    save_pretrained(model, cfg, tmp_path / "m")  # as `ratpt export --no-tokenizer` writes it
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'm'} has no tokenizer/ folder .*--tokenizer byte"):
+        run(cli_args(tmp_path / "m", tokenizer=None))
+    assert run(cli_args(tmp_path / "m", tokenizer="byte")) == 0
+
+
 def test_cli_rejects_an_unknown_device_naming_the_flag(tmp_path):
     model, cfg = tiny_model(vocab=257)
     save_pretrained(model, cfg, tmp_path / "m")
@@ -186,8 +200,9 @@ def test_cli_pointed_at_a_run_or_its_checkpoints_says_to_export_first(tmp_path, 
 def test_cli_writes_one_jsonl_record_per_prompt_of_a_file_in_batches(tmp_path):
     model, cfg = tiny_model(vocab=257)
     save_pretrained(model, cfg, tmp_path / "m")
-    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hello", "id": 7}\n\n{"prompt": "a"}\n{"prompt": "to be"}\n')
-    assert run(cli_args(tmp_path / "m", prompt=None, prompts=str(tmp_path / "prompts.jsonl"), batch_size=2,
+    (tmp_path / "prompts.JSONL").write_text(  # the suffix in any case
+        '{"prompt": "hello", "id": 7}\n\n{"prompt": "a"}\n{"prompt": "to be"}\n')
+    assert run(cli_args(tmp_path / "m", prompt=None, prompts=str(tmp_path / "prompts.JSONL"), batch_size=2,
                         out=str(tmp_path / "out.jsonl"))) == 0
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     tokenizer = load_tokenizer("byte")
@@ -197,13 +212,39 @@ def test_cli_writes_one_jsonl_record_per_prompt_of_a_file_in_batches(tmp_path):
         assert record["completion"] == tokenizer.decode(new)
 
 
+def test_an_interrupted_run_leaves_no_half_output_and_the_earlier_file_as_it_was(tmp_path, monkeypatch):
+    """Ctrl-C (or any failure) in the second of three batches: --out keeps what it held, nothing is half written."""
+    model, cfg = tiny_model(vocab=257)
+    save_pretrained(model, cfg, tmp_path / "m")
+    (tmp_path / "prompts.txt").write_text("one\ntwo\nthree\n")
+    (tmp_path / "out.jsonl").write_text('{"prompt": "earlier run"}\n')
+    batches = []
+
+    def interrupted_on_the_second_batch(*args, **kwargs):
+        batches.append(args[1])
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr("ratpt.generate.generate", interrupted_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(cli_args(tmp_path / "m", prompt=None, prompts=str(tmp_path / "prompts.txt"), batch_size=1,
+                     out=str(tmp_path / "out.jsonl")))
+    assert (tmp_path / "out.jsonl").read_text() == '{"prompt": "earlier run"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out.jsonl", "prompts.txt"]
+
+
 @pytest.mark.parametrize("name, text, error", [
     ("missing.txt", None, "no such file"),
+    (".", None, "a folder, not a file"),
     ("blank.txt", "\n  \n", "holds no prompt"),
     ("bad.jsonl", '{"prompt": "a"}\n{"prompt": "b",}\n', "line 2: not JSON"),
     ("no-prompt.jsonl", '{"text": "a"}\n', 'line 1: no "prompt" string'),
     ("latin1.txt", "hello\ncaf\xe9\n".encode("latin-1"), "line 2: not UTF-8 .byte 0xe9.; save the file as UTF-8"),
-], ids=["missing", "empty", "bad-json-line", "no-prompt-field", "not-utf8"])
+    ("records.json", 'hello\n {"prompt": "a", "id": 1}\n',
+     r'line 2 is a JSON object with a "prompt" field, but only a \.jsonl file .*: rename it to records\.jsonl'),
+], ids=["missing", "a-folder", "empty", "bad-json-line", "no-prompt-field", "not-utf8",
+        "jsonl-records-not-named-jsonl"])
 def test_cli_rejects_a_bad_prompt_file_naming_file_and_line(tmp_path, name, text, error):
     if isinstance(text, bytes):
         (tmp_path / name).write_bytes(text)

@@ -47,6 +47,13 @@ def test_missing_folder_and_missing_weights_are_clear(tmp_path):
         ratpt.load_pretrained(tmp_path / "run")
 
 
+def test_a_file_given_for_the_folder_is_named_as_a_file(tmp_path):
+    cfg = tiny_cfg()
+    save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    with pytest.raises(NotADirectoryError, match="model.safetensors is a file: name the pretrained folder"):
+        ratpt.load_pretrained(tmp_path / "m" / "model.safetensors")
+
+
 def test_config_that_disagrees_with_the_weights_is_an_error(tmp_path):
     cfg = tiny_cfg()
     save_pretrained(build_model(cfg), cfg, tmp_path / "m")
@@ -65,6 +72,36 @@ def test_unknown_config_key_is_an_error(tmp_path):
     OmegaConf.save(conf, tmp_path / "m" / "config.yaml")
     with pytest.raises(ValueError, match="n_heads"):
         ratpt.load_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  vocab_size: [37\n", "is not valid YAML: while parsing a flow sequence"),
+    (b"\xff\xfe model", "is not valid YAML: 'utf-8' codec can't decode byte 0xff"),
+    ("model: hello\n", "the model's config is 'hello', not a mapping of its fields"),
+    ("- model\n", "has no 'model:' section"),
+    ("model:\n  n_layers: four\n", "model.n_layers: Value 'four' of type 'str' could not be converted to Integer"),
+    ("model:\n  n_layers: -4\n", "model.n_layers must be >= 1, got -4"),
+], ids=["not-yaml", "not-utf8", "model-not-a-mapping", "a-list", "wrong-type", "out-of-range"])
+def test_a_broken_config_file_is_one_error_naming_the_file_and_the_key(tmp_path, text, message):
+    """What a hand edit of config.yaml can do: each a ValueError (one line at the command line) that starts
+    with the file's path, never yaml's or OmegaConf's own exception, nor a message without the file."""
+    cfg = tiny_cfg()
+    save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    config = tmp_path / "m" / "config.yaml"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError) as error:
+        ratpt.load_pretrained(tmp_path / "m")
+    assert str(error.value).startswith(str(config)) and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_device_that_is_not_one_is_named_as_the_device_not_as_a_corrupt_file(tmp_path):
+    cfg = tiny_cfg()
+    save_pretrained(build_model(cfg), cfg, tmp_path / "m")
+    with pytest.raises(ValueError, match="^device 'banana' is not a device: use cpu, cuda or cuda:N$"):
+        ratpt.load_pretrained(tmp_path / "m", device="banana")
+    with pytest.raises(ValueError, match="^device cuda:99: (CUDA is not available here|this machine has)"):
+        ratpt.load_pretrained(tmp_path / "m", device="cuda:99")
 
 
 def test_truncated_weights_are_an_error_naming_the_file(tmp_path):

@@ -9,6 +9,7 @@ import ratpt
 from ratpt.config import load_config
 from ratpt.model import build_model
 from ratpt.checkpoint import load_checkpoint
+from ratpt.cli import main
 from ratpt.files import write_checksums
 
 from run_helpers import ratpt as run_ratpt, train_here
@@ -74,6 +75,19 @@ def test_eval_says_which_checkpoint_it_evaluated(trained, evaluated):
     assert f"{trained[0] / 'checkpoints' / 'step_00000006'}: val loss" in evaluated
 
 
+def test_eval_says_how_many_sequences_it_evaluated_not_how_many_were_asked_for(trained):
+    """eval.max_samples beyond the split's size: the line counts the sequences the loss is over (the whole
+    split, in whole micro-batches), not the number asked for."""
+    from ratpt.data.batches import build_val_batches
+
+    cfg = load_config(trained[0] / "config.yaml")
+    micro_batches = len(build_val_batches(cfg.data, vocab_size=cfg.model.vocab_size, micro_batch=cfg.train.micro_batch,
+                                          dp_rank=0, dp_size=1, max_samples=None))
+    done = run_ratpt("eval", str(trained[0]), "eval.max_samples=100000")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"| {micro_batches * cfg.train.micro_batch} sequences" in done.stdout, done.stdout
+
+
 def test_eval_with_another_model_is_refused_naming_the_keys(trained):
     done = run_ratpt("eval", str(trained[0]), "model.n_layers=3")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
@@ -89,6 +103,20 @@ def test_eval_and_export_of_a_corrupt_checkpoint_name_the_file(trained, tmp_path
     state.write_bytes(bytes(data))
     for done in (run_ratpt("eval", str(copy)), run_ratpt("export", str(copy), "--out", str(tmp_path / "out"))):
         assert done.returncode == 2 and f"{state} differs from its checksum" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_checkpoint_whose_config_was_edited_names_the_tensors_not_a_traceback(trained, tmp_path, capsys):
+    """A checkpoint without checksums.json (written before ratpt kept them) whose config.yaml says one layer
+    fewer than its weights hold."""
+    copy = tmp_path / "step_00000006"
+    shutil.copytree(trained[0] / "checkpoints" / "step_00000006", copy)
+    (copy / "checksums.json").unlink()
+    config = copy / "config.yaml"
+    config.write_text(config.read_text().replace("n_layers: 2", "n_layers: 1"))
+    assert main(["export", str(copy), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {copy} does not match {config}: missing [], unexpected ['layers.1." in err
     assert not (tmp_path / "out").exists()
 
 
