@@ -114,6 +114,9 @@ class ValBatches:
         schedule = SequentialSchedule([s.packed.samples_per_epoch for s in streams])
         total = len(schedule) if max_samples is None else min(max_samples, len(schedule))
         self.micro_batches_total = total // micro_batch // dp_size * dp_size  # equal count on every rank
+        if self.micro_batches_total == 0 and total < len(schedule):
+            raise ValueError(f"eval.max_samples ({max_samples}) is fewer than one micro-batch ({micro_batch}) per rank "
+                             f"({dp_size}): raise it to at least {micro_batch * dp_size}")
         if self.micro_batches_total == 0:
             raise ValueError(
                 f"validation has {len(schedule)} samples of {cfg.seq_len + 1} tokens, fewer than one micro-batch "

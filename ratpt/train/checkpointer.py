@@ -150,11 +150,19 @@ def saved_model(checkpoint: Path) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(saved_yaml)).get("model", {}) if saved_yaml.is_file() else {}
 
 
+CHECKPOINT_USES = {  # how a command came to a checkpoint -> what else may fix a refusal besides the overrides
+    "checkpoint.resume": ", or train a new one (another out_dir, or checkpoint.resume=never)",
+    "checkpoint.init_from": ", or start from a checkpoint of this model",
+    "the checkpoint read": "",  # eval, export: the overrides are the only thing to change
+}
+
+
 def check_same_model(cfg: Config, checkpoint: Path, may_change: frozenset[str] = RESUMABLE_MODEL_CHANGES,
                      use: str = "checkpoint.resume") -> None:
     """Refuse to load the checkpoint directory `checkpoint` if it holds another model, naming the keys
     that differ beyond `may_change` (its weights would fail to load with a size mismatch, or, worse, load
-    into a model they were not trained for); `use` names how the run came to it."""
+    into a model they were not trained for); `use`, a key of CHECKPOINT_USES, names how the command came to
+    it."""
     saved = saved_model(checkpoint)
     if not saved:
         return  # written before checkpoints carried their config: nothing to compare
@@ -163,8 +171,7 @@ def check_same_model(cfg: Config, checkpoint: Path, may_change: frozenset[str] =
                if key not in may_change and saved.get(key) != value]
     if changed:
         raise CheckpointError(f"{checkpoint} ({use}) holds another model ({'; '.join(changed)}): use the model it "
-                              "was trained with (drop those model.* overrides), or train a new one (another "
-                              "out_dir, or checkpoint.resume=never)")
+                              f"was trained with (drop those model.* overrides){CHECKPOINT_USES[use]}")
 
 
 def schedule_change(cfg: Config, checkpoint: Path, step: int) -> Optional[str]:

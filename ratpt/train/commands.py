@@ -75,7 +75,7 @@ def load_trained_model(checkpoint: Path, cfg: Config):
     from ratpt.train.checkpointer import check_same_model, trained_weights
 
     checkpoint = verify_checkpoint(checkpoint)
-    check_same_model(cfg, checkpoint)
+    check_same_model(cfg, checkpoint, use="the checkpoint read")
     model = build_model(cfg.model)
     load_matching_state(model, trained_weights(checkpoint), checkpoint, checkpoint / CONFIG_FILE)
     return model

@@ -88,10 +88,19 @@ def test_eval_says_how_many_sequences_it_evaluated_not_how_many_were_asked_for(t
     assert f"| {micro_batches * cfg.train.micro_batch} sequences" in done.stdout, done.stdout
 
 
+def test_eval_with_fewer_samples_than_a_micro_batch_names_eval_max_samples(trained):
+    """eval.interval=0 passes the config's check (a training run then skips validation); `ratpt eval` still
+    validates, and the batches it opens said the split was too small."""
+    done = run_ratpt("eval", str(trained[0]), "eval.max_samples=2", "eval.interval=0")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "eval.max_samples (2) is fewer than one micro-batch (4) per rank (1): raise it to at least 4" in done.stderr
+
+
 def test_eval_with_another_model_is_refused_naming_the_keys(trained):
     done = run_ratpt("eval", str(trained[0]), "model.n_layers=3")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert "model.n_layers: 2 there, 3 here" in done.stderr and "drop those model.* overrides" in done.stderr
+    assert "model.n_layers: 2 there, 3 here" in done.stderr and "drop those model.* overrides)" in done.stderr
+    assert "train a new one" not in done.stderr, "training advice for a command that trains nothing"
 
 
 def test_eval_and_export_of_a_corrupt_checkpoint_name_the_file(trained, tmp_path):

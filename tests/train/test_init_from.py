@@ -42,6 +42,7 @@ def test_another_model_shape_is_refused_naming_the_keys(byte_data, short, tmp_pa
                                      f"checkpoint.init_from={short[0]}"))
     assert done.returncode == 2
     assert "checkpoint.init_from" in done.stderr and "model.d_model: 64 there, 128 here" in done.stderr
+    assert "or start from a checkpoint of this model" in done.stderr
     assert latest_checkpoint(tmp_path / "wide" / "checkpoints") is None
 
 

@@ -272,6 +272,7 @@ def test_resuming_with_another_model_is_refused_naming_the_keys(byte_data, train
     run_dir = shutil.copytree(trained_run, tmp_path / "run")
     other = ratpt("train", *small_run(byte_data, run_dir, "train.steps=4", "model.n_layers=3"))
     assert other.returncode == 2 and "model.n_layers: 2 there, 3 here" in other.stderr, other.stderr[-2000:]
+    assert "or train a new one (another out_dir, or checkpoint.resume=never)" in other.stderr
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000002"
     assert load_config(run_dir / "config.yaml").model.n_layers == 2, "a refused run leaves the config"
 
