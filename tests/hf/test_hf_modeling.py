@@ -1,4 +1,6 @@
 """RATForCausalLM (the exported modeling code) against ratpt's own model: logits, padding, the cache, generate()."""
+import re
+
 import pytest
 import torch
 from hf_helpers import VOCAB, hf_model_of, random_model, small_config
@@ -111,3 +113,13 @@ def test_an_empty_transformers_cache_means_a_prefill_and_a_filled_one_is_an_erro
         filled.update(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), 0)
         with pytest.raises(ValueError, match="RATCache only"):
             hf_model(tokens, past_key_values=filled, use_cache=True)
+
+
+@pytest.mark.parametrize("key, value", [("chunk_size", "16"), ("chunk_size", 16.0), ("n_layers", 4.0), ("d_model", "128"),
+                                        ("vocab_size", None), ("ngroups", True), ("ffn_mult", "4"), ("norm_eps", -1.0),
+                                        ("rope_base", 0.0), ("rope_base", "10000"), ("mixers", "rat")])
+def test_a_config_value_of_the_wrong_type_or_range_is_an_error_naming_the_field(key, value):
+    from ratpt.hf.configuration_rat import RATConfig
+
+    with pytest.raises(ValueError, match=rf"RATConfig\.{key} must be .*got {re.escape(repr(value))}"):
+        RATConfig(**{key: value})
