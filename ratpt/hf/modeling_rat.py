@@ -346,6 +346,7 @@ class RATForCausalLM(RATPreTrainedModel, GenerationMixin):
                                  f"{type(past_key_values).__name__}")
             past_key_values = None  # transformers >= 5 gives generate() an empty cache of its own: prefill
         if past_key_values is not None:
+            check_cache_fits(past_key_values, input_ids, attention_mask, self.config)
             hidden = torch.cat([self.model.decode_step(input_ids[:, i], past_key_values)
                                 for i in range(input_ids.shape[1])], dim=1)
         else:
@@ -397,6 +398,33 @@ def check_input_ids(input_ids: torch.Tensor | None, vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, {vocab_size}) (config.vocab_size), got ids from {low} to "
                          f"{high}")
+
+
+def cache_kind(state) -> str:
+    """The mixer whose layer state `state` is."""
+    if isinstance(state, RATLayerState):
+        return "rat"
+    if isinstance(state, RNNState):
+        return "rnn"
+    return "attention" if state.window is None else "swa"
+
+
+def check_cache_fits(cache: RATCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     config: RATConfig) -> None:
+    """ValueError unless `cache` is one of this model's for input_ids' batch, and attention_mask (as generate()
+    extends it) marks the new tokens real: a cached sequence cannot skip a token."""
+    kinds = [cache_kind(state) for state in cache.layers]
+    expected = [config.mixer_of_layer(i) for i in range(config.n_layers)]
+    if kinds != expected:
+        raise ValueError(f"past_key_values holds the layers {kinds}, not this model's {expected}: it is another "
+                         f"model's cache")
+    if cache.lengths.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"past_key_values holds {cache.lengths.shape[0]} sequences, input_ids "
+                         f"{input_ids.shape[0]}")
+    if attention_mask is not None and (attention_mask.shape[0] != input_ids.shape[0]
+                                       or not bool(attention_mask[:, -input_ids.shape[1]:].bool().all())):
+        raise ValueError("attention_mask must mark the new tokens of a cached batch real (its last "
+                         "input_ids.shape[1] columns all 1): a sequence continues from each token it is fed")
 
 
 def padding_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,3 +172,17 @@ def test_an_attention_mask_of_another_shape_is_named_as_such():
     hf_model = hf_model_of(random_model(small_config(["rat"])))
     with pytest.raises(ValueError, match=r"attention_mask must have input_ids' shape \(2, 23\), got \(2, 5\)"):
         hf_model(torch.randint(0, VOCAB, (2, T)), attention_mask=torch.ones(2, 5))
+
+
+def test_a_cache_of_another_batch_or_model_or_a_masked_new_token_is_refused():
+    hf_model = hf_model_of(random_model(small_config(["rat", "swa"])))
+    other = hf_model_of(random_model(small_config(["rat"])))
+    tokens = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        cache = hf_model(tokens, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="past_key_values holds 2 sequences, input_ids 3"):
+            hf_model(torch.randint(0, VOCAB, (3, 1)), past_key_values=cache)
+        with pytest.raises(ValueError, match=r"past_key_values holds the layers \['rat', 'rat'\], not this model's"):
+            hf_model(tokens[:, :1], past_key_values=other(tokens, use_cache=True).past_key_values)
+        with pytest.raises(ValueError, match="attention_mask must mark the new tokens of a cached batch real"):
+            hf_model(tokens[:, :1], past_key_values=cache, attention_mask=torch.tensor([[1] * 24, [1] * 23 + [0]]))
