@@ -1,0 +1,29 @@
+"""The launch scripts' own argument checks, without SLURM: each refuses a bad argument or environment at
+once, naming it, before any job step or training process starts (fast; the SLURM runs are in
+test_slurm_training.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ARRAY_TASK = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MIN": "0",
+              "SLURM_ARRAY_TASK_MAX": "0"}
+
+
+def run_script(script: Path, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`bash script args` in `cwd` with the environment's SLURM_* and RATPT_* replaced by `env`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RATPT_"))}
+    return subprocess.run(["bash", str(script), *args], cwd=cwd, env=base | env, capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_tokenize_refuses_a_missing_list_instead_of_finishing_with_no_inputs(tmp_path):
+    env = ARRAY_TASK | {"RATPT_REPO": str(tmp_path), "RATPT_PYTHON": "/bin/false"}
+    result = run_script(REPO / "launch" / "tokenize.sh", ["missing list.txt", "out dir"], tmp_path, env)
+    assert result.returncode == 2
+    assert "LIST missing list.txt is not a readable file" in result.stderr
