@@ -27,3 +27,10 @@ def test_tokenize_refuses_a_missing_list_instead_of_finishing_with_no_inputs(tmp
     result = run_script(REPO / "launch" / "tokenize.sh", ["missing list.txt", "out dir"], tmp_path, env)
     assert result.returncode == 2
     assert "LIST missing list.txt is not a readable file" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["rat_1p3b.sh", "rat_1p3b_128k.sh"])
+def test_a_cluster_script_outside_the_repository_says_where_to_submit_from(tmp_path, script):
+    result = run_script(REPO / "launch" / script, [], tmp_path, {"SLURM_SUBMIT_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "submit from the repository root" in result.stderr and "RATPT_REPO" in result.stderr
