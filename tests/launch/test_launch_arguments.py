@@ -34,3 +34,18 @@ def test_a_cluster_script_outside_the_repository_says_where_to_submit_from(tmp_p
     result = run_script(REPO / "launch" / script, [], tmp_path, {"SLURM_SUBMIT_DIR": str(tmp_path)})
     assert result.returncode == 2
     assert "submit from the repository root" in result.stderr and "RATPT_REPO" in result.stderr
+
+
+def test_slurm_train_refuses_a_missing_config_before_starting_a_job_step(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, body in (("scontrol", "echo node1"), ("srun", f"touch {tmp_path}/srun_ran")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {"RATPT_REPO": str(REPO), "RATPT_PYTHON": "/bin/false", "RATPT_MASTER_PORT": "29500",
+           "SLURM_JOB_ID": "1", "SLURM_NTASKS": "1", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = run_script(REPO / "launch" / "slurm_train.sh", ["configs/no such config.yaml"], tmp_path, env)
+    assert result.returncode == 2
+    assert "config configs/no such config.yaml is not a file" in result.stderr
+    assert not (tmp_path / "srun_ran").exists()
