@@ -49,3 +49,19 @@ def test_slurm_train_refuses_a_missing_config_before_starting_a_job_step(tmp_pat
     assert result.returncode == 2
     assert "config configs/no such config.yaml is not a file" in result.stderr
     assert not (tmp_path / "srun_ran").exists()
+
+
+def test_streams_of_without_a_folder_prints_its_usage():
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "streams_of.py")], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("usage: python launch/streams_of.py OUT")
+
+
+def test_streams_of_quotes_a_path_with_a_comma_and_a_colon(tmp_path):
+    out = tmp_path / "a, b: c"
+    (out / "part_000").mkdir(parents=True)
+    (out / "part_000" / "stats.json").write_text(json.dumps({"tokens": {"train": 7}}))
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "streams_of.py"), str(out)], capture_output=True,
+                            text=True, check=True)
+    key, value = result.stdout.strip().split("=", 1)
+    assert key == "data.streams"
+    assert yaml.safe_load(value) == [{"path": str(out / "part_000"), "weight": 7}]
