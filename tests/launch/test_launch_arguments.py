@@ -65,3 +65,18 @@ def test_streams_of_quotes_a_path_with_a_comma_and_a_colon(tmp_path):
     key, value = result.stdout.strip().split("=", 1)
     assert key == "data.streams"
     assert yaml.safe_load(value) == [{"path": str(out / "part_000"), "weight": 7}]
+
+
+def test_local_train_takes_relative_paths_from_where_it_is_run(tmp_path):
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\nif [ "$1" = -c ]; then echo 0; else echo "$PWD $*"; fi\n')
+    fake_python.chmod(0o755)
+    result = run_script(REPO / "launch" / "local_train.sh", ["configs/tiny.yaml"], tmp_path,
+                        {"RATPT_PYTHON": str(fake_python)})
+    assert result.stdout.strip() == f"{tmp_path} -m ratpt train configs/tiny.yaml"
+
+
+def test_local_train_without_a_python_says_how_to_get_one(tmp_path):
+    result = run_script(REPO / "launch" / "local_train.sh", ["configs/tiny.yaml"], tmp_path,
+                        {"RATPT_PYTHON": str(tmp_path / "no python")})
+    assert result.returncode == 2 and "run launch/setup_env.sh, or set RATPT_PYTHON" in result.stderr
