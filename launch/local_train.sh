@@ -7,9 +7,14 @@
 #
 # SIGTERM to this script's process makes every rank checkpoint after its current step and exit
 # (torchrun passes it on, and kills ranks still running 30 s later); the same command resumes.
+# Relative paths (CONFIG, overrides, the config's own) are taken from where it is run, as by `ratpt train`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${RATPT_PYTHON:-.venv/bin/python}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${RATPT_PYTHON:-$REPO/.venv/bin/python}
+if ! command -v "$PYTHON" >/dev/null; then
+    echo "no Python at $PYTHON: run launch/setup_env.sh, or set RATPT_PYTHON" >&2
+    exit 2
+fi
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 NPROC=${RATPT_NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}
 if [[ $NPROC -eq 1 ]]; then

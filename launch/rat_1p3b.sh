@@ -23,4 +23,10 @@
 ##SBATCH --partition=gpu
 ##SBATCH --account=my_account
 export RATPT_CONFIG=${RATPT_CONFIG:-configs/rat_1p3b.yaml}
-exec bash "${RATPT_REPO:-$SLURM_SUBMIT_DIR}/launch/slurm_train.sh" "$@"
+REPO=${RATPT_REPO:-${SLURM_SUBMIT_DIR:-}}
+if [[ ! -f $REPO/launch/slurm_train.sh ]]; then
+    echo "no launch/slurm_train.sh in '$REPO': submit from the repository root (sbatch launch/rat_1p3b.sh)" \
+         "or set RATPT_REPO to it" >&2
+    exit 2
+fi
+exec bash "$REPO/launch/slurm_train.sh" "$@"

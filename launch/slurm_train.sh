@@ -35,6 +35,10 @@ if [[ $# -gt 0 && $1 == *.yaml ]]; then
     CONFIG=$1
     shift
 fi
+if [[ ! -f $CONFIG ]]; then  # found here, before srun starts torchrun on every node to find it missing
+    echo "launch/slurm_train.sh: config $CONFIG is not a file (relative paths are from $REPO)" >&2
+    exit 2
+fi
 read -r -a OVERRIDES <<< "${RATPT_OVERRIDES:-}"
 OVERRIDES+=("$@")
 

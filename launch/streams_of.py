@@ -13,9 +13,12 @@ def streams_override(out: Path) -> str:
     if not parts:
         raise SystemExit(f"{out} holds no finished part_*/stats.json: has the tokenize job array finished?")
     weights = [json.loads((p / "stats.json").read_text())["tokens"]["train"] for p in parts]
-    streams = ", ".join(f"{{path: {p}, weight: {w}}}" for p, w in zip(parts, weights) if w > 0)
+    # each path as a quoted (JSON, hence YAML) string: a ", " or ": " in it would otherwise split the mapping
+    streams = ", ".join(f"{{path: {json.dumps(str(p))}, weight: {w}}}" for p, w in zip(parts, weights) if w > 0)
     return f"data.streams=[{streams}]"
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python launch/streams_of.py OUT  (the OUT folder of launch/tokenize.sh)")
     print(streams_override(Path(sys.argv[1])))

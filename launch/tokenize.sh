@@ -28,6 +28,10 @@ fi
 LIST=$1
 OUT=$2
 shift 2
+if [[ ! -f $LIST || ! -r $LIST ]]; then
+    echo "LIST $LIST is not a readable file (relative paths are from $REPO)" >&2
+    exit 2
+fi
 : "${SLURM_ARRAY_TASK_ID:?submit as a job array: sbatch --array=0-<N-1> launch/tokenize.sh LIST OUT}"
 TASK=$SLURM_ARRAY_TASK_ID
 COUNT=$SLURM_ARRAY_TASK_COUNT

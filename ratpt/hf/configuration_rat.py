@@ -43,7 +43,7 @@ class RATConfig(PretrainedConfig):
         self.head_dim = head_dim
         self.ngroups = ngroups
         self.chunk_size = chunk_size
-        self.mixers = list(mixers) if mixers is not None else ["rat"]
+        self.mixers = ["rat"] if mixers is None else mixers if isinstance(mixers, str) else list(mixers)
         self.window = window
         self.ffn = ffn
         self.ffn_mult = ffn_mult
@@ -66,17 +66,22 @@ class RATConfig(PretrainedConfig):
         return self.mixers[layer % len(self.mixers)]
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that cannot build a model."""
+        """Raise ValueError naming the first field that cannot build a model, or would build one whose outputs
+        are NaN (config.json is hand-editable: a quoted number or a float count must not reach PyTorch)."""
         for name in ("vocab_size", "d_model", "n_layers", "head_dim", "ngroups", "chunk_size", "window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RATConfig.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RATConfig.{name} must be an integer >= 1, got {value!r}")
+        for name, low in (("ffn_mult", 0), ("norm_eps", 0), ("rope_base", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > low:
+                raise ValueError(f"RATConfig.{name} must be a number > {low}, got {value!r}")
         if self.d_model % self.head_dim or self.head_dim % 2:
             raise ValueError(f"RATConfig.head_dim ({self.head_dim}) must be even and divide d_model ({self.d_model})")
         if self.num_attention_heads % self.ngroups:
             raise ValueError(f"RATConfig.ngroups ({self.ngroups}) must divide the {self.num_attention_heads} heads")
-        unknown = [m for m in self.mixers if m not in MIXERS]
-        if not self.mixers or unknown:
-            raise ValueError(f"RATConfig.mixers must list mixers from {MIXERS}, got {self.mixers}")
+        if isinstance(self.mixers, str) or not self.mixers or any(m not in MIXERS for m in self.mixers):
+            raise ValueError(f"RATConfig.mixers must be a list of mixers from {MIXERS}, got {self.mixers!r}")
         if self.ffn not in ("gelu", "swiglu"):
             raise ValueError(f"RATConfig.ffn must be 'gelu' or 'swiglu', got {self.ffn!r}")
         if self.kernels not in KERNELS:

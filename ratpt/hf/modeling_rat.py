@@ -320,24 +320,33 @@ class RATForCausalLM(RATPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embedding = value
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 past_key_values: RATCache | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                use_cache: bool | None = None, logits_to_keep: int = 0, return_dict: bool | None = None,
+                **kwargs) -> CausalLMOutputWithPast | tuple:
         """Logits [B, T, vocab] (the last `logits_to_keep` positions if > 0) and, with `use_cache`, the cache.
 
         Without a cache, `attention_mask` may pad either side (each row's ones must be contiguous): left
         padding is moved to the right, so every sequence is computed from its first real token. With a
-        cache, `input_ids` are new tokens that every sequence continues with.
+        cache, `input_ids` are new tokens that every sequence continues with. Arguments of other models
+        that this one cannot honour (inputs_embeds, position_ids, output_attentions, output_hidden_states)
+        are refused rather than ignored; `cache_position` is ignored: the cache knows each row's position.
         """
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("RATForCausalLM takes input_ids, not inputs_embeds")
+        refuse_unsupported(kwargs)
+        check_input_ids(input_ids, self.config.vocab_size)
+        if labels is not None and (labels.shape != input_ids.shape or logits_to_keep > 0):
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)} and need every "
+                             f"position's logits (logits_to_keep 0), got shape {tuple(labels.shape)} and "
+                             f"logits_to_keep {logits_to_keep}")
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if past_key_values is not None and not isinstance(past_key_values, RATCache):
             if past_key_values.get_seq_length() > 0:
                 raise ValueError(f"RATForCausalLM continues its own RATCache only, not a "
                                  f"{type(past_key_values).__name__}")
             past_key_values = None  # transformers >= 5 gives generate() an empty cache of its own: prefill
         if past_key_values is not None:
+            check_cache_fits(past_key_values, input_ids, attention_mask, self.config)
             hidden = torch.cat([self.model.decode_step(input_ids[:, i], past_key_values)
                                 for i in range(input_ids.shape[1])], dim=1)
         else:
@@ -353,13 +362,77 @@ class RATForCausalLM(RATPreTrainedModel, GenerationMixin):
         logits = F.linear(hidden, self.model.embedding.weight.to(hidden.dtype))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(),
+                                   ignore_index=-100)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits,
+                                        past_key_values=past_key_values if use_cache else None)
+        return output if return_dict else output.to_tuple()
+
+
+UNSUPPORTED = {
+    "inputs_embeds": "it takes input_ids",
+    "position_ids": "each row's positions count from its first real token (attention_mask) and the cache",
+    "output_attentions": "RAT and RNN layers have no attention weights over tokens",
+    "output_hidden_states": "it returns logits only",
+}
+
+
+def refuse_unsupported(kwargs: dict) -> None:
+    """ValueError naming the first argument given (not None, not False) that RATForCausalLM cannot honour."""
+    for name, why in UNSUPPORTED.items():
+        if kwargs.get(name) is not None and kwargs[name] is not False:
+            raise ValueError(f"RATForCausalLM does not take {name}: {why}")
+
+
+def check_input_ids(input_ids: torch.Tensor | None, vocab_size: int) -> None:
+    """ValueError unless input_ids are integer token ids below `vocab_size`, at least one per row, [B, T]
+    (an id out of range would otherwise be an index error deep in the embedding, on a GPU an assert)."""
+    if input_ids is None:
+        raise ValueError("RATForCausalLM needs input_ids, token ids [batch, tokens]")
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be [batch, tokens] with at least one of each, got shape "
+                         f"{tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}) (config.vocab_size), got ids from {low} to "
+                         f"{high}")
+
+
+def cache_kind(state) -> str:
+    """The mixer whose layer state `state` is."""
+    if isinstance(state, RATLayerState):
+        return "rat"
+    if isinstance(state, RNNState):
+        return "rnn"
+    return "attention" if state.window is None else "swa"
+
+
+def check_cache_fits(cache: RATCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     config: RATConfig) -> None:
+    """ValueError unless `cache` is one of this model's for input_ids' batch, and attention_mask (as generate()
+    extends it) marks the new tokens real: a cached sequence cannot skip a token."""
+    kinds = [cache_kind(state) for state in cache.layers]
+    expected = [config.mixer_of_layer(i) for i in range(config.n_layers)]
+    if kinds != expected:
+        raise ValueError(f"past_key_values holds the layers {kinds}, not this model's {expected}: it is another "
+                         f"model's cache")
+    if cache.lengths.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"past_key_values holds {cache.lengths.shape[0]} sequences, input_ids "
+                         f"{input_ids.shape[0]}")
+    if attention_mask is not None and (attention_mask.shape[0] != input_ids.shape[0]
+                                       or not bool(attention_mask[:, -input_ids.shape[1]:].bool().all())):
+        raise ValueError("attention_mask must mark the new tokens of a cached batch real (its last "
+                         "input_ids.shape[1] columns all 1): a sequence continues from each token it is fed")
 
 
 def padding_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(first real position, number of real tokens) [B] of each row; ValueError unless its ones are one run."""
     B, T = input_ids.shape
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(attention_mask.shape)}")
     if attention_mask is None:
         zeros = torch.zeros(B, dtype=torch.long, device=input_ids.device)
         return zeros, zeros + T

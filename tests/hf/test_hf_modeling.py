@@ -1,4 +1,6 @@
 """RATForCausalLM (the exported modeling code) against ratpt's own model: logits, padding, the cache, generate()."""
+import re
+
 import pytest
 import torch
 from hf_helpers import VOCAB, hf_model_of, random_model, small_config
@@ -111,3 +113,76 @@ def test_an_empty_transformers_cache_means_a_prefill_and_a_filled_one_is_an_erro
         filled.update(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), 0)
         with pytest.raises(ValueError, match="RATCache only"):
             hf_model(tokens, past_key_values=filled, use_cache=True)
+
+
+@pytest.mark.parametrize("key, value", [("chunk_size", "16"), ("chunk_size", 16.0), ("n_layers", 4.0), ("d_model", "128"),
+                                        ("vocab_size", None), ("ngroups", True), ("ffn_mult", "4"), ("norm_eps", -1.0),
+                                        ("rope_base", 0.0), ("rope_base", "10000"), ("mixers", "rat")])
+def test_a_config_value_of_the_wrong_type_or_range_is_an_error_naming_the_field(key, value):
+    from ratpt.hf.configuration_rat import RATConfig
+
+    with pytest.raises(ValueError, match=rf"RATConfig\.{key} must be .*got {re.escape(repr(value))}"):
+        RATConfig(**{key: value})
+
+
+def test_return_dict_false_gives_the_outputs_as_a_tuple():
+    hf_model = hf_model_of(random_model(small_config(["rat", "swa"])))
+    tokens = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        full = hf_model(tokens, labels=tokens, use_cache=True)
+        loss, logits, cache = hf_model(tokens, labels=tokens, use_cache=True, return_dict=False)
+    assert torch.equal(loss, full.loss) and torch.equal(logits, full.logits)
+    assert type(cache) is type(full.past_key_values)
+
+
+@pytest.mark.parametrize("name, value", [("inputs_embeds", torch.zeros(2, T, 32)), ("position_ids", torch.arange(T)[None] + 5),
+                                         ("output_attentions", True), ("output_hidden_states", True)])
+def test_arguments_the_model_cannot_honour_are_refused_by_name(name, value):
+    hf_model = hf_model_of(random_model(small_config(["rat"])))
+    with pytest.raises(ValueError, match=f"does not take {name}"):
+        hf_model(torch.randint(0, VOCAB, (2, T)), **{name: value})
+
+
+@pytest.mark.parametrize("input_ids, message", [
+    (None, "needs input_ids"), (torch.zeros(T, dtype=torch.long), r"input_ids must be \[batch, tokens\].*\(23,\)"),
+    (torch.zeros(2, 0, dtype=torch.long), r"input_ids must be \[batch, tokens\].*\(2, 0\)"),
+    (torch.zeros(2, T), "input_ids must be integer token ids, got torch.float32"),
+    (torch.full((2, T), VOCAB), rf"input_ids must lie in \[0, {VOCAB}\).*from {VOCAB} to {VOCAB}"),
+    (torch.full((2, T), -1), "input_ids must lie in .* from -1 to -1")])
+def test_input_ids_that_are_no_token_ids_are_an_error_naming_them(input_ids, message):
+    hf_model = hf_model_of(random_model(small_config(["rat"])))
+    with pytest.raises(ValueError, match=message):
+        hf_model(input_ids)
+
+
+def test_labels_give_the_cross_entropy_of_ratpts_logits_and_misfit_labels_are_refused():
+    model = random_model(small_config(["rat", "swa"]))
+    hf_model = hf_model_of(model)
+    tokens = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        torch.testing.assert_close(hf_model(tokens, labels=tokens.int()).loss, expected, rtol=1e-6, atol=1e-6)
+        with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(2, 23\).*got shape \(2, 5\)"):
+            hf_model(tokens, labels=tokens[:, :5])
+        with pytest.raises(ValueError, match="labels .* logits_to_keep 1"):
+            hf_model(tokens, labels=tokens, logits_to_keep=1)
+
+
+def test_an_attention_mask_of_another_shape_is_named_as_such():
+    hf_model = hf_model_of(random_model(small_config(["rat"])))
+    with pytest.raises(ValueError, match=r"attention_mask must have input_ids' shape \(2, 23\), got \(2, 5\)"):
+        hf_model(torch.randint(0, VOCAB, (2, T)), attention_mask=torch.ones(2, 5))
+
+
+def test_a_cache_of_another_batch_or_model_or_a_masked_new_token_is_refused():
+    hf_model = hf_model_of(random_model(small_config(["rat", "swa"])))
+    other = hf_model_of(random_model(small_config(["rat"])))
+    tokens = torch.randint(0, VOCAB, (2, T))
+    with torch.no_grad():
+        cache = hf_model(tokens, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="past_key_values holds 2 sequences, input_ids 3"):
+            hf_model(torch.randint(0, VOCAB, (3, 1)), past_key_values=cache)
+        with pytest.raises(ValueError, match=r"past_key_values holds the layers \['rat', 'rat'\], not this model's"):
+            hf_model(tokens[:, :1], past_key_values=other(tokens, use_cache=True).past_key_values)
+        with pytest.raises(ValueError, match="attention_mask must mark the new tokens of a cached batch real"):
+            hf_model(tokens[:, :1], past_key_values=cache, attention_mask=torch.tensor([[1] * 24, [1] * 23 + [0]]))
