@@ -23,10 +23,7 @@
 ##SBATCH --partition=gpu
 ##SBATCH --account=my_account
 export RATPT_CONFIG=${RATPT_CONFIG:-configs/rat_1p3b.yaml}
-REPO=${RATPT_REPO:-${SLURM_SUBMIT_DIR:-}}
-if [[ ! -f $REPO/launch/slurm_train.sh ]]; then
-    echo "no launch/slurm_train.sh in '$REPO': submit from the repository root (sbatch launch/rat_1p3b.sh)" \
-         "or set RATPT_REPO to it" >&2
-    exit 2
-fi
+REPO=${RATPT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+[[ -f $REPO/launch/slurm_train.sh ]] || { echo "no launch/slurm_train.sh in $REPO: submit from the repository root" \
+    "(sbatch launch/rat_1p3b.sh) or set RATPT_REPO to it" >&2; exit 2; }
 exec bash "$REPO/launch/slurm_train.sh" "$@"
