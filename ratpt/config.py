@@ -384,6 +384,9 @@ def validate_parallel_shape(cfg: Config) -> None:
              f"({m.vocab_size}) for the vocab-parallel embedding; round the vocab up")
     hidden = round(m.ffn_mult * m.d_model)
     _require(hidden % p.tensor == 0, f"parallel.tensor ({p.tensor}) must divide the FFN width ({hidden})")
+    _require(p.virtual_stages == 1 or p.pipeline > 1,
+             f"parallel.virtual_stages ({p.virtual_stages}) interleaves model chunks over the pipeline stages, but "
+             f"parallel.pipeline is {p.pipeline}: set parallel.pipeline > 1, or parallel.virtual_stages=1")
     chunks = p.pipeline * p.virtual_stages
     _require(m.n_layers >= chunks, f"model.n_layers ({m.n_layers}) must be >= parallel.pipeline × "
              f"parallel.virtual_stages = {chunks} (every stage holds at least one layer)")

@@ -60,3 +60,12 @@ def test_tensor_parallel_must_leave_whole_query_key_groups_per_rank():
     with pytest.raises(ConfigError, match=r"parallel.tensor \(4\) must leave a multiple of model.ngroups \(2\)"):
         load_config(None, BASE + ["parallel.tensor=4"])
     load_config(None, BASE + ["parallel.tensor=4", "model.mixers=[attention]"])
+
+
+@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
+def test_virtual_stages_without_a_pipeline_are_refused_naming_both_keys(engine):
+    # megatron-core raised "pipeline-model-parallel size should be greater than 1" on every rank; one process
+    # and DeepSpeed ignored the key
+    with pytest.raises(ConfigError, match=r"parallel.virtual_stages \(2\).*parallel.pipeline is 1"):
+        load_config(None, BASE + ["parallel.virtual_stages=2", f"train.engine={engine}"])
+    load_config(None, BASE + ["parallel.virtual_stages=2", "parallel.pipeline=2"])
