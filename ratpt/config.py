@@ -392,6 +392,10 @@ def validate_parallel_shape(cfg: Config) -> None:
              f"parallel.virtual_stages = {chunks} (every stage holds at least one layer)")
     _require(p.context_layout in ("contiguous", "zigzag"),
              f"parallel.context_layout must be contiguous|zigzag, got {p.context_layout!r}")
+    _require(p.context == 1 or "rnn" not in m.mixers,
+             f"parallel.context ({p.context}) cuts every sequence over ranks, but the rnn layers of model.mixers "
+             f"({m.mixers}) run one recurrence over the whole sequence, which cannot cross ranks: set "
+             "parallel.context=1, or leave rnn out of model.mixers")
     seq = cfg.data.seq_len
     unit = m.chunk_size if "rat" in m.mixers else 1
     zigzag = p.context > 1 and p.context_layout == "zigzag"

@@ -69,3 +69,11 @@ def test_virtual_stages_without_a_pipeline_are_refused_naming_both_keys(engine):
     with pytest.raises(ConfigError, match=r"parallel.virtual_stages \(2\).*parallel.pipeline is 1"):
         load_config(None, BASE + ["parallel.virtual_stages=2", f"train.engine={engine}"])
     load_config(None, BASE + ["parallel.virtual_stages=2", "parallel.pipeline=2"])
+
+
+@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
+def test_context_parallelism_of_rnn_layers_is_refused_naming_the_keys(engine):
+    # the engines raised NotImplementedError from apply_context_parallel, a traceback on every rank
+    with pytest.raises(ConfigError, match=r"parallel.context \(2\).*rnn layers of model.mixers"):
+        load_config(None, BASE + ["model.mixers=[rat,rnn]", "parallel.context=2", f"train.engine={engine}"])
+    load_config(None, BASE + ["model.mixers=[rat,rnn]", "parallel.tensor=2"])
