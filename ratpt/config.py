@@ -329,13 +329,21 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
 
 
 def check_deepspeed_extra(extra: dict[str, Any], prefix: str = "") -> None:
-    """Reject `deepspeed.extra` keys that the ratpt config owns, naming the ratpt key to use."""
+    """Reject `deepspeed.extra` keys that the ratpt config owns, naming the ratpt key to use; and a value other
+    than a mapping for a section holding such keys (zero_optimization, bf16, ...), which would replace the
+    section, and with it the owned keys, instead of merging into it."""
     for key, value in extra.items():
         path = f"{prefix}{key}"
         if path in DEEPSPEED_OWNED:
             raise ConfigError(f"deepspeed.extra.{path} is set from the ratpt config: use {DEEPSPEED_OWNED[path]}")
         if isinstance(value, dict):
             check_deepspeed_extra(value, f"{path}.")
+            continue
+        owned_inside = [owned for owned in DEEPSPEED_OWNED if owned.startswith(f"{path}.")]
+        if owned_inside:
+            raise ConfigError(f"deepspeed.extra.{path} must be a mapping of keys to merge into DeepSpeed's {path} "
+                              f"section, got {value!r}: a value would replace the section, whose "
+                              f"{', '.join(owned_inside)} the ratpt config sets")
 
 
 def validate_downstream_eval(cfg: Config) -> None:

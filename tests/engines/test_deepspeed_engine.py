@@ -92,6 +92,19 @@ def test_extra_keys_that_the_ratpt_config_owns_are_rejected(extra, ratpt_key):
         base_config(f"deepspeed.extra={extra}")  # when the config is loaded, before anything runs
 
 
+@pytest.mark.parametrize("extra, section", [
+    ("{zero_optimization: 3}", "zero_optimization"),
+    ("{bf16: false}", "bf16"),
+    ("{optimizer: adam}", "optimizer"),
+    ("{zero_optimization: {offload_optimizer: none}}", "zero_optimization.offload_optimizer"),
+])
+def test_an_extra_value_that_would_replace_a_section_the_ratpt_config_fills_is_rejected(extra, section):
+    # merged as it was, DeepSpeed failed at start-up with a TypeError traceback ('int' object is not subscriptable)
+    with pytest.raises(ConfigError, match=re.escape(f"deepspeed.extra.{section} must be a mapping")):
+        base_config(f"deepspeed.extra={extra}")
+    base_config("deepspeed.extra={zero_optimization: {offload_optimizer: {pin_memory: false}}, bf16: {}}")
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["deepspeed.offload_params=true"], "deepspeed.offload_params"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
