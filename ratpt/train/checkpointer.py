@@ -23,6 +23,7 @@ from ratpt.checkpoint import (CONFIG_FILE, CheckpointError, checkpoint_step, lis
 from ratpt.config import Config
 from ratpt.data.dataset import check_trained_tokenizer
 from ratpt.engines import Engine
+from ratpt.engines.deepspeed_checkpoint import TAG as DEEPSPEED_TAG
 from ratpt.engines.megatron_checkpoint import is_distributed, read_plain_state
 from ratpt.files import checksum_mismatch
 from ratpt.parallel.process_group import on_rank0
@@ -84,6 +85,7 @@ def _choose_resume(cfg: Config) -> Optional[Path]:
         path = verify_checkpoint(Path(resume))
         check_no_newer_checkpoints(path, resume, directory)
     if path is not None:
+        check_same_engine(cfg, path)
         check_same_model(cfg, path)
         check_trained_tokenizer(str(path), cfg.data.streams, cfg.model.vocab_size)
     return path
@@ -172,6 +174,23 @@ def check_same_model(cfg: Config, checkpoint: Path, may_change: frozenset[str] =
     if changed:
         raise CheckpointError(f"{checkpoint} ({use}) holds another model ({'; '.join(changed)}): use the model it "
                               f"was trained with (drop those model.* overrides){CHECKPOINT_USES[use]}")
+
+
+def check_same_engine(cfg: Config, checkpoint: Path) -> None:
+    """Refuse to resume the checkpoint directory `checkpoint` with another engine's state format before any
+    engine is built: DeepSpeed's ZeRO partitions only DeepSpeed reads, and DeepSpeed reads nothing else (the
+    other engines failed on the missing "model" with a KeyError, DeepSpeed only after its start-up)."""
+    written_by_deepspeed = (checkpoint / DEEPSPEED_TAG).is_dir()
+    if written_by_deepspeed and cfg.train.engine != "deepspeed":
+        raise CheckpointError(
+            f"{checkpoint} (checkpoint.resume) was written by train.engine=deepspeed, which alone resumes it: set "
+            f"train.engine=deepspeed, or consolidate it (`python -m ratpt.engines.deepspeed_checkpoint {checkpoint} "
+            f"OUT_DIR`) and start a new run from its weights with checkpoint.init_from=OUT_DIR (another out_dir)")
+    if cfg.train.engine == "deepspeed" and not written_by_deepspeed:
+        raise CheckpointError(
+            f"{checkpoint} (checkpoint.resume) was written by train.engine=megatron, which alone resumes it: set "
+            f"train.engine=megatron, or start a new DeepSpeed run from its weights with "
+            f"checkpoint.init_from={checkpoint} (another out_dir)")
 
 
 def schedule_change(cfg: Config, checkpoint: Path, step: int) -> Optional[str]:

@@ -79,3 +79,31 @@ def test_a_checkpoint_missing_pieces_of_a_tensor_is_refused(tmp_path):
     (tmp_path / DIST_DIR / ".metadata").write_bytes(pickle.dumps(Metadata({"model.w": stored})))
     with pytest.raises(CheckpointError, match="model.w has 6 of its 12 elements"):
         read_plain_state(tmp_path)
+
+
+def _checkpoint_of(engine: str, out_dir) -> None:
+    """A complete, checksummed checkpoint of step 2 in the form `engine` writes (its state files are stand-ins)."""
+    from ratpt.checkpoint import finish_checkpoint, start_checkpoint
+    from ratpt.engines.deepspeed_checkpoint import TAG
+
+    tmp = start_checkpoint(out_dir / "checkpoints", 2)
+    if engine == "deepspeed":
+        (tmp / TAG).mkdir()
+        torch.save({"partition": torch.zeros(2)}, tmp / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        state = {"engine": "deepspeed", "step": 2}
+    else:
+        state = {"model": {}, "optimizer": {}, "step": 2}
+    finish_checkpoint(tmp, state, "name: t\n", None, None)
+
+
+@pytest.mark.parametrize("written_by, resumed_by", [("deepspeed", "megatron"), ("megatron", "deepspeed")])
+def test_a_checkpoint_of_another_engine_is_refused_before_any_engine_is_built(tmp_path, written_by, resumed_by):
+    # a DeepSpeed checkpoint resumed by train.engine=megatron failed with KeyError: 'model' in the engine's load;
+    # DeepSpeed refused a megatron checkpoint, but only once its engine was built
+    from ratpt.train.checkpointer import resume_path
+
+    _checkpoint_of(written_by, tmp_path)
+    cfg = load_config(None, VALID + [f"out_dir={tmp_path}", f"train.engine={resumed_by}"])
+    with pytest.raises(CheckpointError, match=rf"written by train.engine={written_by}.*set train.engine={written_by}"
+                                              r".*checkpoint.init_from="):
+        resume_path(cfg)
