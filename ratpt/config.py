@@ -419,6 +419,11 @@ def validate_parallel_shape(cfg: Config) -> None:
         _require(seq // blocks >= m.window, f"sliding-window layers need data.seq_len / {per_block} "
                  f"({seq // blocks}) >= model.window ({m.window}): a block exchanges one window with the block "
                  f"before it{fix}")
+    _require(seq % (p.context * p.tensor) == 0,
+             f"data.seq_len ({seq}) must be a multiple of parallel.context × parallel.tensor = {p.context} × "
+             f"{p.tensor} = {p.context * p.tensor}: sequence parallelism cuts each context-parallel rank's "
+             f"{seq // p.context} tokens into equal slices over the tensor-parallel ranks; change data.seq_len or "
+             "parallel.tensor")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

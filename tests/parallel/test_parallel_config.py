@@ -77,3 +77,17 @@ def test_context_parallelism_of_rnn_layers_is_refused_naming_the_keys(engine):
     with pytest.raises(ConfigError, match=r"parallel.context \(2\).*rnn layers of model.mixers"):
         load_config(None, BASE + ["model.mixers=[rat,rnn]", "parallel.context=2", f"train.engine={engine}"])
     load_config(None, BASE + ["model.mixers=[rat,rnn]", "parallel.tensor=2"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.seq_len=127", "parallel.tensor=2"], r"data.seq_len \(127\) must be a multiple of parallel.context × "
+                                                r"parallel.tensor = 1 × 2 = 2"),
+    (["data.seq_len=130", "parallel.tensor=2", "parallel.context=2", "parallel.context_layout=contiguous"],
+     r"data.seq_len \(130\) must be a multiple of parallel.context × parallel.tensor = 2 × 2 = 4"),
+])
+def test_sequence_parallelism_needs_each_context_ranks_tokens_to_split_over_tensor_ranks(overrides, message):
+    # megatron's scatter to the sequence-parallel region failed with an AssertionError traceback on every rank
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, BASE + ["model.mixers=[attention]", *overrides])
+    load_config(None, BASE + ["model.mixers=[attention]", "data.seq_len=132", "parallel.tensor=2",
+                              "parallel.context=2", "parallel.context_layout=contiguous"])
