@@ -326,6 +326,25 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
         _require(p.tensor == 1 and p.pipeline == 1, "train.engine=deepspeed scales by data and context parallelism "
                  f"only: set parallel.tensor=1 and parallel.pipeline=1 (got {p.tensor}, {p.pipeline}), "
                  "or use train.engine=megatron")
+    validate_engine_keys(cfg)
+
+
+def validate_engine_keys(cfg: Config) -> None:
+    """Refuse a key that only the other engine reads: the run would train without it, silently (e.g.
+    deepspeed.zero_stage=3 with the default train.engine=megatron runs megatron's ZeRO-1)."""
+    engine, p = cfg.train.engine, cfg.parallel
+    if engine == "megatron":
+        defaults = vars(DeepSpeedConfig())
+        changed = [f"deepspeed.{key}" for key, default in defaults.items() if getattr(cfg.deepspeed, key) != default]
+        _require(not changed, f"{', '.join(changed)} configure train.engine=deepspeed, but this run trains with "
+                 "train.engine=megatron: set train.engine=deepspeed, or leave the deepspeed keys out")
+        return
+    _require(p.bucket_size == 0, f"parallel.bucket_size ({p.bucket_size}) sizes megatron's gradient buckets; "
+             "train.engine=deepspeed has its own: set deepspeed.extra={zero_optimization: {reduce_bucket_size: N}} "
+             "instead")
+    _require(p.distributed_optimizer, "parallel.distributed_optimizer=false is megatron's; train.engine=deepspeed "
+             "shards the optimizer state by deepspeed.zero_stage (1, 2 or 3): leave parallel.distributed_optimizer "
+             "at true")
 
 
 def check_deepspeed_extra(extra: dict[str, Any], prefix: str = "") -> None:
