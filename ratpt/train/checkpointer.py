@@ -35,6 +35,8 @@ RESUMABLE_MODEL_CHANGES = frozenset({"kernels", "init_std"})
 # ... and when it starts from another run's weights (checkpoint.init_from): also RoPE's base, which a
 # context extension may raise (no weight depends on it)
 INIT_MODEL_CHANGES = RESUMABLE_MODEL_CHANGES | {"rope_base"}
+# where checkpoint.init_from applies: the advice to start a new run from a checkpoint that cannot be resumed
+NEW_RUN = " in an out_dir that holds no checkpoint (checkpoint.resume=auto)"
 
 
 def tokenizer_folder(cfg: Config) -> Optional[Path]:
@@ -85,7 +87,7 @@ def _choose_resume(cfg: Config) -> Optional[Path]:
         path = verify_checkpoint(Path(resume))
         check_no_newer_checkpoints(path, resume, directory)
     if path is not None:
-        check_same_engine(cfg, path)
+        check_resumable(cfg, path)
         check_same_model(cfg, path)
         check_trained_tokenizer(str(path), cfg.data.streams, cfg.model.vocab_size)
     return path
@@ -176,21 +178,29 @@ def check_same_model(cfg: Config, checkpoint: Path, may_change: frozenset[str] =
                               f"was trained with (drop those model.* overrides){CHECKPOINT_USES[use]}")
 
 
-def check_same_engine(cfg: Config, checkpoint: Path) -> None:
-    """Refuse to resume the checkpoint directory `checkpoint` with another engine's state format before any
-    engine is built: DeepSpeed's ZeRO partitions only DeepSpeed reads, and DeepSpeed reads nothing else (the
-    other engines failed on the missing "model" with a KeyError, DeepSpeed only after its start-up)."""
+def check_resumable(cfg: Config, checkpoint: Path) -> None:
+    """Refuse, before any engine is built, to resume the checkpoint directory `checkpoint` with another engine's
+    state format (DeepSpeed's ZeRO partitions only DeepSpeed reads, and DeepSpeed reads nothing else), or one that
+    holds weights alone (a consolidated DeepSpeed checkpoint: no optimizer, data position or RNG). The engines
+    failed on the missing state with a KeyError traceback (DeepSpeed only after its start-up)."""
     written_by_deepspeed = (checkpoint / DEEPSPEED_TAG).is_dir()
     if written_by_deepspeed and cfg.train.engine != "deepspeed":
         raise CheckpointError(
             f"{checkpoint} (checkpoint.resume) was written by train.engine=deepspeed, which alone resumes it: set "
             f"train.engine=deepspeed, or consolidate it (`python -m ratpt.engines.deepspeed_checkpoint {checkpoint} "
-            f"OUT_DIR`) and start a new run from its weights with checkpoint.init_from=OUT_DIR (another out_dir)")
-    if cfg.train.engine == "deepspeed" and not written_by_deepspeed:
+            f"OUT_DIR`) and start a new run from its weights with checkpoint.init_from=OUT_DIR{NEW_RUN}")
+    if written_by_deepspeed:
+        return
+    if "data" not in load_checkpoint(checkpoint, mmap=True):
+        raise CheckpointError(
+            f"{checkpoint} (checkpoint.resume) holds model weights alone (a consolidated DeepSpeed checkpoint), no "
+            f"optimizer state or data position to continue from: start a new run from them with "
+            f"checkpoint.init_from={checkpoint}{NEW_RUN}")
+    if cfg.train.engine == "deepspeed":
         raise CheckpointError(
             f"{checkpoint} (checkpoint.resume) was written by train.engine=megatron, which alone resumes it: set "
             f"train.engine=megatron, or start a new DeepSpeed run from its weights with "
-            f"checkpoint.init_from={checkpoint} (another out_dir)")
+            f"checkpoint.init_from={checkpoint}{NEW_RUN}")
 
 
 def schedule_change(cfg: Config, checkpoint: Path, step: int) -> Optional[str]:

@@ -81,18 +81,21 @@ def test_a_checkpoint_missing_pieces_of_a_tensor_is_refused(tmp_path):
         read_plain_state(tmp_path)
 
 
-def _checkpoint_of(engine: str, out_dir) -> None:
-    """A complete, checksummed checkpoint of step 2 in the form `engine` writes (its state files are stand-ins)."""
+def _checkpoint_of(writer: str, out_dir) -> None:
+    """A complete, checksummed checkpoint of step 2 in the form `writer` writes (its state files are stand-ins):
+    an engine, or DeepSpeed's consolidation (weights alone)."""
     from ratpt.checkpoint import finish_checkpoint, start_checkpoint
     from ratpt.engines.deepspeed_checkpoint import TAG
 
     tmp = start_checkpoint(out_dir / "checkpoints", 2)
-    if engine == "deepspeed":
+    if writer == "deepspeed":
         (tmp / TAG).mkdir()
         torch.save({"partition": torch.zeros(2)}, tmp / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
         state = {"engine": "deepspeed", "step": 2}
+    elif writer == "consolidation":
+        state = {"model": {}, "step": 2}
     else:
-        state = {"model": {}, "optimizer": {}, "step": 2}
+        state = {"model": {}, "optimizer": {}, "step": 2, "data": {}, "rng": {}, "bad_in_a_row": 0}
     finish_checkpoint(tmp, state, "name: t\n", None, None)
 
 
@@ -106,4 +109,15 @@ def test_a_checkpoint_of_another_engine_is_refused_before_any_engine_is_built(tm
     cfg = load_config(None, VALID + [f"out_dir={tmp_path}", f"train.engine={resumed_by}"])
     with pytest.raises(CheckpointError, match=rf"written by train.engine={written_by}.*set train.engine={written_by}"
                                               r".*checkpoint.init_from="):
+        resume_path(cfg)
+
+
+@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
+def test_a_consolidated_checkpoint_is_refused_for_resume_naming_init_from(tmp_path, engine):
+    # its weights alone failed in the engine's load with KeyError: 'optimizer'
+    from ratpt.train.checkpointer import resume_path
+
+    _checkpoint_of("consolidation", tmp_path)
+    cfg = load_config(None, VALID + [f"out_dir={tmp_path}", f"train.engine={engine}"])
+    with pytest.raises(CheckpointError, match=r"holds model weights alone .* checkpoint.init_from="):
         resume_path(cfg)
