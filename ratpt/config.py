@@ -326,16 +326,43 @@ def validate_config(cfg: Config, dp_size: int = 1) -> None:
         _require(p.tensor == 1 and p.pipeline == 1, "train.engine=deepspeed scales by data and context parallelism "
                  f"only: set parallel.tensor=1 and parallel.pipeline=1 (got {p.tensor}, {p.pipeline}), "
                  "or use train.engine=megatron")
+    validate_engine_keys(cfg)
+
+
+def validate_engine_keys(cfg: Config) -> None:
+    """Refuse a key that only the other engine reads: the run would train without it, silently (e.g.
+    deepspeed.zero_stage=3 with the default train.engine=megatron runs megatron's ZeRO-1)."""
+    engine, p = cfg.train.engine, cfg.parallel
+    if engine == "megatron":
+        defaults = vars(DeepSpeedConfig())
+        changed = [f"deepspeed.{key}" for key, default in defaults.items() if getattr(cfg.deepspeed, key) != default]
+        _require(not changed, f"{', '.join(changed)} configure train.engine=deepspeed, but this run trains with "
+                 "train.engine=megatron: set train.engine=deepspeed, or leave the deepspeed keys out")
+        return
+    _require(p.bucket_size == 0, f"parallel.bucket_size ({p.bucket_size}) sizes megatron's gradient buckets; "
+             "train.engine=deepspeed has its own: set deepspeed.extra={zero_optimization: {reduce_bucket_size: N}} "
+             "instead")
+    _require(p.distributed_optimizer, "parallel.distributed_optimizer=false is megatron's; train.engine=deepspeed "
+             "shards the optimizer state by deepspeed.zero_stage (1, 2 or 3): leave parallel.distributed_optimizer "
+             "at true")
 
 
 def check_deepspeed_extra(extra: dict[str, Any], prefix: str = "") -> None:
-    """Reject `deepspeed.extra` keys that the ratpt config owns, naming the ratpt key to use."""
+    """Reject `deepspeed.extra` keys that the ratpt config owns, naming the ratpt key to use; and a value other
+    than a mapping for a section holding such keys (zero_optimization, bf16, ...), which would replace the
+    section, and with it the owned keys, instead of merging into it."""
     for key, value in extra.items():
         path = f"{prefix}{key}"
         if path in DEEPSPEED_OWNED:
             raise ConfigError(f"deepspeed.extra.{path} is set from the ratpt config: use {DEEPSPEED_OWNED[path]}")
         if isinstance(value, dict):
             check_deepspeed_extra(value, f"{path}.")
+            continue
+        owned_inside = [owned for owned in DEEPSPEED_OWNED if owned.startswith(f"{path}.")]
+        if owned_inside:
+            raise ConfigError(f"deepspeed.extra.{path} must be a mapping of keys to merge into DeepSpeed's {path} "
+                              f"section, got {value!r}: a value would replace the section, whose "
+                              f"{', '.join(owned_inside)} the ratpt config sets")
 
 
 def validate_downstream_eval(cfg: Config) -> None:
@@ -384,11 +411,18 @@ def validate_parallel_shape(cfg: Config) -> None:
              f"({m.vocab_size}) for the vocab-parallel embedding; round the vocab up")
     hidden = round(m.ffn_mult * m.d_model)
     _require(hidden % p.tensor == 0, f"parallel.tensor ({p.tensor}) must divide the FFN width ({hidden})")
+    _require(p.virtual_stages == 1 or p.pipeline > 1,
+             f"parallel.virtual_stages ({p.virtual_stages}) interleaves model chunks over the pipeline stages, but "
+             f"parallel.pipeline is {p.pipeline}: set parallel.pipeline > 1, or parallel.virtual_stages=1")
     chunks = p.pipeline * p.virtual_stages
     _require(m.n_layers >= chunks, f"model.n_layers ({m.n_layers}) must be >= parallel.pipeline × "
              f"parallel.virtual_stages = {chunks} (every stage holds at least one layer)")
     _require(p.context_layout in ("contiguous", "zigzag"),
              f"parallel.context_layout must be contiguous|zigzag, got {p.context_layout!r}")
+    _require(p.context == 1 or "rnn" not in m.mixers,
+             f"parallel.context ({p.context}) cuts every sequence over ranks, but the rnn layers of model.mixers "
+             f"({m.mixers}) run one recurrence over the whole sequence, which cannot cross ranks: set "
+             "parallel.context=1, or leave rnn out of model.mixers")
     seq = cfg.data.seq_len
     unit = m.chunk_size if "rat" in m.mixers else 1
     zigzag = p.context > 1 and p.context_layout == "zigzag"
@@ -404,6 +438,11 @@ def validate_parallel_shape(cfg: Config) -> None:
         _require(seq // blocks >= m.window, f"sliding-window layers need data.seq_len / {per_block} "
                  f"({seq // blocks}) >= model.window ({m.window}): a block exchanges one window with the block "
                  f"before it{fix}")
+    _require(seq % (p.context * p.tensor) == 0,
+             f"data.seq_len ({seq}) must be a multiple of parallel.context × parallel.tensor = {p.context} × "
+             f"{p.tensor} = {p.context * p.tensor}: sequence parallelism cuts each context-parallel rank's "
+             f"{seq // p.context} tokens into equal slices over the tensor-parallel ranks; change data.seq_len or "
+             "parallel.tensor")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -230,10 +230,21 @@ class MegatronEngine:
         for ddp in self.ddps:
             ddp.eval()
         try:
-            return self.forward_backward(list(batches), forward_only=True)
+            return self.forward_backward(self._whole_pipeline_groups(list(batches)), forward_only=True)
         finally:
             for ddp in self.ddps:
                 ddp.train()
+
+    def _whole_pipeline_groups(self, batches: list[dict]) -> list[dict]:
+        """`batches` padded for the interleaved schedule, which runs micro-batches in groups of
+        parallel.pipeline (megatron raises otherwise): validation holds as many as eval.max_samples and the split
+        give, unlike a training step (validate_config). The padding's labels are all ignored: it adds no loss
+        and no token."""
+        missing = -len(batches) % self.mesh.pp
+        if self.mesh.virtual_stages == 1 or not missing:
+            return batches
+        unlabelled = {**batches[-1], "labels": torch.full_like(batches[-1]["labels"], IGNORE_INDEX)}
+        return batches + [unlabelled] * missing
 
     def _sync_params(self) -> None:
         """Finish the all-gather of updated parameters now, which overlap_param_gather otherwise leaves

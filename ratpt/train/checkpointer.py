@@ -23,6 +23,7 @@ from ratpt.checkpoint import (CONFIG_FILE, CheckpointError, checkpoint_step, lis
 from ratpt.config import Config
 from ratpt.data.dataset import check_trained_tokenizer
 from ratpt.engines import Engine
+from ratpt.engines.deepspeed_checkpoint import TAG as DEEPSPEED_TAG
 from ratpt.engines.megatron_checkpoint import is_distributed, read_plain_state
 from ratpt.files import checksum_mismatch
 from ratpt.parallel.process_group import on_rank0
@@ -34,6 +35,8 @@ RESUMABLE_MODEL_CHANGES = frozenset({"kernels", "init_std"})
 # ... and when it starts from another run's weights (checkpoint.init_from): also RoPE's base, which a
 # context extension may raise (no weight depends on it)
 INIT_MODEL_CHANGES = RESUMABLE_MODEL_CHANGES | {"rope_base"}
+# where checkpoint.init_from applies: the advice to start a new run from a checkpoint that cannot be resumed
+NEW_RUN = " in an out_dir that holds no checkpoint (checkpoint.resume=auto)"
 
 
 def tokenizer_folder(cfg: Config) -> Optional[Path]:
@@ -67,14 +70,14 @@ class Checkpointer:
         self.engine.wait()
 
 
-def resume_path(cfg: Config) -> Optional[Path]:
-    """The checkpoint this run continues from (checkpoint.resume), verified against its checksums and
-    checked against the run, or None. Rank 0 decides (it reads the files and may move broken ones
+def resume_path(cfg: Config, world_size: int) -> Optional[Path]:
+    """The checkpoint this run of `world_size` processes continues from (checkpoint.resume), verified against its
+    checksums and checked against the run, or None. Rank 0 decides (it reads the files and may move broken ones
     aside) and every rank gets its answer, or its error (collective)."""
-    return on_rank0(lambda: _choose_resume(cfg))
+    return on_rank0(lambda: _choose_resume(cfg, world_size))
 
 
-def _choose_resume(cfg: Config) -> Optional[Path]:
+def _choose_resume(cfg: Config, world_size: int) -> Optional[Path]:
     resume, directory = cfg.checkpoint.resume, Path(cfg.out_dir) / "checkpoints"
     if resume == "never":
         return None
@@ -84,6 +87,7 @@ def _choose_resume(cfg: Config) -> Optional[Path]:
         path = verify_checkpoint(Path(resume))
         check_no_newer_checkpoints(path, resume, directory)
     if path is not None:
+        check_resumable(cfg, path, world_size)
         check_same_model(cfg, path)
         check_trained_tokenizer(str(path), cfg.data.streams, cfg.model.vocab_size)
     return path
@@ -172,6 +176,37 @@ def check_same_model(cfg: Config, checkpoint: Path, may_change: frozenset[str] =
     if changed:
         raise CheckpointError(f"{checkpoint} ({use}) holds another model ({'; '.join(changed)}): use the model it "
                               f"was trained with (drop those model.* overrides){CHECKPOINT_USES[use]}")
+
+
+def check_resumable(cfg: Config, checkpoint: Path, world_size: int) -> None:
+    """Refuse, before any engine is built, to resume the checkpoint directory `checkpoint` with another engine's
+    state format (DeepSpeed's ZeRO partitions only DeepSpeed reads, and DeepSpeed reads nothing else), DeepSpeed's
+    partitions on another number of processes than `world_size` (DeepSpeed cannot re-partition them), or one that
+    holds weights alone (a consolidated DeepSpeed checkpoint: no optimizer, data position or RNG). The engines
+    failed on each with a traceback (DeepSpeed only after its start-up)."""
+    written_by_deepspeed = (checkpoint / DEEPSPEED_TAG).is_dir()
+    consolidate = (f"consolidate it (`python -m ratpt.engines.deepspeed_checkpoint {checkpoint} OUT_DIR`) and start "
+                   f"a new run from its weights with checkpoint.init_from=OUT_DIR{NEW_RUN}")
+    if written_by_deepspeed and cfg.train.engine != "deepspeed":
+        raise CheckpointError(f"{checkpoint} (checkpoint.resume) was written by train.engine=deepspeed, which alone "
+                              f"resumes it: set train.engine=deepspeed, or {consolidate}")
+    if written_by_deepspeed:
+        partitions = len(list((checkpoint / DEEPSPEED_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+        if partitions and partitions != world_size:
+            raise CheckpointError(f"{checkpoint} (checkpoint.resume) holds DeepSpeed's ZeRO state partitioned over "
+                                  f"{partitions} processes, which DeepSpeed resumes on as many only, and this run "
+                                  f"has {world_size}: launch {partitions}, or {consolidate}")
+        return
+    if "data" not in load_checkpoint(checkpoint, mmap=True):
+        raise CheckpointError(
+            f"{checkpoint} (checkpoint.resume) holds model weights alone (a consolidated DeepSpeed checkpoint), no "
+            f"optimizer state or data position to continue from: start a new run from them with "
+            f"checkpoint.init_from={checkpoint}{NEW_RUN}")
+    if cfg.train.engine == "deepspeed":
+        raise CheckpointError(
+            f"{checkpoint} (checkpoint.resume) was written by train.engine=megatron, which alone resumes it: set "
+            f"train.engine=megatron, or start a new DeepSpeed run from its weights with "
+            f"checkpoint.init_from={checkpoint}{NEW_RUN}")
 
 
 def schedule_change(cfg: Config, checkpoint: Path, step: int) -> Optional[str]:

@@ -123,7 +123,7 @@ class Trainer:
 
         # Build: the same plain model on every rank (same seed; or the weights of checkpoint.init_from when
         # this run has no checkpoint of its own), then this rank's part of the layout.
-        resume_from = resume_path(cfg)
+        resume_from = resume_path(cfg, ctx.world_size)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model).to(ctx.device)
         if resume_from is None and cfg.checkpoint.init_from:

@@ -92,6 +92,19 @@ def test_extra_keys_that_the_ratpt_config_owns_are_rejected(extra, ratpt_key):
         base_config(f"deepspeed.extra={extra}")  # when the config is loaded, before anything runs
 
 
+@pytest.mark.parametrize("extra, section", [
+    ("{zero_optimization: 3}", "zero_optimization"),
+    ("{bf16: false}", "bf16"),
+    ("{optimizer: adam}", "optimizer"),
+    ("{zero_optimization: {offload_optimizer: none}}", "zero_optimization.offload_optimizer"),
+])
+def test_an_extra_value_that_would_replace_a_section_the_ratpt_config_fills_is_rejected(extra, section):
+    # merged as it was, DeepSpeed failed at start-up with a TypeError traceback ('int' object is not subscriptable)
+    with pytest.raises(ConfigError, match=re.escape(f"deepspeed.extra.{section} must be a mapping")):
+        base_config(f"deepspeed.extra={extra}")
+    base_config("deepspeed.extra={zero_optimization: {offload_optimizer: {pin_memory: false}}, bf16: {}}")
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["deepspeed.offload_params=true"], "deepspeed.offload_params"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
@@ -101,6 +114,21 @@ def test_extra_keys_that_the_ratpt_config_owns_are_rejected(extra, ratpt_key):
 def test_config_rejects_what_the_deepspeed_engine_cannot_run(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         base_config(*overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.engine=megatron", "deepspeed.zero_stage=3"],
+     "deepspeed.zero_stage configure train.engine=deepspeed, but this run trains with train.engine=megatron"),
+    (["train.engine=megatron", "deepspeed.offload_optimizer=true", "deepspeed.extra={zero_optimization: {}}"],
+     "deepspeed.offload_optimizer, deepspeed.extra configure train.engine=deepspeed"),
+    (["parallel.bucket_size=1000"], "parallel.bucket_size (1000) sizes megatron's gradient buckets"),
+    (["parallel.distributed_optimizer=false"], "parallel.distributed_optimizer=false is megatron's"),
+])
+def test_a_key_only_the_other_engine_reads_is_refused_not_ignored(overrides, message):
+    # each was silently ignored: deepspeed.zero_stage=3 without train.engine=deepspeed trained megatron's ZeRO-1
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        base_config(*overrides)
+    base_config("train.engine=megatron", "parallel.bucket_size=1000", "parallel.distributed_optimizer=false")
 
 
 def run_cases(nproc: int, cases: dict[str, str], tmp: Path, **env: str) -> str:
@@ -238,7 +266,9 @@ def one_process(byte_data, tmp_path_factory) -> dict[int, float]:
     trained by what `ratpt train` runs, in this process: the reference."""
     from ratpt.train.trainer import train
 
-    overrides = run_overrides(byte_data, tmp_path_factory.mktemp("one_process"), *WHOLE_RUN, "train.engine=megatron")
+    # RUN's deepspeed.zero_stage=3 set back to the default, which the megatron engine requires
+    overrides = run_overrides(byte_data, tmp_path_factory.mktemp("one_process"), *WHOLE_RUN, "train.engine=megatron",
+                              "deepspeed.zero_stage=1")
     return dict(enumerate(train(load_config(REPO / "configs" / "tiny.yaml", overrides)).losses, start=1))
 
 

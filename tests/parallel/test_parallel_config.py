@@ -60,3 +60,34 @@ def test_tensor_parallel_must_leave_whole_query_key_groups_per_rank():
     with pytest.raises(ConfigError, match=r"parallel.tensor \(4\) must leave a multiple of model.ngroups \(2\)"):
         load_config(None, BASE + ["parallel.tensor=4"])
     load_config(None, BASE + ["parallel.tensor=4", "model.mixers=[attention]"])
+
+
+@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
+def test_virtual_stages_without_a_pipeline_are_refused_naming_both_keys(engine):
+    # megatron-core raised "pipeline-model-parallel size should be greater than 1" on every rank; one process
+    # and DeepSpeed ignored the key
+    with pytest.raises(ConfigError, match=r"parallel.virtual_stages \(2\).*parallel.pipeline is 1"):
+        load_config(None, BASE + ["parallel.virtual_stages=2", f"train.engine={engine}"])
+    load_config(None, BASE + ["parallel.virtual_stages=2", "parallel.pipeline=2"])
+
+
+@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
+def test_context_parallelism_of_rnn_layers_is_refused_naming_the_keys(engine):
+    # the engines raised NotImplementedError from apply_context_parallel, a traceback on every rank
+    with pytest.raises(ConfigError, match=r"parallel.context \(2\).*rnn layers of model.mixers"):
+        load_config(None, BASE + ["model.mixers=[rat,rnn]", "parallel.context=2", f"train.engine={engine}"])
+    load_config(None, BASE + ["model.mixers=[rat,rnn]", "parallel.tensor=2"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.seq_len=127", "parallel.tensor=2"], r"data.seq_len \(127\) must be a multiple of parallel.context × "
+                                                r"parallel.tensor = 1 × 2 = 2"),
+    (["data.seq_len=130", "parallel.tensor=2", "parallel.context=2", "parallel.context_layout=contiguous"],
+     r"data.seq_len \(130\) must be a multiple of parallel.context × parallel.tensor = 2 × 2 = 4"),
+])
+def test_sequence_parallelism_needs_each_context_ranks_tokens_to_split_over_tensor_ranks(overrides, message):
+    # megatron's scatter to the sequence-parallel region failed with an AssertionError traceback on every rank
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, BASE + ["model.mixers=[attention]", *overrides])
+    load_config(None, BASE + ["model.mixers=[attention]", "data.seq_len=132", "parallel.tensor=2",
+                              "parallel.context=2", "parallel.context_layout=contiguous"])

@@ -79,3 +79,59 @@ def test_a_checkpoint_missing_pieces_of_a_tensor_is_refused(tmp_path):
     (tmp_path / DIST_DIR / ".metadata").write_bytes(pickle.dumps(Metadata({"model.w": stored})))
     with pytest.raises(CheckpointError, match="model.w has 6 of its 12 elements"):
         read_plain_state(tmp_path)
+
+
+def _checkpoint_of(writer: str, out_dir, world_size: int = 1):
+    """A complete, checksummed checkpoint of step 2 in the form `writer` writes (its state files are stand-ins):
+    an engine (DeepSpeed's of `world_size` processes), or DeepSpeed's consolidation (weights alone)."""
+    from ratpt.checkpoint import finish_checkpoint, start_checkpoint
+    from ratpt.engines.deepspeed_checkpoint import TAG
+
+    tmp = start_checkpoint(out_dir / "checkpoints", 2)
+    if writer == "deepspeed":
+        (tmp / TAG).mkdir()
+        for rank in range(world_size):
+            torch.save({"partition": torch.zeros(2)}, tmp / TAG / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        state = {"engine": "deepspeed", "step": 2}
+    elif writer == "consolidation":
+        state = {"model": {}, "step": 2}
+    else:
+        state = {"model": {}, "optimizer": {}, "step": 2, "data": {}, "rng": {}, "bad_in_a_row": 0}
+    return finish_checkpoint(tmp, state, "name: t\n", None, None)
+
+
+@pytest.mark.parametrize("written_by, resumed_by", [("deepspeed", "megatron"), ("megatron", "deepspeed")])
+def test_a_checkpoint_of_another_engine_is_refused_before_any_engine_is_built(tmp_path, written_by, resumed_by):
+    # a DeepSpeed checkpoint resumed by train.engine=megatron failed with KeyError: 'model' in the engine's load;
+    # DeepSpeed refused a megatron checkpoint, but only once its engine was built
+    from ratpt.train.checkpointer import resume_path
+
+    _checkpoint_of(written_by, tmp_path)
+    cfg = load_config(None, VALID + [f"out_dir={tmp_path}", f"train.engine={resumed_by}"])
+    with pytest.raises(CheckpointError, match=rf"written by train.engine={written_by}.*set train.engine={written_by}"
+                                              r".*checkpoint.init_from="):
+        resume_path(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
+def test_a_consolidated_checkpoint_is_refused_for_resume_naming_init_from(tmp_path, engine):
+    # its weights alone failed in the engine's load with KeyError: 'optimizer'
+    from ratpt.train.checkpointer import resume_path
+
+    _checkpoint_of("consolidation", tmp_path)
+    cfg = load_config(None, VALID + [f"out_dir={tmp_path}", f"train.engine={engine}"])
+    with pytest.raises(CheckpointError, match=r"holds model weights alone .* checkpoint.init_from="):
+        resume_path(cfg, world_size=1)
+
+
+def test_a_deepspeed_checkpoint_is_resumed_on_as_many_processes_as_wrote_it_only(tmp_path):
+    # on another number, DeepSpeed's load raised ZeRORuntimeException ("Automatic adjustment of ZeRO's optimizer
+    # state partitioning with a new world size is not currently supported"), a traceback on every rank
+    from ratpt.train.checkpointer import check_resumable, resume_path
+
+    checkpoint = _checkpoint_of("deepspeed", tmp_path, world_size=2)
+    cfg = load_config(None, VALID + [f"out_dir={tmp_path}", "train.engine=deepspeed"])
+    with pytest.raises(CheckpointError, match=r"partitioned over 2 processes, .* this run has 1: launch 2, or "
+                                              r"consolidate it .*checkpoint.init_from="):
+        resume_path(cfg, world_size=1)
+    check_resumable(cfg, checkpoint, world_size=2)
