@@ -36,7 +36,9 @@ def check_writable_place(out: Path, inside: bool = False) -> None:
     """ValueError unless `out` can be made where it is: its nearest existing ancestor (whose missing folders
     would be created) must be a folder this user may write in, not a file. `inside`: the files go into the
     folder `out` itself, which is then the first place looked at."""
-    place = next(p for p in [out.absolute()] * inside + list(out.absolute().parents) if p.exists())
+    out_path = out.absolute()
+    candidates = [out_path, *out_path.parents] if inside else out_path.parents
+    place = next(p for p in candidates if p.exists())
     if not place.is_dir():
         raise ValueError(f"--out {out}: {place} is a file, so nothing can be made under it; name another place")
     if not os.access(place, os.W_OK | os.X_OK):
@@ -55,6 +57,7 @@ def whole_text_file(out: Path) -> Iterator[TextIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, out)
+        fsync_path(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
